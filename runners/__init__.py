@@ -1,0 +1,30 @@
+"""Sandbox runners: ``process`` (local fork-server sandboxes) and ``docker`` (warm containers)."""
+
+from __future__ import annotations
+
+from supervisor.config import Config
+
+from .base import Runner
+
+
+def create_runner(config: Config, worker_index: int) -> Runner:
+    """The runner the config names, for one worker (its slice of the warm pools)."""
+    if config.runner == "docker":
+        from .docker import DockerRunner
+
+        return DockerRunner(config, worker_index)
+    from .process import ProcessRunner
+
+    return ProcessRunner(config, worker_index)
+
+
+def cleanup_stale(config: Config) -> int:
+    """Remove sandboxes an earlier agent on this host left behind; returns how many."""
+    from .cgroups import SandboxCgroups
+
+    removed = SandboxCgroups.remove_stale()
+    if config.runner == "docker":
+        from .docker import remove_agent_containers
+
+        removed += remove_agent_containers()
+    return removed

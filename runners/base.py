@@ -1,0 +1,85 @@
+"""What every runner (process, Docker) offers the worker: sandboxes from a warm pool.
+
+A worker takes a sandbox for a function (``acquire``), puts the function's code into
+``sandbox.code_dir`` unless it is there already, ``run``s it, and gives the sandbox back
+(``release``). A sandbox that ran function F at code version V serves only F@V afterwards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Invocation:
+    """One function run as the runner sees it."""
+
+    request_id: str
+    function_id: str
+    argv: tuple[str, ...]
+    stdin: bytes
+    memory_mb: int
+    timeout_ms: int
+    max_output_bytes: int
+    max_pids: int
+
+
+@dataclass
+class RunOutcome:
+    """What a run produced, with its per-invocation peak memory."""
+
+    exit_code: int | None
+    """The function's exit code; -N when killed by signal N."""
+    timed_out: bool
+    oom_killed: bool
+    stdout: bytes
+    stderr: bytes
+    stdout_truncated: bool
+    stderr_truncated: bool
+    duration_ms: float
+    peak_memory_bytes: int
+    peak_source: str
+    """Which reader measured the peak: ``cgroup-v1``, ``cgroup-v2``, ``rusage`` or ``psutil``."""
+
+
+@dataclass(eq=False)
+class Sandbox:
+    """A warm place to run code; runner-specific state lives in subclasses."""
+
+    runtime: str
+    name: str
+    code_dir: Path
+    cold_start: bool = False
+    code_key: str | None = None
+    """The function@version whose code is in ``code_dir``; it serves only that one."""
+    runs: int = 0
+    idle_since: float = 0.0
+    healthy: bool = field(default=True)
+
+
+class Runner:
+    """Interface of a sandbox runner; ``process`` and ``docker`` implement it."""
+
+    name = "runner"
+    marker = "[RUNNER]"
+
+    def acquire(self, runtime: str, code_key: str) -> Sandbox:
+        """A sandbox for ``code_key``: warm for it, else fresh warm, else a cold one."""
+        raise NotImplementedError
+
+    def run(self, sandbox: Sandbox, invocation: Invocation) -> RunOutcome:
+        """Run the invocation in the sandbox; raise SandboxError when the sandbox failed."""
+        raise NotImplementedError
+
+    def release(self, sandbox: Sandbox) -> None:
+        """Give the sandbox back; an unhealthy one is destroyed and replaced."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Destroy every sandbox of this runner."""
+        raise NotImplementedError
+
+    def pool_stats(self) -> dict[str, dict[str, int]]:
+        """Per runtime: ``warm`` (idle, ready) and ``busy`` sandboxes."""
+        raise NotImplementedError

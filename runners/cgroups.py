@@ -1,0 +1,153 @@
+"""Cgroups for process-runner sandboxes: memory limit, pids limit, peak memory, kill-all.
+
+Sandbox cgroups are made below the agent's own cgroup (``…/nanogrid/<sandbox>``), so an agent
+under systemd with ``Delegate=yes`` manages only its own subtree. Works on cgroup v1
+(memory + pids hierarchies) and v2 (one unified tree). Where neither can be written (an
+unprivileged agent), ``SandboxCgroups.available`` is False and the runner uses rlimits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from pathlib import Path
+
+from loguru import logger
+
+from .memory import CGROUP_ROOT, CgroupMemory, CgroupV1Memory, CgroupV2Memory
+
+SUBTREE = "nanogrid"
+
+
+def _own_paths() -> dict[str, str]:
+    """Controller (or "" for v2) -> this process's cgroup path, from /proc/self/cgroup."""
+    paths = {}
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        for controller in controllers.split(",") if controllers else [""]:
+            paths[controller] = path
+    return paths
+
+
+class SandboxCgroup:
+    """The cgroup(s) of one sandbox."""
+
+    def __init__(self, memory_dir: Path, pids_dir: Path, memory: CgroupMemory) -> None:
+        self.memory_dir = memory_dir
+        self.pids_dir = pids_dir
+        self.memory = memory
+
+    @property
+    def procs_files(self) -> list[str]:
+        dirs = dict.fromkeys([self.memory_dir, self.pids_dir])
+        return [str(d / "cgroup.procs") for d in dirs]
+
+    def set_pids_limit(self, limit: int) -> None:
+        (self.pids_dir / "pids.max").write_text(str(limit))
+
+    def pids(self) -> list[int]:
+        try:
+            text = (self.memory_dir / "cgroup.procs").read_text()
+        except FileNotFoundError:
+            return []
+        return [int(p) for p in text.split()]
+
+    def kill_all(self, spare: int | None = None) -> int:
+        """SIGKILL every process in the sandbox but ``spare``; returns how many were killed."""
+        killed = 0
+        for _ in range(20):  # a fork bomb may add processes while we kill: repeat until empty
+            victims = [p for p in self.pids() if p != spare]
+            if not victims:
+                break
+            for pid in victims:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                    killed += 1
+            time.sleep(0.001)
+        return killed
+
+    def remove(self) -> None:
+        self.kill_all()
+        for directory in dict.fromkeys([self.memory_dir, self.pids_dir]):
+            for _ in range(50):  # rmdir is refused until the killed processes are gone
+                try:
+                    directory.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.01)
+
+
+def _subtree_roots() -> tuple[Path, Path]:
+    """The ``nanogrid`` directories below this process's memory and pids cgroups."""
+    own = _own_paths()
+    if (CGROUP_ROOT / "cgroup.controllers").exists():
+        root = CGROUP_ROOT / own.get("", "/").lstrip("/") / SUBTREE
+        return root, root
+    return (
+        CGROUP_ROOT / "memory" / own.get("memory", "/").lstrip("/") / SUBTREE,
+        CGROUP_ROOT / "pids" / own.get("pids", "/").lstrip("/") / SUBTREE,
+    )
+
+
+class SandboxCgroups:
+    """Makes sandbox cgroups under ``<agent's cgroup>/nanogrid/<group>/``."""
+
+    def __init__(self, group: str) -> None:
+        self.group = group
+        self.v2 = (CGROUP_ROOT / "cgroup.controllers").exists()
+        memory_root, pids_root = _subtree_roots()
+        self._memory_base = memory_root / group
+        self._pids_base = pids_root / group
+        self.available = self._prepare()
+
+    @staticmethod
+    def remove_stale() -> int:
+        """Remove every sandbox cgroup below this agent's cgroup (an earlier agent's too)."""
+        groups = {
+            child.name
+            for root in dict.fromkeys(_subtree_roots()) if root.is_dir()
+            for child in root.iterdir() if child.is_dir()
+        }
+        return sum(SandboxCgroups(group).remove_all() for group in sorted(groups))
+
+    def _prepare(self) -> bool:
+        try:
+            for base in dict.fromkeys([self._memory_base, self._pids_base]):
+                base.mkdir(parents=True, exist_ok=True)
+            if self.v2:
+                self._enable_v2_controllers()
+            return True
+        except OSError as exc:
+            logger.warning(f"[PROCESS] no cgroups for sandboxes ({exc}); falling back to rlimits")
+            return False
+
+    def _enable_v2_controllers(self) -> None:
+        top = self._memory_base.parent
+        for directory in (top.parent, top, self._memory_base):
+            (directory / "cgroup.subtree_control").write_text("+memory +pids")
+
+    def create(self, name: str) -> SandboxCgroup:
+        memory_dir = self._memory_base / name
+        pids_dir = self._pids_base / name
+        for directory in dict.fromkeys([memory_dir, pids_dir]):
+            directory.mkdir(exist_ok=True)
+        memory = CgroupV2Memory(memory_dir) if self.v2 else CgroupV1Memory(memory_dir)
+        return SandboxCgroup(memory_dir, pids_dir, memory)
+
+    def remove_all(self) -> int:
+        """Remove every sandbox cgroup of this group (leftovers of an earlier agent too)."""
+        removed = 0
+        for base in dict.fromkeys([self._memory_base, self._pids_base]):
+            if not base.is_dir():
+                continue
+            for child in base.iterdir():
+                if child.is_dir():
+                    SandboxCgroup(child, child, CgroupV1Memory(child)).remove()
+                    removed += 1
+            with contextlib.suppress(OSError):
+                base.rmdir()
+        return removed

@@ -1,0 +1,190 @@
+"""The agent's side of the fork-server protocol (see runners/forkserver.py).
+
+One ``run`` is one select loop in the calling thread: it writes stdin, drains stdout and
+stderr with a cap (never an unbounded buffer, never a deadlock on a full pipe), enforces
+the wall-clock timeout and collects the exit status — no helper threads per call.
+"""
+
+from __future__ import annotations
+
+import array
+import json
+import os
+import selectors
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from supervisor.errors import SandboxError
+
+FORKSERVER_SOURCE = Path(__file__).with_name("forkserver.py")
+_CHUNK = 65536
+_LINGER_S = 0.1
+"""How long output may still arrive after the function exited (background writers)."""
+
+
+@dataclass
+class RawRun:
+    """What one fork-server run produced, before the runner interprets it."""
+
+    status: int
+    timed_out: bool
+    stdout: bytes
+    stderr: bytes
+    stdout_truncated: bool
+    stderr_truncated: bool
+    duration_ms: float
+    maxrss_bytes: int
+
+
+class _Capped:
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.data = bytearray()
+        self.truncated = False
+
+    def add(self, chunk: bytes) -> None:
+        room = self.limit - len(self.data)
+        if len(chunk) > room:
+            self.truncated = True
+            chunk = chunk[: max(room, 0)]
+        self.data += chunk
+
+
+class ForkServerClient:
+    """A connection to one sandbox's fork server."""
+
+    def __init__(self, socket_path: str | os.PathLike[str], connect_timeout_s: float = 10.0) -> None:
+        self.socket_path = str(socket_path)
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        deadline = time.monotonic() + connect_timeout_s
+        while True:
+            try:
+                self._sock.connect(self.socket_path)
+                return
+            except (FileNotFoundError, ConnectionRefusedError) as exc:
+                if time.monotonic() > deadline:
+                    self._sock.close()
+                    raise SandboxError(f"sandbox fork server did not come up: {exc}") from None
+                time.sleep(0.002)
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def run(
+        self,
+        *,
+        argv: list[str],
+        cwd: str,
+        env: dict[str, str],
+        python: bool,
+        stdin: bytes,
+        timeout_s: float,
+        max_output_bytes: int,
+        rlimits: dict[str, int] | None = None,
+    ) -> RawRun:
+        """Run one function to completion (or timeout) and return what it produced."""
+        in_r, in_w = os.pipe2(os.O_CLOEXEC)
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        request = {"op": "run", "argv": argv, "cwd": cwd, "env": env, "python": python,
+                   "rlimits": rlimits}
+        try:
+            self._sock.sendmsg(
+                [json.dumps(request).encode()],
+                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [in_r, out_w, err_w]))],
+            )
+        except OSError as exc:
+            for fd in (in_r, in_w, out_r, out_w, err_r, err_w):
+                os.close(fd)
+            raise SandboxError(f"sandbox fork server is gone: {exc}") from None
+        for fd in (in_r, out_w, err_w):
+            os.close(fd)
+        try:
+            return self._collect(in_w, out_r, err_r, stdin, timeout_s, max_output_bytes)
+        finally:
+            os.close(out_r)
+            os.close(err_r)
+
+    def _collect(
+        self, in_w: int, out_r: int, err_r: int, stdin: bytes, timeout_s: float, cap: int
+    ) -> RawRun:
+        deadline = time.monotonic() + timeout_s
+        captured = {out_r: _Capped(cap), err_r: _Capped(cap)}
+        open_outputs = {out_r, err_r}
+        pending_in = memoryview(stdin)
+        stdin_open = True
+        reply: dict | None = None
+        timed_out = False
+        os.set_blocking(in_w, False)
+        try:
+            with selectors.DefaultSelector() as sel:
+                sel.register(self._sock, selectors.EVENT_READ)
+                sel.register(out_r, selectors.EVENT_READ)
+                sel.register(err_r, selectors.EVENT_READ)
+                sel.register(in_w, selectors.EVENT_WRITE)
+                while reply is None or open_outputs:
+                    wait = deadline - time.monotonic()
+                    if wait <= 0:
+                        if reply is not None:
+                            break  # exited, but something it left behind still holds the pipes
+                        if timed_out:
+                            raise SandboxError("sandbox did not stop its function after a kill")
+                        timed_out = True
+                        self._send_kill()
+                        deadline = time.monotonic() + 5.0
+                        continue
+                    for key, _ in sel.select(wait):
+                        fd = key.fd
+                        if fd == in_w:
+                            try:
+                                pending_in = pending_in[os.write(in_w, pending_in[:_CHUNK]):]
+                            except BrokenPipeError:
+                                pending_in = pending_in[:0]
+                            if not pending_in:
+                                sel.unregister(in_w)
+                                os.close(in_w)
+                                stdin_open = False
+                        elif fd in captured:
+                            chunk = os.read(fd, _CHUNK)
+                            if chunk:
+                                captured[fd].add(chunk)
+                            else:
+                                sel.unregister(fd)
+                                open_outputs.discard(fd)
+                        else:
+                            message = self._receive_reply(sel)
+                            if "status" in message:
+                                reply = message
+                                deadline = time.monotonic() + _LINGER_S
+        finally:
+            if stdin_open:
+                os.close(in_w)
+        out, err = captured[out_r], captured[err_r]
+        return RawRun(
+            status=reply["status"],
+            timed_out=timed_out,
+            stdout=bytes(out.data),
+            stderr=bytes(err.data),
+            stdout_truncated=out.truncated,
+            stderr_truncated=err.truncated,
+            duration_ms=reply["duration_ns"] / 1e6,
+            maxrss_bytes=reply["maxrss_kb"] * 1024,
+        )
+
+    def _receive_reply(self, sel: selectors.BaseSelector) -> dict:
+        try:
+            data = self._sock.recv(65536)
+        except OSError as exc:
+            raise SandboxError(f"sandbox fork server failed: {exc}") from None
+        if not data:
+            sel.unregister(self._sock)
+            raise SandboxError("sandbox fork server died during the run")
+        return json.loads(data)
+
+    def _send_kill(self) -> None:
+        try:
+            self._sock.send(b'{"op": "kill"}')
+        except OSError as exc:
+            raise SandboxError(f"sandbox fork server is gone: {exc}") from None

@@ -1,0 +1,168 @@
+"""A worker's warm pool of sandboxes for one runtime, refilled in the background.
+
+The pool holds at most ``size`` sandboxes (idle + busy; a cold one made while all are busy
+is let go on release). ``acquire`` prefers, in order: an idle sandbox that already ran this
+function@version, a fresh generic one, and else makes a cold one — evicting the least
+recently used idle sandbox of another function to stay in bounds. Idle sandboxes of a
+function expire after ``idle_expiry_s`` and are replaced by generic ones, so the reuse
+rule (a sandbox serves one function only) never starves new functions.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+from loguru import logger
+
+from .base import Sandbox
+
+_TICK_S = 0.25
+
+
+class WarmPool:
+    def __init__(
+        self,
+        runtime: str,
+        size: int,
+        create: Callable[[], Sandbox],
+        destroy: Callable[[Sandbox], None],
+        *,
+        idle_expiry_s: float,
+        on_idle: Callable[[Sandbox, float], None] | None = None,
+        marker: str = "[POOL]",
+    ) -> None:
+        self.runtime = runtime
+        self.size = size
+        self._create = create
+        self._destroy = destroy
+        self._on_idle = on_idle
+        self._idle_expiry_s = idle_expiry_s
+        self._marker = marker
+        self._idle: list[Sandbox] = []
+        self._busy: set[Sandbox] = set()
+        self._creating = 0
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closed = False
+        self._thread = threading.Thread(target=self._maintain, name=f"pool-{runtime}", daemon=True)
+        self._thread.start()
+
+    def acquire(self, code_key: str) -> Sandbox:
+        with self._lock:
+            sandbox = self._take(code_key)
+            if sandbox is None:
+                evicted = self._evict_for_room()
+            else:
+                self._busy.add(sandbox)
+        if sandbox is not None:
+            sandbox.cold_start = False
+            return sandbox
+        if evicted is not None:
+            self._safe_destroy(evicted)
+        sandbox = self._create()
+        sandbox.cold_start = True
+        with self._lock:
+            self._busy.add(sandbox)
+        self._wake.set()
+        return sandbox
+
+    def release(self, sandbox: Sandbox) -> None:
+        with self._lock:
+            self._busy.discard(sandbox)
+            keep = sandbox.healthy and not self._closed and self._count() < self.size
+            if keep:
+                sandbox.idle_since = time.monotonic()
+                self._idle.append(sandbox)
+        if not keep:
+            self._safe_destroy(sandbox)
+            self._wake.set()
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {"warm": len(self._idle), "busy": len(self._busy)}
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            doomed = self._idle + list(self._busy)
+            self._idle.clear()
+            self._busy.clear()
+        self._wake.set()
+        self._thread.join(timeout=30)
+        for sandbox in doomed:
+            self._safe_destroy(sandbox)
+
+    def _take(self, code_key: str) -> Sandbox | None:
+        for wanted in (code_key, None):
+            for i in range(len(self._idle) - 1, -1, -1):
+                if self._idle[i].code_key == wanted:
+                    return self._idle.pop(i)
+        return None
+
+    def _evict_for_room(self) -> Sandbox | None:
+        if self._count() < self.size or not self._idle:
+            return None
+        return self._idle.pop(min(range(len(self._idle)), key=lambda i: self._idle[i].idle_since))
+
+    def _count(self) -> int:
+        return len(self._idle) + len(self._busy) + self._creating
+
+    def _maintain(self) -> None:
+        """Background: keep the pool full, expire idle function sandboxes, run idle hooks."""
+        while True:
+            self._wake.wait(_TICK_S)
+            self._wake.clear()
+            if self._closed:
+                return
+            self._expire_idle()
+            self._fill()
+
+    def _expire_idle(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            expired = [
+                s for s in self._idle
+                if s.code_key is not None and now - s.idle_since >= self._idle_expiry_s
+            ]
+            for sandbox in expired:
+                self._idle.remove(sandbox)
+            if self._on_idle is not None:
+                for sandbox in self._idle:
+                    self._on_idle(sandbox, now - sandbox.idle_since)
+        for sandbox in expired:
+            logger.debug(f"{self._marker} expired idle sandbox {sandbox.name} of {sandbox.code_key}")
+            self._safe_destroy(sandbox)
+
+    def _fill(self) -> None:
+        while True:
+            with self._lock:
+                if self._closed or self._count() >= self.size:
+                    return
+                self._creating += 1
+            try:
+                sandbox = self._create()
+            except Exception as exc:
+                logger.warning(f"{self._marker} could not make a warm {self.runtime} sandbox: {exc}")
+                with self._lock:
+                    self._creating -= 1
+                self._wake.wait(2.0)  # back off instead of retrying in a hot loop
+                return
+            with self._lock:
+                self._creating -= 1
+                if self._closed:
+                    doomed = sandbox
+                else:
+                    doomed = None
+                    sandbox.idle_since = time.monotonic()
+                    self._idle.append(sandbox)
+            if doomed is not None:
+                self._safe_destroy(doomed)
+                return
+
+    def _safe_destroy(self, sandbox: Sandbox) -> None:
+        try:
+            self._destroy(sandbox)
+        except Exception as exc:
+            logger.warning(f"{self._marker} could not remove sandbox {sandbox.name}: {exc}")

@@ -1,0 +1,265 @@
+"""The process runner: local subprocess sandboxes for hosts without a Docker engine.
+
+A sandbox is one fork server (runners/forkserver.py) in a cgroup of its own (memory and pids
+limits, per-invocation peak), running as a uid of its own when the agent is root, with a
+private directory holding the function's code (read-only to it) and its HOME. Each run is a
+fork of that warm server, so a call costs a fork instead of an interpreter start.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import select
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loguru import logger
+
+from supervisor.config import MiB, Config, RuntimeConfig
+from supervisor.errors import ConfigError, SandboxError
+
+from .base import Invocation, RunOutcome, Runner, Sandbox
+from .cgroups import SandboxCgroup, SandboxCgroups
+from .forkclient import FORKSERVER_SOURCE, ForkServerClient
+from .pool import WarmPool
+
+SANDBOX_START_TIMEOUT_S = 10.0
+RLIMIT_AS_HEADROOM = 64 * MiB
+"""Address space a Python interpreter maps beyond what it uses; the rlimit fallback adds it."""
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How one runtime's command is started from a fork server."""
+
+    interpreter: str
+    """The real interpreter the fork server runs on (no shims: resolved once)."""
+    python: bool
+    """The command is ``python3 script.py ...``: run it in the forked interpreter."""
+    argv: tuple[str, ...]
+
+
+@dataclass(eq=False)
+class ProcessSandbox(Sandbox):
+    root: Path = field(default_factory=Path)
+    home: Path = field(default_factory=Path)
+    uid: int = -1
+    process: subprocess.Popen | None = None
+    client: ForkServerClient | None = None
+    cgroup: SandboxCgroup | None = None
+    limit_mb: int = 0
+
+
+def resolve_launch(runtime: RuntimeConfig, path: str) -> Launch:
+    """Find the runtime's program on the functions' PATH; see through interpreter shims."""
+    program = shutil.which(runtime.command[0], path=path)
+    if program is None:
+        raise ConfigError(f"runtime command {runtime.command[0]!r} not found on PATH {path}")
+    name = os.path.basename(program)
+    is_python = name.startswith("python") and len(runtime.command) >= 2
+    if is_python and not runtime.command[1].startswith("-"):
+        probe = subprocess.run(
+            [program, "-I", "-S", "-c", "import sys; print(sys.executable)"],
+            capture_output=True, text=True, timeout=30, env={"PATH": path},
+        )
+        real = probe.stdout.strip()
+        if probe.returncode != 0 or not real:
+            raise ConfigError(f"runtime command {program} does not start: {probe.stderr.strip()}")
+        return Launch(interpreter=real, python=True, argv=(real, *runtime.command[1:]))
+    return Launch(interpreter=sys.executable, python=False, argv=(program, *runtime.command[1:]))
+
+
+class ProcessRunner(Runner):
+    name = "process"
+    marker = "[PROCESS]"
+
+    def __init__(self, config: Config, worker_index: int) -> None:
+        self._config = config
+        self._worker = worker_index
+        self._as_root = os.geteuid() == 0
+        self._seq = itertools.count()
+        self._base_dir = Path(config.paths.work_dir) / f"w{worker_index}"
+        self._cgroups = SandboxCgroups(f"w{worker_index}")
+        if self._cgroups.available:
+            self._cgroups.remove_all()  # left by the worker this one replaces
+            self._cgroups = SandboxCgroups(f"w{worker_index}")
+        shutil.rmtree(self._base_dir, ignore_errors=True)
+        self._base_dir.mkdir(mode=0o711, parents=True, exist_ok=True)
+        if self._as_root:
+            check_traversable(self._base_dir)
+        self._launch = {
+            name: resolve_launch(rt, config.process.path) for name, rt in config.runtimes.items()
+        }
+        self._pools = {
+            name: WarmPool(
+                name,
+                warm_share(rt.warm, config.workers, worker_index),
+                lambda name=name: self._create(name),
+                self._destroy,
+                idle_expiry_s=config.pool.idle_expiry_seconds,
+                marker=self.marker,
+            )
+            for name, rt in config.runtimes.items()
+        }
+
+    def acquire(self, runtime: str, code_key: str) -> Sandbox:
+        return self._pools[runtime].acquire(code_key)
+
+    def release(self, sandbox: Sandbox) -> None:
+        self._pools[sandbox.runtime].release(sandbox)
+
+    def pool_stats(self) -> dict[str, dict[str, int]]:
+        return {name: pool.stats() for name, pool in self._pools.items()}
+
+    def close(self) -> None:
+        for pool in self._pools.values():
+            pool.close()
+        shutil.rmtree(self._base_dir, ignore_errors=True)
+
+    def run(self, sandbox: Sandbox, invocation: Invocation) -> RunOutcome:
+        assert isinstance(sandbox, ProcessSandbox) and sandbox.client is not None
+        launch = self._launch[sandbox.runtime]
+        cgroup = sandbox.cgroup
+        rlimits = None
+        oom_before = 0
+        try:
+            if cgroup is not None:
+                if sandbox.limit_mb != invocation.memory_mb:
+                    cgroup.memory.set_limit(invocation.memory_mb * MiB)
+                    sandbox.limit_mb = invocation.memory_mb
+                oom_before = cgroup.memory.oom_kills()
+                cgroup.memory.reset_peak()
+            else:
+                rlimits = {"as": invocation.memory_mb * MiB + RLIMIT_AS_HEADROOM}
+                if sandbox.uid >= 0:
+                    rlimits["nproc"] = invocation.max_pids
+        except OSError as exc:
+            sandbox.healthy = False
+            raise SandboxError(f"cannot set the sandbox limits: {exc}") from None
+        env = {
+            "NANOGRID_REQUEST_ID": invocation.request_id,
+            "NANOGRID_FUNCTION_ID": invocation.function_id,
+            "NANOGRID_MEMORY_MB": str(invocation.memory_mb),
+            "PATH": self._config.process.path,
+            "HOME": str(sandbox.home),
+            "LANG": "C.UTF-8",
+        }
+        try:
+            raw = sandbox.client.run(
+                argv=list(launch.argv), cwd=str(sandbox.code_dir), env=env, python=launch.python,
+                stdin=invocation.stdin, timeout_s=invocation.timeout_ms / 1000,
+                max_output_bytes=invocation.max_output_bytes, rlimits=rlimits,
+            )
+        except SandboxError:
+            sandbox.healthy = False
+            raise
+        sandbox.runs += 1
+        exit_code = os.waitstatus_to_exitcode(raw.status)
+        peak, source, oom = raw.maxrss_bytes, "rusage", False
+        if cgroup is not None:
+            measured = cgroup.memory.peak_bytes()
+            if measured is not None:
+                peak, source = measured, cgroup.memory.source
+            oom = exit_code == -9 and cgroup.memory.oom_kills() > oom_before
+            if cgroup.kill_all(spare=sandbox.process.pid if sandbox.process else None):
+                logger.debug(f"{self.marker} killed processes left behind in {sandbox.name}")
+        elif exit_code != 0 and b"MemoryError" in raw.stderr[-4096:]:
+            oom = True
+        if raw.timed_out or oom:
+            sandbox.healthy = False
+        return RunOutcome(
+            exit_code=exit_code, timed_out=raw.timed_out, oom_killed=oom,
+            stdout=raw.stdout, stderr=raw.stderr,
+            stdout_truncated=raw.stdout_truncated, stderr_truncated=raw.stderr_truncated,
+            duration_ms=raw.duration_ms, peak_memory_bytes=peak, peak_source=source,
+        )
+
+    def _create(self, runtime: str) -> ProcessSandbox:
+        started = time.monotonic()
+        seq = next(self._seq)
+        name = f"{runtime}-w{self._worker}-{seq}"
+        root = self._base_dir / name
+        code_dir, home, control = root / "code", root / "home", root / "control"
+        uid = (
+            self._config.process.sandbox_uid_base + self._worker * 1000 + seq % 1000
+            if self._as_root else -1
+        )
+        root.mkdir(mode=0o750)
+        code_dir.mkdir(mode=0o755)
+        home.mkdir(mode=0o700)
+        control.mkdir(mode=0o700)
+        if uid >= 0:
+            os.chown(root, 0, uid)
+            os.chown(home, uid, uid)
+            os.chown(control, uid, uid)
+        cgroup = None
+        if self._cgroups.available:
+            try:
+                cgroup = self._cgroups.create(name)
+                cgroup.set_pids_limit(self._config.limits.max_pids + 1)
+            except OSError as exc:
+                raise SandboxError(f"cannot create the sandbox cgroup: {exc}") from None
+        sandbox = ProcessSandbox(
+            runtime=runtime, name=name, code_dir=code_dir, root=root, home=home, uid=uid,
+            cgroup=cgroup,
+        )
+        ready_r, ready_w = os.pipe()
+        options = {
+            "uid": uid, "gid": uid, "cgroup_procs": cgroup.procs_files if cgroup else [],
+            "pdeathsig": True, "ready_fd": ready_w,
+        }
+        socket_path = control / "forkserver.sock"
+        try:
+            with os.fdopen(ready_r, "rb") as ready:
+                try:
+                    sandbox.process = subprocess.Popen(
+                        [self._launch[runtime].interpreter, "-I", "-S", str(FORKSERVER_SOURCE),
+                         str(socket_path), json.dumps(options)],
+                        cwd=root, env={"PATH": self._config.process.path, "LANG": "C.UTF-8"},
+                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                        start_new_session=True, pass_fds=(ready_w,),
+                    )
+                finally:
+                    os.close(ready_w)
+                if not select.select([ready], [], [], SANDBOX_START_TIMEOUT_S)[0] or not ready.read(6):
+                    raise SandboxError("fork server did not come up")
+            sandbox.client = ForkServerClient(socket_path)
+        except (OSError, SandboxError) as exc:
+            self._destroy(sandbox)
+            raise SandboxError(f"cannot start a {runtime} sandbox: {exc}") from None
+        logger.debug(
+            f"{self.marker} sandbox {name} ready in {(time.monotonic() - started) * 1000:.0f} ms"
+        )
+        return sandbox
+
+    def _destroy(self, sandbox: Sandbox) -> None:
+        assert isinstance(sandbox, ProcessSandbox)
+        if sandbox.client is not None:
+            sandbox.client.close()
+        if sandbox.process is not None:
+            sandbox.process.kill()
+            sandbox.process.wait()
+        if sandbox.cgroup is not None:
+            sandbox.cgroup.remove()
+        shutil.rmtree(sandbox.root, ignore_errors=True)
+
+
+def check_traversable(directory: Path) -> None:
+    """Sandbox users (not root, not the owner) must be able to pass through to their dirs."""
+    for part in [directory, *directory.parents]:
+        if not part.stat().st_mode & 0o001:
+            raise ConfigError(
+                f"paths.work_dir: sandbox users cannot reach {directory} "
+                f"({part} needs o+x, or pick a work_dir under a traversable directory)"
+            )
+
+
+def warm_share(warm: int, workers: int, index: int) -> int:
+    """This worker's slice of a runtime's warm pool size, split evenly across workers."""
+    return warm // workers + (1 if index < warm % workers else 0)

@@ -1,0 +1,239 @@
+"""Function code zips from S3, cached on local disk by bucket, key and ETag.
+
+A fetch is a HEAD to learn the object's current ETag, then a GET only when no zip with that
+ETag is cached yet; so a function invoked again costs one HEAD and no download, and a
+re-upload under the same key (new ETag) is picked up at once. For bursts, the last HEAD
+answer per (bucket, key) is remembered for ``head_ttl_seconds`` (default 1 s): within that
+window a cached zip is served with no S3 round trip at all, at the price of seeing a
+re-upload up to that much later.
+
+Downloads stream into a temp file in the cache directory with a byte budget (a lying or
+absent Content-Length cannot fill the disk), are pinned to the HEAD's ETag with
+``If-Match``, fsynced and renamed into place, so a cached file is always complete. The
+cache is trimmed to ``max_cache_bytes`` by least recent use (file mtime, touched on every
+hit). Several worker processes may share the directory: every write is an atomic rename,
+and files used within the last ``EVICT_GRACE_SECONDS`` are never evicted, so one process
+does not delete a zip another is about to unpack.
+
+botocore errors end here: missing objects, denied access and an unreachable or failing S3
+become ``CodeNotFound`` (retryable), an oversized zip ``InvalidCodePackage``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import boto3
+import botocore.config
+from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
+from botocore.exceptions import ConnectionError as S3ConnectionError
+
+from .errors import CodeNotFound, InvalidCodePackage
+
+GiB = 2**30
+CHUNK = 256 * 1024
+EVICT_GRACE_SECONDS = 300.0
+"""A cached zip used this recently is kept even over the size budget (it may be unpacking)."""
+STALE_PART_SECONDS = 3600.0
+"""Temp files of downloads this old were left by a crashed process and are removed."""
+_MAX_HEAD_MEMO = 1024
+_MISSING = {"NoSuchKey", "NoSuchBucket", "NotFound", "404"}
+_DENIED = {"AccessDenied", "403", "Forbidden", "AllAccessDisabled"}
+_CHANGED = {"PreconditionFailed", "412"}
+_UNREACHABLE = (S3ConnectionError, HTTPClientError)  # refused, DNS, timeouts, dropped
+# Only timeouts: retries and endpoints stay with boto3's own chain (env, config file).
+_CLIENT_CONFIG = botocore.config.Config(connect_timeout=5, read_timeout=30)
+
+
+@dataclass(frozen=True)
+class CodePackage:
+    """One version of a function's code zip, present in the local cache."""
+
+    bucket: str
+    key: str
+    etag: str
+    zip_path: Path
+    size: int
+    downloaded: bool
+    """False when served from the cache."""
+
+    @property
+    def version_key(self) -> str:
+        """Stable id of bucket+key+ETag: hex, so also safe as a file or directory name."""
+        return version_key(self.bucket, self.key, self.etag)
+
+
+def version_key(bucket: str, key: str, etag: str) -> str:
+    return hashlib.sha256(f"{bucket}\0{key}\0{etag}".encode()).hexdigest()
+
+
+class CodeStore:
+    """Fetches code zips into ``cache_dir``; create it in the process that uses it."""
+
+    def __init__(
+        self,
+        cache_dir: Path,
+        max_zip_bytes: int,
+        s3_client: Any = None,
+        *,
+        head_ttl_seconds: float = 1.0,
+        max_cache_bytes: int = 1 * GiB,
+    ) -> None:
+        self.cache_dir = Path(cache_dir)
+        self.max_zip_bytes = max_zip_bytes
+        self.head_ttl_seconds = head_ttl_seconds
+        self.max_cache_bytes = max_cache_bytes
+        self._client = s3_client
+        self._client_pid: int | None = None  # set when this store created the client itself
+        self._heads: dict[tuple[str, str], tuple[str, float]] = {}
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def s3(self) -> Any:
+        """The S3 client, created on first use so that it belongs to the process using it.
+
+        A client this store created is re-created in a forked child; a given one is kept.
+        """
+        if self._client is None or (self._client_pid and self._client_pid != os.getpid()):
+            self._client = boto3.client("s3", config=_CLIENT_CONFIG)
+            self._client_pid = os.getpid()
+        return self._client
+
+    def fetch(self, bucket: str, key: str) -> CodePackage:
+        """Return the current version of s3://bucket/key from the cache, downloading if needed."""
+        remembered = self._heads.get((bucket, key))
+        if remembered and time.monotonic() - remembered[1] < self.head_ttl_seconds:
+            cached = self._cached(bucket, key, remembered[0])
+            if cached:
+                return cached
+        etag, quoted, length = self._head(bucket, key)
+        self._remember(bucket, key, etag)
+        cached = self._cached(bucket, key, etag)
+        if cached:
+            return cached
+        if length > self.max_zip_bytes:
+            raise self._too_large(bucket, key)
+        path, size = self._download(bucket, key, quoted)
+        self._evict(keep=path)
+        return CodePackage(bucket, key, etag, path, size, downloaded=True)
+
+    def _head(self, bucket: str, key: str) -> tuple[str, str, int]:
+        try:
+            head = self.s3.head_object(Bucket=bucket, Key=key)
+        except (ClientError, BotoCoreError) as exc:
+            raise self._translate(exc, bucket, key) from None
+        quoted = head.get("ETag") or ""
+        return quoted.strip('"'), quoted, int(head.get("ContentLength") or 0)
+
+    def _remember(self, bucket: str, key: str, etag: str) -> None:
+        now = time.monotonic()
+        if len(self._heads) >= _MAX_HEAD_MEMO:
+            self._heads = {
+                k: v for k, v in self._heads.items() if now - v[1] < self.head_ttl_seconds
+            }
+        self._heads[(bucket, key)] = (etag, now)
+
+    def _path(self, bucket: str, key: str, etag: str) -> Path:
+        return self.cache_dir / f"{version_key(bucket, key, etag)}.zip"
+
+    def _cached(self, bucket: str, key: str, etag: str) -> CodePackage | None:
+        path = self._path(bucket, key, etag)
+        try:
+            os.utime(path)  # mtime is the LRU clock (atime is unreliable under noatime)
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return None
+        return CodePackage(bucket, key, etag, path, size, downloaded=False)
+
+    def _download(self, bucket: str, key: str, quoted_etag: str) -> tuple[Path, int]:
+        """GET the object pinned to the HEAD's ETag into the cache; return its path and size."""
+        final = self._path(bucket, key, quoted_etag.strip('"'))
+        fd, tmp_name = tempfile.mkstemp(dir=self.cache_dir, prefix=".part-", suffix=".zip")
+        tmp = Path(tmp_name)
+        try:
+            with open(fd, "wb") as out:
+                size = self._stream_into(out, bucket, key, quoted_etag)
+                out.flush()
+                os.fsync(out.fileno())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return final, size
+
+    def _stream_into(self, out: Any, bucket: str, key: str, quoted_etag: str) -> int:
+        kwargs = {"IfMatch": quoted_etag} if quoted_etag else {}
+        size = 0
+        try:
+            body = self.s3.get_object(Bucket=bucket, Key=key, **kwargs)["Body"]
+            with contextlib.closing(body):
+                while chunk := body.read(CHUNK):
+                    size += len(chunk)
+                    if size > self.max_zip_bytes:
+                        raise self._too_large(bucket, key)
+                    out.write(chunk)
+        except (ClientError, BotoCoreError) as exc:
+            raise self._translate(exc, bucket, key) from None
+        return size
+
+    def _evict(self, keep: Path) -> None:
+        """Delete least recently used zips until the cache fits ``max_cache_bytes``."""
+        now = time.time()
+        entries = []
+        for entry in os.scandir(self.cache_dir):
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if entry.name.startswith(".part-"):
+                if now - st.st_mtime > STALE_PART_SECONDS:
+                    Path(entry.path).unlink(missing_ok=True)
+                continue
+            if entry.name.endswith(".zip"):
+                entries.append((st.st_mtime, st.st_size, Path(entry.path)))
+        total = sum(size for _, size, _ in entries)
+        for mtime, size, path in sorted(entries):
+            if total <= self.max_cache_bytes:
+                break
+            if path == keep or now - mtime < EVICT_GRACE_SECONDS:
+                continue
+            path.unlink(missing_ok=True)
+            total -= size
+
+    def _too_large(self, bucket: str, key: str) -> InvalidCodePackage:
+        return InvalidCodePackage(
+            f"code zip s3://{bucket}/{key} is larger than {self.max_zip_bytes} bytes"
+        )
+
+    @staticmethod
+    def _translate(exc: Exception, bucket: str, key: str) -> CodeNotFound:
+        where = f"s3://{bucket}/{key}"
+        if isinstance(exc, ClientError):
+            err = exc.response.get("Error", {})
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "")
+            code = str(err.get("Code") or status)
+            if code == "NoSuchBucket":
+                return CodeNotFound(f"code {where} not found (no such bucket)")
+            if code in _MISSING:
+                return CodeNotFound(f"code {where} not found")
+            if code in _DENIED:
+                return CodeNotFound(f"code {where} not found (access denied)")
+            if code in _CHANGED:
+                return CodeNotFound(f"code {where} changed while it was being fetched")
+            message = _line(str(err.get("Message") or ""))
+            return CodeNotFound(f"S3 error fetching {where}: {code} {message}".rstrip())
+        if isinstance(exc, _UNREACHABLE):
+            return CodeNotFound(f"S3 unreachable: {_line(str(exc))}")
+        return CodeNotFound(f"S3 request for {where} failed: {_line(str(exc))}")
+
+
+def _line(text: str) -> str:
+    return " ".join(text.split())

@@ -1,0 +1,271 @@
+"""The agent's YAML config, parsed and validated once into frozen dataclasses.
+
+Every section is a dataclass whose fields carry their defaults and bounds; ``load`` walks
+the YAML against them, so an unknown key or a bad value is refused with one line naming
+the key (``ConfigError("workers: must be an integer >= 1 or 'auto', got 0")``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+MiB = 2**20
+
+
+def _bounded(default: Any, lo: float | None = None, hi: float | None = None, **kw: Any) -> Any:
+    return field(default=default, metadata={"min": lo, "max": hi, **kw})
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    url: str = "http://127.0.0.1:5000/123456789012/nanogrid-task-queue"
+    wait_time_seconds: int = _bounded(20, 0, 20)
+    max_attempts: int = _bounded(3, 1)
+    dead_letter_url: str | None = None
+    visibility_timeout_seconds: int = _bounded(30, 1, 43200)
+    """Visibility a received message gets; heartbeats renew it while the run lasts."""
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    url: str = "redis://127.0.0.1:6379/0"
+    result_ttl_seconds: int = _bounded(3600, 1)
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    host: str = "0.0.0.0"
+    port: int = _bounded(8080, 0, 65535)
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    image: str = "python:3.11-slim"
+    command: tuple[str, ...] = ("python3", "main.py")
+    warm: int = _bounded(4, 0, 256)
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    default_memory_mb: int = _bounded(256, 16)
+    min_memory_mb: int = _bounded(32, 16)
+    max_memory_mb: int = _bounded(3008, 16)
+    default_timeout_ms: int = _bounded(30000, 1)
+    min_timeout_ms: int = _bounded(100, 1)
+    max_timeout_ms: int = _bounded(900000, 1)
+    max_zip_bytes: int = _bounded(50 * MiB, 1)
+    max_unpacked_bytes: int = _bounded(250 * MiB, 1)
+    max_files: int = _bounded(5000, 1)
+    max_output_bytes: int = _bounded(1 * MiB, 1)
+    max_pids: int = _bounded(64, 2)
+    """Processes (and threads) one invocation may have: the fork-bomb limit."""
+
+
+@dataclass(frozen=True)
+class PathsConfig:
+    code_cache_dir: str = "/var/cache/nanogrid/code"
+    work_dir: str = "/var/lib/nanogrid/work"
+    outbox_dir: str = "/var/lib/nanogrid/outbox"
+
+
+@dataclass(frozen=True)
+class AutotunerConfig:
+    headroom_percent: int = _bounded(25, 0, 400)
+    floor_mb: int = _bounded(32, 1)
+    step_mb: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 1536, 2048, 3008)
+    history_size: int = _bounded(20, 1, 1000)
+    history_ttl_seconds: int = _bounded(7 * 86400, 60)
+    near_limit_percent: int = _bounded(90, 1, 100)
+    """A peak at or above this share of the limit recommends the next step up."""
+
+
+@dataclass(frozen=True)
+class CloudWatchConfig:
+    enabled: bool = True
+    namespace: str = "NanoGrid"
+    flush_seconds: float = _bounded(5.0, 0.05, 300)
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = _bounded("INFO", choices=("TRACE", "DEBUG", "INFO", "WARNING", "ERROR"))
+    file: str | None = None
+    json: bool = False
+    rotation: str = "50 MB"
+    retention: int = _bounded(5, 1)
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    idle_expiry_seconds: float = _bounded(600.0, 1)
+    """A sandbox that served a function and sat idle this long is replaced by a fresh one."""
+
+
+@dataclass(frozen=True)
+class ProcessRunnerConfig:
+    path: str = "/usr/local/bin:/usr/bin:/bin"
+    """PATH of the functions, also where the runtime command is resolved."""
+    sandbox_uid_base: int = _bounded(61000, 1000, 2**31 - 100000)
+    """Sandbox k of worker w runs as uid base + w*1000 + k when the agent runs as root."""
+
+
+@dataclass(frozen=True)
+class DockerRunnerConfig:
+    network: str = "none"
+    user: str = "65534:65534"
+    cpus: float = _bounded(1.0, 0.01, 256)
+    tmpfs_mb: int = _bounded(64, 1)
+    pause_grace_seconds: float = _bounded(2.0, 0, 3600)
+    socket_dir: str = "/var/lib/nanogrid/sandboxes"
+
+
+@dataclass(frozen=True)
+class Config:
+    workers: int = _bounded(2, 1, 256, auto=True)
+    runner: str = _bounded("docker", choices=("docker", "process"))
+    drain_timeout_seconds: float = _bounded(30.0, 0, 3600)
+    heartbeat_timeout_seconds: float = _bounded(30.0, 1, 3600)
+    queue: QueueConfig = QueueConfig()
+    redis: RedisConfig = RedisConfig()
+    http: HttpConfig = HttpConfig()
+    runtimes: Mapping[str, RuntimeConfig] = field(
+        default_factory=lambda: types.MappingProxyType({"python": RuntimeConfig()})
+    )
+    limits: LimitsConfig = LimitsConfig()
+    paths: PathsConfig = PathsConfig()
+    autotuner: AutotunerConfig = AutotunerConfig()
+    cloudwatch: CloudWatchConfig = CloudWatchConfig()
+    log: LogConfig = LogConfig()
+    pool: PoolConfig = PoolConfig()
+    process: ProcessRunnerConfig = ProcessRunnerConfig()
+    docker: DockerRunnerConfig = DockerRunnerConfig()
+    path: str | None = field(default=None, metadata={"internal": True})
+    loaded_at: str | None = field(default=None, metadata={"internal": True})
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a config file; raise ConfigError with one line on any problem."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    config = from_dict({} if data is None else data)
+    return dataclasses.replace(
+        config, path=str(Path(path).resolve()), loaded_at=datetime.now(UTC).isoformat()
+    )
+
+
+def from_dict(data: Any) -> Config:
+    """Validate a parsed mapping into a Config (used by ``load`` and by tests)."""
+    config = _build(Config, data, "")
+    _check_cross_fields(config)
+    return config
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: must be a mapping, got {_show(data)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    for key in data:
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"{prefix}{key}: unknown key (known here: {known})")
+    values = {}
+    for name, value in data.items():
+        values[name] = _convert(hints[name], value, f"{prefix}{name}", fields[name].metadata)
+    return cls(**values)
+
+
+def _convert(hint: Any, value: Any, key: str, meta: Mapping[str, Any]) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, f"{key}.")
+    if origin in (types.UnionType, typing.Union):
+        if value is None:
+            return None
+        (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _convert(inner, value, key, meta)
+    if origin is Mapping:
+        _, value_type = typing.get_args(hint)
+        if not isinstance(value, Mapping) or not value:
+            raise ConfigError(f"{key}: must be a non-empty mapping of name -> settings")
+        out = {}
+        for name, sub in value.items():
+            if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", name):
+                raise ConfigError(f"{key}: bad name {name!r} (use 1-64 of A-Z a-z 0-9 . _ -)")
+            out[name] = _build(value_type, sub if sub is not None else {}, f"{key}.{name}.")
+        return types.MappingProxyType(out)
+    if origin is tuple:
+        (item_type, _) = typing.get_args(hint)
+        if not isinstance(value, list | tuple) or not value:
+            raise ConfigError(f"{key}: must be a non-empty list, got {_show(value)}")
+        return tuple(_convert(item_type, v, f"{key}[{i}]", {}) for i, v in enumerate(value))
+    if hint is int and meta.get("auto") and value == "auto":
+        return os.cpu_count() or 1
+    return _scalar(hint, value, key, meta)
+
+
+def _scalar(hint: type, value: Any, key: str, meta: Mapping[str, Any]) -> Any:
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: must be true or false, got {_show(value)}")
+        return value
+    if hint is int and (not isinstance(value, int) or isinstance(value, bool)):
+        auto = " or 'auto'" if meta.get("auto") else ""
+        raise ConfigError(f"{key}: must be an integer{auto}, got {_show(value)}")
+    if hint is float:
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise ConfigError(f"{key}: must be a number, got {_show(value)}")
+        value = float(value)
+    if hint is str and (not isinstance(value, str) or not value):
+        raise ConfigError(f"{key}: must be a non-empty string, got {_show(value)}")
+    lo, hi, choices = meta.get("min"), meta.get("max"), meta.get("choices")
+    if lo is not None and value < lo or hi is not None and value > hi:
+        bounds = f">= {lo}" if hi is None else f"between {lo} and {hi}"
+        raise ConfigError(f"{key}: must be {bounds}, got {_show(value)}")
+    if choices and value not in choices:
+        raise ConfigError(f"{key}: must be one of {', '.join(choices)}, got {_show(value)}")
+    return value
+
+
+def _check_cross_fields(config: Config) -> None:
+    lim = config.limits
+    if not lim.min_memory_mb <= lim.default_memory_mb <= lim.max_memory_mb:
+        raise ConfigError("limits.default_memory_mb: must lie between min_memory_mb and max_memory_mb")
+    if not lim.min_timeout_ms <= lim.default_timeout_ms <= lim.max_timeout_ms:
+        raise ConfigError("limits.default_timeout_ms: must lie between min_timeout_ms and max_timeout_ms")
+    if list(config.autotuner.step_mb) != sorted(set(config.autotuner.step_mb)):
+        raise ConfigError("autotuner.step_mb: must be strictly increasing")
+    for name, runtime in config.runtimes.items():
+        if any(not part for part in runtime.command):
+            raise ConfigError(f"runtimes.{name}.command: entries must be non-empty strings")
+    if not re.fullmatch(r"(redis|rediss|unix)://.+", config.redis.url):
+        raise ConfigError(f"redis.url: must start with redis://, rediss:// or unix://, got {config.redis.url!r}")
+    for key, url in (("queue.url", config.queue.url), ("queue.dead_letter_url", config.queue.dead_letter_url)):
+        if url is not None and not re.fullmatch(r"https?://[^/\s]+/.+", url):
+            raise ConfigError(f"{key}: must be an SQS queue URL (http[s]://host/account/name), got {url!r}")
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -1,0 +1,9 @@
+"""Exit codes of the supervisor and its workers, named (dramatiq's cli.py does the same)."""
+
+EXIT_OK = 0
+EXIT_CONFIG = 2
+"""The config file is missing or invalid."""
+EXIT_BOOT_ERROR = 3
+"""A worker could not boot: Redis, the queue or the runner unreachable at start."""
+EXIT_WORKER_CRASH = 4
+"""A worker died of an unexpected exception."""

@@ -1,0 +1,141 @@
+"""The SQS side of a worker: long-poll, delete, release, dead-letter, visibility heartbeats.
+
+boto3 finds the endpoint and credentials through its own chain (``AWS_ENDPOINT_URL``,
+``AWS_REGION``, instance profile), so the same code serves real SQS and a local emulator.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import boto3
+from botocore.config import Config as BotoConfig
+from botocore.exceptions import BotoCoreError, ClientError
+from loguru import logger
+
+from .config import QueueConfig
+from .errors import NanoGridError
+
+
+class QueueUnavailable(NanoGridError):
+    """SQS could not be reached or refused the call."""
+
+
+@dataclass(frozen=True)
+class Message:
+    message_id: str
+    receipt_handle: str
+    body: str
+    attempt: int
+    """ApproximateReceiveCount: 1 on the first delivery."""
+
+
+class TaskQueue:
+    def __init__(self, config: QueueConfig, client: Any = None) -> None:
+        self.config = config
+        self._client = client or boto3.client(
+            "sqs",
+            config=BotoConfig(
+                connect_timeout=2,
+                read_timeout=config.wait_time_seconds + 10,
+                retries={"max_attempts": 2, "mode": "standard"},
+            ),
+        )
+
+    def check(self) -> None:
+        """Fail fast at boot when the queue cannot be reached."""
+        self._call("get_queue_attributes", QueueUrl=self.config.url, AttributeNames=["QueueArn"])
+
+    def receive(self, max_messages: int = 1) -> list[Message]:
+        reply = self._call(
+            "receive_message",
+            QueueUrl=self.config.url,
+            MaxNumberOfMessages=max_messages,
+            WaitTimeSeconds=self.config.wait_time_seconds,
+            VisibilityTimeout=self.config.visibility_timeout_seconds,
+            AttributeNames=["ApproximateReceiveCount"],
+        )
+        return [
+            Message(
+                message_id=m["MessageId"],
+                receipt_handle=m["ReceiptHandle"],
+                body=m.get("Body", ""),
+                attempt=int(m.get("Attributes", {}).get("ApproximateReceiveCount", "1")),
+            )
+            for m in reply.get("Messages", [])
+        ]
+
+    def delete(self, message: Message) -> None:
+        self._call("delete_message", QueueUrl=self.config.url, ReceiptHandle=message.receipt_handle)
+
+    def release(self, message: Message) -> None:
+        """Make the message visible again at once (we will not run it)."""
+        self.extend(message, 0)
+
+    def extend(self, message: Message, seconds: int) -> None:
+        self._call(
+            "change_message_visibility",
+            QueueUrl=self.config.url,
+            ReceiptHandle=message.receipt_handle,
+            VisibilityTimeout=seconds,
+        )
+
+    def dead_letter(self, message: Message, reason: str) -> None:
+        """Copy the message to the dead-letter queue (when one is configured)."""
+        if self.config.dead_letter_url is None:
+            return
+        self._call(
+            "send_message",
+            QueueUrl=self.config.dead_letter_url,
+            MessageBody=message.body or "<empty>",
+            MessageAttributes={
+                "nanogridError": {"DataType": "String", "StringValue": reason[:1000]},
+                "originalMessageId": {"DataType": "String", "StringValue": message.message_id},
+            },
+        )
+
+    def _call(self, operation: str, **params: Any) -> Any:
+        try:
+            return getattr(self._client, operation)(**params)
+        except (BotoCoreError, ClientError) as exc:
+            raise QueueUnavailable(f"SQS {operation} failed: {exc}") from None
+
+
+class VisibilityHeartbeat:
+    """Keeps the message being run invisible while the run lasts (ChangeMessageVisibility)."""
+
+    def __init__(self, queue: TaskQueue) -> None:
+        self._queue = queue
+        self._period = max(1.0, queue.config.visibility_timeout_seconds / 3)
+        self._current: Message | None = None
+        self._since = 0.0
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="sqs-visibility", daemon=True)
+        self._thread.start()
+
+    def track(self, message: Message | None) -> None:
+        with self._lock:
+            self._current = message
+            self._since = time.monotonic()
+
+    def stop(self) -> None:
+        self._wake.set()
+        self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        while not self._wake.wait(self._period / 4):
+            with self._lock:
+                message = self._current
+                due = message is not None and time.monotonic() - self._since >= self._period
+                if due:
+                    self._since = time.monotonic()
+            if due:
+                try:
+                    self._queue.extend(message, self._queue.config.visibility_timeout_seconds)
+                    logger.debug(f"[SQS] visibility of {message.message_id} extended")
+                except QueueUnavailable as exc:
+                    logger.warning(f"[SQS] could not extend visibility: {exc}")

@@ -1,0 +1,299 @@
+"""Results on Redis: ``SET result:{id} <json> EX ttl`` + ``PUBLISH result:{id} <json>``.
+
+A result is never lost to a Redis outage: ``publish`` retries for a bounded time, then keeps
+the result in an on-disk outbox (one file per requestId) that ``flush_outbox`` re-sends once
+Redis is back. Several worker processes may share one outbox directory; an entry is claimed
+by renaming it to ``<name>.json.sending-<pid>`` before it is sent, so each is sent by one
+process, and claims left by dead processes are taken over.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+from loguru import logger
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from .errors import ResultStoreUnavailable
+
+CONNECT_TIMEOUT_SECONDS = 1.0
+OPERATION_TIMEOUT_SECONDS = 2.0
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_:-][A-Za-z0-9._:-]{0,127}")
+_CLAIM = re.compile(r"(?P<entry>.+\.json)\.sending-(?P<pid>\d+)")
+_REDIS_ERRORS = (redis.RedisError, OSError)
+
+
+def make_client(url: str) -> redis.Redis:
+    """A redis-py client that fails fast: short timeouts, no hidden retries (we retry ourselves)."""
+    return redis.Redis.from_url(
+        url,
+        socket_connect_timeout=CONNECT_TIMEOUT_SECONDS,
+        socket_timeout=OPERATION_TIMEOUT_SECONDS,
+        retry=Retry(NoBackoff(), 0),
+    )
+
+
+def encode(result: dict[str, Any]) -> bytes:
+    """Compact UTF-8 JSON; unencodable characters are replaced rather than failing the publish."""
+    text = json.dumps(result, ensure_ascii=False, separators=(",", ":"))
+    return text.encode("utf-8", errors="replace")
+
+
+class ResultStore:
+    """Publishes results to Redis, with an on-disk outbox for when Redis is down."""
+
+    def __init__(
+        self,
+        redis_url: str,
+        ttl_seconds: int,
+        outbox_dir: Path,
+        *,
+        retry_seconds: float = 1.5,
+        first_backoff_seconds: float = 0.05,
+        rescan_seconds: float = 60.0,
+        stale_claim_seconds: float = 300.0,
+    ) -> None:
+        self._url = redis_url
+        self._ttl = ttl_seconds
+        self._outbox = Path(outbox_dir)
+        self._retry_seconds = retry_seconds
+        self._first_backoff = first_backoff_seconds
+        self._rescan_seconds = rescan_seconds
+        self._stale_claim_seconds = stale_claim_seconds
+        self._client: redis.Redis | None = None
+        # Starts true: entries may have been left by an earlier process.
+        self._outbox_maybe_nonempty = True
+        self._last_scan = 0.0
+        self._flush_lock = threading.Lock()
+
+    def client(self) -> redis.Redis:
+        """The lazily created client (shareable, e.g. by ``autotuner.PeakHistory``)."""
+        if self._client is None:
+            self._client = make_client(self._url)
+        return self._client
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def ping(self) -> bool:
+        try:
+            return bool(self.client().ping())
+        except _REDIS_ERRORS:
+            return False
+
+    def existing(self, request_id: str) -> dict[str, Any] | None:
+        """The stored result of ``request_id`` (duplicate delivery), or None.
+
+        Raises ResultStoreUnavailable when Redis cannot answer.
+        """
+        try:
+            raw = self.client().get(f"result:{request_id}")
+        except _REDIS_ERRORS as exc:
+            raise ResultStoreUnavailable(f"cannot read result:{request_id}: {exc}") from exc
+        if raw is None:
+            return None
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            logger.bind(requestId=request_id).warning(
+                "[REDIS] result:{} holds no valid JSON; ignoring it", request_id
+            )
+            return None
+        return value if isinstance(value, dict) else None
+
+    def publish(self, result: dict[str, Any]) -> bool:
+        """SET + PUBLISH the result in one transaction; True when Redis took it.
+
+        On Redis trouble it retries for ``retry_seconds``, then writes the result to the outbox
+        and returns False. Raises ResultStoreUnavailable only when the outbox cannot be
+        written either (the caller should then keep the task message).
+        """
+        request_id = str(result.get("requestId", ""))
+        log = logger.bind(requestId=request_id)
+        data = encode(result)
+        deadline = time.monotonic() + self._retry_seconds
+        delay = self._first_backoff
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                self._send(request_id, data)
+            except _REDIS_ERRORS as exc:
+                error = exc
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                time.sleep(min(delay, remaining))
+                delay *= 2
+                continue
+            log.info("[REDIS] published result:{} ({} bytes)", request_id, len(data))
+            return True
+        try:
+            path = self._write_outbox(request_id, data)
+        except OSError as exc:
+            log.error(
+                "[REDIS] unavailable ({}) and outbox write failed ({}); result:{} not stored",
+                error, exc, request_id,
+            )
+            raise ResultStoreUnavailable(f"redis down and outbox not writable: {exc}") from exc
+        self._outbox_maybe_nonempty = True
+        log.warning(
+            "[REDIS] unavailable ({}) after {} attempts; result kept in outbox {}",
+            error, attempts, path,
+        )
+        return False
+
+    def flush_outbox(self) -> int:
+        """Re-send outbox entries, oldest first; stop at the first failure. Returns how many went.
+
+        Cheap when nothing is pending: the directory is scanned only after a local outbox
+        write, after a failed flush, or every ``rescan_seconds`` (entries of other processes).
+        """
+        now = time.monotonic()
+        if not self._outbox_maybe_nonempty and now - self._last_scan < self._rescan_seconds:
+            return 0
+        with self._flush_lock:
+            self._last_scan = now
+            sent = 0
+            try:
+                for name in self._pending():
+                    claimed = self._claim(name)
+                    if claimed is None:
+                        continue  # another process took it
+                    outcome = self._resend(claimed, name)
+                    if outcome is False:
+                        self._outbox_maybe_nonempty = True
+                        break
+                    sent += outcome is True
+                else:
+                    self._outbox_maybe_nonempty = False
+            except OSError as exc:
+                logger.error("[REDIS] outbox {} unreadable: {}", self._outbox, exc)
+                self._outbox_maybe_nonempty = True
+            if sent:
+                logger.info("[REDIS] outbox re-sent {} results", sent)
+            return sent
+
+    def _send(self, request_id: str, data: bytes) -> None:
+        key = f"result:{request_id}"
+        pipe = self.client().pipeline(transaction=True)
+        pipe.set(key, data, ex=self._ttl)
+        pipe.publish(key, data)
+        pipe.execute()
+
+    def _write_outbox(self, request_id: str, data: bytes) -> Path:
+        self._outbox.mkdir(parents=True, exist_ok=True, mode=0o700)
+        final = self._outbox / f"{_entry_name(request_id)}.json"
+        fd, tmp = tempfile.mkstemp(dir=self._outbox, prefix=".tmp-", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        _fsync_dir(self._outbox)
+        return final
+
+    def _pending(self) -> list[str]:
+        """Entries and stale claims, oldest first (by the time they were written)."""
+        try:
+            entries = list(os.scandir(self._outbox))
+        except FileNotFoundError:
+            return []
+        found: list[tuple[int, str]] = []
+        for entry in entries:
+            try:
+                st = entry.stat()
+            except FileNotFoundError:
+                continue
+            if entry.name.startswith(".tmp-") and time.time() - st.st_mtime > 3600:
+                Path(entry.path).unlink(missing_ok=True)  # a crash mid-write left it
+            elif self._is_pending(entry.name, st.st_ctime):
+                found.append((st.st_mtime_ns, entry.name))
+        return [name for _, name in sorted(found)]
+
+    def _is_pending(self, name: str, changed_at: float) -> bool:
+        if name.startswith("."):
+            return False  # temp files and set-aside entries
+        if name.endswith(".json"):
+            return True
+        claim = _CLAIM.fullmatch(name)
+        return claim is not None and self._claim_is_stale(int(claim["pid"]), changed_at)
+
+    def _claim_is_stale(self, pid: int, claimed_at: float) -> bool:
+        # Our own pid: we hold the flush lock, so nothing of ours is in flight; it is a
+        # leftover of an earlier process that had the same pid (pid namespaces reuse them).
+        if pid == os.getpid() or time.time() - claimed_at > self._stale_claim_seconds:
+            return True
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+    def _claim(self, name: str) -> Path | None:
+        entry = _CLAIM.fullmatch(name)
+        base = entry["entry"] if entry else name
+        claimed = self._outbox / f"{base}.sending-{os.getpid()}"
+        try:
+            os.rename(self._outbox / name, claimed)
+        except FileNotFoundError:
+            return None
+        return claimed
+
+    def _resend(self, claimed: Path, name: str) -> bool | None:
+        """Send one claimed entry: True when sent, None when it was unusable and set aside,
+        False when Redis refused it (the entry is handed back, un-claimed)."""
+        data = claimed.read_bytes()
+        try:
+            request_id = str(json.loads(data).get("requestId", ""))
+        except (ValueError, AttributeError):
+            bad = claimed.with_name(f".bad-{name}")
+            os.replace(claimed, bad)
+            logger.error("[REDIS] outbox entry {} is not a result; moved to {}", name, bad)
+            return None
+        try:
+            self._send(request_id, data)
+        except _REDIS_ERRORS as exc:
+            base = _CLAIM.fullmatch(claimed.name)
+            os.replace(claimed, self._outbox / (base["entry"] if base else name))
+            logger.debug("[REDIS] outbox flush stopped: still unavailable ({})", exc)
+            return False
+        claimed.unlink(missing_ok=True)
+        logger.bind(requestId=request_id).info(
+            "[REDIS] published result:{} from outbox ({} bytes)", request_id, len(data)
+        )
+        return True
+
+
+def _entry_name(request_id: str) -> str:
+    """File name for a requestId; ids outside the contract's charset are hashed."""
+    if _SAFE_NAME.fullmatch(request_id):
+        return request_id
+    return "h-" + hashlib.sha256(request_id.encode("utf-8", "replace")).hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

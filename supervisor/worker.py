@@ -1,0 +1,299 @@
+"""One worker process: receive a task from SQS, run it in a warm sandbox, publish the result.
+
+The loop, top to bottom: boot (clients made here, after the fork) -> until told to stop:
+re-send the outbox, long-poll one message, handle it -> drain (close the pool, flush metrics).
+``handle`` turns every outcome into one of the DESIGN's SQS cases, decided from the error
+class in one place.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from loguru import logger
+
+from runners import create_runner
+from runners.base import Invocation, Runner, RunOutcome
+
+from . import autotuner, logs, result, task
+from .codestore import CodePackage, CodeStore
+from .config import Config
+from .errors import ResultStoreUnavailable, TaskError
+from .exitcodes import EXIT_BOOT_ERROR, EXIT_OK
+from .metrics import MetricsPublisher
+from .queue import Message, QueueUnavailable, TaskQueue, VisibilityHeartbeat
+from .resultstore import ResultStore
+from .unpack import extract
+
+if TYPE_CHECKING:
+    from .status import StatusReporter
+
+RECEIVE_ERROR_BACKOFF_S = (0.5, 1, 2, 5, 10)
+
+
+class _Interrupted(Exception):
+    """Raised by the SIGTERM handler to cut a long poll short (nothing else is interrupted)."""
+
+
+class Worker:
+    def __init__(self, config: Config, index: int, status: StatusReporter | None = None) -> None:
+        self.config = config
+        self.index = index
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+        self.status = status
+        self.stopping = False
+        self._receiving = False
+        self._alive_until = time.monotonic() + 60
+        self.queue: TaskQueue
+        self.store: ResultStore
+        self.runner: Runner
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._on_term)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        self._start_heartbeat()
+        try:
+            self.boot()
+        except Exception as exc:  # the arbiter retries a worker that cannot boot, with backoff
+            logger.error(f"worker {self.index} cannot boot: {exc}")
+            return EXIT_BOOT_ERROR
+        failures = 0
+        try:
+            while not self.stopping:
+                self.store.flush_outbox()
+                try:
+                    messages = self.receive()
+                    failures = 0
+                except QueueUnavailable as exc:
+                    delay = RECEIVE_ERROR_BACKOFF_S[min(failures, len(RECEIVE_ERROR_BACKOFF_S) - 1)]
+                    failures += 1
+                    logger.warning(f"[SQS] {exc}; retrying in {delay}s")
+                    self._sleep(delay)
+                    continue
+                for message in messages:
+                    if self.stopping:
+                        self._release(message)
+                    else:
+                        self.handle(message)
+        finally:
+            self.shutdown()
+        return EXIT_OK
+
+    def boot(self) -> None:
+        config = self.config
+        self.queue = TaskQueue(config.queue)
+        self.queue.check()
+        self.store = ResultStore(config.redis.url, config.redis.result_ttl_seconds,
+                                 Path(config.paths.outbox_dir))
+        if not self.store.ping():
+            raise ResultStoreUnavailable(f"Redis at {config.redis.url} does not answer")
+        self.codes = CodeStore(Path(config.paths.code_cache_dir), config.limits.max_zip_bytes)
+        self.metrics = MetricsPublisher(config.cloudwatch)
+        self.history = autotuner.PeakHistory(self.store.client, config.autotuner)
+        self.visibility = VisibilityHeartbeat(self.queue)
+        self.runner = create_runner(config, self.index)
+        logger.info(f"worker {self.index} ready: runner={self.runner.name}, "
+                    f"pools={self.runner.pool_stats()}")
+        if self.status:
+            self.status.booted()
+
+    def receive(self) -> list[Message]:
+        self._alive_until = time.monotonic() + self.config.queue.wait_time_seconds + 15
+        self._receiving = True
+        try:
+            if self.stopping:
+                return []
+            return self.queue.receive(1)
+        except _Interrupted:
+            return []
+        finally:
+            self._receiving = False
+
+    def shutdown(self) -> None:
+        logger.info(f"worker {self.index} draining")
+        self.visibility.stop()
+        self.runner.close()
+        self.metrics.close()
+        self.store.close()
+
+    # -- one message ------------------------------------------------------------------------
+
+    def handle(self, message: Message) -> None:
+        try:
+            parsed = task.parse(message.body, self.config)
+        except TaskError as exc:
+            self._refuse(message, exc)
+            return
+        with logger.contextualize(requestId=parsed.request_id):
+            previous = self._existing(parsed.request_id)
+            if previous is not None:
+                logger.info("[DUPLICATE] a result exists already; re-publishing it, not running")
+                self.store.publish(previous)
+                self._delete(message)
+                return
+            if self.status:
+                self.status.task_started(parsed.request_id)
+            self._alive_until = time.monotonic() + parsed.timeout_ms / 1000 + 60
+            self.visibility.track(message)
+            try:
+                outcome = self._run_task(message, parsed)
+            finally:
+                self.visibility.track(None)
+            if outcome is not None:
+                self._finish(message, outcome)
+
+    def _run_task(self, message: Message, t: task.Task) -> dict[str, Any] | None:
+        """The result to publish, or None when the message is kept for a retry."""
+        ids = {"requestId": t.request_id, "functionId": t.function_id, "runtime": t.runtime}
+        try:
+            package = self.codes.fetch(t.s3_bucket, t.s3_key)
+            return self.execute(t, package, message.attempt, ids)
+        except TaskError as exc:
+            if exc.retryable and message.attempt < self.config.queue.max_attempts:
+                logger.warning(f"[RETRY] {exc} (attempt {message.attempt} of "
+                               f"{self.config.queue.max_attempts}); message kept for a retry")
+                return None
+            if exc.dead_letter:
+                self._dead_letter(message, str(exc))
+            return self._failed(ids, exc, t.memory_mb, message.attempt)
+
+    def execute(self, t: task.Task, package: CodePackage, attempt: int,
+                ids: dict[str, Any]) -> dict[str, Any]:
+        runtime = self.config.runtimes[t.runtime]
+        sandbox = self.runner.acquire(t.runtime, package.version_key)
+        try:
+            if sandbox.code_key != package.version_key:
+                shutil.rmtree(sandbox.code_dir, ignore_errors=True)
+                sandbox.code_key = None
+                extract(package.zip_path, sandbox.code_dir, self.config.limits)
+                sandbox.code_key = package.version_key
+            invocation = Invocation(
+                request_id=t.request_id, function_id=t.function_id, argv=runtime.command,
+                stdin=t.input_json, memory_mb=t.memory_mb, timeout_ms=t.timeout_ms,
+                max_output_bytes=self.config.limits.max_output_bytes,
+                max_pids=self.config.limits.max_pids,
+            )
+            logger.info(f"{self.runner.marker} running {t.function_id} in {sandbox.name} "
+                        f"(cold={sandbox.cold_start}, memory={t.memory_mb}MB, "
+                        f"timeout={t.timeout_ms}ms)")
+            outcome = self.runner.run(sandbox, invocation)
+        finally:
+            self.runner.release(sandbox)
+        return self._ran(t, outcome, sandbox.cold_start, attempt, ids)
+
+    def _ran(self, t: task.Task, outcome: RunOutcome, cold: bool, attempt: int,
+             ids: dict[str, Any]) -> dict[str, Any]:
+        peaks = self.history.add_and_get(t.function_id, outcome.peak_memory_bytes)
+        tip = autotuner.recommend(outcome.peak_memory_bytes, t.memory_mb, self.config.autotuner,
+                                  oom=outcome.oom_killed, history_peaks=peaks)
+        logger.info(f"[AUTO-TUNER] {tip.tip}")
+        logger.info(
+            f"REPORT RequestId: {t.request_id} Duration: {outcome.duration_ms:.2f} ms "
+            f"Memory Size: {t.memory_mb} MB Max Memory Used: "
+            f"{outcome.peak_memory_bytes // result.MiB} MB ({outcome.peak_source})"
+        )
+        return result.from_run(ids, outcome, memory_mb=t.memory_mb,
+                               recommended_mb=tip.recommended_mb, tip=tip.tip, cold_start=cold,
+                               attempt=attempt, worker_id=self.worker_id)
+
+    def _finish(self, message: Message, res: dict[str, Any]) -> None:
+        self.store.publish(res)
+        self.metrics.record(res["functionId"] or "unknown", duration_ms=res["durationMillis"],
+                            peak_memory_bytes=res["peakMemoryBytes"], status=res["status"],
+                            error_type=res["errorType"], cold_start=res["coldStart"])
+        self._delete(message)
+        if self.status:
+            self.status.task_finished(res)
+            self.status.pools(self.runner.pool_stats())
+        if res["status"] == "SUCCESS":
+            logger.info(f"[DONE][OK] {res['requestId']} in {res['durationMillis']:.1f} ms")
+        else:
+            logger.warning(f"[FAIL][{res['errorType']}] {res['requestId']}: {res['errorMessage']}")
+
+    def _refuse(self, message: Message, exc: TaskError) -> None:
+        """A message that can never run: a result when it names a requestId; dead-letter; delete."""
+        ids = task.peek_ids(message.body)
+        if exc.dead_letter:
+            self._dead_letter(message, str(exc))
+        with logger.contextualize(requestId=ids.get("requestId", "-")):
+            if "requestId" in ids:
+                self._finish(message, self._failed(ids, exc, None, message.attempt))
+            else:
+                logger.warning(f"[FAIL][{exc.error_type}] message {message.message_id}: {exc}")
+                self._delete(message)
+
+    def _failed(self, ids: dict[str, Any], exc: TaskError, memory_mb: int | None,
+                attempt: int) -> dict[str, Any]:
+        return result.failed(ids, exc.error_type, str(exc), memory_mb=memory_mb,
+                             attempt=attempt, worker_id=self.worker_id)
+
+    def _existing(self, request_id: str) -> dict[str, Any] | None:
+        try:
+            return self.store.existing(request_id)
+        except ResultStoreUnavailable:
+            return None
+
+    def _dead_letter(self, message: Message, reason: str) -> None:
+        try:
+            self.queue.dead_letter(message, reason)
+        except QueueUnavailable as exc:
+            logger.warning(f"[SQS] could not copy {message.message_id} to the dead-letter queue: {exc}")
+
+    def _delete(self, message: Message) -> None:
+        try:
+            self.queue.delete(message)
+        except QueueUnavailable as exc:  # it comes back; the stored result stops a second run
+            logger.warning(f"[SQS] could not delete {message.message_id}: {exc}")
+
+    def _release(self, message: Message) -> None:
+        try:
+            self.queue.release(message)
+            logger.info(f"[SQS] released unstarted message {message.message_id}")
+        except QueueUnavailable as exc:
+            logger.warning(f"[SQS] could not release {message.message_id}: {exc}")
+
+    # -- signals and liveness -----------------------------------------------------------------
+
+    def _on_term(self, signum: int, frame: Any) -> None:
+        self.stopping = True
+        if self._receiving:
+            raise _Interrupted
+
+    def _sleep(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not self.stopping and time.monotonic() < deadline:
+            time.sleep(min(0.1, deadline - time.monotonic()))
+
+    def _start_heartbeat(self) -> None:
+        """Beat to the arbiter while the main thread is inside a bounded step.
+
+        Each blocking step (a long poll, a run) first moves ``_alive_until`` past its own
+        bound; a main thread stuck beyond that stops the beats and the arbiter kills it.
+        """
+        if self.status is None:
+            return
+
+        def beat() -> None:
+            while True:
+                if time.monotonic() < self._alive_until:
+                    self.status.heartbeat()
+                time.sleep(1.0)
+
+        threading.Thread(target=beat, name="heartbeat", daemon=True).start()
+
+
+def main(config: Config, index: int, status_fd: int) -> int:
+    """Entry point of a forked worker process."""
+    from .status import StatusReporter
+
+    logs.setup(config.log, f"worker-{index}")
+    return Worker(config, index, StatusReporter(status_fd)).run()

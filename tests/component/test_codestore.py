@@ -1,0 +1,289 @@
+"""CodeStore against a real moto_server through boto3: caching by ETag and error translation."""
+
+from __future__ import annotations
+
+import io
+import socket
+import time
+import zipfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from botocore.exceptions import ConnectTimeoutError, EndpointConnectionError, ReadTimeoutError
+from botocore.stub import Stubber
+
+from supervisor import codestore, unpack
+from supervisor.codestore import CodePackage, CodeStore
+from supervisor.config import LimitsConfig
+from supervisor.errors import CodeNotFound, InvalidCodePackage
+
+KEY = "functions/hello-python/v1.zip"
+
+
+def code_zip(text: str = "print('hello')\n", padding: int = 0) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr("main.py", text)
+        if padding:
+            zf.writestr("pad.bin", b"\0" * padding)
+    return buf.getvalue()
+
+
+class CountedClient:
+    """A real boto3 S3 client plus a count of the API calls it made (via botocore events)."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.calls: Counter[str] = Counter()
+        client.meta.events.register("before-call.s3.*", self._count)
+
+    def _count(self, model: Any, **_: Any) -> None:
+        self.calls[model.name] += 1
+
+
+@pytest.fixture
+def bucket(aws: Any) -> str:
+    return aws.new_bucket("code")
+
+
+def fresh_client() -> Any:
+    """A new client per test: ``aws.s3()`` is shared, and these tests register event hooks."""
+    return boto3.session.Session().client("s3")
+
+
+@pytest.fixture
+def s3(aws: Any) -> CountedClient:
+    return CountedClient(fresh_client())
+
+
+def make_store(tmp_path: Path, s3: CountedClient, **kw: Any) -> CodeStore:
+    kw.setdefault("head_ttl_seconds", 0.0)
+    return CodeStore(tmp_path / "cache", kw.pop("max_zip_bytes", 1 << 20), s3.client, **kw)
+
+
+def test_second_fetch_uses_cache_without_get(
+    tmp_path: Path, s3: CountedClient, bucket: str
+) -> None:
+    body = code_zip()
+    s3.client.put_object(Bucket=bucket, Key=KEY, Body=body)
+    store = make_store(tmp_path, s3)
+
+    first = store.fetch(bucket, KEY)
+    assert first.downloaded and first.size == len(body)
+    assert first.zip_path.read_bytes() == body
+    assert first.zip_path.parent == tmp_path / "cache"
+    assert s3.calls["GetObject"] == 1
+
+    second = store.fetch(bucket, KEY)
+    assert not second.downloaded
+    assert (second.zip_path, second.etag, second.version_key) == (
+        first.zip_path,
+        first.etag,
+        first.version_key,
+    )
+    assert s3.calls["GetObject"] == 1
+    assert s3.calls["HeadObject"] == 2
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [first.zip_path.name]
+
+
+def test_cache_survives_a_new_store_on_the_same_dir(
+    tmp_path: Path, s3: CountedClient, bucket: str
+) -> None:
+    s3.client.put_object(Bucket=bucket, Key=KEY, Body=code_zip())
+    make_store(tmp_path, s3).fetch(bucket, KEY)
+    again = make_store(tmp_path, s3).fetch(bucket, KEY)  # e.g. a restarted worker
+    assert not again.downloaded
+    assert s3.calls["GetObject"] == 1
+
+
+def test_reupload_with_new_etag_is_downloaded_again(
+    tmp_path: Path, s3: CountedClient, bucket: str
+) -> None:
+    store = make_store(tmp_path, s3)
+    s3.client.put_object(Bucket=bucket, Key=KEY, Body=code_zip("print(1)\n"))
+    old = store.fetch(bucket, KEY)
+    s3.client.put_object(Bucket=bucket, Key=KEY, Body=code_zip("print(2)\n"))
+    new = store.fetch(bucket, KEY)
+    assert new.downloaded and new.etag != old.etag
+    assert new.version_key != old.version_key and new.zip_path != old.zip_path
+    assert b"print(2)" in new.zip_path.read_bytes()
+    assert s3.calls["GetObject"] == 2
+
+
+def test_burst_within_head_ttl_makes_no_s3_call(
+    tmp_path: Path, s3: CountedClient, bucket: str
+) -> None:
+    s3.client.put_object(Bucket=bucket, Key=KEY, Body=code_zip())
+    store = make_store(tmp_path, s3, head_ttl_seconds=0.5)
+    store.fetch(bucket, KEY)
+    for _ in range(20):
+        assert not store.fetch(bucket, KEY).downloaded
+    assert (s3.calls["HeadObject"], s3.calls["GetObject"]) == (1, 1)
+    time.sleep(0.6)
+    store.fetch(bucket, KEY)
+    assert s3.calls["HeadObject"] == 2
+
+
+def test_fetched_zip_unpacks(tmp_path: Path, s3: CountedClient, bucket: str) -> None:
+    s3.client.put_object(Bucket=bucket, Key=KEY, Body=code_zip("print('hi')\n"))
+    package = make_store(tmp_path, s3).fetch(bucket, KEY)
+    assert isinstance(package, CodePackage)
+    assert unpack.extract(package.zip_path, tmp_path / "run", LimitsConfig()) == 1
+    assert (tmp_path / "run/main.py").read_text() == "print('hi')\n"
+
+
+def test_missing_key_is_code_not_found(tmp_path: Path, s3: CountedClient, bucket: str) -> None:
+    with pytest.raises(CodeNotFound) as err:
+        make_store(tmp_path, s3).fetch(bucket, "functions/nope/v1.zip")
+    assert str(err.value) == f"code s3://{bucket}/functions/nope/v1.zip not found"
+    assert err.value.retryable
+    assert s3.calls["GetObject"] == 0
+
+
+def test_missing_bucket_is_code_not_found(tmp_path: Path, s3: CountedClient) -> None:
+    missing = "no-such-bucket-for-nanogrid"
+    with pytest.raises(CodeNotFound, match=rf"^code s3://{missing}/k.zip not found"):
+        make_store(tmp_path, s3).fetch(missing, "k.zip")
+
+
+def test_unreachable_endpoint_fails_fast(
+    tmp_path: Path, aws: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed_port = sock.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{closed_port}")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    store = CodeStore(tmp_path / "cache", 1 << 20)  # its own client, from the environment
+    start = time.monotonic()
+    with pytest.raises(CodeNotFound, match=r"^S3 unreachable: ") as err:
+        store.fetch("bucket", KEY)
+    assert time.monotonic() - start < 5
+    assert f"127.0.0.1:{closed_port}" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_client_is_created_lazily(tmp_path: Path, aws: Any, bucket: str) -> None:
+    aws.s3().put_object(Bucket=bucket, Key=KEY, Body=code_zip())
+    store = CodeStore(tmp_path / "cache", 1 << 20)
+    assert store._client is None  # nothing to inherit across a fork
+    assert store.fetch(bucket, KEY).downloaded
+    assert store._client is not None
+
+
+def test_oversize_zip_is_refused_without_download(
+    tmp_path: Path, s3: CountedClient, bucket: str
+) -> None:
+    s3.client.put_object(Bucket=bucket, Key=KEY, Body=code_zip(padding=5000))
+    store = make_store(tmp_path, s3, max_zip_bytes=4096)
+    with pytest.raises(InvalidCodePackage, match=r"code zip s3://.* is larger than 4096 bytes"):
+        store.fetch(bucket, KEY)
+    assert s3.calls["GetObject"] == 0
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_download_stops_at_limit_even_if_head_understates(
+    tmp_path: Path, s3: CountedClient, bucket: str
+) -> None:
+    s3.client.put_object(Bucket=bucket, Key=KEY, Body=code_zip(padding=3 << 20))
+
+    def lie(parsed: dict[str, Any], **_: Any) -> None:
+        parsed["ContentLength"] = 100
+
+    s3.client.meta.events.register("after-call.s3.HeadObject", lie)
+    store = make_store(tmp_path, s3, max_zip_bytes=1 << 20)
+    with pytest.raises(InvalidCodePackage, match="larger than 1048576 bytes"):
+        store.fetch(bucket, KEY)
+    assert s3.calls["GetObject"] == 1
+    assert list((tmp_path / "cache").iterdir()) == []  # no partial file left behind
+
+
+def test_object_replaced_between_head_and_get(
+    tmp_path: Path, s3: CountedClient, bucket: str
+) -> None:
+    s3.client.put_object(Bucket=bucket, Key=KEY, Body=code_zip("print(1)\n"))
+    other = fresh_client()
+
+    def replace_once(**_: Any) -> None:
+        if s3.calls["GetObject"] == 1:
+            other.put_object(Bucket=bucket, Key=KEY, Body=code_zip("print(2)\n"))
+
+    s3.client.meta.events.register("before-call.s3.GetObject", replace_once)
+    store = make_store(tmp_path, s3)
+    with pytest.raises(CodeNotFound, match="changed while it was being fetched"):
+        store.fetch(bucket, KEY)
+    assert list((tmp_path / "cache").iterdir()) == []
+    assert b"print(2)" in store.fetch(bucket, KEY).zip_path.read_bytes()  # the retry gets it
+
+
+def test_cache_evicts_least_recently_used(
+    tmp_path: Path, s3: CountedClient, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(codestore, "EVICT_GRACE_SECONDS", 0.0)
+    bodies = {name: code_zip(name, padding=10_000) for name in ("a", "b", "c")}
+    for name, body in bodies.items():
+        s3.client.put_object(Bucket=bucket, Key=f"{name}.zip", Body=body)
+    store = make_store(tmp_path, s3, max_cache_bytes=int(len(bodies["a"]) * 2.5))
+
+    a = store.fetch(bucket, "a.zip")
+    time.sleep(0.02)
+    b = store.fetch(bucket, "b.zip")
+    time.sleep(0.02)
+    assert not store.fetch(bucket, "a.zip").downloaded  # a is now more recent than b
+    time.sleep(0.02)
+    c = store.fetch(bucket, "c.zip")
+
+    assert a.zip_path.exists() and c.zip_path.exists()
+    assert not b.zip_path.exists()
+    assert store.fetch(bucket, "b.zip").downloaded
+
+
+def test_recently_used_zips_are_not_evicted(tmp_path: Path, s3: CountedClient, bucket: str) -> None:
+    for name in ("a", "b"):
+        s3.client.put_object(Bucket=bucket, Key=f"{name}.zip", Body=code_zip(name, 10_000))
+    store = make_store(tmp_path, s3, max_cache_bytes=1)
+    a = store.fetch(bucket, "a.zip")
+    b = store.fetch(bucket, "b.zip")
+    # Over budget, but another worker may be unpacking a right now.
+    assert a.zip_path.exists() and b.zip_path.exists()
+
+
+@pytest.mark.parametrize(
+    ("code", "status", "expected"),
+    [
+        ("AccessDenied", 403, r"^code s3://b/k.zip not found \(access denied\)$"),
+        ("NoSuchKey", 404, r"^code s3://b/k.zip not found$"),
+        ("NoSuchBucket", 404, r"^code s3://b/k.zip not found \(no such bucket\)$"),
+        ("SlowDown", 503, r"^S3 error fetching s3://b/k.zip: SlowDown"),
+    ],
+)
+def test_s3_errors_become_code_not_found(
+    tmp_path: Path, code: str, status: int, expected: str
+) -> None:
+    client = boto3.session.Session().client("s3", region_name="ap-northeast-2")
+    with Stubber(client) as stub:
+        stub.add_client_error("head_object", code, "msg", status)
+        with pytest.raises(CodeNotFound, match=expected):
+            CodeStore(tmp_path, 1 << 20, client).fetch("b", "k.zip")
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        ReadTimeoutError(endpoint_url="http://s3.example/b/k.zip"),
+        ConnectTimeoutError(endpoint_url="http://s3.example/b/k.zip"),
+        EndpointConnectionError(endpoint_url="http://s3.example/b/k.zip"),
+    ],
+)
+def test_timeouts_become_s3_unreachable(tmp_path: Path, exc: Exception) -> None:
+    client = boto3.session.Session().client("s3", region_name="ap-northeast-2")
+
+    def fail(**_: Any) -> None:
+        raise exc
+
+    client.meta.events.register("before-call.s3.HeadObject", fail)
+    with pytest.raises(CodeNotFound, match=r"^S3 unreachable: .*s3\.example"):
+        CodeStore(tmp_path, 1 << 20, client).fetch("b", "k.zip")

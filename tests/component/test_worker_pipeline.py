@@ -1,0 +1,348 @@
+"""One worker, end to end on the real peers: SQS (moto_server) -> S3 -> process sandbox -> Redis.
+
+Covers every row of the DESIGN's SQS table and every errorType. The worker runs in a forked
+child, as under the supervisor; the tests talk to it only through SQS, S3 and Redis.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import multiprocessing
+import os
+import signal
+import tempfile
+import uuid
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from helpers import wait_until
+
+from supervisor.config import Config, from_dict
+from supervisor.invoke import invoke
+
+HELLO = 'print("Hello from NanoGrid!")\n'
+
+
+def make_zip(files: dict[str, str | bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, content in files.items():
+            archive.writestr(name, content)
+    return buffer.getvalue()
+
+
+class Agent:
+    """A worker process on a fresh queue, bucket and Redis database."""
+
+    def __init__(self, aws: Any, redis_url: str, tmp: Path, **overrides: Any) -> None:
+        self.aws = aws
+        self.queue_url = aws.new_queue("tasks", visibility_timeout=2)
+        self.dlq_url = aws.new_queue("dlq")
+        self.bucket = aws.new_bucket("code")
+        self.redis = redis.Redis.from_url(redis_url)
+        work_dir = tempfile.mkdtemp(prefix="nanogrid-work-")  # sandbox users must reach it
+        os.chmod(work_dir, 0o711)
+        settings: dict[str, Any] = {
+            "workers": 1,
+            "runner": "process",
+            "queue": {"url": self.queue_url, "wait_time_seconds": 1, "max_attempts": 2,
+                      "dead_letter_url": self.dlq_url, "visibility_timeout_seconds": 2},
+            "redis": {"url": redis_url, "result_ttl_seconds": 600},
+            "runtimes": {"python": {"warm": 1}},
+            "paths": {"code_cache_dir": str(tmp / "cache"), "work_dir": work_dir,
+                      "outbox_dir": str(tmp / "outbox")},
+            "cloudwatch": {"flush_seconds": 0.2},
+            "log": {"level": "DEBUG", "file": str(tmp / "agent.log")},
+        }
+        for section, values in overrides.items():
+            settings[section] = {**settings.get(section, {}), **values}
+        self.config: Config = from_dict(settings)
+        self.log = tmp / "agent.log"
+        self.process = multiprocessing.get_context("fork").Process(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        from supervisor import logs
+        from supervisor.worker import Worker
+
+        logs.setup(self.config.log, "worker-0")
+        os._exit(Worker(self.config, 0).run())
+
+    def start(self) -> Agent:
+        self.process.start()
+        wait_until(lambda: self.log.exists() and "ready" in self.log.read_text(), timeout=20,
+                   what="the worker to boot")
+        return self
+
+    def stop(self) -> int | None:
+        if self.process.is_alive():
+            os.kill(self.process.pid, signal.SIGTERM)
+        self.process.join(20)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+        return self.process.exitcode
+
+    def deploy(self, files: dict[str, str | bytes], key: str | None = None) -> str:
+        key = key or f"functions/f-{uuid.uuid4().hex[:8]}/v1.zip"
+        self.aws.s3().put_object(Bucket=self.bucket, Key=key, Body=make_zip(files))
+        return key
+
+    def task(self, key: str, **fields: Any) -> dict[str, Any]:
+        return {"requestId": f"req-{uuid.uuid4().hex}", "functionId": "fn", "runtime": "python",
+                "s3Bucket": self.bucket, "s3Key": key, **fields}
+
+    def call(self, task: dict[str, Any], timeout: float = 30) -> dict[str, Any]:
+        result = invoke(self.aws.sqs(), self.redis, self.queue_url, task, timeout)
+        assert result is not None, f"no result for {task['requestId']}"
+        return result
+
+    def result(self, request_id: str, timeout: float = 30) -> dict[str, Any]:
+        """Wait for the stored result of a task sent some other way."""
+        stored = wait_until(lambda: self.redis.get(f"result:{request_id}"), timeout=timeout,
+                            what=f"the result of {request_id}")
+        return json.loads(stored)
+
+    def send_raw(self, body: str) -> None:
+        self.aws.sqs().send_message(QueueUrl=self.queue_url, MessageBody=body)
+
+    def queue_depth(self, url: str | None = None) -> int:
+        attrs = self.aws.sqs().get_queue_attributes(
+            QueueUrl=url or self.queue_url,
+            AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
+        )["Attributes"]
+        return sum(int(v) for v in attrs.values())
+
+    def dead_letters(self) -> list[dict[str, Any]]:
+        reply = self.aws.sqs().receive_message(QueueUrl=self.dlq_url, MaxNumberOfMessages=10,
+                                               WaitTimeSeconds=1, MessageAttributeNames=["All"])
+        return reply.get("Messages", [])
+
+
+@pytest.fixture
+def agent(aws: Any, redis_url: str, tmp_path: Path) -> Iterator[Agent]:
+    running = Agent(aws, redis_url, tmp_path).start()
+    yield running
+    assert running.stop() == 0
+
+
+def test_hello_world_result_follows_the_contract(agent: Agent) -> None:
+    task = agent.task(agent.deploy({"main.py": HELLO}), memoryMb=256)
+    result = agent.call(task)
+    assert result["status"] == "SUCCESS", result
+    assert result["stdout"] == "Hello from NanoGrid!\n"
+    assert result["exitCode"] == 0 and result["errorType"] is None and result["errorMessage"] is None
+    assert result["requestId"] == task["requestId"] and result["functionId"] == "fn"
+    assert result["runtime"] == "python" and result["memoryMb"] == 256 and result["attempt"] == 1
+    assert 0 < result["peakMemoryBytes"] < 32 * 2**20
+    assert result["peakMemoryMB"] == result["peakMemoryBytes"] // 2**20
+    assert result["recommendedMemoryMb"] == 32
+    assert "256MB" in result["optimizationTip"] and "32MB" in result["optimizationTip"]
+    assert result["workerId"].endswith(f":{agent.process.pid}")
+    assert result["finishedAt"].endswith("Z")
+    assert not result["stdoutTruncated"] and not result["stderrTruncated"]
+    assert result["durationMillis"] > 0
+    stored = json.loads(agent.redis.get(f"result:{task['requestId']}"))
+    assert stored == result
+    assert 0 < agent.redis.ttl(f"result:{task['requestId']}") <= 600
+    wait_until(lambda: agent.queue_depth() == 0, timeout=5, what="the message to be deleted")
+    log = agent.log.read_text()
+    assert f"REPORT RequestId: {task['requestId']}" in log and "[DONE][OK]" in log
+
+
+def test_input_data_reaches_stdin_and_warm_sandbox_is_reused(agent: Agent) -> None:
+    key = agent.deploy({"main.py": "import json,sys\nd=json.load(sys.stdin)\nprint(d['a']+d['b'])\n"})
+    first = agent.call(agent.task(key, inputData={"a": 2, "b": 3}))
+    second = agent.call(agent.task(key, inputData={"a": 10, "b": 5}))
+    assert (first["stdout"], second["stdout"]) == ("5\n", "15\n")
+    assert second["coldStart"] is False
+
+
+def test_function_error(agent: Agent) -> None:
+    key = agent.deploy({"main.py": "import sys\nprint('oops', file=sys.stderr)\nsys.exit(3)\n"})
+    result = agent.call(agent.task(key))
+    assert (result["status"], result["errorType"], result["exitCode"]) == (
+        "FAILED", "FUNCTION_ERROR", 3)
+    assert result["stderr"] == "oops\n" and "exited with code 3" in result["errorMessage"]
+
+
+def test_uncaught_exception_shows_a_python_traceback(agent: Agent) -> None:
+    result = agent.call(agent.task(agent.deploy({"main.py": "raise ValueError('bad input')\n"})))
+    assert result["errorType"] == "FUNCTION_ERROR" and result["exitCode"] == 1
+    assert 'File "main.py", line 1' in result["stderr"]
+    assert result["stderr"].rstrip().endswith("ValueError: bad input")
+    assert "forkserver" not in result["stderr"]
+
+
+def test_timeout_kills_the_function_tree(agent: Agent) -> None:
+    code = "import os,time\nos.fork()\ntime.sleep(30)\n"
+    result = agent.call(agent.task(agent.deploy({"main.py": code}), timeoutMs=500))
+    assert (result["status"], result["errorType"]) == ("TIMEOUT", "TIMEOUT")
+    assert 450 <= result["durationMillis"] < 3000
+
+
+def test_out_of_memory(agent: Agent) -> None:
+    code = "b = bytearray(300 * 2**20)\nfor i in range(0, len(b), 4096): b[i] = 1\n"
+    result = agent.call(agent.task(agent.deploy({"main.py": code}), memoryMb=64))
+    assert (result["status"], result["errorType"]) == ("FAILED", "OUT_OF_MEMORY"), result
+    assert result["recommendedMemoryMb"] > 64 and "out of memory" in result["optimizationTip"]
+
+
+def test_peak_memory_is_per_invocation(agent: Agent) -> None:
+    key = agent.deploy({"main.py": "import json,sys\nmb=json.load(sys.stdin)['mb']\n"
+                        "b=bytearray(mb*2**20)\nfor i in range(0,len(b),4096): b[i]=1\n"})
+    big = agent.call(agent.task(key, inputData={"mb": 100}, memoryMb=512))
+    small = agent.call(agent.task(key, inputData={"mb": 0}, memoryMb=512))
+    assert 100 <= big["peakMemoryMB"] <= 164, big
+    assert small["peakMemoryMB"] < 16 and small["coldStart"] is False, small
+    assert "based on the last 2 runs" in small["optimizationTip"]
+    assert small["recommendedMemoryMb"] >= 128  # the 100 MiB run is remembered
+
+
+def test_output_flood_is_capped(aws: Any, redis_url: str, tmp_path: Path) -> None:
+    agent = Agent(aws, redis_url, tmp_path, limits={"max_output_bytes": 1000}).start()
+    try:
+        code = "import sys\nfor _ in range(200000): print('x' * 99)\nsys.stderr.write('e'*5000)\n"
+        result = agent.call(agent.task(agent.deploy({"main.py": code})))
+    finally:
+        assert agent.stop() == 0
+    assert result["status"] == "SUCCESS"
+    assert len(result["stdout"]) == 1000 and result["stdoutTruncated"] is True
+    assert len(result["stderr"]) == 1000 and result["stderrTruncated"] is True
+
+
+def test_environment_is_only_the_contract(agent: Agent, monkeypatch: pytest.MonkeyPatch) -> None:
+    code = "import json,os\nprint(json.dumps(dict(os.environ)))\nprint(os.getuid())\n"
+    result = agent.call(agent.task(agent.deploy({"main.py": code}), memoryMb=128))
+    env_line, uid_line = result["stdout"].splitlines()
+    env = json.loads(env_line)
+    assert set(env) == {"NANOGRID_REQUEST_ID", "NANOGRID_FUNCTION_ID", "NANOGRID_MEMORY_MB",
+                        "PATH", "HOME", "LANG"}
+    assert env["NANOGRID_MEMORY_MB"] == "128" and env["NANOGRID_FUNCTION_ID"] == "fn"
+    assert not any("AWS" in value or "testing" == value for value in env.values())
+    if os.geteuid() == 0:
+        assert int(uid_line) != 0
+
+
+def test_missing_code_is_retried_then_failed_and_dead_lettered(agent: Agent) -> None:
+    task = agent.task("functions/none/v1.zip")
+    result = agent.call(task, timeout=40)
+    assert (result["status"], result["errorType"], result["attempt"]) == (
+        "FAILED", "CODE_NOT_FOUND", 2)
+    assert result["exitCode"] is None
+    assert "[RETRY]" in agent.log.read_text()
+    letters = agent.dead_letters()
+    assert [json.loads(m["Body"])["requestId"] for m in letters] == [task["requestId"]]
+    wait_until(lambda: agent.queue_depth() == 0, timeout=5, what="the message to be deleted")
+
+
+def test_missing_code_then_uploaded_succeeds_on_retry(agent: Agent) -> None:
+    key = "functions/late/v1.zip"
+    task = agent.task(key)
+    agent.send_raw(json.dumps(task))
+    wait_until(lambda: "[RETRY]" in agent.log.read_text(), timeout=15, what="a first attempt")
+    agent.deploy({"main.py": HELLO}, key=key)
+    result = agent.result(task["requestId"])
+    assert result["status"] == "SUCCESS" and result["attempt"] == 2
+
+
+@pytest.mark.parametrize(
+    ("body", "request_id", "needle"),
+    [
+        ("this is not json", None, "not JSON"),
+        ('["a list"]', None, "JSON object"),
+        ('{"requestId": "r-missing", "runtime": "python"}', "r-missing", "functionId"),
+        ('{"requestId": "r-mem", "functionId": "f", "runtime": "python", "s3Bucket": "b",'
+         ' "s3Key": "k", "memoryMb": 999999}', "r-mem", "memoryMb"),
+        ('{"requestId": "bad id!", "functionId": "f"}', None, "requestId"),
+    ],
+)
+def test_invalid_messages_are_failed_dead_lettered_and_deleted(
+    agent: Agent, body: str, request_id: str | None, needle: str
+) -> None:
+    agent.send_raw(body)
+    letters = wait_until(agent.dead_letters, timeout=15, what="a dead letter")
+    assert letters[0]["Body"] == body
+    assert needle in letters[0]["MessageAttributes"]["nanogridError"]["StringValue"]
+    wait_until(lambda: agent.queue_depth() == 0, timeout=5, what="the message to be deleted")
+    if request_id is not None:
+        result = json.loads(agent.redis.get(f"result:{request_id}"))
+        assert (result["status"], result["errorType"]) == ("FAILED", "INVALID_MESSAGE")
+        assert needle in result["errorMessage"] and "\n" not in result["errorMessage"]
+
+
+def test_unknown_runtime(agent: Agent) -> None:
+    result = agent.call(agent.task(agent.deploy({"main.py": HELLO}), runtime="cobol"))
+    assert (result["status"], result["errorType"]) == ("FAILED", "RUNTIME_NOT_SUPPORTED")
+    assert "cobol" in result["errorMessage"]
+    assert len(agent.dead_letters()) == 1
+
+
+@pytest.mark.parametrize(
+    ("files", "needle"),
+    [
+        ({"../evil.py": "x", "main.py": HELLO}, ".."),
+        ({"/etc/evil": "x", "main.py": HELLO}, "absolute"),
+    ],
+)
+def test_bad_code_packages(agent: Agent, files: dict[str, str], needle: str) -> None:
+    result = agent.call(agent.task(agent.deploy(files)))
+    assert (result["status"], result["errorType"]) == ("FAILED", "INVALID_CODE_PACKAGE"), result
+    assert needle in result["errorMessage"]
+    assert agent.dead_letters() == []
+
+
+def test_corrupt_zip(agent: Agent) -> None:
+    key = "functions/corrupt/v1.zip"
+    agent.aws.s3().put_object(Bucket=agent.bucket, Key=key, Body=b"PK\x03\x04 definitely not a zip")
+    result = agent.call(agent.task(key))
+    assert (result["status"], result["errorType"]) == ("FAILED", "INVALID_CODE_PACKAGE")
+
+
+def test_duplicate_delivery_republishes_without_running_again(agent: Agent) -> None:
+    key = agent.deploy({"main.py": "import uuid\nprint(uuid.uuid4())\n"})
+    task = agent.task(key)
+    first = agent.call(task)
+    pubsub = agent.redis.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(f"result:{task['requestId']}")
+    agent.send_raw(json.dumps(task))
+    message = wait_until(lambda: pubsub.get_message(timeout=0.5), timeout=15,
+                         what="the re-published result")
+    pubsub.close()
+    assert json.loads(message["data"]) == first
+    assert agent.log.read_text().count("[DUPLICATE]") == 1
+    assert agent.log.read_text().count("[PROCESS] running") == 1
+    wait_until(lambda: agent.queue_depth() == 0, timeout=5, what="the message to be deleted")
+
+
+def test_redis_outage_keeps_results_in_the_outbox_until_it_returns(
+    agent: Agent, redis_server: Any
+) -> None:
+    task = agent.task(agent.deploy({"main.py": HELLO}))
+    redis_server.stop()
+    try:
+        agent.send_raw(json.dumps(task))
+        outbox = Path(agent.config.paths.outbox_dir)
+        wait_until(lambda: any(outbox.iterdir()), timeout=20, what="the result in the outbox")
+        wait_until(lambda: agent.queue_depth() == 0, timeout=10, what="the message to be deleted")
+    finally:
+        redis_server.start()
+    assert agent.result(task["requestId"])["status"] == "SUCCESS"
+    assert agent.log.read_text().count("[PROCESS] running") == 1
+
+
+def test_metrics_reach_cloudwatch(agent: Agent) -> None:
+    agent.call(agent.task(agent.deploy({"main.py": HELLO})))
+
+    def names() -> set[str]:
+        metrics = agent.aws.cloudwatch().list_metrics(
+            Namespace="NanoGrid", Dimensions=[{"Name": "FunctionId", "Value": "fn"}])["Metrics"]
+        return {m["MetricName"] for m in metrics}
+
+    found = wait_until(lambda: {"PeakMemoryBytes", "Duration", "Invocations"} <= names() and names(),
+                       timeout=10, what="metrics in CloudWatch")
+    assert "ColdStarts" in found
