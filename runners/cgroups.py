@@ -109,8 +109,10 @@ class SandboxCgroups:
         """Remove every sandbox cgroup below this agent's cgroup (an earlier agent's too)."""
         groups = {
             child.name
-            for root in dict.fromkeys(_subtree_roots()) if root.is_dir()
-            for child in root.iterdir() if child.is_dir()
+            for root in dict.fromkeys(_subtree_roots())
+            if root.is_dir()
+            for child in root.iterdir()
+            if child.is_dir()
         }
         return sum(SandboxCgroups(group).remove_all() for group in sorted(groups))
 

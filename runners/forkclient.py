@@ -55,7 +55,9 @@ class _Capped:
 class ForkServerClient:
     """A connection to one sandbox's fork server."""
 
-    def __init__(self, socket_path: str | os.PathLike[str], connect_timeout_s: float = 10.0) -> None:
+    def __init__(
+        self, socket_path: str | os.PathLike[str], connect_timeout_s: float = 10.0
+    ) -> None:
         self.socket_path = str(socket_path)
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         deadline = time.monotonic() + connect_timeout_s
@@ -88,8 +90,14 @@ class ForkServerClient:
         in_r, in_w = os.pipe2(os.O_CLOEXEC)
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
-        request = {"op": "run", "argv": argv, "cwd": cwd, "env": env, "python": python,
-                   "rlimits": rlimits}
+        request = {
+            "op": "run",
+            "argv": argv,
+            "cwd": cwd,
+            "env": env,
+            "python": python,
+            "rlimits": rlimits,
+        }
         try:
             self._sock.sendmsg(
                 [json.dumps(request).encode()],
@@ -139,7 +147,7 @@ class ForkServerClient:
                         fd = key.fd
                         if fd == in_w:
                             try:
-                                pending_in = pending_in[os.write(in_w, pending_in[:_CHUNK]):]
+                                pending_in = pending_in[os.write(in_w, pending_in[:_CHUNK]) :]
                             except BrokenPipeError:
                                 pending_in = pending_in[:0]
                             if not pending_in:

@@ -21,21 +21,20 @@ new interpreter; otherwise it exec's ``argv``.
 """
 
 import array
+import atexit
+import contextlib
+import io
 import json
 import os
+import pkgutil  # noqa: F401  loaded once here: runpy imports it lazily in every child
+import resource
+import runpy
 import selectors
 import signal
 import socket
 import sys
-import time
-
-# Imported now so forked children find them loaded (runpy imports pkgutil lazily).
-import atexit  # noqa: F401,I001
-import io
-import pkgutil  # noqa: F401
-import resource
-import runpy
 import threading
+import time
 import traceback
 
 MAX_PACKET = 1 << 20
@@ -128,10 +127,8 @@ def child(request: dict, fds: list, keep_closed: list) -> None:
         else:
             os.execvpe(argv[0], argv, request["env"])
     except BaseException as exc:
-        try:
+        with contextlib.suppress(OSError):
             os.write(2, f"nanogrid: cannot start {request.get('argv')}: {exc}\n".encode())
-        except OSError:
-            pass
     os._exit(code)
 
 
@@ -167,17 +164,14 @@ def serve_run(conn: socket.socket, request: dict, fds: list, listener: socket.so
 
 
 def kill_group(pgid: int) -> None:
-    try:
+    with contextlib.suppress(OSError):
         os.killpg(pgid, signal.SIGKILL)
-    except OSError:
-        pass
 
 
-def die_with_parent() -> None:
+def die_with_parent(parent: int) -> None:
     """Ask the kernel to kill this server when the agent worker that started it dies."""
     import ctypes
 
-    parent = os.getppid()
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     if os.getppid() != parent:
         os._exit(0)
@@ -197,9 +191,10 @@ def become(uid: int, gid: int, cgroup_procs: list) -> None:
 def main(argv: list) -> int:
     path = argv[1]
     options = json.loads(argv[2]) if len(argv) > 2 else {}
-    if options.get("pdeathsig"):
-        die_with_parent()
+    parent = os.getppid()
     become(options.get("uid", -1), options.get("gid", -1), options.get("cgroup_procs", []))
+    if options.get("pdeathsig"):  # after become(): changing uid clears the death signal
+        die_with_parent(parent)
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     os.umask(0o077)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)

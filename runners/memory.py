@@ -8,6 +8,7 @@ reset, so the reader reports ``None`` and the runner falls back to the child's r
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -113,8 +114,6 @@ def tree_rss_bytes(pid: int) -> int:
         return 0
     total = 0
     for proc in procs:
-        try:
+        with contextlib.suppress(psutil.Error):
             total += proc.memory_info().rss
-        except psutil.Error:
-            pass
     return total

@@ -123,7 +123,8 @@ class WarmPool:
         now = time.monotonic()
         with self._lock:
             expired = [
-                s for s in self._idle
+                s
+                for s in self._idle
                 if s.code_key is not None and now - s.idle_since >= self._idle_expiry_s
             ]
             for sandbox in expired:
@@ -132,7 +133,9 @@ class WarmPool:
                 for sandbox in self._idle:
                     self._on_idle(sandbox, now - sandbox.idle_since)
         for sandbox in expired:
-            logger.debug(f"{self._marker} expired idle sandbox {sandbox.name} of {sandbox.code_key}")
+            logger.debug(
+                f"{self._marker} expired idle sandbox {sandbox.name} of {sandbox.code_key}"
+            )
             self._safe_destroy(sandbox)
 
     def _fill(self) -> None:
@@ -144,7 +147,9 @@ class WarmPool:
             try:
                 sandbox = self._create()
             except Exception as exc:
-                logger.warning(f"{self._marker} could not make a warm {self.runtime} sandbox: {exc}")
+                logger.warning(
+                    f"{self._marker} could not make a warm {self.runtime} sandbox: {exc}"
+                )
                 with self._lock:
                     self._creating -= 1
                 self._wake.wait(2.0)  # back off instead of retrying in a hot loop

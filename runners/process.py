@@ -21,10 +21,10 @@ from pathlib import Path
 
 from loguru import logger
 
-from supervisor.config import MiB, Config, RuntimeConfig
+from supervisor.config import Config, MiB, RuntimeConfig
 from supervisor.errors import ConfigError, SandboxError
 
-from .base import Invocation, RunOutcome, Runner, Sandbox
+from .base import Invocation, Runner, RunOutcome, Sandbox
 from .cgroups import SandboxCgroup, SandboxCgroups
 from .forkclient import FORKSERVER_SOURCE, ForkServerClient
 from .pool import WarmPool
@@ -66,7 +66,10 @@ def resolve_launch(runtime: RuntimeConfig, path: str) -> Launch:
     if is_python and not runtime.command[1].startswith("-"):
         probe = subprocess.run(
             [program, "-I", "-S", "-c", "import sys; print(sys.executable)"],
-            capture_output=True, text=True, timeout=30, env={"PATH": path},
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={"PATH": path},
         )
         real = probe.stdout.strip()
         if probe.returncode != 0 or not real:
@@ -152,9 +155,14 @@ class ProcessRunner(Runner):
         }
         try:
             raw = sandbox.client.run(
-                argv=list(launch.argv), cwd=str(sandbox.code_dir), env=env, python=launch.python,
-                stdin=invocation.stdin, timeout_s=invocation.timeout_ms / 1000,
-                max_output_bytes=invocation.max_output_bytes, rlimits=rlimits,
+                argv=list(launch.argv),
+                cwd=str(sandbox.code_dir),
+                env=env,
+                python=launch.python,
+                stdin=invocation.stdin,
+                timeout_s=invocation.timeout_ms / 1000,
+                max_output_bytes=invocation.max_output_bytes,
+                rlimits=rlimits,
             )
         except SandboxError:
             sandbox.healthy = False
@@ -174,10 +182,16 @@ class ProcessRunner(Runner):
         if raw.timed_out or oom:
             sandbox.healthy = False
         return RunOutcome(
-            exit_code=exit_code, timed_out=raw.timed_out, oom_killed=oom,
-            stdout=raw.stdout, stderr=raw.stderr,
-            stdout_truncated=raw.stdout_truncated, stderr_truncated=raw.stderr_truncated,
-            duration_ms=raw.duration_ms, peak_memory_bytes=peak, peak_source=source,
+            exit_code=exit_code,
+            timed_out=raw.timed_out,
+            oom_killed=oom,
+            stdout=raw.stdout,
+            stderr=raw.stderr,
+            stdout_truncated=raw.stdout_truncated,
+            stderr_truncated=raw.stderr_truncated,
+            duration_ms=raw.duration_ms,
+            peak_memory_bytes=peak,
+            peak_source=source,
         )
 
     def _create(self, runtime: str) -> ProcessSandbox:
@@ -188,7 +202,8 @@ class ProcessRunner(Runner):
         code_dir, home, control = root / "code", root / "home", root / "control"
         uid = (
             self._config.process.sandbox_uid_base + self._worker * 1000 + seq % 1000
-            if self._as_root else -1
+            if self._as_root
+            else -1
         )
         root.mkdir(mode=0o750)
         code_dir.mkdir(mode=0o755)
@@ -206,28 +221,47 @@ class ProcessRunner(Runner):
             except OSError as exc:
                 raise SandboxError(f"cannot create the sandbox cgroup: {exc}") from None
         sandbox = ProcessSandbox(
-            runtime=runtime, name=name, code_dir=code_dir, root=root, home=home, uid=uid,
+            runtime=runtime,
+            name=name,
+            code_dir=code_dir,
+            root=root,
+            home=home,
+            uid=uid,
             cgroup=cgroup,
         )
         ready_r, ready_w = os.pipe()
         options = {
-            "uid": uid, "gid": uid, "cgroup_procs": cgroup.procs_files if cgroup else [],
-            "pdeathsig": True, "ready_fd": ready_w,
+            "uid": uid,
+            "gid": uid,
+            "cgroup_procs": cgroup.procs_files if cgroup else [],
+            "pdeathsig": True,
+            "ready_fd": ready_w,
         }
         socket_path = control / "forkserver.sock"
         try:
             with os.fdopen(ready_r, "rb") as ready:
                 try:
                     sandbox.process = subprocess.Popen(
-                        [self._launch[runtime].interpreter, "-I", "-S", str(FORKSERVER_SOURCE),
-                         str(socket_path), json.dumps(options)],
-                        cwd=root, env={"PATH": self._config.process.path, "LANG": "C.UTF-8"},
-                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                        start_new_session=True, pass_fds=(ready_w,),
+                        [
+                            self._launch[runtime].interpreter,
+                            "-I",
+                            "-S",
+                            str(FORKSERVER_SOURCE),
+                            str(socket_path),
+                            json.dumps(options),
+                        ],
+                        cwd=root,
+                        env={"PATH": self._config.process.path, "LANG": "C.UTF-8"},
+                        stdin=subprocess.DEVNULL,
+                        stdout=subprocess.DEVNULL,
+                        start_new_session=True,
+                        pass_fds=(ready_w,),
                     )
                 finally:
                     os.close(ready_w)
-                if not select.select([ready], [], [], SANDBOX_START_TIMEOUT_S)[0] or not ready.read(6):
+                if not select.select([ready], [], [], SANDBOX_START_TIMEOUT_S)[0] or not ready.read(
+                    6
+                ):
                     raise SandboxError("fork server did not come up")
             sandbox.client = ForkServerClient(socket_path)
         except (OSError, SandboxError) as exc:

@@ -167,7 +167,9 @@ def load(path: str | os.PathLike[str]) -> Config:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        raise ConfigError(
+            f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}"
+        ) from None
     config = from_dict({} if data is None else data)
     return dataclasses.replace(
         config, path=str(Path(path).resolve()), loaded_at=datetime.now(UTC).isoformat()
@@ -251,19 +253,30 @@ def _scalar(hint: type, value: Any, key: str, meta: Mapping[str, Any]) -> Any:
 def _check_cross_fields(config: Config) -> None:
     lim = config.limits
     if not lim.min_memory_mb <= lim.default_memory_mb <= lim.max_memory_mb:
-        raise ConfigError("limits.default_memory_mb: must lie between min_memory_mb and max_memory_mb")
+        raise ConfigError(
+            "limits.default_memory_mb: must lie between min_memory_mb and max_memory_mb"
+        )
     if not lim.min_timeout_ms <= lim.default_timeout_ms <= lim.max_timeout_ms:
-        raise ConfigError("limits.default_timeout_ms: must lie between min_timeout_ms and max_timeout_ms")
+        raise ConfigError(
+            "limits.default_timeout_ms: must lie between min_timeout_ms and max_timeout_ms"
+        )
     if list(config.autotuner.step_mb) != sorted(set(config.autotuner.step_mb)):
         raise ConfigError("autotuner.step_mb: must be strictly increasing")
     for name, runtime in config.runtimes.items():
         if any(not part for part in runtime.command):
             raise ConfigError(f"runtimes.{name}.command: entries must be non-empty strings")
     if not re.fullmatch(r"(redis|rediss|unix)://.+", config.redis.url):
-        raise ConfigError(f"redis.url: must start with redis://, rediss:// or unix://, got {config.redis.url!r}")
-    for key, url in (("queue.url", config.queue.url), ("queue.dead_letter_url", config.queue.dead_letter_url)):
+        raise ConfigError(
+            f"redis.url: must start with redis://, rediss:// or unix://, got {config.redis.url!r}"
+        )
+    for key, url in (
+        ("queue.url", config.queue.url),
+        ("queue.dead_letter_url", config.queue.dead_letter_url),
+    ):
         if url is not None and not re.fullmatch(r"https?://[^/\s]+/.+", url):
-            raise ConfigError(f"{key}: must be an SQS queue URL (http[s]://host/account/name), got {url!r}")
+            raise ConfigError(
+                f"{key}: must be an SQS queue URL (http[s]://host/account/name), got {url!r}"
+            )
 
 
 def _show(value: Any) -> str:

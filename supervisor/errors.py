@@ -2,7 +2,7 @@
 
     NanoGridError
     ├── ConfigError               bad config file or value (refused at start / on reload)
-    ├── TaskError                 ends one task with a FAILED result; ``error_type`` is its errorType
+    ├── TaskError                 ends a task with a FAILED result of errorType ``error_type``
     │   ├── InvalidMessage          INVALID_MESSAGE      -> delete (+ dead-letter)
     │   ├── RuntimeNotSupported     RUNTIME_NOT_SUPPORTED -> delete (+ dead-letter)
     │   ├── CodeNotFound            CODE_NOT_FOUND       -> keep for retry until max_attempts

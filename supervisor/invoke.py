@@ -45,14 +45,17 @@ def deploy(s3: Any, bucket: str, function_id: str, code: bytes) -> str:
         s3.head_bucket(Bucket=bucket)
     except ClientError:
         region = s3.meta.region_name
-        extra = {} if region == "us-east-1" else {
-            "CreateBucketConfiguration": {"LocationConstraint": region}}
+        extra = (
+            {}
+            if region == "us-east-1"
+            else {"CreateBucketConfiguration": {"LocationConstraint": region}}
+        )
         s3.create_bucket(Bucket=bucket, **extra)
     prefix = f"functions/{function_id}/v"
     versions = [0]
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for item in page.get("Contents", []):
-            number = item["Key"][len(prefix):].removesuffix(".zip")
+            number = item["Key"][len(prefix) :].removesuffix(".zip")
             if number.isdigit():
                 versions.append(int(number))
     key = f"{prefix}{max(versions) + 1}.zip"
@@ -85,8 +88,12 @@ def invoke(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nanogrid-invoke", description=__doc__.splitlines()[0])
     parser.add_argument("source", type=Path, help="function directory (with main.py) or zip")
-    parser.add_argument("-c", "--config", default="conf/local.yaml",
-                        help="agent config naming the queue and Redis (default conf/local.yaml)")
+    parser.add_argument(
+        "-c",
+        "--config",
+        default="conf/local.yaml",
+        help="agent config naming the queue and Redis (default conf/local.yaml)",
+    )
     parser.add_argument("--function-id", help="default: the directory or zip name")
     parser.add_argument("--bucket", default="nanogrid-functions")
     parser.add_argument("--runtime", default="python")
@@ -121,16 +128,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.timeout_ms is not None:
         task["timeoutMs"] = args.timeout_ms
     try:
-        task["s3Key"] = deploy(boto3.client("s3"), args.bucket, function_id,
-                               zip_function(args.source))
-        result = invoke(boto3.client("sqs"), redis.Redis.from_url(cfg.redis.url), cfg.queue.url,
-                        task, args.wait)
+        task["s3Key"] = deploy(
+            boto3.client("s3"), args.bucket, function_id, zip_function(args.source)
+        )
+        result = invoke(
+            boto3.client("sqs"), redis.Redis.from_url(cfg.redis.url), cfg.queue.url, task, args.wait
+        )
     except (BotoCoreError, ClientError, redis.RedisError) as exc:
         print(f"nanogrid-invoke: {exc}", file=sys.stderr)
         return EXIT_FAILED
     if result is None:
-        print(f"nanogrid-invoke: no result for {task['requestId']} within {args.wait:.0f}s "
-              f"(is an agent running on {cfg.queue.url}?)", file=sys.stderr)
+        print(
+            f"nanogrid-invoke: no result for {task['requestId']} within {args.wait:.0f}s "
+            f"(is an agent running on {cfg.queue.url}?)",
+            file=sys.stderr,
+        )
         return EXIT_FAILED
     print(json.dumps(result, indent=2, ensure_ascii=False))
     return 0 if result.get("status") == "SUCCESS" else EXIT_FAILED

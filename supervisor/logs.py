@@ -9,8 +9,7 @@ from loguru import logger
 from .config import LogConfig
 
 FORMAT = (
-    "{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <7} | {extra[role]} | "
-    "{extra[requestId]} | {message}"
+    "{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <7} | {extra[role]} | {extra[requestId]} | {message}"
 )
 
 
@@ -18,11 +17,23 @@ def setup(config: LogConfig, role: str) -> None:
     """(Re)configure the sinks for this process; ``role`` is e.g. ``arbiter`` or ``worker-1``."""
     logger.remove()
     logger.configure(extra={"role": role, "requestId": "-"})
-    logger.add(sys.stderr, level=config.level, format=FORMAT, serialize=config.json,
-               backtrace=False, diagnose=False)
+    logger.add(
+        sys.stderr,
+        level=config.level,
+        format=FORMAT,
+        serialize=config.json,
+        backtrace=False,
+        diagnose=False,
+    )
     if config.file:
         logger.add(
-            config.file, level=config.level, format=FORMAT, serialize=config.json,
-            rotation=config.rotation, retention=config.retention, enqueue=False,
-            backtrace=False, diagnose=False,
+            config.file,
+            level=config.level,
+            format=FORMAT,
+            serialize=config.json,
+            rotation=config.rotation,
+            retention=config.retention,
+            enqueue=False,
+            backtrace=False,
+            diagnose=False,
         )

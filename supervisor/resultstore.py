@@ -83,6 +83,11 @@ class ResultStore:
             self._client = make_client(self._url)
         return self._client
 
+    @property
+    def outbox_pending(self) -> bool:
+        """True while results may be waiting in the outbox (e.g. to shorten the SQS wait)."""
+        return self._outbox_maybe_nonempty
+
     def close(self) -> None:
         if self._client is not None:
             self._client.close()

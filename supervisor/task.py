@@ -46,10 +46,17 @@ def parse(body: str, config: Config) -> Task:
     bucket = _required_str(data, "s3Bucket", fail)
     key = _required_str(data, "s3Key", fail)
     limits = config.limits
-    memory_mb = _optional_int(data, "memoryMb", limits.default_memory_mb,
-                              limits.min_memory_mb, limits.max_memory_mb, fail)
-    timeout_ms = _optional_int(data, "timeoutMs", limits.default_timeout_ms,
-                               limits.min_timeout_ms, limits.max_timeout_ms, fail)
+    memory_mb = _optional_int(
+        data, "memoryMb", limits.default_memory_mb, limits.min_memory_mb, limits.max_memory_mb, fail
+    )
+    timeout_ms = _optional_int(
+        data,
+        "timeoutMs",
+        limits.default_timeout_ms,
+        limits.min_timeout_ms,
+        limits.max_timeout_ms,
+        fail,
+    )
     input_data = data.get("inputData", {})
     if runtime not in config.runtimes:
         known = ", ".join(sorted(config.runtimes))

@@ -92,8 +92,9 @@ class Worker:
         config = self.config
         self.queue = TaskQueue(config.queue)
         self.queue.check()
-        self.store = ResultStore(config.redis.url, config.redis.result_ttl_seconds,
-                                 Path(config.paths.outbox_dir))
+        self.store = ResultStore(
+            config.redis.url, config.redis.result_ttl_seconds, Path(config.paths.outbox_dir)
+        )
         if not self.store.ping():
             raise ResultStoreUnavailable(f"Redis at {config.redis.url} does not answer")
         self.codes = CodeStore(Path(config.paths.code_cache_dir), config.limits.max_zip_bytes)
@@ -101,8 +102,10 @@ class Worker:
         self.history = autotuner.PeakHistory(self.store.client, config.autotuner)
         self.visibility = VisibilityHeartbeat(self.queue)
         self.runner = create_runner(config, self.index)
-        logger.info(f"worker {self.index} ready: runner={self.runner.name}, "
-                    f"pools={self.runner.pool_stats()}")
+        logger.info(
+            f"worker {self.index} ready: runner={self.runner.name}, "
+            f"pools={self.runner.pool_stats()}"
+        )
         if self.status:
             self.status.booted()
 
@@ -159,15 +162,18 @@ class Worker:
             return self.execute(t, package, message.attempt, ids)
         except TaskError as exc:
             if exc.retryable and message.attempt < self.config.queue.max_attempts:
-                logger.warning(f"[RETRY] {exc} (attempt {message.attempt} of "
-                               f"{self.config.queue.max_attempts}); message kept for a retry")
+                logger.warning(
+                    f"[RETRY] {exc} (attempt {message.attempt} of "
+                    f"{self.config.queue.max_attempts}); message kept for a retry"
+                )
                 return None
             if exc.dead_letter:
                 self._dead_letter(message, str(exc))
             return self._failed(ids, exc, t.memory_mb, message.attempt)
 
-    def execute(self, t: task.Task, package: CodePackage, attempt: int,
-                ids: dict[str, Any]) -> dict[str, Any]:
+    def execute(
+        self, t: task.Task, package: CodePackage, attempt: int, ids: dict[str, Any]
+    ) -> dict[str, Any]:
         runtime = self.config.runtimes[t.runtime]
         sandbox = self.runner.acquire(t.runtime, package.version_key)
         try:
@@ -177,39 +183,63 @@ class Worker:
                 extract(package.zip_path, sandbox.code_dir, self.config.limits)
                 sandbox.code_key = package.version_key
             invocation = Invocation(
-                request_id=t.request_id, function_id=t.function_id, argv=runtime.command,
-                stdin=t.input_json, memory_mb=t.memory_mb, timeout_ms=t.timeout_ms,
+                request_id=t.request_id,
+                function_id=t.function_id,
+                argv=runtime.command,
+                stdin=t.input_json,
+                memory_mb=t.memory_mb,
+                timeout_ms=t.timeout_ms,
                 max_output_bytes=self.config.limits.max_output_bytes,
                 max_pids=self.config.limits.max_pids,
             )
-            logger.info(f"{self.runner.marker} running {t.function_id} in {sandbox.name} "
-                        f"(cold={sandbox.cold_start}, memory={t.memory_mb}MB, "
-                        f"timeout={t.timeout_ms}ms)")
+            logger.info(
+                f"{self.runner.marker} running {t.function_id} in {sandbox.name} "
+                f"(cold={sandbox.cold_start}, memory={t.memory_mb}MB, "
+                f"timeout={t.timeout_ms}ms)"
+            )
             outcome = self.runner.run(sandbox, invocation)
         finally:
             self.runner.release(sandbox)
         return self._ran(t, outcome, sandbox.cold_start, attempt, ids)
 
-    def _ran(self, t: task.Task, outcome: RunOutcome, cold: bool, attempt: int,
-             ids: dict[str, Any]) -> dict[str, Any]:
+    def _ran(
+        self, t: task.Task, outcome: RunOutcome, cold: bool, attempt: int, ids: dict[str, Any]
+    ) -> dict[str, Any]:
         peaks = self.history.add_and_get(t.function_id, outcome.peak_memory_bytes)
-        tip = autotuner.recommend(outcome.peak_memory_bytes, t.memory_mb, self.config.autotuner,
-                                  oom=outcome.oom_killed, history_peaks=peaks)
+        tip = autotuner.recommend(
+            outcome.peak_memory_bytes,
+            t.memory_mb,
+            self.config.autotuner,
+            oom=outcome.oom_killed,
+            history_peaks=peaks,
+        )
         logger.info(f"[AUTO-TUNER] {tip.tip}")
         logger.info(
             f"REPORT RequestId: {t.request_id} Duration: {outcome.duration_ms:.2f} ms "
             f"Memory Size: {t.memory_mb} MB Max Memory Used: "
             f"{outcome.peak_memory_bytes // result.MiB} MB ({outcome.peak_source})"
         )
-        return result.from_run(ids, outcome, memory_mb=t.memory_mb,
-                               recommended_mb=tip.recommended_mb, tip=tip.tip, cold_start=cold,
-                               attempt=attempt, worker_id=self.worker_id)
+        return result.from_run(
+            ids,
+            outcome,
+            memory_mb=t.memory_mb,
+            recommended_mb=tip.recommended_mb,
+            tip=tip.tip,
+            cold_start=cold,
+            attempt=attempt,
+            worker_id=self.worker_id,
+        )
 
     def _finish(self, message: Message, res: dict[str, Any]) -> None:
         self.store.publish(res)
-        self.metrics.record(res["functionId"] or "unknown", duration_ms=res["durationMillis"],
-                            peak_memory_bytes=res["peakMemoryBytes"], status=res["status"],
-                            error_type=res["errorType"], cold_start=res["coldStart"])
+        self.metrics.record(
+            res["functionId"] or "unknown",
+            duration_ms=res["durationMillis"],
+            peak_memory_bytes=res["peakMemoryBytes"],
+            status=res["status"],
+            error_type=res["errorType"],
+            cold_start=res["coldStart"],
+        )
         self._delete(message)
         if self.status:
             self.status.task_finished(res)
@@ -231,10 +261,17 @@ class Worker:
                 logger.warning(f"[FAIL][{exc.error_type}] message {message.message_id}: {exc}")
                 self._delete(message)
 
-    def _failed(self, ids: dict[str, Any], exc: TaskError, memory_mb: int | None,
-                attempt: int) -> dict[str, Any]:
-        return result.failed(ids, exc.error_type, str(exc), memory_mb=memory_mb,
-                             attempt=attempt, worker_id=self.worker_id)
+    def _failed(
+        self, ids: dict[str, Any], exc: TaskError, memory_mb: int | None, attempt: int
+    ) -> dict[str, Any]:
+        return result.failed(
+            ids,
+            exc.error_type,
+            str(exc),
+            memory_mb=memory_mb,
+            attempt=attempt,
+            worker_id=self.worker_id,
+        )
 
     def _existing(self, request_id: str) -> dict[str, Any] | None:
         try:
@@ -246,7 +283,9 @@ class Worker:
         try:
             self.queue.dead_letter(message, reason)
         except QueueUnavailable as exc:
-            logger.warning(f"[SQS] could not copy {message.message_id} to the dead-letter queue: {exc}")
+            logger.warning(
+                f"[SQS] could not copy {message.message_id} to the dead-letter queue: {exc}"
+            )
 
     def _delete(self, message: Message) -> None:
         try:

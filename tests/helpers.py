@@ -326,12 +326,22 @@ class PidsCgroup:
             raise CgroupError(f"process {os.getpid()} did not move into {path}")
 
     def pids(self) -> list[int]:
+        """Processes in the cgroup and in any cgroup created below it (by the code under test)."""
         assert self.path is not None, "enter() first"
-        return [int(pid) for pid in (self.path / "cgroup.procs").read_text().split()]
+        found: list[int] = []
+        for directory in self._tree():
+            with contextlib.suppress(FileNotFoundError):
+                found += [int(pid) for pid in (directory / "cgroup.procs").read_text().split()]
+        return found
+
+    def _tree(self) -> list[Path]:
+        """The cgroup and its descendants, deepest first."""
+        assert self.path is not None, "enter() first"
+        return [Path(directory) for directory, _, _ in os.walk(self.path, topdown=False)]
 
     def leave(self, spare: set[int] | frozenset[int] = frozenset()) -> list[int]:
         """Move this process and the `spare` pids back where this process was, kill what is
-        left in the cgroup, remove it; return the pids that had to be killed."""
+        left in the cgroup and below it, remove them; return the pids that had to be killed."""
         assert self.origin is not None and self.path is not None, "enter() first"
         for pid in [os.getpid(), *spare]:
             with contextlib.suppress(ProcessLookupError):
@@ -346,5 +356,6 @@ class PidsCgroup:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             time.sleep(0.05)
-        self.path.rmdir()
+        for directory in self._tree():
+            directory.rmdir()
         return leftovers

@@ -114,6 +114,7 @@ def test_redis_down_outbox_then_flush_when_back(
             store.existing("req-down")
         assert store.flush_outbox() == 0  # still down: kept
         assert (outbox / "req-down.json").exists()
+        assert store.outbox_pending
     finally:
         redis_server.start()
 
@@ -126,6 +127,7 @@ def test_redis_down_outbox_then_flush_when_back(
     assert channel == "result:req-down"
     assert json.loads(data) == result("req-down")
     assert list(outbox.iterdir()) == []
+    assert not store.outbox_pending
     assert redis_server.client().get("result:req-down") == data
     assert 0 < redis_server.client().ttl("result:req-down") <= TTL
     assert store.flush_outbox() == 0

@@ -50,12 +50,20 @@ class Agent:
         settings: dict[str, Any] = {
             "workers": 1,
             "runner": "process",
-            "queue": {"url": self.queue_url, "wait_time_seconds": 1, "max_attempts": 2,
-                      "dead_letter_url": self.dlq_url, "visibility_timeout_seconds": 2},
+            "queue": {
+                "url": self.queue_url,
+                "wait_time_seconds": 1,
+                "max_attempts": 2,
+                "dead_letter_url": self.dlq_url,
+                "visibility_timeout_seconds": 2,
+            },
             "redis": {"url": redis_url, "result_ttl_seconds": 600},
             "runtimes": {"python": {"warm": 1}},
-            "paths": {"code_cache_dir": str(tmp / "cache"), "work_dir": work_dir,
-                      "outbox_dir": str(tmp / "outbox")},
+            "paths": {
+                "code_cache_dir": str(tmp / "cache"),
+                "work_dir": work_dir,
+                "outbox_dir": str(tmp / "outbox"),
+            },
             "cloudwatch": {"flush_seconds": 0.2},
             "log": {"level": "DEBUG", "file": str(tmp / "agent.log")},
         }
@@ -74,8 +82,11 @@ class Agent:
 
     def start(self) -> Agent:
         self.process.start()
-        wait_until(lambda: self.log.exists() and "ready" in self.log.read_text(), timeout=20,
-                   what="the worker to boot")
+        wait_until(
+            lambda: self.log.exists() and "ready" in self.log.read_text(),
+            timeout=20,
+            what="the worker to boot",
+        )
         return self
 
     def stop(self) -> int | None:
@@ -93,8 +104,14 @@ class Agent:
         return key
 
     def task(self, key: str, **fields: Any) -> dict[str, Any]:
-        return {"requestId": f"req-{uuid.uuid4().hex}", "functionId": "fn", "runtime": "python",
-                "s3Bucket": self.bucket, "s3Key": key, **fields}
+        return {
+            "requestId": f"req-{uuid.uuid4().hex}",
+            "functionId": "fn",
+            "runtime": "python",
+            "s3Bucket": self.bucket,
+            "s3Key": key,
+            **fields,
+        }
 
     def call(self, task: dict[str, Any], timeout: float = 30) -> dict[str, Any]:
         result = invoke(self.aws.sqs(), self.redis, self.queue_url, task, timeout)
@@ -103,8 +120,11 @@ class Agent:
 
     def result(self, request_id: str, timeout: float = 30) -> dict[str, Any]:
         """Wait for the stored result of a task sent some other way."""
-        stored = wait_until(lambda: self.redis.get(f"result:{request_id}"), timeout=timeout,
-                            what=f"the result of {request_id}")
+        stored = wait_until(
+            lambda: self.redis.get(f"result:{request_id}"),
+            timeout=timeout,
+            what=f"the result of {request_id}",
+        )
         return json.loads(stored)
 
     def send_raw(self, body: str) -> None:
@@ -118,8 +138,12 @@ class Agent:
         return sum(int(v) for v in attrs.values())
 
     def dead_letters(self) -> list[dict[str, Any]]:
-        reply = self.aws.sqs().receive_message(QueueUrl=self.dlq_url, MaxNumberOfMessages=10,
-                                               WaitTimeSeconds=1, MessageAttributeNames=["All"])
+        reply = self.aws.sqs().receive_message(
+            QueueUrl=self.dlq_url,
+            MaxNumberOfMessages=10,
+            WaitTimeSeconds=1,
+            MessageAttributeNames=["All"],
+        )
         return reply.get("Messages", [])
 
 
@@ -135,7 +159,9 @@ def test_hello_world_result_follows_the_contract(agent: Agent) -> None:
     result = agent.call(task)
     assert result["status"] == "SUCCESS", result
     assert result["stdout"] == "Hello from NanoGrid!\n"
-    assert result["exitCode"] == 0 and result["errorType"] is None and result["errorMessage"] is None
+    assert (
+        result["exitCode"] == 0 and result["errorType"] is None and result["errorMessage"] is None
+    )
     assert result["requestId"] == task["requestId"] and result["functionId"] == "fn"
     assert result["runtime"] == "python" and result["memoryMb"] == 256 and result["attempt"] == 1
     assert 0 < result["peakMemoryBytes"] < 32 * 2**20
@@ -155,7 +181,9 @@ def test_hello_world_result_follows_the_contract(agent: Agent) -> None:
 
 
 def test_input_data_reaches_stdin_and_warm_sandbox_is_reused(agent: Agent) -> None:
-    key = agent.deploy({"main.py": "import json,sys\nd=json.load(sys.stdin)\nprint(d['a']+d['b'])\n"})
+    key = agent.deploy(
+        {"main.py": "import json,sys\nd=json.load(sys.stdin)\nprint(d['a']+d['b'])\n"}
+    )
     first = agent.call(agent.task(key, inputData={"a": 2, "b": 3}))
     second = agent.call(agent.task(key, inputData={"a": 10, "b": 5}))
     assert (first["stdout"], second["stdout"]) == ("5\n", "15\n")
@@ -166,7 +194,10 @@ def test_function_error(agent: Agent) -> None:
     key = agent.deploy({"main.py": "import sys\nprint('oops', file=sys.stderr)\nsys.exit(3)\n"})
     result = agent.call(agent.task(key))
     assert (result["status"], result["errorType"], result["exitCode"]) == (
-        "FAILED", "FUNCTION_ERROR", 3)
+        "FAILED",
+        "FUNCTION_ERROR",
+        3,
+    )
     assert result["stderr"] == "oops\n" and "exited with code 3" in result["errorMessage"]
 
 
@@ -193,8 +224,12 @@ def test_out_of_memory(agent: Agent) -> None:
 
 
 def test_peak_memory_is_per_invocation(agent: Agent) -> None:
-    key = agent.deploy({"main.py": "import json,sys\nmb=json.load(sys.stdin)['mb']\n"
-                        "b=bytearray(mb*2**20)\nfor i in range(0,len(b),4096): b[i]=1\n"})
+    key = agent.deploy(
+        {
+            "main.py": "import json,sys\nmb=json.load(sys.stdin)['mb']\n"
+            "b=bytearray(mb*2**20)\nfor i in range(0,len(b),4096): b[i]=1\n"
+        }
+    )
     big = agent.call(agent.task(key, inputData={"mb": 100}, memoryMb=512))
     small = agent.call(agent.task(key, inputData={"mb": 0}, memoryMb=512))
     assert 100 <= big["peakMemoryMB"] <= 164, big
@@ -220,10 +255,16 @@ def test_environment_is_only_the_contract(agent: Agent, monkeypatch: pytest.Monk
     result = agent.call(agent.task(agent.deploy({"main.py": code}), memoryMb=128))
     env_line, uid_line = result["stdout"].splitlines()
     env = json.loads(env_line)
-    assert set(env) == {"NANOGRID_REQUEST_ID", "NANOGRID_FUNCTION_ID", "NANOGRID_MEMORY_MB",
-                        "PATH", "HOME", "LANG"}
+    assert set(env) == {
+        "NANOGRID_REQUEST_ID",
+        "NANOGRID_FUNCTION_ID",
+        "NANOGRID_MEMORY_MB",
+        "PATH",
+        "HOME",
+        "LANG",
+    }
     assert env["NANOGRID_MEMORY_MB"] == "128" and env["NANOGRID_FUNCTION_ID"] == "fn"
-    assert not any("AWS" in value or "testing" == value for value in env.values())
+    assert not any("AWS" in value or value == "testing" for value in env.values())
     if os.geteuid() == 0:
         assert int(uid_line) != 0
 
@@ -232,7 +273,10 @@ def test_missing_code_is_retried_then_failed_and_dead_lettered(agent: Agent) -> 
     task = agent.task("functions/none/v1.zip")
     result = agent.call(task, timeout=40)
     assert (result["status"], result["errorType"], result["attempt"]) == (
-        "FAILED", "CODE_NOT_FOUND", 2)
+        "FAILED",
+        "CODE_NOT_FOUND",
+        2,
+    )
     assert result["exitCode"] is None
     assert "[RETRY]" in agent.log.read_text()
     letters = agent.dead_letters()
@@ -256,8 +300,12 @@ def test_missing_code_then_uploaded_succeeds_on_retry(agent: Agent) -> None:
         ("this is not json", None, "not JSON"),
         ('["a list"]', None, "JSON object"),
         ('{"requestId": "r-missing", "runtime": "python"}', "r-missing", "functionId"),
-        ('{"requestId": "r-mem", "functionId": "f", "runtime": "python", "s3Bucket": "b",'
-         ' "s3Key": "k", "memoryMb": 999999}', "r-mem", "memoryMb"),
+        (
+            '{"requestId": "r-mem", "functionId": "f", "runtime": "python", "s3Bucket": "b",'
+            ' "s3Key": "k", "memoryMb": 999999}',
+            "r-mem",
+            "memoryMb",
+        ),
         ('{"requestId": "bad id!", "functionId": "f"}', None, "requestId"),
     ],
 )
@@ -310,8 +358,9 @@ def test_duplicate_delivery_republishes_without_running_again(agent: Agent) -> N
     pubsub = agent.redis.pubsub(ignore_subscribe_messages=True)
     pubsub.subscribe(f"result:{task['requestId']}")
     agent.send_raw(json.dumps(task))
-    message = wait_until(lambda: pubsub.get_message(timeout=0.5), timeout=15,
-                         what="the re-published result")
+    message = wait_until(
+        lambda: pubsub.get_message(timeout=0.5), timeout=15, what="the re-published result"
+    )
     pubsub.close()
     assert json.loads(message["data"]) == first
     assert agent.log.read_text().count("[DUPLICATE]") == 1
@@ -340,9 +389,13 @@ def test_metrics_reach_cloudwatch(agent: Agent) -> None:
 
     def names() -> set[str]:
         metrics = agent.aws.cloudwatch().list_metrics(
-            Namespace="NanoGrid", Dimensions=[{"Name": "FunctionId", "Value": "fn"}])["Metrics"]
+            Namespace="NanoGrid", Dimensions=[{"Name": "FunctionId", "Value": "fn"}]
+        )["Metrics"]
         return {m["MetricName"] for m in metrics}
 
-    found = wait_until(lambda: {"PeakMemoryBytes", "Duration", "Invocations"} <= names() and names(),
-                       timeout=10, what="metrics in CloudWatch")
+    found = wait_until(
+        lambda: {"PeakMemoryBytes", "Duration", "Invocations"} <= names() and names(),
+        timeout=10,
+        what="metrics in CloudWatch",
+    )
     assert "ColdStarts" in found

@@ -171,7 +171,7 @@ def test_thread_flushes_periodically_and_close_sends_the_rest(logs: list[str]) -
 
 
 def test_record_does_not_wait_for_a_slow_send_and_close_is_bounded() -> None:
-    fake = FakeCloudWatch(delay=3)
+    fake = FakeCloudWatch(delay=1.2)
     pub = publisher(fake, flush_seconds=0.05)
     record(pub)
     assert fake.called.wait(2)  # the thread is now stuck inside put_metric_data

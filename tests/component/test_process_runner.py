@@ -1,0 +1,166 @@
+"""The process runner's sandboxes on this host: limits, isolation, leftovers, failure modes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+from helpers import wait_until
+
+from runners import cgroups
+from runners.base import Invocation, RunOutcome
+from runners.process import ProcessRunner, ProcessSandbox
+from supervisor.config import Config, from_dict
+
+
+def make_config(warm: int = 1, max_pids: int = 32) -> Config:
+    work = tempfile.mkdtemp(prefix="nanogrid-work-")
+    os.chmod(work, 0o711)
+    return from_dict(
+        {
+            "runner": "process",
+            "workers": 1,
+            "runtimes": {"python": {"warm": warm}},
+            "limits": {"max_pids": max_pids},
+            "paths": {
+                "work_dir": work,
+                "code_cache_dir": f"{work}/cache",
+                "outbox_dir": f"{work}/o",
+            },
+        }
+    )
+
+
+@pytest.fixture
+def runner() -> Iterator[ProcessRunner]:
+    r = ProcessRunner(make_config(), 0)
+    yield r
+    r.close()
+
+
+def run(
+    runner: ProcessRunner,
+    code: str,
+    key: str = "f@1",
+    memory_mb: int = 128,
+    timeout_ms: int = 5000,
+    stdin: bytes = b"{}",
+) -> tuple[RunOutcome, ProcessSandbox]:
+    sandbox = runner.acquire("python", key)
+    assert isinstance(sandbox, ProcessSandbox)
+    if sandbox.code_key != key:
+        (sandbox.code_dir / "main.py").write_text(code)
+        sandbox.code_key = key
+    invocation = Invocation(
+        "r", "f", ("python3", "main.py"), stdin, memory_mb, timeout_ms, 10_000, 32
+    )
+    try:
+        return runner.run(sandbox, invocation), sandbox
+    finally:
+        runner.release(sandbox)
+
+
+def test_sandboxes_have_their_own_cgroup_with_limits(runner: ProcessRunner) -> None:
+    out, sandbox = run(runner, "print('hi')", memory_mb=96)
+    assert out.stdout == b"hi\n" and out.peak_source.startswith("cgroup")
+    assert sandbox.cgroup is not None
+    assert int((sandbox.cgroup.pids_dir / "pids.max").read_text()) == 33
+    limit = sandbox.cgroup.memory_dir / "memory.limit_in_bytes"
+    if limit.exists():
+        assert int(limit.read_text()) == 96 * 2**20
+
+
+def test_fork_bomb_is_contained(runner: ProcessRunner, pids_limited_tests: int) -> None:
+    sandbox = runner.acquire("python", "probe")
+    assert sandbox.cgroup is not None
+    assert int((sandbox.cgroup.pids_dir / "pids.max").read_text()) <= 64  # limit holds first
+    runner.release(sandbox)
+    bomb = (
+        "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
+    )
+    started = time.monotonic()
+    out, sandbox = run(runner, bomb, key="bomb", timeout_ms=1500)
+    assert out.timed_out and time.monotonic() - started < 10
+    assert not sandbox.healthy
+    out, _ = run(runner, "print('still fine')", key="after")
+    assert out.stdout == b"still fine\n"
+
+
+def test_leftover_background_processes_are_killed(runner: ProcessRunner) -> None:
+    code = "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(60)\nprint(os.getpid())\n"
+    out, sandbox = run(runner, code, key="bg")
+    assert out.exit_code == 0
+    assert sandbox.cgroup is not None and sandbox.process is not None
+    assert sandbox.cgroup.pids() == [sandbox.process.pid]
+
+
+def test_functions_cannot_read_each_others_code(runner: ProcessRunner) -> None:
+    assert os.geteuid() == 0, "sandbox users exist only when the agent runs as root (CI does)"
+    out_a, a = run(runner, "import os\nprint(os.getcwd())\n", key="a")
+    other = out_a.stdout.decode().strip()
+    code = f"import os\ntry:\n    os.listdir({other!r})\n    print('leak')\nexcept OSError:\n    print('denied')\n"
+    out_b, b = run(runner, code, key="b")
+    assert a is not b and a.uid != b.uid
+    assert out_b.stdout == b"denied\n"
+
+
+def test_timeout_replaces_the_sandbox(runner: ProcessRunner) -> None:
+    out, sandbox = run(runner, "import time\ntime.sleep(30)\n", key="slow", timeout_ms=300)
+    assert out.timed_out and out.exit_code == -signal.SIGKILL
+    assert sandbox.process is not None and sandbox.process.poll() is not None
+
+
+def test_memory_bomb_is_out_of_memory(runner: ProcessRunner) -> None:
+    sandbox = runner.acquire("python", "probe")
+    assert sandbox.cgroup is not None
+    runner.release(sandbox)
+    code = "b = []\nwhile True:\n    b.append(bytearray(8 * 2**20))\n"
+    out, sandbox = run(runner, code, key="mem", memory_mb=64)
+    assert out.oom_killed and not sandbox.healthy
+    assert 56 * 2**20 <= out.peak_memory_bytes <= 64 * 2**20
+
+
+def test_rlimit_fallback_without_cgroups(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cgroups.SandboxCgroups, "_prepare", lambda self: False)
+    r = ProcessRunner(make_config(warm=0), 0)
+    try:
+        out, _ = run(
+            r,
+            "b = bytearray(100 * 2**20)\nfor i in range(0, len(b), 4096): b[i] = 1\n",
+            key="big",
+            memory_mb=512,
+        )
+        assert out.exit_code == 0 and out.peak_source == "rusage"
+        assert 100 * 2**20 <= out.peak_memory_bytes <= 164 * 2**20
+        out, _ = run(r, "b = bytearray(900 * 2**20)\n", key="oom", memory_mb=64)
+        assert out.oom_killed and out.exit_code == 1
+    finally:
+        r.close()
+
+
+def test_fork_servers_die_with_their_worker() -> None:
+    config = make_config(warm=2)
+    pid = os.fork()
+    if pid == 0:
+        ProcessRunner(config, 0)
+        time.sleep(60)
+        os._exit(0)
+    try:
+        servers = wait_until(
+            lambda: len(kids := psutil.Process(pid).children()) == 2 and kids, timeout=10
+        )
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    wait_until(
+        lambda: not any(s.is_running() and s.status() != "zombie" for s in servers),
+        timeout=5,
+        what="the fork servers to exit",
+    )
+    assert Path(config.paths.work_dir).exists()

@@ -1,0 +1,91 @@
+"""Config: contract keys, defaults that work, and one clear line naming a bad key."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from supervisor import config
+from supervisor.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("name", ["worker.yaml", "local.yaml"])
+def test_shipped_configs_load(name: str) -> None:
+    cfg = config.load(REPO / "conf" / name)
+    assert cfg.runtimes["python"].command == ("python3", "main.py")
+    assert cfg.path == str(REPO / "conf" / name) and cfg.loaded_at
+
+
+def test_defaults_hold_the_contract_keys() -> None:
+    cfg = config.from_dict({})
+    assert cfg.queue.wait_time_seconds == 20 and cfg.queue.max_attempts == 3
+    assert cfg.queue.dead_letter_url is None
+    assert cfg.redis.result_ttl_seconds == 3600
+    assert (cfg.http.host, cfg.http.port) == ("0.0.0.0", 8080)
+    assert cfg.runtimes["python"].image == "python:3.11-slim"
+    assert cfg.runtimes["python"].warm == 4
+    assert cfg.cloudwatch.namespace == "NanoGrid"
+
+
+def test_workers_auto_is_the_cpu_count() -> None:
+    assert config.from_dict({"workers": "auto"}).workers == (os.cpu_count() or 1)
+
+
+def test_config_is_frozen() -> None:
+    cfg = config.from_dict({})
+    with pytest.raises(AttributeError):
+        cfg.workers = 5  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        cfg.runtimes["go"] = cfg.runtimes["python"]  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"workers": 0}, "workers: must be between 1 and 256, got 0"),
+        ({"workers": "many"}, "workers: must be an integer or 'auto', got 'many'"),
+        ({"runner": "lxc"}, "runner: must be one of docker, process, got 'lxc'"),
+        ({"wokers": 2}, "wokers: unknown key"),
+        ({"queue": {"wait_time_seconds": 30}}, "queue.wait_time_seconds: must be between 0 and 20"),
+        ({"queue": {"url": "not a url"}}, "queue.url: must be an SQS queue URL"),
+        ({"queue": {"colour": 1}}, "queue.colour: unknown key"),
+        ({"queue": []}, "queue: must be a mapping"),
+        ({"redis": {"url": "http://x"}}, "redis.url: must start with redis://"),
+        ({"http": {"port": 70000}}, "http.port: must be between 0 and 65535"),
+        ({"runtimes": {}}, "runtimes: must be a non-empty mapping"),
+        ({"runtimes": {"python": {"warm": -1}}}, "runtimes.python.warm: must be between 0"),
+        (
+            {"runtimes": {"python": {"command": "python3 main.py"}}},
+            "runtimes.python.command: must be a non-empty list",
+        ),
+        ({"runtimes": {"bad name!": {}}}, "runtimes: bad name 'bad name!'"),
+        ({"limits": {"default_memory_mb": 8000}}, "limits.default_memory_mb: must lie between"),
+        ({"cloudwatch": {"enabled": "yes"}}, "cloudwatch.enabled: must be true or false"),
+        ({"log": {"level": "LOUD"}}, "log.level: must be one of"),
+        ({"autotuner": {"step_mb": [64, 32]}}, "autotuner.step_mb: must be strictly increasing"),
+    ],
+)
+def test_bad_values_name_the_key(data: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        config.from_dict(data)
+    assert message in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_unreadable_and_invalid_yaml_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        config.load(tmp_path / "missing.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("workers: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML at line"):
+        config.load(broken)
+
+
+def test_empty_file_means_defaults(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert config.load(empty).workers == 2

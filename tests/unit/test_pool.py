@@ -1,0 +1,107 @@
+"""WarmPool: reuse rule, cold starts, bounds, refill and expiry (with fake sandboxes)."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from pathlib import Path
+
+from helpers import wait_until
+
+from runners.base import Sandbox
+from runners.pool import WarmPool
+
+
+class Factory:
+    def __init__(self) -> None:
+        self.seq = itertools.count()
+        self.destroyed: list[str] = []
+
+    def create(self) -> Sandbox:
+        return Sandbox(runtime="python", name=f"s{next(self.seq)}", code_dir=Path("/nonexistent"))
+
+    def destroy(self, sandbox: Sandbox) -> None:
+        self.destroyed.append(sandbox.name)
+
+
+def make_pool(size: int, expiry: float = 60.0) -> tuple[WarmPool, Factory]:
+    factory = Factory()
+    pool = WarmPool("python", size, factory.create, factory.destroy, idle_expiry_s=expiry)
+    return pool, factory
+
+
+def test_fills_to_size_then_serves_warm() -> None:
+    pool, _ = make_pool(2)
+    try:
+        wait_until(lambda: pool.stats() == {"warm": 2, "busy": 0}, timeout=5)
+        sandbox = pool.acquire("f@1")
+        assert sandbox.cold_start is False and pool.stats() == {"warm": 1, "busy": 1}
+    finally:
+        pool.close()
+
+
+def test_a_sandbox_serves_only_the_function_it_ran() -> None:
+    pool, _ = make_pool(2)
+    try:
+        wait_until(lambda: pool.stats()["warm"] == 2, timeout=5)
+        a = pool.acquire("a@1")
+        a.code_key = "a@1"
+        pool.release(a)
+        b = pool.acquire("b@1")
+        assert b is not a and b.code_key is None
+        b.code_key = "b@1"
+        pool.release(b)
+        assert pool.acquire("a@1") is a
+    finally:
+        pool.close()
+
+
+def test_cold_start_when_empty_evicts_lru_to_stay_in_bounds() -> None:
+    pool, factory = make_pool(1)
+    try:
+        wait_until(lambda: pool.stats()["warm"] == 1, timeout=5)
+        a = pool.acquire("a@1")
+        a.code_key = "a@1"
+        pool.release(a)
+        b = pool.acquire("b@1")
+        assert b.cold_start is True and factory.destroyed == [a.name]
+        b.code_key = "b@1"
+        pool.release(b)
+        assert pool.stats() == {"warm": 1, "busy": 0}
+    finally:
+        pool.close()
+
+
+def test_unhealthy_sandboxes_are_destroyed_and_replaced() -> None:
+    pool, factory = make_pool(1)
+    try:
+        sandbox = pool.acquire("f@1")
+        sandbox.healthy = False
+        pool.release(sandbox)
+        assert sandbox.name in factory.destroyed
+        wait_until(lambda: pool.stats()["warm"] == 1, timeout=5)
+    finally:
+        pool.close()
+
+
+def test_idle_function_sandboxes_expire_into_generic_ones() -> None:
+    pool, factory = make_pool(1, expiry=0.2)
+    try:
+        a = pool.acquire("a@1")
+        a.code_key = "a@1"
+        pool.release(a)
+        wait_until(lambda: a.name in factory.destroyed, timeout=5)
+        wait_until(lambda: pool.stats()["warm"] == 1, timeout=5)
+        assert pool.acquire("b@1").code_key is None
+    finally:
+        pool.close()
+
+
+def test_close_destroys_everything() -> None:
+    pool, factory = make_pool(3)
+    wait_until(lambda: pool.stats()["warm"] == 3, timeout=5)
+    busy = pool.acquire("x")
+    pool.close()
+    assert sorted(factory.destroyed) == ["s0", "s1", "s2"] and busy.name in factory.destroyed
+    time.sleep(0.3)
+    assert len(factory.destroyed) == 3

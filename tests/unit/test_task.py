@@ -1,0 +1,73 @@
+"""Task message contract parsing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from supervisor import task
+from supervisor.config import from_dict
+from supervisor.errors import InvalidMessage, RuntimeNotSupported
+
+CFG = from_dict({"limits": {"default_memory_mb": 128, "default_timeout_ms": 3000}})
+GOOD = {
+    "requestId": "req-1:a.b_c",
+    "functionId": "hello-python",
+    "runtime": "python",
+    "s3Bucket": "b",
+    "s3Key": "functions/hello-python/v1.zip",
+}
+
+
+def body(**changes: object) -> str:
+    data = {**GOOD, **changes}
+    return json.dumps({k: v for k, v in data.items() if v is not None})
+
+
+def test_defaults_and_input() -> None:
+    t = task.parse(body(extra="ignored"), CFG)
+    assert (t.memory_mb, t.timeout_ms, t.input_json) == (128, 3000, b"{}")
+    t = task.parse(body(inputData={"name": "Ünï"}, memoryMb=512, timeoutMs=100), CFG)
+    assert json.loads(t.input_json) == {"name": "Ünï"} and t.memory_mb == 512
+
+
+@pytest.mark.parametrize(
+    ("raw", "needle"),
+    [
+        ("not json", "not JSON"),
+        ("[1]", "JSON object"),
+        (body(requestId=None), "requestId"),
+        (body(requestId="x" * 129), "requestId"),
+        (body(requestId="has space"), "requestId"),
+        (body(functionId=None), "functionId"),
+        (body(functionId="a/b"), "functionId"),
+        (body(s3Bucket=""), "s3Bucket"),
+        (body(s3Key=None), "s3Key"),
+        (body(memoryMb="big"), "memoryMb"),
+        (body(memoryMb=True), "memoryMb"),
+        (body(memoryMb=1), "memoryMb: must be between"),
+        (body(timeoutMs=10**9), "timeoutMs"),
+    ],
+)
+def test_invalid_messages(raw: str, needle: str) -> None:
+    with pytest.raises(InvalidMessage, match=needle):
+        task.parse(raw, CFG)
+
+
+def test_unknown_runtime() -> None:
+    with pytest.raises(RuntimeNotSupported, match="'cobol'.*supported: python"):
+        task.parse(body(runtime="cobol"), CFG)
+
+
+def test_peek_ids_only_returns_valid_ids() -> None:
+    assert task.peek_ids(body(runtime="cobol")) == {
+        "requestId": "req-1:a.b_c",
+        "functionId": "hello-python",
+        "runtime": "cobol",
+    }
+    assert task.peek_ids(body(requestId="bad id")) == {
+        "functionId": "hello-python",
+        "runtime": "python",
+    }
+    assert task.peek_ids("nope") == {} and task.peek_ids("[]") == {}
