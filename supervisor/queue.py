@@ -49,12 +49,14 @@ class TaskQueue:
         """Fail fast at boot when the queue cannot be reached."""
         self._call("get_queue_attributes", QueueUrl=self.config.url, AttributeNames=["QueueArn"])
 
-    def receive(self, max_messages: int = 1) -> list[Message]:
+    def receive(self, max_messages: int = 1, wait_seconds: int | None = None) -> list[Message]:
+        """Long-poll for up to ``max_messages`` (``wait_time_seconds`` unless told otherwise)."""
+        wait = self.config.wait_time_seconds if wait_seconds is None else wait_seconds
         reply = self._call(
             "receive_message",
             QueueUrl=self.config.url,
             MaxNumberOfMessages=max_messages,
-            WaitTimeSeconds=self.config.wait_time_seconds,
+            WaitTimeSeconds=wait,
             VisibilityTimeout=self.config.visibility_timeout_seconds,
             AttributeNames=["ApproximateReceiveCount"],
         )

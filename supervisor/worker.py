@@ -115,7 +115,12 @@ class Worker:
         try:
             if self.stopping:
                 return []
-            return self.queue.receive(1)
+            # While results wait in the outbox, poll briefly so they go out soon after Redis
+            # returns, instead of after a full long poll.
+            wait = (
+                min(1, self.config.queue.wait_time_seconds) if self.store.outbox_pending else None
+            )
+            return self.queue.receive(1, wait)
         except _Interrupted:
             return []
         finally:
@@ -140,8 +145,8 @@ class Worker:
             previous = self._existing(parsed.request_id)
             if previous is not None:
                 logger.info("[DUPLICATE] a result exists already; re-publishing it, not running")
-                self.store.publish(previous)
-                self._delete(message)
+                if self._publish(previous):
+                    self._delete(message)
                 return
             if self.status:
                 self.status.task_started(parsed.request_id)
@@ -231,7 +236,8 @@ class Worker:
         )
 
     def _finish(self, message: Message, res: dict[str, Any]) -> None:
-        self.store.publish(res)
+        if not self._publish(res):
+            return
         self.metrics.record(
             res["functionId"] or "unknown",
             duration_ms=res["durationMillis"],
@@ -248,6 +254,18 @@ class Worker:
             logger.info(f"[DONE][OK] {res['requestId']} in {res['durationMillis']:.1f} ms")
         else:
             logger.warning(f"[FAIL][{res['errorType']}] {res['requestId']}: {res['errorMessage']}")
+
+    def _publish(self, res: dict[str, Any]) -> bool:
+        """Publish (or keep in the outbox); False only when the result could not be kept."""
+        try:
+            self.store.publish(res)
+            return True
+        except ResultStoreUnavailable as exc:  # neither Redis nor the outbox took it
+            logger.error(
+                f"[REDIS] result of {res['requestId']} could not be kept: {exc}; "
+                "the message stays on the queue"
+            )
+            return False
 
     def _refuse(self, message: Message, exc: TaskError) -> None:
         """A message that can never run: a result when it names a requestId; dead-letter; delete."""

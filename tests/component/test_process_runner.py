@@ -93,7 +93,11 @@ def test_fork_bomb_is_contained(runner: ProcessRunner, pids_limited_tests: int) 
 
 
 def test_leftover_background_processes_are_killed(runner: ProcessRunner) -> None:
-    code = "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(60)\nprint(os.getpid())\n"
+    code = (
+        "import os, time\n"
+        "if os.fork() == 0:\n    os.setsid()\n    time.sleep(60)\n"
+        "print(os.getpid())\n"
+    )
     out, sandbox = run(runner, code, key="bg")
     assert out.exit_code == 0
     assert sandbox.cgroup is not None and sandbox.process is not None
@@ -104,7 +108,10 @@ def test_functions_cannot_read_each_others_code(runner: ProcessRunner) -> None:
     assert os.geteuid() == 0, "sandbox users exist only when the agent runs as root (CI does)"
     out_a, a = run(runner, "import os\nprint(os.getcwd())\n", key="a")
     other = out_a.stdout.decode().strip()
-    code = f"import os\ntry:\n    os.listdir({other!r})\n    print('leak')\nexcept OSError:\n    print('denied')\n"
+    code = (
+        f"import os\ntry:\n    os.listdir({other!r})\n    print('leak')\n"
+        "except OSError:\n    print('denied')\n"
+    )
     out_b, b = run(runner, code, key="b")
     assert a is not b and a.uid != b.uid
     assert out_b.stdout == b"denied\n"
