@@ -123,6 +123,8 @@ class ProcessRunner(Runner):
     def close(self) -> None:
         for pool in self._pools.values():
             pool.close()
+        if self._cgroups.available:
+            self._cgroups.remove_all()
         shutil.rmtree(self._base_dir, ignore_errors=True)
 
     def run(self, sandbox: Sandbox, invocation: Invocation) -> RunOutcome:

@@ -1,9 +1,14 @@
 """Exit codes of the supervisor and its workers, named (dramatiq's cli.py does the same)."""
 
 EXIT_OK = 0
+EXIT_SUPERVISOR_ERROR = 1
+"""The supervisor failed: its HTTP port could not be bound, or an unexpected error."""
 EXIT_CONFIG = 2
 """The config file is missing or invalid."""
 EXIT_BOOT_ERROR = 3
 """A worker could not boot: Redis, the queue or the runner unreachable at start."""
 EXIT_WORKER_CRASH = 4
 """A worker died of an unexpected exception."""
+
+NAMES = {code: name for name, code in dict(globals()).items() if name.startswith("EXIT_")}
+"""Exit code -> constant name, for log lines."""

@@ -1,0 +1,101 @@
+"""The worker -> arbiter status channel: one small JSON line per event over a pipe.
+
+The worker side (``StatusReporter``) never blocks: a write that would block is dropped and
+counted, and the count rides along with the next heartbeat. Each line is shorter than
+PIPE_BUF, so the heartbeat thread and the main thread never interleave their bytes. The
+arbiter side (``StatusReader``) reads what is there when its selector says so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+HEARTBEAT = "heartbeat"
+BOOTED = "booted"
+STARTED = "started"
+FINISHED = "finished"
+POOLS = "pools"
+
+RESULT_FIELDS = (
+    "requestId", "functionId", "status", "errorType", "durationMillis", "peakMemoryBytes",
+    "coldStart",
+)
+"""The part of a contract Result the arbiter needs for /status and /metrics."""
+MAX_LINE = 4096
+"""PIPE_BUF on Linux: a write up to this size is atomic."""
+
+
+class StatusReporter:
+    """Used by a worker to tell the arbiter what it is doing."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.dropped = 0
+        os.set_blocking(fd, False)
+
+    def heartbeat(self) -> None:
+        self._send({"type": HEARTBEAT, "dropped": self.dropped})
+
+    def booted(self) -> None:
+        self._send({"type": BOOTED})
+
+    def task_started(self, request_id: str) -> None:
+        self._send({"type": STARTED, "requestId": request_id})
+
+    def task_finished(self, result: dict[str, Any]) -> None:
+        self._send({"type": FINISHED, "result": {k: result.get(k) for k in RESULT_FIELDS}})
+
+    def pools(self, stats: dict[str, dict[str, int]]) -> None:
+        self._send({"type": POOLS, "pools": stats})
+
+    def _send(self, message: dict[str, Any]) -> None:
+        line = json.dumps(message, separators=(",", ":")).encode() + b"\n"
+        if len(line) > MAX_LINE:
+            self.dropped += 1
+            return
+        try:
+            os.write(self.fd, line)
+        except OSError:  # full (EAGAIN) or the arbiter is gone (EPIPE): never block the worker
+            self.dropped += 1
+
+
+class StatusReader:
+    """The arbiter's end of one worker's pipe."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.eof = False
+        self._partial = b""
+        os.set_blocking(fd, False)
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def read(self) -> list[dict[str, Any]]:
+        """The complete messages available now; sets ``eof`` once the worker closed its end."""
+        chunks = [self._partial]
+        while True:
+            try:
+                chunk = os.read(self.fd, 65536)
+            except BlockingIOError:
+                break
+            if not chunk:
+                self.eof = True
+                break
+            chunks.append(chunk)
+        *lines, partial = b"".join(chunks).split(b"\n")
+        self._partial = partial if len(partial) <= MAX_LINE else b""
+        messages = []
+        for line in lines:
+            try:
+                message = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(message, dict):
+                messages.append(message)
+        return messages
+
+    def close(self) -> None:
+        os.close(self.fd)
