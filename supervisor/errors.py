@@ -7,7 +7,8 @@
     │   ├── RuntimeNotSupported     RUNTIME_NOT_SUPPORTED -> delete (+ dead-letter)
     │   ├── CodeNotFound            CODE_NOT_FOUND       -> keep for retry until max_attempts
     │   ├── InvalidCodePackage      INVALID_CODE_PACKAGE -> delete
-    │   └── SandboxError            INTERNAL             -> delete (the sandbox is destroyed)
+    │   └── InternalError           INTERNAL             -> delete
+    │       └── SandboxError          the sandbox broke; it is destroyed, not reused
     └── ResultStoreUnavailable    Redis is down: the result goes to the on-disk outbox
 
 The worker decides delete / keep / dead-letter from the class alone, in one place.
@@ -54,10 +55,14 @@ class InvalidCodePackage(TaskError):
     error_type = "INVALID_CODE_PACKAGE"
 
 
-class SandboxError(TaskError):
-    """The sandbox could not be created or broke while running; it is not reused."""
+class InternalError(TaskError):
+    """The agent failed (not the function, not the message): reported, never crash-looped."""
 
     error_type = "INTERNAL"
+
+
+class SandboxError(InternalError):
+    """The sandbox could not be created or broke while running; it is not reused."""
 
 
 class ResultStoreUnavailable(NanoGridError):

@@ -25,7 +25,7 @@ from runners.base import Invocation, Runner, RunOutcome
 from . import autotuner, logs, result, task
 from .codestore import CodePackage, CodeStore
 from .config import Config
-from .errors import ResultStoreUnavailable, TaskError
+from .errors import InternalError, ResultStoreUnavailable, TaskError
 from .exitcodes import EXIT_BOOT_ERROR, EXIT_OK
 from .metrics import MetricsPublisher
 from .queue import Message, QueueUnavailable, TaskQueue, VisibilityHeartbeat
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 RECEIVE_ERROR_BACKOFF_S = (0.5, 1, 2, 5, 10)
 
 
-class _Interrupted(Exception):
+class _Interrupted(BaseException):
     """Raised by the SIGTERM handler to cut a long poll short (nothing else is interrupted)."""
 
 
@@ -172,9 +172,13 @@ class Worker:
                     f"{self.config.queue.max_attempts}); message kept for a retry"
                 )
                 return None
-            if exc.dead_letter:
-                self._dead_letter(message, str(exc))
+            if exc.dead_letter and not self._dead_letter(message, str(exc)):
+                return None
             return self._failed(ids, exc, t.memory_mb, message.attempt)
+        except Exception as exc:  # a bug or a host problem: report it, do not crash-loop on it
+            logger.opt(exception=exc).error(f"internal error while running the task: {exc!r}")
+            error = InternalError(f"internal error in the worker: {type(exc).__name__}: {exc}")
+            return self._failed(ids, error, t.memory_mb, message.attempt)
 
     def execute(
         self, t: task.Task, package: CodePackage, attempt: int, ids: dict[str, Any]
@@ -270,8 +274,8 @@ class Worker:
     def _refuse(self, message: Message, exc: TaskError) -> None:
         """A message that can never run: a result when it names a requestId; dead-letter; delete."""
         ids = task.peek_ids(message.body)
-        if exc.dead_letter:
-            self._dead_letter(message, str(exc))
+        if exc.dead_letter and not self._dead_letter(message, str(exc)):
+            return
         with logger.contextualize(requestId=ids.get("requestId", "-")):
             if "requestId" in ids:
                 self._finish(message, self._failed(ids, exc, None, message.attempt))
@@ -297,13 +301,17 @@ class Worker:
         except ResultStoreUnavailable:
             return None
 
-    def _dead_letter(self, message: Message, reason: str) -> None:
+    def _dead_letter(self, message: Message, reason: str) -> bool:
+        """Copy to the dead-letter queue; False (message kept for later) when that failed."""
         try:
             self.queue.dead_letter(message, reason)
+            return True
         except QueueUnavailable as exc:
             logger.warning(
-                f"[SQS] could not copy {message.message_id} to the dead-letter queue: {exc}"
+                f"[SQS] could not copy {message.message_id} to the dead-letter queue: {exc}; "
+                "message kept, it comes back after the visibility timeout"
             )
+            return False
 
     def _delete(self, message: Message) -> None:
         try:
