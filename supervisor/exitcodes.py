@@ -10,5 +10,10 @@ EXIT_BOOT_ERROR = 3
 EXIT_WORKER_CRASH = 4
 """A worker died of an unexpected exception."""
 
-NAMES = {code: name for name, code in dict(globals()).items() if name.startswith("EXIT_")}
-"""Exit code -> constant name, for log lines."""
+WORKER_EXIT_NAMES = {
+    EXIT_OK: "EXIT_OK",
+    EXIT_CONFIG: "EXIT_CONFIG",
+    EXIT_BOOT_ERROR: "EXIT_BOOT_ERROR",
+    EXIT_WORKER_CRASH: "EXIT_WORKER_CRASH",
+}
+"""A worker's exit code -> its constant's name, for the arbiter's log lines."""

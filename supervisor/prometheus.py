@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Iterable, Sequence
+from typing import TypeVar
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LabelValues = tuple[str, ...]
@@ -55,8 +56,8 @@ class _Metric:
 class Counter(_Metric):
     kind = "counter"
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, name: str, help_text: str, labels: Sequence[str], lock: threading.Lock):
+        super().__init__(name, help_text, labels, lock)
         self._values: dict[LabelValues, float] = {}
 
     def inc(self, amount: float = 1.0, **labels: str) -> None:
@@ -104,7 +105,9 @@ class Histogram(_Metric):
             total[0] += value
 
     def samples(self) -> Iterable[str]:
-        series = self._series or ({} if self.label_names else {(): ([0] * len(self.buckets), [0.0])})
+        series = dict(self._series)
+        if not series and not self.label_names:  # an unlabelled histogram shows its zeros
+            series[()] = ([0] * len(self.buckets), [0.0])
         for key, (counts, total) in sorted(series.items()):
             for bound, count in zip(self.buckets, counts, strict=True):
                 names, values = (*self.label_names, "le"), (*key, _number(bound))
@@ -112,6 +115,9 @@ class Histogram(_Metric):
             suffix = _labels(self.label_names, key)
             yield f"{self.name}_sum{suffix} {_number(total[0])}"
             yield f"{self.name}_count{suffix} {counts[-1]}"
+
+
+M = TypeVar("M", bound=_Metric)
 
 
 class Registry:
@@ -131,7 +137,7 @@ class Registry:
                   labels: Sequence[str] = ()) -> Histogram:
         return self._add(Histogram(name, help_text, labels, self._lock, buckets))
 
-    def _add[M: _Metric](self, metric: M) -> M:
+    def _add(self, metric: M) -> M:
         self._metrics.append(metric)
         return metric
 

@@ -1,0 +1,522 @@
+"""The supervisor's parent process: forks N workers and keeps them running (gunicorn's arbiter).
+
+Every turn of ``run``, top to bottom: wait (at most a tick) for a signal or a worker's status
+line, dispatch the recorded signals to ``handle_<name>`` (SIGCHLD reaps), kill workers that
+stopped heartbeating, spawn workers until every slot has one, ping the systemd watchdog and
+publish the snapshot that /status and /health serve. Signal handlers only record.
+
+Worker k lives in slot k. The slot outlives its processes: a replacement gets index k again,
+and restarts, tasks done and the crash backoff are counted per slot. A slot holds at most one
+process, so on reload the old worker k drains (its in-flight run finishes) and the new k is
+forked once it has exited: two processes never share k's sandboxes and warm-pool share.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import selectors
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, NoReturn
+
+from loguru import logger
+
+import runners
+
+from . import logs, sdnotify, status
+from .config import Config, load
+from .errors import ConfigError
+from .exitcodes import (
+    EXIT_BOOT_ERROR,
+    EXIT_OK,
+    EXIT_SUPERVISOR_ERROR,
+    EXIT_WORKER_CRASH,
+    WORKER_EXIT_NAMES,
+)
+from .health import HealthServer, SupervisorMetrics
+from .status import StatusReader
+
+WorkerMain = Callable[[Config, int, int], int]
+
+HANDLED_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)
+TICK_S = 1.0
+CRASH_BACKOFF_S = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
+"""Wait before replacing a slot's n-th crash in a row: the first is replaced at once."""
+BOOT_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 60.0)
+"""Wait before the n-th retry of a worker that could not boot (Redis or the queue down)."""
+STABLE_AFTER_S = 10.0
+"""A worker that booted and lived this long clears its slot's count of crashes in a row."""
+LONG_POLL_MARGIN_S = 10.0
+"""The heartbeat timeout is never shorter than a long poll plus this margin."""
+MURDER_GRACE_S = 5.0
+"""Between SIGTERM and SIGKILL for a worker that stopped heartbeating."""
+KILL_WAIT_S = 5.0
+"""How long ``stop`` waits for killed workers to be reaped."""
+PR_SET_PDEATHSIG = 1
+
+
+@dataclass
+class Slot:
+    """Worker id k, across the processes that served as it."""
+
+    index: int
+    restarts: int = 0
+    tasks_done: int = 0
+    failures: int = 0
+    """Crashes in a row, for the backoff."""
+    not_before: float = 0.0
+    """Monotonic time before which no process is forked for this slot."""
+
+
+@dataclass
+class WorkerProcess:
+    """One forked worker, as the arbiter knows it."""
+
+    pid: int
+    index: int
+    reader: StatusReader
+    started: float
+    last_beat: float
+    booted: bool = False
+    request_id: str | None = None
+    pools: dict[str, dict[str, int]] = field(default_factory=dict)
+    dropped: int = 0
+    retiring: bool = False
+    """Told to drain (reload, stop): its exit is expected, not a crash."""
+    kill_at: float | None = None
+    """SIGTERM was sent; SIGKILL follows at this monotonic time."""
+    killed: bool = False
+
+
+def heartbeat_timeout(config: Config) -> float:
+    """Seconds of silence after which a worker is killed; covers a whole long poll."""
+    return max(config.heartbeat_timeout_seconds,
+               config.queue.wait_time_seconds + LONG_POLL_MARGIN_S)
+
+
+def describe_exit(code: int) -> str:
+    """``exited with code 3 (EXIT_BOOT_ERROR)`` or ``was killed by SIGKILL``."""
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    name = WORKER_EXIT_NAMES.get(code)
+    return f"exited with code {code}" + (f" ({name})" if name else "")
+
+
+def _die_with_parent(parent: int) -> None:
+    """In a child: get SIGTERM when the arbiter dies; exit now if it died already."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:  # died between fork and prctl: no signal will come
+        os._exit(EXIT_OK)
+
+
+class Arbiter:
+    def __init__(self, config: Config, worker_main: WorkerMain | None = None) -> None:
+        if worker_main is None:
+            # Imported before any fork, so each child starts with boto3 & co. loaded.
+            from .worker import main as worker_main
+        self.config = config
+        self.worker_main = worker_main
+        self.pid = os.getpid()
+        self.slots: dict[int, Slot] = {}
+        self.workers: dict[int, WorkerProcess] = {}
+        self.signals: list[int] = []
+        self.stopping = False
+        self.started_at = time.monotonic()
+        self.metrics = SupervisorMetrics()
+        self.health: HealthServer | None = None
+        self.selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe()
+        self._snapshot: dict[str, Any] = {}
+        self._watchdog_interval = sdnotify.watchdog_interval()
+        self._next_watchdog = 0.0
+        self._sd_status = ""
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Supervise until SIGTERM or SIGINT; returns the process exit code."""
+        try:
+            self.start()
+        except OSError as exc:
+            http = self.config.http
+            logger.error(f"http: cannot listen on {http.host}:{http.port}: {exc.strerror or exc}")
+            return EXIT_SUPERVISOR_ERROR
+        try:
+            while not self.stopping:
+                self.wait_for_events()
+                self.dispatch_signals()
+                self.murder_workers()
+                self.manage_workers()
+                self.ping_watchdog()
+                self.publish_status()
+        except Exception:
+            logger.opt(exception=True).critical("unexpected error in the supervisor loop")
+            self.stop()
+            return EXIT_SUPERVISOR_ERROR
+        self.stop()
+        return EXIT_OK
+
+    def start(self) -> None:
+        logs.setup(self.config.log, "arbiter")
+        logger.info(f"supervisor {self.pid} starting: {self.config.workers} workers, "
+                    f"runner {self.config.runner}, config {self.config.path}")
+        for fd in (self._wake_r, self._wake_w):
+            os.set_blocking(fd, False)
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        for signum in HANDLED_SIGNALS:
+            signal.signal(signum, self._record_signal)
+        self.selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self.cleanup_sandboxes("an earlier agent")
+        self.publish_status()  # before the HTTP server can ask for it
+        self.health = HealthServer(self.config.http.host, self.config.http.port,
+                                   self.status_snapshot, self.metrics.render)
+        self.manage_workers()
+        self.publish_status()
+        sdnotify.ready(self._sd_status)
+
+    def _record_signal(self, signum: int, frame: Any) -> None:
+        self.signals.append(signum)
+
+    def wait_for_events(self) -> None:
+        """Sleep until a signal, a status line or the next deadline; read the status lines."""
+        for key, _ in self.selector.select(self._timeout()):
+            if key.data is None:
+                with contextlib.suppress(BlockingIOError):
+                    while os.read(self._wake_r, 4096):
+                        pass
+            else:
+                self.read_status(key.data)
+
+    def _timeout(self) -> float:
+        now = time.monotonic()
+        due = [now + TICK_S]
+        due += [w.kill_at for w in self.workers.values() if w.kill_at is not None and not w.killed]
+        due += [s.not_before for s in self.slots.values() if s.not_before > now]
+        if self._watchdog_interval is not None:
+            due.append(self._next_watchdog)
+        return max(0.0, min(due) - now)
+
+    def dispatch_signals(self) -> None:
+        while self.signals:
+            name = signal.Signals(self.signals.pop(0)).name
+            if name != "SIGCHLD":
+                logger.info(f"received {name}")
+            getattr(self, f"handle_{name[3:].lower()}")()
+
+    # -- signals ----------------------------------------------------------------------------
+
+    def handle_chld(self) -> None:
+        self.reap_workers()
+
+    def handle_hup(self) -> None:
+        if self.stopping:
+            logger.info("not reloading: stopping")
+            return
+        self.reload()
+
+    def handle_term(self) -> None:
+        """Stop gracefully; a second SIGTERM or SIGINT while draining kills what is left."""
+        if self.stopping:
+            logger.warning("asked again to stop: killing the workers still draining")
+            for worker in self.workers.values():
+                worker.kill_at = 0.0
+        self.stopping = True
+
+    handle_int = handle_term
+
+    # -- workers ----------------------------------------------------------------------------
+
+    def manage_workers(self) -> None:
+        """Give every slot 0..N-1 a process once its backoff is over; forget slots beyond N."""
+        occupied = {w.index for w in self.workers.values()}
+        now = time.monotonic()
+        for index in range(self.config.workers):
+            slot = self.slots.setdefault(index, Slot(index))
+            if index not in occupied and now >= slot.not_before:
+                self.spawn_worker(slot)
+        for index in [i for i in self.slots if i >= self.config.workers and i not in occupied]:
+            del self.slots[index]
+
+    def spawn_worker(self, slot: Slot) -> None:
+        read_fd, write_fd = os.pipe()
+        # Blocked across fork, so a signal meant for the child cannot hit the arbiter's
+        # handlers in it: the child unblocks once its own dispositions are in place.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                self._run_worker(slot.index, write_fd, read_fd)
+        except OSError as exc:
+            logger.error(f"cannot fork worker {slot.index}: {exc}; retrying in 1s")
+            os.close(read_fd)
+            os.close(write_fd)
+            slot.not_before = time.monotonic() + 1.0
+            return
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        os.close(write_fd)
+        now = time.monotonic()
+        worker = WorkerProcess(pid, slot.index, StatusReader(read_fd), started=now, last_beat=now)
+        self.workers[pid] = worker
+        self.selector.register(worker.reader, selectors.EVENT_READ, worker)
+        logger.info(f"worker {slot.index} started (pid {pid})")
+
+    def _run_worker(self, index: int, status_fd: int, read_fd: int) -> NoReturn:
+        """In the child: drop the arbiter's signals and fds, run the worker, never return."""
+        code = EXIT_WORKER_CRASH
+        try:
+            _die_with_parent(self.pid)
+            signal.set_wakeup_fd(-1)
+            for signum in HANDLED_SIGNALS:
+                signal.signal(signum, signal.SIG_IGN if signum == signal.SIGINT else signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+            inherited = [self._wake_r, self._wake_w, read_fd, self.selector.fileno()]
+            inherited += [w.reader.fd for w in self.workers.values()]
+            if self.health is not None:
+                inherited.append(self.health.fileno())
+            for fd in inherited:
+                os.close(fd)
+            code = int(self.worker_main(self.config, index, status_fd))
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else EXIT_WORKER_CRASH
+        except BaseException as exc:  # noqa: B036 - nothing may return into the arbiter's loop
+            logger.error(f"worker {index} crashed: {type(exc).__name__}: {exc}")
+        finally:
+            os._exit(code)
+
+    def reap_workers(self) -> None:
+        while True:
+            try:
+                pid, wait_status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            worker = self.workers.pop(pid, None)
+            if worker is not None:
+                self.read_status(worker)  # its last lines: a task it finished as it exited
+                with contextlib.suppress(KeyError):
+                    self.selector.unregister(worker.reader)
+                worker.reader.close()
+                self._exited(worker, os.waitstatus_to_exitcode(wait_status))
+
+    def _exited(self, worker: WorkerProcess, code: int) -> None:
+        how = describe_exit(code)
+        if worker.retiring or self.stopping:
+            logger.info(f"worker {worker.index} (pid {worker.pid}) {how} after draining")
+            return
+        slot = self.slots[worker.index]
+        now = time.monotonic()
+        if worker.booted and now - worker.started >= STABLE_AFTER_S:
+            slot.failures = 0
+        slot.failures += 1
+        slot.restarts += 1
+        self.metrics.restarts.inc()
+        table = BOOT_BACKOFF_S if code == EXIT_BOOT_ERROR else CRASH_BACKOFF_S
+        delay = table[min(slot.failures, len(table)) - 1]
+        slot.not_before = now + delay
+        if code == EXIT_BOOT_ERROR:
+            logger.error(f"worker {worker.index} could not boot ({how}); retry "
+                         f"{slot.failures} in {delay:g}s")
+        else:
+            logger.error(f"worker {worker.index} (pid {worker.pid}) {how}; replacing it "
+                         f"in {delay:g}s (restart {slot.restarts})")
+
+    def murder_workers(self) -> None:
+        """SIGTERM workers that stopped heartbeating; SIGKILL those past their time to exit."""
+        now = time.monotonic()
+        timeout = heartbeat_timeout(self.config)
+        for worker in self.workers.values():
+            if worker.kill_at is None and now - worker.last_beat > timeout:
+                logger.error(f"worker {worker.index} (pid {worker.pid}) sent no heartbeat for "
+                             f"{now - worker.last_beat:.0f}s; stopping it")
+                self._terminate(worker, now + MURDER_GRACE_S)
+            elif worker.kill_at is not None and now >= worker.kill_at and not worker.killed:
+                logger.warning(f"worker {worker.index} (pid {worker.pid}) did not exit in time; "
+                               f"sending SIGKILL")
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker.pid, signal.SIGKILL)
+                worker.killed = True
+
+    def retire(self, worker: WorkerProcess, deadline: float) -> None:
+        """Let the worker drain: SIGTERM now, SIGKILL at ``deadline`` if it still runs."""
+        worker.retiring = True
+        self._terminate(worker, deadline)
+
+    def _terminate(self, worker: WorkerProcess, kill_at: float) -> None:
+        if worker.kill_at is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker.pid, signal.SIGTERM)
+        worker.kill_at = min(kill_at, worker.kill_at or kill_at)
+
+    # -- status -----------------------------------------------------------------------------
+
+    def read_status(self, worker: WorkerProcess) -> None:
+        messages = worker.reader.read()
+        if worker.reader.eof:
+            with contextlib.suppress(KeyError):
+                self.selector.unregister(worker.reader)
+        for message in messages:
+            self._apply(worker, message)
+
+    def _apply(self, worker: WorkerProcess, message: dict[str, Any]) -> None:
+        worker.last_beat = time.monotonic()
+        kind = message.get("type")
+        if kind == status.HEARTBEAT:
+            worker.dropped = int(message.get("dropped") or 0)
+        elif kind == status.BOOTED:
+            worker.booted = True
+            logger.info(f"worker {worker.index} (pid {worker.pid}) booted")
+        elif kind == status.STARTED:
+            worker.request_id = message.get("requestId")
+        elif kind == status.FINISHED and isinstance(message.get("result"), dict):
+            worker.request_id = None
+            if worker.index in self.slots:
+                self.slots[worker.index].tasks_done += 1
+            self.metrics.task_finished(message["result"])
+        elif kind == status.POOLS and isinstance(message.get("pools"), dict):
+            worker.pools = message["pools"]
+
+    def publish_status(self) -> None:
+        """Build the snapshot /status and /health serve; update the gauges and systemd."""
+        now = time.monotonic()
+        by_slot = {w.index: w for w in self.workers.values()}
+        workers = [self._worker_status(slot, by_slot.get(slot.index), now)
+                   for slot in sorted(self.slots.values(), key=lambda s: s.index)]
+        pools: dict[str, dict[str, int]] = {}
+        for worker in self.workers.values():
+            for runtime, stats in worker.pools.items():
+                total = pools.setdefault(runtime, {"warm": 0, "busy": 0})
+                for state in total:
+                    total[state] += int(stats.get(state, 0))
+        alive = sum(1 for w in workers if w["alive"])
+        self.metrics.update(alive, pools)
+        self._snapshot = {
+            "pid": self.pid,
+            "workers": workers,
+            "workersConfigured": self.config.workers,
+            "runner": self.config.runner,
+            "pools": pools,
+            "restartsTotal": sum(s.restarts for s in self.slots.values()),
+            "stopping": self.stopping,
+            "uptimeSeconds": round(now - self.started_at, 1),
+            "configPath": self.config.path,
+            "configLoadedAt": self.config.loaded_at,
+        }
+        text = f"{alive}/{self.config.workers} workers alive"
+        if text != self._sd_status:
+            self._sd_status = text
+            sdnotify.status(text)
+
+    def _worker_status(self, slot: Slot, worker: WorkerProcess | None,
+                       now: float) -> dict[str, Any]:
+        if worker is None:
+            state = "waiting"
+        elif worker.retiring or worker.kill_at is not None:
+            state = "draining"
+        else:
+            state = "running" if worker.booted else "booting"
+        return {
+            "id": slot.index,
+            "pid": worker.pid if worker else None,
+            "alive": worker is not None and worker.booted,
+            "state": state,
+            "restarts": slot.restarts,
+            "tasksDone": slot.tasks_done,
+            "currentRequestId": worker.request_id if worker else None,
+            "lastHeartbeatSecondsAgo": round(now - worker.last_beat, 1) if worker else None,
+            "statusMessagesDropped": worker.dropped if worker else 0,
+        }
+
+    def status_snapshot(self) -> dict[str, Any]:
+        """The latest snapshot; called from the HTTP thread."""
+        return self._snapshot
+
+    def ping_watchdog(self) -> None:
+        now = time.monotonic()
+        if self._watchdog_interval is not None and now >= self._next_watchdog:
+            sdnotify.watchdog()
+            self._next_watchdog = now + self._watchdog_interval
+
+    # -- reload and stop --------------------------------------------------------------------
+
+    def reload(self) -> None:
+        """Re-read the config file: valid, roll the workers over to it; invalid, keep the old."""
+        if self.config.path is None:
+            logger.warning("not reloading: the config did not come from a file")
+            return
+        sdnotify.reloading()
+        try:
+            config = load(self.config.path)
+        except ConfigError as exc:
+            logger.error(f"reload refused, still running on the config loaded at "
+                         f"{self.config.loaded_at}: {exc}")
+            self.metrics.reloads.inc(result="refused")
+            sdnotify.ready(self._sd_status)
+            return
+        logs.setup(config.log, "arbiter")
+        self._rebind_http(config)
+        self.config = config
+        deadline = time.monotonic() + config.drain_timeout_seconds
+        old = list(self.workers.values())
+        for worker in old:
+            self.retire(worker, deadline)
+        for slot in self.slots.values():
+            slot.failures, slot.not_before = 0, 0.0
+        logger.info(f"reloaded {config.path}: {config.workers} workers, runner {config.runner}; "
+                    f"{len(old)} old workers drain, each slot refills as its old worker exits")
+        self.metrics.reloads.inc(result="ok")
+        sdnotify.ready(self._sd_status)
+
+    def _rebind_http(self, config: Config) -> None:
+        old = self.config.http
+        if self.health is None or (config.http.host, config.http.port) == (old.host, old.port):
+            return
+        try:
+            server = HealthServer(config.http.host, config.http.port, self.status_snapshot,
+                                  self.metrics.render)
+        except OSError as exc:
+            logger.error(f"http: cannot listen on {config.http.host}:{config.http.port} "
+                         f"({exc.strerror or exc}); still serving on {self.health.address}")
+            return
+        self.health.close()
+        self.health = server
+
+    def stop(self) -> None:
+        """Drain every worker within the drain timeout, SIGKILL the rest, remove sandboxes."""
+        self.stopping = True
+        sdnotify.stopping()
+        timeout = self.config.drain_timeout_seconds
+        logger.info(f"stopping: draining {len(self.workers)} workers (at most {timeout:g}s)")
+        deadline = time.monotonic() + timeout
+        for worker in self.workers.values():
+            self.retire(worker, deadline)
+        while self.workers and time.monotonic() < deadline + KILL_WAIT_S:
+            self.publish_status()
+            self.wait_for_events()
+            self.dispatch_signals()
+            self.murder_workers()
+        self.reap_workers()
+        self.cleanup_sandboxes("this agent")
+        if self.health is not None:
+            self.health.close()
+        if self.workers:
+            logger.error(f"stopped; {len(self.workers)} workers did not die even of SIGKILL")
+        else:
+            logger.info("stopped")
+
+    def cleanup_sandboxes(self, whose: str) -> None:
+        try:
+            removed = runners.cleanup_stale(self.config)
+        except Exception as exc:  # noqa: BLE001 - a cleanup failure must not stop the agent
+            logger.warning(f"could not remove sandboxes left by {whose}: {exc}")
+            return
+        if removed:
+            logger.info(f"removed {removed} sandboxes left by {whose}")

@@ -1,0 +1,33 @@
+"""``nanogrid-supervisor``: validate the config, then run the arbiter (or only validate)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import load
+from .errors import ConfigError
+from .exitcodes import EXIT_CONFIG, EXIT_OK
+
+PROG = "nanogrid-supervisor"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="NanoGrid worker agent: a supervisor forking N workers.")
+    parser.add_argument("-c", "--config", default="conf/worker.yaml",
+                        help="YAML config file (default: conf/worker.yaml)")
+    parser.add_argument("--check", action="store_true",
+                        help="only validate the config file: exit 0 when valid, 2 when not")
+    args = parser.parse_args(argv)
+    try:
+        config = load(args.config)
+    except ConfigError as exc:
+        print(f"{PROG}: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.check:
+        print(f"{PROG}: {config.path}: OK ({config.workers} workers, runner {config.runner})")
+        return EXIT_OK
+    from .arbiter import Arbiter  # imports the worker's dependencies: not needed for --check
+
+    return Arbiter(config).run()

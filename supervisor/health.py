@@ -1,0 +1,155 @@
+"""What the supervisor shows over HTTP, served from a thread: /health, /status, /metrics.
+
+The handlers only read: ``/status`` and ``/health`` a snapshot the arbiter's loop publishes
+each turn, ``/metrics`` the registry (which has its own lock). Nothing here asks a worker:
+the workers report to the arbiter through their status pipes.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from loguru import logger
+
+from .config import MiB
+from .prometheus import CONTENT_TYPE, Registry
+
+DURATION_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900)
+MEMORY_BUCKETS_BYTES = tuple(2**i * MiB for i in range(2, 13))
+"""4 MiB to 4 GiB, doubling."""
+
+
+class SupervisorMetrics:
+    """The /metrics families, fed from the workers' status lines by the arbiter's loop."""
+
+    def __init__(self) -> None:
+        self.registry = Registry()
+        reg = self.registry
+        self.invocations = reg.counter(
+            "nanogrid_invocations_total", "Invocations finished, by status and errorType.",
+            ("status", "error_type"))
+        self.cold_starts = reg.counter(
+            "nanogrid_cold_starts_total", "Invocations that found no warm sandbox.")
+        self.duration = reg.histogram(
+            "nanogrid_invocation_duration_seconds", "Run time of the functions.",
+            DURATION_BUCKETS_S)
+        self.peak_memory = reg.histogram(
+            "nanogrid_invocation_peak_memory_bytes", "Peak memory of each invocation.",
+            MEMORY_BUCKETS_BYTES)
+        self.sandboxes = reg.gauge(
+            "nanogrid_sandboxes", "Sandboxes by runtime and state (warm: idle and ready).",
+            ("runtime", "state"))
+        self.workers_alive = reg.gauge("nanogrid_workers_alive", "Workers booted and running.")
+        self.restarts = reg.counter(
+            "nanogrid_worker_restarts_total",
+            "Workers replaced after a crash, a missed heartbeat or a failed boot.")
+        self.reloads = reg.counter(
+            "nanogrid_config_reloads_total", "SIGHUP reloads by result (ok, refused).",
+            ("result",))
+
+    def task_finished(self, result: dict[str, Any]) -> None:
+        self.invocations.inc(status=str(result.get("status")),
+                             error_type=str(result.get("errorType") or ""))
+        if result.get("coldStart"):
+            self.cold_starts.inc()
+        duration, peak = result.get("durationMillis"), result.get("peakMemoryBytes")
+        if isinstance(duration, int | float):
+            self.duration.observe(duration / 1000)
+        if isinstance(peak, int | float):
+            self.peak_memory.observe(peak)
+
+    def update(self, workers_alive: int, pools: dict[str, dict[str, int]]) -> None:
+        self.workers_alive.set(workers_alive)
+        self.sandboxes.replace({(runtime, state): count for runtime, stats in pools.items()
+                                for state, count in stats.items()})
+
+    def render(self) -> str:
+        return self.registry.render()
+
+
+def health_of(status: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """(HTTP code, body) of /health: UP while running with at least one worker alive."""
+    alive = sum(1 for worker in status["workers"] if worker["alive"])
+    up = alive > 0 and not status["stopping"]
+    body = {
+        "status": "UP" if up else "DOWN",
+        "workersAlive": alive,
+        "workersConfigured": status["workersConfigured"],
+        "stopping": status["stopping"],
+        "uptimeSeconds": status["uptimeSeconds"],
+    }
+    return (200 if up else 503), body
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    status: Callable[[], dict[str, Any]]
+    metrics: Callable[[], str]
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    server_version = "nanogrid-supervisor"
+
+    def do_GET(self) -> None:  # noqa: N802 - the name http.server dispatches to
+        path = self.path.split("?", 1)[0]
+        if path == "/health":
+            self._json(*health_of(self.server.status()))
+        elif path == "/status":
+            self._json(200, self.server.status())
+        elif path == "/metrics":
+            self._send(200, CONTENT_TYPE, self.server.metrics().encode())
+        else:
+            self._json(404, {"error": f"no such path {path}; try /health, /status or /metrics"})
+
+    def _json(self, code: int, body: dict[str, Any]) -> None:
+        self._send(code, "application/json", json.dumps(body).encode() + b"\n")
+
+    def _send(self, code: int, content_type: str, data: bytes) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base's name
+        logger.debug(f"[HTTP] {self.address_string()} {format % args}")
+
+
+class HealthServer:
+    """Listens on (host, port) and serves until ``close``; port 0 picks a free one."""
+
+    def __init__(self, host: str, port: int, status: Callable[[], dict[str, Any]],
+                 metrics: Callable[[], str]) -> None:
+        server_class = _Server6 if ":" in host else _Server
+        self._server = server_class((host, port), _Handler)
+        self._server.status = status
+        self._server.metrics = metrics
+        self.host, self.port = host, self._server.server_address[1]
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.5}, name="http",
+            daemon=True,
+        )
+        self._thread.start()
+        logger.info(f"[HTTP] listening on {self.address}")
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    def fileno(self) -> int:
+        return self._server.fileno()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()

@@ -1,0 +1,60 @@
+"""systemd's notify protocol (sd_notify(3)): READY, RELOADING, STOPPING, WATCHDOG and STATUS.
+
+Every call is a no-op without ``NOTIFY_SOCKET``, so the supervisor runs the same under
+systemd, in a terminal and in tests. A path starting with ``@`` is an abstract socket.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+from loguru import logger
+
+
+def notify(*assignments: str) -> bool:
+    """Send ``KEY=value`` lines in one datagram; True when a notify socket took it."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address or address[0] not in "/@":
+        return False
+    target = "\0" + address[1:] if address[0] == "@" else address
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(target)
+            sock.sendall("\n".join(assignments).encode())
+    except OSError as exc:
+        logger.warning(f"[SYSTEMD] cannot notify {address}: {exc}")
+        return False
+    return True
+
+
+def ready(status: str) -> bool:
+    return notify("READY=1", f"STATUS={status}")
+
+
+def reloading() -> bool:
+    """RELOADING=1 with the MONOTONIC_USEC systemd needs in the same datagram."""
+    usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    return notify("RELOADING=1", f"MONOTONIC_USEC={usec}")
+
+
+def stopping() -> bool:
+    return notify("STOPPING=1")
+
+
+def status(text: str) -> bool:
+    return notify(f"STATUS={text}")
+
+
+def watchdog() -> bool:
+    return notify("WATCHDOG=1")
+
+
+def watchdog_interval() -> float | None:
+    """Seconds between WATCHDOG=1 pings (half of WatchdogSec), or None when not asked for."""
+    usec = os.environ.get("WATCHDOG_USEC", "")
+    pid = os.environ.get("WATCHDOG_PID", "")
+    if not usec.isdigit() or int(usec) == 0 or (pid and pid != str(os.getpid())):
+        return None
+    return int(usec) / 2e6

@@ -1,0 +1,89 @@
+"""The supervisor's HTTP contract, served by the real arbiter with fake workers."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fake_agent import RUN_S, FakeAgent
+from helpers import wait_until
+
+WORKER_FIELDS = {"id", "pid", "alive", "restarts", "tasksDone", "currentRequestId"}
+
+
+@pytest.fixture
+def agent(tmp_path: Path) -> Iterator[FakeAgent]:
+    with FakeAgent(tmp_path) as running:
+        yield running
+
+
+def test_status_health_and_metrics_follow_the_contract(agent: FakeAgent) -> None:
+    agent.behave("busy")  # each worker runs one task, then idles
+    agent.start()
+    running = wait_until(lambda: all(w["currentRequestId"] for w in agent.status()["workers"])
+                         and agent.status(), timeout=5)
+    assert {w["currentRequestId"] for w in running["workers"]} == {
+        f"req-{w['id']}-{w['pid']}" for w in running["workers"]}
+    assert running["pools"] == {"python": {"warm": 0, "busy": 2}}
+
+    done = wait_until(lambda: all(w["tasksDone"] == 1 for w in agent.status()["workers"])
+                      and agent.status(), timeout=5)
+    assert [w["id"] for w in done["workers"]] == [0, 1]
+    for worker in done["workers"]:
+        assert set(worker) >= WORKER_FIELDS
+        assert worker["alive"] is True and worker["restarts"] == 0
+        assert worker["currentRequestId"] is None and isinstance(worker["pid"], int)
+    assert done["pools"] == {"python": {"warm": 2, "busy": 0}}
+    assert done["configPath"] == str(agent.config_path.resolve())
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT[\d:.]+\+00:00", done["configLoadedAt"])
+    assert done["uptimeSeconds"] >= RUN_S
+
+    code, body = agent.get("/health")
+    assert code == 200 and json.loads(body)["status"] == "UP"
+
+    metrics = agent.get("/metrics")[1]
+    assert 'nanogrid_invocations_total{status="SUCCESS",error_type=""} 2' in metrics
+    assert "nanogrid_invocation_duration_seconds_count 2" in metrics
+    assert 'nanogrid_invocation_duration_seconds_bucket{le="1"} 2' in metrics
+    assert 'nanogrid_invocation_peak_memory_bytes_bucket{le="8388608"} 2' in metrics
+    assert 'nanogrid_invocation_peak_memory_bytes_bucket{le="4194304"} 0' in metrics
+    assert 'nanogrid_sandboxes{runtime="python",state="warm"} 2' in metrics
+    assert "nanogrid_cold_starts_total 2" in metrics
+    assert "nanogrid_worker_restarts_total 0" in metrics
+    assert "nanogrid_workers_alive 2" in metrics
+
+
+def test_metrics_content_type_and_unknown_paths(agent: FakeAgent) -> None:
+    agent.start()
+    with urllib.request.urlopen(f"http://127.0.0.1:{agent.port}/metrics", timeout=5) as reply:
+        assert reply.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+    code, body = agent.get("/nope")
+    assert code == 404 and "/status" in json.loads(body)["error"]
+
+
+def test_health_is_down_while_no_worker_could_boot(agent: FakeAgent) -> None:
+    agent.behave("bootfail")
+    agent.start()
+    wait_until(lambda: agent.events("spawn"), timeout=5)
+    code, body = agent.get("/health")
+    assert code == 503 and json.loads(body)["status"] == "DOWN"
+    workers = agent.status()["workers"]
+    assert [w["alive"] for w in workers] == [False, False]
+
+
+def test_port_in_use_is_one_line_and_exit_1(agent: FakeAgent) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        agent.write_config(http={"host": "127.0.0.1", "port": port})
+        with pytest.raises(TimeoutError):
+            agent.start()
+        assert agent.wait(timeout=5) == 1
+    agent.wait_for_log(rf"http: cannot listen on 127\.0\.0\.1:{port}: Address already in use")
+    assert agent.events("spawn") == []

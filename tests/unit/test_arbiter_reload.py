@@ -1,0 +1,109 @@
+"""SIGHUP on the real arbiter (fake workers), and what it tells systemd along the way."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fake_agent import FakeAgent
+from helpers import free_port, wait_until
+
+
+@pytest.fixture
+def agent(tmp_path: Path) -> Iterator[FakeAgent]:
+    with FakeAgent(tmp_path) as running:
+        yield running
+
+
+def test_sighup_to_a_different_worker_count(agent: FakeAgent) -> None:
+    agent.start()
+    old = agent.wait_for_workers(2)
+    loaded_at = agent.status()["configLoadedAt"]
+    agent.write_config(workers=3)
+    agent.signal(signal.SIGHUP)
+    new = wait_until(lambda: len(p := agent.running_pids() - old) == 3 and p, timeout=10)
+    status = agent.status()
+    assert [w["id"] for w in status["workers"]] == [0, 1, 2]
+    assert {w["pid"] for w in status["workers"]} == new
+    assert all(w["restarts"] == 0 for w in status["workers"])
+    assert status["workersConfigured"] == 3 and status["configLoadedAt"] > loaded_at
+    agent.wait_for_log("2 old workers drain")
+    assert len(agent.events("exit")) == 2  # the old ones drained: none was killed
+
+    agent.write_config(workers=1)
+    agent.signal(signal.SIGHUP)
+    wait_until(lambda: len(agent.status()["workers"]) == 1, timeout=10)
+    assert len(agent.wait_for_workers(1) - new) == 1
+
+
+def test_sighup_with_a_broken_file_keeps_the_old_config(agent: FakeAgent) -> None:
+    agent.start()
+    pids = agent.wait_for_workers(2)
+    before = agent.status()
+    agent.config_path.write_text("workers: 2\nqueue:\n  wait_time_seconds: 99\n")
+    agent.signal(signal.SIGHUP)
+    agent.wait_for_log(r"reload refused, still running on the config loaded at .*: "
+                       r"queue\.wait_time_seconds: must be between 0 and 20, got 99")
+    agent.config_path.write_text("workers: [\n")
+    agent.signal(signal.SIGHUP)
+    agent.wait_for_log(r"reload refused.*not valid YAML")
+    assert agent.running_pids() == pids
+    assert agent.status()["configLoadedAt"] == before["configLoadedAt"]
+    assert agent.get("/health")[0] == 200
+    metrics = agent.get("/metrics")[1]
+    assert 'nanogrid_config_reloads_total{result="refused"} 2' in metrics
+
+
+def test_reload_applies_http_address_and_log_level(agent: FakeAgent) -> None:
+    agent.start()
+    agent.wait_for_workers(2)
+    old_port, new_port = agent.port, free_port()
+    agent.write_config(http={"host": "127.0.0.1", "port": new_port},
+                       log={"level": "DEBUG", "file": str(agent.log)})
+    agent.signal(signal.SIGHUP)
+    agent.wait_for_log(rf"\[HTTP\] listening on 127\.0\.0\.1:{new_port}")
+    agent.port = new_port
+    assert agent.get("/health")[0] == 200
+    agent.wait_for_log(r"DEBUG .* \[HTTP\] .*GET /health")
+    wait_until(lambda: refused(old_port), timeout=3, what="the old port to close")
+
+
+def refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def test_systemd_hears_ready_reloading_stopping_and_watchdog(agent: FakeAgent) -> None:
+    address = f"@nanogrid-test-{uuid.uuid4().hex}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind("\0" + address[1:])
+        notify.settimeout(5)
+        agent.start(env={"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "200000"})
+        agent.wait_for_workers(2)
+        agent.signal(signal.SIGHUP)
+        agent.wait_for_log("2 old workers drain")
+        agent.signal(signal.SIGTERM)
+        assert agent.wait(timeout=5) == 0
+        datagrams = []
+        notify.settimeout(0.1)
+        while True:
+            try:
+                datagrams.append(notify.recv(4096).decode())
+            except TimeoutError:
+                break
+    states = [d.split("\n")[0].split("=")[0] for d in datagrams if "WATCHDOG" not in d]
+    states = [s for s in states if s != "STATUS"]
+    assert states == ["READY", "RELOADING", "READY", "STOPPING"], datagrams
+    reloading = next(d for d in datagrams if d.startswith("RELOADING=1"))
+    assert reloading.split("\n")[1].startswith("MONOTONIC_USEC=")
+    assert "WATCHDOG=1" in datagrams
+    assert any(d.startswith("STATUS=2/2 workers alive") for d in datagrams)
+    assert json.dumps(datagrams)  # all text

@@ -1,0 +1,48 @@
+"""bin/nanogrid-supervisor's front door: --check, and one line for a bad config."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = ROOT / "bin" / "nanogrid-supervisor"
+
+
+def supervisor(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(BIN), *args], capture_output=True, text=True,
+                          timeout=30, cwd="/")
+
+
+@pytest.mark.parametrize("name", ["worker.yaml", "local.yaml"])
+def test_check_accepts_the_shipped_configs(name: str) -> None:
+    done = supervisor("--check", "-c", str(ROOT / "conf" / name))
+    assert done.returncode == 0, done.stderr
+    assert f"conf/{name}: OK" in done.stdout
+
+
+@pytest.mark.parametrize(("text", "line"), [
+    ("workers: 0\n", "workers: must be between 1 and 256, got 0"),
+    ("workers: 2\nredis: {urll: x}\n", "redis.urll: unknown key"),
+    ("runner: [\n", "not valid YAML"),
+])
+@pytest.mark.parametrize("check", [True, False])
+def test_bad_config_is_one_line_naming_the_key(tmp_path: Path, text: str, line: str,
+                                               check: bool) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    done = supervisor(*(["--check"] if check else []), "-c", str(path))
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert done.stderr.count("\n") == 1 and line in done.stderr
+    assert done.stderr.startswith("nanogrid-supervisor: config error: ")
+
+
+def test_missing_config_file() -> None:
+    done = supervisor("-c", "/nonexistent/worker.yaml")
+    assert done.returncode == 2
+    assert done.stderr == ("nanogrid-supervisor: config error: /nonexistent/worker.yaml: "
+                           "cannot read config file: No such file or directory\n")

@@ -1,0 +1,88 @@
+"""The worker -> arbiter status pipe: lines in, messages out, and never a blocked worker."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from supervisor import status
+from supervisor.status import StatusReader, StatusReporter
+
+F_SETPIPE_SZ = 1031
+
+
+@pytest.fixture
+def pipe() -> Iterator[tuple[StatusReporter, StatusReader]]:
+    read_fd, write_fd = os.pipe()
+    reporter, reader = StatusReporter(write_fd), StatusReader(read_fd)
+    yield reporter, reader
+    for fd in (read_fd, write_fd):
+        with contextlib.suppress(OSError):  # a test may have closed it
+            os.close(fd)
+
+
+def test_every_event_arrives_in_order(pipe: tuple[StatusReporter, StatusReader]) -> None:
+    reporter, reader = pipe
+    reporter.booted()
+    reporter.heartbeat()
+    reporter.task_started("req-1")
+    reporter.task_finished({
+        "requestId": "req-1", "functionId": "fn", "status": "FAILED", "errorType": "TIMEOUT",
+        "durationMillis": 30000.5, "peakMemoryBytes": 123, "coldStart": False,
+        "stdout": "x" * 100_000, "optimizationTip": "💡",
+    })
+    reporter.pools({"python": {"warm": 3, "busy": 1}})
+    messages = reader.read()
+    assert [m["type"] for m in messages] == [
+        status.BOOTED, status.HEARTBEAT, status.STARTED, status.FINISHED, status.POOLS]
+    assert messages[1]["dropped"] == 0
+    assert messages[2]["requestId"] == "req-1"
+    assert messages[3]["result"] == {
+        "requestId": "req-1", "functionId": "fn", "status": "FAILED", "errorType": "TIMEOUT",
+        "durationMillis": 30000.5, "peakMemoryBytes": 123, "coldStart": False,
+    }
+    assert messages[4]["pools"] == {"python": {"warm": 3, "busy": 1}}
+    assert reader.read() == [] and not reader.eof
+
+
+def test_partial_lines_wait_for_their_end_and_garbage_is_skipped(
+        pipe: tuple[StatusReporter, StatusReader]) -> None:
+    reporter, reader = pipe
+    os.write(reporter.fd, b'not json\n[1, 2]\n{"type": "boo')
+    assert reader.read() == []
+    os.write(reporter.fd, b'ted"}\n')
+    assert reader.read() == [{"type": "booted"}]
+
+
+def test_a_full_pipe_drops_and_counts_without_blocking(
+        pipe: tuple[StatusReporter, StatusReader]) -> None:
+    reporter, reader = pipe
+    fcntl.fcntl(reporter.fd, F_SETPIPE_SZ, 4096)
+    started = time.monotonic()
+    for _ in range(1000):
+        reporter.heartbeat()
+    assert time.monotonic() - started < 1.0
+    assert reporter.dropped > 0
+    assert len(reader.read()) == 1000 - reporter.dropped
+    reporter.heartbeat()
+    assert reader.read()[-1]["dropped"] == reporter.dropped
+
+
+def test_a_gone_arbiter_is_a_drop_not_an_error(pipe: tuple[StatusReporter, StatusReader]) -> None:
+    reporter, reader = pipe
+    reader.close()
+    reporter.heartbeat()  # EPIPE: SIGPIPE is ignored in Python processes
+    assert reporter.dropped == 1
+
+
+def test_eof_when_the_worker_closes_its_end(pipe: tuple[StatusReporter, StatusReader]) -> None:
+    reporter, reader = pipe
+    reporter.booted()
+    os.close(reporter.fd)
+    assert reader.read() == [{"type": "booted"}]
+    assert reader.eof
