@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -81,6 +82,25 @@ class SandboxCgroup:
                     time.sleep(0.01)
 
 
+def owner_group(index: int) -> str:
+    """The name for this worker process's sandboxes: ``p<pid>-w<index>``."""
+    return f"p{os.getpid()}-w{index}"
+
+
+def owner_gone(name: str) -> bool:
+    """Whether ``name`` is an ``owner_group`` name whose worker process no longer runs."""
+    match = re.fullmatch(r"p(\d+)-w\d+", name)
+    if match is None:
+        return False
+    try:
+        os.kill(int(match.group(1)), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass
+    return False
+
+
 def _subtree_roots() -> tuple[Path, Path]:
     """The ``nanogrid`` directories below this process's memory and pids cgroups."""
     own = _own_paths()
@@ -106,13 +126,17 @@ class SandboxCgroups:
 
     @staticmethod
     def remove_stale() -> int:
-        """Remove every sandbox cgroup below this agent's cgroup (an earlier agent's too)."""
+        """Remove the sandbox cgroups of workers that are gone (an earlier agent's too).
+
+        Groups are named after their worker's pid (``owner_group``), so the sandboxes of a
+        live agent or test run that shares this cgroup are left alone.
+        """
         groups = {
             child.name
             for root in dict.fromkeys(_subtree_roots())
             if root.is_dir()
             for child in root.iterdir()
-            if child.is_dir()
+            if child.is_dir() and owner_gone(child.name)
         }
         return sum(SandboxCgroups(group).remove_all() for group in sorted(groups))
 

@@ -25,7 +25,7 @@ from supervisor.config import Config, MiB, RuntimeConfig
 from supervisor.errors import ConfigError, SandboxError
 
 from .base import Invocation, Runner, RunOutcome, Sandbox
-from .cgroups import SandboxCgroup, SandboxCgroups
+from .cgroups import SandboxCgroup, SandboxCgroups, owner_gone, owner_group
 from .forkclient import FORKSERVER_SOURCE, ForkServerClient
 from .pool import WarmPool
 
@@ -87,12 +87,11 @@ class ProcessRunner(Runner):
         self._worker = worker_index
         self._as_root = os.geteuid() == 0
         self._seq = itertools.count()
-        self._base_dir = Path(config.paths.work_dir) / f"w{worker_index}"
-        self._cgroups = SandboxCgroups(f"w{worker_index}")
-        if self._cgroups.available:
-            self._cgroups.remove_all()  # left by the worker this one replaces
-            self._cgroups = SandboxCgroups(f"w{worker_index}")
-        shutil.rmtree(self._base_dir, ignore_errors=True)
+        group = owner_group(worker_index)
+        SandboxCgroups.remove_stale()  # sandboxes of the worker this one replaces
+        remove_stale_dirs(Path(config.paths.work_dir))
+        self._base_dir = Path(config.paths.work_dir) / group
+        self._cgroups = SandboxCgroups(group)
         self._base_dir.mkdir(mode=0o711, parents=True, exist_ok=True)
         if self._as_root:
             check_traversable(self._base_dir)
@@ -284,6 +283,14 @@ class ProcessRunner(Runner):
         if sandbox.cgroup is not None:
             sandbox.cgroup.remove()
         shutil.rmtree(sandbox.root, ignore_errors=True)
+
+
+def remove_stale_dirs(work_dir: Path) -> None:
+    """Remove sandbox directories of workers that are gone."""
+    if work_dir.is_dir():
+        for child in work_dir.iterdir():
+            if owner_gone(child.name):
+                shutil.rmtree(child, ignore_errors=True)
 
 
 def check_traversable(directory: Path) -> None:

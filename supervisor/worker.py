@@ -49,6 +49,7 @@ class Worker:
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
         self.status = status
         self.stopping = False
+        self._runner_ready = False
         self._receiving = False
         self._alive_until = time.monotonic() + 60
         self.queue: TaskQueue
@@ -102,6 +103,7 @@ class Worker:
         self.history = autotuner.PeakHistory(self.store.client, config.autotuner)
         self.visibility = VisibilityHeartbeat(self.queue)
         self.runner = create_runner(config, self.index)
+        self._runner_ready = True
         logger.info(
             f"worker {self.index} ready: runner={self.runner.name}, "
             f"pools={self.runner.pool_stats()}"
@@ -253,7 +255,6 @@ class Worker:
         self._delete(message)
         if self.status:
             self.status.task_finished(res)
-            self.status.pools(self.runner.pool_stats())
         if res["status"] == "SUCCESS":
             logger.info(f"[DONE][OK] {res['requestId']} in {res['durationMillis']:.1f} ms")
         else:
@@ -351,6 +352,8 @@ class Worker:
             while True:
                 if time.monotonic() < self._alive_until:
                     self.status.heartbeat()
+                    if self._runner_ready:  # pools refill in the background: report as they do
+                        self.status.pools(self.runner.pool_stats())
                 time.sleep(1.0)
 
         threading.Thread(target=beat, name="heartbeat", daemon=True).start()

@@ -1,233 +1,61 @@
 """Helpers shared by the tests: free ports, polling, and the real peers they run against.
 
-The peers are real programs, never fakes: `RedisServer` runs Debian's redis-server,
-`MotoServer` runs moto_server (SQS, S3 and CloudWatch over HTTP), and `PidsCgroup` confines
-the test process to a pids cgroup so hostile code cannot fork-bomb the machine.
+The peers are real programs, never fakes, and the same ones `bin/nanogrid-local` runs:
+`RedisServer`, `PeerProcess`, `free_port` and `wait_until` come from supervisor.embedded
+(one copy of each); `MotoServer` adds cached clients and fresh queues/buckets to the
+embedded one. `PidsCgroup` confines the test process to a pids cgroup so hostile code
+cannot fork-bomb the machine.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
-import shutil
 import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import boto3
-import redis
 
-T = TypeVar("T")
+from supervisor import embedded
+from supervisor.embedded import (
+    AWS_REGION,
+    PEER_PIDS,
+    PeerProcess,
+    RedisServer,
+    free_port,
+    moto_server_command,
+    tail,
+    wait_until,
+)
+
+__all__ = [
+    "AWS_REGION",
+    "PEER_PIDS",
+    "RUNTIME_IMAGE",
+    "CgroupError",
+    "MotoServer",
+    "PeerProcess",
+    "PidsCgroup",
+    "RedisServer",
+    "free_port",
+    "moto_server_command",
+    "tail",
+    "wait_until",
+]
 
 RUNTIME_IMAGE = "nanogrid/python:3.11-bookworm"
-AWS_REGION = "ap-northeast-2"
-REDIS_SERVER = "/usr/bin/redis-server"
-_PR_SET_PDEATHSIG = 1
-
-# Pids of the running peers (redis-server, moto_server): spared when a pids cgroup is torn
-# down, since a peer restarted by a test is born inside it.
-PEER_PIDS: set[int] = set()
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_until(
-    predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.05, what: str = ""
-) -> T:
-    """Call `predicate` until it returns something truthy and return that; TimeoutError after
-    `timeout` seconds. Exceptions from the predicate count as "not yet"."""
-    deadline = time.monotonic() + timeout
-    last_error: BaseException | None = None
-    while True:
-        try:
-            result = predicate()
-            if result:
-                return result
-        except Exception as exc:  # noqa: BLE001 - "not ready yet" looks like anything
-            last_error = exc
-        if time.monotonic() >= deadline:
-            detail = f" (last error: {last_error!r})" if last_error else ""
-            raise TimeoutError(f"waited {timeout}s for {what or predicate}{detail}")
-        time.sleep(interval)
-
-
-def _die_with_parent() -> None:
-    # Runs in the child before exec: a peer must not outlive a killed pytest.
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-def tail(path: Path, lines: int = 15) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
-
-
-class PeerProcess:
-    """A server program started in its own session, logging to a file, stopped on demand."""
-
-    name = "peer"
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.log_path = workdir / f"{self.name}.log"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def command(self) -> list[str]:
-        raise NotImplementedError
-
-    def ready(self) -> bool:
-        raise NotImplementedError
-
-    @property
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def start(self, timeout: float = 30.0) -> None:
-        """Start the program (a no-op when it runs) and wait until it answers."""
-        if self.alive:
-            return
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                self.command(),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.workdir,
-                start_new_session=True,
-                preexec_fn=_die_with_parent,
-            )
-        PEER_PIDS.add(self.process.pid)
-        deadline = time.monotonic() + timeout
-        while True:
-            if not self.alive:
-                self.stop()
-                raise RuntimeError(f"{self.name} exited: {tail(self.log_path, 3)}")
-            if self._answers():
-                return
-            if time.monotonic() > deadline:
-                self.stop()
-                raise TimeoutError(f"{self.name} did not answer within {timeout}s")
-            time.sleep(0.05)
-
-    def _answers(self) -> bool:
-        try:
-            return self.ready()
-        except OSError:  # refused, reset or timed out: not serving yet
-            return False
-
-    def stop(self, hard: bool = False) -> None:
-        """Stop the program: SIGTERM (SIGKILL with hard=True, or after 10 s)."""
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL if hard else signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        PEER_PIDS.discard(self.process.pid)
-        self.process = None
-
-
-class RedisServer(PeerProcess):
-    """Debian's redis-server on 127.0.0.1:`port`, no persistence; restartable on that port."""
-
-    name = "redis-server"
-
-    def __init__(self, workdir: Path, port: int | None = None, binary: str | None = None) -> None:
-        super().__init__(workdir)
-        self.port = port or free_port()
-        self.binary = binary or shutil.which("redis-server") or REDIS_SERVER
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-
-    def command(self) -> list[str]:
-        return [
-            self.binary,
-            "--port",
-            str(self.port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--daemonize",
-            "no",
-            "--dir",
-            str(self.workdir),
-            "--logfile",
-            "",
-        ]
-
-    def ready(self) -> bool:
-        with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
-
-    def client(self, **kwargs: Any) -> redis.Redis:
-        kwargs.setdefault("socket_timeout", 5)
-        kwargs.setdefault("socket_connect_timeout", 5)
-        return redis.Redis.from_url(self.url, **kwargs)
-
-
-def moto_server_command() -> list[str]:
-    """moto_server of the running interpreter's environment."""
-    beside = Path(sys.executable).parent / "moto_server"
-    if beside.exists():
-        return [str(beside)]
-    found = shutil.which("moto_server")
-    return [found] if found else [sys.executable, "-m", "moto.server"]
-
-
-class MotoServer(PeerProcess):
-    """moto_server on 127.0.0.1:`port`, emulating SQS, S3 and CloudWatch over real HTTP."""
-
-    name = "moto_server"
+class MotoServer(embedded.MotoServer):
+    """The embedded moto_server, plus cached clients and fresh queues and buckets per test."""
 
     def __init__(self, workdir: Path, port: int | None = None) -> None:
-        super().__init__(workdir)
-        self.port = port or free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
+        super().__init__(workdir, port)
         self._clients: dict[str, Any] = {}
-
-    def command(self) -> list[str]:
-        return [*moto_server_command(), "-H", "127.0.0.1", "-p", str(self.port)]
-
-    def ready(self) -> bool:
-        with contextlib.suppress(urllib.error.HTTPError):  # any HTTP answer means serving
-            urllib.request.urlopen(f"{self.endpoint}/moto-api/", timeout=1).close()
-        return True
-
-    def environ(self) -> dict[str, str]:
-        """Variables that point boto3 (tests and product code alike) at this server."""
-        return {
-            "AWS_ENDPOINT_URL": self.endpoint,
-            "AWS_REGION": AWS_REGION,
-            "AWS_DEFAULT_REGION": AWS_REGION,
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            # Never fall back on the host's profiles or instance metadata.
-            "AWS_CONFIG_FILE": os.devnull,
-            "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-            "AWS_EC2_METADATA_DISABLED": "true",
-        }
 
     def client(self, service: str) -> Any:
         """A cached boto3 client, configured only by the environment."""
