@@ -92,7 +92,7 @@ class ProcessRunner(Runner):
         remove_stale_dirs(Path(config.paths.work_dir))
         self._base_dir = Path(config.paths.work_dir) / group
         self._cgroups = SandboxCgroups(group)
-        self._base_dir.mkdir(mode=0o711, parents=True, exist_ok=True)
+        make_dir(self._base_dir, 0o711)
         if self._as_root:
             check_traversable(self._base_dir)
         self._launch = {
@@ -206,10 +206,10 @@ class ProcessRunner(Runner):
             if self._as_root
             else -1
         )
-        root.mkdir(mode=0o750)
-        code_dir.mkdir(mode=0o755)
-        home.mkdir(mode=0o700)
-        control.mkdir(mode=0o700)
+        make_dir(root, 0o750)
+        make_dir(code_dir, 0o755)
+        make_dir(home, 0o700)
+        make_dir(control, 0o700)
         if uid >= 0:
             os.chown(root, 0, uid)
             os.chown(home, uid, uid)
@@ -283,6 +283,15 @@ class ProcessRunner(Runner):
         if sandbox.cgroup is not None:
             sandbox.cgroup.remove()
         shutil.rmtree(sandbox.root, ignore_errors=True)
+
+
+def make_dir(path: Path, mode: int) -> None:
+    """mkdir with exactly ``mode`` (missing parents: traversable 0711): the agent's umask
+    (systemd's UMask=0027) must not decide what a sandbox user can reach."""
+    for missing in reversed([p for p in [path, *path.parents] if not p.exists()]):
+        missing.mkdir(exist_ok=True)
+        os.chmod(missing, 0o711)
+    os.chmod(path, mode)
 
 
 def remove_stale_dirs(work_dir: Path) -> None:

@@ -171,3 +171,29 @@ def test_fork_servers_die_with_their_worker() -> None:
         what="the fork servers to exit",
     )
     assert Path(config.paths.work_dir).exists()
+
+
+def test_a_strict_umask_does_not_lock_sandboxes_out(tmp_path: Path) -> None:
+    old = os.umask(0o027)  # systemd's UMask= in the unit file
+    try:
+        base = Path(tempfile.mkdtemp(prefix="nanogrid-umask-"))
+        os.chmod(base, 0o711)
+        config = from_dict(
+            {
+                "runner": "process",
+                "workers": 1,
+                "paths": {
+                    "work_dir": str(base / "new" / "work"),
+                    "code_cache_dir": str(tmp_path / "c"),
+                    "outbox_dir": str(tmp_path / "o"),
+                },
+            }
+        )
+        r = ProcessRunner(config, 0)
+        try:
+            out, _ = run(r, "print('reachable')")
+        finally:
+            r.close()
+    finally:
+        os.umask(old)
+    assert out.stdout == b"reachable\n"
