@@ -56,6 +56,7 @@ def run(
     assert isinstance(sandbox, ProcessSandbox)
     if sandbox.code_key != key:
         (sandbox.code_dir / "main.py").write_text(code)
+        (sandbox.code_dir / "main.py").chmod(0o644)  # as supervisor.unpack leaves it
         sandbox.code_key = key
     invocation = Invocation(
         "r", "f", ("python3", "main.py"), stdin, memory_mb, timeout_ms, 10_000, 32
