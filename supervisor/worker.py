@@ -80,11 +80,7 @@ class Worker:
                     logger.warning(f"[SQS] {exc}; retrying in {delay}s")
                     self._sleep(delay)
                     continue
-                for message in messages:
-                    if self.stopping:
-                        self._release(message)
-                    else:
-                        self.handle(message)
+                self.dispatch(messages)
         finally:
             self.shutdown()
         return EXIT_OK
@@ -134,6 +130,14 @@ class Worker:
         self.runner.close()
         self.metrics.close()
         self.store.close()
+
+    def dispatch(self, messages: list[Message]) -> None:
+        """Run what was received; once told to stop, hand the rest back to the queue at once."""
+        for message in messages:
+            if self.stopping:
+                self._release(message)
+            else:
+                self.handle(message)
 
     # -- one message ------------------------------------------------------------------------
 

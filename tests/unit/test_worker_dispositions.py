@@ -25,10 +25,14 @@ class FakeQueue:
     def __init__(self) -> None:
         self.deleted: list[str] = []
         self.dead: list[str] = []
+        self.released: list[str] = []
         self.dlq_down = False
 
     def delete(self, m: Message) -> None:
         self.deleted.append(m.message_id)
+
+    def release(self, m: Message) -> None:
+        self.released.append(m.message_id)
 
     def dead_letter(self, m: Message, reason: str) -> None:
         if self.dlq_down:
@@ -182,3 +186,12 @@ def test_duplicate_is_republished_not_run() -> None:
     worker.handle(message())
     assert worker.store.published == [{"requestId": "r1", "status": "SUCCESS"}]
     assert worker.queue.deleted == ["m1"] and runner.released == 0
+
+
+def test_messages_received_after_sigterm_are_released_not_run() -> None:
+    runner = FakeRunner(error=AssertionError("must not run"))
+    worker = make_worker(runner=runner)
+    worker.stopping = True  # SIGTERM arrived while the long poll was returning
+    worker.dispatch([message(), Message("m2", "rh2", "{}", 1)])
+    assert worker.queue.released == ["m1", "m2"]
+    assert worker.queue.deleted == [] and worker.store.published == []

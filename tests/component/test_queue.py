@@ -1,0 +1,72 @@
+"""TaskQueue against moto_server: attempts, release, heartbeats, dead letters, outages."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from supervisor.config import QueueConfig
+from supervisor.queue import QueueUnavailable, TaskQueue, VisibilityHeartbeat
+
+
+def make_queue(aws: Any, **changes: Any) -> TaskQueue:
+    settings = {
+        "url": aws.new_queue("q"),
+        "wait_time_seconds": 1,
+        "visibility_timeout_seconds": 30,
+        **changes,
+    }
+    return TaskQueue(QueueConfig(**settings))
+
+
+def test_attempt_counts_receives_and_release_returns_the_message_at_once(aws: Any) -> None:
+    queue = make_queue(aws)
+    aws.sqs().send_message(QueueUrl=queue.config.url, MessageBody="hello")
+    (first,) = queue.receive()
+    assert (first.body, first.attempt) == ("hello", 1)
+    assert queue.receive() == []  # invisible for 30 s ...
+    queue.release(first)
+    (again,) = queue.receive()  # ... unless released
+    assert again.attempt == 2 and again.message_id == first.message_id
+    queue.delete(again)
+    assert queue.receive() == []
+
+
+def test_heartbeat_keeps_a_long_run_invisible(aws: Any) -> None:
+    queue = make_queue(aws, visibility_timeout_seconds=2)
+    aws.sqs().send_message(QueueUrl=queue.config.url, MessageBody="long run")
+    (message,) = queue.receive()
+    heartbeat = VisibilityHeartbeat(queue)
+    try:
+        heartbeat.track(message)
+        time.sleep(3.5)  # well past the 2 s visibility timeout
+        assert queue.receive(wait_seconds=0) == []
+        heartbeat.track(None)
+        time.sleep(2.5)
+        (back,) = queue.receive(wait_seconds=1)
+        assert back.message_id == message.message_id
+    finally:
+        heartbeat.stop()
+
+
+def test_dead_letter_copies_body_and_reason(aws: Any) -> None:
+    dlq = aws.new_queue("dlq")
+    queue = make_queue(aws, dead_letter_url=dlq)
+    aws.sqs().send_message(QueueUrl=queue.config.url, MessageBody="not json")
+    (message,) = queue.receive()
+    queue.dead_letter(message, "message body is not JSON")
+    reply = aws.sqs().receive_message(QueueUrl=dlq, MessageAttributeNames=["All"])
+    (copy,) = reply["Messages"]
+    assert copy["Body"] == "not json"
+    attributes = copy["MessageAttributes"]
+    assert attributes["nanogridError"]["StringValue"] == "message body is not JSON"
+    assert attributes["originalMessageId"]["StringValue"] == message.message_id
+
+
+def test_unreachable_queue_is_one_clear_error(aws: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    queue = make_queue(aws)
+    with pytest.raises(QueueUnavailable, match="SQS get_queue_attributes failed"):
+        queue.check()
