@@ -73,6 +73,20 @@ class TaskQueue:
     def delete(self, message: Message) -> None:
         self._call("delete_message", QueueUrl=self.config.url, ReceiptHandle=message.receipt_handle)
 
+    def delete_batch(self, messages: list[Message]) -> None:
+        """Delete up to 10 messages in one call; raise QueueUnavailable naming any that failed."""
+        reply = self._call(
+            "delete_message_batch",
+            QueueUrl=self.config.url,
+            Entries=[
+                {"Id": str(i), "ReceiptHandle": m.receipt_handle} for i, m in enumerate(messages)
+            ],
+        )
+        failed = reply.get("Failed", [])
+        if failed:
+            ids = ", ".join(messages[int(f["Id"])].message_id for f in failed)
+            raise QueueUnavailable(f"SQS could not delete {ids}: {failed[0].get('Message', '')}")
+
     def release(self, message: Message) -> None:
         """Make the message visible again at once (we will not run it)."""
         self.extend(message, 0)
@@ -141,3 +155,44 @@ class VisibilityHeartbeat:
                     logger.debug(f"[SQS] visibility of {message.message_id} extended")
                 except QueueUnavailable as exc:
                     logger.warning(f"[SQS] could not extend visibility: {exc}")
+
+
+class BatchDeleter:
+    """Deletes handled messages in the background, up to 10 per DeleteMessageBatch call.
+
+    The worker moves on to its next receive instead of waiting for a delete round trip. A
+    delete lost to a crash only brings the message back, and then its stored result is
+    re-published, not re-run. ``close`` sends what is still pending.
+    """
+
+    def __init__(self, queue: TaskQueue) -> None:
+        self._queue = queue
+        self._pending: list[Message] = []
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="sqs-delete", daemon=True)
+        self._thread.start()
+
+    def delete(self, message: Message) -> None:
+        with self._cond:
+            self._pending.append(message)
+            self._cond.notify()
+
+    def close(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._closed:
+                    self._cond.wait()
+                if not self._pending:
+                    return
+                batch, self._pending = self._pending[:10], self._pending[10:]
+            try:
+                self._queue.delete_batch(batch)
+            except QueueUnavailable as exc:  # they come back; their stored results stop a re-run
+                logger.warning(f"[SQS] {exc}")

@@ -28,7 +28,7 @@ from .config import Config
 from .errors import InternalError, ResultStoreUnavailable, TaskError
 from .exitcodes import EXIT_BOOT_ERROR, EXIT_OK
 from .metrics import MetricsPublisher
-from .queue import Message, QueueUnavailable, TaskQueue, VisibilityHeartbeat
+from .queue import BatchDeleter, Message, QueueUnavailable, TaskQueue, VisibilityHeartbeat
 from .resultstore import ResultStore
 from .unpack import extract
 
@@ -98,6 +98,7 @@ class Worker:
         self.metrics = MetricsPublisher(config.cloudwatch)
         self.history = autotuner.PeakHistory(self.store.client, config.autotuner)
         self.visibility = VisibilityHeartbeat(self.queue)
+        self.deleter = BatchDeleter(self.queue)
         self.runner = create_runner(config, self.index)
         self._runner_ready = True
         logger.info(
@@ -127,6 +128,7 @@ class Worker:
     def shutdown(self) -> None:
         logger.info(f"worker {self.index} draining")
         self.visibility.stop()
+        self.deleter.close()
         self.runner.close()
         self.metrics.close()
         self.store.close()
@@ -319,10 +321,7 @@ class Worker:
             return False
 
     def _delete(self, message: Message) -> None:
-        try:
-            self.queue.delete(message)
-        except QueueUnavailable as exc:  # it comes back; the stored result stops a second run
-            logger.warning(f"[SQS] could not delete {message.message_id}: {exc}")
+        self.deleter.delete(message)
 
     def _release(self, message: Message) -> None:
         try:

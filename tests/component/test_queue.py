@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from supervisor.config import QueueConfig
-from supervisor.queue import QueueUnavailable, TaskQueue, VisibilityHeartbeat
+from supervisor.queue import BatchDeleter, QueueUnavailable, TaskQueue, VisibilityHeartbeat
 
 
 def make_queue(aws: Any, **changes: Any) -> TaskQueue:
@@ -70,3 +70,21 @@ def test_unreachable_queue_is_one_clear_error(aws: Any, monkeypatch: pytest.Monk
     queue = make_queue(aws)
     with pytest.raises(QueueUnavailable, match="SQS get_queue_attributes failed"):
         queue.check()
+
+
+def test_batch_deleter_deletes_everything_by_close(aws: Any) -> None:
+    queue = make_queue(aws)
+    for i in range(12):
+        aws.sqs().send_message(QueueUrl=queue.config.url, MessageBody=str(i))
+    received = []
+    while len(received) < 12:
+        received += queue.receive(10)
+    deleter = BatchDeleter(queue)
+    for message in received:
+        deleter.delete(message)
+    deleter.close()
+    attrs = aws.sqs().get_queue_attributes(
+        QueueUrl=queue.config.url,
+        AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
+    )["Attributes"]
+    assert sum(int(v) for v in attrs.values()) == 0

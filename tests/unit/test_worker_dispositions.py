@@ -109,6 +109,7 @@ class FakeVisibility:
 def make_worker(codes: FakeCodes | None = None, runner: FakeRunner | None = None) -> Worker:
     worker = Worker(from_dict({"queue": {"max_attempts": 3}}), 0)
     worker.queue = FakeQueue()  # type: ignore[assignment]
+    worker.deleter = worker.queue  # type: ignore[assignment]
     worker.store = FakeStore()  # type: ignore[assignment]
     worker.codes = codes or FakeCodes()  # type: ignore[assignment]
     worker.runner = runner or FakeRunner()  # type: ignore[assignment]
