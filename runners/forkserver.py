@@ -199,10 +199,13 @@ def warm_up(directory: str) -> None:
     path as "not a zip" and a real zipped main.py would break.
     """
     script = os.path.join(directory, "nanogrid-warmup.py")
-    with open(script, "w") as f:
-        f.write("pass\n")
-    runpy.run_path(script)
-    os.unlink(script)
+    try:
+        with open(script, "w") as f:
+            f.write("pass\n")
+        runpy.run_path(script)
+        os.unlink(script)
+    except OSError:
+        pass  # an unwritable directory only costs the first run its lazy imports
     gc.collect()
     gc.freeze()
 
@@ -216,12 +219,12 @@ def main(argv: list) -> int:
         die_with_parent(parent)
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     os.umask(0o077)
+    warm_up(os.path.dirname(path))  # before the socket appears: its existence means ready
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     if os.path.exists(path):
         os.unlink(path)
     listener.bind(path)
     listener.listen(1)
-    warm_up(os.path.dirname(path))
     ready = options.get("ready_fd")
     if ready is not None:
         os.write(ready, b"ready\n")
