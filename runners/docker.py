@@ -572,11 +572,7 @@ class DockerRunner(Runner):
     def _remove_dead_workers_containers(self) -> None:
         """Remove containers of this agent whose worker process is gone (e.g. SIGKILLed)."""
         try:
-            found = self._api().api.containers(
-                all=True, filters={"label": f"{AGENT_LABEL}={agent_id()}"}
-            )
-            dead = [c for c in found if not _pid_alive(c["Labels"].get(PID_LABEL, ""))]
-            removed = _remove_listed(self._api(), dead)
+            removed = _remove_orphans(self._api())
         except UNREACHABLE as exc:
             raise SandboxError(describe(exc)) from None
         if removed:
@@ -607,16 +603,25 @@ def _remove_listed(api: docker.DockerClient, listed: list[dict[str, Any]]) -> in
     return len(listed)
 
 
+def _remove_orphans(api: docker.DockerClient) -> int:
+    """Remove this host's agent containers whose worker process is gone."""
+    found = api.api.containers(all=True, filters={"label": f"{AGENT_LABEL}={agent_id()}"})
+    return _remove_listed(api, [c for c in found if not _pid_alive(c["Labels"].get(PID_LABEL, ""))])
+
+
 def remove_agent_containers() -> int:
-    """Remove every container of this agent on this host (at agent start and stop)."""
+    """Remove the containers of exited workers of this host's agent (at agent start and stop).
+
+    At start they are an earlier agent's leftovers; after a drain, the workers are gone. A
+    live worker's containers (another agent or test run on the host) are left alone.
+    """
     try:
         api = docker.from_env(timeout=DOCKER_TIMEOUT_S)
     except UNREACHABLE as exc:
         logger.warning(f"[DOCKER] cannot look for leftover containers: {describe(exc)}")
         return 0
     try:
-        found = api.api.containers(all=True, filters={"label": f"{AGENT_LABEL}={agent_id()}"})
-        return _remove_listed(api, found)
+        return _remove_orphans(api)
     except UNREACHABLE as exc:
         logger.warning(f"[DOCKER] cannot remove leftover containers: {describe(exc)}")
         return 0

@@ -1,0 +1,190 @@
+"""The e2e tier's agent: bin/nanogrid-supervisor as a real process in its own session.
+
+`Agent` gives each test a supervisor on a fresh queue, bucket and Redis database, in a
+directory of its own; the `agents` fixture (conftest.py) SIGKILLs their sessions at teardown.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+import redis
+import yaml
+from helpers import wait_until
+
+from supervisor.invoke import invoke, zip_function
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = ROOT / "bin" / "nanogrid-supervisor"
+DRAIN_TIMEOUT_S = 10
+
+
+class Agent:
+    """One supervisor on a fresh queue, bucket and Redis database, in a directory of its own."""
+
+    def __init__(self, aws: Any, redis_url: str, **settings: Any) -> None:
+        self.aws = aws
+        # Sandbox users must be able to reach work_dir: not under pytest's 0700 tmp_path.
+        self.base = Path(tempfile.mkdtemp(prefix="nanogrid-e2e-"))
+        os.chmod(self.base, 0o711)
+        self.config_path = self.base / "agent.yaml"
+        self.log = self.base / "agent.log"
+        self.queue_url = aws.new_queue("e2e", visibility_timeout=2)
+        self.bucket = aws.new_bucket("e2e")
+        self.redis = redis.Redis.from_url(redis_url)
+        self.settings: dict[str, Any] = {
+            "workers": 2,
+            "runner": "process",
+            "drain_timeout_seconds": DRAIN_TIMEOUT_S,
+            "queue": {
+                "url": self.queue_url,
+                "wait_time_seconds": 1,
+                "visibility_timeout_seconds": 2,
+            },
+            "redis": {"url": redis_url},
+            "http": {"host": "127.0.0.1", "port": 0},
+            "runtimes": {"python": {"warm": 2}},
+            "paths": {
+                "code_cache_dir": str(self.base / "cache"),
+                "work_dir": str(self.base / "work"),
+                "outbox_dir": str(self.base / "outbox"),
+            },
+            "cloudwatch": {"enabled": False},
+            "log": {"level": "INFO", "file": str(self.log)},
+            **settings,
+        }
+        self.write_config()
+        self.process: subprocess.Popen[bytes] | None = None
+        self.port = 0
+
+    def write_config(self, **changes: Any) -> None:
+        self.settings.update(changes)
+        self.config_path.write_text(yaml.safe_dump(self.settings))
+
+    def start(self, wait_for_workers: bool = True) -> Agent:
+        with (self.base / "stderr.log").open("ab") as stderr:
+            self.process = subprocess.Popen(
+                [sys.executable, str(BIN), "-c", str(self.config_path)],
+                cwd=self.base,
+                stdin=subprocess.DEVNULL,
+                stdout=stderr,
+                stderr=stderr,
+                start_new_session=True,
+            )
+        self.port = int(self.wait_for_log(r"\[HTTP\] listening on 127\.0\.0\.1:(\d+)").group(1))
+        if wait_for_workers:
+            self.wait_for_workers(self.settings["workers"])
+        return self
+
+    def wait_for_log(self, pattern: str, timeout: float = 20) -> re.Match[str]:
+        return wait_until(
+            lambda: re.search(pattern, self.log.read_text()),
+            timeout=timeout,
+            interval=0.02,
+            what=f"a log line like {pattern!r}",
+        )
+
+    def status(self) -> dict[str, Any]:
+        url = f"http://127.0.0.1:{self.port}/status"
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            return json.loads(reply.read())
+
+    def alive(self) -> dict[int, int]:
+        """Worker id -> pid of the workers booted and running."""
+        return {w["id"]: w["pid"] for w in self.status()["workers"] if w["alive"]}
+
+    def wait_for_workers(
+        self, count: int, without: set[int] = frozenset(), timeout: float = 20
+    ) -> dict[int, int]:
+        def ready() -> dict[int, int] | None:
+            alive = self.alive()
+            fresh = len(alive) == count and not set(alive.values()) & without
+            return alive if fresh and len(self.status()["workers"]) == count else None
+
+        return wait_until(
+            ready,
+            timeout=timeout,
+            interval=0.02,
+            what=f"{count} workers alive (not {sorted(without)})",
+        )
+
+    def deploy(self, source: Path | str) -> str:
+        code = zip_function(source) if isinstance(source, Path) else _zip({"main.py": source})
+        key = f"functions/f-{uuid.uuid4().hex[:8]}/v1.zip"
+        self.aws.s3().put_object(Bucket=self.bucket, Key=key, Body=code)
+        return key
+
+    def task(self, key: str) -> dict[str, Any]:
+        return {
+            "requestId": f"req-{uuid.uuid4().hex}",
+            "functionId": "fn",
+            "runtime": "python",
+            "s3Bucket": self.bucket,
+            "s3Key": key,
+        }
+
+    def call(self, key: str, timeout: float = 20) -> dict[str, Any]:
+        result = invoke(self.aws.sqs(), self.redis, self.queue_url, self.task(key), timeout)
+        assert result is not None, f"no result within {timeout}s"
+        return result
+
+    def send(self, key: str) -> str:
+        task = self.task(key)
+        self.aws.sqs().send_message(QueueUrl=self.queue_url, MessageBody=json.dumps(task))
+        return task["requestId"]
+
+    def result(self, request_id: str, timeout: float = 30) -> dict[str, Any]:
+        stored = wait_until(
+            lambda: self.redis.get(f"result:{request_id}"),
+            timeout=timeout,
+            what=f"the result of {request_id}",
+        )
+        return json.loads(stored)
+
+    def signal(self, signum: int) -> None:
+        assert self.process is not None
+        os.kill(self.process.pid, signum)
+
+    def leftovers(self) -> list[str]:
+        """Command lines of processes still running from this agent's directory."""
+        found = []
+        for proc in Path("/proc").iterdir():
+            with contextlib.suppress(OSError):
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                if str(self.base) in cmdline and state != "Z":
+                    found.append(f"{proc.name}: {cmdline}")
+        return found
+
+    def close(self) -> None:
+        if self.process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        for line in self.leftovers():  # sandboxes live in sessions of their own
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(line.split(":")[0]), signal.SIGKILL)
+        self.redis.close()
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+def _zip(files: dict[str, str]) -> bytes:
+    directory = Path(tempfile.mkdtemp())
+    try:
+        for name, text in files.items():
+            (directory / name).write_text(text)
+        return zip_function(directory)
+    finally:
+        shutil.rmtree(directory)
