@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .forkclient import RawRun
 
 
 @dataclass(frozen=True)
@@ -23,6 +27,17 @@ class Invocation:
     timeout_ms: int
     max_output_bytes: int
     max_pids: int
+
+    def environment(self, path: str, home: str) -> dict[str, str]:
+        """The function's whole environment (the contract): nothing of the host's."""
+        return {
+            "NANOGRID_REQUEST_ID": self.request_id,
+            "NANOGRID_FUNCTION_ID": self.function_id,
+            "NANOGRID_MEMORY_MB": str(self.memory_mb),
+            "PATH": path,
+            "HOME": home,
+            "LANG": "C.UTF-8",
+        }
 
 
 @dataclass
@@ -41,6 +56,24 @@ class RunOutcome:
     peak_memory_bytes: int
     peak_source: str
     """Which reader measured the peak: ``cgroup-v1``, ``cgroup-v2``, ``rusage`` or ``psutil``."""
+
+    @classmethod
+    def from_raw(
+        cls, raw: RawRun, *, exit_code: int | None, oom_killed: bool, peak: int, source: str
+    ) -> RunOutcome:
+        """A fork-server run as the worker sees it, with the runner's verdict and measurement."""
+        return cls(
+            exit_code=exit_code,
+            timed_out=raw.timed_out,
+            oom_killed=oom_killed,
+            stdout=raw.stdout,
+            stderr=raw.stderr,
+            stdout_truncated=raw.stdout_truncated,
+            stderr_truncated=raw.stderr_truncated,
+            duration_ms=raw.duration_ms,
+            peak_memory_bytes=peak,
+            peak_source=source,
+        )
 
 
 @dataclass(eq=False)

@@ -63,6 +63,7 @@ CONTROL_MOUNT = "/nanogrid/control"
 SERVER_MOUNT = "/nanogrid/forkserver.py"
 CODE_MOUNT = "/code"
 CODE_SUBDIR = "function"
+CONTAINER_PATH = "/usr/local/bin:/usr/bin:/bin"
 SOCKET_NAME = "forkserver.sock"
 EXTRA_PIDS = 2
 """docker-init and the fork server count against the container's pids limit too."""
@@ -272,14 +273,7 @@ class DockerRunner(Runner):
         except (OSError, *UNREACHABLE) as exc:
             sandbox.healthy = False
             raise SandboxError(f"cannot set the container's limits: {describe(exc)}") from None
-        env = {
-            "NANOGRID_REQUEST_ID": invocation.request_id,
-            "NANOGRID_FUNCTION_ID": invocation.function_id,
-            "NANOGRID_MEMORY_MB": str(invocation.memory_mb),
-            "PATH": "/usr/local/bin:/usr/bin:/bin",
-            "HOME": "/tmp",
-            "LANG": "C.UTF-8",
-        }
+        env = invocation.environment(CONTAINER_PATH, "/tmp")
         started = time.monotonic()
         try:
             raw = sandbox.client.run(
@@ -326,17 +320,8 @@ class DockerRunner(Runner):
         peak, source = raw.maxrss_bytes, "rusage"  # v2 without a resettable peak, or no cgroup
         if measured is not None and memory is not None:
             peak, source = measured, memory.source
-        return RunOutcome(
-            exit_code=exit_code,
-            timed_out=raw.timed_out,
-            oom_killed=oom,
-            stdout=raw.stdout,
-            stderr=raw.stderr,
-            stdout_truncated=raw.stdout_truncated,
-            stderr_truncated=raw.stderr_truncated,
-            duration_ms=raw.duration_ms,
-            peak_memory_bytes=peak,
-            peak_source=source,
+        return RunOutcome.from_raw(
+            raw, exit_code=exit_code, oom_killed=oom, peak=peak, source=source
         )
 
     @staticmethod

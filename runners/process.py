@@ -146,14 +146,7 @@ class ProcessRunner(Runner):
         except OSError as exc:
             sandbox.healthy = False
             raise SandboxError(f"cannot set the sandbox limits: {exc}") from None
-        env = {
-            "NANOGRID_REQUEST_ID": invocation.request_id,
-            "NANOGRID_FUNCTION_ID": invocation.function_id,
-            "NANOGRID_MEMORY_MB": str(invocation.memory_mb),
-            "PATH": self._config.process.path,
-            "HOME": str(sandbox.home),
-            "LANG": "C.UTF-8",
-        }
+        env = invocation.environment(self._config.process.path, str(sandbox.home))
         try:
             raw = sandbox.client.run(
                 argv=list(launch.argv),
@@ -182,17 +175,8 @@ class ProcessRunner(Runner):
             oom = True
         if raw.timed_out or oom:
             sandbox.healthy = False
-        return RunOutcome(
-            exit_code=exit_code,
-            timed_out=raw.timed_out,
-            oom_killed=oom,
-            stdout=raw.stdout,
-            stderr=raw.stderr,
-            stdout_truncated=raw.stdout_truncated,
-            stderr_truncated=raw.stderr_truncated,
-            duration_ms=raw.duration_ms,
-            peak_memory_bytes=peak,
-            peak_source=source,
+        return RunOutcome.from_raw(
+            raw, exit_code=exit_code, oom_killed=oom, peak=peak, source=source
         )
 
     def _create(self, runtime: str) -> ProcessSandbox:
