@@ -1,0 +1,1 @@
+"""The NanoGrid worker agent: supervisor, workers and their adapters (see README.md)."""
