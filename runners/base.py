@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .forkclient import RawRun
+    from .pool import WarmPool
 
 
 @dataclass(frozen=True)
@@ -116,3 +117,22 @@ class Runner:
     def pool_stats(self) -> dict[str, dict[str, int]]:
         """Per runtime: ``warm`` (idle, ready) and ``busy`` sandboxes."""
         raise NotImplementedError
+
+
+class PooledRunner(Runner):
+    """A runner whose sandboxes come from one WarmPool per runtime (``self.pools``)."""
+
+    pools: dict[str, WarmPool]
+
+    def acquire(self, runtime: str, code_key: str) -> Sandbox:
+        return self.pools[runtime].acquire(code_key)
+
+    def release(self, sandbox: Sandbox) -> None:
+        self.pools[sandbox.runtime].release(sandbox)
+
+    def pool_stats(self) -> dict[str, dict[str, int]]:
+        return {name: pool.stats() for name, pool in self.pools.items()}
+
+    def close_pools(self) -> None:
+        for pool in self.pools.values():
+            pool.close()

@@ -45,7 +45,7 @@ from requests.exceptions import RequestException
 from supervisor.config import Config, MiB
 from supervisor.errors import ConfigError, SandboxError
 
-from .base import Invocation, Runner, RunOutcome, Sandbox
+from .base import Invocation, PooledRunner, RunOutcome, Sandbox
 from .forkclient import FORKSERVER_SOURCE, ForkServerClient
 from .memory import CGROUP_ROOT, CgroupMemory, CgroupV1Memory, CgroupV2Memory
 from .pool import WarmPool
@@ -194,7 +194,7 @@ def parse_user(user: str) -> tuple[int, int]:
     return int(uid), int(gid or uid)
 
 
-class DockerRunner(Runner):
+class DockerRunner(PooledRunner):
     name = "docker"
     marker = "[DOCKER]"
 
@@ -220,7 +220,7 @@ class DockerRunner(Runner):
         self._reaper.start()
         with contextlib.suppress(SandboxError):  # an engine that is away now is retried later
             self._remove_dead_workers_containers()
-        self._pools = {
+        self.pools = {
             name: WarmPool(
                 name,
                 warm_share(rt.warm, config.workers, worker_index),
@@ -234,7 +234,7 @@ class DockerRunner(Runner):
         }
 
     def acquire(self, runtime: str, code_key: str) -> Sandbox:
-        pool = self._pools[runtime]
+        pool = self.pools[runtime]
         while True:  # bounded: a dead sandbox is destroyed, and a cold one is alive or raises
             sandbox = pool.acquire(code_key)
             assert isinstance(sandbox, DockerSandbox)
@@ -242,15 +242,8 @@ class DockerRunner(Runner):
                 return sandbox
             pool.release(sandbox)
 
-    def release(self, sandbox: Sandbox) -> None:
-        self._pools[sandbox.runtime].release(sandbox)
-
-    def pool_stats(self) -> dict[str, dict[str, int]]:
-        return {name: pool.stats() for name, pool in self._pools.items()}
-
     def close(self) -> None:
-        for pool in self._pools.values():
-            pool.close()
+        self.close_pools()
         self._doomed.put(None)
         self._reaper.join()
         if self._unremoved:

@@ -24,7 +24,7 @@ from loguru import logger
 from supervisor.config import Config, MiB, RuntimeConfig
 from supervisor.errors import ConfigError, SandboxError
 
-from .base import Invocation, Runner, RunOutcome, Sandbox
+from .base import Invocation, PooledRunner, RunOutcome, Sandbox
 from .cgroups import SandboxCgroup, SandboxCgroups, owner_gone, owner_group
 from .forkclient import FORKSERVER_SOURCE, ForkServerClient
 from .pool import WarmPool
@@ -78,7 +78,7 @@ def resolve_launch(runtime: RuntimeConfig, path: str) -> Launch:
     return Launch(interpreter=sys.executable, python=False, argv=(program, *runtime.command[1:]))
 
 
-class ProcessRunner(Runner):
+class ProcessRunner(PooledRunner):
     name = "process"
     marker = "[PROCESS]"
 
@@ -98,7 +98,7 @@ class ProcessRunner(Runner):
         self._launch = {
             name: resolve_launch(rt, config.process.path) for name, rt in config.runtimes.items()
         }
-        self._pools = {
+        self.pools = {
             name: WarmPool(
                 name,
                 warm_share(rt.warm, config.workers, worker_index),
@@ -110,18 +110,8 @@ class ProcessRunner(Runner):
             for name, rt in config.runtimes.items()
         }
 
-    def acquire(self, runtime: str, code_key: str) -> Sandbox:
-        return self._pools[runtime].acquire(code_key)
-
-    def release(self, sandbox: Sandbox) -> None:
-        self._pools[sandbox.runtime].release(sandbox)
-
-    def pool_stats(self) -> dict[str, dict[str, int]]:
-        return {name: pool.stats() for name, pool in self._pools.items()}
-
     def close(self) -> None:
-        for pool in self._pools.values():
-            pool.close()
+        self.close_pools()
         if self._cgroups.available:
             self._cgroups.remove_all()
         shutil.rmtree(self._base_dir, ignore_errors=True)
