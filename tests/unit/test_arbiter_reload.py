@@ -27,7 +27,12 @@ def test_sighup_to_a_different_worker_count(agent: FakeAgent) -> None:
     agent.write_config(workers=3)
     agent.signal(signal.SIGHUP)
     new = wait_until(lambda: len(p := agent.running_pids() - old) == 3 and p, timeout=10)
-    status = agent.status()
+    # /status is a snapshot of the arbiter's last turn: it may trail the processes a little.
+    def caught_up() -> dict | None:
+        status = agent.status()
+        return status if {w["pid"] for w in status["workers"]} == new else None
+
+    status = wait_until(caught_up, timeout=5)
     assert [w["id"] for w in status["workers"]] == [0, 1, 2]
     assert {w["pid"] for w in status["workers"]} == new
     assert all(w["restarts"] == 0 for w in status["workers"])
