@@ -437,12 +437,20 @@ class Bench:
         os.chmod(work_dir, 0o711)  # sandbox users must pass through it
         return {
             "workers": workers,
-            "runner": "process",
+            "runner": self.args.runner,
             "drain_timeout_seconds": 10,
             "queue": {"url": queue_url, "wait_time_seconds": 20, "visibility_timeout_seconds": 30},
             "redis": {"url": self.redis_server.url},
             "http": {"host": "127.0.0.1", "port": free_port()},
-            "runtimes": {"python": {"command": ["python3", "main.py"], "warm": self.args.warm}},
+            "runtimes": {
+                "python": {
+                    "command": ["python3", "main.py"],
+                    "warm": self.args.warm,
+                    "image": self.args.image,
+                }
+            },
+            # AF_UNIX socket paths are short: the containers' host dirs sit high in the tree.
+            "docker": {"socket_dir": str(self.workdir / f"sb-{work_dir.name[-6:]}")},
             "paths": {
                 "code_cache_dir": str(work_dir / "cache"),
                 "work_dir": str(work_dir / "sandboxes"),
@@ -835,6 +843,17 @@ def main(argv: list[str] | None = None) -> int:
         "--warm", type=int, default=4, help="agent: warm python sandboxes (default 4)"
     )
     parser.add_argument(
+        "--runner",
+        choices=("process", "docker"),
+        default="process",
+        help="agent: the runner (default process; docker needs the engine and --image)",
+    )
+    parser.add_argument(
+        "--image",
+        default="nanogrid/python:3.11-bookworm",
+        help="agent, docker runner: the runtime image (default the locally built one)",
+    )
+    parser.add_argument(
         "--systems",
         default=",".join(SYSTEMS),
         help=f"which to measure, in this order (default {','.join(SYSTEMS)})",
@@ -867,7 +886,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
     load_before = os.getloadavg()[0]
-    workdir = Path(tempfile.mkdtemp(prefix="nanogrid-bench-"))
+    workdir = Path(tempfile.mkdtemp(prefix="ngb-"))  # short: AF_UNIX paths under it
     os.chmod(workdir, 0o711)  # sandbox users pass through to their directories
     bench = Bench(args, workdir)
     reports: dict[str, Report] = {}
