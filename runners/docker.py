@@ -214,7 +214,8 @@ class DockerRunner(PooledRunner):
         self._docker: docker.DockerClient | None = None
         self._docker_lock = threading.Lock()
         self._unremoved: set[str] = set()
-        """Containers whose removal failed (engine away); retried before each create."""
+        """Containers (ids or names) whose removal failed (engine away); retried before each
+        create and on close."""
         self._doomed: queue.SimpleQueue[DockerSandbox | None] = queue.SimpleQueue()
         self._reaper = threading.Thread(target=self._reap, name="docker-reaper", daemon=True)
         self._reaper.start()
@@ -430,6 +431,10 @@ class DockerRunner(PooledRunner):
             raise SandboxError(
                 f"image {image} is not on this host (docker pull it, or bin/nanogrid-build-images)"
             ) from None
+        except UNREACHABLE:
+            # The engine may have made it before its answer was lost: remove it by its name.
+            self._remove_container(name)
+            raise
         try:
             container.start()
             container.reload()
@@ -530,22 +535,23 @@ class DockerRunner(PooledRunner):
                 self._remove_container(sandbox.container.id)
             shutil.rmtree(sandbox.root, ignore_errors=True)
 
-    def _remove_container(self, container_id: str) -> None:
+    def _remove_container(self, container: str) -> None:
+        """Force-remove a container by id or name; remember it for a retry if that fails."""
         try:
-            self._api().api.remove_container(container_id, force=True)
-            self._unremoved.discard(container_id)
+            self._api().api.remove_container(container, force=True)
+            self._unremoved.discard(container)
         except NotFound:
-            self._unremoved.discard(container_id)
+            self._unremoved.discard(container)
         except (SandboxError, *UNREACHABLE) as exc:
-            self._unremoved.add(container_id)
+            self._unremoved.add(container)
             logger.warning(
-                f"{self.marker} cannot remove container {container_id[:12]} now "
+                f"{self.marker} cannot remove container {container[:40]} now "
                 f"({describe(exc)}); will retry"
             )
 
     def _retry_removals(self) -> None:
-        for container_id in list(self._unremoved):
-            self._remove_container(container_id)
+        for container in list(self._unremoved):
+            self._remove_container(container)
 
     def _remove_dead_workers_containers(self) -> None:
         """Remove containers of this agent whose worker process is gone (e.g. SIGKILLed)."""
