@@ -7,11 +7,14 @@ A worker takes a sandbox for a function (``acquire``), puts the function's code 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from supervisor.config import Config
+
     from .forkclient import RawRun
     from .pool import WarmPool
 
@@ -123,6 +126,37 @@ class PooledRunner(Runner):
     """A runner whose sandboxes come from one WarmPool per runtime (``self.pools``)."""
 
     pools: dict[str, WarmPool]
+    marker = "[POOL]"
+
+    def make_pools(
+        self,
+        config: Config,
+        worker_index: int,
+        on_idle: Callable[[Sandbox, float], None] | None = None,
+    ) -> None:
+        """One pool per runtime, sized to this worker's share of its ``warm`` count."""
+        from .pool import WarmPool
+
+        self.pools = {
+            name: WarmPool(
+                name,
+                warm_share(rt.warm, config.workers, worker_index),
+                lambda name=name: self.create(name),
+                self.destroy,
+                idle_expiry_s=config.pool.idle_expiry_seconds,
+                on_idle=on_idle,
+                marker=self.marker,
+            )
+            for name, rt in config.runtimes.items()
+        }
+
+    def create(self, runtime: str) -> Sandbox:
+        """A new generic sandbox of ``runtime`` (called by the pool)."""
+        raise NotImplementedError
+
+    def destroy(self, sandbox: Sandbox) -> None:
+        """Remove a sandbox for good (called by the pool)."""
+        raise NotImplementedError
 
     def acquire(self, runtime: str, code_key: str) -> Sandbox:
         return self.pools[runtime].acquire(code_key)
@@ -136,3 +170,8 @@ class PooledRunner(Runner):
     def close_pools(self) -> None:
         for pool in self.pools.values():
             pool.close()
+
+
+def warm_share(warm: int, workers: int, index: int) -> int:
+    """This worker's slice of a runtime's warm pool size, split evenly across workers."""
+    return warm // workers + (1 if index < warm % workers else 0)

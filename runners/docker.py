@@ -48,8 +48,7 @@ from supervisor.errors import ConfigError, SandboxError
 from .base import Invocation, PooledRunner, RunOutcome, Sandbox
 from .forkclient import FORKSERVER_SOURCE, ForkServerClient
 from .memory import CGROUP_ROOT, CgroupMemory, CgroupV1Memory, CgroupV2Memory
-from .pool import WarmPool
-from .process import Launch, warm_share
+from .process import Launch
 
 AGENT_LABEL = "nanogrid.agent"
 WORKER_LABEL = "nanogrid.worker"
@@ -221,18 +220,7 @@ class DockerRunner(PooledRunner):
         self._reaper.start()
         with contextlib.suppress(SandboxError):  # an engine that is away now is retried later
             self._remove_dead_workers_containers()
-        self.pools = {
-            name: WarmPool(
-                name,
-                warm_share(rt.warm, config.workers, worker_index),
-                lambda name=name: self._create(name),
-                self._destroy,
-                idle_expiry_s=config.pool.idle_expiry_seconds,
-                on_idle=self._on_idle,
-                marker=self.marker,
-            )
-            for name, rt in config.runtimes.items()
-        }
+        self.make_pools(config, worker_index, on_idle=self._on_idle)
 
     def acquire(self, runtime: str, code_key: str) -> Sandbox:
         pool = self.pools[runtime]
@@ -345,7 +333,7 @@ class DockerRunner(PooledRunner):
     def _name(self, runtime: str, pid: int, seq: int) -> str:
         return f"nanogrid-w{self._worker}-{runtime[:16]}-{pid}-{seq}"
 
-    def _create(self, runtime: str) -> DockerSandbox:
+    def create(self, runtime: str) -> DockerSandbox:
         started = time.monotonic()
         api = self._api()
         if self._unremoved:
@@ -364,7 +352,7 @@ class DockerRunner(PooledRunner):
             sandbox.container = self._start_container(api, runtime, name, root)
             self._connect(sandbox)
         except (OSError, psutil.Error, SandboxError, *UNREACHABLE) as exc:
-            self._destroy(sandbox)
+            self.destroy(sandbox)
             reason = describe(exc) if isinstance(exc, UNREACHABLE) else str(exc)
             raise SandboxError(f"cannot start a {runtime} container: {reason}") from None
         logger.debug(
@@ -519,7 +507,7 @@ class DockerRunner(PooledRunner):
             sandbox.container.update(mem_limit=memory_mb * MiB, memswap_limit=memory_mb * MiB)
         sandbox.limit_mb = memory_mb
 
-    def _destroy(self, sandbox: Sandbox) -> None:
+    def destroy(self, sandbox: Sandbox) -> None:
         """Disconnect now; remove in the background, so no worker waits ~100 ms for it."""
         assert isinstance(sandbox, DockerSandbox)
         if sandbox.client is not None:

@@ -27,7 +27,6 @@ from supervisor.errors import ConfigError, SandboxError
 from .base import Invocation, PooledRunner, RunOutcome, Sandbox
 from .cgroups import SandboxCgroup, SandboxCgroups, owner_gone, owner_group
 from .forkclient import FORKSERVER_SOURCE, ForkServerClient
-from .pool import WarmPool
 
 SANDBOX_START_TIMEOUT_S = 10.0
 RLIMIT_AS_HEADROOM = 64 * MiB
@@ -98,17 +97,7 @@ class ProcessRunner(PooledRunner):
         self._launch = {
             name: resolve_launch(rt, config.process.path) for name, rt in config.runtimes.items()
         }
-        self.pools = {
-            name: WarmPool(
-                name,
-                warm_share(rt.warm, config.workers, worker_index),
-                lambda name=name: self._create(name),
-                self._destroy,
-                idle_expiry_s=config.pool.idle_expiry_seconds,
-                marker=self.marker,
-            )
-            for name, rt in config.runtimes.items()
-        }
+        self.make_pools(config, worker_index)
 
     def close(self) -> None:
         self.close_pools()
@@ -169,7 +158,7 @@ class ProcessRunner(PooledRunner):
             raw, exit_code=exit_code, oom_killed=oom, peak=peak, source=source
         )
 
-    def _create(self, runtime: str) -> ProcessSandbox:
+    def create(self, runtime: str) -> ProcessSandbox:
         started = time.monotonic()
         seq = next(self._seq)
         name = f"{runtime}-w{self._worker}-{seq}"
@@ -240,14 +229,14 @@ class ProcessRunner(PooledRunner):
                     raise SandboxError("fork server did not come up")
             sandbox.client = ForkServerClient(socket_path)
         except (OSError, SandboxError) as exc:
-            self._destroy(sandbox)
+            self.destroy(sandbox)
             raise SandboxError(f"cannot start a {runtime} sandbox: {exc}") from None
         logger.debug(
             f"{self.marker} sandbox {name} ready in {(time.monotonic() - started) * 1000:.0f} ms"
         )
         return sandbox
 
-    def _destroy(self, sandbox: Sandbox) -> None:
+    def destroy(self, sandbox: Sandbox) -> None:
         assert isinstance(sandbox, ProcessSandbox)
         if sandbox.client is not None:
             sandbox.client.close()
@@ -284,8 +273,3 @@ def check_traversable(directory: Path) -> None:
                 f"paths.work_dir: sandbox users cannot reach {directory} "
                 f"({part} needs o+x, or pick a work_dir under a traversable directory)"
             )
-
-
-def warm_share(warm: int, workers: int, index: int) -> int:
-    """This worker's slice of a runtime's warm pool size, split evenly across workers."""
-    return warm // workers + (1 if index < warm % workers else 0)
