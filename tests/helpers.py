@@ -10,6 +10,7 @@ cannot fork-bomb the machine.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import time
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+import redis
 
 from supervisor import embedded
 from supervisor.embedded import (
@@ -187,3 +189,50 @@ class PidsCgroup:
         for directory in self._tree():
             directory.rmdir()
         return leftovers
+
+
+class TaskClient:
+    """The controller's side of a test: code to S3, tasks to SQS, results from Redis."""
+
+    def __init__(self, aws: Any, redis_url: str, queue_url: str, bucket: str) -> None:
+        self.aws = aws
+        self.redis = redis.Redis.from_url(redis_url)
+        self.queue_url = queue_url
+        self.bucket = bucket
+
+    def upload(self, code: bytes, key: str | None = None) -> str:
+        key = key or f"functions/f-{uuid.uuid4().hex[:8]}/v1.zip"
+        self.aws.s3().put_object(Bucket=self.bucket, Key=key, Body=code)
+        return key
+
+    def task(self, key: str, **fields: Any) -> dict[str, Any]:
+        return {
+            "requestId": f"req-{uuid.uuid4().hex}",
+            "functionId": "fn",
+            "runtime": "python",
+            "s3Bucket": self.bucket,
+            "s3Key": key,
+            **fields,
+        }
+
+    def call(self, task: dict[str, Any], timeout: float = 30) -> dict[str, Any]:
+        """Subscribe, send, wait: as the controller does."""
+        from supervisor.invoke import invoke
+
+        result = invoke(self.aws.sqs(), self.redis, self.queue_url, task, timeout)
+        assert result is not None, f"no result for {task['requestId']} within {timeout}s"
+        return result
+
+    def send(self, task: dict[str, Any]) -> str:
+        """Send without waiting; returns the requestId."""
+        self.aws.sqs().send_message(QueueUrl=self.queue_url, MessageBody=json.dumps(task))
+        return task["requestId"]
+
+    def result(self, request_id: str, timeout: float = 30) -> dict[str, Any]:
+        """Wait for the stored result of a task sent some other way."""
+        stored = wait_until(
+            lambda: self.redis.get(f"result:{request_id}"),
+            timeout=timeout,
+            what=f"the result of {request_id}",
+        )
+        return json.loads(stored)

@@ -12,18 +12,15 @@ import multiprocessing
 import os
 import signal
 import tempfile
-import uuid
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
-from helpers import wait_until
+from helpers import TaskClient, wait_until
 
 from supervisor.config import Config, from_dict
-from supervisor.invoke import invoke
 
 HELLO = 'print("Hello from NanoGrid!")\n'
 
@@ -36,15 +33,14 @@ def make_zip(files: dict[str, str | bytes]) -> bytes:
     return buffer.getvalue()
 
 
-class Agent:
+class Agent(TaskClient):
     """A worker process on a fresh queue, bucket and Redis database."""
 
     def __init__(self, aws: Any, redis_url: str, tmp: Path, **overrides: Any) -> None:
-        self.aws = aws
-        self.queue_url = aws.new_queue("tasks", visibility_timeout=2)
+        super().__init__(
+            aws, redis_url, aws.new_queue("tasks", visibility_timeout=2), aws.new_bucket("code")
+        )
         self.dlq_url = aws.new_queue("dlq")
-        self.bucket = aws.new_bucket("code")
-        self.redis = redis.Redis.from_url(redis_url)
         work_dir = tempfile.mkdtemp(prefix="nanogrid-work-")  # sandbox users must reach it
         os.chmod(work_dir, 0o711)
         settings: dict[str, Any] = {
@@ -99,33 +95,7 @@ class Agent:
         return self.process.exitcode
 
     def deploy(self, files: dict[str, str | bytes], key: str | None = None) -> str:
-        key = key or f"functions/f-{uuid.uuid4().hex[:8]}/v1.zip"
-        self.aws.s3().put_object(Bucket=self.bucket, Key=key, Body=make_zip(files))
-        return key
-
-    def task(self, key: str, **fields: Any) -> dict[str, Any]:
-        return {
-            "requestId": f"req-{uuid.uuid4().hex}",
-            "functionId": "fn",
-            "runtime": "python",
-            "s3Bucket": self.bucket,
-            "s3Key": key,
-            **fields,
-        }
-
-    def call(self, task: dict[str, Any], timeout: float = 30) -> dict[str, Any]:
-        result = invoke(self.aws.sqs(), self.redis, self.queue_url, task, timeout)
-        assert result is not None, f"no result for {task['requestId']}"
-        return result
-
-    def result(self, request_id: str, timeout: float = 30) -> dict[str, Any]:
-        """Wait for the stored result of a task sent some other way."""
-        stored = wait_until(
-            lambda: self.redis.get(f"result:{request_id}"),
-            timeout=timeout,
-            what=f"the result of {request_id}",
-        )
-        return json.loads(stored)
+        return self.upload(make_zip(files), key)
 
     def send_raw(self, body: str) -> None:
         self.aws.sqs().send_message(QueueUrl=self.queue_url, MessageBody=body)

@@ -16,34 +16,31 @@ import subprocess
 import sys
 import tempfile
 import urllib.request
-import uuid
 from pathlib import Path
 from typing import Any
 
-import redis
 import yaml
-from helpers import wait_until
+from helpers import TaskClient, wait_until
 
-from supervisor.invoke import invoke, zip_function
+from supervisor.invoke import zip_function
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = ROOT / "bin" / "nanogrid-supervisor"
 DRAIN_TIMEOUT_S = 10
 
 
-class Agent:
+class Agent(TaskClient):
     """One supervisor on a fresh queue, bucket and Redis database, in a directory of its own."""
 
     def __init__(self, aws: Any, redis_url: str, **settings: Any) -> None:
-        self.aws = aws
+        super().__init__(
+            aws, redis_url, aws.new_queue("e2e", visibility_timeout=2), aws.new_bucket("e2e")
+        )
         # Sandbox users must be able to reach work_dir: not under pytest's 0700 tmp_path.
         self.base = Path(tempfile.mkdtemp(prefix="nanogrid-e2e-"))
         os.chmod(self.base, 0o711)
         self.config_path = self.base / "agent.yaml"
         self.log = self.base / "agent.log"
-        self.queue_url = aws.new_queue("e2e", visibility_timeout=2)
-        self.bucket = aws.new_bucket("e2e")
-        self.redis = redis.Redis.from_url(redis_url)
         self.settings: dict[str, Any] = {
             "workers": 2,
             "runner": "process",
@@ -121,37 +118,13 @@ class Agent:
         )
 
     def deploy(self, source: Path | str) -> str:
-        code = zip_function(source) if isinstance(source, Path) else _zip({"main.py": source})
-        key = f"functions/f-{uuid.uuid4().hex[:8]}/v1.zip"
-        self.aws.s3().put_object(Bucket=self.bucket, Key=key, Body=code)
-        return key
-
-    def task(self, key: str) -> dict[str, Any]:
-        return {
-            "requestId": f"req-{uuid.uuid4().hex}",
-            "functionId": "fn",
-            "runtime": "python",
-            "s3Bucket": self.bucket,
-            "s3Key": key,
-        }
-
-    def call(self, key: str, timeout: float = 20) -> dict[str, Any]:
-        result = invoke(self.aws.sqs(), self.redis, self.queue_url, self.task(key), timeout)
-        assert result is not None, f"no result within {timeout}s"
-        return result
-
-    def send(self, key: str) -> str:
-        task = self.task(key)
-        self.aws.sqs().send_message(QueueUrl=self.queue_url, MessageBody=json.dumps(task))
-        return task["requestId"]
-
-    def result(self, request_id: str, timeout: float = 30) -> dict[str, Any]:
-        stored = wait_until(
-            lambda: self.redis.get(f"result:{request_id}"),
-            timeout=timeout,
-            what=f"the result of {request_id}",
+        return self.upload(
+            zip_function(source) if isinstance(source, Path) else _zip({"main.py": source})
         )
-        return json.loads(stored)
+
+    def run(self, key: str, timeout: float = 20) -> dict[str, Any]:
+        """Invoke the code at ``key`` and wait for its result."""
+        return self.call(self.task(key), timeout)
 
     def signal(self, signum: int) -> None:
         assert self.process is not None

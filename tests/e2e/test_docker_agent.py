@@ -37,8 +37,8 @@ def test_docker_agent_runs_warm_and_leaves_no_container(
     agent.write_config(docker={"socket_dir": str(agent.base / "sandboxes")})
     agent.start()
     hello = agent.deploy(HELLO)
-    first = agent.call(hello)
-    second = agent.call(hello)
+    first = agent.run(hello)
+    second = agent.run(hello)
     assert first["status"] == second["status"] == "SUCCESS", first
     assert second["stdout"] == "Hello from NanoGrid!\n" and second["coldStart"] is False
     assert second["peakMemoryMB"] < 32 and second["durationMillis"] < 200
@@ -57,7 +57,7 @@ def test_docker_agent_runs_warm_and_leaves_no_container(
         timeout=20,
         what="the killed worker's containers to be removed",
     )
-    assert agent.call(hello)["status"] == "SUCCESS"
+    assert agent.run(hello)["status"] == "SUCCESS"
 
     agent.signal(signal.SIGTERM)
     assert agent.process is not None and agent.process.wait(timeout=30) == 0

@@ -32,15 +32,16 @@ pytestmark = pytest.mark.usefixtures("pids_limited_tests")  # own cgroups for ou
 
 
 def test_killed_worker_is_replaced_and_serving_again_within_2s(
-        agents: Any, record_property: Any) -> None:
+    agents: Any, record_property: Any
+) -> None:
     agent = agents(workers=1).start()
     hello = agent.deploy(HELLO)
-    assert agent.call(hello)["status"] == "SUCCESS"
+    assert agent.run(hello)["status"] == "SUCCESS"
     (victim,) = agent.alive().values()
 
     killed_at = time.monotonic()
     os.kill(victim, signal.SIGKILL)
-    request_id = agent.send(hello)  # waits in the queue for the replacement
+    request_id = agent.send(agent.task(hello))  # waits in the queue for the replacement
     (replacement,) = agent.wait_for_workers(1, without={victim}, timeout=5).values()
     booted_s = time.monotonic() - killed_at
     result = agent.result(request_id, timeout=10)
@@ -52,19 +53,24 @@ def test_killed_worker_is_replaced_and_serving_again_within_2s(
     agent.wait_for_log(rf"worker 0 \(pid {victim}\) was killed by SIGKILL; replacing it in 0s")
     record_property("replacement_booted_s", round(booted_s, 3))
     record_property("replacement_first_result_s", round(served_s, 3))
-    print(f"killed worker: replacement booted in {booted_s:.3f}s, "
-          f"its first result {served_s:.3f}s after the kill")
+    print(
+        f"killed worker: replacement booted in {booted_s:.3f}s, "
+        f"its first result {served_s:.3f}s after the kill"
+    )
     assert booted_s < 2.0, f"replacement booted {booted_s:.2f}s after the kill"
     assert served_s < 2.0, f"first result {served_s:.2f}s after the kill"
 
 
 def test_sigkill_mid_run_the_task_still_completes(agents: Any) -> None:
     agent = agents().start()
-    request_id = agent.send(agent.deploy(SLOW))
+    request_id = agent.send(agent.task(agent.deploy(SLOW)))
     running = wait_until(
-        lambda: next((w for w in agent.status()["workers"]
-                      if w["currentRequestId"] == request_id), None),
-        timeout=15, what="the slow task to start")
+        lambda: next(
+            (w for w in agent.status()["workers"] if w["currentRequestId"] == request_id), None
+        ),
+        timeout=15,
+        what="the slow task to start",
+    )
     os.kill(running["pid"], signal.SIGKILL)
 
     result = agent.result(request_id, timeout=30)  # back after the visibility timeout
@@ -82,7 +88,7 @@ def test_sighup_to_a_different_worker_count(agents: Any) -> None:
     agent.signal(signal.SIGHUP)
     new = agent.wait_for_workers(3, without=old)
     assert sorted(new) == [0, 1, 2]
-    assert agent.call(hello)["status"] == "SUCCESS"
+    assert agent.run(hello)["status"] == "SUCCESS"
     pools = wait_until(lambda: agent.status()["pools"], timeout=5, what="pool stats")
     assert set(pools["python"]) == {"warm", "busy"}
     agent.wait_for_log(r"reloaded .*: 3 workers, runner process")
@@ -95,18 +101,22 @@ def test_sighup_with_a_broken_file_keeps_serving_on_the_old_config(agents: Any) 
     before = agent.alive()
     agent.config_path.write_text("workers: 3\nrunner: podman\n")
     agent.signal(signal.SIGHUP)
-    agent.wait_for_log(r"reload refused, still running on the config loaded at .*: "
-                       r"runner: must be one of docker, process, got 'podman'")
-    assert agent.call(hello)["status"] == "SUCCESS"
+    agent.wait_for_log(
+        r"reload refused, still running on the config loaded at .*: "
+        r"runner: must be one of docker, process, got 'podman'"
+    )
+    assert agent.run(hello)["status"] == "SUCCESS"
     assert agent.alive() == before
 
 
 def test_sigterm_finishes_in_flight_run_and_leaves_no_process(agents: Any) -> None:
     agent = agents().start()
-    request_id = agent.send(agent.deploy(SLOW))
-    wait_until(lambda: any(w["currentRequestId"] == request_id
-                           for w in agent.status()["workers"]),
-               timeout=15, what="the slow task to start")
+    request_id = agent.send(agent.task(agent.deploy(SLOW)))
+    wait_until(
+        lambda: any(w["currentRequestId"] == request_id for w in agent.status()["workers"]),
+        timeout=15,
+        what="the slow task to start",
+    )
     assert agent.leftovers()  # workers and their warm sandboxes
     started = time.monotonic()
     agent.signal(signal.SIGTERM)
@@ -134,8 +144,15 @@ def test_worker_that_cannot_reach_redis_is_retried_with_backoff(agents: Any) -> 
 def test_bad_config_at_start_is_one_line_naming_the_key(tmp_path: Path) -> None:
     config = tmp_path / "agent.yaml"
     config.write_text("workers: 2\nqueue:\n  wait_time_seconds: 30\n")
-    done = subprocess.run([sys.executable, str(BIN), "-c", str(config)], capture_output=True,
-                          text=True, timeout=30, start_new_session=True)
+    done = subprocess.run(
+        [sys.executable, str(BIN), "-c", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        start_new_session=True,
+    )
     assert done.returncode == 2
-    assert done.stderr == ("nanogrid-supervisor: config error: queue.wait_time_seconds: "
-                           "must be between 0 and 20, got 30\n")
+    assert done.stderr == (
+        "nanogrid-supervisor: config error: queue.wait_time_seconds: "
+        "must be between 0 and 20, got 30\n"
+    )
