@@ -18,6 +18,15 @@ def create_runner(config: Config, worker_index: int) -> Runner:
     return ProcessRunner(config, worker_index)
 
 
+def check_config(config: Config) -> None:
+    """The runner's own checks of a loaded config (ConfigError, one line), for --check and
+    SIGHUP: a config the workers could not boot on is refused before they are replaced."""
+    if config.runner == "docker":
+        from .docker import check_config as check_docker
+
+        check_docker(config)
+
+
 def cleanup_stale(config: Config) -> int:
     """Remove sandboxes an earlier agent on this host left behind; returns how many."""
     from .cgroups import SandboxCgroups

@@ -42,7 +42,7 @@ from docker.types import LogConfig, Mount
 from loguru import logger
 from requests.exceptions import RequestException
 
-from supervisor.config import Config, MiB
+from supervisor.config import Config, MiB, docker_user_ids
 from supervisor.errors import ConfigError, SandboxError
 
 from .base import Invocation, PooledRunner, RunOutcome, Sandbox
@@ -64,6 +64,11 @@ CODE_MOUNT = "/code"
 CODE_SUBDIR = "function"
 CONTAINER_PATH = "/usr/local/bin:/usr/bin:/bin"
 SOCKET_NAME = "forkserver.sock"
+UNIX_PATH_MAX = 107
+PID_MAX = 4_194_304
+"""The highest pid_max Linux allows: container names hold the worker's pid."""
+SEQUENCE_MAX = 9_999_999
+"""Container names hold a per-worker sequence number; the socket path check allows this many."""
 EXTRA_PIDS = 2
 """docker-init and the fork server count against the container's pids limit too."""
 DOCKER_TIMEOUT_S = 30
@@ -183,14 +188,20 @@ def container_launch(command: tuple[str, ...]) -> Launch:
     return Launch(interpreter=command[0] if python else "python3", python=python, argv=command)
 
 
-def parse_user(user: str) -> tuple[int, int]:
-    """``uid[:gid]`` numbers (the image may not know names); root is refused."""
-    uid, _, gid = user.partition(":")
-    if not uid.isdigit() or (gid and not gid.isdigit()):
-        raise ConfigError(f"docker.user: must be uid:gid numbers, got {user!r}")
-    if int(uid) == 0:
-        raise ConfigError("docker.user: functions must not run as root (uid 0)")
-    return int(uid), int(gid or uid)
+def container_name(worker: int, runtime: str, pid: int, seq: int) -> str:
+    return f"nanogrid-w{worker}-{runtime[:16]}-{pid}-{seq}"
+
+
+def check_config(config: Config) -> None:
+    """Refuse a ``docker.socket_dir`` too long for the fork-server sockets made below it."""
+    runtime = max(config.runtimes, key=lambda name: len(name[:16]), default="")
+    name = container_name(config.workers - 1, runtime, PID_MAX, SEQUENCE_MAX)
+    longest = Path(config.docker.socket_dir) / name / "control" / SOCKET_NAME
+    if len(os.fsencode(longest)) > UNIX_PATH_MAX:
+        raise ConfigError(
+            f"docker.socket_dir: {config.docker.socket_dir!r} is too long: the sandboxes' "
+            f"socket paths below it would exceed the {UNIX_PATH_MAX} bytes of an AF_UNIX address"
+        )
 
 
 class DockerRunner(PooledRunner):
@@ -200,14 +211,10 @@ class DockerRunner(PooledRunner):
     def __init__(self, config: Config, worker_index: int) -> None:
         self._config = config
         self._worker = worker_index
-        self._uid, self._gid = parse_user(config.docker.user)
+        self._uid, self._gid = docker_user_ids(config.docker.user)
         self._seq = itertools.count()
+        check_config(config)
         self._base_dir = Path(config.docker.socket_dir)
-        longest = self._base_dir / self._name("x" * 16, 10**7, 10**6) / "control" / SOCKET_NAME
-        if len(os.fsencode(longest)) > 107:
-            raise ConfigError(
-                f"docker.socket_dir: {self._base_dir} is too long for an AF_UNIX socket path"
-            )
         self._base_dir.mkdir(mode=0o711, parents=True, exist_ok=True)
         self._launch = {name: container_launch(rt.command) for name, rt in config.runtimes.items()}
         self._docker: docker.DockerClient | None = None
@@ -330,15 +337,12 @@ class DockerRunner(PooledRunner):
                     raise SandboxError(f"Docker engine unreachable: {describe(exc)}") from None
             return self._docker
 
-    def _name(self, runtime: str, pid: int, seq: int) -> str:
-        return f"nanogrid-w{self._worker}-{runtime[:16]}-{pid}-{seq}"
-
     def create(self, runtime: str) -> DockerSandbox:
         started = time.monotonic()
         api = self._api()
         if self._unremoved:
             self._retry_removals()
-        name = self._name(runtime, os.getpid(), next(self._seq))
+        name = container_name(self._worker, runtime, os.getpid(), next(self._seq))
         root = self._base_dir / name
         sandbox = DockerSandbox(
             runtime=runtime,

@@ -455,6 +455,7 @@ class Arbiter:
         sdnotify.reloading()
         try:
             config = load(self.config.path)
+            runners.check_config(config)
         except ConfigError as exc:
             logger.error(f"reload refused, still running on the config loaded at "
                          f"{self.config.loaded_at}: {exc}")

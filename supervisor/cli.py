@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from runners import check_config
+
 from .config import load
 from .errors import ConfigError
 from .exitcodes import EXIT_CONFIG, EXIT_OK
@@ -22,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = load(args.config)
+        check_config(config)
     except ConfigError as exc:
         print(f"{PROG}: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

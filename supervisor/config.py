@@ -126,6 +126,7 @@ class ProcessRunnerConfig:
 class DockerRunnerConfig:
     network: str = "none"
     user: str = "65534:65534"
+    """``uid[:gid]`` numbers (the image may not know names); root is refused."""
     cpus: float = _bounded(1.0, 0.01, 256)
     tmpfs_mb: int = _bounded(64, 1)
     pause_grace_seconds: float = _bounded(2.0, 0, 3600)
@@ -265,6 +266,7 @@ def _check_cross_fields(config: Config) -> None:
     for name, runtime in config.runtimes.items():
         if any(not part for part in runtime.command):
             raise ConfigError(f"runtimes.{name}.command: entries must be non-empty strings")
+    docker_user_ids(config.docker.user)
     if not re.fullmatch(r"(redis|rediss|unix)://.+", config.redis.url):
         raise ConfigError(
             f"redis.url: must start with redis://, rediss:// or unix://, got {config.redis.url!r}"
@@ -277,6 +279,16 @@ def _check_cross_fields(config: Config) -> None:
             raise ConfigError(
                 f"{key}: must be an SQS queue URL (http[s]://host/account/name), got {url!r}"
             )
+
+
+def docker_user_ids(user: str) -> tuple[int, int]:
+    """``docker.user`` as (uid, gid); ConfigError unless numbers, and for root."""
+    uid, _, gid = user.partition(":")
+    if not uid.isdigit() or (gid and not gid.isdigit()):
+        raise ConfigError(f"docker.user: must be uid:gid numbers, got {user!r}")
+    if int(uid) == 0:
+        raise ConfigError("docker.user: functions must not run as root (uid 0)")
+    return int(uid), int(gid or uid)
 
 
 def _show(value: Any) -> str:

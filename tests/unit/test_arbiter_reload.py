@@ -57,11 +57,15 @@ def test_sighup_with_a_broken_file_keeps_the_old_config(agent: FakeAgent) -> Non
     agent.config_path.write_text("workers: [\n")
     agent.signal(signal.SIGHUP)
     agent.wait_for_log(r"reload refused.*not valid YAML")
+    # Valid YAML the workers could not boot on (the Docker runner's check) is refused too.
+    agent.write_config(runner="docker", docker={"socket_dir": "/var/lib/" + "x" * 40})
+    agent.signal(signal.SIGHUP)
+    agent.wait_for_log(r"reload refused.*docker\.socket_dir: .* is too long")
     assert agent.running_pids() == pids
     assert agent.status()["configLoadedAt"] == before["configLoadedAt"]
     assert agent.get("/health")[0] == 200
     metrics = agent.get("/metrics")[1]
-    assert 'nanogrid_config_reloads_total{result="refused"} 2' in metrics
+    assert 'nanogrid_config_reloads_total{result="refused"} 3' in metrics
 
 
 def test_reload_applies_http_address_and_log_level(agent: FakeAgent) -> None:

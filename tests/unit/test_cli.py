@@ -28,6 +28,10 @@ def test_check_accepts_the_shipped_configs(name: str) -> None:
     ("workers: 0\n", "workers: must be between 1 and 256, got 0"),
     ("workers: 2\nredis: {urll: x}\n", "redis.urll: unknown key"),
     ("runner: [\n", "not valid YAML"),
+    ("docker: {user: nobody}\n", "docker.user: must be uid:gid numbers, got 'nobody'"),
+    ("docker: {user: '0:0'}\n", "docker.user: functions must not run as root (uid 0)"),
+    (f"runner: docker\ndocker: {{socket_dir: /var/lib/{'x' * 40}}}\n",
+     "docker.socket_dir: '/var/lib/xxxxxxxx"),
 ])
 @pytest.mark.parametrize("check", [True, False])
 def test_bad_config_is_one_line_naming_the_key(tmp_path: Path, text: str, line: str,
