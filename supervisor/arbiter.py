@@ -44,6 +44,10 @@ WorkerMain = Callable[[Config, int, int], int]
 
 HANDLED_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)
 TICK_S = 1.0
+STATUS_GATHER_S = 0.05
+"""After reading status lines, the arbiter lets the next ones gather this long before it reads
+again (a signal still wakes it at once): under load, one wake per 50 ms instead of two per
+task, and /status and /metrics at most this late."""
 CRASH_BACKOFF_S = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
 """Wait before replacing a slot's n-th crash in a row: the first is replaced at once."""
 BOOT_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 60.0)
@@ -132,7 +136,15 @@ class Arbiter:
         self.metrics = SupervisorMetrics()
         self.health: HealthServer | None = None
         self.selector = selectors.DefaultSelector()
+        """The wake-up fd of the signals and every worker's status pipe."""
+        self.signal_selector = selectors.DefaultSelector()
+        """The wake-up fd alone: what wakes the arbiter while status lines gather."""
+        self._status_read_at = float("-inf")
         self._wake_r, self._wake_w = os.pipe()
+        for fd in (self._wake_r, self._wake_w):
+            os.set_blocking(fd, False)
+        self.selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self.signal_selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._snapshot: dict[str, Any] = {}
         self._watchdog_interval = sdnotify.watchdog_interval()
         self._next_watchdog = 0.0
@@ -167,12 +179,9 @@ class Arbiter:
         logs.setup(self.config.log, "arbiter")
         logger.info(f"supervisor {self.pid} starting: {self.config.workers} workers, "
                     f"runner {self.config.runner}, config {self.config.path}")
-        for fd in (self._wake_r, self._wake_w):
-            os.set_blocking(fd, False)
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         for signum in HANDLED_SIGNALS:
             signal.signal(signum, self._record_signal)
-        self.selector.register(self._wake_r, selectors.EVENT_READ, None)
         self.cleanup_sandboxes("an earlier agent")
         self.publish_status()  # before the HTTP server can ask for it
         self.health = HealthServer(self.config.http.host, self.config.http.port,
@@ -185,14 +194,30 @@ class Arbiter:
         self.signals.append(signum)
 
     def wait_for_events(self) -> None:
-        """Sleep until a signal, a status line or the next deadline; read the status lines."""
-        for key, _ in self.selector.select(self._timeout()):
+        """Sleep until a signal, a status line or the next deadline; read the status lines.
+
+        Lines that come within STATUS_GATHER_S of the last ones read wait in their pipes and
+        are read together when that time is up.
+        """
+        gather_until = self._status_read_at + STATUS_GATHER_S
+        gathering = time.monotonic() < gather_until
+        if gathering:
+            timeout = min(self._timeout(), max(0.0, gather_until - time.monotonic()))
+            events = self.signal_selector.select(timeout)
+        else:
+            events = self.selector.select(self._timeout())
+        ready = []
+        for key, _ in events:
             if key.data is None:
                 with contextlib.suppress(BlockingIOError):
                     while os.read(self._wake_r, 4096):
                         pass
             else:
-                self.read_status(key.data)
+                ready.append(key.data)
+        if gathering and time.monotonic() >= gather_until:
+            ready = list(self.workers.values())
+        if ready and sum(self.read_status(worker) for worker in ready):
+            self._status_read_at = time.monotonic()
 
     def _timeout(self) -> float:
         now = time.monotonic()
@@ -277,7 +302,8 @@ class Arbiter:
             for signum in HANDLED_SIGNALS:
                 signal.signal(signum, signal.SIG_IGN if signum == signal.SIGINT else signal.SIG_DFL)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
-            inherited = [self._wake_r, self._wake_w, read_fd, self.selector.fileno()]
+            inherited = [self._wake_r, self._wake_w, read_fd, self.selector.fileno(),
+                         self.signal_selector.fileno()]
             inherited += [w.reader.fd for w in self.workers.values()]
             if self.health is not None:
                 inherited.append(self.health.fileno())
@@ -358,13 +384,17 @@ class Arbiter:
 
     # -- status -----------------------------------------------------------------------------
 
-    def read_status(self, worker: WorkerProcess) -> None:
+    def read_status(self, worker: WorkerProcess) -> int:
+        """Apply the worker's status lines waiting in its pipe; how many there were."""
+        if worker.reader.eof:
+            return 0
         messages = worker.reader.read()
         if worker.reader.eof:
             with contextlib.suppress(KeyError):
                 self.selector.unregister(worker.reader)
         for message in messages:
             self._apply(worker, message)
+        return len(messages)
 
     def _apply(self, worker: WorkerProcess, message: dict[str, Any]) -> None:
         worker.last_beat = time.monotonic()

@@ -1,0 +1,82 @@
+"""The arbiter reads status lines at once when idle, and gathers them for a moment under load."""
+
+from __future__ import annotations
+
+import os
+import selectors
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from supervisor.arbiter import STATUS_GATHER_S, TICK_S, Arbiter, WorkerProcess
+from supervisor.config import from_dict
+from supervisor.status import StatusReader, StatusReporter
+
+RESULT = {"requestId": "a", "functionId": "fn", "status": "SUCCESS", "errorType": None,
+          "durationMillis": 3.0, "peakMemoryBytes": 2**20, "coldStart": False}
+
+
+@pytest.fixture
+def arbiter() -> Iterator[tuple[Arbiter, WorkerProcess, StatusReporter]]:
+    arbiter = Arbiter(from_dict({"workers": 1, "runner": "process"}), worker_main=lambda *a: 0)
+    read_fd, write_fd = os.pipe()
+    now = time.monotonic()
+    worker = WorkerProcess(os.getpid(), 0, StatusReader(read_fd), started=now, last_beat=now)
+    arbiter.workers[worker.pid] = worker
+    arbiter.selector.register(worker.reader, selectors.EVENT_READ, worker)
+    yield arbiter, worker, StatusReporter(write_fd)
+    os.close(read_fd)
+    os.close(write_fd)
+
+
+def timed(arbiter: Arbiter) -> float:
+    start = time.monotonic()
+    arbiter.wait_for_events()
+    return time.monotonic() - start
+
+
+def test_lines_are_read_at_once_when_idle_then_gathered(
+    arbiter: tuple[Arbiter, WorkerProcess, StatusReporter],
+) -> None:
+    arb, worker, reporter = arbiter
+    reporter.task_started("a")
+    assert timed(arb) < STATUS_GATHER_S / 2
+    assert worker.request_id == "a"
+    # Lines right after: they wait until STATUS_GATHER_S after the last read, then all go.
+    reporter.task_finished(RESULT)
+    reporter.task_started("b")
+    waited = timed(arb)
+    assert STATUS_GATHER_S * 0.8 <= waited < STATUS_GATHER_S + 0.5, waited
+    assert worker.request_id == "b"
+    assert 'nanogrid_invocations_total{status="SUCCESS",error_type=""} 1' in arb.metrics.render()
+
+
+def test_a_signal_wakes_the_arbiter_while_lines_gather(
+    arbiter: tuple[Arbiter, WorkerProcess, StatusReporter],
+) -> None:
+    arb, worker, reporter = arbiter
+    reporter.task_started("a")
+    arb.wait_for_events()
+    reporter.task_started("b")
+    os.write(arb._wake_w, b"\x11")
+    assert timed(arb) < STATUS_GATHER_S / 2
+    assert worker.request_id == "a"  # "b" waits for the gathering to end
+    arb.wait_for_events()
+    assert worker.request_id == "b"
+
+
+def test_after_a_quiet_gathering_the_next_line_wakes_it_at_once(
+    arbiter: tuple[Arbiter, WorkerProcess, StatusReporter],
+) -> None:
+    arb, worker, reporter = arbiter
+    reporter.task_started("a")
+    arb.wait_for_events()
+    arb.wait_for_events()  # the gathering ends with nothing new: back to waking on lines
+    later = threading.Timer(0.2, reporter.task_started, args=("b",))
+    later.start()
+    waited = timed(arb)
+    later.join()
+    assert 0.15 <= waited < TICK_S * 0.8, waited
+    assert worker.request_id == "b"
