@@ -74,6 +74,9 @@ RESULT_TIMEOUT_S = 30.0
 BOOT_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 20.0
 SYSTEMS = ("floor", "agent", "baseline")
+SCALING = ("bare-1w", "bare-2w", "supervisor-1w", "supervisor-2w")
+MULTI = ("bare", "supervisor")
+"""Systems of N workers: forked from here (bare) or by bin/nanogrid-supervisor."""
 _PR_SET_PDEATHSIG = 1
 
 
@@ -103,6 +106,34 @@ def _agent_main(settings: dict[str, Any], log_path: str, trace_path: str) -> Non
     config = from_dict(settings)
     logs.setup(config.log, "worker-0")
     os._exit(_traced_worker_class()(config, 0, trace_path).run())
+
+
+def _bare_main(settings: dict[str, Any], log_path: str) -> None:
+    """``workers`` plain Worker processes forked from here: the supervisor's workers without
+    the supervisor (no arbiter loop, status pipe or HTTP), to tell its cost from the machine's."""
+    _child_setup(log_path)
+    from supervisor import logs
+    from supervisor.config import from_dict
+    from supervisor.worker import Worker
+
+    config = from_dict(settings)
+    pids = []
+    for index in range(config.workers):
+        pid = os.fork()
+        if pid == 0:
+            _die_with_parent()
+            logs.setup(config.log, f"worker-{index}")
+            os._exit(Worker(config, index).run())
+        pids.append(pid)
+
+    def forward(signum: int, frame: Any) -> None:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids]
+    os._exit(max(codes, key=abs))
 
 
 def _traced_worker_class() -> type:
@@ -301,6 +332,11 @@ class Report:
         return self.tasks / self.seconds if self.seconds else 0.0
 
     @property
+    def cores_busy(self) -> float:
+        """CPU seconds per second over the throughput rounds, every process counted."""
+        return sum(self.cpu_seconds.values()) / self.seconds if self.seconds else 0.0
+
+    @property
     def cpu_ms_per_task(self) -> dict[str, float]:
         return {k: v * 1000 / self.tasks for k, v in self.cpu_seconds.items()} if self.tasks else {}
 
@@ -326,7 +362,7 @@ class Consumer:
     log: Path
     trace: Path
     workers: int
-    """Supervised workers; 0 for the systems forked from this script."""
+    """Worker processes of a bare or supervised system; 0 for the single-process ones."""
     child: Any = None
     report: Report = field(default_factory=lambda: Report(""))
     prefix: str = field(default_factory=lambda: uuid.uuid4().hex[:6])
@@ -378,7 +414,7 @@ class Bench:
             QueueName=f"bench-{system}-{uuid.uuid4().hex[:8]}",
             Attributes={"VisibilityTimeout": "30"},
         )["QueueUrl"]
-        workers = int(system.split("-")[1].rstrip("w")) if system.startswith("supervisor") else 0
+        workers = int(system.split("-")[1].rstrip("w")) if system.startswith(MULTI) else 0
         c = Consumer(
             system,
             queue_url,
@@ -393,13 +429,16 @@ class Bench:
             c.child = self._fork(_agent_main, settings, str(c.log), str(c.trace))
             _wait_for(lambda: "ready" in _read(c.log), "the agent to boot", c)
         elif workers:
-            config = self.workdir / f"{system}.yaml"
-            config.write_text(yaml.safe_dump(self._agent_settings(queue_url, workers)))
-            argv = [sys.executable, str(SUPERVISOR), "-c", str(config)]
-            c.child = Program(argv, c.log)
+            settings = self._agent_settings(queue_url, workers)
+            if system.startswith("bare"):
+                c.child = self._fork(_bare_main, settings, str(c.log))
+            else:
+                config = self.workdir / f"{system}.yaml"
+                config.write_text(yaml.safe_dump(settings))
+                c.child = Program([sys.executable, str(SUPERVISOR), "-c", str(config)], c.log)
             _wait_for(
                 lambda: _read(c.log).count(" ready: runner=") >= workers,
-                f"{workers} supervised workers to boot",
+                f"{workers} workers to boot",
                 c,
             )
         else:
@@ -759,19 +798,30 @@ def render(
             f"{b[2] / a[2]:.2f}x in the mean; "
             f"throughput {agent.tasks_per_s / baseline.tasks_per_s:.2f}x"
         )
-    one, two = reports.get("supervisor-1w"), reports.get("supervisor-2w")
-    if one and two:
+    cores = os.cpu_count() or 1
+    for kind in MULTI:
+        one, two = reports.get(f"{kind}-1w"), reports.get(f"{kind}-2w")
+        if one and two and one.tasks_per_s:
+            busy = one.cores_busy
+            lines.append(
+                f"{kind}: 2 workers {two.tasks_per_s / one.tasks_per_s:.2f}x the throughput of "
+                f"1 worker; 1 worker already keeps {busy:.2f} of the {cores} cores busy "
+                f"(everything counted), so no 2 workers can beat {cores / busy:.2f}x here"
+            )
+    supervised, bare = reports.get("supervisor-2w"), reports.get("bare-2w")
+    if supervised and bare and bare.tasks_per_s:
+        ratio = supervised.tasks_per_s / bare.tasks_per_s
         lines.append(
-            f"supervisor: 2 workers {two.tasks_per_s / one.tasks_per_s:.2f}x the throughput "
-            "of 1 worker"
+            f"supervisor's own cost: supervisor-2w {ratio:.2f}x the throughput of bare-2w "
+            "(the same workers without the supervisor)"
         )
     lines += [
         "",
         "throughput run, CPU ms per task (user + system):",
         "",
         "| system | consumer process | its descendants (sandboxes, workers) | moto_server "
-        "| redis-server | bench client | total | tasks/s if CPU-bound |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| redis-server | bench client | total | cores busy | tasks/s if CPU-bound |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, report in reports.items():
         cpu = report.cpu_ms_per_task
@@ -781,7 +831,7 @@ def render(
         lines.append(
             f"| {name} | {cpu.get('consumer', 0):.2f} | {cpu.get('consumer children', 0):.2f} "
             f"| {moto:.2f} | {cpu.get('redis-server', 0):.2f} | {cpu.get('bench', 0):.2f} "
-            f"| {total:.2f} | {bound:.0f} |"
+            f"| {total:.2f} | {report.cores_busy:.2f} | {bound:.0f} |"
         )
     if agent and agent.trace:
         lines += [
@@ -861,7 +911,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--supervisor",
         action="store_true",
-        help="also run bin/nanogrid-supervisor with 1, then 2 workers: throughput only",
+        help="also measure 1 and 2 workers, forked from here (bare) and by "
+        "bin/nanogrid-supervisor: throughput only",
     )
     parser.add_argument("--json", type=Path, help="also write the raw numbers to this file")
     parser.add_argument(
@@ -878,7 +929,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.supervisor:
         if not supervisor_works():
             parser.error(f"--supervisor: {SUPERVISOR} is missing or refuses a minimal config")
-        systems += ["supervisor-1w", "supervisor-2w"]
+        systems += list(SCALING)
 
     def on_term(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
