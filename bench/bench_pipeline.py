@@ -21,8 +21,10 @@ messages, and the queue never runs dry. The systems take turns (one invocation e
 the next; throughput in ``--rounds`` rounds each), so that a busy moment on a shared
 machine is spread over all of them rather than skewing one.
 
-``--supervisor`` also runs ``bin/nanogrid-supervisor`` with 1 and then 2 workers and
-measures its throughput the same way (the window keeps both workers busy).
+``--supervisor`` also measures the throughput of 1 and then 2 workers, forked from this
+script (``bare``) and run by ``bin/nanogrid-supervisor`` (the window keeps both workers
+busy), and reports the CPU every process spent: how many cores each system keeps busy, so
+what 2 workers could at best reach on this machine, and what the supervisor itself costs.
 
 The agent runs with timing wrappers around its stages (microseconds per task) so the report
 can say where its time goes.
@@ -870,7 +872,7 @@ def main(argv: list[str] | None = None) -> int:
         "--warmup", type=int, default=20, help="unmeasured invocations before those (default 20)"
     )
     parser.add_argument(
-        "-m", "--tasks", type=int, default=300, help="tasks in the throughput run (default 300)"
+        "-m", "--tasks", type=int, default=600, help="tasks in the throughput run (default 600)"
     )
     parser.add_argument(
         "--window", type=int, default=10, help="throughput: most tasks in flight (default 10)"
@@ -878,9 +880,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--rounds",
         type=int,
-        default=3,
+        default=4,
         help="throughput: rounds the tasks are split into, taking turns with the other "
-        "systems (default 3)",
+        "systems (default 4)",
     )
     parser.add_argument(
         "--gap-ms",
