@@ -42,7 +42,7 @@ def test_lines_are_read_at_once_when_idle_then_gathered(
 ) -> None:
     arb, worker, reporter = arbiter
     reporter.task_started("a")
-    assert timed(arb) < STATUS_GATHER_S / 2
+    assert timed(arb) < TICK_S / 2  # woken by the line, not by the tick
     assert worker.request_id == "a"
     # Lines right after: they wait until STATUS_GATHER_S after the last read, then all go.
     reporter.task_finished(RESULT)
@@ -61,8 +61,8 @@ def test_a_signal_wakes_the_arbiter_while_lines_gather(
     arb.wait_for_events()
     reporter.task_started("b")
     os.write(arb._wake_w, b"\x11")
-    assert timed(arb) < STATUS_GATHER_S / 2
-    assert worker.request_id == "a"  # "b" waits for the gathering to end
+    arb.wait_for_events()
+    assert worker.request_id == "a"  # woken by the signal; "b" waits for the gathering to end
     arb.wait_for_events()
     assert worker.request_id == "b"
 
