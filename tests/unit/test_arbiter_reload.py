@@ -42,8 +42,13 @@ def test_sighup_to_a_different_worker_count(agent: FakeAgent) -> None:
 
     agent.write_config(workers=1)
     agent.signal(signal.SIGHUP)
-    wait_until(lambda: len(agent.status()["workers"]) == 1, timeout=10)
-    assert len(agent.wait_for_workers(1) - new) == 1
+    # One process left, of the new generation: old worker 0 drains before its slot refills.
+    def one_new_worker() -> set[int] | None:
+        pids = agent.running_pids()
+        return pids if len(pids) == 1 and not pids & new else None
+
+    (last,) = wait_until(one_new_worker, timeout=10)
+    wait_until(lambda: [w["pid"] for w in agent.status()["workers"]] == [last], timeout=5)
 
 
 def test_sighup_with_a_broken_file_keeps_the_old_config(agent: FakeAgent) -> None:
