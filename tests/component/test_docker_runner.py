@@ -557,6 +557,9 @@ def test_engine_away_fails_clearly_and_recovers(
     monkeypatch.setenv("DOCKER_HOST", f"unix://{proxy.path}")
     r = DockerRunner(make_config(warm=1), 0)
     try:
+        # Warm first: a warm-up still creating its container when the engine goes away
+        # would race the cold start below.
+        wait_until(lambda: r.pool_stats()["python"]["warm"] == 1, timeout=20, what="warm pool")
         warm = acquire(r, "print('warm')", "a")
         proxy.stop()
         out = r.run(warm, invocation())  # a warm run needs no engine at all
