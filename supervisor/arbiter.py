@@ -200,10 +200,10 @@ class Arbiter:
         are read together when that time is up.
         """
         gather_until = self._status_read_at + STATUS_GATHER_S
-        gathering = time.monotonic() < gather_until
+        now = time.monotonic()
+        gathering = now < gather_until
         if gathering:
-            timeout = min(self._timeout(), max(0.0, gather_until - time.monotonic()))
-            events = self.signal_selector.select(timeout)
+            events = self.signal_selector.select(min(self._timeout(), gather_until - now))
         else:
             events = self.selector.select(self._timeout())
         ready = []
@@ -216,7 +216,7 @@ class Arbiter:
                 ready.append(key.data)
         if gathering and time.monotonic() >= gather_until:
             ready = list(self.workers.values())
-        if ready and sum(self.read_status(worker) for worker in ready):
+        if sum(self.read_status(worker) for worker in ready):
             self._status_read_at = time.monotonic()
 
     def _timeout(self) -> float:

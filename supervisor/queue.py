@@ -157,6 +157,8 @@ class VisibilityHeartbeat:
                     logger.warning(f"[SQS] could not extend visibility: {exc}")
 
 
+SQS_BATCH_MAX = 10
+"""The most messages one SQS batch call takes."""
 MAX_DELETE_LINGER_S = 0.5
 
 
@@ -188,7 +190,7 @@ class BatchDeleter:
     def delete(self, message: Message) -> None:
         with self._cond:
             self._pending.append((time.monotonic(), message))
-            if len(self._pending) in (1, 10):  # the loop starts a linger, or ends it
+            if len(self._pending) in (1, SQS_BATCH_MAX):  # the loop starts a linger, or ends it
                 self._cond.notify()
 
     def close(self, timeout: float = 10.0) -> None:
@@ -202,15 +204,15 @@ class BatchDeleter:
             with self._cond:
                 while not self._pending and not self._closed:
                     self._cond.wait()
-                while self._pending and len(self._pending) < 10 and not self._closed:
+                while self._pending and len(self._pending) < SQS_BATCH_MAX and not self._closed:
                     remaining = self._pending[0][0] + self._linger - time.monotonic()
                     if remaining <= 0:
                         break
                     self._cond.wait(remaining)
                 if not self._pending:
                     return
-                batch = [message for _, message in self._pending[:10]]
-                del self._pending[:10]
+                batch = [message for _, message in self._pending[:SQS_BATCH_MAX]]
+                del self._pending[:SQS_BATCH_MAX]
             try:
                 self._queue.delete_batch(batch)
             except QueueUnavailable as exc:  # they come back; their stored results stop a re-run

@@ -458,10 +458,8 @@ def _start_worker_process(config: Config) -> tuple[int, int]:
     return pid, ready_r
 
 
-def test_a_sigkilled_workers_containers_are_removed(
-    engine: docker.DockerClient, agent: str
-) -> None:
-    config = make_config(warm=2)
+def _sigkill_when_warm(config: Config) -> None:
+    """Start a worker process, SIGKILL it once its pool is warm: nothing runs to clean up."""
     pid, ready = _start_worker_process(config)
     try:
         assert os.read(ready, 1) == b"1"
@@ -469,18 +467,19 @@ def test_a_sigkilled_workers_containers_are_removed(
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         os.close(ready)
+
+
+def test_a_sigkilled_workers_containers_are_removed(
+    engine: docker.DockerClient, agent: str
+) -> None:
+    config = make_config(warm=2)
+    _sigkill_when_warm(config)
     assert len(agent_containers(engine, agent)) == 2  # nothing ran to remove them
     replacement = DockerRunner(make_config(warm=0), 0)  # a new worker removes dead ones'
     replacement.close()
     assert agent_containers(engine, agent) == []
     assert list(Path(config.docker.socket_dir).iterdir()) == []
-    pid, ready = _start_worker_process(config)
-    try:
-        assert os.read(ready, 1) == b"1"
-    finally:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        os.close(ready)
+    _sigkill_when_warm(config)
     assert remove_agent_containers() == 2  # and so does the agent at start
     assert agent_containers(engine, agent) == []
 
