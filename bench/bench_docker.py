@@ -36,9 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from loguru import logger  # noqa: E402
 
+from common.config import Config, from_dict  # noqa: E402
 from runners.base import Invocation  # noqa: E402
 from runners.docker import DockerRunner, DockerSandbox  # noqa: E402
-from supervisor.config import Config, from_dict  # noqa: E402
 
 HELLO = "import json, sys\nprint('Hello', json.load(sys.stdin)['name'])\n"
 STDIN = b'{"name": "NanoGrid"}'

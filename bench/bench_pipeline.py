@@ -6,7 +6,7 @@ of the same hello-world task, all running at once, each on a queue of its own:
 
 ``floor``     receive (long poll) -> SET + PUBLISH a stub result -> delete: no work at all,
               the cost of the SQS/Redis plumbing through moto.
-``agent``     supervisor.worker.Worker with the process runner (warm fork-server sandboxes),
+``agent``     worker.loop.Worker with the process runner (warm fork-server sandboxes),
               forked from this script as the supervisor forks it.
 ``baseline``  the naive loop: receive -> GET the zip from S3 (no cache) -> unzip into a temp
               dir -> ``subprocess.run([python3, "main.py"])`` -> SET + PUBLISH -> delete.
@@ -63,7 +63,7 @@ import redis  # noqa: E402
 import yaml  # noqa: E402
 
 try:  # the peers the tests and bin/nanogrid-local run
-    from supervisor.embedded import MotoServer, RedisServer, free_port
+    from devtools.embedded import MotoServer, RedisServer, free_port
 except ImportError:  # older trees kept them with the tests
     sys.path.insert(0, str(ROOT / "tests"))
     from helpers import MotoServer, RedisServer, free_port  # type: ignore[no-redef]
@@ -102,8 +102,8 @@ def _child_setup(log_path: str) -> None:
 
 def _agent_main(settings: dict[str, Any], log_path: str, trace_path: str) -> None:
     _child_setup(log_path)
-    from supervisor import logs
-    from supervisor.config import from_dict
+    from common import logs
+    from common.config import from_dict
 
     config = from_dict(settings)
     logs.setup(config.log, "worker-0")
@@ -114,9 +114,9 @@ def _bare_main(settings: dict[str, Any], log_path: str) -> None:
     """``workers`` plain Worker processes forked from here: the supervisor's workers without
     the supervisor (no arbiter loop, status pipe or HTTP), to tell its cost from the machine's."""
     _child_setup(log_path)
-    from supervisor import logs
-    from supervisor.config import from_dict
-    from supervisor.worker import Worker
+    from common import logs
+    from common.config import from_dict
+    from worker.loop import Worker
 
     config = from_dict(settings)
     pids = []
@@ -141,7 +141,7 @@ def _bare_main(settings: dict[str, Any], log_path: str) -> None:
 def _traced_worker_class() -> type:
     """A Worker whose stages are timed (perf_counter, CLOCK_MONOTONIC: comparable across
     processes); the spans of each handled message go to a JSON-lines file at shutdown."""
-    import supervisor.worker as worker_module
+    import worker.loop as worker_module
 
     class TracedWorker(worker_module.Worker):
         def __init__(self, config: Any, index: int, trace_path: str) -> None:

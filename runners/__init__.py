@@ -1,39 +1,48 @@
-"""Sandbox runners: ``process`` (local fork-server sandboxes) and ``docker`` (warm containers)."""
+"""Sandbox runners, chosen by name from ``RUNNERS``: ``docker`` (warm containers) and
+``process`` (local fork-server sandboxes).
+
+Each is imported only when chosen, so a host without Docker never loads the Docker SDK.
+"""
 
 from __future__ import annotations
 
-from supervisor.config import Config
+import importlib
+
+from common.config import Config
+from common.errors import ConfigError
 
 from .base import Runner
+
+RUNNERS = {
+    "docker": "runners.docker:DockerRunner",
+    "process": "runners.process:ProcessRunner",
+}
+"""Runner name (the config's ``runner``) -> ``module:class``."""
+
+
+def runner_class(name: str) -> type[Runner]:
+    """The runner class registered as ``name``; ConfigError for an unknown one."""
+    try:
+        module, _, cls = RUNNERS[name].partition(":")
+    except KeyError:
+        raise ConfigError(
+            f"runner: must be one of {', '.join(RUNNERS)}, got {name!r}"
+        ) from None
+    runner: type[Runner] = getattr(importlib.import_module(module), cls)
+    return runner
 
 
 def create_runner(config: Config, worker_index: int) -> Runner:
     """The runner the config names, for one worker (its slice of the warm pools)."""
-    if config.runner == "docker":
-        from .docker import DockerRunner
-
-        return DockerRunner(config, worker_index)
-    from .process import ProcessRunner
-
-    return ProcessRunner(config, worker_index)
+    return runner_class(config.runner)(config, worker_index)
 
 
 def check_config(config: Config) -> None:
     """The runner's own checks of a loaded config (ConfigError, one line), for --check and
     SIGHUP: a config the workers could not boot on is refused before they are replaced."""
-    if config.runner == "docker":
-        from .docker import check_config as check_docker
-
-        check_docker(config)
+    runner_class(config.runner).check_config(config)
 
 
 def cleanup_stale(config: Config) -> int:
     """Remove sandboxes an earlier agent on this host left behind; returns how many."""
-    from .cgroups import SandboxCgroups
-
-    removed = SandboxCgroups.remove_stale()
-    if config.runner == "docker":
-        from .docker import remove_agent_containers
-
-        removed += remove_agent_containers()
-    return removed
+    return runner_class(config.runner).remove_stale()

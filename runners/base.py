@@ -7,16 +7,10 @@ A worker takes a sandbox for a function (``acquire``), puts the function's code 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from supervisor.config import Config
-
-    from .forkclient import RawRun
-    from .pool import WarmPool
+from common.config import Config
 
 
 @dataclass(frozen=True)
@@ -61,24 +55,6 @@ class RunOutcome:
     peak_source: str
     """Which reader measured the peak: ``cgroup-v1``, ``cgroup-v2``, ``rusage`` or ``psutil``."""
 
-    @classmethod
-    def from_raw(
-        cls, raw: RawRun, *, exit_code: int | None, oom_killed: bool, peak: int, source: str
-    ) -> RunOutcome:
-        """A fork-server run as the worker sees it, with the runner's verdict and measurement."""
-        return cls(
-            exit_code=exit_code,
-            timed_out=raw.timed_out,
-            oom_killed=oom_killed,
-            stdout=raw.stdout,
-            stderr=raw.stderr,
-            stdout_truncated=raw.stdout_truncated,
-            stderr_truncated=raw.stderr_truncated,
-            duration_ms=raw.duration_ms,
-            peak_memory_bytes=peak,
-            peak_source=source,
-        )
-
 
 @dataclass(eq=False)
 class Sandbox:
@@ -121,57 +97,11 @@ class Runner:
         """Per runtime: ``warm`` (idle, ready) and ``busy`` sandboxes."""
         raise NotImplementedError
 
+    @classmethod
+    def check_config(cls, config: Config) -> None:
+        """The runner's own checks of a loaded config (ConfigError, one line)."""
 
-class PooledRunner(Runner):
-    """A runner whose sandboxes come from one WarmPool per runtime (``self.pools``)."""
-
-    pools: dict[str, WarmPool]
-    marker = "[POOL]"
-
-    def make_pools(
-        self,
-        config: Config,
-        worker_index: int,
-        on_idle: Callable[[Sandbox, float], None] | None = None,
-    ) -> None:
-        """One pool per runtime, sized to this worker's share of its ``warm`` count."""
-        from .pool import WarmPool
-
-        self.pools = {
-            name: WarmPool(
-                name,
-                warm_share(rt.warm, config.workers, worker_index),
-                lambda name=name: self.create(name),
-                self.destroy,
-                idle_expiry_s=config.pool.idle_expiry_seconds,
-                on_idle=on_idle,
-                marker=self.marker,
-            )
-            for name, rt in config.runtimes.items()
-        }
-
-    def create(self, runtime: str) -> Sandbox:
-        """A new generic sandbox of ``runtime`` (called by the pool)."""
-        raise NotImplementedError
-
-    def destroy(self, sandbox: Sandbox) -> None:
-        """Remove a sandbox for good (called by the pool)."""
-        raise NotImplementedError
-
-    def acquire(self, runtime: str, code_key: str) -> Sandbox:
-        return self.pools[runtime].acquire(code_key)
-
-    def release(self, sandbox: Sandbox) -> None:
-        self.pools[sandbox.runtime].release(sandbox)
-
-    def pool_stats(self) -> dict[str, dict[str, int]]:
-        return {name: pool.stats() for name, pool in self.pools.items()}
-
-    def close_pools(self) -> None:
-        for pool in self.pools.values():
-            pool.close()
-
-
-def warm_share(warm: int, workers: int, index: int) -> int:
-    """This worker's slice of a runtime's warm pool size, split evenly across workers."""
-    return warm // workers + (1 if index < warm % workers else 0)
+    @classmethod
+    def remove_stale(cls) -> int:
+        """Remove sandboxes an earlier agent on this host left behind; returns how many."""
+        return 0

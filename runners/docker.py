@@ -27,143 +27,43 @@ import queue
 import select
 import shutil
 import signal
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import docker
 import psutil
-from docker.errors import DockerException, ImageNotFound, NotFound
+from docker.errors import ImageNotFound, NotFound
 from docker.models.containers import Container
-from docker.types import LogConfig, Mount
 from loguru import logger
-from requests.exceptions import RequestException
 
-from supervisor.config import Config, MiB, docker_user_ids
-from supervisor.errors import ConfigError, SandboxError
+from common.config import Config, MiB, docker_user_ids
+from common.errors import SandboxError
 
-from .base import Invocation, PooledRunner, RunOutcome, Sandbox
+from .base import Invocation, RunOutcome, Sandbox
+from .container_cgroup import ContainerCgroup, ContainerProcesses, find_cgroup
+from .container_cleanup import (
+    DOCKER_TIMEOUT_S,
+    UNREACHABLE,
+    describe,
+    remove_agent_containers,
+    remove_orphans,
+)
+from .container_spec import (
+    CODE_MOUNT,
+    CODE_SUBDIR,
+    CONTAINER_PATH,
+    SOCKET_NAME,
+    check_config,
+    container_launch,
+    container_name,
+    container_spec,
+)
 from .forkclient import FORKSERVER_SOURCE, ForkServerClient
-from .memory import CGROUP_ROOT, CgroupMemory, CgroupV1Memory, CgroupV2Memory
-from .process import Launch
+from .pool import PooledRunner
 
-AGENT_LABEL = "nanogrid.agent"
-WORKER_LABEL = "nanogrid.worker"
-RUNTIME_LABEL = "nanogrid.runtime"
-PID_LABEL = "nanogrid.pid"
-"""The worker process that owns the container: a new worker removes the dead ones' leftovers."""
-DIR_LABEL = "nanogrid.dir"
-"""The container's host directory, removed with it (also by an agent that did not make it)."""
-
-CONTROL_MOUNT = "/nanogrid/control"
-SERVER_MOUNT = "/nanogrid/forkserver.py"
-CODE_MOUNT = "/code"
-CODE_SUBDIR = "function"
-CONTAINER_PATH = "/usr/local/bin:/usr/bin:/bin"
-SOCKET_NAME = "forkserver.sock"
-UNIX_PATH_MAX = 107
-PID_MAX = 4_194_304
-"""The highest pid_max Linux allows: container names hold the worker's pid."""
-SEQUENCE_MAX = 9_999_999
-"""Container names hold a per-worker sequence number; the socket path check allows this many."""
-EXTRA_PIDS = 2
-"""docker-init and the fork server count against the container's pids limit too."""
-DOCKER_TIMEOUT_S = 30
 START_TIMEOUT_S = 20.0
-KILL_ROUNDS = 20
-UNREACHABLE = (DockerException, RequestException)
-"""What the Docker SDK raises when the engine is gone, refuses, or times out."""
-
-
-def agent_id() -> str:
-    """This agent's label value: stable per host, so a restarted agent finds its leftovers."""
-    return socket.gethostname()
-
-
-def describe(exc: BaseException) -> str:
-    """One line for people from a Docker SDK error."""
-    if isinstance(exc, RequestException):
-        return f"Docker engine unreachable ({type(exc).__name__})"
-    explanation = getattr(exc, "explanation", None)
-    text = str(explanation or exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
-class ContainerProcesses:
-    """The processes of one container as the host sees them (host pids)."""
-
-    def __init__(self, init_pid: int, server_pid: int, procs_file: Path | None) -> None:
-        self.init_pid = init_pid
-        self.server_pid = server_pid
-        self.procs_file = procs_file
-
-    def strays(self) -> list[int]:
-        """Everything but docker-init and the fork server: what a run left behind."""
-        if self.procs_file is not None:
-            try:
-                pids = [int(p) for p in self.procs_file.read_text().split()]
-            except FileNotFoundError:
-                return []
-        else:  # without the cgroup: every process in the container descends from its init
-            try:
-                pids = [p.pid for p in psutil.Process(self.init_pid).children(recursive=True)]
-            except psutil.Error:
-                return []
-        return [p for p in pids if p not in (self.init_pid, self.server_pid)]
-
-    def kill_strays(self) -> bool:
-        """SIGKILL what a run left behind; False when processes keep appearing."""
-        for _ in range(KILL_ROUNDS):  # a fork bomb may add processes while we kill
-            victims = self.strays()
-            if not victims:
-                return True
-            for pid in victims:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            time.sleep(0.001)
-        return not self.strays()
-
-
-@dataclass(frozen=True)
-class ContainerCgroup:
-    """The container's cgroup directories, found from one of its processes."""
-
-    memory: CgroupMemory
-    pids_dir: Path
-
-    @property
-    def procs_file(self) -> Path:
-        return self.memory.directory / "cgroup.procs"
-
-
-def find_cgroup(pid: int) -> ContainerCgroup | None:
-    """The cgroup of host process ``pid`` (cgroupfs or systemd driver, v1 or v2), if readable."""
-    try:
-        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
-    except OSError:
-        return None
-    paths: dict[str, str] = {}
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        for controller in controllers.split(",") if controllers else [""]:
-            paths[controller] = path.lstrip("/")
-    if (CGROUP_ROOT / "cgroup.controllers").exists():
-        directory = CGROUP_ROOT / paths.get("", "")
-        memory: CgroupMemory = CgroupV2Memory(directory)
-        pids_dir, probe = directory, "memory.current"
-    elif "memory" in paths and "pids" in paths:
-        memory = CgroupV1Memory(CGROUP_ROOT / "memory" / paths["memory"])
-        pids_dir, probe = CGROUP_ROOT / "pids" / paths["pids"], "memory.max_usage_in_bytes"
-    else:
-        return None
-    if not (memory.directory / probe).exists() or not (pids_dir / "pids.max").exists():
-        return None  # e.g. an agent in another cgroup namespace: paths are not ours to read
-    return ContainerCgroup(memory, pids_dir)
-
-
 @dataclass(eq=False)
 class DockerSandbox(Sandbox):
     root: Path = field(default_factory=Path)
@@ -175,33 +75,6 @@ class DockerSandbox(Sandbox):
     """A pidfd of the fork server: readable once it is gone (container killed, engine gone)."""
     limit_mb: int = 0
     paused: bool = False
-
-
-def container_launch(command: tuple[str, ...]) -> Launch:
-    """How a runtime's command runs from the fork server inside the image."""
-    python = (
-        os.path.basename(command[0]).startswith("python")
-        and len(command) >= 2
-        and not command[1].startswith("-")
-    )
-    # The fork server itself needs a python3 in the image; a python runtime names its own.
-    return Launch(interpreter=command[0] if python else "python3", python=python, argv=command)
-
-
-def container_name(worker: int, runtime: str, pid: int, seq: int) -> str:
-    return f"nanogrid-w{worker}-{runtime[:16]}-{pid}-{seq}"
-
-
-def check_config(config: Config) -> None:
-    """Refuse a ``docker.socket_dir`` too long for the fork-server sockets made below it."""
-    runtime = max(config.runtimes, key=lambda name: len(name[:16]), default="")
-    name = container_name(config.workers - 1, runtime, PID_MAX, SEQUENCE_MAX)
-    longest = Path(config.docker.socket_dir) / name / "control" / SOCKET_NAME
-    if len(os.fsencode(longest)) > UNIX_PATH_MAX:
-        raise ConfigError(
-            f"docker.socket_dir: {config.docker.socket_dir!r} is too long: the sandboxes' "
-            f"socket paths below it would exceed the {UNIX_PATH_MAX} bytes of an AF_UNIX address"
-        )
 
 
 class DockerRunner(PooledRunner):
@@ -228,6 +101,14 @@ class DockerRunner(PooledRunner):
         with contextlib.suppress(SandboxError):  # an engine that is away now is retried later
             self._remove_dead_workers_containers()
         self.make_pools(config, worker_index, on_idle=self._on_idle)
+
+    @classmethod
+    def check_config(cls, config: Config) -> None:
+        check_config(config)
+
+    @classmethod
+    def remove_stale(cls) -> int:
+        return remove_agent_containers()
 
     def acquire(self, runtime: str, code_key: str) -> Sandbox:
         pool = self.pools[runtime]
@@ -309,9 +190,7 @@ class DockerRunner(PooledRunner):
         peak, source = raw.maxrss_bytes, "rusage"  # v2 without a resettable peak, or no cgroup
         if measured is not None and memory is not None:
             peak, source = measured, memory.source
-        return RunOutcome.from_raw(
-            raw, exit_code=exit_code, oom_killed=oom, peak=peak, source=source
-        )
+        return raw.outcome(exit_code=exit_code, oom_killed=oom, peak=peak, source=source)
 
     @staticmethod
     def _measure(sandbox: DockerSandbox, oom_before: int) -> tuple[int | None, int]:
@@ -376,49 +255,11 @@ class DockerRunner(PooledRunner):
     def _start_container(
         self, api: docker.DockerClient, runtime: str, name: str, root: Path
     ) -> Container:
-        config, limits = self._config, self._config.limits
+        config = self._config
         image = config.runtimes[runtime].image
-        memory = limits.default_memory_mb * MiB
         try:
-            container = api.containers.create(
-                image,
-                [
-                    self._launch[runtime].interpreter,
-                    "-I",
-                    "-S",
-                    SERVER_MOUNT,
-                    f"{CONTROL_MOUNT}/{SOCKET_NAME}",
-                ],
-                name=name,
-                init=True,  # docker-init reaps what functions orphan
-                user=f"{self._uid}:{self._gid}",
-                environment={},
-                working_dir="/",
-                cap_drop=["ALL"],
-                security_opt=["no-new-privileges"],
-                read_only=True,
-                tmpfs={"/tmp": f"rw,nosuid,nodev,size={config.docker.tmpfs_mb}m"},
-                ipc_mode="private",
-                shm_size=config.docker.tmpfs_mb * MiB,
-                network_mode=config.docker.network,
-                pids_limit=limits.max_pids + EXTRA_PIDS,
-                mem_limit=memory,
-                memswap_limit=memory,
-                nano_cpus=int(config.docker.cpus * 1e9),
-                log_config=LogConfig(type="json-file", config={"max-size": "64k", "max-file": "1"}),
-                mounts=[
-                    Mount(CONTROL_MOUNT, str(root / "control"), type="bind"),
-                    Mount(SERVER_MOUNT, str(root / "forkserver.py"), type="bind", read_only=True),
-                    Mount(CODE_MOUNT, str(root / "code"), type="bind", read_only=True),
-                ],
-                labels={
-                    AGENT_LABEL: agent_id(),
-                    WORKER_LABEL: str(self._worker),
-                    RUNTIME_LABEL: runtime,
-                    PID_LABEL: str(os.getpid()),
-                    DIR_LABEL: str(root),
-                },
-            )
+            spec = container_spec(config, runtime, self._launch[runtime], name, root, self._worker)
+            container = api.containers.create(**spec)
         except ImageNotFound:
             raise SandboxError(
                 f"image {image} is not on this host (docker pull it, or bin/nanogrid-build-images)"
@@ -548,58 +389,8 @@ class DockerRunner(PooledRunner):
     def _remove_dead_workers_containers(self) -> None:
         """Remove containers of this agent whose worker process is gone (e.g. SIGKILLed)."""
         try:
-            removed = _remove_orphans(self._api())
+            removed = remove_orphans(self._api())
         except UNREACHABLE as exc:
             raise SandboxError(describe(exc)) from None
         if removed:
             logger.info(f"{self.marker} removed {removed} container(s) of exited workers")
-
-
-def _pid_alive(pid: str) -> bool:
-    if not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
-
-
-def _remove_listed(api: docker.DockerClient, listed: list[dict[str, Any]]) -> int:
-    """Force-remove containers (as listed by the engine) and their host directories."""
-    for entry in listed:
-        with contextlib.suppress(NotFound):
-            api.api.remove_container(entry["Id"], force=True)
-        directory = Path(entry["Labels"].get(DIR_LABEL, ""))
-        names = [n.lstrip("/") for n in entry.get("Names") or []]
-        if directory.is_absolute() and directory.name in names:  # never rmtree a stray label
-            shutil.rmtree(directory, ignore_errors=True)
-    return len(listed)
-
-
-def _remove_orphans(api: docker.DockerClient) -> int:
-    """Remove this host's agent containers whose worker process is gone."""
-    found = api.api.containers(all=True, filters={"label": f"{AGENT_LABEL}={agent_id()}"})
-    return _remove_listed(api, [c for c in found if not _pid_alive(c["Labels"].get(PID_LABEL, ""))])
-
-
-def remove_agent_containers() -> int:
-    """Remove the containers of exited workers of this host's agent (at agent start and stop).
-
-    At start they are an earlier agent's leftovers; after a drain, the workers are gone. A
-    live worker's containers (another agent or test run on the host) are left alone.
-    """
-    try:
-        api = docker.from_env(timeout=DOCKER_TIMEOUT_S)
-    except UNREACHABLE as exc:
-        logger.warning(f"[DOCKER] cannot look for leftover containers: {describe(exc)}")
-        return 0
-    try:
-        return _remove_orphans(api)
-    except UNREACHABLE as exc:
-        logger.warning(f"[DOCKER] cannot remove leftover containers: {describe(exc)}")
-        return 0
-    finally:
-        api.close()

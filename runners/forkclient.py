@@ -16,7 +16,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from supervisor.errors import SandboxError
+from common.errors import SandboxError
+
+from .base import RunOutcome
 
 FORKSERVER_SOURCE = Path(__file__).with_name("forkserver.py")
 _CHUNK = 65536
@@ -36,6 +38,22 @@ class RawRun:
     stderr_truncated: bool
     duration_ms: float
     maxrss_bytes: int
+
+    def outcome(self, *, exit_code: int | None, oom_killed: bool, peak: int,
+                source: str) -> RunOutcome:
+        """This run as the worker sees it, with the runner's verdict and measurement."""
+        return RunOutcome(
+            exit_code=exit_code,
+            timed_out=self.timed_out,
+            oom_killed=oom_killed,
+            stdout=self.stdout,
+            stderr=self.stderr,
+            stdout_truncated=self.stdout_truncated,
+            stderr_truncated=self.stderr_truncated,
+            duration_ms=self.duration_ms,
+            peak_memory_bytes=peak,
+            peak_source=source,
+        )
 
 
 class _Capped:

@@ -16,7 +16,9 @@ from collections.abc import Callable
 
 from loguru import logger
 
-from .base import Sandbox
+from common.config import Config
+
+from .base import Runner, Sandbox
 
 _TICK_S = 0.25
 
@@ -171,3 +173,56 @@ class WarmPool:
             self._destroy(sandbox)
         except Exception as exc:
             logger.warning(f"{self._marker} could not remove sandbox {sandbox.name}: {exc}")
+
+
+class PooledRunner(Runner):
+    """A runner whose sandboxes come from one WarmPool per runtime (``self.pools``)."""
+
+    pools: dict[str, WarmPool]
+    marker = "[POOL]"
+
+    def make_pools(
+        self,
+        config: Config,
+        worker_index: int,
+        on_idle: Callable[[Sandbox, float], None] | None = None,
+    ) -> None:
+        """One pool per runtime, sized to this worker's share of its ``warm`` count."""
+        self.pools = {
+            name: WarmPool(
+                name,
+                warm_share(rt.warm, config.workers, worker_index),
+                lambda name=name: self.create(name),
+                self.destroy,
+                idle_expiry_s=config.pool.idle_expiry_seconds,
+                on_idle=on_idle,
+                marker=self.marker,
+            )
+            for name, rt in config.runtimes.items()
+        }
+
+    def create(self, runtime: str) -> Sandbox:
+        """A new generic sandbox of ``runtime`` (called by the pool)."""
+        raise NotImplementedError
+
+    def destroy(self, sandbox: Sandbox) -> None:
+        """Remove a sandbox for good (called by the pool)."""
+        raise NotImplementedError
+
+    def acquire(self, runtime: str, code_key: str) -> Sandbox:
+        return self.pools[runtime].acquire(code_key)
+
+    def release(self, sandbox: Sandbox) -> None:
+        self.pools[sandbox.runtime].release(sandbox)
+
+    def pool_stats(self) -> dict[str, dict[str, int]]:
+        return {name: pool.stats() for name, pool in self.pools.items()}
+
+    def close_pools(self) -> None:
+        for pool in self.pools.values():
+            pool.close()
+
+
+def warm_share(warm: int, workers: int, index: int) -> int:
+    """This worker's slice of a runtime's warm pool size, split evenly across workers."""
+    return warm // workers + (1 if index < warm % workers else 0)

@@ -21,12 +21,13 @@ from pathlib import Path
 
 from loguru import logger
 
-from supervisor.config import Config, MiB, RuntimeConfig
-from supervisor.errors import ConfigError, SandboxError
+from common.config import Config, MiB, RuntimeConfig
+from common.errors import ConfigError, SandboxError
 
-from .base import Invocation, PooledRunner, RunOutcome, Sandbox
+from .base import Invocation, RunOutcome, Sandbox
 from .cgroups import SandboxCgroup, SandboxCgroups, owner_gone, owner_group
 from .forkclient import FORKSERVER_SOURCE, ForkServerClient
+from .pool import PooledRunner
 
 SANDBOX_START_TIMEOUT_S = 10.0
 RLIMIT_AS_HEADROOM = 64 * MiB
@@ -99,6 +100,10 @@ class ProcessRunner(PooledRunner):
         }
         self.make_pools(config, worker_index)
 
+    @classmethod
+    def remove_stale(cls) -> int:
+        return SandboxCgroups.remove_stale()
+
     def close(self) -> None:
         self.close_pools()
         if self._cgroups.available:
@@ -154,9 +159,7 @@ class ProcessRunner(PooledRunner):
             oom = True
         if raw.timed_out or oom:
             sandbox.healthy = False
-        return RunOutcome.from_raw(
-            raw, exit_code=exit_code, oom_killed=oom, peak=peak, source=source
-        )
+        return raw.outcome(exit_code=exit_code, oom_killed=oom, peak=peak, source=source)
 
     def create(self, runtime: str) -> ProcessSandbox:
         started = time.monotonic()

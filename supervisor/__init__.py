@@ -1,1 +1,1 @@
-"""The NanoGrid worker agent: supervisor, workers and their adapters (see README.md)."""
+"""The parent process: the arbiter loop, HTTP endpoints, sd_notify and the CLI."""

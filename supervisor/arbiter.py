@@ -26,19 +26,21 @@ from typing import Any, NoReturn
 from loguru import logger
 
 import runners
-
-from . import logs, sdnotify, status
-from .config import Config, load
-from .errors import ConfigError
-from .exitcodes import (
+from common import logs
+from common.config import Config, load
+from common.errors import ConfigError
+from common.exitcodes import (
     EXIT_BOOT_ERROR,
     EXIT_OK,
     EXIT_SUPERVISOR_ERROR,
     EXIT_WORKER_CRASH,
     WORKER_EXIT_NAMES,
 )
+from worker import status
+from worker.status import StatusReader
+
+from . import sdnotify
 from .health import HealthServer, SupervisorMetrics
-from .status import StatusReader
 
 WorkerMain = Callable[[Config, int, int], int]
 
@@ -124,7 +126,7 @@ class Arbiter:
     def __init__(self, config: Config, worker_main: WorkerMain | None = None) -> None:
         if worker_main is None:
             # Imported before any fork, so each child starts with boto3 & co. loaded.
-            from .worker import main as worker_main
+            from worker.loop import main as worker_main
         self.config = config
         self.worker_main = worker_main
         self.pid = os.getpid()

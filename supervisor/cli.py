@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from common.config import load
+from common.errors import ConfigError
+from common.exitcodes import EXIT_CONFIG, EXIT_OK
 from runners import check_config
-
-from .config import load
-from .errors import ConfigError
-from .exitcodes import EXIT_CONFIG, EXIT_OK
 
 PROG = "nanogrid-supervisor"
 

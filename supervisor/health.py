@@ -16,7 +16,8 @@ from typing import Any
 
 from loguru import logger
 
-from .config import MiB
+from common.config import MiB
+
 from .prometheus import CONTENT_TYPE, Registry
 
 DURATION_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900)

@@ -1,7 +1,7 @@
 """Helpers shared by the tests: free ports, polling, and the real peers they run against.
 
 The peers are real programs, never fakes, and the same ones `bin/nanogrid-local` runs:
-`RedisServer`, `PeerProcess`, `free_port` and `wait_until` come from supervisor.embedded
+`RedisServer`, `PeerProcess`, `free_port` and `wait_until` come from devtools.embedded
 (one copy of each); `MotoServer` adds cached clients and fresh queues/buckets to the
 embedded one. `PidsCgroup` confines the test process to a pids cgroup so hostile code
 cannot fork-bomb the machine.
@@ -22,8 +22,8 @@ from typing import Any
 import boto3
 import redis
 
-from supervisor import embedded
-from supervisor.embedded import (
+from devtools import embedded
+from devtools.embedded import (
     AWS_REGION,
     PEER_PIDS,
     PeerProcess,
@@ -217,7 +217,7 @@ class TaskClient:
 
     def call(self, task: dict[str, Any], timeout: float = 30) -> dict[str, Any]:
         """Subscribe, send, wait: as the controller does."""
-        from supervisor.invoke import invoke
+        from devtools.invoke import invoke
 
         result = invoke(self.aws.sqs(), self.redis, self.queue_url, task, timeout)
         assert result is not None, f"no result for {task['requestId']} within {timeout}s"

@@ -15,10 +15,10 @@ import pytest
 from botocore.exceptions import ConnectTimeoutError, EndpointConnectionError, ReadTimeoutError
 from botocore.stub import Stubber
 
-from supervisor import codestore, unpack
-from supervisor.codestore import CodePackage, CodeStore
-from supervisor.config import LimitsConfig
-from supervisor.errors import CodeNotFound, InvalidCodePackage
+from common.config import LimitsConfig
+from common.errors import CodeNotFound, InvalidCodePackage
+from worker import codestore, unpack
+from worker.codestore import CodePackage, CodeStore
 
 KEY = "functions/hello-python/v1.zip"
 

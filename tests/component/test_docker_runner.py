@@ -27,11 +27,11 @@ import pytest
 from docker.errors import NotFound
 from helpers import wait_until
 
-from runners import docker as docker_runner
+from common.config import Config, from_dict
+from common.errors import SandboxError
+from runners import container_cleanup
 from runners.base import Invocation, RunOutcome
 from runners.docker import DockerRunner, DockerSandbox, remove_agent_containers
-from supervisor.config import Config, from_dict
-from supervisor.errors import SandboxError
 
 pytestmark = pytest.mark.docker
 
@@ -71,7 +71,7 @@ _SCRATCH: list[str] = []
 def agent(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """A fresh agent id for this test's containers (forked children inherit it)."""
     name = f"test-{uuid.uuid4().hex[:10]}"
-    monkeypatch.setattr(docker_runner, "agent_id", lambda: name)
+    monkeypatch.setattr(container_cleanup, "agent_id", lambda: name)
     yield name
     while _SCRATCH:
         shutil.rmtree(_SCRATCH.pop(), ignore_errors=True)

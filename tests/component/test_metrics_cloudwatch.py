@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from supervisor.config import CloudWatchConfig
-from supervisor.metrics import MetricsPublisher
+from common.config import CloudWatchConfig
+from worker.cloudwatch import MetricsPublisher
 
 MB = 2**20
 METRICS = {

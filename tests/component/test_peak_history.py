@@ -9,9 +9,9 @@ from typing import Any
 
 import redis
 
-from supervisor.autotuner import PeakHistory, recommend
-from supervisor.config import AutotunerConfig
-from supervisor.resultstore import ResultStore
+from common.config import AutotunerConfig
+from worker.autotuner import PeakHistory, recommend
+from worker.resultstore import ResultStore
 
 MB = 2**20
 CFG = dataclasses.replace(AutotunerConfig(), history_size=5, history_ttl_seconds=600)

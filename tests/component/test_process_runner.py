@@ -13,10 +13,10 @@ import psutil
 import pytest
 from helpers import wait_until
 
+from common.config import Config, from_dict
 from runners import cgroups
 from runners.base import Invocation, RunOutcome
 from runners.process import ProcessRunner, ProcessSandbox
-from supervisor.config import Config, from_dict
 
 
 def make_config(warm: int = 1, max_pids: int = 32) -> Config:
@@ -56,7 +56,7 @@ def run(
     assert isinstance(sandbox, ProcessSandbox)
     if sandbox.code_key != key:
         (sandbox.code_dir / "main.py").write_text(code)
-        (sandbox.code_dir / "main.py").chmod(0o644)  # as supervisor.unpack leaves it
+        (sandbox.code_dir / "main.py").chmod(0o644)  # as worker.unpack leaves it
         sandbox.code_key = key
     invocation = Invocation(
         "r", "f", ("python3", "main.py"), stdin, memory_mb, timeout_ms, 10_000, 32

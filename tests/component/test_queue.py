@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from supervisor.config import QueueConfig
-from supervisor.queue import BatchDeleter, QueueUnavailable, TaskQueue, VisibilityHeartbeat
+from common.config import QueueConfig
+from worker.sqs import BatchDeleter, QueueUnavailable, TaskQueue, VisibilityHeartbeat
 
 
 def make_queue(aws: Any, **changes: Any) -> TaskQueue:

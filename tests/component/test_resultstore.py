@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 import redis
 
-from supervisor.errors import ResultStoreUnavailable
-from supervisor.resultstore import ResultStore
+from common.errors import ResultStoreUnavailable
+from worker.resultstore import ResultStore
 
 TTL = 120
 
@@ -164,7 +164,7 @@ FLUSHER = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from supervisor.resultstore import ResultStore
+    from worker.resultstore import ResultStore
     url, outbox, start_at = sys.argv[1], sys.argv[2], float(sys.argv[3])
     store = ResultStore(url, 120, Path(outbox))
     while time.time() < start_at:

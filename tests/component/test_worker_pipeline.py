@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from helpers import TaskClient, wait_until
 
-from supervisor.config import Config, from_dict
+from common.config import Config, from_dict
 
 HELLO = 'print("Hello from NanoGrid!")\n'
 
@@ -70,8 +70,8 @@ class Agent(TaskClient):
         self.process = multiprocessing.get_context("fork").Process(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        from supervisor import logs
-        from supervisor.worker import Worker
+        from common import logs
+        from worker.loop import Worker
 
         logs.setup(self.config.log, "worker-0")
         os._exit(Worker(self.config, 0).run())

@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 from helpers import TaskClient, wait_until
 
-from supervisor.invoke import zip_function
+from devtools.invoke import zip_function
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = ROOT / "bin" / "nanogrid-supervisor"

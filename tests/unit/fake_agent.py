@@ -32,10 +32,10 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import runners  # noqa: E402
+from common.config import Config, load  # noqa: E402
+from common.exitcodes import EXIT_BOOT_ERROR  # noqa: E402
 from supervisor import arbiter  # noqa: E402
-from supervisor.config import Config, load  # noqa: E402
-from supervisor.exitcodes import EXIT_BOOT_ERROR  # noqa: E402
-from supervisor.status import StatusReporter  # noqa: E402
+from worker.status import StatusReporter  # noqa: E402
 
 BEAT_S = 0.05
 RUN_S = 1.0

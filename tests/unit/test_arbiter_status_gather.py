@@ -10,9 +10,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from common.config import from_dict
 from supervisor.arbiter import STATUS_GATHER_S, TICK_S, Arbiter, WorkerProcess
-from supervisor.config import from_dict
-from supervisor.status import StatusReader, StatusReporter
+from worker.status import StatusReader, StatusReporter
 
 RESULT = {"requestId": "a", "functionId": "fn", "status": "SUCCESS", "errorType": None,
           "durationMillis": 3.0, "peakMemoryBytes": 2**20, "coldStart": False}

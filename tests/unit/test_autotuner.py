@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 import redis
 
-from supervisor.autotuner import PeakHistory, Recommendation, recommend
-from supervisor.config import AutotunerConfig
+from common.config import AutotunerConfig
+from worker.autotuner import PeakHistory, Recommendation, recommend
 
 MB = 2**20
 CFG = AutotunerConfig()

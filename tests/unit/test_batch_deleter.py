@@ -7,8 +7,8 @@ import time
 from types import SimpleNamespace
 from typing import Any
 
-from supervisor.config import QueueConfig
-from supervisor.queue import MAX_DELETE_LINGER_S, BatchDeleter, Message, QueueUnavailable
+from common.config import QueueConfig
+from worker.sqs import MAX_DELETE_LINGER_S, BatchDeleter, Message, QueueUnavailable
 
 LINGER = 0.2
 

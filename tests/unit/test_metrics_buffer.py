@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from loguru import logger
 
-from supervisor.config import CloudWatchConfig
-from supervisor.metrics import MetricsPublisher
+from common.config import CloudWatchConfig
+from worker.cloudwatch import MetricsPublisher
 
 
 class FakeCloudWatch:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from runners.base import RunOutcome
-from supervisor import result
+from worker import result
 
 IDS = {"requestId": "r", "functionId": "f", "runtime": "python"}
 FIELDS = {

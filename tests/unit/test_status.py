@@ -10,8 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from supervisor import status
-from supervisor.status import StatusReader, StatusReporter
+from worker import status
+from worker.status import StatusReader, StatusReporter
 
 F_SETPIPE_SZ = 1031
 

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from supervisor import task
-from supervisor.config import from_dict
-from supervisor.errors import InvalidMessage, RuntimeNotSupported
+from common.config import from_dict
+from common.errors import InvalidMessage, RuntimeNotSupported
+from worker import task
 
 CFG = from_dict({"limits": {"default_memory_mb": 128, "default_timeout_ms": 3000}})
 GOOD = {

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from supervisor import unpack
-from supervisor.config import LimitsConfig
-from supervisor.errors import InvalidCodePackage
+from common.config import LimitsConfig
+from common.errors import InvalidCodePackage
+from worker import unpack
 
 MiB = 2**20
 LIMITS = LimitsConfig(max_zip_bytes=4 * MiB, max_unpacked_bytes=1 * MiB, max_files=10)

@@ -13,12 +13,12 @@ from typing import Any
 
 import pytest
 
+from common.config import from_dict
+from common.errors import CodeNotFound, ResultStoreUnavailable
 from runners.base import RunOutcome, Sandbox
-from supervisor.autotuner import Recommendation
-from supervisor.config import from_dict
-from supervisor.errors import CodeNotFound, ResultStoreUnavailable
-from supervisor.queue import Message, QueueUnavailable
-from supervisor.worker import Worker
+from worker.autotuner import Recommendation
+from worker.loop import Worker
+from worker.sqs import Message, QueueUnavailable
 
 
 class FakeQueue:
@@ -134,7 +134,7 @@ def message(attempt: int = 1, **changes: Any) -> Message:
 def test_ran_is_published_and_deleted(monkeypatch: pytest.MonkeyPatch) -> None:
     worker = make_worker()
     monkeypatch.setattr(
-        "supervisor.autotuner.recommend", lambda *a, **k: Recommendation(32, "tip", 1)
+        "worker.autotuner.recommend", lambda *a, **k: Recommendation(32, "tip", 1)
     )
     worker.handle(message())
     assert [r["status"] for r in worker.store.published] == ["SUCCESS"]

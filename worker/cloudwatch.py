@@ -23,7 +23,7 @@ from typing import Any
 
 from loguru import logger
 
-from .config import CloudWatchConfig
+from common.config import CloudWatchConfig
 
 MAX_DATUMS_PER_CALL = 1000
 DEFAULT_MAX_BUFFER = 10_000

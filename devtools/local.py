@@ -38,7 +38,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
-from . import config as config_module
+from common import config as config_module
+from common.errors import ConfigError
+
 from .embedded import (
     AWS_REGION,
     DIRECT,
@@ -51,7 +53,6 @@ from .embedded import (
     redis_answers,
     tail,
 )
-from .errors import ConfigError
 
 PROG = "nanogrid-local"
 REPO = Path(__file__).resolve().parent.parent

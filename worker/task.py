@@ -7,8 +7,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from .config import Config
-from .errors import InvalidMessage, RuntimeNotSupported
+from common.config import Config
+from common.errors import InvalidMessage, RuntimeNotSupported
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 FUNCTION_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")

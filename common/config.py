@@ -136,7 +136,8 @@ class DockerRunnerConfig:
 @dataclass(frozen=True)
 class Config:
     workers: int = _bounded(2, 1, 256, auto=True)
-    runner: str = _bounded("docker", choices=("docker", "process"))
+    runner: str = "docker"
+    """A name in ``runners.RUNNERS``; checked there (runners.check_config), the one registry."""
     drain_timeout_seconds: float = _bounded(30.0, 0, 3600)
     heartbeat_timeout_seconds: float = _bounded(30.0, 1, 3600)
     queue: QueueConfig = QueueConfig()

@@ -16,8 +16,8 @@ from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 from loguru import logger
 
-from .config import QueueConfig
-from .errors import NanoGridError
+from common.config import QueueConfig
+from common.errors import NanoGridError
 
 
 class QueueUnavailable(NanoGridError):

@@ -23,8 +23,8 @@ import zipfile
 import zlib
 from pathlib import Path
 
-from .config import LimitsConfig
-from .errors import InvalidCodePackage
+from common.config import LimitsConfig
+from common.errors import InvalidCodePackage
 
 CHUNK = 64 * 1024
 FILE_MODE = 0o644

@@ -25,7 +25,8 @@ from typing import Any
 import redis
 from loguru import logger
 
-from .config import AutotunerConfig, MiB
+from common.config import AutotunerConfig, MiB
+
 from .resultstore import make_client
 
 

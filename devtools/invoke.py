@@ -20,8 +20,8 @@ import boto3
 import redis
 from botocore.exceptions import BotoCoreError, ClientError
 
-from . import config as config_module
-from .errors import ConfigError
+from common import config as config_module
+from common.errors import ConfigError
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2

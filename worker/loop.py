@@ -19,17 +19,18 @@ from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
+from common import logs
+from common.config import Config
+from common.errors import InternalError, ResultStoreUnavailable, TaskError
+from common.exitcodes import EXIT_BOOT_ERROR, EXIT_OK
 from runners import create_runner
 from runners.base import Invocation, Runner, RunOutcome
 
-from . import autotuner, logs, result, task
+from . import autotuner, result, task
+from .cloudwatch import MetricsPublisher
 from .codestore import CodePackage, CodeStore
-from .config import Config
-from .errors import InternalError, ResultStoreUnavailable, TaskError
-from .exitcodes import EXIT_BOOT_ERROR, EXIT_OK
-from .metrics import MetricsPublisher
-from .queue import BatchDeleter, Message, QueueUnavailable, TaskQueue, VisibilityHeartbeat
 from .resultstore import ResultStore
+from .sqs import BatchDeleter, Message, QueueUnavailable, TaskQueue, VisibilityHeartbeat
 from .unpack import extract
 
 if TYPE_CHECKING:

@@ -24,7 +24,7 @@ from loguru import logger
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from .errors import ResultStoreUnavailable
+from common.errors import ResultStoreUnavailable
 
 CONNECT_TIMEOUT_SECONDS = 1.0
 OPERATION_TIMEOUT_SECONDS = 2.0

@@ -35,7 +35,7 @@ import botocore.config
 from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
 from botocore.exceptions import ConnectionError as S3ConnectionError
 
-from .errors import CodeNotFound, InvalidCodePackage
+from common.errors import CodeNotFound, InvalidCodePackage
 
 GiB = 2**30
 CHUNK = 256 * 1024

@@ -1,0 +1,89 @@
+"""A Docker sandbox's processes and cgroup as the host sees them: for per-run peaks, limits
+and killing what a run left behind, without a Docker API call on the hot path."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from .memory import CGROUP_ROOT, CgroupMemory, CgroupV1Memory, CgroupV2Memory
+
+KILL_ROUNDS = 20
+
+
+class ContainerProcesses:
+    """The processes of one container as the host sees them (host pids)."""
+
+    def __init__(self, init_pid: int, server_pid: int, procs_file: Path | None) -> None:
+        self.init_pid = init_pid
+        self.server_pid = server_pid
+        self.procs_file = procs_file
+
+    def strays(self) -> list[int]:
+        """Everything but docker-init and the fork server: what a run left behind."""
+        if self.procs_file is not None:
+            try:
+                pids = [int(p) for p in self.procs_file.read_text().split()]
+            except FileNotFoundError:
+                return []
+        else:  # without the cgroup: every process in the container descends from its init
+            try:
+                pids = [p.pid for p in psutil.Process(self.init_pid).children(recursive=True)]
+            except psutil.Error:
+                return []
+        return [p for p in pids if p not in (self.init_pid, self.server_pid)]
+
+    def kill_strays(self) -> bool:
+        """SIGKILL what a run left behind; False when processes keep appearing."""
+        for _ in range(KILL_ROUNDS):  # a fork bomb may add processes while we kill
+            victims = self.strays()
+            if not victims:
+                return True
+            for pid in victims:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.001)
+        return not self.strays()
+
+
+@dataclass(frozen=True)
+class ContainerCgroup:
+    """The container's cgroup directories, found from one of its processes."""
+
+    memory: CgroupMemory
+    pids_dir: Path
+
+    @property
+    def procs_file(self) -> Path:
+        return self.memory.directory / "cgroup.procs"
+
+
+def find_cgroup(pid: int) -> ContainerCgroup | None:
+    """The cgroup of host process ``pid`` (cgroupfs or systemd driver, v1 or v2), if readable."""
+    try:
+        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    paths: dict[str, str] = {}
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        for controller in controllers.split(",") if controllers else [""]:
+            paths[controller] = path.lstrip("/")
+    if (CGROUP_ROOT / "cgroup.controllers").exists():
+        directory = CGROUP_ROOT / paths.get("", "")
+        memory: CgroupMemory = CgroupV2Memory(directory)
+        pids_dir, probe = directory, "memory.current"
+    elif "memory" in paths and "pids" in paths:
+        memory = CgroupV1Memory(CGROUP_ROOT / "memory" / paths["memory"])
+        pids_dir, probe = CGROUP_ROOT / "pids" / paths["pids"], "memory.max_usage_in_bytes"
+    else:
+        return None
+    if not (memory.directory / probe).exists() or not (pids_dir / "pids.max").exists():
+        return None  # e.g. an agent in another cgroup namespace: paths are not ours to read
+    return ContainerCgroup(memory, pids_dir)

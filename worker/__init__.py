@@ -1,0 +1,2 @@
+"""One worker process: the receive -> run -> publish pipeline and its SQS, S3, Redis and
+CloudWatch adapters."""
