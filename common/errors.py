@@ -9,7 +9,8 @@
     │   ├── InvalidCodePackage      INVALID_CODE_PACKAGE -> delete
     │   └── InternalError           INTERNAL             -> delete
     │       └── SandboxError          the sandbox broke; it is destroyed, not reused
-    └── ResultStoreUnavailable    Redis is down: the result goes to the on-disk outbox
+    ├── ResultStoreUnavailable    Redis is down: the result goes to the on-disk outbox
+    └── QueueUnavailable          SQS cannot be reached or refused a call: retried with backoff
 
 The worker decides delete / keep / dead-letter from the class alone, in one place.
 """
@@ -67,3 +68,7 @@ class SandboxError(InternalError):
 
 class ResultStoreUnavailable(NanoGridError):
     """Redis cannot take the result right now."""
+
+
+class QueueUnavailable(NanoGridError):
+    """SQS could not be reached or refused the call."""

@@ -22,6 +22,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from common import config as config_module
 from common.errors import ConfigError
+from worker.result import Result
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -66,7 +67,8 @@ def deploy(s3: Any, bucket: str, function_id: str, code: bytes) -> str:
 def invoke(
     sqs: Any, redis_client: redis.Redis, queue_url: str, task: dict[str, Any], timeout_s: float
 ) -> dict[str, Any] | None:
-    """Send the task and wait for its result (subscribed first, GET as the fallback)."""
+    """Send the task and wait for its result JSON as published (subscribed first, GET as the
+    fallback)."""
     channel = f"result:{task['requestId']}"
     pubsub = redis_client.pubsub(ignore_subscribe_messages=True)
     pubsub.subscribe(channel)
@@ -145,4 +147,4 @@ def main(argv: list[str] | None = None) -> int:
         )
         return EXIT_FAILED
     print(json.dumps(result, indent=2, ensure_ascii=False))
-    return 0 if result.get("status") == "SUCCESS" else EXIT_FAILED
+    return 0 if Result.from_dict(result).ok else EXIT_FAILED

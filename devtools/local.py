@@ -40,6 +40,7 @@ import yaml
 
 from common import config as config_module
 from common.errors import ConfigError
+from worker.result import Result
 
 from .embedded import (
     AWS_REGION,
@@ -568,19 +569,20 @@ DEMO_CALLS = (
 )
 
 
-def summary(result: dict[str, Any], end_to_end_ms: float) -> str:
+def summary(result: Result, end_to_end_ms: float) -> str:
     """One line of what matters in a result."""
-    cold = result.get("coldStart")
     parts = [
-        str(result.get("status")),
-        f"durationMillis {result.get('durationMillis')}",
+        result.status,
+        f"durationMillis {result.duration_millis}",
         f"end to end {end_to_end_ms:.0f} ms",
-        f"peakMemoryMB {result.get('peakMemoryMB')}",
-        f"coldStart {json.dumps(cold) if isinstance(cold, bool) else cold}",
-        str(result.get("optimizationTip") or "no optimizationTip"),
+        f"peakMemoryMB {result.peak_memory_mb}",
+        f"coldStart {json.dumps(result.cold_start)}",
+        str(result.optimization_tip or "no optimizationTip"),
     ]
-    if result.get("errorMessage"):
-        parts.append(f"error: {result['errorType']}: {result['errorMessage']}")
+    if result.timings is not None:
+        parts.append(f"agent overhead {result.timings.total_ms - result.timings.run_ms:.1f} ms")
+    if result.error_message:
+        parts.append(f"error: {result.error_type}: {result.error_message}")
     return " | ".join(parts)
 
 
@@ -625,8 +627,9 @@ def run_demo_calls(plan: Plan, wait: float) -> tuple[int, int]:
                     f"{call.example}: no result for {task['requestId']} within {wait:.0f}s"
                 )
             print(json.dumps(result, indent=2, ensure_ascii=False))
-            print(f"-> {summary(result, end_to_end_ms)}", flush=True)
-            ok += result.get("status") == "SUCCESS"
+            typed = Result.from_dict(result)
+            print(f"-> {summary(typed, end_to_end_ms)}", flush=True)
+            ok += typed.ok
     finally:
         client.close()
     return ok, len(DEMO_CALLS)

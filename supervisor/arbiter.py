@@ -20,7 +20,6 @@ import selectors
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 from loguru import logger
@@ -36,11 +35,12 @@ from common.exitcodes import (
     EXIT_WORKER_CRASH,
     WORKER_EXIT_NAMES,
 )
-from worker import status
 from worker.status import StatusReader
 
 from . import sdnotify
-from .health import HealthServer, SupervisorMetrics
+from .health import HealthServer
+from .metrics import SupervisorMetrics
+from .workerstate import Slot, WorkerProcess, pool_totals, worker_status
 
 WorkerMain = Callable[[Config, int, int], int]
 
@@ -63,39 +63,6 @@ MURDER_GRACE_S = 5.0
 KILL_WAIT_S = 5.0
 """How long ``stop`` waits for killed workers to be reaped."""
 PR_SET_PDEATHSIG = 1
-
-
-@dataclass
-class Slot:
-    """Worker id k, across the processes that served as it."""
-
-    index: int
-    restarts: int = 0
-    tasks_done: int = 0
-    failures: int = 0
-    """Crashes in a row, for the backoff."""
-    not_before: float = 0.0
-    """Monotonic time before which no process is forked for this slot."""
-
-
-@dataclass
-class WorkerProcess:
-    """One forked worker, as the arbiter knows it."""
-
-    pid: int
-    index: int
-    reader: StatusReader
-    started: float
-    last_beat: float
-    booted: bool = False
-    request_id: str | None = None
-    pools: dict[str, dict[str, int]] = field(default_factory=dict)
-    dropped: int = 0
-    retiring: bool = False
-    """Told to drain (reload, stop): its exit is expected, not a crash."""
-    kill_at: float | None = None
-    """SIGTERM was sent; SIGKILL follows at this monotonic time."""
-    killed: bool = False
 
 
 def heartbeat_timeout(config: Config) -> float:
@@ -395,39 +362,20 @@ class Arbiter:
             with contextlib.suppress(KeyError):
                 self.selector.unregister(worker.reader)
         for message in messages:
-            self._apply(worker, message)
+            finished = worker.apply(message)
+            if finished is not None:
+                if worker.index in self.slots:
+                    self.slots[worker.index].tasks_done += 1
+                self.metrics.task_finished(finished)
         return len(messages)
-
-    def _apply(self, worker: WorkerProcess, message: dict[str, Any]) -> None:
-        worker.last_beat = time.monotonic()
-        kind = message.get("type")
-        if kind == status.HEARTBEAT:
-            worker.dropped = int(message.get("dropped") or 0)
-        elif kind == status.BOOTED:
-            worker.booted = True
-            logger.info(f"worker {worker.index} (pid {worker.pid}) booted")
-        elif kind == status.STARTED:
-            worker.request_id = message.get("requestId")
-        elif kind == status.FINISHED and isinstance(message.get("result"), dict):
-            worker.request_id = None
-            if worker.index in self.slots:
-                self.slots[worker.index].tasks_done += 1
-            self.metrics.task_finished(message["result"])
-        elif kind == status.POOLS and isinstance(message.get("pools"), dict):
-            worker.pools = message["pools"]
 
     def publish_status(self) -> None:
         """Build the snapshot /status and /health serve; update the gauges and systemd."""
         now = time.monotonic()
         by_slot = {w.index: w for w in self.workers.values()}
-        workers = [self._worker_status(slot, by_slot.get(slot.index), now)
+        workers = [worker_status(slot, by_slot.get(slot.index), now)
                    for slot in sorted(self.slots.values(), key=lambda s: s.index)]
-        pools: dict[str, dict[str, int]] = {}
-        for worker in self.workers.values():
-            for runtime, stats in worker.pools.items():
-                total = pools.setdefault(runtime, {"warm": 0, "busy": 0})
-                for state in total:
-                    total[state] += int(stats.get(state, 0))
+        pools = pool_totals(list(self.workers.values()))
         alive = sum(1 for w in workers if w["alive"])
         self.metrics.update(alive, pools)
         self._snapshot = {
@@ -446,26 +394,6 @@ class Arbiter:
         if text != self._sd_status:
             self._sd_status = text
             sdnotify.status(text)
-
-    def _worker_status(self, slot: Slot, worker: WorkerProcess | None,
-                       now: float) -> dict[str, Any]:
-        if worker is None:
-            state = "waiting"
-        elif worker.retiring or worker.kill_at is not None:
-            state = "draining"
-        else:
-            state = "running" if worker.booted else "booting"
-        return {
-            "id": slot.index,
-            "pid": worker.pid if worker else None,
-            "alive": worker is not None and worker.booted,
-            "state": state,
-            "restarts": slot.restarts,
-            "tasksDone": slot.tasks_done,
-            "currentRequestId": worker.request_id if worker else None,
-            "lastHeartbeatSecondsAgo": round(now - worker.last_beat, 1) if worker else None,
-            "statusMessagesDropped": worker.dropped if worker else 0,
-        }
 
     def status_snapshot(self) -> dict[str, Any]:
         """The latest snapshot; called from the HTTP thread."""

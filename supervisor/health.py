@@ -16,61 +16,7 @@ from typing import Any
 
 from loguru import logger
 
-from common.config import MiB
-
-from .prometheus import CONTENT_TYPE, Registry
-
-DURATION_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900)
-MEMORY_BUCKETS_BYTES = tuple(2**i * MiB for i in range(2, 13))
-"""4 MiB to 4 GiB, doubling."""
-
-
-class SupervisorMetrics:
-    """The /metrics families, fed from the workers' status lines by the arbiter's loop."""
-
-    def __init__(self) -> None:
-        self.registry = Registry()
-        reg = self.registry
-        self.invocations = reg.counter(
-            "nanogrid_invocations_total", "Invocations finished, by status and errorType.",
-            ("status", "error_type"))
-        self.cold_starts = reg.counter(
-            "nanogrid_cold_starts_total", "Invocations that found no warm sandbox.")
-        self.duration = reg.histogram(
-            "nanogrid_invocation_duration_seconds", "Run time of the functions.",
-            DURATION_BUCKETS_S)
-        self.peak_memory = reg.histogram(
-            "nanogrid_invocation_peak_memory_bytes", "Peak memory of each invocation.",
-            MEMORY_BUCKETS_BYTES)
-        self.sandboxes = reg.gauge(
-            "nanogrid_sandboxes", "Sandboxes by runtime and state (warm: idle and ready).",
-            ("runtime", "state"))
-        self.workers_alive = reg.gauge("nanogrid_workers_alive", "Workers booted and running.")
-        self.restarts = reg.counter(
-            "nanogrid_worker_restarts_total",
-            "Workers replaced after a crash, a missed heartbeat or a failed boot.")
-        self.reloads = reg.counter(
-            "nanogrid_config_reloads_total", "SIGHUP reloads by result (ok, refused).",
-            ("result",))
-
-    def task_finished(self, result: dict[str, Any]) -> None:
-        self.invocations.inc(status=str(result.get("status")),
-                             error_type=str(result.get("errorType") or ""))
-        if result.get("coldStart"):
-            self.cold_starts.inc()
-        duration, peak = result.get("durationMillis"), result.get("peakMemoryBytes")
-        if isinstance(duration, int | float):
-            self.duration.observe(duration / 1000)
-        if isinstance(peak, int | float):
-            self.peak_memory.observe(peak)
-
-    def update(self, workers_alive: int, pools: dict[str, dict[str, int]]) -> None:
-        self.workers_alive.set(workers_alive)
-        self.sandboxes.replace({(runtime, state): count for runtime, stats in pools.items()
-                                for state, count in stats.items()})
-
-    def render(self) -> str:
-        return self.registry.render()
+from .prometheus import CONTENT_TYPE
 
 
 def health_of(status: dict[str, Any]) -> tuple[int, dict[str, Any]]:

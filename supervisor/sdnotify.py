@@ -12,6 +12,8 @@ import time
 
 from loguru import logger
 
+SEND_TIMEOUT_S = 1.0
+
 
 def notify(*assignments: str) -> bool:
     """Send ``KEY=value`` lines in one datagram; True when a notify socket took it."""
@@ -21,6 +23,9 @@ def notify(*assignments: str) -> bool:
     target = "\0" + address[1:] if address[0] == "@" else address
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            # systemd reads its socket all along; a full queue (10 datagrams) that stays full
+            # must not stall the arbiter's loop for longer than this.
+            sock.settimeout(SEND_TIMEOUT_S)
             sock.connect(target)
             sock.sendall("\n".join(assignments).encode())
     except OSError as exc:

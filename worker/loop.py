@@ -21,7 +21,13 @@ from loguru import logger
 
 from common import logs
 from common.config import Config
-from common.errors import InternalError, ResultStoreUnavailable, TaskError
+from common.errors import (
+    InternalError,
+    InvalidMessage,
+    QueueUnavailable,
+    ResultStoreUnavailable,
+    TaskError,
+)
 from common.exitcodes import EXIT_BOOT_ERROR, EXIT_OK
 from runners import create_runner
 from runners.base import Invocation, Runner, RunOutcome
@@ -29,8 +35,10 @@ from runners.base import Invocation, Runner, RunOutcome
 from . import autotuner, result, task
 from .cloudwatch import MetricsPublisher
 from .codestore import CodePackage, CodeStore
+from .phases import PhaseClock
+from .result import MiB, Result, TaskIds, Timings
 from .resultstore import ResultStore
-from .sqs import BatchDeleter, Message, QueueUnavailable, TaskQueue, VisibilityHeartbeat
+from .sqs import BatchDeleter, Message, TaskQueue, VisibilityHeartbeat
 from .unpack import extract
 
 if TYPE_CHECKING:
@@ -168,12 +176,13 @@ class Worker:
             if outcome is not None:
                 self._finish(message, outcome)
 
-    def _run_task(self, message: Message, t: task.Task) -> dict[str, Any] | None:
+    def _run_task(self, message: Message, t: task.Task) -> Result | None:
         """The result to publish, or None when the message is kept for a retry."""
-        ids = {"requestId": t.request_id, "functionId": t.function_id, "runtime": t.runtime}
+        clock = PhaseClock(message.received_mono, message.queued_ms)
         try:
-            package = self.codes.fetch(t.s3_bucket, t.s3_key)
-            return self.execute(t, package, message.attempt, ids)
+            with clock.phase("fetch"):
+                package = self.codes.fetch(t.s3_bucket, t.s3_key)
+            return self.execute(t, package, message.attempt, clock)
         except TaskError as exc:
             if exc.retryable and message.attempt < self.config.queue.max_attempts:
                 logger.warning(
@@ -183,23 +192,25 @@ class Worker:
                 return None
             if exc.dead_letter and not self._dead_letter(message, str(exc)):
                 return None
-            return self._failed(ids, exc, t.memory_mb, message.attempt)
+            return self._failed(t.ids, exc, t.memory_mb, message.attempt, clock.timings())
         except Exception as exc:  # a bug or a host problem: report it, do not crash-loop on it
             logger.opt(exception=exc).error(f"internal error while running the task: {exc!r}")
             error = InternalError(f"internal error in the worker: {type(exc).__name__}: {exc}")
-            return self._failed(ids, error, t.memory_mb, message.attempt)
+            return self._failed(t.ids, error, t.memory_mb, message.attempt, clock.timings())
 
     def execute(
-        self, t: task.Task, package: CodePackage, attempt: int, ids: dict[str, Any]
-    ) -> dict[str, Any]:
+        self, t: task.Task, package: CodePackage, attempt: int, clock: PhaseClock
+    ) -> Result:
         runtime = self.config.runtimes[t.runtime]
-        sandbox = self.runner.acquire(t.runtime, package.version_key)
+        with clock.phase("sandbox"):
+            sandbox = self.runner.acquire(t.runtime, package.version_key)
         try:
             if sandbox.code_key != package.version_key:
-                shutil.rmtree(sandbox.code_dir, ignore_errors=True)
-                sandbox.code_key = None
-                extract(package.zip_path, sandbox.code_dir, self.config.limits)
-                sandbox.code_key = package.version_key
+                with clock.phase("unpack"):
+                    shutil.rmtree(sandbox.code_dir, ignore_errors=True)
+                    sandbox.code_key = None
+                    extract(package.zip_path, sandbox.code_dir, self.config.limits)
+                    sandbox.code_key = package.version_key
             invocation = Invocation(
                 request_id=t.request_id,
                 function_id=t.function_id,
@@ -218,11 +229,11 @@ class Worker:
             outcome = self.runner.run(sandbox, invocation)
         finally:
             self.runner.release(sandbox)
-        return self._ran(t, outcome, sandbox.cold_start, attempt, ids)
+        return self._ran(t, outcome, sandbox.cold_start, attempt, clock)
 
     def _ran(
-        self, t: task.Task, outcome: RunOutcome, cold: bool, attempt: int, ids: dict[str, Any]
-    ) -> dict[str, Any]:
+        self, t: task.Task, outcome: RunOutcome, cold: bool, attempt: int, clock: PhaseClock
+    ) -> Result:
         peaks = self.history.add_and_get(t.function_id, outcome.peak_memory_bytes)
         tip = autotuner.recommend(
             outcome.peak_memory_bytes,
@@ -232,13 +243,15 @@ class Worker:
             history_peaks=peaks,
         )
         logger.info(f"[AUTO-TUNER] {tip.tip}")
+        # Lambda's REPORT line; Init Duration (cold starts only) is the sandbox's creation.
+        init = f" Init Duration: {clock.ms('sandbox'):.2f} ms" if cold else ""
         logger.info(
             f"REPORT RequestId: {t.request_id} Duration: {outcome.duration_ms:.2f} ms "
             f"Memory Size: {t.memory_mb} MB Max Memory Used: "
-            f"{outcome.peak_memory_bytes // result.MiB} MB ({outcome.peak_source})"
+            f"{outcome.peak_memory_bytes // MiB} MB{init} ({outcome.peak_source})"
         )
-        return result.from_run(
-            ids,
+        return result.ran(
+            t.ids,
             outcome,
             memory_mb=t.memory_mb,
             recommended_mb=tip.recommended_mb,
@@ -246,35 +259,36 @@ class Worker:
             cold_start=cold,
             attempt=attempt,
             worker_id=self.worker_id,
+            timings=clock.timings(run_ms=outcome.duration_ms),
         )
 
-    def _finish(self, message: Message, res: dict[str, Any]) -> None:
+    def _finish(self, message: Message, res: Result) -> None:
         if not self._publish(res):
             return
         self.metrics.record(
-            res["functionId"] or "unknown",
-            duration_ms=res["durationMillis"],
-            peak_memory_bytes=res["peakMemoryBytes"],
-            status=res["status"],
-            error_type=res["errorType"],
-            cold_start=res["coldStart"],
+            res.function_id or "unknown",
+            duration_ms=res.duration_millis,
+            peak_memory_bytes=res.peak_memory_bytes,
+            status=res.status,
+            error_type=res.error_type,
+            cold_start=res.cold_start,
         )
         self._delete(message)
         if self.status:
             self.status.task_finished(res)
-        if res["status"] == "SUCCESS":
-            logger.info(f"[DONE][OK] {res['requestId']} in {res['durationMillis']:.1f} ms")
+        if res.ok:
+            logger.info(f"[DONE][OK] {res.request_id} in {res.duration_millis:.1f} ms")
         else:
-            logger.warning(f"[FAIL][{res['errorType']}] {res['requestId']}: {res['errorMessage']}")
+            logger.warning(f"[FAIL][{res.error_type}] {res.request_id}: {res.error_message}")
 
-    def _publish(self, res: dict[str, Any]) -> bool:
+    def _publish(self, res: Result) -> bool:
         """Publish (or keep in the outbox); False only when the result could not be kept."""
         try:
             self.store.publish(res)
             return True
         except ResultStoreUnavailable as exc:  # neither Redis nor the outbox took it
             logger.error(
-                f"[REDIS] result of {res['requestId']} could not be kept: {exc}; "
+                f"[REDIS] result of {res.request_id} could not be kept: {exc}; "
                 "the message stays on the queue"
             )
             return False
@@ -284,16 +298,28 @@ class Worker:
         ids = task.peek_ids(message.body)
         if exc.dead_letter and not self._dead_letter(message, str(exc)):
             return
-        with logger.contextualize(requestId=ids.get("requestId", "-")):
-            if "requestId" in ids:
-                self._finish(message, self._failed(ids, exc, None, message.attempt))
+        with logger.contextualize(requestId=ids.request_id or "-"):
+            if ids.request_id is not None:
+                # A body that decoded into a task (e.g. an unknown runtime) has timings; one
+                # that never parsed has none.
+                timings = (
+                    None
+                    if isinstance(exc, InvalidMessage)
+                    else PhaseClock(message.received_mono, message.queued_ms).timings()
+                )
+                self._finish(message, self._failed(ids, exc, None, message.attempt, timings))
             else:
                 logger.warning(f"[FAIL][{exc.error_type}] message {message.message_id}: {exc}")
                 self._delete(message)
 
     def _failed(
-        self, ids: dict[str, Any], exc: TaskError, memory_mb: int | None, attempt: int
-    ) -> dict[str, Any]:
+        self,
+        ids: TaskIds,
+        exc: TaskError,
+        memory_mb: int | None,
+        attempt: int,
+        timings: Timings | None,
+    ) -> Result:
         return result.failed(
             ids,
             exc.error_type,
@@ -301,9 +327,10 @@ class Worker:
             memory_mb=memory_mb,
             attempt=attempt,
             worker_id=self.worker_id,
+            timings=timings,
         )
 
-    def _existing(self, request_id: str) -> dict[str, Any] | None:
+    def _existing(self, request_id: str) -> Result | None:
         try:
             return self.store.existing(request_id)
         except ResultStoreUnavailable:

@@ -1,7 +1,15 @@
-"""The result contract: the JSON published on ``result:{requestId}``."""
+"""The result contract: the JSON published on ``result:{requestId}``, as one type.
+
+``Result`` is the one place the contract's field names live: ``to_dict``/``to_json`` write
+them, ``from_dict`` reads them (tolerantly: a partial dict, such as the summary a worker
+sends its arbiter, or a result stored by an older agent, fills the rest with defaults).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -9,9 +17,137 @@ from runners.base import RunOutcome
 
 MiB = 2**20
 
+SUCCESS, FAILED, TIMEOUT = "SUCCESS", "FAILED", "TIMEOUT"
 
-def from_run(
-    ids: dict[str, Any],
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part.title() for part in rest)
+
+
+def _json_name(f: dataclasses.Field[Any]) -> str:
+    return str(f.metadata.get("json") or _camel(f.name))
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Milliseconds per phase of one task; fetch + unpack + sandbox + run <= total."""
+
+    queued_ms: float = 0.0
+    """SQS SentTimestamp to receive, never negative."""
+    fetch_ms: float = 0.0
+    """Code fetch, including the cache check."""
+    unpack_ms: float = 0.0
+    """0 when the sandbox already held this code."""
+    sandbox_ms: float = 0.0
+    """Acquire, including a cold create."""
+    run_ms: float = 0.0
+    """= durationMillis."""
+    total_ms: float = 0.0
+    """Receive to result built."""
+
+    PHASES = ("queued", "fetch", "unpack", "sandbox", "run", "total")
+
+    def to_dict(self) -> dict[str, float]:
+        return {_json_name(f): round(getattr(self, f.name), 3) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Timings:
+        values = {}
+        for f in dataclasses.fields(cls):
+            value = data.get(_json_name(f))
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                values[f.name] = float(value)
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class Result:
+    """One task's result. Field order is the JSON's order."""
+
+    request_id: str | None
+    function_id: str | None
+    runtime: str | None
+    status: str
+    exit_code: int | None = None
+    stdout: str = ""
+    stderr: str = ""
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+    duration_millis: float = 0
+    peak_memory_bytes: int = 0
+    peak_memory_mb: int = field(default=0, metadata={"json": "peakMemoryMB"})
+    memory_mb: int | None = None
+    recommended_memory_mb: int | None = None
+    optimization_tip: str | None = None
+    cold_start: bool = False
+    error_type: str | None = None
+    error_message: str | None = None
+    attempt: int = 1
+    worker_id: str = ""
+    finished_at: str = ""
+    timings: Timings | None = None
+    """Absent only on results of messages that never parsed."""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == SUCCESS
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "timings":
+                if value is not None:
+                    data[_json_name(f)] = value.to_dict()
+            else:
+                data[_json_name(f)] = value
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), ensure_ascii=False, separators=(",", ":"))
+
+    def summary(self, *names: str) -> dict[str, Any]:
+        """Only the named JSON fields (e.g. what the arbiter needs), for small messages."""
+        full = self.to_dict()
+        return {name: full[name] for name in names if name in full}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Result:
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            name = _json_name(f)
+            if name not in data:
+                continue
+            value = data[name]
+            if f.name == "timings":
+                value = Timings.from_dict(value) if isinstance(value, dict) else None
+            values[f.name] = value
+        values.setdefault("request_id", None)
+        values.setdefault("function_id", None)
+        values.setdefault("runtime", None)
+        values.setdefault("status", FAILED)
+        return cls(**values)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Result:
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("a result is a JSON object")
+        return cls.from_dict(data)
+
+
+@dataclass(frozen=True)
+class TaskIds:
+    """What a result echoes of its task."""
+
+    request_id: str | None
+    function_id: str | None = None
+    runtime: str | None = None
+
+
+def ran(
+    ids: TaskIds,
     outcome: RunOutcome,
     *,
     memory_mb: int,
@@ -20,75 +156,70 @@ def from_run(
     cold_start: bool,
     attempt: int,
     worker_id: str,
-) -> dict[str, Any]:
+    timings: Timings,
+) -> Result:
     """The result of a function that ran (whatever its exit)."""
     if outcome.timed_out:
-        status, error_type = "TIMEOUT", "TIMEOUT"
+        status, error_type = TIMEOUT, "TIMEOUT"
         message = f"function exceeded its timeout and was killed after {outcome.duration_ms:.0f} ms"
     elif outcome.oom_killed:
-        status, error_type = "FAILED", "OUT_OF_MEMORY"
+        status, error_type = FAILED, "OUT_OF_MEMORY"
         message = f"function ran out of memory (limit {memory_mb}MB) and was killed"
     elif outcome.exit_code != 0:
-        status, error_type = "FAILED", "FUNCTION_ERROR"
+        status, error_type = FAILED, "FUNCTION_ERROR"
         message = _exit_message(outcome)
     else:
-        status, error_type, message = "SUCCESS", None, None
-    return {
-        **ids,
-        "status": status,
-        "exitCode": outcome.exit_code,
-        "stdout": outcome.stdout.decode("utf-8", "replace"),
-        "stderr": outcome.stderr.decode("utf-8", "replace"),
-        "stdoutTruncated": outcome.stdout_truncated,
-        "stderrTruncated": outcome.stderr_truncated,
-        "durationMillis": round(outcome.duration_ms, 3),
-        "peakMemoryBytes": outcome.peak_memory_bytes,
-        "peakMemoryMB": outcome.peak_memory_bytes // MiB,
-        "memoryMb": memory_mb,
-        "recommendedMemoryMb": recommended_mb,
-        "optimizationTip": tip,
-        "coldStart": cold_start,
-        "errorType": error_type,
-        "errorMessage": message,
-        "attempt": attempt,
-        "workerId": worker_id,
-        "finishedAt": _now(),
-    }
+        status, error_type, message = SUCCESS, None, None
+    return Result(
+        request_id=ids.request_id,
+        function_id=ids.function_id,
+        runtime=ids.runtime,
+        status=status,
+        exit_code=outcome.exit_code,
+        stdout=outcome.stdout.decode("utf-8", "replace"),
+        stderr=outcome.stderr.decode("utf-8", "replace"),
+        stdout_truncated=outcome.stdout_truncated,
+        stderr_truncated=outcome.stderr_truncated,
+        duration_millis=round(outcome.duration_ms, 3),
+        peak_memory_bytes=outcome.peak_memory_bytes,
+        peak_memory_mb=outcome.peak_memory_bytes // MiB,
+        memory_mb=memory_mb,
+        recommended_memory_mb=recommended_mb,
+        optimization_tip=tip,
+        cold_start=cold_start,
+        error_type=error_type,
+        error_message=message,
+        attempt=attempt,
+        worker_id=worker_id,
+        finished_at=_now(),
+        timings=timings,
+    )
 
 
 def failed(
-    ids: dict[str, Any],
+    ids: TaskIds,
     error_type: str,
     message: str,
     *,
     memory_mb: int | None,
     attempt: int,
     worker_id: str,
-) -> dict[str, Any]:
+    timings: Timings | None,
+) -> Result:
     """The result of a task that never ran (bad message, missing code, ...)."""
-    return {
-        "requestId": ids.get("requestId"),
-        "functionId": ids.get("functionId"),
-        "runtime": ids.get("runtime"),
-        "status": "FAILED",
-        "exitCode": None,
-        "stdout": "",
-        "stderr": "",
-        "stdoutTruncated": False,
-        "stderrTruncated": False,
-        "durationMillis": 0,
-        "peakMemoryBytes": 0,
-        "peakMemoryMB": 0,
-        "memoryMb": memory_mb,
-        "recommendedMemoryMb": None,
-        "optimizationTip": None,
-        "coldStart": False,
-        "errorType": error_type,
-        "errorMessage": message,
-        "attempt": attempt,
-        "workerId": worker_id,
-        "finishedAt": _now(),
-    }
+    return Result(
+        request_id=ids.request_id,
+        function_id=ids.function_id,
+        runtime=ids.runtime,
+        status=FAILED,
+        memory_mb=memory_mb,
+        error_type=error_type,
+        error_message=message,
+        attempt=attempt,
+        worker_id=worker_id,
+        finished_at=_now(),
+        timings=timings,
+    )
 
 
 def _exit_message(outcome: RunOutcome) -> str:

@@ -17,7 +17,6 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import redis
 from loguru import logger
@@ -25,6 +24,8 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from common.errors import ResultStoreUnavailable
+
+from .result import Result
 
 CONNECT_TIMEOUT_SECONDS = 1.0
 OPERATION_TIMEOUT_SECONDS = 2.0
@@ -44,10 +45,9 @@ def make_client(url: str) -> redis.Redis:
     )
 
 
-def encode(result: dict[str, Any]) -> bytes:
+def encode(result: Result) -> bytes:
     """Compact UTF-8 JSON; unencodable characters are replaced rather than failing the publish."""
-    text = json.dumps(result, ensure_ascii=False, separators=(",", ":"))
-    return text.encode("utf-8", errors="replace")
+    return result.to_json().encode("utf-8", errors="replace")
 
 
 class ResultStore:
@@ -99,7 +99,7 @@ class ResultStore:
         except _REDIS_ERRORS:
             return False
 
-    def existing(self, request_id: str) -> dict[str, Any] | None:
+    def existing(self, request_id: str) -> Result | None:
         """The stored result of ``request_id`` (duplicate delivery), or None.
 
         Raises ResultStoreUnavailable when Redis cannot answer.
@@ -111,22 +111,21 @@ class ResultStore:
         if raw is None:
             return None
         try:
-            value = json.loads(raw)
-        except ValueError:
+            return Result.from_json(raw)
+        except (ValueError, TypeError):
             logger.bind(requestId=request_id).warning(
-                "[REDIS] result:{} holds no valid JSON; ignoring it", request_id
+                "[REDIS] result:{} holds no valid result JSON; ignoring it", request_id
             )
             return None
-        return value if isinstance(value, dict) else None
 
-    def publish(self, result: dict[str, Any]) -> bool:
+    def publish(self, result: Result) -> bool:
         """SET + PUBLISH the result in one transaction; True when Redis took it.
 
         On Redis trouble it retries for ``retry_seconds``, then writes the result to the outbox
         and returns False. Raises ResultStoreUnavailable only when the outbox cannot be
         written either (the caller should then keep the task message).
         """
-        request_id = str(result.get("requestId", ""))
+        request_id = str(result.request_id or "")
         log = logger.bind(requestId=request_id)
         data = encode(result)
         deadline = time.monotonic() + self._retry_seconds

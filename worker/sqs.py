@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import boto3
@@ -17,11 +17,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from loguru import logger
 
 from common.config import QueueConfig
-from common.errors import NanoGridError
-
-
-class QueueUnavailable(NanoGridError):
-    """SQS could not be reached or refused the call."""
+from common.errors import QueueUnavailable
 
 
 @dataclass(frozen=True)
@@ -31,6 +27,19 @@ class Message:
     body: str
     attempt: int
     """ApproximateReceiveCount: 1 on the first delivery."""
+    received_at: float = field(default_factory=time.time)
+    """Epoch seconds when this worker received it."""
+    received_mono: float = field(default_factory=time.monotonic)
+    """The same moment on the monotonic clock the task's timings use."""
+    sent_at: float | None = None
+    """Epoch seconds of the SentTimestamp SQS gave it (None when SQS did not say)."""
+
+    @property
+    def queued_ms(self) -> float:
+        """How long it waited in SQS before this receive; never negative (clock skew)."""
+        if self.sent_at is None:
+            return 0.0
+        return max(0.0, (self.received_at - self.sent_at) * 1000)
 
 
 class TaskQueue:
@@ -58,14 +67,18 @@ class TaskQueue:
             MaxNumberOfMessages=max_messages,
             WaitTimeSeconds=wait,
             VisibilityTimeout=self.config.visibility_timeout_seconds,
-            AttributeNames=["ApproximateReceiveCount"],
+            MessageSystemAttributeNames=["ApproximateReceiveCount", "SentTimestamp"],
         )
+        received_at, received_mono = time.time(), time.monotonic()
         return [
             Message(
                 message_id=m["MessageId"],
                 receipt_handle=m["ReceiptHandle"],
                 body=m.get("Body", ""),
                 attempt=int(m.get("Attributes", {}).get("ApproximateReceiveCount", "1")),
+                received_at=received_at,
+                received_mono=received_mono,
+                sent_at=_epoch_s(m.get("Attributes", {}).get("SentTimestamp")),
             )
             for m in reply.get("Messages", [])
         ]
@@ -217,3 +230,11 @@ class BatchDeleter:
                 self._queue.delete_batch(batch)
             except QueueUnavailable as exc:  # they come back; their stored results stop a re-run
                 logger.warning(f"[SQS] {exc}")
+
+
+def _epoch_s(millis: str | None) -> float | None:
+    """SQS timestamps are epoch milliseconds as strings."""
+    try:
+        return int(millis) / 1000 if millis is not None else None
+    except ValueError:
+        return None

@@ -12,6 +12,8 @@ import json
 import os
 from typing import Any
 
+from .result import Result
+
 HEARTBEAT = "heartbeat"
 BOOTED = "booted"
 STARTED = "started"
@@ -20,9 +22,9 @@ POOLS = "pools"
 
 RESULT_FIELDS = (
     "requestId", "functionId", "status", "errorType", "durationMillis", "peakMemoryBytes",
-    "coldStart",
+    "coldStart", "timings",
 )
-"""The part of a contract Result the arbiter needs for /status and /metrics."""
+"""The part of a Result the arbiter needs for /status and /metrics (a line stays < PIPE_BUF)."""
 MAX_LINE = 4096
 """PIPE_BUF on Linux: a write up to this size is atomic."""
 
@@ -44,8 +46,8 @@ class StatusReporter:
     def task_started(self, request_id: str) -> None:
         self._send({"type": STARTED, "requestId": request_id})
 
-    def task_finished(self, result: dict[str, Any]) -> None:
-        self._send({"type": FINISHED, "result": {k: result.get(k) for k in RESULT_FIELDS}})
+    def task_finished(self, result: Result) -> None:
+        self._send({"type": FINISHED, "result": result.summary(*RESULT_FIELDS)})
 
     def pools(self, stats: dict[str, dict[str, int]]) -> None:
         self._send({"type": POOLS, "pools": stats})

@@ -10,6 +10,8 @@ from typing import Any
 from common.config import Config
 from common.errors import InvalidMessage, RuntimeNotSupported
 
+from .result import TaskIds
+
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 FUNCTION_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
@@ -25,6 +27,10 @@ class Task:
     timeout_ms: int
     input_json: bytes
     """inputData as the JSON the function reads on stdin."""
+
+    @property
+    def ids(self) -> TaskIds:
+        return TaskIds(self.request_id, self.function_id, self.runtime)
 
 
 def parse(body: str, config: Config) -> Task:
@@ -73,18 +79,22 @@ def parse(body: str, config: Config) -> Task:
     )
 
 
-def peek_ids(body: str) -> dict[str, Any]:
-    """The ids a body that failed to parse still names validly (for its FAILED result)."""
+def peek_ids(body: str) -> TaskIds:
+    """The ids a body that failed to parse still names validly (for its FAILED result);
+    ``request_id`` is None when it names none."""
     try:
         data = json.loads(body)
     except (ValueError, TypeError):
-        return {}
+        return TaskIds(None)
     if not isinstance(data, dict):
-        return {}
-    ids = {k: data[k] for k in ("functionId", "runtime") if isinstance(data.get(k), str)}
-    if isinstance(data.get("requestId"), str) and REQUEST_ID.fullmatch(data["requestId"]):
-        ids["requestId"] = data["requestId"]
-    return ids
+        return TaskIds(None)
+    request_id = data.get("requestId")
+    if not (isinstance(request_id, str) and REQUEST_ID.fullmatch(request_id)):
+        request_id = None
+    function_id, runtime = (
+        data[k] if isinstance(data.get(k), str) else None for k in ("functionId", "runtime")
+    )
+    return TaskIds(request_id, function_id, runtime)
 
 
 def _required_str(data: dict, name: str, fail: Any) -> str:

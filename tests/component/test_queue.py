@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 
 from common.config import QueueConfig
-from worker.sqs import BatchDeleter, QueueUnavailable, TaskQueue, VisibilityHeartbeat
+from common.errors import QueueUnavailable
+from worker.sqs import BatchDeleter, TaskQueue, VisibilityHeartbeat
 
 
 def make_queue(aws: Any, **changes: Any) -> TaskQueue:

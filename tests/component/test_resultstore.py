@@ -16,20 +16,22 @@ import pytest
 import redis
 
 from common.errors import ResultStoreUnavailable
+from worker.result import Result, Timings
 from worker.resultstore import ResultStore
 
 TTL = 120
 
 
-def result(request_id: str, **extra: Any) -> dict[str, Any]:
-    return {
-        "requestId": request_id,
-        "functionId": "hello",
-        "status": "SUCCESS",
-        "stdout": "héllo ✅\n",
-        "peakMemoryBytes": 6 * 2**20,
-        **extra,
-    }
+def result(request_id: str) -> Result:
+    return Result(
+        request_id=request_id,
+        function_id="hello",
+        runtime="python",
+        status="SUCCESS",
+        stdout="héllo ✅\n",
+        peak_memory_bytes=6 * 2**20,
+        timings=Timings(queued_ms=1, run_ms=2, total_ms=4),
+    )
 
 
 class Subscriber:
@@ -83,7 +85,7 @@ def test_publish_reaches_an_early_subscriber_and_a_late_get(
 
     [(channel, data)] = subscriber.receive(1)
     assert channel == "result:req-1"
-    assert json.loads(data) == result("req-1")
+    assert json.loads(data) == result("req-1").to_dict()
     assert "héllo ✅".encode() in data  # UTF-8, not \u escapes
     assert b'", "' not in data  # compact separators
 
@@ -108,7 +110,7 @@ def test_redis_down_outbox_then_flush_when_back(
         fallback = time.monotonic() - started
         assert 1.4 <= fallback < 3.0  # the retry budget, not a hang
         assert [p.name for p in outbox.iterdir()] == ["req-down.json"]
-        assert json.loads((outbox / "req-down.json").read_bytes()) == result("req-down")
+        assert json.loads((outbox / "req-down.json").read_bytes()) == result("req-down").to_dict()
         assert not store.ping()
         with pytest.raises(ResultStoreUnavailable):
             store.existing("req-down")
@@ -125,7 +127,7 @@ def test_redis_down_outbox_then_flush_when_back(
     finally:
         sub.close()
     assert channel == "result:req-down"
-    assert json.loads(data) == result("req-down")
+    assert json.loads(data) == result("req-down").to_dict()
     assert list(outbox.iterdir()) == []
     assert not store.outbox_pending
     assert redis_server.client().get("result:req-down") == data

@@ -150,6 +150,44 @@ def test_hello_world_result_follows_the_contract(agent: Agent) -> None:
     assert f"REPORT RequestId: {task['requestId']}" in log and "[DONE][OK]" in log
 
 
+def test_timings_show_each_phase_first_call_and_warm_repeat(agent: Agent) -> None:
+    key = agent.deploy({"main.py": HELLO})
+    first = agent.call(agent.task(key))["timings"]
+    warm = agent.call(agent.task(key))["timings"]
+    for timings in (first, warm):
+        assert set(timings) == {"queuedMs", "fetchMs", "unpackMs", "sandboxMs", "runMs", "totalMs"}
+        assert all(isinstance(v, int | float) and v >= 0 for v in timings.values())
+        phases = timings["fetchMs"] + timings["unpackMs"] + timings["sandboxMs"] + timings["runMs"]
+        assert phases <= timings["totalMs"]
+    assert first["fetchMs"] > 0 and first["unpackMs"] > 0  # downloaded, then unpacked
+    assert warm["unpackMs"] == 0  # the sandbox already held this code
+    assert warm["fetchMs"] > 0  # the cache check still happens
+    log = agent.log.read_text()
+    assert "Init Duration:" not in log.split("REPORT RequestId:")[-1]  # warm: no init
+
+
+def test_queued_time_counts_the_wait_in_sqs(agent: Agent) -> None:
+    task = agent.task(agent.deploy({"main.py": HELLO}))
+    agent.aws.sqs().send_message(
+        QueueUrl=agent.queue_url, MessageBody=json.dumps(task), DelaySeconds=1
+    )
+    result = agent.result(task["requestId"])
+    assert 1000 <= result["timings"]["queuedMs"] < 10_000
+    assert result["timings"]["totalMs"] < result["timings"]["queuedMs"]  # total starts at receive
+
+
+def test_a_cold_start_reports_its_init_duration(aws: Any, redis_url: str, tmp_path: Path) -> None:
+    agent = Agent(aws, redis_url, tmp_path, runtimes={"python": {"warm": 0}}).start()
+    try:
+        result = agent.call(agent.task(agent.deploy({"main.py": HELLO})))
+    finally:
+        assert agent.stop() == 0
+    assert result["coldStart"] is True and result["timings"]["sandboxMs"] > 0
+    report = next(line for line in agent.log.read_text().splitlines() if "REPORT RequestId" in line)
+    init = float(report.split("Init Duration: ")[1].split(" ms")[0])
+    assert init == pytest.approx(result["timings"]["sandboxMs"], abs=0.01)
+
+
 def test_input_data_reaches_stdin_and_warm_sandbox_is_reused(agent: Agent) -> None:
     key = agent.deploy(
         {"main.py": "import json,sys\nd=json.load(sys.stdin)\nprint(d['a']+d['b'])\n"}
@@ -291,12 +329,14 @@ def test_invalid_messages_are_failed_dead_lettered_and_deleted(
         result = json.loads(agent.redis.get(f"result:{request_id}"))
         assert (result["status"], result["errorType"]) == ("FAILED", "INVALID_MESSAGE")
         assert needle in result["errorMessage"] and "\n" not in result["errorMessage"]
+        assert "timings" not in result  # it never parsed
 
 
 def test_unknown_runtime(agent: Agent) -> None:
     result = agent.call(agent.task(agent.deploy({"main.py": HELLO}), runtime="cobol"))
     assert (result["status"], result["errorType"]) == ("FAILED", "RUNTIME_NOT_SUPPORTED")
     assert "cobol" in result["errorMessage"]
+    assert result["timings"]["runMs"] == 0 and result["timings"]["totalMs"] >= 0
     assert len(agent.dead_letters()) == 1
 
 

@@ -35,6 +35,7 @@ import runners  # noqa: E402
 from common.config import Config, load  # noqa: E402
 from common.exitcodes import EXIT_BOOT_ERROR  # noqa: E402
 from supervisor import arbiter  # noqa: E402
+from worker.result import Result, Timings  # noqa: E402
 from worker.status import StatusReporter  # noqa: E402
 
 BEAT_S = 0.05
@@ -93,11 +94,13 @@ def run_task(status: StatusReporter, index: int) -> None:
     while time.monotonic() < deadline:
         status.heartbeat()
         time.sleep(BEAT_S)
-    status.task_finished({
-        "requestId": request_id, "functionId": "fn", "status": "SUCCESS", "errorType": None,
-        "durationMillis": RUN_S * 1000, "peakMemoryBytes": 6 * 2**20, "coldStart": True,
-        "stdout": "not sent to the arbiter",
-    })
+    status.task_finished(Result(
+        request_id=request_id, function_id="fn", runtime="python", status="SUCCESS",
+        duration_millis=RUN_S * 1000, peak_memory_bytes=6 * 2**20, cold_start=True,
+        stdout="not sent to the arbiter",
+        timings=Timings(queued_ms=1.5, fetch_ms=0.4, run_ms=RUN_S * 1000,
+                        total_ms=RUN_S * 1000 + 3),
+    ))
     status.pools({"python": {"warm": 1, "busy": 0}})
 
 

@@ -56,6 +56,9 @@ def test_status_health_and_metrics_follow_the_contract(agent: FakeAgent) -> None
     assert "nanogrid_cold_starts_total 2" in metrics
     assert "nanogrid_worker_restarts_total 0" in metrics
     assert "nanogrid_workers_alive 2" in metrics
+    assert 'nanogrid_task_phase_seconds_bucket{phase="fetch",le="0.0005"} 2' in metrics
+    assert 'nanogrid_task_phase_seconds_count{phase="queued"} 2' in metrics
+    assert 'nanogrid_task_phase_seconds_sum{phase="total"} ' in metrics
 
 
 def test_metrics_content_type_and_unknown_paths(agent: FakeAgent) -> None:

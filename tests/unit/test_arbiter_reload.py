@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import socket
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -97,22 +99,29 @@ def refused(port: int) -> bool:
 
 def test_systemd_hears_ready_reloading_stopping_and_watchdog(agent: FakeAgent) -> None:
     address = f"@nanogrid-test-{uuid.uuid4().hex}"
+    datagrams: list[str] = []
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
         notify.bind("\0" + address[1:])
-        notify.settimeout(5)
-        agent.start(env={"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "200000"})
-        agent.wait_for_workers(2)
-        agent.signal(signal.SIGHUP)
-        agent.wait_for_log("2 old workers drain")
-        agent.signal(signal.SIGTERM)
-        assert agent.wait(timeout=5) == 0
-        datagrams = []
-        notify.settimeout(0.1)
-        while True:
-            try:
-                datagrams.append(notify.recv(4096).decode())
-            except TimeoutError:
-                break
+        notify.settimeout(0.2)
+        done = threading.Event()
+
+        def listen() -> None:  # read as systemd does, all along: the queue holds 10 datagrams
+            while not done.is_set():
+                with contextlib.suppress(TimeoutError):
+                    datagrams.append(notify.recv(4096).decode())
+
+        listener = threading.Thread(target=listen, daemon=True)
+        listener.start()
+        try:
+            agent.start(env={"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "200000"})
+            agent.wait_for_workers(2)
+            agent.signal(signal.SIGHUP)
+            agent.wait_for_log("2 old workers drain")
+            agent.signal(signal.SIGTERM)
+            assert agent.wait(timeout=5) == 0
+        finally:
+            done.set()
+            listener.join()
     states = [d.split("\n")[0].split("=")[0] for d in datagrams if "WATCHDOG" not in d]
     states = [s for s in states if s != "STATUS"]
     assert states == ["READY", "RELOADING", "READY", "STOPPING"], datagrams

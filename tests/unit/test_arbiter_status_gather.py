@@ -11,11 +11,13 @@ from collections.abc import Iterator
 import pytest
 
 from common.config import from_dict
-from supervisor.arbiter import STATUS_GATHER_S, TICK_S, Arbiter, WorkerProcess
+from supervisor.arbiter import STATUS_GATHER_S, TICK_S, Arbiter
+from supervisor.workerstate import WorkerProcess
+from worker.result import Result
 from worker.status import StatusReader, StatusReporter
 
-RESULT = {"requestId": "a", "functionId": "fn", "status": "SUCCESS", "errorType": None,
-          "durationMillis": 3.0, "peakMemoryBytes": 2**20, "coldStart": False}
+RESULT = Result(request_id="a", function_id="fn", runtime="python", status="SUCCESS",
+                duration_millis=3.0, peak_memory_bytes=2**20)
 
 
 @pytest.fixture

@@ -8,7 +8,8 @@ from types import SimpleNamespace
 from typing import Any
 
 from common.config import QueueConfig
-from worker.sqs import MAX_DELETE_LINGER_S, BatchDeleter, Message, QueueUnavailable
+from common.errors import QueueUnavailable
+from worker.sqs import MAX_DELETE_LINGER_S, BatchDeleter, Message
 
 LINGER = 0.2
 

@@ -1,4 +1,4 @@
-"""Result contract: fields, status and errorType from a run outcome."""
+"""Result contract: fields, status and errorType from a run outcome, and its one serializer."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ import pytest
 from runners.base import RunOutcome
 from worker import result
 
-IDS = {"requestId": "r", "functionId": "f", "runtime": "python"}
+IDS = result.TaskIds("r", "f", "python")
+TIMINGS = result.Timings(
+    queued_ms=12.5, fetch_ms=0.5, unpack_ms=1.25, sandbox_ms=0.25, run_ms=3.25, total_ms=6
+)
 FIELDS = {
     "requestId",
     "functionId",
@@ -30,7 +33,9 @@ FIELDS = {
     "attempt",
     "workerId",
     "finishedAt",
+    "timings",
 }
+TIMING_FIELDS = {"queuedMs", "fetchMs", "unpackMs", "sandboxMs", "runMs", "totalMs"}
 
 
 def outcome(**changes: object) -> RunOutcome:
@@ -50,7 +55,7 @@ def outcome(**changes: object) -> RunOutcome:
 
 
 def ran(o: RunOutcome) -> dict:
-    return result.from_run(
+    return result.ran(
         IDS,
         o,
         memory_mb=256,
@@ -59,7 +64,8 @@ def ran(o: RunOutcome) -> dict:
         cold_start=True,
         attempt=1,
         worker_id="h:1",
-    )
+        timings=TIMINGS,
+    ).to_dict()
 
 
 @pytest.mark.parametrize(
@@ -77,6 +83,7 @@ def test_status_and_error_type(changes: dict, status: str, error_type: str | Non
     assert (r["status"], r["errorType"]) == (status, error_type)
     assert (r["errorMessage"] is None) == (status == "SUCCESS")
     assert r["peakMemoryMB"] == 6 and r["peakMemoryBytes"] == 6 * 2**20 + 5
+    assert set(r["timings"]) == TIMING_FIELDS and r["timings"]["runMs"] == 3.25
 
 
 def test_function_error_message_quotes_the_last_stderr_line() -> None:
@@ -90,11 +97,41 @@ def test_invalid_utf8_is_replaced() -> None:
 
 
 def test_failed_result_has_every_field_and_null_exit_code() -> None:
-    r = result.failed(IDS, "CODE_NOT_FOUND", "missing", memory_mb=128, attempt=3, worker_id="h:1")
+    r = result.failed(
+        IDS, "CODE_NOT_FOUND", "missing", memory_mb=128, attempt=3, worker_id="h:1",
+        timings=TIMINGS,
+    ).to_dict()
     assert set(r) == FIELDS
     assert (r["status"], r["exitCode"], r["errorType"], r["attempt"]) == (
         "FAILED",
         None,
         "CODE_NOT_FOUND",
         3,
+    )
+
+
+def test_a_message_that_never_parsed_has_no_timings() -> None:
+    r = result.failed(
+        result.TaskIds("r"), "INVALID_MESSAGE", "bad", memory_mb=None, attempt=1,
+        worker_id="h:1", timings=None,
+    ).to_dict()
+    assert set(r) == FIELDS - {"timings"}
+    assert r["functionId"] is None
+
+
+def test_json_round_trip_keeps_every_field() -> None:
+    original = result.ran(
+        IDS, outcome(), memory_mb=256, recommended_mb=32, tip="💡 t", cold_start=False,
+        attempt=2, worker_id="h:1", timings=TIMINGS,
+    )
+    again = result.Result.from_json(original.to_json())
+    assert again == original
+    assert again.to_dict() == original.to_dict()
+
+
+def test_a_partial_dict_reads_with_defaults() -> None:
+    partial = result.Result.from_dict({"requestId": "r", "status": "SUCCESS", "junk": 1})
+    assert (partial.request_id, partial.ok, partial.timings) == ("r", True, None)
+    assert result.Result.from_dict({"timings": {"runMs": "x", "totalMs": 4}}).timings == (
+        result.Timings(total_ms=4.0)
     )

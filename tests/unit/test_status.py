@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from worker import status
+from worker.result import Result, Timings
 from worker.status import StatusReader, StatusReporter
 
 F_SETPIPE_SZ = 1031
@@ -31,11 +32,12 @@ def test_every_event_arrives_in_order(pipe: tuple[StatusReporter, StatusReader])
     reporter.booted()
     reporter.heartbeat()
     reporter.task_started("req-1")
-    reporter.task_finished({
-        "requestId": "req-1", "functionId": "fn", "status": "FAILED", "errorType": "TIMEOUT",
-        "durationMillis": 30000.5, "peakMemoryBytes": 123, "coldStart": False,
-        "stdout": "x" * 100_000, "optimizationTip": "💡",
-    })
+    reporter.task_finished(Result(
+        request_id="req-1", function_id="fn", runtime="python", status="FAILED",
+        error_type="TIMEOUT", duration_millis=30000.5, peak_memory_bytes=123,
+        stdout="x" * 100_000, optimization_tip="💡",
+        timings=Timings(queued_ms=2, fetch_ms=1, run_ms=30000.5, total_ms=30004),
+    ))
     reporter.pools({"python": {"warm": 3, "busy": 1}})
     messages = reader.read()
     assert [m["type"] for m in messages] == [
@@ -45,6 +47,8 @@ def test_every_event_arrives_in_order(pipe: tuple[StatusReporter, StatusReader])
     assert messages[3]["result"] == {
         "requestId": "req-1", "functionId": "fn", "status": "FAILED", "errorType": "TIMEOUT",
         "durationMillis": 30000.5, "peakMemoryBytes": 123, "coldStart": False,
+        "timings": {"queuedMs": 2, "fetchMs": 1, "unpackMs": 0, "sandboxMs": 0,
+                    "runMs": 30000.5, "totalMs": 30004},
     }
     assert messages[4]["pools"] == {"python": {"warm": 3, "busy": 1}}
     assert reader.read() == [] and not reader.eof

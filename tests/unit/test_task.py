@@ -9,6 +9,7 @@ import pytest
 from common.config import from_dict
 from common.errors import InvalidMessage, RuntimeNotSupported
 from worker import task
+from worker.result import TaskIds
 
 CFG = from_dict({"limits": {"default_memory_mb": 128, "default_timeout_ms": 3000}})
 GOOD = {
@@ -61,13 +62,6 @@ def test_unknown_runtime() -> None:
 
 
 def test_peek_ids_only_returns_valid_ids() -> None:
-    assert task.peek_ids(body(runtime="cobol")) == {
-        "requestId": "req-1:a.b_c",
-        "functionId": "hello-python",
-        "runtime": "cobol",
-    }
-    assert task.peek_ids(body(requestId="bad id")) == {
-        "functionId": "hello-python",
-        "runtime": "python",
-    }
-    assert task.peek_ids("nope") == {} and task.peek_ids("[]") == {}
+    assert task.peek_ids(body(runtime="cobol")) == TaskIds("req-1:a.b_c", "hello-python", "cobol")
+    assert task.peek_ids(body(requestId="bad id")) == TaskIds(None, "hello-python", "python")
+    assert task.peek_ids("nope") == TaskIds(None) and task.peek_ids("[]") == TaskIds(None)

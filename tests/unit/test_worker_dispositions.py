@@ -14,11 +14,12 @@ from typing import Any
 import pytest
 
 from common.config import from_dict
-from common.errors import CodeNotFound, ResultStoreUnavailable
+from common.errors import CodeNotFound, QueueUnavailable, ResultStoreUnavailable
 from runners.base import RunOutcome, Sandbox
 from worker.autotuner import Recommendation
 from worker.loop import Worker
-from worker.sqs import Message, QueueUnavailable
+from worker.result import Result
+from worker.sqs import Message
 
 
 class FakeQueue:
@@ -46,13 +47,14 @@ class FakeStore:
         self.stored: dict[str, dict] = {}
         self.broken = False
 
-    def existing(self, request_id: str) -> dict | None:
-        return self.stored.get(request_id)
+    def existing(self, request_id: str) -> Result | None:
+        stored = self.stored.get(request_id)
+        return None if stored is None else Result.from_dict(stored)
 
-    def publish(self, result: dict) -> bool:
+    def publish(self, result: Result) -> bool:
         if self.broken:
             raise ResultStoreUnavailable("no redis, no outbox")
-        self.published.append(result)
+        self.published.append(result.to_dict())
         return True
 
 
@@ -183,9 +185,10 @@ def test_dead_letter_queue_down_keeps_the_message(codes: FakeCodes | None, chang
 def test_duplicate_is_republished_not_run() -> None:
     runner = FakeRunner(error=AssertionError("must not run"))
     worker = make_worker(runner=runner)
-    worker.store.stored["r1"] = {"requestId": "r1", "status": "SUCCESS"}
+    stored = Result("r1", "f", "python", "SUCCESS", stdout="first run").to_dict()
+    worker.store.stored["r1"] = stored
     worker.handle(message())
-    assert worker.store.published == [{"requestId": "r1", "status": "SUCCESS"}]
+    assert worker.store.published == [stored]
     assert worker.queue.deleted == ["m1"] and runner.released == 0
 
 

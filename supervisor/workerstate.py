@@ -1,0 +1,97 @@
+"""What the arbiter knows of its workers, kept up to date from their status lines, and the
+per-worker part of the /status snapshot built from it."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from loguru import logger
+
+from worker import status
+from worker.result import Result
+from worker.status import StatusReader
+
+
+@dataclass
+class Slot:
+    """Worker id k, across the processes that served as it."""
+
+    index: int
+    restarts: int = 0
+    tasks_done: int = 0
+    failures: int = 0
+    """Crashes in a row, for the backoff."""
+    not_before: float = 0.0
+    """Monotonic time before which no process is forked for this slot."""
+
+
+@dataclass
+class WorkerProcess:
+    """One forked worker, as the arbiter knows it."""
+
+    pid: int
+    index: int
+    reader: StatusReader
+    started: float
+    last_beat: float
+    booted: bool = False
+    request_id: str | None = None
+    pools: dict[str, dict[str, int]] = field(default_factory=dict)
+    dropped: int = 0
+    retiring: bool = False
+    """Told to drain (reload, stop): its exit is expected, not a crash."""
+    kill_at: float | None = None
+    """SIGTERM was sent; SIGKILL follows at this monotonic time."""
+    killed: bool = False
+
+    def apply(self, message: dict[str, Any]) -> Result | None:
+        """Take in one status line; returns the result it reports as finished, if any."""
+        self.last_beat = time.monotonic()
+        kind = message.get("type")
+        if kind == status.HEARTBEAT:
+            self.dropped = int(message.get("dropped") or 0)
+        elif kind == status.BOOTED:
+            self.booted = True
+            logger.info(f"worker {self.index} (pid {self.pid}) booted")
+        elif kind == status.STARTED:
+            self.request_id = message.get("requestId")
+        elif kind == status.FINISHED and isinstance(message.get("result"), dict):
+            self.request_id = None
+            return Result.from_dict(message["result"])
+        elif kind == status.POOLS and isinstance(message.get("pools"), dict):
+            self.pools = message["pools"]
+        return None
+
+    @property
+    def state(self) -> str:
+        if self.retiring or self.kill_at is not None:
+            return "draining"
+        return "running" if self.booted else "booting"
+
+
+def worker_status(slot: Slot, worker: WorkerProcess | None, now: float) -> dict[str, Any]:
+    """One entry of /status ``workers``: the slot, and the process serving it if any."""
+    return {
+        "id": slot.index,
+        "pid": worker.pid if worker else None,
+        "alive": worker is not None and worker.booted,
+        "state": worker.state if worker else "waiting",
+        "restarts": slot.restarts,
+        "tasksDone": slot.tasks_done,
+        "currentRequestId": worker.request_id if worker else None,
+        "lastHeartbeatSecondsAgo": round(now - worker.last_beat, 1) if worker else None,
+        "statusMessagesDropped": worker.dropped if worker else 0,
+    }
+
+
+def pool_totals(workers: list[WorkerProcess]) -> dict[str, dict[str, int]]:
+    """Per runtime, the sum of every worker's ``warm`` and ``busy`` sandboxes."""
+    pools: dict[str, dict[str, int]] = {}
+    for worker in workers:
+        for runtime, stats in worker.pools.items():
+            total = pools.setdefault(runtime, {"warm": 0, "busy": 0})
+            for state in total:
+                total[state] += int(stats.get(state, 0))
+    return pools
