@@ -27,7 +27,7 @@ from loguru import logger
 
 import runners
 
-from . import logs, sdnotify, status
+from . import awsregion, logs, sdnotify, status
 from .config import Config, load
 from .errors import ConfigError
 from .exitcodes import (
@@ -486,6 +486,7 @@ class Arbiter:
         try:
             config = load(self.config.path)
             runners.check_config(config)
+            config = awsregion.pin(config, awsregion.resolve(config))
         except ConfigError as exc:
             logger.error(f"reload refused, still running on the config loaded at "
                          f"{self.config.loaded_at}: {exc}")
