@@ -149,6 +149,7 @@ class Arbiter:
         self._watchdog_interval = sdnotify.watchdog_interval()
         self._next_watchdog = 0.0
         self._sd_status = ""
+        self._ready_sent = False
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -168,6 +169,7 @@ class Arbiter:
                 self.manage_workers()
                 self.ping_watchdog()
                 self.publish_status()
+                self.notify_ready()
         except Exception:
             logger.opt(exception=True).critical("unexpected error in the supervisor loop")
             self.stop()
@@ -188,7 +190,6 @@ class Arbiter:
                                    self.status_snapshot, self.metrics.render)
         self.manage_workers()
         self.publish_status()
-        sdnotify.ready(self._sd_status)
 
     def _record_signal(self, signum: int, frame: Any) -> None:
         self.signals.append(signum)
@@ -468,6 +469,16 @@ class Arbiter:
     def status_snapshot(self) -> dict[str, Any]:
         """The latest snapshot; called from the HTTP thread."""
         return self._snapshot
+
+    def notify_ready(self) -> None:
+        """READY=1, once, when every slot's first worker booted or failed: `systemctl start`
+        returns when the agent serves (or visibly cannot: /health and STATUS say why)."""
+        if self._ready_sent:
+            return
+        booted = {w.index for w in self.workers.values() if w.booted}
+        if all(s.index in booted or s.failures for s in self.slots.values()):
+            self._ready_sent = True
+            sdnotify.ready(self._sd_status)
 
     def ping_watchdog(self) -> None:
         now = time.monotonic()
