@@ -180,7 +180,8 @@ class Arbiter:
     def start(self) -> None:
         logs.setup(self.config.log, "arbiter")
         logger.info(f"supervisor {self.pid} starting: {self.config.workers} workers, "
-                    f"runner {self.config.runner}, config {self.config.path}")
+                    f"runner {self.config.runner}, AWS region {self.config.aws.region}, "
+                    f"config {self.config.path}")
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         for signum in HANDLED_SIGNALS:
             signal.signal(signum, self._record_signal)
