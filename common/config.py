@@ -134,6 +134,12 @@ class DockerRunnerConfig:
 
 
 @dataclass(frozen=True)
+class AwsConfig:
+    region: str | None = None
+    """None: boto3's chain, then the region in queue.url's host (see common/awsregion.py)."""
+
+
+@dataclass(frozen=True)
 class Config:
     workers: int = _bounded(2, 1, 256, auto=True)
     runner: str = "docker"
@@ -154,6 +160,7 @@ class Config:
     pool: PoolConfig = PoolConfig()
     process: ProcessRunnerConfig = ProcessRunnerConfig()
     docker: DockerRunnerConfig = DockerRunnerConfig()
+    aws: AwsConfig = AwsConfig()
     path: str | None = field(default=None, metadata={"internal": True})
     loaded_at: str | None = field(default=None, metadata={"internal": True})
 

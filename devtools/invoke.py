@@ -20,6 +20,7 @@ import boto3
 import redis
 from botocore.exceptions import BotoCoreError, ClientError
 
+from common import awsregion
 from common import config as config_module
 from common.errors import ConfigError
 from worker.result import Result
@@ -107,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = config_module.load(args.config)
+        region = awsregion.resolve(cfg).name
         input_data = json.loads(args.input)
     except ConfigError as exc:
         print(f"nanogrid-invoke: config error: {exc}", file=sys.stderr)
@@ -130,12 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.timeout_ms is not None:
         task["timeoutMs"] = args.timeout_ms
     try:
-        task["s3Key"] = deploy(
-            boto3.client("s3"), args.bucket, function_id, zip_function(args.source)
-        )
-        result = invoke(
-            boto3.client("sqs"), redis.Redis.from_url(cfg.redis.url), cfg.queue.url, task, args.wait
-        )
+        s3 = boto3.client("s3", region_name=region)
+        sqs = boto3.client("sqs", region_name=region)
+        task["s3Key"] = deploy(s3, args.bucket, function_id, zip_function(args.source))
+        result = invoke(sqs, redis.Redis.from_url(cfg.redis.url), cfg.queue.url, task, args.wait)
     except (BotoCoreError, ClientError, redis.RedisError) as exc:
         print(f"nanogrid-invoke: {exc}", file=sys.stderr)
         return EXIT_FAILED

@@ -372,10 +372,10 @@ class Stack:
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            sqs = boto3.client("sqs")
+            sqs = boto3.client("sqs", region_name=AWS_REGION)
             for name in self.plan.queue_names:
                 sqs.create_queue(QueueName=name)
-            s3 = boto3.client("s3")
+            s3 = boto3.client("s3", region_name=AWS_REGION)
             try:
                 s3.create_bucket(
                     Bucket=BUCKET, CreateBucketConfiguration={"LocationConstraint": AWS_REGION}
@@ -594,7 +594,8 @@ def run_demo_calls(plan: Plan, wait: float) -> tuple[int, int]:
 
     from .invoke import deploy, invoke, zip_function
 
-    s3, sqs = boto3.client("s3"), boto3.client("sqs")
+    s3 = boto3.client("s3", region_name=AWS_REGION)
+    sqs = boto3.client("sqs", region_name=AWS_REGION)
     client = redis.Redis.from_url(plan.config.redis.url, socket_timeout=5, socket_connect_timeout=5)
     keys: dict[str, str] = {}
     ok = 0

@@ -25,7 +25,7 @@ from typing import Any, NoReturn
 from loguru import logger
 
 import runners
-from common import logs
+from common import awsregion, logs
 from common.config import Config, load
 from common.errors import ConfigError
 from common.exitcodes import (
@@ -118,6 +118,7 @@ class Arbiter:
         self._watchdog_interval = sdnotify.watchdog_interval()
         self._next_watchdog = 0.0
         self._sd_status = ""
+        self._ready_sent = False
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -137,6 +138,7 @@ class Arbiter:
                 self.manage_workers()
                 self.ping_watchdog()
                 self.publish_status()
+                self.notify_ready()
         except Exception:
             logger.opt(exception=True).critical("unexpected error in the supervisor loop")
             self.stop()
@@ -147,7 +149,8 @@ class Arbiter:
     def start(self) -> None:
         logs.setup(self.config.log, "arbiter")
         logger.info(f"supervisor {self.pid} starting: {self.config.workers} workers, "
-                    f"runner {self.config.runner}, config {self.config.path}")
+                    f"runner {self.config.runner}, AWS region {self.config.aws.region}, "
+                    f"config {self.config.path}")
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         for signum in HANDLED_SIGNALS:
             signal.signal(signum, self._record_signal)
@@ -157,7 +160,6 @@ class Arbiter:
                                    self.status_snapshot, self.metrics.render)
         self.manage_workers()
         self.publish_status()
-        sdnotify.ready(self._sd_status)
 
     def _record_signal(self, signum: int, frame: Any) -> None:
         self.signals.append(signum)
@@ -399,6 +401,16 @@ class Arbiter:
         """The latest snapshot; called from the HTTP thread."""
         return self._snapshot
 
+    def notify_ready(self) -> None:
+        """READY=1, once, when every slot's first worker booted or failed: `systemctl start`
+        returns when the agent serves (or visibly cannot: /health and STATUS say why)."""
+        if self._ready_sent:
+            return
+        booted = {w.index for w in self.workers.values() if w.booted}
+        if all(s.index in booted or s.failures for s in self.slots.values()):
+            self._ready_sent = True
+            sdnotify.ready(self._sd_status)
+
     def ping_watchdog(self) -> None:
         now = time.monotonic()
         if self._watchdog_interval is not None and now >= self._next_watchdog:
@@ -416,6 +428,7 @@ class Arbiter:
         try:
             config = load(self.config.path)
             runners.check_config(config)
+            config = awsregion.pin(config, awsregion.resolve(config))
         except ConfigError as exc:
             logger.error(f"reload refused, still running on the config loaded at "
                          f"{self.config.loaded_at}: {exc}")

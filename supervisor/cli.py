@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from common import awsregion
 from common.config import load
 from common.errors import ConfigError
 from common.exitcodes import EXIT_CONFIG, EXIT_OK
@@ -24,11 +25,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load(args.config)
         check_config(config)
+        region = awsregion.resolve(config)
+        config = awsregion.pin(config, region)
     except ConfigError as exc:
         print(f"{PROG}: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     if args.check:
-        print(f"{PROG}: {config.path}: OK ({config.workers} workers, runner {config.runner})")
+        print(f"{PROG}: {config.path}: OK ({config.workers} workers, runner {config.runner}, "
+              f"AWS region {region.name} from {region.source})")
         return EXIT_OK
     from .arbiter import Arbiter  # imports the worker's dependencies: not needed for --check
 

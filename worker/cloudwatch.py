@@ -13,6 +13,7 @@ Invocations, Errors, ColdStarts, Timeouts, OutOfMemory (Count).
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from collections import deque
@@ -40,13 +41,14 @@ class _Record:
     cold_start: bool
 
 
-def _default_client() -> Any:
-    # Endpoint, region and credentials come from boto3's chain (AWS_ENDPOINT_URL included).
+def _default_client(region: str | None = None) -> Any:
+    # Endpoint and credentials come from boto3's chain (AWS_ENDPOINT_URL included).
     import boto3
     from botocore.config import Config
 
     return boto3.session.Session().client(
         "cloudwatch",
+        region_name=region,
         config=Config(connect_timeout=1, read_timeout=3, retries={"max_attempts": 2}),
     )
 
@@ -59,10 +61,11 @@ class MetricsPublisher:
         config: CloudWatchConfig,
         *,
         max_buffer: int = DEFAULT_MAX_BUFFER,
-        client_factory: Callable[[], Any] = _default_client,
+        client_factory: Callable[[], Any] | None = None,
+        region: str | None = None,
     ) -> None:
         self._config = config
-        self._client_factory = client_factory
+        self._client_factory = client_factory or functools.partial(_default_client, region)
         self._client: Any = None
         self._buffer: deque[_Record] = deque()
         self._max_buffer = max_buffer

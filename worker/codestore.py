@@ -85,8 +85,10 @@ class CodeStore:
         *,
         head_ttl_seconds: float = 1.0,
         max_cache_bytes: int = 1 * GiB,
+        region: str | None = None,
     ) -> None:
         self.cache_dir = Path(cache_dir)
+        self.region = region
         self.max_zip_bytes = max_zip_bytes
         self.head_ttl_seconds = head_ttl_seconds
         self.max_cache_bytes = max_cache_bytes
@@ -102,7 +104,7 @@ class CodeStore:
         A client this store created is re-created in a forked child; a given one is kept.
         """
         if self._client is None or (self._client_pid and self._client_pid != os.getpid()):
-            self._client = boto3.client("s3", config=_CLIENT_CONFIG)
+            self._client = boto3.client("s3", region_name=self.region, config=_CLIENT_CONFIG)
             self._client_pid = os.getpid()
         return self._client
 

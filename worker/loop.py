@@ -96,15 +96,19 @@ class Worker:
 
     def boot(self) -> None:
         config = self.config
-        self.queue = TaskQueue(config.queue)
+        self.queue = TaskQueue(config.queue, region=config.aws.region)
         self.queue.check()
         self.store = ResultStore(
             config.redis.url, config.redis.result_ttl_seconds, Path(config.paths.outbox_dir)
         )
         if not self.store.ping():
             raise ResultStoreUnavailable(f"Redis at {config.redis.url} does not answer")
-        self.codes = CodeStore(Path(config.paths.code_cache_dir), config.limits.max_zip_bytes)
-        self.metrics = MetricsPublisher(config.cloudwatch)
+        self.codes = CodeStore(
+            Path(config.paths.code_cache_dir),
+            config.limits.max_zip_bytes,
+            region=config.aws.region,
+        )
+        self.metrics = MetricsPublisher(config.cloudwatch, region=config.aws.region)
         self.history = autotuner.PeakHistory(self.store.client, config.autotuner)
         self.visibility = VisibilityHeartbeat(self.queue)
         self.deleter = BatchDeleter(self.queue)

@@ -1,7 +1,8 @@
 """The SQS side of a worker: long-poll, delete, release, dead-letter, visibility heartbeats.
 
 boto3 finds the endpoint and credentials through its own chain (``AWS_ENDPOINT_URL``,
-``AWS_REGION``, instance profile), so the same code serves real SQS and a local emulator.
+instance profile), so the same code serves real SQS and a local emulator; the region is the
+one the agent resolved at start (common/awsregion.py).
 """
 
 from __future__ import annotations
@@ -43,10 +44,11 @@ class Message:
 
 
 class TaskQueue:
-    def __init__(self, config: QueueConfig, client: Any = None) -> None:
+    def __init__(self, config: QueueConfig, client: Any = None, region: str | None = None) -> None:
         self.config = config
         self._client = client or boto3.client(
             "sqs",
+            region_name=region,
             config=BotoConfig(
                 connect_timeout=2,
                 read_timeout=config.wait_time_seconds + 10,

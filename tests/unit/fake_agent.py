@@ -125,6 +125,7 @@ class FakeAgent:
             "queue": {"wait_time_seconds": 0},
             "http": {"host": "127.0.0.1", "port": 0},
             "log": {"level": "INFO", "file": str(self.log)},
+            "aws": {"region": "ap-northeast-2"},  # a reload refuses a config naming none
         }
         config.update(settings)
         self.config_path.write_text(yaml.safe_dump(config))

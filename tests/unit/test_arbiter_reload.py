@@ -125,6 +125,8 @@ def test_systemd_hears_ready_reloading_stopping_and_watchdog(agent: FakeAgent) -
     states = [d.split("\n")[0].split("=")[0] for d in datagrams if "WATCHDOG" not in d]
     states = [s for s in states if s != "STATUS"]
     assert states == ["READY", "RELOADING", "READY", "STOPPING"], datagrams
+    # `systemctl start` returns on the first READY: only once the workers have booted.
+    assert next(d for d in datagrams if d.startswith("READY=1")).endswith("2/2 workers alive")
     reloading = next(d for d in datagrams if d.startswith("RELOADING=1"))
     assert reloading.split("\n")[1].startswith("MONOTONIC_USEC=")
     assert "WATCHDOG=1" in datagrams

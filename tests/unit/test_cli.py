@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,9 +13,12 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = ROOT / "bin" / "nanogrid-supervisor"
 
 
-def supervisor(*args: str) -> subprocess.CompletedProcess[str]:
+def supervisor(*args: str, **aws: str) -> subprocess.CompletedProcess[str]:
+    """Run it with no AWS settings in the environment but ``aws`` (and no AWS config file)."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("AWS_")}
+    env.update(AWS_CONFIG_FILE=os.devnull, AWS_EC2_METADATA_DISABLED="true", **aws)
     return subprocess.run([sys.executable, str(BIN), *args], capture_output=True, text=True,
-                          timeout=30, cwd="/")
+                          timeout=30, cwd="/", env=env)
 
 
 @pytest.mark.parametrize("name", ["worker.yaml", "local.yaml"])
@@ -30,6 +34,9 @@ def test_check_accepts_the_shipped_configs(name: str) -> None:
     ("runner: [\n", "not valid YAML"),
     ("docker: {user: nobody}\n", "docker.user: must be uid:gid numbers, got 'nobody'"),
     ("docker: {user: '0:0'}\n", "docker.user: functions must not run as root (uid 0)"),
+    ("aws: {region: 5}\n", "aws.region: must be a non-empty string, got 5"),
+    ("aws: {region: 'ap northeast 2'}\n", "aws.region: not an AWS region name"),
+    ("queue: {url: 'http://127.0.0.1:5000/1/q'}\n", "aws.region: no AWS region: set aws.region"),
     (f"runner: docker\ndocker: {{socket_dir: /var/lib/{'x' * 40}}}\n",
      "docker.socket_dir: '/var/lib/xxxxxxxx"),
 ])
@@ -50,3 +57,24 @@ def test_missing_config_file() -> None:
     assert done.returncode == 2
     assert done.stderr == ("nanogrid-supervisor: config error: /nonexistent/worker.yaml: "
                            "cannot read config file: No such file or directory\n")
+
+
+def test_check_finds_the_region_in_the_queue_url(tmp_path: Path) -> None:
+    path = tmp_path / "seoul.yaml"
+    path.write_text("runner: process\nqueue: {url: 'https://sqs.ap-northeast-2.amazonaws.com/1/q'}\n")
+    done = supervisor("--check", "-c", str(path))
+    assert done.returncode == 0, done.stderr
+    assert "AWS region ap-northeast-2 from queue.url" in done.stdout
+
+
+@pytest.mark.parametrize(("aws", "source"), [
+    ({"AWS_REGION": "eu-west-1"}, "AWS_REGION"),
+    ({"AWS_DEFAULT_REGION": "eu-west-1"}, "AWS_DEFAULT_REGION"),
+])
+def test_check_takes_the_region_from_the_environment(tmp_path: Path, aws: dict[str, str],
+                                                     source: str) -> None:
+    path = tmp_path / "loopback.yaml"
+    path.write_text("runner: process\nqueue: {url: 'http://127.0.0.1:5000/1/q'}\n")
+    done = supervisor("--check", "-c", str(path), **aws)
+    assert done.returncode == 0, done.stderr
+    assert f"AWS region eu-west-1 from {source}" in done.stdout
