@@ -309,6 +309,8 @@ class Sample:
     sent: float
     end: float
     duration_ms: float
+    timings: dict[str, float] = field(default_factory=dict)
+    """The result's own ``timings`` (the agent's; empty for the other systems)."""
 
     @property
     def e2e_ms(self) -> float:
@@ -558,7 +560,9 @@ class Bench:
         result = json.loads(message["data"])
         if result.get("status") != "SUCCESS":
             raise RuntimeError(f"{request_id} did not succeed: {result}")
-        return Sample(request_id, start, sent, end, float(result["durationMillis"]))
+        return Sample(
+            request_id, start, sent, end, float(result["durationMillis"]), result.get("timings", {})
+        )
 
     def measured_throughput(self, c: Consumer, prefix: str, tasks: int) -> None:
         """A throughput round, with the CPU each process spent on it."""
@@ -760,6 +764,24 @@ def service_times(report: Report) -> tuple[float, float]:
     )
 
 
+def phase_table(report: Report) -> list[str]:
+    """The agent's own account of each sequential invocation: its result's ``timings``."""
+    timed = [s.timings for s in report.samples]
+    rows = [(name, [t[f"{name}Ms"] for t in timed]) for name in (
+        "queued", "fetch", "unpack", "sandbox", "run", "total")]
+    rows.append(("agent overhead (totalMs - runMs)", [t["totalMs"] - t["runMs"] for t in timed]))
+    lines = [
+        f"agent, from its results' timings ({len(timed)} sequential warm invocations):",
+        "",
+        "| phase | p50 | p99 |",
+        "|---|---:|---:|",
+    ]
+    for name, values in rows:
+        p50, p99, _ = stats(values)
+        lines.append(f"| {name} | {p50:.3f} | {p99:.3f} |")
+    return lines
+
+
 def render(
     reports: dict[str, Report], args: argparse.Namespace, python: str, load: tuple[float, float]
 ) -> str:
@@ -793,6 +815,8 @@ def render(
         "run = the result's durationMillis; overhead = e2e - run",
     ]
     agent, baseline = reports.get("agent"), reports.get("baseline")
+    if agent and agent.samples and agent.samples[0].timings:
+        lines += ["", *phase_table(agent)]
     if agent and baseline:
         a, b = stats([s.e2e_ms for s in agent.samples]), stats([s.e2e_ms for s in baseline.samples])
         lines.append(

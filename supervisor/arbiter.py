@@ -14,37 +14,39 @@ forked once it has exited: two processes never share k's sandboxes and warm-pool
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import selectors
 import signal
 import time
-from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import Any
 
 from loguru import logger
 
 import runners
-from common import awsregion, logs
-from common.config import Config, load
+from common import logs
+from common.config import Config
 from common.errors import ConfigError
 from common.exitcodes import (
     EXIT_BOOT_ERROR,
     EXIT_OK,
     EXIT_SUPERVISOR_ERROR,
-    EXIT_WORKER_CRASH,
-    WORKER_EXIT_NAMES,
 )
 from worker.status import StatusReader
 
 from . import sdnotify
+from .child import HANDLED_SIGNALS, WorkerMain, run_child
+from .configcheck import load_checked
 from .health import HealthServer
 from .metrics import SupervisorMetrics
-from .workerstate import Slot, WorkerProcess, pool_totals, worker_status
+from .workerstate import (
+    Slot,
+    WorkerProcess,
+    describe_exit,
+    heartbeat_timeout,
+    pool_totals,
+    worker_status,
+)
 
-WorkerMain = Callable[[Config, int, int], int]
-
-HANDLED_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)
 TICK_S = 1.0
 STATUS_GATHER_S = 0.05
 """After reading status lines, the arbiter lets the next ones gather this long before it reads
@@ -56,37 +58,10 @@ BOOT_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 60.0)
 """Wait before the n-th retry of a worker that could not boot (Redis or the queue down)."""
 STABLE_AFTER_S = 10.0
 """A worker that booted and lived this long clears its slot's count of crashes in a row."""
-LONG_POLL_MARGIN_S = 10.0
-"""The heartbeat timeout is never shorter than a long poll plus this margin."""
 MURDER_GRACE_S = 5.0
 """Between SIGTERM and SIGKILL for a worker that stopped heartbeating."""
 KILL_WAIT_S = 5.0
 """How long ``stop`` waits for killed workers to be reaped."""
-PR_SET_PDEATHSIG = 1
-
-
-def heartbeat_timeout(config: Config) -> float:
-    """Seconds of silence after which a worker is killed; covers a whole long poll."""
-    return max(config.heartbeat_timeout_seconds,
-               config.queue.wait_time_seconds + LONG_POLL_MARGIN_S)
-
-
-def describe_exit(code: int) -> str:
-    """``exited with code 3 (EXIT_BOOT_ERROR)`` or ``was killed by SIGKILL``."""
-    if code < 0:
-        try:
-            return f"was killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"was killed by signal {-code}"
-    name = WORKER_EXIT_NAMES.get(code)
-    return f"exited with code {code}" + (f" ({name})" if name else "")
-
-
-def _die_with_parent(parent: int) -> None:
-    """In a child: get SIGTERM when the arbiter dies; exit now if it died already."""
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    if os.getppid() != parent:  # died between fork and prctl: no signal will come
-        os._exit(EXIT_OK)
 
 
 class Arbiter:
@@ -248,7 +223,13 @@ class Arbiter:
         try:
             pid = os.fork()
             if pid == 0:
-                self._run_worker(slot.index, write_fd, read_fd)
+                inherited = [self._wake_r, self._wake_w, read_fd, self.selector.fileno(),
+                             self.signal_selector.fileno()]
+                inherited += [w.reader.fd for w in self.workers.values()]
+                if self.health is not None:
+                    inherited.append(self.health.fileno())
+                run_child(self.worker_main, self.config, slot.index, write_fd,
+                          parent=self.pid, close_fds=inherited)
         except OSError as exc:
             logger.error(f"cannot fork worker {slot.index}: {exc}; retrying in 1s")
             os.close(read_fd)
@@ -263,30 +244,6 @@ class Arbiter:
         self.workers[pid] = worker
         self.selector.register(worker.reader, selectors.EVENT_READ, worker)
         logger.info(f"worker {slot.index} started (pid {pid})")
-
-    def _run_worker(self, index: int, status_fd: int, read_fd: int) -> NoReturn:
-        """In the child: drop the arbiter's signals and fds, run the worker, never return."""
-        code = EXIT_WORKER_CRASH
-        try:
-            _die_with_parent(self.pid)
-            signal.set_wakeup_fd(-1)
-            for signum in HANDLED_SIGNALS:
-                signal.signal(signum, signal.SIG_IGN if signum == signal.SIGINT else signal.SIG_DFL)
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
-            inherited = [self._wake_r, self._wake_w, read_fd, self.selector.fileno(),
-                         self.signal_selector.fileno()]
-            inherited += [w.reader.fd for w in self.workers.values()]
-            if self.health is not None:
-                inherited.append(self.health.fileno())
-            for fd in inherited:
-                os.close(fd)
-            code = int(self.worker_main(self.config, index, status_fd))
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else EXIT_WORKER_CRASH
-        except BaseException as exc:  # noqa: B036 - nothing may return into the arbiter's loop
-            logger.error(f"worker {index} crashed: {type(exc).__name__}: {exc}")
-        finally:
-            os._exit(code)
 
     def reap_workers(self) -> None:
         while True:
@@ -426,9 +383,7 @@ class Arbiter:
             return
         sdnotify.reloading()
         try:
-            config = load(self.config.path)
-            runners.check_config(config)
-            config = awsregion.pin(config, awsregion.resolve(config))
+            config, _ = load_checked(self.config.path)
         except ConfigError as exc:
             logger.error(f"reload refused, still running on the config loaded at "
                          f"{self.config.loaded_at}: {exc}")

@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from common import awsregion
-from common.config import load
 from common.errors import ConfigError
 from common.exitcodes import EXIT_CONFIG, EXIT_OK
-from runners import check_config
+
+from .configcheck import load_checked
 
 PROG = "nanogrid-supervisor"
 
@@ -23,10 +22,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="only validate the config file: exit 0 when valid, 2 when not")
     args = parser.parse_args(argv)
     try:
-        config = load(args.config)
-        check_config(config)
-        region = awsregion.resolve(config)
-        config = awsregion.pin(config, region)
+        config, region = load_checked(args.config)
     except ConfigError as exc:
         print(f"{PROG}: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

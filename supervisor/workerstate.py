@@ -3,15 +3,21 @@ per-worker part of the /status snapshot built from it."""
 
 from __future__ import annotations
 
+import signal
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from loguru import logger
 
+from common.config import Config
+from common.exitcodes import WORKER_EXIT_NAMES
 from worker import status
 from worker.result import Result
 from worker.status import StatusReader
+
+LONG_POLL_MARGIN_S = 10.0
+"""The heartbeat timeout is never shorter than a long poll plus this margin."""
 
 
 @dataclass
@@ -95,3 +101,20 @@ def pool_totals(workers: list[WorkerProcess]) -> dict[str, dict[str, int]]:
             for state in total:
                 total[state] += int(stats.get(state, 0))
     return pools
+
+
+def heartbeat_timeout(config: Config) -> float:
+    """Seconds of silence after which a worker is killed; covers a whole long poll."""
+    return max(config.heartbeat_timeout_seconds,
+               config.queue.wait_time_seconds + LONG_POLL_MARGIN_S)
+
+
+def describe_exit(code: int) -> str:
+    """``exited with code 3 (EXIT_BOOT_ERROR)`` or ``was killed by SIGKILL``."""
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    name = WORKER_EXIT_NAMES.get(code)
+    return f"exited with code {code}" + (f" ({name})" if name else "")

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import runners  # noqa: E402
 from common.config import Config, load  # noqa: E402
 from common.exitcodes import EXIT_BOOT_ERROR  # noqa: E402
-from supervisor import arbiter  # noqa: E402
+from supervisor import arbiter, workerstate  # noqa: E402
 from worker.result import Result, Timings  # noqa: E402
 from worker.status import StatusReporter  # noqa: E402
 
@@ -223,7 +223,7 @@ def gone(pid: int) -> bool:
 
 def main() -> int:
     config_path, directory = sys.argv[1], Path(sys.argv[2])
-    arbiter.LONG_POLL_MARGIN_S = 0.0
+    workerstate.LONG_POLL_MARGIN_S = 0.0
     arbiter.MURDER_GRACE_S = 0.5
 
     def cleanup_stale(config: Config) -> int:
