@@ -90,10 +90,7 @@ class Arbiter:
         self.selector.register(self._wake_r, selectors.EVENT_READ, None)
         self.signal_selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._snapshot: dict[str, Any] = {}
-        self._watchdog_interval = sdnotify.watchdog_interval()
-        self._next_watchdog = 0.0
-        self._sd_status = ""
-        self._ready_sent = False
+        self.systemd = sdnotify.Notifier()
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -111,7 +108,7 @@ class Arbiter:
                 self.dispatch_signals()
                 self.murder_workers()
                 self.manage_workers()
-                self.ping_watchdog()
+                self.systemd.ping_if_due(time.monotonic())
                 self.publish_status()
                 self.notify_ready()
         except Exception:
@@ -170,8 +167,8 @@ class Arbiter:
         due = [now + TICK_S]
         due += [w.kill_at for w in self.workers.values() if w.kill_at is not None and not w.killed]
         due += [s.not_before for s in self.slots.values() if s.not_before > now]
-        if self._watchdog_interval is not None:
-            due.append(self._next_watchdog)
+        if (ping := self.systemd.next_due()) is not None:
+            due.append(ping)
         return max(0.0, min(due) - now)
 
     def dispatch_signals(self) -> None:
@@ -349,10 +346,7 @@ class Arbiter:
             "configPath": self.config.path,
             "configLoadedAt": self.config.loaded_at,
         }
-        text = f"{alive}/{self.config.workers} workers alive"
-        if text != self._sd_status:
-            self._sd_status = text
-            sdnotify.status(text)
+        self.systemd.status(f"{alive}/{self.config.workers} workers alive")
 
     def status_snapshot(self) -> dict[str, Any]:
         """The latest snapshot; called from the HTTP thread."""
@@ -361,18 +355,11 @@ class Arbiter:
     def notify_ready(self) -> None:
         """READY=1, once, when every slot's first worker booted or failed: `systemctl start`
         returns when the agent serves (or visibly cannot: /health and STATUS say why)."""
-        if self._ready_sent:
+        if self.systemd.ready_sent:
             return
         booted = {w.index for w in self.workers.values() if w.booted}
         if all(s.index in booted or s.failures for s in self.slots.values()):
-            self._ready_sent = True
-            sdnotify.ready(self._sd_status)
-
-    def ping_watchdog(self) -> None:
-        now = time.monotonic()
-        if self._watchdog_interval is not None and now >= self._next_watchdog:
-            sdnotify.watchdog()
-            self._next_watchdog = now + self._watchdog_interval
+            self.systemd.ready()
 
     # -- reload and stop --------------------------------------------------------------------
 
@@ -388,7 +375,7 @@ class Arbiter:
             logger.error(f"reload refused, still running on the config loaded at "
                          f"{self.config.loaded_at}: {exc}")
             self.metrics.reloads.inc(result="refused")
-            sdnotify.ready(self._sd_status)
+            self.systemd.ready()
             return
         logs.setup(config.log, "arbiter")
         self._rebind_http(config)
@@ -402,7 +389,7 @@ class Arbiter:
         logger.info(f"reloaded {config.path}: {config.workers} workers, runner {config.runner}; "
                     f"{len(old)} old workers drain, each slot refills as its old worker exits")
         self.metrics.reloads.inc(result="ok")
-        sdnotify.ready(self._sd_status)
+        self.systemd.ready()
 
     def _rebind_http(self, config: Config) -> None:
         old = self.config.http

@@ -63,3 +63,32 @@ def watchdog_interval() -> float | None:
     if not usec.isdigit() or int(usec) == 0 or (pid and pid != str(os.getpid())):
         return None
     return int(usec) / 2e6
+
+
+class Notifier:
+    """The supervisor's side of the protocol: STATUS only when it changes, READY once at
+    start (then after each reload), WATCHDOG when due."""
+
+    def __init__(self) -> None:
+        self.interval = watchdog_interval()
+        self.next_ping = 0.0
+        self.text = ""
+        self.ready_sent = False
+
+    def status(self, text: str) -> None:
+        if text != self.text:
+            self.text = text
+            status(text)
+
+    def ready(self) -> None:
+        self.ready_sent = True
+        ready(self.text)
+
+    def ping_if_due(self, now: float) -> None:
+        if self.interval is not None and now >= self.next_ping:
+            watchdog()
+            self.next_ping = now + self.interval
+
+    def next_due(self) -> float | None:
+        """When the next WATCHDOG=1 is due (monotonic), or None without a watchdog."""
+        return self.next_ping if self.interval is not None else None
