@@ -133,6 +133,20 @@ class DockerRunnerConfig:
     socket_dir: str = "/var/lib/nanogrid/sandboxes"
 
 
+AUTO = 0
+"""A ``capacity`` value still to be computed from the host (common/capacity.py)."""
+
+
+@dataclass(frozen=True)
+class CapacityConfig:
+    memory_mb: int = _bounded(AUTO, 1, auto=AUTO)
+    """Sum of ``memoryMb`` of the invocations running at once on this host."""
+    max_concurrent: int = _bounded(AUTO, 1, 4096, auto=AUTO)
+    """Invocations running at once on this host."""
+    source: str = field(default="as configured", metadata={"internal": True})
+    """How ``auto`` values were computed (set when they are, at start and on reload)."""
+
+
 @dataclass(frozen=True)
 class AwsConfig:
     region: str | None = None
@@ -161,6 +175,7 @@ class Config:
     process: ProcessRunnerConfig = ProcessRunnerConfig()
     docker: DockerRunnerConfig = DockerRunnerConfig()
     aws: AwsConfig = AwsConfig()
+    capacity: CapacityConfig = CapacityConfig()
     path: str | None = field(default=None, metadata={"internal": True})
     loaded_at: str | None = field(default=None, metadata={"internal": True})
 
@@ -231,8 +246,8 @@ def _convert(hint: Any, value: Any, key: str, meta: Mapping[str, Any]) -> Any:
         if not isinstance(value, list | tuple) or not value:
             raise ConfigError(f"{key}: must be a non-empty list, got {_show(value)}")
         return tuple(_convert(item_type, v, f"{key}[{i}]", {}) for i, v in enumerate(value))
-    if hint is int and meta.get("auto") and value == "auto":
-        return os.cpu_count() or 1
+    if hint is int and "auto" in meta and value == "auto":
+        return (os.cpu_count() or 1) if meta["auto"] is True else meta["auto"]
     return _scalar(hint, value, key, meta)
 
 
@@ -242,7 +257,7 @@ def _scalar(hint: type, value: Any, key: str, meta: Mapping[str, Any]) -> Any:
             raise ConfigError(f"{key}: must be true or false, got {_show(value)}")
         return value
     if hint is int and (not isinstance(value, int) or isinstance(value, bool)):
-        auto = " or 'auto'" if meta.get("auto") else ""
+        auto = " or 'auto'" if "auto" in meta else ""
         raise ConfigError(f"{key}: must be an integer{auto}, got {_show(value)}")
     if hint is float:
         if not isinstance(value, int | float) or isinstance(value, bool):

@@ -123,6 +123,9 @@ class Arbiter:
         logger.info(f"supervisor {self.pid} starting: {self.config.workers} workers, "
                     f"runner {self.config.runner}, AWS region {self.config.aws.region}, "
                     f"config {self.config.path}")
+        cap = self.config.capacity
+        logger.info(f"capacity: {cap.memory_mb} MB, {cap.max_concurrent} invocations at once "
+                    f"on this host ({cap.source})")
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         for signum in HANDLED_SIGNALS:
             signal.signal(signum, self._record_signal)

@@ -28,7 +28,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     if args.check:
         print(f"{PROG}: {config.path}: OK ({config.workers} workers, runner {config.runner}, "
-              f"AWS region {region.name} from {region.source})")
+              f"AWS region {region.name} from {region.source}; capacity "
+              f"{config.capacity.memory_mb} MB, {config.capacity.max_concurrent} at once: "
+              f"{config.capacity.source})")
         return EXIT_OK
     from .arbiter import Arbiter  # imports the worker's dependencies: not needed for --check
 

@@ -1,0 +1,108 @@
+"""The host's capacity budget, with its ``auto`` values computed once from the host.
+
+``capacity.memory_mb: auto`` is the memory this agent may use (the host's, or its cgroup's
+limit when lower) less a reserve for the system, the agent itself, the page cache and the
+sandboxes' own overhead: 20% of it, at least 1 GiB, but never more than half. The budget
+counts what functions asked for (``memoryMb``), and idle sandboxes are not in it, so some
+slack is what keeps the host out of the OOM killer when every run uses its whole limit.
+
+``capacity.max_concurrent: auto`` is 16 runs per CPU, at most what the memory budget holds
+at ``limits.min_memory_mb`` each. Functions mostly wait on I/O, so a core serves many at
+once; past about 16 per core the agent's own work per run (fork, pipes, results, SQS and
+Redis round trips) starts to crowd out the functions on a busy host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import AUTO, Config, MiB
+from .errors import ConfigError
+
+RUNS_PER_CPU = 16
+RESERVE_SHARE = 0.2
+RESERVE_MIN_MB = 1024
+_NO_LIMIT = 2**62  # what cgroup v1 reports as "no memory limit" is about this large
+
+
+@dataclass(frozen=True)
+class Capacity:
+    memory_mb: int
+    max_concurrent: int
+    source: str
+    """How the values were found, for the start-up line and /status."""
+
+
+def host_memory_mb() -> tuple[int, str]:
+    """Memory this process may use, in MB, and where that number comes from."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // MiB
+    limit = _cgroup_limit_mb()
+    if limit is not None and limit < total:
+        return limit, f"cgroup limit {limit} MB"
+    return total, f"host memory {total} MB"
+
+
+def resolve(config: Config) -> Capacity:
+    """The budget ``config`` asks for, ``auto`` values computed; ConfigError when the largest
+    task ``limits.max_memory_mb`` allows could never fit it."""
+    wanted = config.capacity
+    sources = []
+    memory_mb = wanted.memory_mb
+    if memory_mb == AUTO:
+        usable, where = host_memory_mb()
+        reserve = min(max(RESERVE_MIN_MB, int(usable * RESERVE_SHARE)), usable // 2)
+        memory_mb = usable - reserve
+        sources.append(f"memory_mb auto: {where} less {reserve} MB reserve")
+    max_concurrent = wanted.max_concurrent
+    if max_concurrent == AUTO:
+        cpus = len(os.sched_getaffinity(0))
+        max_concurrent = max(1, min(RUNS_PER_CPU * cpus, memory_mb // config.limits.min_memory_mb))
+        sources.append(f"max_concurrent auto: {RUNS_PER_CPU} per CPU x {cpus}")
+    if config.limits.max_memory_mb > memory_mb:
+        raise ConfigError(
+            f"limits.max_memory_mb: {config.limits.max_memory_mb} MB does not fit "
+            f"capacity.memory_mb ({memory_mb} MB"
+            + (", auto" if wanted.memory_mb == AUTO else "")
+            + "): lower limits.max_memory_mb or raise capacity.memory_mb"
+        )
+    return Capacity(memory_mb, max_concurrent, "; ".join(sources) or "as configured")
+
+
+def pin(config: Config, capacity: Capacity) -> Config:
+    """``config`` with its capacity values computed: every worker then uses the same."""
+    return dataclasses.replace(
+        config,
+        capacity=dataclasses.replace(
+            config.capacity,
+            memory_mb=capacity.memory_mb,
+            max_concurrent=capacity.max_concurrent,
+            source=capacity.source,
+        ),
+    )
+
+
+def _cgroup_limit_mb() -> int | None:
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2
+            candidate = Path("/sys/fs/cgroup") / path.lstrip("/") / "memory.max"
+        elif "memory" in controllers.split(","):
+            candidate = (
+                Path("/sys/fs/cgroup/memory") / path.lstrip("/") / "memory.limit_in_bytes"
+            )
+        else:
+            continue
+        try:
+            text = candidate.read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < _NO_LIMIT:
+            return int(text) // MiB
+    return None
