@@ -102,7 +102,7 @@ def test_leftover_background_processes_are_killed(runner: ProcessRunner) -> None
     out, sandbox = run(runner, code, key="bg")
     assert out.exit_code == 0
     assert sandbox.cgroup is not None and sandbox.process is not None
-    assert sandbox.cgroup.pids() == [sandbox.process.pid]
+    assert sandbox.cgroup.pids() == [sandbox.server_pid]
 
 
 def test_functions_cannot_read_each_others_code(runner: ProcessRunner) -> None:
