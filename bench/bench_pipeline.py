@@ -10,6 +10,9 @@ of the same hello-world task, all running at once, each on a queue of its own:
               forked from this script as the supervisor forks it.
 ``baseline``  the naive loop: receive -> GET the zip from S3 (no cache) -> unzip into a temp
               dir -> ``subprocess.run([python3, "main.py"])`` -> SET + PUBLISH -> delete.
+``agent-before``  with ``--before TREE``: the same worker from another checkout of this
+              code (e.g. the commit before a change), so that before and after are measured in
+              one run, taking turns.
 
 For each: N sequential invocations (subscribe to ``result:{requestId}``, then
 ``send_message``; end to end is from just before the send to the PUBLISH arriving; a short
@@ -75,7 +78,19 @@ SUPERVISOR = ROOT / "bin" / "nanogrid-supervisor"
 RESULT_TIMEOUT_S = 30.0
 BOOT_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 20.0
-SYSTEMS = ("floor", "agent", "baseline")
+SYSTEMS = ("floor", "agent", "baseline", "agent-before")
+DEFAULT_SYSTEMS = ("floor", "agent", "baseline")
+BEFORE_MAIN = """
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+from common import logs
+from common.config import from_dict
+from worker.loop import Worker
+config = from_dict(json.loads(sys.argv[2]))
+logs.setup(config.log, "worker-0")
+sys.exit(Worker(config, 0).run())
+"""
+"""``agent-before``: a plain worker of the checkout given with --before."""
 SCALING = ("bare-1w", "bare-2w", "supervisor-1w", "supervisor-2w")
 MULTI = ("bare", "supervisor")
 """Systems of N workers: forked from here (bare) or by bin/nanogrid-supervisor."""
@@ -432,6 +447,11 @@ class Bench:
             settings = self._agent_settings(queue_url, 1)
             c.child = self._fork(_agent_main, settings, str(c.log), str(c.trace))
             _wait_for(lambda: "ready" in _read(c.log), "the agent to boot", c)
+        elif system == "agent-before":
+            settings = json.dumps(self._agent_settings(queue_url, 1))
+            argv = [sys.executable, "-c", BEFORE_MAIN, str(self.args.before), settings]
+            c.child = Program(argv, c.log)
+            _wait_for(lambda: " ready: runner=" in _read(c.log), "the agent before to boot", c)
         elif workers:
             settings = self._agent_settings(queue_url, workers)
             if system.startswith("bare"):
@@ -824,6 +844,16 @@ def render(
             f"{b[2] / a[2]:.2f}x in the mean; "
             f"throughput {agent.tasks_per_s / baseline.tasks_per_s:.2f}x"
         )
+    before = reports.get("agent-before")
+    if agent and before and agent.samples and before.samples:
+        deltas = [
+            stats([getattr(s, field) for s in agent.samples])[0]
+            - stats([getattr(s, field) for s in before.samples])[0]
+            for field in ("e2e_ms", "duration_ms")
+        ]
+        lines.append(
+            f"agent - agent-before at p50: e2e {deltas[0]:+.2f} ms, run {deltas[1]:+.2f} ms"
+        )
     cores = os.cpu_count() or 1
     for kind in MULTI:
         one, two = reports.get(f"{kind}-1w"), reports.get(f"{kind}-2w")
@@ -931,8 +961,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--systems",
-        default=",".join(SYSTEMS),
-        help=f"which to measure, in this order (default {','.join(SYSTEMS)})",
+        default=",".join(DEFAULT_SYSTEMS),
+        help=f"which to measure, in this order, from {', '.join(SYSTEMS)} "
+        f"(default {','.join(DEFAULT_SYSTEMS)})",
+    )
+    parser.add_argument(
+        "--before",
+        type=Path,
+        help="agent-before: a checkout of the code to compare with (e.g. git worktree add "
+        "DIR COMMIT); adds agent-before to --systems unless they name it",
     )
     parser.add_argument(
         "--supervisor",
@@ -948,6 +985,10 @@ def main(argv: list[str] | None = None) -> int:
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     if set(systems) - set(SYSTEMS):
         parser.error(f"--systems: choose from {', '.join(SYSTEMS)}")
+    if args.before is not None and "agent-before" not in systems:
+        systems.append("agent-before")
+    if "agent-before" in systems and not (args.before and (args.before / "worker").is_dir()):
+        parser.error("agent-before: --before must name a checkout of this code")
     if args.window < 2 or args.invocations < 2 or args.warmup < 0 or args.rounds < 1:
         parser.error("--window >= 2, --invocations >= 2, --warmup >= 0, --rounds >= 1")
     if args.tasks < args.rounds:

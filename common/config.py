@@ -72,6 +72,10 @@ class LimitsConfig:
     max_output_bytes: int = _bounded(1 * MiB, 1)
     max_pids: int = _bounded(64, 2)
     """Processes (and threads) one invocation may have: the fork-bomb limit."""
+    max_open_files: int = _bounded(1024, 16, 1_048_576)
+    """File descriptors a function's process may hold (RLIMIT_NOFILE, both runners)."""
+    max_file_bytes: int = _bounded(64 * MiB, 1)
+    """The largest file a function may write (RLIMIT_FSIZE, both runners)."""
 
 
 @dataclass(frozen=True)
@@ -120,6 +124,10 @@ class ProcessRunnerConfig:
     """PATH of the functions, also where the runtime command is resolved."""
     sandbox_uid_base: int = _bounded(61000, 1000, 2**31 - 100000)
     """Sandbox k of worker w runs as uid base + w*1000 + k when the agent runs as root."""
+    network: str = _bounded("none", choices=("none", "host"))
+    """none: each sandbox has its own network namespace (loopback only); host: the host's."""
+    tmpfs_mb: int = _bounded(64, 1)
+    """Size of each sandbox's private /tmp (a tmpfs in its own mount namespace)."""
 
 
 @dataclass(frozen=True)
@@ -131,6 +139,8 @@ class DockerRunnerConfig:
     tmpfs_mb: int = _bounded(64, 1)
     pause_grace_seconds: float = _bounded(2.0, 0, 3600)
     socket_dir: str = "/var/lib/nanogrid/sandboxes"
+    runtime: str | None = None
+    """The engine's OCI runtime for the containers (e.g. runsc); None: the engine's default."""
 
 
 AUTO = 0

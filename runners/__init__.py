@@ -12,6 +12,7 @@ from common.config import Config
 from common.errors import ConfigError
 
 from .base import Runner
+from .isolation import Isolation
 
 RUNNERS = {
     "docker": "runners.docker:DockerRunner",
@@ -41,6 +42,11 @@ def check_config(config: Config) -> None:
     """The runner's own checks of a loaded config (ConfigError, one line), for --check and
     SIGHUP: a config the workers could not boot on is refused before they are replaced."""
     runner_class(config.runner).check_config(config)
+
+
+def isolation(config: Config) -> Isolation:
+    """What the configured runner's sandboxes are isolated by on this host (probed)."""
+    return runner_class(config.runner).isolation(config)
 
 
 def cleanup_stale(config: Config) -> int:

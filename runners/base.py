@@ -12,6 +12,8 @@ from pathlib import Path
 
 from common.config import Config
 
+from .isolation import Isolation
+
 
 @dataclass(frozen=True)
 class Invocation:
@@ -100,6 +102,11 @@ class Runner:
     @classmethod
     def check_config(cls, config: Config) -> None:
         """The runner's own checks of a loaded config (ConfigError, one line)."""
+
+    @classmethod
+    def isolation(cls, config: Config) -> Isolation:
+        """What this host's sandboxes of this runner are isolated by, and what is missing."""
+        return Isolation()
 
     @classmethod
     def remove_stale(cls) -> int:

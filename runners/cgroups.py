@@ -113,6 +113,15 @@ def _subtree_roots() -> tuple[Path, Path]:
     )
 
 
+def writable() -> bool:
+    """Whether sandbox cgroups can be made below this process's cgroup (without making any)."""
+    for root in dict.fromkeys(_subtree_roots()):
+        nearest = root if root.exists() else root.parent
+        if not os.access(nearest, os.W_OK):
+            return False
+    return True
+
+
 class SandboxCgroups:
     """Makes sandbox cgroups under ``<agent's cgroup>/nanogrid/<group>/``."""
 

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from docker.types import LogConfig, Mount
+from docker.types import LogConfig, Mount, Ulimit
 
 from common.config import Config, MiB, docker_user_ids
 from common.errors import ConfigError
@@ -46,7 +46,14 @@ def container_name(worker: int, runtime: str, pid: int, seq: int) -> str:
 
 
 def check_config(config: Config) -> None:
-    """Refuse a ``docker.socket_dir`` too long for the fork-server sockets made below it."""
+    """Refuse a ``docker.socket_dir`` the agent cannot make, or too long for the fork-server
+    sockets made below it."""
+    socket_dir = Path(config.docker.socket_dir)
+    nearest = next(p for p in [socket_dir, *socket_dir.parents] if p.exists())
+    if not nearest.is_dir() or not os.access(nearest, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"docker.socket_dir: {nearest} is not a directory the agent can write to"
+        )
     runtime = max(config.runtimes, key=lambda name: len(name[:16]), default="")
     name = container_name(config.workers - 1, runtime, PID_MAX, SEQUENCE_MAX)
     longest = Path(config.docker.socket_dir) / name / "control" / SOCKET_NAME
@@ -78,13 +85,19 @@ def container_spec(
         environment={},
         working_dir="/",
         cap_drop=["ALL"],
-        security_opt=["no-new-privileges"],
+        security_opt=["no-new-privileges"],  # and the engine's default seccomp profile
         read_only=True,
         tmpfs={"/tmp": f"rw,nosuid,nodev,size={config.docker.tmpfs_mb}m"},
         ipc_mode="private",
         shm_size=config.docker.tmpfs_mb * MiB,
         network_mode=config.docker.network,
         pids_limit=limits.max_pids + EXTRA_PIDS,
+        ulimits=[
+            Ulimit(name="nofile", soft=limits.max_open_files, hard=limits.max_open_files),
+            Ulimit(name="fsize", soft=limits.max_file_bytes, hard=limits.max_file_bytes),
+            Ulimit(name="core", soft=0, hard=0),
+        ],
+        runtime=config.docker.runtime,
         mem_limit=memory,
         memswap_limit=memory,
         nano_cpus=int(config.docker.cpus * 1e9),

@@ -50,6 +50,7 @@ from .container_cleanup import (
     remove_agent_containers,
     remove_orphans,
 )
+from .container_engine import check_engine, container_isolation
 from .container_spec import (
     CODE_MOUNT,
     CODE_SUBDIR,
@@ -61,6 +62,7 @@ from .container_spec import (
     container_spec,
 )
 from .forkclient import FORKSERVER_SOURCE, ForkServerClient
+from .isolation import Isolation
 from .pool import PooledRunner
 
 START_TIMEOUT_S = 20.0
@@ -105,6 +107,11 @@ class DockerRunner(PooledRunner):
     @classmethod
     def check_config(cls, config: Config) -> None:
         check_config(config)
+        check_engine(config)
+
+    @classmethod
+    def isolation(cls, config: Config) -> Isolation:
+        return container_isolation(config)
 
     @classmethod
     def remove_stale(cls) -> int:

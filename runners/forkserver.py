@@ -18,11 +18,23 @@ time, one run at a time:
 With ``"python": true`` the child runs ``argv[1]`` with runpy as ``python3 argv[1]`` would
 (``__main__``, ``sys.argv``, ``sys.path[0]``, exit codes, tracebacks), without exec'ing a
 new interpreter; otherwise it exec's ``argv``.
+
+Started by a root agent with ``"isolate"`` in its options, the server sets its sandbox up
+once, before it serves (every run inherits it, so a call costs nothing more): its own mount
+namespace (private /tmp and /dev/shm tmpfs, /var/tmp and the sandbox directory read-only),
+network namespace (loopback only) and PID namespace, whose PID 1 it becomes: it forks once,
+the original process stays outside as the namespace's keeper (it waits for the server and
+dies with the agent), and the server mounts a fresh /proc, reaps orphans during a run and
+kills what a run left behind after it. A namespace the kernel refuses is left out and named
+in the ready line: ``{"pid": <the server's pid on the host>, "holds": [...],
+"missing": {name: reason}}``.
 """
 
 import array
 import atexit
 import contextlib
+import ctypes
+import fcntl
 import gc
 import io
 import json
@@ -33,12 +45,22 @@ import runpy
 import selectors
 import signal
 import socket
+import struct
 import sys
 import threading
 import time
 import traceback
 
 MAX_PACKET = 1 << 20
+CLONE_NEWNS = 0x00020000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
+MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
+SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
+PR_SET_PDEATHSIG = 1
+RLIMITS = {"nofile": "RLIMIT_NOFILE", "fsize": "RLIMIT_FSIZE", "core": "RLIMIT_CORE"}
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def recv_packet(conn: socket.socket) -> tuple[dict | None, list[int]]:
@@ -107,6 +129,7 @@ def child(request: dict, fds: list, keep_closed: list) -> None:
     code = 127
     try:
         os.setsid()
+        signal.set_wakeup_fd(-1)  # the function's own handlers must not write into a stale fd
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGPIPE):
             signal.signal(sig, signal.SIG_DFL)
         for target, fd in enumerate(fds):
@@ -134,11 +157,19 @@ def child(request: dict, fds: list, keep_closed: list) -> None:
     os._exit(code)
 
 
-def serve_run(conn: socket.socket, request: dict, fds: list, listener: socket.socket) -> None:
+def serve_run(
+    conn: socket.socket,
+    request: dict,
+    fds: list,
+    listener: socket.socket,
+    wakeup: tuple | None,
+) -> None:
+    """Fork one run and report its end. ``wakeup`` (PID 1 only): the SIGCHLD wake-up pipe, so
+    orphans the run leaves to this server are reaped while it lasts."""
     started = time.monotonic_ns()
     pid = os.fork()
     if pid == 0:
-        child(request, fds, [conn.fileno(), listener.fileno()])
+        child(request, fds, [conn.fileno(), listener.fileno(), *(wakeup or ())])
     for fd in fds:
         os.close(fd)
     send_packet(conn, {"pid": pid})
@@ -146,11 +177,18 @@ def serve_run(conn: socket.socket, request: dict, fds: list, listener: socket.so
     with selectors.DefaultSelector() as sel:
         sel.register(pidfd, selectors.EVENT_READ)
         sel.register(conn, selectors.EVENT_READ)
+        if wakeup is not None:
+            sel.register(wakeup[0], selectors.EVENT_READ)
         exited = False
         while not exited:
             for key, _ in sel.select():
                 if key.fileobj == pidfd:
                     exited = True
+                    continue
+                if wakeup is not None and key.fileobj == wakeup[0]:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(wakeup[0], 512)
+                    exited = reap_orphans(pid) or exited
                     continue
                 message, extra = recv_packet(conn)
                 for fd in extra:
@@ -161,7 +199,10 @@ def serve_run(conn: socket.socket, request: dict, fds: list, listener: socket.so
     _, status, usage = os.wait4(pid, 0)
     duration = time.monotonic_ns() - started
     os.close(pidfd)
-    kill_group(pid)
+    if wakeup is not None:
+        kill_namespace()
+    else:
+        kill_group(pid)
     send_packet(conn, {"status": status, "maxrss_kb": usage.ru_maxrss, "duration_ns": duration})
 
 
@@ -170,24 +211,167 @@ def kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
-def die_with_parent(parent: int) -> None:
-    """Ask the kernel to kill this server when the agent worker that started it dies."""
-    import ctypes
+def reap_orphans(run_pid: int) -> bool:
+    """Reap exited children other than the run's own; True once the run's child has exited."""
+    while True:
+        try:
+            info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return True
+        if info is None:
+            return False
+        if info.si_pid == run_pid:
+            return True  # left for wait4, which reads its rusage
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(info.si_pid, 0)
 
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+def kill_namespace() -> None:
+    """As PID 1: SIGKILL every other process of the namespace and reap them all."""
+    while True:
+        with contextlib.suppress(OSError):
+            os.kill(-1, signal.SIGKILL)  # from PID 1: everyone in the namespace but itself
+        try:
+            while os.waitpid(-1, os.WNOHANG)[0] > 0:
+                pass
+        except ChildProcessError:
+            return
+        time.sleep(0.001)  # killed, not yet gone
+
+
+def die_with_parent(parent: int) -> None:
+    """Ask the kernel to kill this process when the one that started it dies."""
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:
         os._exit(0)
 
 
-def become(uid: int, gid: int, cgroup_procs: list) -> None:
-    """Join the sandbox's cgroups and drop root, in that order (joining needs root)."""
+def join_cgroups(cgroup_procs: list) -> None:
+    """Join the sandbox's cgroups (needs root: before dropping it)."""
     for path in cgroup_procs:
         with open(path, "w") as f:
             f.write(str(os.getpid()))
+
+
+def drop_privileges(uid: int, gid: int) -> None:
     if uid >= 0 and os.getuid() == 0:
         os.setgroups([])
         os.setgid(gid)
         os.setuid(uid)
+
+
+def set_rlimits(limits: dict) -> None:
+    """Hard and soft limits, inherited by every run (a function cannot raise them again)."""
+    for name, value in limits.items():
+        resource.setrlimit(getattr(resource, RLIMITS[name]), (value, value))
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"{what}: {os.strerror(code)}")
+
+
+def mount(source: str | None, target: str, fstype: str | None, flags: int, data: str = "") -> None:
+    def arg(text: str | None) -> bytes | None:
+        return None if text is None else text.encode()
+
+    _check(_libc.mount(arg(source), arg(target), arg(fstype), flags, arg(data)), f"mount {target}")
+
+
+def unshare(flag: int, missing: dict, name: str) -> bool:
+    """Enter a new namespace of one kind; on refusal, note why under ``name``."""
+    if _libc.unshare(flag) == 0:
+        return True
+    missing[name] = f"the kernel refused the namespace: {os.strerror(ctypes.get_errno())}"
+    return False
+
+
+def loopback_up() -> None:
+    """Bring up ``lo``, the only interface of a new network namespace."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        request = struct.pack("16sH14x", b"lo", 0)
+        flags = struct.unpack("16sH14x", fcntl.ioctl(sock, SIOCGIFFLAGS, request))[1]
+        fcntl.ioctl(sock, SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
+
+
+def isolate(settings: dict) -> tuple[list, dict]:
+    """As root: new mount, network and PID namespaces for this server (the PID namespace is
+    for its children). Returns (what holds, {what is missing: why})."""
+    holds: list = []
+    missing: dict = {}
+    if unshare(CLONE_NEWNS, missing, "mount"):
+        mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing mounted here reaches the host
+        private_mounts(settings["tmpfs_mb"], settings.get("root"))
+        holds.append("mount")
+    if not settings["network"]:
+        missing["network"] = "process.network is host"
+    elif unshare(CLONE_NEWNET, missing, "network"):
+        loopback_up()
+        holds.append("network")
+    if "mount" not in holds:  # its /proc would be mounted over the host's
+        missing["pid"] = "needs the mount namespace"
+    elif unshare(CLONE_NEWPID, missing, "pid"):
+        holds.append("pid")
+    return holds, missing
+
+
+def private_mounts(tmpfs_mb: int, root: str | None) -> None:
+    """Private /tmp and /dev/shm, read-only /var/tmp; ``root`` (the sandbox's directory) bound
+    at its own path again, which the new /tmp hides when it lies below /tmp."""
+    root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY) if root else None
+    options = f"size={tmpfs_mb}m,mode=1777"
+    for target in ("/tmp", "/dev/shm"):
+        if os.path.isdir(target):
+            mount("tmpfs", target, "tmpfs", MS_NOSUID | MS_NODEV, options)
+    if os.path.isdir("/var/tmp"):
+        mount("/var/tmp", "/var/tmp", None, MS_BIND)
+        mount(None, "/var/tmp", None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    if root_fd is not None:
+        missing = [p for p in [root, *parents(root)] if not os.path.exists(p)]
+        for path in reversed(missing):
+            os.mkdir(path)
+            os.chmod(path, 0o711)  # the umask must not lock the sandbox out of its own path
+        mount(f"/proc/self/fd/{root_fd}", root, None, MS_BIND)
+        os.close(root_fd)
+
+
+def parents(path: str) -> list:
+    found = []
+    while (parent := os.path.dirname(path)) != path:
+        found.append(parent)
+        path = parent
+    return found
+
+
+def seal(root: str) -> None:
+    """Make the sandbox's directory (its code, the control socket's) read-only to it."""
+    mount(None, root, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+
+
+def become_init(parent: int, uid: int, gid: int) -> int:
+    """Fork into the new PID namespace: the child goes on as its PID 1 and gets a /proc of its
+    own; this process stays outside as the keeper, which waits for it and exits with it (and
+    dies with ``parent``, the agent). Returns the server's pid on the host."""
+    server = os.fork()
+    if server:
+        keep(server, parent, uid, gid)
+    host_pid = int(os.readlink("/proc/self"))  # still the host's procfs: the pid seen there
+    mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    return host_pid
+
+
+def keep(server: int, parent: int, uid: int, gid: int) -> None:
+    """The keeper: wait for the server (PID 1 of the namespace), exit with it. Never returns."""
+    code = 1
+    try:
+        drop_privileges(uid, gid)
+        if parent:
+            die_with_parent(parent)
+        _, status = os.waitpid(server, 0)
+        code = os.waitstatus_to_exitcode(status) & 0xFF
+    finally:
+        os._exit(code)
 
 
 def warm_up(directory: str) -> None:
@@ -210,14 +394,54 @@ def warm_up(directory: str) -> None:
     gc.freeze()
 
 
+def probe(settings: dict) -> int:
+    """``--probe SETTINGS``: what isolation this host grants a sandbox, as one JSON line
+    ``{"holds": [...], "missing": {...}}`` (the agent runs it at start for its warning and
+    /status; the namespaces die with this process)."""
+    try:
+        holds, missing = isolate(settings)
+    except OSError as exc:
+        holds, missing = [], {"mount": str(exc)}
+    if "pid" in holds:
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+            except OSError:
+                code = 1
+            os._exit(code)
+        if os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) != 0:
+            holds.remove("pid")
+            missing["pid"] = "cannot mount a /proc of its own"
+    print(json.dumps({"holds": holds, "missing": missing}))
+    return 0
+
+
 def main(argv: list) -> int:
+    if argv[1] == "--probe":
+        return probe(json.loads(argv[2]))
     path = argv[1]
     options = json.loads(argv[2]) if len(argv) > 2 else {}
+    uid, gid = options.get("uid", -1), options.get("gid", -1)
     parent = os.getppid()
-    become(options.get("uid", -1), options.get("gid", -1), options.get("cgroup_procs", []))
-    if options.get("pdeathsig"):  # after become(): changing uid clears the death signal
-        die_with_parent(parent)
-    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    settings = options.get("isolate")
+    try:
+        holds, missing = isolate(settings) if settings else ([], {})
+    except OSError as exc:
+        print(f"nanogrid fork server: cannot set up the sandbox: {exc}", file=sys.stderr)
+        return 1
+    host_pid = os.getpid()
+    wakeup = None
+    if "pid" in holds:
+        host_pid = become_init(parent if options.get("pdeathsig") else 0, uid, gid)
+        parent = 0  # the keeper lies outside this namespace: getppid() is 0 from now on
+        wakeup = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wakeup[1], warn_on_full_buffer=False)
+        signal.signal(signal.SIGCHLD, lambda *_: None)  # wakes serve_run to reap orphans
+    else:  # PID 1 keeps the default: signals from its own namespace cannot kill it
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    join_cgroups(options.get("cgroup_procs", []))
     os.umask(0o077)
     warm_up(os.path.dirname(path))  # before the socket appears: its existence means ready
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -225,9 +449,16 @@ def main(argv: list) -> int:
         os.unlink(path)
     listener.bind(path)
     listener.listen(1)
+    if "mount" in holds and settings.get("root"):
+        seal(settings["root"])
+    set_rlimits(options.get("rlimits") or {})
+    drop_privileges(uid, gid)
+    if options.get("pdeathsig"):  # after dropping root: changing uid clears the death signal
+        die_with_parent(parent)
     ready = options.get("ready_fd")
     if ready is not None:
-        os.write(ready, b"ready\n")
+        line = json.dumps({"pid": host_pid, "holds": holds, "missing": missing}) + "\n"
+        os.write(ready, line.encode())
         os.close(ready)
     while True:
         conn, _ = listener.accept()
@@ -237,7 +468,7 @@ def main(argv: list) -> int:
                 if request is None:
                     break
                 if request.get("op") == "run" and len(fds) == 3:
-                    serve_run(conn, request, fds, listener)
+                    serve_run(conn, request, fds, listener, wakeup)
                 else:
                     for fd in fds:
                         os.close(fd)

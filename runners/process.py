@@ -4,6 +4,14 @@ A sandbox is one fork server (runners/forkserver.py) in a cgroup of its own (mem
 limits, per-invocation peak), running as a uid of its own when the agent is root, with a
 private directory holding the function's code (read-only to it) and its HOME. Each run is a
 fork of that warm server, so a call costs a fork instead of an interpreter start.
+
+When the agent is root the server also sets up, once when it starts, its own mount (private
+/tmp, read-only sandbox directory), network (loopback only, unless ``process.network: host``)
+and PID namespaces; every run inherits them, so the warm path pays nothing for them. The
+server is stdlib-only and does this itself with ctypes (no helper binary, and the same file
+still runs unchanged in the Docker images): the agent cannot do it in a preexec step, because
+a process does not enter the PID namespace it unshares, only its children do. The rlimits
+(``limits.max_open_files``, ``max_file_bytes``, no core dumps) are set on the server, too.
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import pwd
 import select
 import shutil
 import subprocess
@@ -24,12 +33,17 @@ from loguru import logger
 from common.config import Config, MiB, RuntimeConfig
 from common.errors import ConfigError, SandboxError
 
+from . import cgroups
 from .base import Invocation, RunOutcome, Sandbox
 from .cgroups import SandboxCgroup, SandboxCgroups, owner_gone, owner_group
 from .forkclient import FORKSERVER_SOURCE, ForkServerClient
+from .isolation import Isolation
 from .pool import PooledRunner
 
 SANDBOX_START_TIMEOUT_S = 10.0
+PROBE_TIMEOUT_S = 30.0
+PRIVATE_HOME = "/tmp"
+"""HOME of a sandbox with a mount namespace: its private /tmp, as in a Docker sandbox."""
 RLIMIT_AS_HEADROOM = 64 * MiB
 """Address space a Python interpreter maps beyond what it uses; the rlimit fallback adds it."""
 
@@ -51,6 +65,11 @@ class ProcessSandbox(Sandbox):
     home: Path = field(default_factory=Path)
     uid: int = -1
     process: subprocess.Popen | None = None
+    """The process started: the server itself, or its keeper outside its PID namespace."""
+    server_pid: int = -1
+    """The fork server's pid on the host."""
+    holds: tuple[str, ...] = ()
+    """The isolations its server set up (forkserver.isolate)."""
     client: ForkServerClient | None = None
     cgroup: SandboxCgroup | None = None
     limit_mb: int = 0
@@ -101,6 +120,30 @@ class ProcessRunner(PooledRunner):
         self.make_pools(config, worker_index)
 
     @classmethod
+    def check_config(cls, config: Config) -> None:
+        check_work_dir(Path(config.paths.work_dir), as_root=os.geteuid() == 0)
+        if os.geteuid() == 0:
+            check_sandbox_uids(config)
+        for rt in config.runtimes.values():
+            resolve_launch(rt, config.process.path)
+
+    @classmethod
+    def isolation(cls, config: Config) -> Isolation:
+        holds = ["rlimits"]
+        missing: dict[str, str] = {}
+        if cgroups.writable():
+            holds.append("cgroup")
+        else:
+            missing["cgroup"] = "cgroups not writable: memory and pids limits by rlimits only"
+        if os.geteuid() != 0:
+            for name in ("uid", "mount", "network", "pid"):
+                missing[name] = "the agent does not run as root"
+            return Isolation(tuple(holds), missing)
+        holds.append("uid")
+        probed = probe_namespaces(config)
+        return Isolation((*holds, *probed.holds), {**missing, **probed.missing})
+
+    @classmethod
     def remove_stale(cls) -> int:
         return SandboxCgroups.remove_stale()
 
@@ -130,7 +173,8 @@ class ProcessRunner(PooledRunner):
         except OSError as exc:
             sandbox.healthy = False
             raise SandboxError(f"cannot set the sandbox limits: {exc}") from None
-        env = invocation.environment(self._config.process.path, str(sandbox.home))
+        home = PRIVATE_HOME if "mount" in sandbox.holds else str(sandbox.home)
+        env = invocation.environment(self._config.process.path, home)
         try:
             raw = sandbox.client.run(
                 argv=list(launch.argv),
@@ -153,7 +197,7 @@ class ProcessRunner(PooledRunner):
             if measured is not None:
                 peak, source = measured, cgroup.memory.source
             oom = exit_code == -9 and cgroup.memory.oom_kills() > oom_before
-            if cgroup.kill_all(spare=sandbox.process.pid if sandbox.process else None):
+            if cgroup.kill_all(spare=sandbox.server_pid):
                 logger.debug(f"{self.marker} killed processes left behind in {sandbox.name}")
         elif exit_code != 0 and b"MemoryError" in raw.stderr[-4096:]:
             oom = True
@@ -197,13 +241,21 @@ class ProcessRunner(PooledRunner):
             cgroup=cgroup,
         )
         ready_r, ready_w = os.pipe()
-        options = {
+        limits = self._config.limits
+        options: dict[str, object] = {
             "uid": uid,
             "gid": uid,
             "cgroup_procs": cgroup.procs_files if cgroup else [],
             "pdeathsig": True,
             "ready_fd": ready_w,
+            "rlimits": {"nofile": limits.max_open_files, "fsize": limits.max_file_bytes, "core": 0},
         }
+        if self._as_root:
+            options["isolate"] = {
+                "network": self._config.process.network == "none",
+                "tmpfs_mb": self._config.process.tmpfs_mb,
+                "root": str(root),
+            }
         socket_path = control / "forkserver.sock"
         try:
             with os.fdopen(ready_r, "rb") as ready:
@@ -226,10 +278,14 @@ class ProcessRunner(PooledRunner):
                     )
                 finally:
                     os.close(ready_w)
-                if not select.select([ready], [], [], SANDBOX_START_TIMEOUT_S)[0] or not ready.read(
-                    6
-                ):
+                if not select.select([ready], [], [], SANDBOX_START_TIMEOUT_S)[0]:
                     raise SandboxError("fork server did not come up")
+                line = ready.readline()
+            if not line:
+                raise SandboxError("fork server exited before it was ready")
+            report = json.loads(line)
+            sandbox.server_pid = report["pid"]
+            sandbox.holds = tuple(report["holds"])
             sandbox.client = ForkServerClient(socket_path)
         except (OSError, SandboxError) as exc:
             self.destroy(sandbox)
@@ -271,8 +327,50 @@ def remove_stale_dirs(work_dir: Path) -> None:
 def check_traversable(directory: Path) -> None:
     """Sandbox users (not root, not the owner) must be able to pass through to their dirs."""
     for part in [directory, *directory.parents]:
-        if not part.stat().st_mode & 0o001:
+        if part.exists() and not part.stat().st_mode & 0o001:
             raise ConfigError(
                 f"paths.work_dir: sandbox users cannot reach {directory} "
                 f"({part} needs o+x, or pick a work_dir under a traversable directory)"
             )
+
+
+def check_work_dir(work_dir: Path, *, as_root: bool) -> None:
+    """Refuse a work_dir the workers could never make their sandboxes in (ConfigError)."""
+    nearest = next(p for p in [work_dir, *work_dir.parents] if p.exists())
+    if not nearest.is_dir():
+        raise ConfigError(f"paths.work_dir: {nearest} is not a directory")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise ConfigError(f"paths.work_dir: {nearest} is not writable by the agent")
+    if as_root:
+        check_traversable(work_dir)
+
+
+def check_sandbox_uids(config: Config) -> None:
+    """Sandbox uids must belong to no account: a sandbox would get that account's files."""
+    base = config.process.sandbox_uid_base
+    used = range(base, base + config.workers * 1000)
+    taken = sorted(user.pw_uid for user in pwd.getpwall() if user.pw_uid in used)
+    if taken:
+        name = pwd.getpwuid(taken[0]).pw_name
+        raise ConfigError(
+            f"process.sandbox_uid_base: the sandbox uids {used.start}-{used.stop - 1} include "
+            f"uid {taken[0]} of the account {name!r}; pick a free range"
+        )
+
+
+def probe_namespaces(config: Config) -> Isolation:
+    """Ask a throw-away fork server (``--probe``) which namespaces the kernel grants here."""
+    settings = {"network": config.process.network == "none", "tmpfs_mb": 1}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-I", "-S", str(FORKSERVER_SOURCE), "--probe", json.dumps(settings)],
+            capture_output=True,
+            text=True,
+            timeout=PROBE_TIMEOUT_S,
+            env={"PATH": config.process.path, "LANG": "C.UTF-8"},
+        )
+        report = json.loads(done.stdout)
+    except (OSError, subprocess.TimeoutExpired, ValueError) as exc:
+        why = f"the namespace probe failed: {exc}"
+        return Isolation((), dict.fromkeys(("mount", "network", "pid"), why))
+    return Isolation(tuple(report["holds"]), report["missing"])

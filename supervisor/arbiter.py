@@ -91,6 +91,8 @@ class Arbiter:
         self.signal_selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._snapshot: dict[str, Any] = {}
         self.systemd = sdnotify.Notifier()
+        self.isolation: dict[str, Any] = {}
+        """The configured runner's isolation on this host, probed at start and on reload."""
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -130,6 +132,7 @@ class Arbiter:
         for signum in HANDLED_SIGNALS:
             signal.signal(signum, self._record_signal)
         self.cleanup_sandboxes("an earlier agent")
+        self.probe_isolation()
         self.publish_status()  # before the HTTP server can ask for it
         self.health = HealthServer(self.config.http.host, self.config.http.port,
                                    self.status_snapshot, self.metrics.render)
@@ -343,6 +346,7 @@ class Arbiter:
             "workersConfigured": self.config.workers,
             "runner": self.config.runner,
             "pools": pools,
+            "isolation": self.isolation,
             "restartsTotal": sum(s.restarts for s in self.slots.values()),
             "stopping": self.stopping,
             "uptimeSeconds": round(now - self.started_at, 1),
@@ -383,6 +387,7 @@ class Arbiter:
         logs.setup(config.log, "arbiter")
         self._rebind_http(config)
         self.config = config
+        self.probe_isolation()
         deadline = time.monotonic() + config.drain_timeout_seconds
         old = list(self.workers.values())
         for worker in old:
@@ -430,6 +435,14 @@ class Arbiter:
             logger.error(f"stopped; {len(self.workers)} workers did not die even of SIGKILL")
         else:
             logger.info("stopped")
+
+    def probe_isolation(self) -> None:
+        """Find what the runner's sandboxes are isolated by here; one warning for what is not."""
+        found = runners.isolation(self.config)
+        self.isolation = {self.config.runner: found.as_status()}
+        warning = found.warning(self.config.runner)
+        if warning:
+            logger.warning(warning)
 
     def cleanup_sandboxes(self, whose: str) -> None:
         try:

@@ -96,6 +96,8 @@ class CodeStore:
         self._client_pid: int | None = None  # set when this store created the client itself
         self._heads: dict[tuple[str, str], tuple[str, float]] = {}
         self.cache_dir.mkdir(parents=True, exist_ok=True)
+        # Every function's zip is here: no sandbox user may list or read it.
+        os.chmod(self.cache_dir, 0o700)
 
     @property
     def s3(self) -> Any:

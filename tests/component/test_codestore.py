@@ -89,6 +89,14 @@ def test_second_fetch_uses_cache_without_get(
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [first.zip_path.name]
 
 
+def test_the_cache_holding_every_functions_code_is_closed_to_sandboxes(
+    tmp_path: Path, s3: CountedClient
+) -> None:
+    (tmp_path / "cache").mkdir(mode=0o755)  # e.g. made by an earlier version
+    make_store(tmp_path, s3)
+    assert (tmp_path / "cache").stat().st_mode & 0o777 == 0o700
+
+
 def test_cache_survives_a_new_store_on_the_same_dir(
     tmp_path: Path, s3: CountedClient, bucket: str
 ) -> None:

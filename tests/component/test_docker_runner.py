@@ -21,6 +21,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import docker
 import pytest
@@ -28,7 +29,7 @@ from docker.errors import NotFound
 from helpers import wait_until
 
 from common.config import Config, from_dict
-from common.errors import SandboxError
+from common.errors import ConfigError, SandboxError
 from runners import container_cleanup
 from runners.base import Invocation, RunOutcome
 from runners.docker import DockerRunner, DockerSandbox, remove_agent_containers
@@ -91,7 +92,7 @@ def agent_containers(engine: docker.DockerClient, agent: str) -> list:
     return engine.containers.list(all=True, filters={"label": f"nanogrid.agent={agent}"})
 
 
-def make_config(warm: int = 1, pause_grace: float = 60.0) -> Config:
+def make_config(warm: int = 1, pause_grace: float = 60.0, **docker_settings: Any) -> Config:
     work = tempfile.mkdtemp(prefix="ng-docker-")  # short: socket paths have 107 bytes
     _SCRATCH.append(work)
     return from_dict(
@@ -105,15 +106,21 @@ def make_config(warm: int = 1, pause_grace: float = 60.0) -> Config:
                 "code_cache_dir": f"{work}/cache",
                 "outbox_dir": f"{work}/outbox",
             },
-            "docker": {"socket_dir": f"{work}/s", "pause_grace_seconds": pause_grace},
+            "docker": {
+                "socket_dir": f"{work}/s",
+                "pause_grace_seconds": pause_grace,
+                **docker_settings,
+            },
         }
     )
 
 
 @contextlib.contextmanager
-def warm_runner(warm: int = 1, pause_grace: float = 60.0) -> Iterator[DockerRunner]:
+def warm_runner(
+    warm: int = 1, pause_grace: float = 60.0, **docker_settings: Any
+) -> Iterator[DockerRunner]:
     """A runner whose pool is full (a first run during warm-up would be a cold start)."""
-    r = DockerRunner(make_config(warm, pause_grace), 0)
+    r = DockerRunner(make_config(warm, pause_grace, **docker_settings), 0)
     try:
         wait_until(lambda: r.pool_stats()["python"]["warm"] == warm, timeout=20, what="warm pool")
         yield r
@@ -274,6 +281,54 @@ def test_container_is_hardened(runner: DockerRunner, engine: docker.DockerClient
     assert not host.get("Binds") and len(host["Mounts"]) == 3
     assert attrs["Config"]["Labels"]["nanogrid.worker"] == "0"
     assert not any(v.startswith(("AWS_", "DOCKER_")) for v in attrs["Config"]["Env"])
+
+
+SECCOMP_PROBE = r"""
+import ctypes, json
+libc = ctypes.CDLL(None, use_errno=True)
+status = dict(line.split(":\t", 1) for line in open("/proc/self/status").read().splitlines())
+# keyctl(KEYCTL_GET_KEYRING_ID, KEY_SPEC_SESSION_KEYRING, 1) and unshare(CLONE_NEWUSER):
+# allowed to any user by the kernel, refused by the engine's default seccomp profile.
+keyctl = libc.syscall(250, 0, -3, 1)
+keyctl_errno = ctypes.get_errno()
+userns = libc.unshare(0x10000000)
+print(json.dumps({"seccomp": status["Seccomp"].strip(), "keyctl": [keyctl, keyctl_errno],
+                  "unshare": [userns, ctypes.get_errno()]}))
+"""
+
+
+def test_the_engines_default_seccomp_profile_holds(
+    runner: DockerRunner, engine: docker.DockerClient
+) -> None:
+    out, sandbox = run(runner, SECCOMP_PROBE)
+    seen = json.loads(out.stdout)
+    assert seen["seccomp"] == "2"  # a filter is installed
+    assert seen["keyctl"] == [-1, 1] and seen["unshare"] == [-1, 1]  # EPERM
+    assert sandbox.container is not None
+    host = engine.containers.get(sandbox.container.id).attrs["HostConfig"]
+    assert not any("unconfined" in option for option in host["SecurityOpt"])
+
+
+def test_ulimits_and_runtime_reach_the_engine(engine: docker.DockerClient) -> None:
+    DockerRunner.check_config(make_config(runtime="runc"))  # the engine knows runc
+    with warm_runner(runtime="runc") as r:
+        out, sandbox = run(r, "import resource as r\nprint([r.getrlimit(getattr(r, n)) for n in "
+                              "('RLIMIT_NOFILE', 'RLIMIT_FSIZE', 'RLIMIT_CORE')])\n")
+        assert sandbox.container is not None
+        host = engine.containers.get(sandbox.container.id).attrs["HostConfig"]
+    assert out.stdout == b"[(1024, 1024), (67108864, 67108864), (0, 0)]\n"
+    assert host["Runtime"] == "runc"
+    assert {u["Name"]: u["Hard"] for u in host["Ulimits"]} == {
+        "nofile": 1024, "fsize": 64 * MiB, "core": 0}
+
+
+def test_a_runtime_the_engine_does_not_know_is_a_config_error(
+    engine: docker.DockerClient,
+) -> None:
+    config = make_config(runtime="runsc")
+    with pytest.raises(ConfigError, match=r"^docker.runtime: the Docker engine has no runtime "
+                                          r"'runsc' \(it has: .*runc"):
+        DockerRunner.check_config(config)
 
 
 def test_functions_never_share_a_container(engine: docker.DockerClient) -> None:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -16,10 +20,11 @@ from helpers import wait_until
 from common.config import Config, from_dict
 from runners import cgroups
 from runners.base import Invocation, RunOutcome
+from runners.forkclient import FORKSERVER_SOURCE, ForkServerClient
 from runners.process import ProcessRunner, ProcessSandbox
 
 
-def make_config(warm: int = 1, max_pids: int = 32) -> Config:
+def make_config(warm: int = 1, max_pids: int = 32, **process: Any) -> Config:
     work = tempfile.mkdtemp(prefix="nanogrid-work-")
     os.chmod(work, 0o711)
     return from_dict(
@@ -28,6 +33,7 @@ def make_config(warm: int = 1, max_pids: int = 32) -> Config:
             "workers": 1,
             "runtimes": {"python": {"warm": warm}},
             "limits": {"max_pids": max_pids},
+            "process": process,
             "paths": {
                 "work_dir": work,
                 "code_cache_dir": f"{work}/cache",
@@ -102,7 +108,7 @@ def test_leftover_background_processes_are_killed(runner: ProcessRunner) -> None
     out, sandbox = run(runner, code, key="bg")
     assert out.exit_code == 0
     assert sandbox.cgroup is not None and sandbox.process is not None
-    assert sandbox.cgroup.pids() == [sandbox.process.pid]
+    assert sandbox.cgroup.pids() == [sandbox.server_pid]
 
 
 def test_functions_cannot_read_each_others_code(runner: ProcessRunner) -> None:
@@ -198,3 +204,56 @@ def test_a_strict_umask_does_not_lock_sandboxes_out(tmp_path: Path) -> None:
     finally:
         os.umask(old)
     assert out.stdout == b"reachable\n"
+
+
+def test_a_fork_server_the_kernel_refuses_namespaces_still_serves() -> None:
+    """A server whose every unshare is refused (here: it is not root) says so and serves."""
+    directory = Path(tempfile.mkdtemp(prefix="nanogrid-refused-"))  # not pytest's 0700 tmp
+    os.chmod(directory, 0o777)
+    python = shutil.which("python3", path="/usr/bin:/bin")  # not the agent's, under /root
+    assert python is not None
+    socket_path = directory / "forkserver.sock"
+    ready_r, ready_w = os.pipe()
+    settings = {"network": True, "tmpfs_mb": 16, "root": str(directory)}
+    options = {"ready_fd": ready_w, "isolate": settings, "rlimits": {"core": 0}}
+    server = subprocess.Popen(
+        [python, "-I", "-S", str(FORKSERVER_SOURCE), str(socket_path), json.dumps(options)],
+        pass_fds=(ready_w,), user=65534, group=65534, extra_groups=[],
+    )
+    os.close(ready_w)
+    try:
+        with os.fdopen(ready_r, "rb") as ready:
+            report = json.loads(ready.readline())
+        assert report["holds"] == []
+        refused = "the kernel refused the namespace: Operation not permitted"
+        assert report["missing"] == {
+            "mount": refused, "network": refused, "pid": "needs the mount namespace"}
+        client = ForkServerClient(socket_path)
+        raw = client.run(argv=[python, "-c", "print('served')"], cwd=str(directory),
+                         env={}, python=False, stdin=b"", timeout_s=10, max_output_bytes=100)
+        client.close()
+        assert raw.status == 0 and raw.stdout == b"served\n"
+    finally:
+        server.kill()
+        server.wait()
+        shutil.rmtree(directory)
+
+
+def test_not_root_every_namespace_is_named_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    found = ProcessRunner.isolation(make_config())
+    assert set(found.missing) >= {"uid", "mount", "network", "pid"}
+    assert "rlimits" in found.holds
+    warning = found.warning("process")
+    assert warning is not None and "\n" not in warning
+    assert "pid (the agent does not run as root)" in warning
+
+
+def test_network_host_opts_out_of_the_network_namespace() -> None:
+    r = ProcessRunner(make_config(network="host"), 0)
+    try:
+        out, sandbox = run(r, "print(open('/proc/net/dev').read().count(':'))")
+    finally:
+        r.close()
+    assert "network" not in sandbox.holds and {"mount", "pid"} <= set(sandbox.holds)
+    assert int(out.stdout) > 1  # the host's interfaces, not only lo

@@ -42,6 +42,9 @@ def test_status_health_and_metrics_follow_the_contract(agent: FakeAgent) -> None
     assert done["configPath"] == str(agent.config_path.resolve())
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT[\d:.]+\+00:00", done["configLoadedAt"])
     assert done["uptimeSeconds"] >= RUN_S
+    isolation = done["isolation"]["process"]  # as root (CI): every namespace holds
+    assert set(isolation) == {"holds", "missing"} and isolation["missing"] == {}
+    assert set(isolation["holds"]) == {"rlimits", "cgroup", "uid", "mount", "network", "pid"}
 
     code, body = agent.get("/health")
     assert code == 200 and json.loads(body)["status"] == "UP"
@@ -90,3 +93,16 @@ def test_port_in_use_is_one_line_and_exit_1(agent: FakeAgent) -> None:
         assert agent.wait(timeout=5) == 1
     agent.wait_for_log(rf"http: cannot listen on 127\.0\.0\.1:{port}: Address already in use")
     assert agent.events("spawn") == []
+
+
+def test_a_missing_isolation_is_one_warning_line_and_in_status(tmp_path: Path) -> None:
+    with FakeAgent(tmp_path, process={"network": "host"}) as agent:
+        agent.start()
+        agent.wait_for_workers(2)
+        isolation = agent.status()["isolation"]["process"]
+    assert isolation["missing"] == {"network": "process.network is host"}
+    assert "network" not in isolation["holds"] and "pid" in isolation["holds"]
+    lines = [line for line in agent.log.read_text().splitlines() if "[ISOLATION]" in line]
+    assert len(lines) == 1 and "WARNING" in lines[0]
+    assert lines[0].endswith("the process runner's sandboxes run without: "
+                             "network (process.network is host)")

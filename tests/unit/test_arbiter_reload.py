@@ -68,11 +68,15 @@ def test_sighup_with_a_broken_file_keeps_the_old_config(agent: FakeAgent) -> Non
     agent.write_config(runner="docker", docker={"socket_dir": "/var/lib/" + "x" * 40})
     agent.signal(signal.SIGHUP)
     agent.wait_for_log(r"reload refused.*docker\.socket_dir: .* is too long")
+    # So is a work_dir the sandbox users could never reach (agent.dir is pytest's, 0700).
+    agent.write_config(paths={"work_dir": str(agent.dir / "work")})
+    agent.signal(signal.SIGHUP)
+    agent.wait_for_log(r"reload refused.*paths\.work_dir: sandbox users cannot reach")
     assert agent.running_pids() == pids
     assert agent.status()["configLoadedAt"] == before["configLoadedAt"]
     assert agent.get("/health")[0] == 200
     metrics = agent.get("/metrics")[1]
-    assert 'nanogrid_config_reloads_total{result="refused"} 3' in metrics
+    assert 'nanogrid_config_reloads_total{result="refused"} 4' in metrics
 
 
 def test_reload_applies_http_address_and_log_level(agent: FakeAgent) -> None:

@@ -78,3 +78,23 @@ def test_check_takes_the_region_from_the_environment(tmp_path: Path, aws: dict[s
     done = supervisor("--check", "-c", str(path), **aws)
     assert done.returncode == 0, done.stderr
     assert f"AWS region eu-west-1 from {source}" in done.stdout
+
+
+@pytest.mark.parametrize(("settings", "line"), [
+    ("paths: {{work_dir: {tmp}/work}}\n",  # pytest's tmp_path is 0700
+     "paths.work_dir: sandbox users cannot reach {tmp}/work ({tmp} needs o+x"),
+    ("paths: {{work_dir: /proc/version/work}}\n",
+     "paths.work_dir: /proc/version is not a directory"),
+    ("workers: 1\nprocess: {{sandbox_uid_base: 65000}}\n",
+     "process.sandbox_uid_base: the sandbox uids 65000-65999 include uid 65534 of the account "
+     "'nobody'"),
+])
+@pytest.mark.parametrize("check", [True, False])
+def test_a_setting_the_workers_can_never_boot_on_is_a_config_error(
+    tmp_path: Path, settings: str, line: str, check: bool
+) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("runner: process\n" + settings.format(tmp=tmp_path))
+    done = supervisor(*(["--check"] if check else []), "-c", str(path))
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and line.format(tmp=tmp_path) in done.stderr

@@ -1,0 +1,114 @@
+#!/usr/bin/env python3
+"""What the process runner's namespaces cost a cold sandbox: fork-server start to ready.
+
+Starts ``runners/forkserver.py`` as ``ProcessRunner.create`` does (as root, under a sandbox
+uid, on the functions' python3, ``-I -S``), N times with the options the runner passes today
+(mount, network and PID namespaces, rlimits) and N times without the namespaces, taking
+turns, and reports the time from spawn to the server's ready line. The difference is the
+namespace setup a cold sandbox pays once (unshare, the private mounts, bringing up lo, the
+keeper fork, a fresh /proc); a warm call pays nothing of it. Also times ``kill`` to reaped.
+
+Needs root (``dev/setup``'s machine); ~10 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+FORKSERVER = ROOT / "runners" / "forkserver.py"
+FUNCTIONS_PATH = "/usr/local/bin:/usr/bin:/bin"
+UID = 61999
+"""A sandbox uid of the default range that no test or agent here uses."""
+
+
+def start_once(python: str, base: Path, n: int, isolate: bool) -> tuple[float, float]:
+    """(ms from spawn to ready, ms from kill to reaped) for one fork server."""
+    root = base / f"sb-{n}"
+    control = root / "control"
+    root.mkdir(mode=0o750)
+    control.mkdir(mode=0o700)
+    os.chown(root, 0, UID)
+    os.chown(control, UID, UID)
+    ready_r, ready_w = os.pipe()
+    options: dict[str, object] = {
+        "uid": UID,
+        "gid": UID,
+        "pdeathsig": True,
+        "ready_fd": ready_w,
+        "rlimits": {"nofile": 1024, "fsize": 64 * 2**20, "core": 0},
+    }
+    if isolate:
+        options["isolate"] = {"network": True, "tmpfs_mb": 64, "root": str(root)}
+    started = time.perf_counter()
+    server = subprocess.Popen(
+        [python, "-I", "-S", str(FORKSERVER), str(control / "forkserver.sock"),
+         json.dumps(options)],
+        cwd=root,
+        env={"PATH": FUNCTIONS_PATH, "LANG": "C.UTF-8"},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        start_new_session=True,
+        pass_fds=(ready_w,),
+    )
+    os.close(ready_w)
+    with os.fdopen(ready_r, "rb") as ready:
+        report = json.loads(ready.readline())
+    ready_ms = (time.perf_counter() - started) * 1000
+    expected = ["mount", "network", "pid"] if isolate else []
+    if report["holds"] != expected:
+        raise SystemExit(f"expected {expected} to hold, got {report}")
+    killed = time.perf_counter()
+    server.kill()
+    server.wait()
+    return ready_ms, (time.perf_counter() - killed) * 1000
+
+
+def p(values: list[float], q: int) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-n", type=int, default=40, help="starts per mode (default 40)")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        parser.error("needs root: the namespaces and the sandbox uid")
+    python = os.path.realpath(shutil.which("python3", path=FUNCTIONS_PATH) or "")
+    base = Path(tempfile.mkdtemp(prefix="ngs-"))
+    os.chmod(base, 0o711)
+    times: dict[str, list[tuple[float, float]]] = {"without namespaces": [], "with namespaces": []}
+    try:
+        for i in range(args.n + 2):
+            for mode, isolate in (("without namespaces", False), ("with namespaces", True)):
+                sample = start_once(python, base, 2 * i + isolate, isolate)
+                if i >= 2:  # the first starts warm the page cache
+                    times[mode].append(sample)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    print(f"{args.n} fork-server starts per mode, taking turns; {python}; "
+          f"load {os.getloadavg()[0]:.2f}\n")
+    print("| ms | start p50 | start p99 | kill -> reaped p50 |")
+    print("|---|---:|---:|---:|")
+    for mode, samples in times.items():
+        ready = [r for r, _ in samples]
+        gone = [k for _, k in samples]
+        print(f"| {mode} | {statistics.median(ready):.1f} | {p(ready, 99):.1f} "
+              f"| {statistics.median(gone):.1f} |")
+    cost = statistics.median(r for r, _ in times["with namespaces"]) - statistics.median(
+        r for r, _ in times["without namespaces"])
+    print(f"\nnamespace setup per cold sandbox (p50 difference): {cost:+.1f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
