@@ -300,15 +300,24 @@ def isolate(settings: dict) -> tuple[list, dict]:
     for its children). Returns (what holds, {what is missing: why})."""
     holds: list = []
     missing: dict = {}
+    host_mounts = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
     if unshare(CLONE_NEWNS, missing, "mount"):
-        mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing mounted here reaches the host
-        private_mounts(settings["tmpfs_mb"], settings.get("root"))
-        holds.append("mount")
+        try:
+            mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing mounted here reaches the host
+            private_mounts(settings["tmpfs_mb"], settings.get("root"))
+            holds.append("mount")
+        except OSError as exc:  # e.g. in a container that may unshare but not mount
+            _check(_libc.setns(host_mounts, CLONE_NEWNS), "back to the host's mounts")
+            missing["mount"] = f"cannot mount in its namespace: {exc.strerror}"
+    os.close(host_mounts)
     if not settings["network"]:
         missing["network"] = "process.network is host"
     elif unshare(CLONE_NEWNET, missing, "network"):
-        loopback_up()
         holds.append("network")
+        try:
+            loopback_up()
+        except OSError as exc:  # no CAP_NET_ADMIN (a container): no network at all, not even lo
+            missing["loopback"] = f"cannot bring up lo: {exc.strerror}"
     if "mount" not in holds:  # its /proc would be mounted over the host's
         missing["pid"] = "needs the mount namespace"
     elif unshare(CLONE_NEWPID, missing, "pid"):
@@ -401,7 +410,7 @@ def probe(settings: dict) -> int:
     try:
         holds, missing = isolate(settings)
     except OSError as exc:
-        holds, missing = [], {"mount": str(exc)}
+        holds, missing = [], {"setup": str(exc)}
     if "pid" in holds:
         pid = os.fork()
         if pid == 0:

@@ -1,0 +1,79 @@
+"""The fork server's namespace setup degrades instead of dying where a host refuses part of
+it (e.g. a container that may unshare but not mount, or lacks CAP_NET_ADMIN)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from runners import forkserver
+
+SETTINGS = {"tmpfs_mb": 8, "network": True, "root": None}
+
+
+def in_child(check: object) -> dict:
+    """Run ``check`` (which returns a JSON-able dict) in a forked child: namespaces die with it."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_fd)
+        try:
+            os.write(write_fd, json.dumps(check()).encode())  # type: ignore[operator]
+        finally:
+            os._exit(0)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as reader:
+        data = reader.read()
+    os.waitpid(pid, 0)
+    return json.loads(data)
+
+
+@pytest.fixture(autouse=True)
+def as_root() -> None:
+    assert os.geteuid() == 0, "these tests make namespaces: run them as root (as CI does)"
+
+
+def test_a_refused_mount_leaves_the_server_in_the_hosts_mount_namespace(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def refused(*args: object) -> None:
+        raise OSError(1, "mount /: Operation not permitted")
+
+    monkeypatch.setattr(forkserver, "mount", refused)
+
+    host = os.readlink("/proc/self/ns/mnt")
+
+    def check() -> dict:
+        holds, missing = forkserver.isolate(SETTINGS)
+        same = os.readlink("/proc/self/ns/mnt") == host
+        return {"holds": holds, "missing": missing, "host_mounts": same}
+
+    report = in_child(check)
+    assert report["host_mounts"] is True
+    assert "mount" not in report["holds"] and "network" in report["holds"]
+    assert report["missing"]["mount"] == (
+        "cannot mount in its namespace: mount /: Operation not permitted"
+    )
+    assert report["missing"]["pid"] == "needs the mount namespace"
+
+
+def test_lo_that_cannot_come_up_keeps_the_network_namespace(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def refused() -> None:
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(forkserver, "loopback_up", refused)
+
+    host = os.readlink("/proc/self/ns/net")
+
+    def check() -> dict:
+        holds, missing = forkserver.isolate(SETTINGS)
+        own = os.readlink("/proc/self/ns/net") != host
+        return {"holds": holds, "missing": missing, "own_network": own}
+
+    report = in_child(check)
+    assert report["own_network"] is True and "network" in report["holds"]
+    assert report["missing"] == {"loopback": "cannot bring up lo: Operation not permitted"}
