@@ -1,11 +1,13 @@
 """A worker's warm pool of sandboxes for one runtime, refilled in the background.
 
-The pool holds at most ``size`` sandboxes (idle + busy; a cold one made while all are busy
-is let go on release). ``acquire`` prefers, in order: an idle sandbox that already ran this
-function@version, a fresh generic one, and else makes a cold one — evicting the least
-recently used idle sandbox of another function to stay in bounds. Idle sandboxes of a
-function expire after ``idle_expiry_s`` and are replaced by generic ones, so the reuse
-rule (a sandbox serves one function only) never starves new functions.
+The pool keeps ``size`` sandboxes ready (the runtime's ``warm`` share) and follows the load
+up to ``limit`` (idle + busy + being made): ``acquire`` prefers, in order, an idle sandbox
+that already ran this function@version, a fresh generic one, and else makes a cold one —
+at once while under ``limit`` (several threads make theirs in parallel), else after
+evicting the least recently used idle sandbox of another function. Released sandboxes stay
+idle. Idle sandboxes of a function expire after ``idle_expiry_s``, and so do generic ones
+beyond ``size``: the pool shrinks back to ``size`` generic ones, so the reuse rule (a
+sandbox serves one function only) never starves new functions.
 """
 
 from __future__ import annotations
@@ -34,9 +36,11 @@ class WarmPool:
         idle_expiry_s: float,
         on_idle: Callable[[Sandbox, float], None] | None = None,
         marker: str = "[POOL]",
+        limit: int | None = None,
     ) -> None:
         self.runtime = runtime
         self.size = size
+        self.limit = max(size, limit or 0, 1)
         self._create = create
         self._destroy = destroy
         self._on_idle = on_idle
@@ -56,6 +60,7 @@ class WarmPool:
             sandbox = self._take(code_key)
             if sandbox is None:
                 evicted = self._evict_for_room()
+                self._creating += 1
             else:
                 self._busy.add(sandbox)
         if sandbox is not None:
@@ -63,7 +68,11 @@ class WarmPool:
             return sandbox
         if evicted is not None:
             self._safe_destroy(evicted)
-        sandbox = self._create()
+        try:
+            sandbox = self._create()
+        finally:
+            with self._lock:
+                self._creating -= 1
         sandbox.cold_start = True
         with self._lock:
             self._busy.add(sandbox)
@@ -73,7 +82,7 @@ class WarmPool:
     def release(self, sandbox: Sandbox) -> None:
         with self._lock:
             self._busy.discard(sandbox)
-            keep = sandbox.healthy and not self._closed and self._count() < self.size
+            keep = sandbox.healthy and not self._closed and self._count() < self.limit
             if keep:
                 sandbox.idle_since = time.monotonic()
                 self._idle.append(sandbox)
@@ -104,7 +113,7 @@ class WarmPool:
         return None
 
     def _evict_for_room(self) -> Sandbox | None:
-        if self._count() < self.size or not self._idle:
+        if self._count() < self.limit or not self._idle:
             return None
         return self._idle.pop(min(range(len(self._idle)), key=lambda i: self._idle[i].idle_since))
 
@@ -124,11 +133,13 @@ class WarmPool:
     def _expire_idle(self) -> None:
         now = time.monotonic()
         with self._lock:
-            expired = [
-                s
-                for s in self._idle
-                if s.code_key is not None and now - s.idle_since >= self._idle_expiry_s
-            ]
+            stale = [s for s in self._idle if now - s.idle_since >= self._idle_expiry_s]
+            surplus = self._count() - self.size  # generic ones beyond ``size`` go too
+            expired = []
+            for sandbox in sorted(stale, key=lambda s: s.code_key is None):
+                if sandbox.code_key is not None or surplus > 0:
+                    expired.append(sandbox)
+                    surplus -= 1
             for sandbox in expired:
                 self._idle.remove(sandbox)
             if self._on_idle is not None:
@@ -187,7 +198,8 @@ class PooledRunner(Runner):
         worker_index: int,
         on_idle: Callable[[Sandbox, float], None] | None = None,
     ) -> None:
-        """One pool per runtime, sized to this worker's share of its ``warm`` count."""
+        """One pool per runtime, sized to this worker's share of its ``warm`` count, growing on
+        demand up to ``capacity.max_concurrent`` (what the host may run at once)."""
         self.pools = {
             name: WarmPool(
                 name,
@@ -197,6 +209,7 @@ class PooledRunner(Runner):
                 idle_expiry_s=config.pool.idle_expiry_seconds,
                 on_idle=on_idle,
                 marker=self.marker,
+                limit=config.capacity.max_concurrent,
             )
             for name, rt in config.runtimes.items()
         }

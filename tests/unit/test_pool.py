@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from helpers import wait_until
@@ -105,3 +106,49 @@ def test_close_destroys_everything() -> None:
     assert sorted(factory.destroyed) == ["s0", "s1", "s2"] and busy.name in factory.destroyed
     time.sleep(0.3)
     assert len(factory.destroyed) == 3
+
+
+def test_grows_on_demand_in_parallel_then_shrinks_back_to_size() -> None:
+    factory = Factory()
+    started: list[float] = []
+
+    def slow_create() -> Sandbox:
+        started.append(time.monotonic())
+        time.sleep(0.3)
+        return factory.create()
+
+    pool = WarmPool("python", 1, slow_create, factory.destroy, idle_expiry_s=0.5, limit=6)
+    try:
+        wait_until(lambda: pool.stats()["warm"] == 1, timeout=5)
+        started.clear()
+        with ThreadPoolExecutor(6) as threads:
+            sandboxes = list(threads.map(lambda _: pool.acquire("f@1"), range(6)))
+        assert len({s.name for s in sandboxes}) == 6 and pool.stats() == {"warm": 0, "busy": 6}
+        assert len(started) == 5 and max(started) - min(started) < 0.25  # made at once
+        for sandbox in sandboxes:
+            sandbox.code_key = "f@1"
+            pool.release(sandbox)
+        assert pool.stats() == {"warm": 6, "busy": 0}  # kept while the load may come back
+        again = pool.acquire("f@1")
+        assert again.cold_start is False
+        pool.release(again)
+        wait_until(lambda: len(factory.destroyed) == 6, timeout=5)  # idle past the expiry
+        wait_until(lambda: pool.stats() == {"warm": 1, "busy": 0}, timeout=5)  # back to size
+    finally:
+        pool.close()
+
+
+def test_never_more_than_limit_sandboxes() -> None:
+    pool, factory = make_pool(0)
+    pool.limit = 2
+    try:
+        a, b = pool.acquire("a@1"), pool.acquire("b@1")
+        a.code_key, b.code_key = "a@1", "b@1"
+        pool.release(a)
+        c = pool.acquire("c@1")  # full: the idle a@1 makes room
+        assert c.cold_start and factory.destroyed == [a.name]
+        pool.release(b)
+        pool.release(c)
+        assert pool.stats() == {"warm": 2, "busy": 0}
+    finally:
+        pool.close()
