@@ -31,6 +31,7 @@ from common.exitcodes import (
     EXIT_OK,
     EXIT_SUPERVISOR_ERROR,
 )
+from worker.ledger import Ledger
 from worker.status import StatusReader
 
 from . import sdnotify
@@ -41,6 +42,7 @@ from .metrics import SupervisorMetrics
 from .workerstate import (
     Slot,
     WorkerProcess,
+    capacity_status,
     describe_exit,
     heartbeat_timeout,
     pool_totals,
@@ -91,6 +93,8 @@ class Arbiter:
         self.signal_selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._snapshot: dict[str, Any] = {}
         self.systemd = sdnotify.Notifier()
+        self.ledger = Ledger(config.capacity.memory_mb, config.capacity.max_concurrent)
+        """The host's capacity budget, shared by every worker (worker/ledger.py)."""
         self.isolation: dict[str, Any] = {}
         """The configured runner's isolation on this host, probed at start and on reload."""
 
@@ -231,7 +235,7 @@ class Arbiter:
                 inherited += [w.reader.fd for w in self.workers.values()]
                 if self.health is not None:
                     inherited.append(self.health.fileno())
-                run_child(self.worker_main, self.config, slot.index, write_fd,
+                run_child(self.worker_main, self.config, slot.index, write_fd, self.ledger,
                           parent=self.pid, close_fds=inherited)
         except OSError as exc:
             logger.error(f"cannot fork worker {slot.index}: {exc}; retrying in 1s")
@@ -265,6 +269,7 @@ class Arbiter:
                 self._exited(worker, os.waitstatus_to_exitcode(wait_status))
 
     def _exited(self, worker: WorkerProcess, code: int) -> None:
+        self.ledger.reset(worker.index)  # what a killed worker had running counts no more
         how = describe_exit(code)
         if worker.retiring or self.stopping:
             logger.info(f"worker {worker.index} (pid {worker.pid}) {how} after draining")
@@ -339,13 +344,15 @@ class Arbiter:
                    for slot in sorted(self.slots.values(), key=lambda s: s.index)]
         pools = pool_totals(list(self.workers.values()))
         alive = sum(1 for w in workers if w["alive"])
-        self.metrics.update(alive, pools)
+        capacity = capacity_status(self.ledger)
+        self.metrics.update(alive, pools, capacity)
         self._snapshot = {
             "pid": self.pid,
             "workers": workers,
             "workersConfigured": self.config.workers,
             "runner": self.config.runner,
             "pools": pools,
+            "capacity": capacity,
             "isolation": self.isolation,
             "restartsTotal": sum(s.restarts for s in self.slots.values()),
             "stopping": self.stopping,
@@ -387,6 +394,7 @@ class Arbiter:
         logs.setup(config.log, "arbiter")
         self._rebind_http(config)
         self.config = config
+        self.ledger = self.ledger.resize(config.capacity.memory_mb, config.capacity.max_concurrent)
         self.probe_isolation()
         deadline = time.monotonic() + config.drain_timeout_seconds
         old = list(self.workers.values())

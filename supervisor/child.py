@@ -13,8 +13,10 @@ from loguru import logger
 
 from common.config import Config
 from common.exitcodes import EXIT_OK, EXIT_WORKER_CRASH
+from worker.ledger import Ledger
 
-WorkerMain = Callable[[Config, int, int], int]
+WorkerMain = Callable[[Config, int, int, Ledger], int]
+"""(config, worker index, status pipe fd, the host's capacity ledger) -> exit code."""
 HANDLED_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)
 """The arbiter's signals: blocked across fork, given default dispositions in the child."""
 PR_SET_PDEATHSIG = 1
@@ -32,6 +34,7 @@ def run_child(
     config: Config,
     index: int,
     status_fd: int,
+    ledger: Ledger,
     *,
     parent: int,
     close_fds: Iterable[int],
@@ -46,7 +49,7 @@ def run_child(
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
         for fd in close_fds:
             os.close(fd)
-        code = int(worker_main(config, index, status_fd))
+        code = int(worker_main(config, index, status_fd, ledger))
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else EXIT_WORKER_CRASH
     except BaseException as exc:  # noqa: B036 - nothing may return into the arbiter's loop

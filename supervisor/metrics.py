@@ -39,6 +39,15 @@ class SupervisorMetrics:
             "nanogrid_sandboxes", "Sandboxes by runtime and state (warm: idle and ready).",
             ("runtime", "state"))
         self.workers_alive = reg.gauge("nanogrid_workers_alive", "Workers booted and running.")
+        self.capacity = {
+            "memoryMb": reg.gauge("nanogrid_capacity_memory_mb",
+                                  "The host's budget: sum of memoryMb that may run at once."),
+            "memoryInUseMb": reg.gauge("nanogrid_capacity_memory_in_use_mb",
+                                       "Sum of memoryMb of the invocations running now."),
+            "running": reg.gauge("nanogrid_capacity_running", "Invocations running now."),
+            "maxConcurrent": reg.gauge("nanogrid_capacity_max_concurrent",
+                                       "Invocations that may run at once on this host."),
+        }
         self.restarts = reg.counter(
             "nanogrid_worker_restarts_total",
             "Workers replaced after a crash, a missed heartbeat or a failed boot.")
@@ -57,8 +66,11 @@ class SupervisorMetrics:
                 self.phase_seconds.observe(getattr(result.timings, f"{phase}_ms") / 1000,
                                            phase=phase)
 
-    def update(self, workers_alive: int, pools: dict[str, dict[str, int]]) -> None:
+    def update(self, workers_alive: int, pools: dict[str, dict[str, int]],
+               capacity: dict[str, int]) -> None:
         self.workers_alive.set(workers_alive)
+        for name, gauge in self.capacity.items():
+            gauge.set(capacity[name])
         self.sandboxes.replace({(runtime, state): count for runtime, stats in pools.items()
                                 for state, count in stats.items()})
 

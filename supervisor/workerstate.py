@@ -13,6 +13,7 @@ from loguru import logger
 from common.config import Config
 from common.exitcodes import WORKER_EXIT_NAMES
 from worker import status
+from worker.ledger import Ledger
 from worker.result import Result
 from worker.status import StatusReader
 
@@ -43,7 +44,8 @@ class WorkerProcess:
     started: float
     last_beat: float
     booted: bool = False
-    request_id: str | None = None
+    running: dict[str, float] = field(default_factory=dict)
+    """requestId -> when it started, oldest first."""
     pools: dict[str, dict[str, int]] = field(default_factory=dict)
     dropped: int = 0
     retiring: bool = False
@@ -61,11 +63,14 @@ class WorkerProcess:
         elif kind == status.BOOTED:
             self.booted = True
             logger.info(f"worker {self.index} (pid {self.pid}) booted")
-        elif kind == status.STARTED:
-            self.request_id = message.get("requestId")
+        elif kind == status.STARTED and isinstance(message.get("requestId"), str):
+            self.running[message["requestId"]] = self.last_beat
+        elif kind == status.ENDED:
+            self.running.pop(str(message.get("requestId")), None)
         elif kind == status.FINISHED and isinstance(message.get("result"), dict):
-            self.request_id = None
-            return Result.from_dict(message["result"])
+            result = Result.from_dict(message["result"])
+            self.running.pop(str(result.request_id), None)
+            return result
         elif kind == status.POOLS and isinstance(message.get("pools"), dict):
             self.pools = message["pools"]
         return None
@@ -86,7 +91,9 @@ def worker_status(slot: Slot, worker: WorkerProcess | None, now: float) -> dict[
         "state": worker.state if worker else "waiting",
         "restarts": slot.restarts,
         "tasksDone": slot.tasks_done,
-        "currentRequestId": worker.request_id if worker else None,
+        "running": len(worker.running) if worker else 0,
+        "currentRequestIds": list(worker.running) if worker else [],
+        "currentRequestId": next(iter(worker.running), None) if worker else None,
         "lastHeartbeatSecondsAgo": round(now - worker.last_beat, 1) if worker else None,
         "statusMessagesDropped": worker.dropped if worker else 0,
     }
@@ -118,3 +125,15 @@ def describe_exit(code: int) -> str:
             return f"was killed by signal {-code}"
     name = WORKER_EXIT_NAMES.get(code)
     return f"exited with code {code}" + (f" ({name})" if name else "")
+
+
+def capacity_status(ledger: Ledger) -> dict[str, int]:
+    """/status ``capacity``: the host's budget and what its workers have running now."""
+    usage = ledger.usage()
+    return {
+        "memoryMb": ledger.memory_mb,
+        "memoryInUseMb": usage.memory_in_use_mb,
+        "running": usage.running,
+        "maxConcurrent": ledger.max_concurrent,
+        "waitingMb": usage.waiting_mb,
+    }

@@ -35,6 +35,7 @@ from runners.base import Invocation, Runner, RunOutcome
 from . import autotuner, result, task
 from .cloudwatch import MetricsPublisher
 from .codestore import CodePackage, CodeStore
+from .ledger import Ledger
 from .phases import PhaseClock
 from .result import MiB, Result, TaskIds, Timings
 from .resultstore import ResultStore
@@ -52,8 +53,15 @@ class _Interrupted(BaseException):
 
 
 class Worker:
-    def __init__(self, config: Config, index: int, status: StatusReporter | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        index: int,
+        status: StatusReporter | None = None,
+        ledger: Ledger | None = None,
+    ) -> None:
         self.config = config
+        self.ledger = ledger
         self.index = index
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
         self.status = status
@@ -394,9 +402,11 @@ class Worker:
         threading.Thread(target=beat, name="heartbeat", daemon=True).start()
 
 
-def main(config: Config, index: int, status_fd: int) -> int:
+def main(config: Config, index: int, status_fd: int, ledger: Ledger) -> int:
     """Entry point of a forked worker process."""
     from .status import StatusReporter
 
     logs.setup(config.log, f"worker-{index}")
-    return Worker(config, index, StatusReporter(status_fd)).run()
+    # A ledger of its own over the inherited page: fresh locks in this process.
+    own = Ledger(ledger.memory_mb, ledger.max_concurrent, ledger.fd)
+    return Worker(config, index, StatusReporter(status_fd), own).run()

@@ -18,6 +18,8 @@ HEARTBEAT = "heartbeat"
 BOOTED = "booted"
 STARTED = "started"
 FINISHED = "finished"
+ENDED = "ended"
+"""A run that ended without a result to report (its message kept for a retry)."""
 POOLS = "pools"
 
 RESULT_FIELDS = (
@@ -48,6 +50,9 @@ class StatusReporter:
 
     def task_finished(self, result: Result) -> None:
         self._send({"type": FINISHED, "result": result.summary(*RESULT_FIELDS)})
+
+    def task_ended(self, request_id: str) -> None:
+        self._send({"type": ENDED, "requestId": request_id})
 
     def pools(self, stats: dict[str, dict[str, int]]) -> None:
         self._send({"type": POOLS, "pools": stats})

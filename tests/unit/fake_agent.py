@@ -32,9 +32,11 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import runners  # noqa: E402
-from common.config import Config, load  # noqa: E402
+from common.config import Config  # noqa: E402
 from common.exitcodes import EXIT_BOOT_ERROR  # noqa: E402
 from supervisor import arbiter, workerstate  # noqa: E402
+from supervisor.configcheck import load_checked  # noqa: E402
+from worker.ledger import Ledger  # noqa: E402
 from worker.result import Result, Timings  # noqa: E402
 from worker.status import StatusReporter  # noqa: E402
 
@@ -49,7 +51,7 @@ def record(directory: Path, event: str, index: int) -> None:
 
 
 def fake_worker(directory: Path):  # noqa: ANN201 - returns the worker main
-    def main(config: Config, index: int, status_fd: int) -> int:
+    def main(config: Config, index: int, status_fd: int, ledger: Ledger) -> int:
         behaviour_file = directory / "behaviour"
         behaviour = behaviour_file.read_text().strip() if behaviour_file.exists() else "steady"
         record(directory, "spawn", index)
@@ -231,7 +233,7 @@ def main() -> int:
         return 0
 
     runners.cleanup_stale = cleanup_stale
-    return arbiter.Arbiter(load(config_path), worker_main=fake_worker(directory)).run()
+    return arbiter.Arbiter(load_checked(config_path)[0], worker_main=fake_worker(directory)).run()
 
 
 if __name__ == "__main__":

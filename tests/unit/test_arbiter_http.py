@@ -13,7 +13,10 @@ import pytest
 from fake_agent import RUN_S, FakeAgent
 from helpers import wait_until
 
-WORKER_FIELDS = {"id", "pid", "alive", "restarts", "tasksDone", "currentRequestId"}
+WORKER_FIELDS = {
+    "id", "pid", "alive", "restarts", "tasksDone", "running", "currentRequestIds",
+    "currentRequestId",
+}
 
 
 @pytest.fixture
@@ -29,6 +32,11 @@ def test_status_health_and_metrics_follow_the_contract(agent: FakeAgent) -> None
                          and agent.status(), timeout=5)
     assert {w["currentRequestId"] for w in running["workers"]} == {
         f"req-{w['id']}-{w['pid']}" for w in running["workers"]}
+    for worker in running["workers"]:
+        assert worker["running"] == 1 and worker["currentRequestIds"] == [worker["currentRequestId"]]
+    capacity = running["capacity"]
+    assert set(capacity) >= {"memoryMb", "memoryInUseMb", "running", "maxConcurrent"}
+    assert capacity["memoryMb"] > 0 and capacity["maxConcurrent"] > 0
     assert running["pools"] == {"python": {"warm": 0, "busy": 2}}
 
     done = wait_until(lambda: all(w["tasksDone"] == 1 for w in agent.status()["workers"])
@@ -38,6 +46,7 @@ def test_status_health_and_metrics_follow_the_contract(agent: FakeAgent) -> None
         assert set(worker) >= WORKER_FIELDS
         assert worker["alive"] is True and worker["restarts"] == 0
         assert worker["currentRequestId"] is None and isinstance(worker["pid"], int)
+        assert worker["running"] == 0 and worker["currentRequestIds"] == []
     assert done["pools"] == {"python": {"warm": 2, "busy": 0}}
     assert done["configPath"] == str(agent.config_path.resolve())
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT[\d:.]+\+00:00", done["configLoadedAt"])
@@ -59,6 +68,8 @@ def test_status_health_and_metrics_follow_the_contract(agent: FakeAgent) -> None
     assert "nanogrid_cold_starts_total 2" in metrics
     assert "nanogrid_worker_restarts_total 0" in metrics
     assert "nanogrid_workers_alive 2" in metrics
+    assert f"nanogrid_capacity_memory_mb {done['capacity']['memoryMb']}" in metrics
+    assert "nanogrid_capacity_running 0" in metrics
     assert 'nanogrid_task_phase_seconds_bucket{phase="fetch",le="0.0005"} 2' in metrics
     assert 'nanogrid_task_phase_seconds_count{phase="queued"} 2' in metrics
     assert 'nanogrid_task_phase_seconds_sum{phase="total"} ' in metrics

@@ -45,13 +45,13 @@ def test_lines_are_read_at_once_when_idle_then_gathered(
     arb, worker, reporter = arbiter
     reporter.task_started("a")
     assert timed(arb) < TICK_S / 2  # woken by the line, not by the tick
-    assert worker.request_id == "a"
+    assert list(worker.running) == ["a"]
     # Lines right after: they wait until STATUS_GATHER_S after the last read, then all go.
     reporter.task_finished(RESULT)
     reporter.task_started("b")
     waited = timed(arb)
     assert STATUS_GATHER_S * 0.8 <= waited < STATUS_GATHER_S + 0.5, waited
-    assert worker.request_id == "b"
+    assert list(worker.running) == ["b"]
     assert 'nanogrid_invocations_total{status="SUCCESS",error_type=""} 1' in arb.metrics.render()
 
 
@@ -64,9 +64,9 @@ def test_a_signal_wakes_the_arbiter_while_lines_gather(
     reporter.task_started("b")
     os.write(arb._wake_w, b"\x11")
     arb.wait_for_events()
-    assert worker.request_id == "a"  # woken by the signal; "b" waits for the gathering to end
+    assert list(worker.running) == ["a"]  # woken by the signal; "b" waits for the gathering to end
     arb.wait_for_events()
-    assert worker.request_id == "b"
+    assert list(worker.running) == ["a", "b"]
 
 
 def test_after_a_quiet_gathering_the_next_line_wakes_it_at_once(
@@ -81,4 +81,4 @@ def test_after_a_quiet_gathering_the_next_line_wakes_it_at_once(
     waited = timed(arb)
     later.join()
     assert 0.15 <= waited < TICK_S * 0.8, waited
-    assert worker.request_id == "b"
+    assert list(worker.running) == ["a", "b"]
