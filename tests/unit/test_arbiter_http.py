@@ -33,7 +33,8 @@ def test_status_health_and_metrics_follow_the_contract(agent: FakeAgent) -> None
     assert {w["currentRequestId"] for w in running["workers"]} == {
         f"req-{w['id']}-{w['pid']}" for w in running["workers"]}
     for worker in running["workers"]:
-        assert worker["running"] == 1 and worker["currentRequestIds"] == [worker["currentRequestId"]]
+        assert worker["running"] == 1
+        assert worker["currentRequestIds"] == [worker["currentRequestId"]]
     capacity = running["capacity"]
     assert set(capacity) >= {"memoryMb", "memoryInUseMb", "running", "maxConcurrent"}
     assert capacity["memoryMb"] > 0 and capacity["maxConcurrent"] > 0
