@@ -1,0 +1,271 @@
+#!/usr/bin/env python3
+"""Host capacity benchmark: a burst of I/O-bound tasks through the real supervisor.
+
+Starts its own redis-server and moto_server on free loopback ports, then, for each runner
+asked for, runs ``bin/nanogrid-supervisor`` with 2 workers twice, one after the other:
+
+``one-at-a-time``  ``capacity.max_concurrent: 2``, what the agent did before host capacity
+                   (each of the 2 workers ran one invocation at a time): the baseline.
+``capacity``       ``capacity`` left ``auto`` (computed from the host).
+
+For each: a burst of ``--tasks`` tasks of a function that sleeps ``--sleep-ms`` (``memoryMb``
+128), sent at once with ``send_message_batch``; the time from the first send to the last
+result, and the most invocations that ran at once (from the results' ``finishedAt`` and
+``durationMillis``). The burst runs twice: cold (the pools grow) and warm (they have grown).
+Then ``--hello`` sequential hello-world invocations for the end-to-end latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+import zipfile
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import boto3  # noqa: E402
+import redis  # noqa: E402
+import yaml  # noqa: E402
+
+from devtools.embedded import MotoServer, RedisServer, free_port, wait_until  # noqa: E402
+
+SUPERVISOR = ROOT / "bin" / "nanogrid-supervisor"
+DOCKER_IMAGE = "nanogrid/python:3.11-bookworm"
+HELLO = 'print("Hello from NanoGrid!")\n'
+
+
+def sleeper(ms: int) -> str:
+    return f"import time\ntime.sleep({ms / 1000})\nprint('slept')\n"
+
+
+def zipped(code: str) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("main.py", code)
+    return buffer.getvalue()
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
+        self.args = args
+        self.workdir = workdir
+        self.redis_server = RedisServer(workdir / "redis")
+        self.moto = MotoServer(workdir / "moto")
+
+    def __enter__(self) -> Bench:
+        for peer in (self.redis_server, self.moto):
+            peer.workdir.mkdir(parents=True, exist_ok=True)
+            peer.start()
+        os.environ.update(self.moto.environ())
+        self.sqs, self.s3 = boto3.client("sqs"), boto3.client("s3")
+        self.redis = redis.Redis.from_url(self.redis_server.url)
+        self.bucket = f"bench-{uuid.uuid4().hex[:8]}"
+        self.s3.create_bucket(
+            Bucket=self.bucket,
+            CreateBucketConfiguration={"LocationConstraint": os.environ["AWS_DEFAULT_REGION"]},
+        )
+        self.keys = {}
+        for name, code in (("sleep", sleeper(self.args.sleep_ms)), ("hello", HELLO)):
+            self.keys[name] = f"functions/{name}/v1.zip"
+            self.s3.put_object(Bucket=self.bucket, Key=self.keys[name], Body=zipped(code))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.redis.close()
+        for peer in (self.moto, self.redis_server):
+            peer.stop()
+
+    def system(self, runner: str, name: str) -> dict[str, Any]:
+        queue = self.sqs.create_queue(
+            QueueName=f"bench-{uuid.uuid4().hex[:8]}",
+            Attributes={"VisibilityTimeout": "30"},
+        )["QueueUrl"]
+        port = free_port()
+        work = Path(tempfile.mkdtemp(prefix="nanogrid-bench-", dir="/var/tmp"))
+        os.chmod(work, 0o711)
+        settings: dict[str, Any] = {
+            "workers": 2,
+            "runner": runner,
+            "drain_timeout_seconds": 10,
+            "queue": {"url": queue, "wait_time_seconds": 1, "visibility_timeout_seconds": 30},
+            "redis": {"url": self.redis_server.url},
+            "http": {"host": "127.0.0.1", "port": port},
+            "runtimes": {"python": {"warm": 4, "image": DOCKER_IMAGE}},
+            "paths": {
+                "code_cache_dir": str(work / "cache"),
+                "work_dir": str(work / "work"),
+                "outbox_dir": str(work / "outbox"),
+            },
+            "docker": {"socket_dir": str(work / "sockets")},
+            "aws": {"region": os.environ["AWS_DEFAULT_REGION"]},
+            "cloudwatch": {"enabled": False},
+            "log": {"level": "WARNING", "file": str(work / "agent.log")},
+        }
+        if name == "one-at-a-time":
+            settings["capacity"] = {"max_concurrent": 2}
+        config = work / "agent.yaml"
+        config.write_text(yaml.safe_dump(settings))
+        agent = subprocess.Popen(
+            [sys.executable, str(SUPERVISOR), "-c", str(config)],
+            stdout=subprocess.DEVNULL,
+            stderr=open(work / "stderr.log", "wb"),  # noqa: SIM115 - closed with the process
+        )
+        try:
+            status = wait_until(
+                lambda: self._warm(port), timeout=60, what=f"{runner} agent's pools to be warm"
+            )
+            report: dict[str, Any] = {
+                "runner": runner,
+                "system": name,
+                "maxConcurrent": status["capacity"]["maxConcurrent"],
+            }
+            for burst in ("cold", "warm"):
+                report[burst] = self.burst(queue)
+            report["hello"] = self.hello(queue)
+            return report
+        finally:
+            agent.terminate()
+            agent.wait(30)
+
+    @staticmethod
+    def _warm(port: int) -> dict[str, Any] | None:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=2) as reply:
+            status = json.loads(reply.read())
+        warm = sum(p.get("warm", 0) for p in status["pools"].values())
+        alive = sum(1 for w in status["workers"] if w["alive"])
+        return status if alive == 2 and warm >= 4 else None
+
+    def task(self, function: str) -> dict[str, Any]:
+        return {
+            "requestId": f"bench-{uuid.uuid4().hex}",
+            "functionId": f"bench-{function}",
+            "runtime": "python",
+            "s3Bucket": self.bucket,
+            "s3Key": self.keys[function],
+            "memoryMb": 128,
+        }
+
+    def burst(self, queue: str) -> dict[str, float]:
+        tasks = [self.task("sleep") for _ in range(self.args.tasks)]
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        pubsub.psubscribe("result:bench-*")
+        wanted = {t["requestId"] for t in tasks}
+        results: list[dict[str, Any]] = []
+        started = time.monotonic()
+        for i in range(0, len(tasks), 10):
+            self.sqs.send_message_batch(
+                QueueUrl=queue,
+                Entries=[
+                    {"Id": str(n), "MessageBody": json.dumps(t)}
+                    for n, t in enumerate(tasks[i : i + 10])
+                ],
+            )
+        deadline = started + 120
+        while len(results) < len(tasks) and time.monotonic() < deadline:
+            message = pubsub.get_message(timeout=1)
+            if message and message["type"] == "pmessage":
+                result = json.loads(message["data"])
+                if result["requestId"] in wanted:
+                    results.append(result)
+        took = time.monotonic() - started
+        pubsub.close()
+        if len(results) < len(tasks):
+            raise RuntimeError(f"only {len(results)} of {len(tasks)} results within 120 s")
+        failed = [r for r in results if r["status"] != "SUCCESS"]
+        if failed:
+            raise RuntimeError(f"{len(failed)} failed, e.g. {failed[0]['errorMessage']}")
+        return {"seconds": took, "atOnce": most_at_once(results)}
+
+    def hello(self, queue: str) -> dict[str, float]:
+        samples = []
+        for _ in range(self.args.hello + 5):
+            task = self.task("hello")
+            channel = f"result:{task['requestId']}"
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            pubsub.subscribe(channel)
+            began = time.perf_counter()
+            self.sqs.send_message(QueueUrl=queue, MessageBody=json.dumps(task))
+            while pubsub.get_message(timeout=5) is None:
+                pass
+            samples.append((time.perf_counter() - began) * 1000)
+            pubsub.close()
+            time.sleep(0.02)
+        samples = samples[5:]
+        p99 = statistics.quantiles(samples, n=100, method="inclusive")[98]
+        return {"p50": statistics.median(samples), "p99": p99}
+
+
+def most_at_once(results: list[dict[str, Any]]) -> int:
+    """The most runs that overlapped, from each result's end and duration."""
+    events = []
+    for r in results:
+        end = datetime.fromisoformat(r["finishedAt"].replace("Z", "+00:00")).timestamp()
+        events += [(end - r["durationMillis"] / 1000, 1), (end, -1)]
+    running = peak = 0
+    for _, step in sorted(events, key=lambda e: (e[0], e[1])):
+        running += step
+        peak = max(peak, running)
+    return peak
+
+
+def render(reports: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    lines = [
+        f"burst: {args.tasks} tasks sleeping {args.sleep_ms} ms (memoryMb 128), 2 workers; "
+        f"hello: {args.hello} sequential invocations; nproc={os.cpu_count()}",
+        "",
+        "| runner | system | maxConcurrent | cold burst s | at once | warm burst s | at once "
+        "| hello e2e p50 ms | p99 ms |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in reports:
+        lines.append(
+            f"| {r['runner']} | {r['system']} | {r['maxConcurrent']} "
+            f"| {r['cold']['seconds']:.2f} | {r['cold']['atOnce']} "
+            f"| {r['warm']['seconds']:.2f} | {r['warm']['atOnce']} "
+            f"| {r['hello']['p50']:.1f} | {r['hello']['p99']:.1f} |"
+        )
+    by = {(r["runner"], r["system"]): r for r in reports}
+    for runner in args.runners:
+        base, new = by.get((runner, "one-at-a-time")), by.get((runner, "capacity"))
+        if base and new:
+            speedup = base["warm"]["seconds"] / new["warm"]["seconds"]
+            hello = new["hello"]["p50"] - base["hello"]["p50"]
+            lines.append(
+                f"{runner}: warm burst {speedup:.1f}x faster with capacity; hello p50 "
+                f"{hello:+.1f} ms"
+            )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runners", nargs="+", default=["process", "docker"])
+    parser.add_argument("--tasks", type=int, default=40)
+    parser.add_argument("--sleep-ms", type=int, default=500)
+    parser.add_argument("--hello", type=int, default=100)
+    args = parser.parse_args()
+    reports = []
+    with tempfile.TemporaryDirectory(prefix="nanogrid-bench-") as tmp, Bench(args, Path(tmp)) as b:
+        for runner in args.runners:
+            for name in ("one-at-a-time", "capacity"):
+                print(f"[bench] {runner} {name} ...", file=sys.stderr, flush=True)
+                reports.append(b.system(runner, name))
+    print(render(reports, args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
