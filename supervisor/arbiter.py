@@ -35,7 +35,7 @@ from common.exitcodes import (
     EXIT_WORKER_CRASH,
     WORKER_EXIT_NAMES,
 )
-from worker.status import StatusReader
+from worker.status import FAULT, StatusReader
 
 from . import sdnotify
 from .health import HealthServer
@@ -367,6 +367,8 @@ class Arbiter:
                 if worker.index in self.slots:
                     self.slots[worker.index].tasks_done += 1
                 self.metrics.task_finished(finished)
+            elif message.get("type") == FAULT:
+                self.metrics.faults.inc(kind=str(message.get("kind")))
         return len(messages)
 
     def publish_status(self) -> None:

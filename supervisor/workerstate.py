@@ -40,6 +40,10 @@ class WorkerProcess:
     request_id: str | None = None
     pools: dict[str, dict[str, int]] = field(default_factory=dict)
     dropped: int = 0
+    degraded: list[str] = field(default_factory=list)
+    """Why the worker takes no new work now (e.g. Redis cannot take results)."""
+    faults: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per fault kind: how many, the last message and when (monotonic)."""
     retiring: bool = False
     """Told to drain (reload, stop): its exit is expected, not a crash."""
     kill_at: float | None = None
@@ -52,6 +56,8 @@ class WorkerProcess:
         kind = message.get("type")
         if kind == status.HEARTBEAT:
             self.dropped = int(message.get("dropped") or 0)
+            reasons = message.get("degraded")
+            self.degraded = [str(r) for r in reasons] if isinstance(reasons, list) else []
         elif kind == status.BOOTED:
             self.booted = True
             logger.info(f"worker {self.index} (pid {self.pid}) booted")
@@ -62,6 +68,10 @@ class WorkerProcess:
             return Result.from_dict(message["result"])
         elif kind == status.POOLS and isinstance(message.get("pools"), dict):
             self.pools = message["pools"]
+        elif kind == status.FAULT:
+            seen = self.faults.setdefault(str(message.get("kind")), {"count": 0})
+            seen.update(count=seen["count"] + 1, message=str(message.get("message")),
+                        at=time.monotonic())
         return None
 
     @property
@@ -83,6 +93,12 @@ def worker_status(slot: Slot, worker: WorkerProcess | None, now: float) -> dict[
         "currentRequestId": worker.request_id if worker else None,
         "lastHeartbeatSecondsAgo": round(now - worker.last_beat, 1) if worker else None,
         "statusMessagesDropped": worker.dropped if worker else 0,
+        "degraded": list(worker.degraded) if worker else [],
+        "faults": {
+            kind: {"count": seen["count"], "last": seen["message"],
+                   "secondsAgo": round(now - seen["at"], 1)}
+            for kind, seen in (worker.faults.items() if worker else ())
+        },
     }
 
 
