@@ -137,7 +137,7 @@ class PeakHistory:
             pipe.expire(key, self._cfg.history_ttl_seconds)
             pipe.lrange(key, 0, -1)
             raw = pipe.execute()[-1]
-        except (redis.RedisError, OSError) as exc:
+        except (redis.RedisError, OSError, ValueError) as exc:  # ValueError: a closed socket
             self._skip_until = time.monotonic() + self._retry_after
             if not self._failing:
                 logger.warning(

@@ -113,7 +113,10 @@ class RedisLink:
             self._working = False
         logger.log(level, f"[REDIS] {_line(exc)}: dropping this worker's connections to "
                           f"{_where(self.url)} and connecting afresh")
-        failed.connection_pool.disconnect(inuse_connections=True)
+        # Idle ones now; one another thread is using finishes its command and goes back to
+        # the old pool, which closes it when it is collected (closing it under that thread
+        # would turn its command into an I/O error on a closed file).
+        failed.connection_pool.disconnect(inuse_connections=False)
 
     def close(self) -> None:
         with self._lock:
