@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from faultproxy import Forwarder
 from helpers import RedisServer, wait_until
+from poison import POISON
 from test_worker_pipeline import HELLO, Agent, make_zip
 
 from common.config import Config
@@ -63,20 +64,6 @@ def runs_per_request(log: str) -> Counter[str]:
 
 
 # -- poison -----------------------------------------------------------------------------------
-
-TASK = '{"requestId": "%s", "functionId": "f", "runtime": "python", "s3Bucket": "b", "s3Key": "k"'
-POISON = {
-    "not-json": ("this is not json", None),
-    "lone-surrogate": (TASK % "p-surrogate" + ', "inputData": "\\ud800"}', "p-surrogate"),
-    "nested-50000": ("[" * 50_000 + "]" * 50_000, None),
-    "digits-5000": (TASK % "p-digits" + ', "memoryMb": 1' + "0" * 5000 + "}", "p-digits"),
-    "nan": (TASK % "p-nan" + ', "inputData": NaN}', "p-nan"),
-    "huge-cut-short": (TASK % "p-huge" + ', "inputData": "' + "x" * 900_000, "p-huge"),
-    "wrong-type": (TASK % "p-type" + ', "timeoutMs": "soon"}', "p-type"),
-    "unknown-runtime": ((TASK % "p-cobol").replace('"python"', '"cobol"') + "}", "p-cobol"),
-    "json-null": ("null", None),
-}
-
 
 def test_poison_bodies_end_on_their_first_receive_and_the_worker_lives_on(
     aws: Any, redis_url: str, tmp_path: Path
