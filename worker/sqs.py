@@ -55,14 +55,15 @@ class Message:
         return max(0.0, (self.received_at - self.sent_at) * 1000)
 
 
-def make_client(connect_timeout: float, read_timeout: float, max_attempts: int) -> Any:
-    """An SQS client with these timeouts and at most ``max_attempts`` tries per call."""
+def make_client(connect_timeout: float, read_timeout: float, tries: int) -> Any:
+    """An SQS client with these timeouts and at most ``tries`` tries per call (retries
+    included)."""
     return boto3.client(
         "sqs",
         config=BotoConfig(
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
-            retries={"max_attempts": max_attempts, "mode": "standard"},
+            retries={"total_max_attempts": tries, "mode": "standard"},
         ),
     )
 
@@ -70,12 +71,12 @@ def make_client(connect_timeout: float, read_timeout: float, max_attempts: int) 
 class TaskQueue:
     def __init__(self, config: QueueConfig, client: Any = None) -> None:
         self.config = config
-        self._client = client or make_client(2, config.wait_time_seconds + 10, 2)
+        self._client = client or make_client(2, config.wait_time_seconds + 10, tries=3)
 
     @classmethod
     def for_heartbeats(cls, config: QueueConfig) -> TaskQueue:
         """A queue on a client of its own with short timeouts, for visibility renewals."""
-        return cls(config, make_client(*HEARTBEAT_TIMEOUTS_S, max_attempts=2))
+        return cls(config, make_client(*HEARTBEAT_TIMEOUTS_S, tries=2))
 
     def check(self) -> None:
         """Fail fast at boot when the queue cannot be reached."""
