@@ -21,6 +21,11 @@ messages, and the queue never runs dry. The systems take turns (one invocation e
 the next; throughput in ``--rounds`` rounds each), so that a busy moment on a shared
 machine is spread over all of them rather than skewing one.
 
+``--before REF`` also measures ``agent-before``: the same agent from git revision REF (its tree
+exported into the work directory and run by its own copy of this script), taking turns with
+the others in the same run, so a change's cost is measured against the code before it on
+the same machine at the same moment.
+
 ``--supervisor`` also measures the throughput of 1 and then 2 workers, forked from this
 script (``bare``) and run by ``bin/nanogrid-supervisor`` (the window keeps both workers
 busy), and reports the CPU every process spent: how many cores each system keeps busy, so
@@ -45,6 +50,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import uuid
@@ -76,6 +82,15 @@ RESULT_TIMEOUT_S = 30.0
 BOOT_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 20.0
 SYSTEMS = ("floor", "agent", "baseline")
+BEFORE = "agent-before"
+"""The agent of an earlier git revision (``--before REF``)."""
+BEFORE_RUNNER = """
+import json, sys
+sys.path.insert(0, sys.argv[1] + "/bench")
+import bench_pipeline  # the exported tree's own copy: it puts that tree first on sys.path
+with open(sys.argv[2]) as settings:
+    bench_pipeline._agent_main(json.load(settings), sys.argv[3], sys.argv[4])
+"""
 SCALING = ("bare-1w", "bare-2w", "supervisor-1w", "supervisor-2w")
 MULTI = ("bare", "supervisor")
 """Systems of N workers: forked from here (bare) or by bin/nanogrid-supervisor."""
@@ -155,6 +170,7 @@ def _traced_worker_class() -> type:
             super().boot()
             for owner, name, label in (
                 (self.store, "existing", "redis_get"),
+                (getattr(self, "claims", None), "acquire", "claim"),
                 (self.codes, "fetch", "code_fetch"),
                 (self.runner, "acquire", "acquire"),
                 (self.runner, "run", "run"),
@@ -271,14 +287,14 @@ def _naive_run(s3: Any, task: dict[str, Any], python: str) -> dict[str, Any]:
 class Program:
     """A program run as a consumer, with the few methods of multiprocessing.Process used here."""
 
-    def __init__(self, argv: list[str], log_path: Path) -> None:
+    def __init__(self, argv: list[str], log_path: Path, cwd: Path = ROOT) -> None:
         with log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 argv,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                cwd=ROOT,
+                cwd=cwd,
                 start_new_session=True,
                 preexec_fn=_die_with_parent,
             )
@@ -430,6 +446,14 @@ class Bench:
             settings = self._agent_settings(queue_url, 1)
             c.child = self._fork(_agent_main, settings, str(c.log), str(c.trace))
             _wait_for(lambda: "ready" in _read(c.log), "the agent to boot", c)
+        elif system == BEFORE:
+            settings_path = self.workdir / f"{system}.json"
+            settings_path.write_text(json.dumps(self._agent_settings(queue_url, 1)))
+            tree = self.workdir / "before"
+            argv = [sys.executable, "-c", BEFORE_RUNNER, str(tree), str(settings_path),
+                    str(c.log), str(c.trace)]
+            c.child = Program(argv, c.log, cwd=tree)
+            _wait_for(lambda: "ready" in _read(c.log), f"the agent of {self.args.before}", c)
         elif workers:
             settings = self._agent_settings(queue_url, workers)
             if system.startswith("bare"):
@@ -460,11 +484,11 @@ class Bench:
         if child.is_alive():
             child.kill()
             child.join(STOP_TIMEOUT_S)
-        if c.system != "agent" and not c.workers:
+        if c.system not in ("agent", BEFORE) and not c.workers:
             return  # the naive loops die of SIGTERM; nothing to check
         if child.exitcode != 0:
             raise RuntimeError(f"{c.system} exited with {child.exitcode}; log:\n{_tail(c.log)}")
-        if c.system == "agent":
+        if c.system in ("agent", BEFORE):
             c.report.trace = [json.loads(line) for line in _read(c.trace).splitlines()]
 
     def _fork(self, target: Callable[..., None], *args: Any) -> Any:
@@ -737,7 +761,7 @@ def breakdown(report: Report) -> list[tuple[str, list[float]]]:
         add("send starts -> worker's receive_message returns", received - s.start)
         add("receive returned -> handle starts", handle_start - received)
         add("handle starts -> run starts", run[0] - handle_start)
-        part("redis_get", "code_fetch", "acquire", "extract")
+        part("redis_get", "claim", "code_fetch", "acquire", "extract")
         add("runner.run", run[1] - run[0])
         add("  of which durationMillis (fork -> exit)", s.duration_ms / 1000)
         add("run ends -> publish starts", publish[0] - run[1])
@@ -793,6 +817,14 @@ def render(
         "run = the result's durationMillis; overhead = e2e - run",
     ]
     agent, baseline = reports.get("agent"), reports.get("baseline")
+    before = reports.get(BEFORE)
+    if agent and before and agent.samples and before.samples:
+        a, b = stats([s.e2e_ms for s in agent.samples]), stats([s.e2e_ms for s in before.samples])
+        lines.append(
+            f"agent vs agent-before ({args.before}): e2e p50 {a[0] - b[0]:+.2f} ms, "
+            f"p99 {a[1] - b[1]:+.2f} ms, mean {a[2] - b[2]:+.2f} ms; throughput "
+            f"{agent.tasks_per_s / before.tasks_per_s:.2f}x"
+        )
     if agent and baseline:
         a, b = stats([s.e2e_ms for s in agent.samples]), stats([s.e2e_ms for s in baseline.samples])
         lines.append(
@@ -916,6 +948,11 @@ def main(argv: list[str] | None = None) -> int:
         help="also measure 1 and 2 workers, forked from here (bare) and by "
         "bin/nanogrid-supervisor: throughput only",
     )
+    parser.add_argument(
+        "--before",
+        metavar="REF",
+        help="also measure the agent of git revision REF (agent-before), in the same run",
+    )
     parser.add_argument("--json", type=Path, help="also write the raw numbers to this file")
     parser.add_argument(
         "--keep", action="store_true", help="keep the work directory (logs, traces); say where"
@@ -941,6 +978,16 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()[0]
     workdir = Path(tempfile.mkdtemp(prefix="ngb-"))  # short: AF_UNIX paths under it
     os.chmod(workdir, 0o711)  # sandbox users pass through to their directories
+    if args.before:
+        archive = subprocess.run(
+            ["git", "-C", str(ROOT), "archive", args.before], capture_output=True, check=False
+        )
+        if archive.returncode != 0:
+            shutil.rmtree(workdir, ignore_errors=True)
+            parser.error(f"--before: cannot export {args.before}: {archive.stderr.decode()}")
+        with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tree:
+            tree.extractall(workdir / "before", filter="data")
+        systems.insert(systems.index("agent") + 1 if "agent" in systems else 0, BEFORE)
     bench = Bench(args, workdir)
     reports: dict[str, Report] = {}
     started = time.monotonic()

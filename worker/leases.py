@@ -30,6 +30,9 @@ class LeaseKeeper(Generic[T]):
         self.retry = min(retry, period)
         self._renew = renew
         self._due: dict[T, float] = {}
+        self._wakes_at = float("inf")
+        """When the keeper's thread wakes next unless notified: an item due later needs no
+        wake-up, so a task's add costs no thread switch while another item is pending."""
         self._cond = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
@@ -38,8 +41,9 @@ class LeaseKeeper(Generic[T]):
     def add(self, item: T) -> None:
         """Renew ``item`` every period from now on."""
         with self._cond:
-            self._due[item] = time.monotonic() + self.period
-            self._cond.notify()
+            due = self._due[item] = time.monotonic() + self.period
+            if due < self._wakes_at:
+                self._cond.notify()
 
     def discard(self, item: T) -> None:
         """Stop renewing ``item`` (its run ended)."""
@@ -57,6 +61,7 @@ class LeaseKeeper(Generic[T]):
         with self._cond:
             while not self._closed:
                 if not self._due:
+                    self._wakes_at = float("inf")
                     self._cond.wait()
                     continue
                 item, at = min(self._due.items(), key=lambda entry: entry[1])
@@ -64,6 +69,7 @@ class LeaseKeeper(Generic[T]):
                 if wait <= 0:
                     self._due[item] = time.monotonic() + self.period
                     return item
+                self._wakes_at = at
                 self._cond.wait(wait)
             return None
 

@@ -83,6 +83,10 @@ class Worker:
         self._alive_until = time.monotonic() + 60
         self.queue: TaskQueue
         self.store: ResultStore
+        self.claims: ClaimStore
+        self.claim_leases: LeaseKeeper[Claim]
+        self.visibility: VisibilityHeartbeat
+        self.endings: Endings
         self.runner: Runner
 
     # -- the loop ---------------------------------------------------------------------------
