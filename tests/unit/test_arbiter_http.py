@@ -74,8 +74,9 @@ def test_health_is_degraded_naming_redis_while_workers_cannot_write_results(
 ) -> None:
     agent.behave("degraded")
     agent.start()
-    code, body = wait_until(
-        lambda: (reply := agent.get("/health")) and "DEGRADED" in reply[1] and reply, timeout=5
+    code, body = wait_until(  # both workers have said so
+        lambda: (reply := agent.get("/health")) and reply[1].count("redis:") == 2 and reply,
+        timeout=5,
     )
     health = json.loads(body)
     assert code == 200 and health["status"] == "DEGRADED"
