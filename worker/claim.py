@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from loguru import logger
@@ -63,8 +64,16 @@ class Acquired:
 
 
 class ClaimStore:
-    def __init__(self, link: RedisLink, worker_id: str, lease_seconds: float) -> None:
+    def __init__(
+        self,
+        link: RedisLink,
+        worker_id: str,
+        lease_seconds: float,
+        stored: Callable[[str], Result | None],
+    ) -> None:
+        """``stored`` reads a stored result (``ResultStore.existing``)."""
         self._link = link
+        self._stored = stored
         self._worker_id = worker_id
         self.lease_ms = max(1, int(lease_seconds * 1000))
         # A Script runs on whichever client it is given and loads itself again after NOSCRIPT
@@ -121,17 +130,12 @@ class ClaimStore:
             ),
         )
 
-    def stored(self, request_id: str) -> Result | None:
-        """The stored result of ``request_id``, if any (while another worker's run lasts)."""
-        raw = self._link.call(f"read result:{request_id}", lambda c: c.get(f"result:{request_id}"))
-        return None if raw is None else _stored_result(raw)
-
     def wait_for_result(self, request_id: str, timeout: float) -> Result | None:
         """Poll for the result another worker's run is about to store, up to ``timeout``."""
         deadline = time.monotonic() + timeout
         delay = 0.01
         while True:
-            stored = self.stored(request_id)
+            stored = self._stored(request_id)
             remaining = deadline - time.monotonic()
             if stored is not None or remaining <= 0:
                 return stored

@@ -136,7 +136,7 @@ class Worker:
         if not self.store.ping():
             raise ResultStoreUnavailable(f"Redis at {config.redis.url} does not answer")
         lease = config.queue.visibility_timeout_seconds
-        self.claims = ClaimStore(self.store.link, self.worker_id, lease)
+        self.claims = ClaimStore(self.store.link, self.worker_id, lease, self.store.existing)
         self.claim_leases = LeaseKeeper("claims", lease / 3, self.claims.extend, CLAIM_RETRY_S)
         self.codes = CodeStore(Path(config.paths.code_cache_dir), config.limits.max_zip_bytes)
         self.metrics = MetricsPublisher(config.cloudwatch)
