@@ -10,9 +10,6 @@ of the same hello-world task, all running at once, each on a queue of its own:
               forked from this script as the supervisor forks it.
 ``baseline``  the naive loop: receive -> GET the zip from S3 (no cache) -> unzip into a temp
               dir -> ``subprocess.run([python3, "main.py"])`` -> SET + PUBLISH -> delete.
-``agent-before``  with ``--before TREE``: the same worker from another checkout of this
-              code (e.g. the commit before a change), so that before and after are measured in
-              one run, taking turns.
 
 For each: N sequential invocations (subscribe to ``result:{requestId}``, then
 ``send_message``; end to end is from just before the send to the PUBLISH arriving; a short
@@ -23,6 +20,11 @@ receive and delete costs grow with queue depth, never holds more than a window's
 messages, and the queue never runs dry. The systems take turns (one invocation each, then
 the next; throughput in ``--rounds`` rounds each), so that a busy moment on a shared
 machine is spread over all of them rather than skewing one.
+
+``--before REF`` also measures ``agent-before``: the same agent from git revision REF (its tree
+exported into the work directory and run by its own copy of this script), taking turns with
+the others in the same run, so a change's cost is measured against the code before it on
+the same machine at the same moment.
 
 ``--supervisor`` also measures the throughput of 1 and then 2 workers, forked from this
 script (``bare``) and run by ``bin/nanogrid-supervisor`` (the window keeps both workers
@@ -48,6 +50,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import uuid
@@ -78,19 +81,16 @@ SUPERVISOR = ROOT / "bin" / "nanogrid-supervisor"
 RESULT_TIMEOUT_S = 30.0
 BOOT_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 20.0
-SYSTEMS = ("floor", "agent", "baseline", "agent-before")
-DEFAULT_SYSTEMS = ("floor", "agent", "baseline")
-BEFORE_MAIN = """
-import json, os, sys
-sys.path.insert(0, sys.argv[1])
-from common import logs
-from common.config import from_dict
-from worker.loop import Worker
-config = from_dict(json.loads(sys.argv[2]))
-logs.setup(config.log, "worker-0")
-sys.exit(Worker(config, 0).run())
+SYSTEMS = ("floor", "agent", "baseline")
+BEFORE = "agent-before"
+"""The agent of an earlier git revision (``--before REF``)."""
+BEFORE_RUNNER = """
+import json, sys
+sys.path.insert(0, sys.argv[1] + "/bench")
+import bench_pipeline  # the exported tree's own copy: it puts that tree first on sys.path
+with open(sys.argv[2]) as settings:
+    bench_pipeline._agent_main(json.load(settings), sys.argv[3], sys.argv[4])
 """
-"""``agent-before``: a plain worker of the checkout given with --before."""
 SCALING = ("bare-1w", "bare-2w", "supervisor-1w", "supervisor-2w")
 MULTI = ("bare", "supervisor")
 """Systems of N workers: forked from here (bare) or by bin/nanogrid-supervisor."""
@@ -170,6 +170,7 @@ def _traced_worker_class() -> type:
             super().boot()
             for owner, name, label in (
                 (self.store, "existing", "redis_get"),
+                (getattr(self, "claims", None), "acquire", "claim"),
                 (self.codes, "fetch", "code_fetch"),
                 (self.runner, "acquire", "acquire"),
                 (self.runner, "run", "run"),
@@ -286,14 +287,14 @@ def _naive_run(s3: Any, task: dict[str, Any], python: str) -> dict[str, Any]:
 class Program:
     """A program run as a consumer, with the few methods of multiprocessing.Process used here."""
 
-    def __init__(self, argv: list[str], log_path: Path) -> None:
+    def __init__(self, argv: list[str], log_path: Path, cwd: Path = ROOT) -> None:
         with log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 argv,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                cwd=ROOT,
+                cwd=cwd,
                 start_new_session=True,
                 preexec_fn=_die_with_parent,
             )
@@ -447,11 +448,14 @@ class Bench:
             settings = self._agent_settings(queue_url, 1)
             c.child = self._fork(_agent_main, settings, str(c.log), str(c.trace))
             _wait_for(lambda: "ready" in _read(c.log), "the agent to boot", c)
-        elif system == "agent-before":
-            settings = json.dumps(self._agent_settings(queue_url, 1))
-            argv = [sys.executable, "-c", BEFORE_MAIN, str(self.args.before), settings]
-            c.child = Program(argv, c.log)
-            _wait_for(lambda: " ready: runner=" in _read(c.log), "the agent before to boot", c)
+        elif system == BEFORE:
+            settings_path = self.workdir / f"{system}.json"
+            settings_path.write_text(json.dumps(self._agent_settings(queue_url, 1)))
+            tree = self.workdir / "before"
+            argv = [sys.executable, "-c", BEFORE_RUNNER, str(tree), str(settings_path),
+                    str(c.log), str(c.trace)]
+            c.child = Program(argv, c.log, cwd=tree)
+            _wait_for(lambda: "ready" in _read(c.log), f"the agent of {self.args.before}", c)
         elif workers:
             settings = self._agent_settings(queue_url, workers)
             if system.startswith("bare"):
@@ -482,11 +486,11 @@ class Bench:
         if child.is_alive():
             child.kill()
             child.join(STOP_TIMEOUT_S)
-        if c.system != "agent" and not c.workers:
+        if c.system not in ("agent", BEFORE) and not c.workers:
             return  # the naive loops die of SIGTERM; nothing to check
         if child.exitcode != 0:
             raise RuntimeError(f"{c.system} exited with {child.exitcode}; log:\n{_tail(c.log)}")
-        if c.system == "agent":
+        if c.system in ("agent", BEFORE):
             c.report.trace = [json.loads(line) for line in _read(c.trace).splitlines()]
 
     def _fork(self, target: Callable[..., None], *args: Any) -> Any:
@@ -761,7 +765,7 @@ def breakdown(report: Report) -> list[tuple[str, list[float]]]:
         add("send starts -> worker's receive_message returns", received - s.start)
         add("receive returned -> handle starts", handle_start - received)
         add("handle starts -> run starts", run[0] - handle_start)
-        part("redis_get", "code_fetch", "acquire", "extract")
+        part("redis_get", "claim", "code_fetch", "acquire", "extract")
         add("runner.run", run[1] - run[0])
         add("  of which durationMillis (fork -> exit)", s.duration_ms / 1000)
         add("run ends -> publish starts", publish[0] - run[1])
@@ -837,22 +841,20 @@ def render(
     agent, baseline = reports.get("agent"), reports.get("baseline")
     if agent and agent.samples and agent.samples[0].timings:
         lines += ["", *phase_table(agent)]
+    before = reports.get(BEFORE)
+    if agent and before and agent.samples and before.samples:
+        a, b = stats([s.e2e_ms for s in agent.samples]), stats([s.e2e_ms for s in before.samples])
+        lines.append(
+            f"agent vs agent-before ({args.before}): e2e p50 {a[0] - b[0]:+.2f} ms, "
+            f"p99 {a[1] - b[1]:+.2f} ms, mean {a[2] - b[2]:+.2f} ms; throughput "
+            f"{agent.tasks_per_s / before.tasks_per_s:.2f}x"
+        )
     if agent and baseline:
         a, b = stats([s.e2e_ms for s in agent.samples]), stats([s.e2e_ms for s in baseline.samples])
         lines.append(
             f"agent vs baseline: e2e {b[0] / a[0]:.2f}x faster at p50, {b[1] / a[1]:.2f}x at p99, "
             f"{b[2] / a[2]:.2f}x in the mean; "
             f"throughput {agent.tasks_per_s / baseline.tasks_per_s:.2f}x"
-        )
-    before = reports.get("agent-before")
-    if agent and before and agent.samples and before.samples:
-        deltas = [
-            stats([getattr(s, field) for s in agent.samples])[0]
-            - stats([getattr(s, field) for s in before.samples])[0]
-            for field in ("e2e_ms", "duration_ms")
-        ]
-        lines.append(
-            f"agent - agent-before at p50: e2e {deltas[0]:+.2f} ms, run {deltas[1]:+.2f} ms"
         )
     cores = os.cpu_count() or 1
     for kind in MULTI:
@@ -961,21 +963,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--systems",
-        default=",".join(DEFAULT_SYSTEMS),
-        help=f"which to measure, in this order, from {', '.join(SYSTEMS)} "
-        f"(default {','.join(DEFAULT_SYSTEMS)})",
-    )
-    parser.add_argument(
-        "--before",
-        type=Path,
-        help="agent-before: a checkout of the code to compare with (e.g. git worktree add "
-        "DIR COMMIT); adds agent-before to --systems unless they name it",
+        default=",".join(SYSTEMS),
+        help=f"which to measure, in this order, from {', '.join(SYSTEMS)} (default all)",
     )
     parser.add_argument(
         "--supervisor",
         action="store_true",
         help="also measure 1 and 2 workers, forked from here (bare) and by "
         "bin/nanogrid-supervisor: throughput only",
+    )
+    parser.add_argument(
+        "--before",
+        metavar="REF",
+        help="also measure the agent of git revision REF (agent-before), in the same run",
     )
     parser.add_argument("--json", type=Path, help="also write the raw numbers to this file")
     parser.add_argument(
@@ -985,10 +985,6 @@ def main(argv: list[str] | None = None) -> int:
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     if set(systems) - set(SYSTEMS):
         parser.error(f"--systems: choose from {', '.join(SYSTEMS)}")
-    if args.before is not None and "agent-before" not in systems:
-        systems.append("agent-before")
-    if "agent-before" in systems and not (args.before and (args.before / "worker").is_dir()):
-        parser.error("agent-before: --before must name a checkout of this code")
     if args.window < 2 or args.invocations < 2 or args.warmup < 0 or args.rounds < 1:
         parser.error("--window >= 2, --invocations >= 2, --warmup >= 0, --rounds >= 1")
     if args.tasks < args.rounds:
@@ -1006,6 +1002,16 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()[0]
     workdir = Path(tempfile.mkdtemp(prefix="ngb-"))  # short: AF_UNIX paths under it
     os.chmod(workdir, 0o711)  # sandbox users pass through to their directories
+    if args.before:
+        archive = subprocess.run(
+            ["git", "-C", str(ROOT), "archive", args.before], capture_output=True, check=False
+        )
+        if archive.returncode != 0:
+            shutil.rmtree(workdir, ignore_errors=True)
+            parser.error(f"--before: cannot export {args.before}: {archive.stderr.decode()}")
+        with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tree:
+            tree.extractall(workdir / "before", filter="data")
+        systems.insert(systems.index("agent") + 1 if "agent" in systems else 0, BEFORE)
     bench = Bench(args, workdir)
     reports: dict[str, Report] = {}
     started = time.monotonic()

@@ -1,4 +1,5 @@
-"""The agent's own exception tree; peers' errors (botocore, docker, redis) are translated into it.
+"""The agent's own exception tree; peers' errors (botocore, docker, redis, the OS) are
+translated into it.
 
     NanoGridError
     ├── ConfigError               bad config file or value (refused at start / on reload)
@@ -8,14 +9,29 @@
     │   ├── CodeNotFound            CODE_NOT_FOUND       -> keep for retry until max_attempts
     │   ├── InvalidCodePackage      INVALID_CODE_PACKAGE -> delete
     │   └── InternalError           INTERNAL             -> delete
-    │       └── SandboxError          the sandbox broke; it is destroyed, not reused
-    ├── ResultStoreUnavailable    Redis is down: the result goes to the on-disk outbox
+    │       ├── SandboxError          the sandbox broke; it is destroyed, not reused
+    │       ├── HostFault             disk full, I/O error, a transfer cut off: keep for
+    │       │                         another try (maybe on another host) until max_attempts
+    │       ├── GaveUp                came back more than max_attempts times -> + dead-letter
+    │       └── UnexpectedError       a bug while handling one message -> + dead-letter
+    ├── ResultStoreUnavailable    Redis cannot take writes (down, failing over, read-only):
+    │   │                         results go to the on-disk outbox, no new work is taken
+    │   └── ResultRejected          Redis answered but refused this one write
     └── QueueUnavailable          SQS cannot be reached or refused a call: retried with backoff
 
-The worker decides delete / keep / dead-letter from the class alone, in one place.
+``as_task_error`` turns whatever a task's handling raised into a TaskError; the worker then
+decides keep / delete / dead-letter from the class alone, in one place (worker/dispositions.py).
 """
 
 from __future__ import annotations
+
+import errno
+
+HOST_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.ENOMEM, errno.EMFILE,
+     errno.ENFILE}
+)
+"""OS errors that say this host (its disks, its limits) failed, not the task."""
 
 
 class NanoGridError(Exception):
@@ -66,9 +82,55 @@ class SandboxError(InternalError):
     """The sandbox could not be created or broke while running; it is not reused."""
 
 
+class HostFault(InternalError):
+    """This host could not do its part (a full or failing disk, a download cut off): another
+    try, maybe on a healthy host, may succeed."""
+
+    retryable = True
+    dead_letter = True
+
+
+class GaveUp(InternalError):
+    """The message came back more than ``queue.max_attempts`` times (workers killed on it,
+    drains that ran out of time, ...): it ends here."""
+
+    dead_letter = True
+
+
+class UnexpectedError(InternalError):
+    """A bug while handling one message: that message ends, the worker goes on."""
+
+    dead_letter = True
+
+
 class ResultStoreUnavailable(NanoGridError):
-    """Redis cannot take the result right now."""
+    """Redis cannot take results right now (down, failing over, a read-only replica)."""
+
+
+class ResultRejected(ResultStoreUnavailable):
+    """Redis answered but refused this one write (e.g. out of memory, a bad value)."""
 
 
 class QueueUnavailable(NanoGridError):
     """SQS could not be reached or refused the call."""
+
+
+def host_fault(exc: OSError, where: str) -> HostFault | None:
+    """``exc`` as a HostFault naming ``where`` when it is a host errno, else None."""
+    if exc.errno not in HOST_ERRNOS:
+        return None
+    detail = exc.strerror or errno.errorcode.get(exc.errno or 0, str(exc))
+    return HostFault(f"{where}: {detail}")
+
+
+def as_task_error(exc: BaseException) -> TaskError:
+    """Whatever handling a task raised, as a TaskError: itself, a HostFault for an OS error
+    of this host, else an UnexpectedError naming the exception."""
+    if isinstance(exc, TaskError):
+        return exc
+    if isinstance(exc, OSError):
+        fault = host_fault(exc, f"host I/O error on {exc.filename or 'a local file'}")
+        if fault is not None:
+            return fault
+    text = " ".join(str(exc).split())[:300]
+    return UnexpectedError(f"internal error in the worker: {type(exc).__name__}: {text}")

@@ -32,7 +32,7 @@ from common.exitcodes import (
     EXIT_SUPERVISOR_ERROR,
 )
 from worker.ledger import Ledger
-from worker.status import StatusReader
+from worker.status import FAULT, StatusReader
 
 from . import sdnotify
 from .child import HANDLED_SIGNALS, WorkerMain, run_child
@@ -334,6 +334,8 @@ class Arbiter:
                 if worker.index in self.slots:
                     self.slots[worker.index].tasks_done += 1
                 self.metrics.task_finished(finished)
+            elif message.get("type") == FAULT:
+                self.metrics.faults.inc(kind=str(message.get("kind")))
         return len(messages)
 
     def publish_status(self) -> None:

@@ -20,16 +20,25 @@ from .prometheus import CONTENT_TYPE
 
 
 def health_of(status: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-    """(HTTP code, body) of /health: UP while running with at least one worker alive."""
+    """(HTTP code, body) of /health: UP while running with at least one worker alive,
+    DEGRADED (still 200) while a live worker takes no new work because a dependency fails."""
     alive = sum(1 for worker in status["workers"] if worker["alive"])
     up = alive > 0 and not status["stopping"]
+    reasons = [
+        f"worker {worker['id']}: {reason}"
+        for worker in status["workers"]
+        if worker["alive"]
+        for reason in worker.get("degraded", ())
+    ]
     body = {
-        "status": "UP" if up else "DOWN",
+        "status": ("DEGRADED" if reasons else "UP") if up else "DOWN",
         "workersAlive": alive,
         "workersConfigured": status["workersConfigured"],
         "stopping": status["stopping"],
         "uptimeSeconds": status["uptimeSeconds"],
     }
+    if up and reasons:
+        body["reasons"] = reasons
     return (200 if up else 503), body
 
 

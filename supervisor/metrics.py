@@ -51,6 +51,12 @@ class SupervisorMetrics:
         self.restarts = reg.counter(
             "nanogrid_worker_restarts_total",
             "Workers replaced after a crash, a missed heartbeat or a failed boot.")
+        self.faults = reg.counter(
+            "nanogrid_worker_faults_total",
+            "Faults the workers reported, by kind: host (disk full, I/O error, a download cut "
+            "off), dead_letter_copy (a copy the dead-letter queue refused), outbox_set_aside "
+            "(a result Redis kept refusing), unexpected (a bug that ended one message).",
+            ("kind",))
         self.reloads = reg.counter(
             "nanogrid_config_reloads_total", "SIGHUP reloads by result (ok, refused).",
             ("result",))

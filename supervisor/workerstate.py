@@ -48,6 +48,10 @@ class WorkerProcess:
     """requestId -> when it started, oldest first."""
     pools: dict[str, dict[str, int]] = field(default_factory=dict)
     dropped: int = 0
+    degraded: list[str] = field(default_factory=list)
+    """Why the worker takes no new work now (e.g. Redis cannot take results)."""
+    faults: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per fault kind: how many, the last message and when (monotonic)."""
     retiring: bool = False
     """Told to drain (reload, stop): its exit is expected, not a crash."""
     kill_at: float | None = None
@@ -60,6 +64,8 @@ class WorkerProcess:
         kind = message.get("type")
         if kind == status.HEARTBEAT:
             self.dropped = int(message.get("dropped") or 0)
+            reasons = message.get("degraded")
+            self.degraded = [str(r) for r in reasons] if isinstance(reasons, list) else []
         elif kind == status.BOOTED:
             self.booted = True
             logger.info(f"worker {self.index} (pid {self.pid}) booted")
@@ -73,6 +79,10 @@ class WorkerProcess:
             return result
         elif kind == status.POOLS and isinstance(message.get("pools"), dict):
             self.pools = message["pools"]
+        elif kind == status.FAULT:
+            seen = self.faults.setdefault(str(message.get("kind")), {"count": 0})
+            seen.update(count=seen["count"] + 1, message=str(message.get("message")),
+                        at=time.monotonic())
         return None
 
     @property
@@ -96,6 +106,12 @@ def worker_status(slot: Slot, worker: WorkerProcess | None, now: float) -> dict[
         "currentRequestId": next(iter(worker.running), None) if worker else None,
         "lastHeartbeatSecondsAgo": round(now - worker.last_beat, 1) if worker else None,
         "statusMessagesDropped": worker.dropped if worker else 0,
+        "degraded": list(worker.degraded) if worker else [],
+        "faults": {
+            kind: {"count": seen["count"], "last": seen["message"],
+                   "secondsAgo": round(now - seen["at"], 1)}
+            for kind, seen in (worker.faults.items() if worker else ())
+        },
     }
 
 

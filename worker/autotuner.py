@@ -27,7 +27,7 @@ from loguru import logger
 
 from common.config import AutotunerConfig, MiB
 
-from .resultstore import make_client
+from .redislink import RedisLink
 
 
 @dataclass(frozen=True)
@@ -118,8 +118,7 @@ class PeakHistory:
         *,
         retry_after_seconds: float = 5.0,
     ) -> None:
-        self._factory = client if callable(client) else _url_factory(client)
-        self._client: redis.Redis | None = None
+        self._factory = client if callable(client) else RedisLink(client).client
         self._cfg = cfg
         self._retry_after = retry_after_seconds
         self._skip_until = 0.0
@@ -131,15 +130,14 @@ class PeakHistory:
             return [peak_bytes]
         key = f"autotuner:peaks:{function_id}"
         try:
-            if self._client is None:
-                self._client = self._factory()
-            pipe = self._client.pipeline(transaction=True)
+            # Asked each time: after a failover the factory hands out the new pool's client.
+            pipe = self._factory().pipeline(transaction=True)
             pipe.lpush(key, peak_bytes)
             pipe.ltrim(key, 0, self._cfg.history_size - 1)
             pipe.expire(key, self._cfg.history_ttl_seconds)
             pipe.lrange(key, 0, -1)
             raw = pipe.execute()[-1]
-        except (redis.RedisError, OSError) as exc:
+        except (redis.RedisError, OSError, ValueError) as exc:  # ValueError: a closed socket
             self._skip_until = time.monotonic() + self._retry_after
             if not self._failing:
                 logger.warning(
@@ -160,8 +158,4 @@ def _as_int(value: Any) -> int | None:
         return int(value)
     except (TypeError, ValueError):
         return None
-
-
-def _url_factory(url: str) -> Callable[[], redis.Redis]:
-    return lambda: make_client(url)
 

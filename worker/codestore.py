@@ -16,7 +16,9 @@ and files used within the last ``EVICT_GRACE_SECONDS`` are never evicted, so one
 does not delete a zip another is about to unpack.
 
 botocore errors end here: missing objects, denied access and an unreachable or failing S3
-become ``CodeNotFound`` (retryable), an oversized zip ``InvalidCodePackage``.
+become ``CodeNotFound`` (retryable), an oversized zip ``InvalidCodePackage``. Faults of this
+host become ``HostFault`` (retryable, maybe on another host): a transfer cut off mid-body (a
+TLS or connection reset, a read timeout) and a cache directory that is full or failing.
 """
 
 from __future__ import annotations
@@ -32,10 +34,11 @@ from typing import Any
 
 import boto3
 import botocore.config
+import urllib3.exceptions
 from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
 from botocore.exceptions import ConnectionError as S3ConnectionError
 
-from common.errors import CodeNotFound, InvalidCodePackage
+from common.errors import CodeNotFound, HostFault, InvalidCodePackage, host_fault
 
 GiB = 2**30
 CHUNK = 256 * 1024
@@ -48,6 +51,9 @@ _MISSING = {"NoSuchKey", "NoSuchBucket", "NotFound", "404"}
 _DENIED = {"AccessDenied", "403", "Forbidden", "AllAccessDisabled"}
 _CHANGED = {"PreconditionFailed", "412"}
 _UNREACHABLE = (S3ConnectionError, HTTPClientError)  # refused, DNS, timeouts, dropped
+_CUT_OFF = (BotoCoreError, urllib3.exceptions.HTTPError, OSError)
+"""What reading a response body raises when the transfer breaks (botocore wraps most as
+ResponseStreamingError or ReadTimeoutError; a reset socket can surface as an OSError)."""
 # Only timeouts: retries and endpoints stay with boto3's own chain (env, config file).
 _CLIENT_CONFIG = botocore.config.Config(connect_timeout=5, read_timeout=30)
 
@@ -159,7 +165,10 @@ class CodeStore:
     def _download(self, bucket: str, key: str, quoted_etag: str) -> tuple[Path, int]:
         """GET the object pinned to the HEAD's ETag into the cache; return its path and size."""
         final = self._path(bucket, key, quoted_etag.strip('"'))
-        fd, tmp_name = tempfile.mkstemp(dir=self.cache_dir, prefix=".part-", suffix=".zip")
+        try:
+            fd, tmp_name = tempfile.mkstemp(dir=self.cache_dir, prefix=".part-", suffix=".zip")
+        except OSError as exc:
+            raise self._host_fault(exc) from None
         tmp = Path(tmp_name)
         try:
             with open(fd, "wb") as out:
@@ -168,25 +177,40 @@ class CodeStore:
                 os.fsync(out.fileno())
             os.chmod(tmp, 0o644)
             os.replace(tmp, final)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise self._host_fault(exc) from None
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
         return final, size
+
+    def _host_fault(self, exc: OSError) -> OSError | HostFault:
+        """A cache-directory error as a HostFault when it is the host's (full, failing)."""
+        return host_fault(exc, f"code cache {self.cache_dir}") or exc
 
     def _stream_into(self, out: Any, bucket: str, key: str, quoted_etag: str) -> int:
         kwargs = {"IfMatch": quoted_etag} if quoted_etag else {}
         size = 0
         try:
             body = self.s3.get_object(Bucket=bucket, Key=key, **kwargs)["Body"]
-            with contextlib.closing(body):
-                while chunk := body.read(CHUNK):
-                    size += len(chunk)
-                    if size > self.max_zip_bytes:
-                        raise self._too_large(bucket, key)
-                    out.write(chunk)
         except (ClientError, BotoCoreError) as exc:
             raise self._translate(exc, bucket, key) from None
-        return size
+        with contextlib.closing(body):
+            while True:
+                try:
+                    chunk = body.read(CHUNK)
+                except _CUT_OFF as exc:
+                    raise HostFault(
+                        f"download of s3://{bucket}/{key} cut off after {size} bytes: "
+                        f"{_line(str(exc)) or type(exc).__name__}"
+                    ) from None
+                if not chunk:
+                    return size
+                size += len(chunk)
+                if size > self.max_zip_bytes:
+                    raise self._too_large(bucket, key)
+                out.write(chunk)
 
     def _evict(self, keep: Path) -> None:
         """Delete least recently used zips until the cache fits ``max_cache_bytes``."""

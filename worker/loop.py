@@ -1,13 +1,19 @@
 """One worker process: receive a task from SQS, run it in a warm sandbox, publish the result.
 
 The loop, top to bottom: boot (clients made here, after the fork) -> until told to stop:
-re-send the outbox, long-poll one message, handle it -> drain (close the pool, flush metrics).
-``handle`` turns every outcome into one of the DESIGN's SQS cases, decided from the error
-class in one place.
+re-send the outbox and, while Redis cannot take results, probe it instead of taking work;
+long-poll one message, handle it -> drain (close the pool, flush metrics).
+
+``handle`` takes one message to its end and never raises: any error becomes one of the
+DESIGN's SQS cases, decided from the error class in one place (dispositions.py), and a bug
+while handling a message ends that message, not the worker. Before running, the requestId
+is claimed in Redis (claim.py), so at-least-once delivery runs each task once. The
+per-message methods keep their state on the stack, so several threads may run them at once.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import signal
@@ -22,22 +28,29 @@ from loguru import logger
 from common import logs
 from common.config import Config
 from common.errors import (
-    InternalError,
-    InvalidMessage,
+    GaveUp,
+    HostFault,
     QueueUnavailable,
     ResultStoreUnavailable,
     TaskError,
+    UnexpectedError,
+    as_task_error,
 )
 from common.exitcodes import EXIT_BOOT_ERROR, EXIT_OK
 from runners import create_runner
 from runners.base import Invocation, Runner, RunOutcome
 
-from . import autotuner, result, task
+from . import autotuner, faults, result, task
+from .claim import Acquired, Claim, ClaimStore
 from .cloudwatch import MetricsPublisher
 from .codestore import CodePackage, CodeStore
+from .dispositions import Disposition, decide
+from .endings import Endings
+from .faults import FaultBoard
+from .leases import LeaseKeeper
 from .ledger import Ledger
 from .phases import PhaseClock
-from .result import MiB, Result, TaskIds, Timings
+from .result import MiB, Result
 from .resultstore import ResultStore
 from .sqs import BatchDeleter, Message, TaskQueue, VisibilityHeartbeat
 from .unpack import extract
@@ -46,6 +59,12 @@ if TYPE_CHECKING:
     from .status import StatusReporter
 
 RECEIVE_ERROR_BACKOFF_S = (0.5, 1, 2, 5, 10)
+DEGRADED_PROBE_S = 1.0
+"""While Redis cannot take results, it is probed this often (and no work is taken)."""
+DUPLICATE_WAIT_S = 2.0
+"""How long a copy whose requestId another worker runs waits for that run's result (at most
+half the visibility timeout) before it hands its message back."""
+CLAIM_RETRY_S = 1.0
 
 
 class _Interrupted(BaseException):
@@ -65,12 +84,17 @@ class Worker:
         self.index = index
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
         self.status = status
+        self.faults = FaultBoard(status)
         self.stopping = False
         self._runner_ready = False
         self._receiving = False
         self._alive_until = time.monotonic() + 60
         self.queue: TaskQueue
         self.store: ResultStore
+        self.claims: ClaimStore
+        self.claim_leases: LeaseKeeper[Claim]
+        self.visibility: VisibilityHeartbeat
+        self.endings: Endings
         self.runner: Runner
 
     # -- the loop ---------------------------------------------------------------------------
@@ -87,7 +111,9 @@ class Worker:
         failures = 0
         try:
             while not self.stopping:
-                self.store.flush_outbox()
+                if not self.results_writable():
+                    self._sleep(DEGRADED_PROBE_S)
+                    continue
                 try:
                     messages = self.receive()
                     failures = 0
@@ -106,11 +132,20 @@ class Worker:
         config = self.config
         self.queue = TaskQueue(config.queue, region=config.aws.region)
         self.queue.check()
+        if self.index == 0:  # one worker says it, not every one
+            for problem in self.queue.check_dead_letter():
+                logger.warning(f"[SQS] {problem}")
         self.store = ResultStore(
-            config.redis.url, config.redis.result_ttl_seconds, Path(config.paths.outbox_dir)
+            config.redis.url,
+            config.redis.result_ttl_seconds,
+            Path(config.paths.outbox_dir),
+            on_set_aside=lambda message: self.faults.fault(faults.OUTBOX_SET_ASIDE, message),
         )
         if not self.store.ping():
             raise ResultStoreUnavailable(f"Redis at {config.redis.url} does not answer")
+        lease = config.queue.visibility_timeout_seconds
+        self.claims = ClaimStore(self.store.link, self.worker_id, lease, self.store.existing)
+        self.claim_leases = LeaseKeeper("claims", lease / 3, self.claims.extend, CLAIM_RETRY_S)
         self.codes = CodeStore(
             Path(config.paths.code_cache_dir),
             config.limits.max_zip_bytes,
@@ -118,8 +153,20 @@ class Worker:
         )
         self.metrics = MetricsPublisher(config.cloudwatch, region=config.aws.region)
         self.history = autotuner.PeakHistory(self.store.client, config.autotuner)
-        self.visibility = VisibilityHeartbeat(self.queue)
+        self.visibility = VisibilityHeartbeat(
+            TaskQueue.for_heartbeats(config.queue, config.aws.region)
+        )
         self.deleter = BatchDeleter(self.queue)
+        self.endings = Endings(
+            config,
+            self.worker_id,
+            self.queue,
+            self.store,
+            self.deleter,
+            self.metrics,
+            self.faults,
+            self.status,
+        )
         self.runner = create_runner(config, self.index)
         self._runner_ready = True
         logger.info(
@@ -129,26 +176,53 @@ class Worker:
         if self.status:
             self.status.booted()
 
+    def results_writable(self) -> bool:
+        """Re-send the outbox; True when Redis takes results, so new work may be taken.
+
+        After a Redis call found it unavailable, a probe write decides (a read-only replica
+        still answers PING); meanwhile the worker is DEGRADED and its messages stay in SQS
+        for other hosts.
+        """
+        self._alive_until = time.monotonic() + DEGRADED_PROBE_S + 15
+        self.store.flush_outbox()
+        trouble = self.store.link.trouble
+        if trouble is not None and self.store.writable():
+            self.store.flush_outbox()
+            trouble = self.store.link.trouble
+        if trouble is None:
+            self.faults.recover(faults.REDIS)
+            return True
+        self.faults.degrade(
+            faults.REDIS, f"redis: results cannot be written ({trouble}); taking no new work"
+        )
+        return False
+
     def receive(self) -> list[Message]:
         self._alive_until = time.monotonic() + self.config.queue.wait_time_seconds + 15
-        self._receiving = True
         try:
-            if self.stopping:
-                return []
-            # While results wait in the outbox, poll briefly so they go out soon after Redis
-            # returns, instead of after a full long poll.
-            wait = (
-                min(1, self.config.queue.wait_time_seconds) if self.store.outbox_pending else None
-            )
-            return self.queue.receive(1, wait)
+            # Nested: a SIGTERM landing in the finally clause (before the flag is down)
+            # is caught by the outer handler too.
+            try:
+                self._receiving = True
+                if self.stopping:
+                    return []
+                # While results wait in the outbox, poll briefly so they go out soon after
+                # Redis returns, instead of after a full long poll.
+                wait = (
+                    min(1, self.config.queue.wait_time_seconds)
+                    if self.store.outbox_pending
+                    else None
+                )
+                return self.queue.receive(1, wait)
+            finally:
+                self._receiving = False
         except _Interrupted:
             return []
-        finally:
-            self._receiving = False
 
     def shutdown(self) -> None:
         logger.info(f"worker {self.index} draining")
         self.visibility.stop()
+        self.claim_leases.stop()
         self.deleter.close()
         self.runner.close()
         self.metrics.close()
@@ -158,57 +232,121 @@ class Worker:
         """Run what was received; once told to stop, hand the rest back to the queue at once."""
         for message in messages:
             if self.stopping:
-                self._release(message)
+                self.endings.release(message)
             else:
                 self.handle(message)
 
     # -- one message ------------------------------------------------------------------------
 
     def handle(self, message: Message) -> None:
+        """Take one message to its end; never raises: one message never takes a worker down."""
+        try:
+            self._handle(message)
+        except Exception as exc:  # noqa: BLE001 - a bug ends its message, not the worker
+            self.endings.after_bug(message, exc)
+
+    def _handle(self, message: Message) -> None:
         try:
             parsed = task.parse(message.body, self.config)
         except TaskError as exc:
-            self._refuse(message, exc)
+            self.endings.refuse(message, exc)
             return
         with logger.contextualize(requestId=parsed.request_id):
-            previous = self._existing(parsed.request_id)
-            if previous is not None:
-                logger.info("[DUPLICATE] a result exists already; re-publishing it, not running")
-                if self._publish(previous):
-                    self._delete(message)
+            acquired = self._claim(message, parsed)
+            if acquired is None:
                 return
-            if self.status:
-                self.status.task_started(parsed.request_id)
-            self._alive_until = time.monotonic() + parsed.timeout_ms / 1000 + 60
-            self.visibility.track(message)
-            try:
-                outcome = self._run_task(message, parsed)
-            finally:
-                self.visibility.track(None)
-            if outcome is not None:
-                self._finish(message, outcome)
+            if acquired.result is not None:
+                logger.info("[DUPLICATE] a result exists already; re-publishing it, not running")
+                self.endings.republish(message, acquired.result)
+            elif acquired.claim is None:
+                self._defer(message, parsed, acquired)
+            else:
+                self._run_claimed(message, parsed, acquired.claim)
 
-    def _run_task(self, message: Message, t: task.Task) -> Result | None:
-        """The result to publish, or None when the message is kept for a retry."""
-        clock = PhaseClock(message.received_mono, message.queued_ms)
+    def _claim(self, message: Message, t: task.Task) -> Acquired | None:
+        """The stored result, our claim, or another's; None (message handed back) when Redis
+        cannot take a claim: this worker then takes no new work until it can."""
         try:
-            with clock.phase("fetch"):
-                package = self.codes.fetch(t.s3_bucket, t.s3_key)
-            return self.execute(t, package, message.attempt, clock)
-        except TaskError as exc:
-            if exc.retryable and message.attempt < self.config.queue.max_attempts:
-                logger.warning(
-                    f"[RETRY] {exc} (attempt {message.attempt} of "
-                    f"{self.config.queue.max_attempts}); message kept for a retry"
-                )
-                return None
-            if exc.dead_letter and not self._dead_letter(message, str(exc)):
-                return None
-            return self._failed(t.ids, exc, t.memory_mb, message.attempt, clock.timings())
-        except Exception as exc:  # a bug or a host problem: report it, do not crash-loop on it
-            logger.opt(exception=exc).error(f"internal error while running the task: {exc!r}")
-            error = InternalError(f"internal error in the worker: {type(exc).__name__}: {exc}")
-            return self._failed(t.ids, error, t.memory_mb, message.attempt, clock.timings())
+            return self.claims.acquire(t.request_id)
+        except ResultStoreUnavailable as exc:
+            logger.warning(f"[REDIS] {exc}; message handed back for a worker that can run it")
+            self.endings.hand_back(message, 0)
+            return None
+
+    def _defer(self, message: Message, t: task.Task, acquired: Acquired) -> None:
+        """Another worker runs this requestId: re-publish its result, or hand the message back
+        until its claim would have lapsed."""
+        logger.info(
+            f"[DUPLICATE] {acquired.holder} is running it (claim lapses in "
+            f"{acquired.expires_in:.1f}s unless renewed); waiting for its result"
+        )
+        wait = min(DUPLICATE_WAIT_S, self.config.queue.visibility_timeout_seconds / 2)
+        try:
+            stored = self.claims.wait_for_result(t.request_id, wait)
+        except ResultStoreUnavailable as exc:
+            logger.warning(f"[REDIS] {exc}")
+            stored = None
+        if stored is not None:
+            self.endings.republish(message, stored)
+            return
+        delay = math.ceil(acquired.expires_in) + 1
+        logger.info(f"[DUPLICATE] still running elsewhere; message handed back for {delay}s")
+        self.endings.hand_back(message, delay)
+
+    def _run_claimed(self, message: Message, t: task.Task, claim: Claim) -> None:
+        if self.status:
+            self.status.task_started(t.request_id)
+        self._alive_until = time.monotonic() + t.timeout_ms / 1000 + 60
+        self.visibility.add(message)
+        self.claim_leases.add(claim)
+        ending = None
+        try:
+            ending = self._run_task(message, t)
+        finally:
+            self.visibility.discard(message)
+            self.claim_leases.discard(claim)
+            if ending is None:
+                self._release_claim(claim)
+        if ending is not None:
+            self.endings.finish(message, *ending)
+
+    def _run_task(self, message: Message, t: task.Task) -> tuple[Result, bool] | None:
+        """The result to publish and whether to dead-letter the message too; None when the
+        message is kept for a retry."""
+        clock = PhaseClock(message.received_mono, message.queued_ms)
+        max_attempts = self.config.queue.max_attempts
+        if message.attempt > max_attempts:
+            error: TaskError = GaveUp(
+                f"gave up after {message.attempt - 1} attempts: the message came back "
+                f"{message.attempt} times (queue.max_attempts is {max_attempts})"
+            )
+        else:
+            try:
+                with clock.phase("fetch"):
+                    package = self.codes.fetch(t.s3_bucket, t.s3_key)
+                return self.execute(t, package, message.attempt, clock), False
+            except Exception as exc:  # noqa: BLE001 - translated, then decided by class
+                error = self._translate(exc)
+        disposition = decide(error, message.attempt, max_attempts)
+        if disposition is Disposition.RETRY:
+            logger.warning(
+                f"[RETRY] {error} (attempt {message.attempt} of {max_attempts}); "
+                "message kept for another try"
+            )
+            return None
+        res = self.endings.failed(t.ids, error, t.memory_mb, message.attempt, clock.timings())
+        return res, disposition is Disposition.DEAD_LETTER
+
+    def _translate(self, exc: Exception) -> TaskError:
+        """``exc`` as a TaskError; bugs and host faults reported (the traceback of a bug goes
+        to the debug log; the result's line says what it was)."""
+        error = as_task_error(exc)
+        if isinstance(error, UnexpectedError):
+            logger.opt(exception=exc).debug("traceback of the internal error below")
+            self.faults.fault(faults.UNEXPECTED, str(error))
+        elif isinstance(error, HostFault):
+            self.faults.fault(faults.HOST, str(error))
+        return error
 
     def execute(
         self, t: task.Task, package: CodePackage, attempt: int, clock: PhaseClock
@@ -274,101 +412,11 @@ class Worker:
             timings=clock.timings(run_ms=outcome.duration_ms),
         )
 
-    def _finish(self, message: Message, res: Result) -> None:
-        if not self._publish(res):
-            return
-        self.metrics.record(
-            res.function_id or "unknown",
-            duration_ms=res.duration_millis,
-            peak_memory_bytes=res.peak_memory_bytes,
-            status=res.status,
-            error_type=res.error_type,
-            cold_start=res.cold_start,
-        )
-        self._delete(message)
-        if self.status:
-            self.status.task_finished(res)
-        if res.ok:
-            logger.info(f"[DONE][OK] {res.request_id} in {res.duration_millis:.1f} ms")
-        else:
-            logger.warning(f"[FAIL][{res.error_type}] {res.request_id}: {res.error_message}")
-
-    def _publish(self, res: Result) -> bool:
-        """Publish (or keep in the outbox); False only when the result could not be kept."""
+    def _release_claim(self, claim: Claim) -> None:
         try:
-            self.store.publish(res)
-            return True
-        except ResultStoreUnavailable as exc:  # neither Redis nor the outbox took it
-            logger.error(
-                f"[REDIS] result of {res.request_id} could not be kept: {exc}; "
-                "the message stays on the queue"
-            )
-            return False
-
-    def _refuse(self, message: Message, exc: TaskError) -> None:
-        """A message that can never run: a result when it names a requestId; dead-letter; delete."""
-        ids = task.peek_ids(message.body)
-        if exc.dead_letter and not self._dead_letter(message, str(exc)):
-            return
-        with logger.contextualize(requestId=ids.request_id or "-"):
-            if ids.request_id is not None:
-                # A body that decoded into a task (e.g. an unknown runtime) has timings; one
-                # that never parsed has none.
-                timings = (
-                    None
-                    if isinstance(exc, InvalidMessage)
-                    else PhaseClock(message.received_mono, message.queued_ms).timings()
-                )
-                self._finish(message, self._failed(ids, exc, None, message.attempt, timings))
-            else:
-                logger.warning(f"[FAIL][{exc.error_type}] message {message.message_id}: {exc}")
-                self._delete(message)
-
-    def _failed(
-        self,
-        ids: TaskIds,
-        exc: TaskError,
-        memory_mb: int | None,
-        attempt: int,
-        timings: Timings | None,
-    ) -> Result:
-        return result.failed(
-            ids,
-            exc.error_type,
-            str(exc),
-            memory_mb=memory_mb,
-            attempt=attempt,
-            worker_id=self.worker_id,
-            timings=timings,
-        )
-
-    def _existing(self, request_id: str) -> Result | None:
-        try:
-            return self.store.existing(request_id)
-        except ResultStoreUnavailable:
-            return None
-
-    def _dead_letter(self, message: Message, reason: str) -> bool:
-        """Copy to the dead-letter queue; False (message kept for later) when that failed."""
-        try:
-            self.queue.dead_letter(message, reason)
-            return True
-        except QueueUnavailable as exc:
-            logger.warning(
-                f"[SQS] could not copy {message.message_id} to the dead-letter queue: {exc}; "
-                "message kept, it comes back after the visibility timeout"
-            )
-            return False
-
-    def _delete(self, message: Message) -> None:
-        self.deleter.delete(message)
-
-    def _release(self, message: Message) -> None:
-        try:
-            self.queue.release(message)
-            logger.info(f"[SQS] released unstarted message {message.message_id}")
-        except QueueUnavailable as exc:
-            logger.warning(f"[SQS] could not release {message.message_id}: {exc}")
+            self.claims.release(claim)
+        except ResultStoreUnavailable as exc:  # it lapses with its lease
+            logger.warning(f"[REDIS] {exc}")
 
     # -- signals and liveness -----------------------------------------------------------------
 
@@ -394,7 +442,7 @@ class Worker:
         def beat() -> None:
             while True:
                 if time.monotonic() < self._alive_until:
-                    self.status.heartbeat()
+                    self.status.heartbeat(self.faults.reasons)
                     if self._runner_ready:  # pools refill in the background: report as they do
                         self.status.pools(self.runner.pool_stats())
                 time.sleep(1.0)

@@ -5,6 +5,11 @@ the result in an on-disk outbox (one file per requestId) that ``flush_outbox`` r
 Redis is back. Several worker processes may share one outbox directory; an entry is claimed
 by renaming it to ``<name>.json.sending-<pid>`` before it is sent, so each is sent by one
 process, and claims left by dead processes are taken over.
+
+The outbox drains oldest first without head-of-line blocking: while Redis is unavailable
+the flush stops (every entry would fail alike), but an entry Redis itself refuses is tried
+``MAX_ENTRY_TRIES`` times, then set aside as ``.failed-<name>`` and reported, and the
+entries behind it go on. The same publish deletes the task's ``claim:{requestId}``.
 """
 
 from __future__ import annotations
@@ -13,36 +18,28 @@ import hashlib
 import json
 import os
 import re
+import socket
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import redis
 from loguru import logger
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
-from common.errors import ResultStoreUnavailable
+from common.errors import ResultRejected, ResultStoreUnavailable
 
+from .claim import claim_key
+from .redislink import RedisLink
 from .result import Result
 
-CONNECT_TIMEOUT_SECONDS = 1.0
-OPERATION_TIMEOUT_SECONDS = 2.0
+MAX_ENTRY_TRIES = 5
+"""Sends of one outbox entry that Redis refuses before the entry is set aside."""
+PROBE_TTL_MS = 10_000
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_:-][A-Za-z0-9._:-]{0,127}")
 _CLAIM = re.compile(r"(?P<entry>.+\.json)\.sending-(?P<pid>\d+)")
-_REDIS_ERRORS = (redis.RedisError, OSError)
-
-
-def make_client(url: str) -> redis.Redis:
-    """A redis-py client that fails fast: short timeouts, no hidden retries (we retry ourselves)."""
-    return redis.Redis.from_url(
-        url,
-        socket_connect_timeout=CONNECT_TIMEOUT_SECONDS,
-        socket_timeout=OPERATION_TIMEOUT_SECONDS,
-        retry=Retry(NoBackoff(), 0),
-    )
 
 
 def encode(result: Result) -> bytes:
@@ -59,29 +56,32 @@ class ResultStore:
         ttl_seconds: int,
         outbox_dir: Path,
         *,
+        link: RedisLink | None = None,
         retry_seconds: float = 1.5,
         first_backoff_seconds: float = 0.05,
         rescan_seconds: float = 60.0,
         stale_claim_seconds: float = 300.0,
+        on_set_aside: Callable[[str], None] | None = None,
     ) -> None:
-        self._url = redis_url
+        self.link = link or RedisLink(redis_url)
         self._ttl = ttl_seconds
         self._outbox = Path(outbox_dir)
         self._retry_seconds = retry_seconds
         self._first_backoff = first_backoff_seconds
         self._rescan_seconds = rescan_seconds
         self._stale_claim_seconds = stale_claim_seconds
-        self._client: redis.Redis | None = None
+        self._on_set_aside = on_set_aside
+        self._tries: dict[str, int] = {}
+        """Refused sends per outbox entry, in this process."""
         # Starts true: entries may have been left by an earlier process.
         self._outbox_maybe_nonempty = True
         self._last_scan = 0.0
         self._flush_lock = threading.Lock()
+        self._probe_key = f"nanogrid:probe:{socket.gethostname()}:{os.getpid()}"
 
     def client(self) -> redis.Redis:
-        """The lazily created client (shareable, e.g. by ``autotuner.PeakHistory``)."""
-        if self._client is None:
-            self._client = make_client(self._url)
-        return self._client
+        """The current client (shareable, e.g. by ``autotuner.PeakHistory``)."""
+        return self.link.client()
 
     @property
     def outbox_pending(self) -> bool:
@@ -89,25 +89,28 @@ class ResultStore:
         return self._outbox_maybe_nonempty
 
     def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        self.link.close()
 
     def ping(self) -> bool:
         try:
-            return bool(self.client().ping())
-        except _REDIS_ERRORS:
+            return bool(self.link.call("ping", lambda c: c.ping()))
+        except ResultStoreUnavailable:
             return False
+
+    def writable(self) -> bool:
+        """True when Redis takes a write now (a read-only replica answers PING, not this)."""
+        try:
+            self.link.call("probe", lambda c: c.set(self._probe_key, 1, px=PROBE_TTL_MS))
+        except ResultStoreUnavailable:
+            return False
+        return True
 
     def existing(self, request_id: str) -> Result | None:
         """The stored result of ``request_id`` (duplicate delivery), or None.
 
         Raises ResultStoreUnavailable when Redis cannot answer.
         """
-        try:
-            raw = self.client().get(f"result:{request_id}")
-        except _REDIS_ERRORS as exc:
-            raise ResultStoreUnavailable(f"cannot read result:{request_id}: {exc}") from exc
+        raw = self.link.call(f"read result:{request_id}", lambda c: c.get(f"result:{request_id}"))
         if raw is None:
             return None
         try:
@@ -135,7 +138,7 @@ class ResultStore:
             attempts += 1
             try:
                 self._send(request_id, data)
-            except _REDIS_ERRORS as exc:
+            except ResultStoreUnavailable as exc:
                 error = exc
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -161,7 +164,8 @@ class ResultStore:
         return False
 
     def flush_outbox(self) -> int:
-        """Re-send outbox entries, oldest first; stop at the first failure. Returns how many went.
+        """Re-send outbox entries, oldest first; returns how many went. Stops when Redis is
+        unavailable; an entry Redis refuses is skipped (set aside after MAX_ENTRY_TRIES).
 
         Cheap when nothing is pending: the directory is scanned only after a local outbox
         write, after a failed flush, or every ``rescan_seconds`` (entries of other processes).
@@ -183,7 +187,7 @@ class ResultStore:
                         break
                     sent += outcome is True
                 else:
-                    self._outbox_maybe_nonempty = False
+                    self._outbox_maybe_nonempty = bool(self._tries)
             except OSError as exc:
                 logger.error("[REDIS] outbox {} unreadable: {}", self._outbox, exc)
                 self._outbox_maybe_nonempty = True
@@ -191,12 +195,24 @@ class ResultStore:
                 logger.info("[REDIS] outbox re-sent {} results", sent)
             return sent
 
+    @property
+    def pending_entries(self) -> int:
+        """Entries of this process that Redis refused and that wait for another try."""
+        return len(self._tries)
+
     def _send(self, request_id: str, data: bytes) -> None:
+        """SET + PUBLISH + DEL the claim in one transaction; ResultStoreUnavailable or
+        ResultRejected when Redis did not take it."""
         key = f"result:{request_id}"
-        pipe = self.client().pipeline(transaction=True)
-        pipe.set(key, data, ex=self._ttl)
-        pipe.publish(key, data)
-        pipe.execute()
+
+        def send(client: redis.Redis) -> None:
+            pipe = client.pipeline(transaction=True)
+            pipe.set(key, data, ex=self._ttl)
+            pipe.publish(key, data)
+            pipe.delete(claim_key(request_id))
+            pipe.execute()
+
+        self.link.call(f"publish {key}", send)
 
     def _write_outbox(self, request_id: str, data: bytes) -> Path:
         self._outbox.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -264,28 +280,49 @@ class ResultStore:
         return claimed
 
     def _resend(self, claimed: Path, name: str) -> bool | None:
-        """Send one claimed entry: True when sent, None when it was unusable and set aside,
-        False when Redis refused it (the entry is handed back, un-claimed)."""
+        """Send one claimed entry: True when sent; None when it was skipped (unusable or
+        refused by Redis: set aside, or handed back for a later flush); False when Redis is
+        unavailable (handed back, un-claimed: the flush stops)."""
+        base = _CLAIM.fullmatch(claimed.name)
+        entry = base["entry"] if base else name
         data = claimed.read_bytes()
         try:
             request_id = str(json.loads(data).get("requestId", ""))
         except (ValueError, AttributeError):
-            bad = claimed.with_name(f".bad-{name}")
-            os.replace(claimed, bad)
-            logger.error("[REDIS] outbox entry {} is not a result; moved to {}", name, bad)
+            self._set_aside(claimed, f".bad-{entry}", "is not a result")
             return None
         try:
             self._send(request_id, data)
-        except _REDIS_ERRORS as exc:
-            base = _CLAIM.fullmatch(claimed.name)
-            os.replace(claimed, self._outbox / (base["entry"] if base else name))
+        except ResultRejected as exc:
+            tries = self._tries.get(entry, 0) + 1
+            if tries >= MAX_ENTRY_TRIES:
+                self._tries.pop(entry, None)
+                self._set_aside(claimed, f".failed-{entry}", f"refused {tries} times ({exc})")
+            else:
+                self._tries[entry] = tries
+                os.replace(claimed, self._outbox / entry)
+                logger.warning("[REDIS] outbox entry {} refused (try {} of {}): {}",
+                               entry, tries, MAX_ENTRY_TRIES, exc)
+            return None
+        except ResultStoreUnavailable as exc:
+            os.replace(claimed, self._outbox / entry)
             logger.debug("[REDIS] outbox flush stopped: still unavailable ({})", exc)
             return False
+        self._tries.pop(entry, None)
         claimed.unlink(missing_ok=True)
         logger.bind(requestId=request_id).info(
             "[REDIS] published result:{} from outbox ({} bytes)", request_id, len(data)
         )
         return True
+
+
+    def _set_aside(self, claimed: Path, new_name: str, why: str) -> None:
+        target = claimed.with_name(new_name)
+        os.replace(claimed, target)
+        message = f"outbox entry {target.name.split('-', 1)[1]} {why}; set aside as {target}"
+        logger.error("[REDIS] {}", message)
+        if self._on_set_aside is not None:
+            self._on_set_aside(message)
 
 
 def _entry_name(request_id: str) -> str:

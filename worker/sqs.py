@@ -2,11 +2,14 @@
 
 boto3 finds the endpoint and credentials through its own chain (``AWS_ENDPOINT_URL``,
 instance profile), so the same code serves real SQS and a local emulator; the region is the
-one the agent resolved at start (common/awsregion.py).
+one the agent resolved at start (common/awsregion.py). Heartbeats have a client of their own
+with short timeouts and few retries: a renewal stuck behind a long poll or a slow connection
+would let a running message become visible.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from dataclasses import dataclass, field
@@ -20,6 +23,15 @@ from loguru import logger
 from common.config import QueueConfig
 from common.errors import QueueUnavailable
 
+from .leases import LeaseKeeper
+
+DEAD_LETTER_REASON_CHARS = 256
+"""The reason a dead-letter copy carries is cut here: attributes count against the size limit."""
+HEARTBEAT_TIMEOUTS_S = (2, 5)
+"""Connect and read timeouts of the heartbeat client."""
+HEARTBEAT_RETRY_S = 1.0
+"""A failed visibility renewal is tried again this soon."""
+
 
 @dataclass(frozen=True)
 class Message:
@@ -27,7 +39,8 @@ class Message:
     receipt_handle: str
     body: str
     attempt: int
-    """ApproximateReceiveCount: 1 on the first delivery."""
+    """ApproximateReceiveCount: 1 on the first delivery (``max_attempts`` when SQS did not
+    say: a message of unknown history gets no retries)."""
     received_at: float = field(default_factory=time.time)
     """Epoch seconds when this worker received it."""
     received_mono: float = field(default_factory=time.monotonic)
@@ -43,22 +56,75 @@ class Message:
         return max(0.0, (self.received_at - self.sent_at) * 1000)
 
 
+def make_client(
+    connect_timeout: float, read_timeout: float, tries: int, region: str | None = None
+) -> Any:
+    """An SQS client with these timeouts and at most ``tries`` tries per call (retries
+    included)."""
+    return boto3.client(
+        "sqs",
+        region_name=region,
+        config=BotoConfig(
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            retries={"total_max_attempts": tries, "mode": "standard"},
+        ),
+    )
+
+
 class TaskQueue:
     def __init__(self, config: QueueConfig, client: Any = None, region: str | None = None) -> None:
         self.config = config
-        self._client = client or boto3.client(
-            "sqs",
-            region_name=region,
-            config=BotoConfig(
-                connect_timeout=2,
-                read_timeout=config.wait_time_seconds + 10,
-                retries={"max_attempts": 2, "mode": "standard"},
-            ),
+        self._client = client or make_client(
+            2, config.wait_time_seconds + 10, tries=3, region=region
         )
+
+    @classmethod
+    def for_heartbeats(cls, config: QueueConfig, region: str | None = None) -> TaskQueue:
+        """A queue on a client of its own with short timeouts, for visibility renewals."""
+        return cls(config, make_client(*HEARTBEAT_TIMEOUTS_S, tries=2, region=region))
 
     def check(self) -> None:
         """Fail fast at boot when the queue cannot be reached."""
         self._call("get_queue_attributes", QueueUrl=self.config.url, AttributeNames=["QueueArn"])
+
+    def check_dead_letter(self) -> list[str]:
+        """What is wrong with the dead-letter set-up, one line each (empty when all is well).
+
+        The dead-letter queue must exist and take plain messages (a FIFO queue refuses them),
+        and the task queue's own redrive policy must not move a message to its dead-letter
+        queue before this agent has had its ``max_attempts`` tries.
+        """
+        problems = []
+        url = self.config.dead_letter_url
+        if url is not None:
+            try:
+                attrs = self._call(
+                    "get_queue_attributes", QueueUrl=url, AttributeNames=["FifoQueue"]
+                ).get("Attributes", {})
+                if attrs.get("FifoQueue") == "true":
+                    problems.append(
+                        f"queue.dead_letter_url {url} is a FIFO queue: it refuses the copies"
+                    )
+            except QueueUnavailable as exc:
+                problems.append(
+                    f"queue.dead_letter_url {url} cannot be used ({exc}): copies will fail"
+                )
+        try:
+            attrs = self._call(
+                "get_queue_attributes", QueueUrl=self.config.url, AttributeNames=["RedrivePolicy"]
+            ).get("Attributes", {})
+            redrive = json.loads(attrs.get("RedrivePolicy") or "{}")
+            count = int(redrive.get("maxReceiveCount", 0))
+        except (QueueUnavailable, ValueError, TypeError, AttributeError) as exc:
+            problems.append(f"cannot read the task queue's redrive policy: {exc}")
+            return problems
+        if count and count < self.config.max_attempts:
+            problems.append(
+                f"the task queue's redrive policy moves a message to its dead-letter queue "
+                f"after {count} receives, before queue.max_attempts ({self.config.max_attempts})"
+            )
+        return problems
 
     def receive(self, max_messages: int = 1, wait_seconds: int | None = None) -> list[Message]:
         """Long-poll for up to ``max_messages`` (``wait_time_seconds`` unless told otherwise)."""
@@ -77,13 +143,25 @@ class TaskQueue:
                 message_id=m["MessageId"],
                 receipt_handle=m["ReceiptHandle"],
                 body=m.get("Body", ""),
-                attempt=int(m.get("Attributes", {}).get("ApproximateReceiveCount", "1")),
+                attempt=self._attempt(m),
                 received_at=received_at,
                 received_mono=received_mono,
                 sent_at=_epoch_s(m.get("Attributes", {}).get("SentTimestamp")),
             )
             for m in reply.get("Messages", [])
         ]
+
+    def _attempt(self, message: dict[str, Any]) -> int:
+        count = message.get("Attributes", {}).get("ApproximateReceiveCount")
+        try:
+            return max(1, int(count))
+        except (TypeError, ValueError):
+            logger.warning(
+                f"[SQS] message {message.get('MessageId')} came without a valid "
+                f"ApproximateReceiveCount ({count!r}); treating it as its last attempt "
+                f"({self.config.max_attempts})"
+            )
+            return self.config.max_attempts
 
     def delete(self, message: Message) -> None:
         self._call("delete_message", QueueUrl=self.config.url, ReceiptHandle=message.receipt_handle)
@@ -114,19 +192,28 @@ class TaskQueue:
             VisibilityTimeout=seconds,
         )
 
-    def dead_letter(self, message: Message, reason: str) -> None:
-        """Copy the message to the dead-letter queue (when one is configured)."""
+    def dead_letter(self, message: Message, reason: str) -> bool:
+        """Copy the message to the dead-letter queue; False when none is configured.
+
+        The copy is the body as received plus three short attributes (the reason cut at
+        DEAD_LETTER_REASON_CHARS), so a body near SQS's size limit still fits.
+        """
         if self.config.dead_letter_url is None:
-            return
+            return False
         self._call(
             "send_message",
             QueueUrl=self.config.dead_letter_url,
             MessageBody=message.body or "<empty>",
             MessageAttributes={
-                "nanogridError": {"DataType": "String", "StringValue": reason[:1000]},
+                "nanogridError": {
+                    "DataType": "String",
+                    "StringValue": reason[:DEAD_LETTER_REASON_CHARS] or "-",
+                },
                 "originalMessageId": {"DataType": "String", "StringValue": message.message_id},
+                "receiveCount": {"DataType": "Number", "StringValue": str(message.attempt)},
             },
         )
+        return True
 
     def _call(self, operation: str, **params: Any) -> Any:
         try:
@@ -135,41 +222,18 @@ class TaskQueue:
             raise QueueUnavailable(f"SQS {operation} failed: {exc}") from None
 
 
-class VisibilityHeartbeat:
-    """Keeps the message being run invisible while the run lasts (ChangeMessageVisibility)."""
+class VisibilityHeartbeat(LeaseKeeper[Message]):
+    """Keeps the messages being run invisible while their runs last (ChangeMessageVisibility
+    every third of the visibility timeout, on ``queue``'s client: give it one of its own)."""
 
     def __init__(self, queue: TaskQueue) -> None:
         self._queue = queue
-        self._period = max(1.0, queue.config.visibility_timeout_seconds / 3)
-        self._current: Message | None = None
-        self._since = 0.0
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="sqs-visibility", daemon=True)
-        self._thread.start()
+        timeout = queue.config.visibility_timeout_seconds
+        super().__init__("SQS visibility", timeout / 3, self._extend, HEARTBEAT_RETRY_S)
 
-    def track(self, message: Message | None) -> None:
-        with self._lock:
-            self._current = message
-            self._since = time.monotonic()
-
-    def stop(self) -> None:
-        self._wake.set()
-        self._thread.join(timeout=5)
-
-    def _loop(self) -> None:
-        while not self._wake.wait(self._period / 4):
-            with self._lock:
-                message = self._current
-                due = message is not None and time.monotonic() - self._since >= self._period
-                if due:
-                    self._since = time.monotonic()
-            if due:
-                try:
-                    self._queue.extend(message, self._queue.config.visibility_timeout_seconds)
-                    logger.debug(f"[SQS] visibility of {message.message_id} extended")
-                except QueueUnavailable as exc:
-                    logger.warning(f"[SQS] could not extend visibility: {exc}")
+    def _extend(self, message: Message) -> None:
+        self._queue.extend(message, self._queue.config.visibility_timeout_seconds)
+        logger.debug(f"[SQS] visibility of {message.message_id} extended")
 
 
 SQS_BATCH_MAX = 10

@@ -21,6 +21,7 @@ FINISHED = "finished"
 ENDED = "ended"
 """A run that ended without a result to report (its message kept for a retry)."""
 POOLS = "pools"
+FAULT = "fault"
 
 RESULT_FIELDS = (
     "requestId", "functionId", "status", "errorType", "durationMillis", "peakMemoryBytes",
@@ -39,8 +40,12 @@ class StatusReporter:
         self.dropped = 0
         os.set_blocking(fd, False)
 
-    def heartbeat(self) -> None:
-        self._send({"type": HEARTBEAT, "dropped": self.dropped})
+    def heartbeat(self, degraded: list[str] | None = None) -> None:
+        """Alive; ``degraded`` is why no new work is taken (empty when all is well)."""
+        self._send({"type": HEARTBEAT, "dropped": self.dropped, "degraded": degraded or []})
+
+    def fault(self, kind: str, message: str) -> None:
+        self._send({"type": FAULT, "kind": kind, "message": message})
 
     def booted(self) -> None:
         self._send({"type": BOOTED})

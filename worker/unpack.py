@@ -7,7 +7,8 @@ each file is created with ``O_EXCL|O_NOFOLLOW`` relative to an already-opened di
 (so no path component is ever resolved through a symlink), and the unpacked bytes are
 counted as they are produced, which is what stops a zip bomb whatever its headers claim.
 Any problem with the package raises ``InvalidCodePackage`` with one line naming the entry,
-after removing whatever was already written.
+after removing whatever was already written; a full or failing work directory raises
+``HostFault`` (the host's problem, not the package's).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import zlib
 from pathlib import Path
 
 from common.config import LimitsConfig
-from common.errors import InvalidCodePackage
+from common.errors import InvalidCodePackage, host_fault
 
 CHUNK = 64 * 1024
 FILE_MODE = 0o644
@@ -52,11 +53,16 @@ def extract(zip_path: Path, dest: Path, limits: LimitsConfig) -> int:
         raise InvalidCodePackage(
             f"code zip is larger than {limits.max_zip_bytes} bytes ({size} bytes)"
         )
-    created = _make_dest(dest)
+    try:
+        created = _make_dest(dest)
+    except OSError as exc:
+        raise host_fault(exc, f"work dir {dest}") or exc from None
     try:
         return _extract(zip_path, dest, limits)
-    except BaseException:
+    except BaseException as exc:
         _cleanup(dest, created)
+        if isinstance(exc, OSError) and (fault := host_fault(exc, f"work dir {dest}")):
+            raise fault from None
         raise
 
 

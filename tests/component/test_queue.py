@@ -39,12 +39,12 @@ def test_heartbeat_keeps_a_long_run_invisible(aws: Any) -> None:
     queue = make_queue(aws, visibility_timeout_seconds=2)
     aws.sqs().send_message(QueueUrl=queue.config.url, MessageBody="long run")
     (message,) = queue.receive()
-    heartbeat = VisibilityHeartbeat(queue)
+    heartbeat = VisibilityHeartbeat(TaskQueue.for_heartbeats(queue.config))
     try:
-        heartbeat.track(message)
+        heartbeat.add(message)
         time.sleep(3.5)  # well past the 2 s visibility timeout
         assert queue.receive(wait_seconds=0) == []
-        heartbeat.track(None)
+        heartbeat.discard(message)
         time.sleep(2.5)
         (back,) = queue.receive(wait_seconds=1)
         assert back.message_id == message.message_id

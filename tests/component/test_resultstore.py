@@ -246,3 +246,33 @@ def test_a_corrupt_outbox_entry_is_set_aside_not_retried_forever(
     assert store.flush_outbox() == 1
     assert sorted(p.name for p in outbox.iterdir()) == [".bad-junk.json"]
     assert store.existing("good") == result("good")
+
+
+def test_an_entry_redis_keeps_refusing_is_set_aside_without_blocking_the_rest(
+    redis_server: Any, redis_url: str, tmp_path: Path
+) -> None:
+    # An ACL user that may not write result:refused-*: Redis refuses that one entry (NOPERM)
+    # while it takes every other.
+    admin = redis_server.client()
+    user = f"outbox-{os.getpid()}"
+    admin.acl_setuser(user, enabled=True, passwords=["+pw"], categories=["+@all"],
+                      keys=["result:ok-*", "claim:*", "nanogrid:*"], channels=["*"])
+    url = f"redis://{user}:pw@127.0.0.1:{redis_server.port}/0"
+    outbox = tmp_path / "outbox"
+    down = ResultStore("redis://127.0.0.1:1/0", TTL, outbox, retry_seconds=0)
+    for age, request_id in enumerate(["refused-1", "ok-1", "ok-2"]):  # the refused one first
+        down.publish(result(request_id))
+        os.utime(outbox / f"{request_id}.json", ns=(age * 10**9, age * 10**9))
+    reported: list[str] = []
+    try:
+        store = ResultStore(url, TTL, outbox, on_set_aside=reported.append)
+        assert store.flush_outbox() == 2  # the two behind it went out
+        assert admin.exists("result:ok-1", "result:ok-2") == 2
+        for _ in range(10):
+            store.flush_outbox()
+    finally:
+        admin.acl_deluser(user)
+    assert [p.name for p in outbox.iterdir()] == [".failed-refused-1.json"]
+    (message,) = reported
+    assert "refused-1.json refused 5 times" in message and "no permissions" in message
+    assert not store.outbox_pending

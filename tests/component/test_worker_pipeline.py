@@ -12,6 +12,7 @@ import multiprocessing
 import os
 import signal
 import tempfile
+import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -378,20 +379,29 @@ def test_duplicate_delivery_republishes_without_running_again(agent: Agent) -> N
     wait_until(lambda: agent.queue_depth() == 0, timeout=5, what="the message to be deleted")
 
 
-def test_redis_outage_keeps_results_in_the_outbox_until_it_returns(
+def test_redis_outage_keeps_results_in_the_outbox_and_takes_no_new_work(
     agent: Agent, redis_server: Any
 ) -> None:
-    task = agent.task(agent.deploy({"main.py": HELLO}))
-    redis_server.stop()
+    slow = agent.task(agent.deploy({"main.py": "import time\ntime.sleep(1.5)\nprint('ok')\n"}))
+    later = agent.task(agent.deploy({"main.py": HELLO}))
+    agent.send_raw(json.dumps(slow))
+    wait_until(lambda: "[PROCESS] running" in agent.log.read_text(), timeout=15, what="the run")
+    redis_server.stop()  # mid-run: its result can only go to the outbox
     try:
-        agent.send_raw(json.dumps(task))
         outbox = Path(agent.config.paths.outbox_dir)
         wait_until(lambda: any(outbox.iterdir()), timeout=20, what="the result in the outbox")
         wait_until(lambda: agent.queue_depth() == 0, timeout=10, what="the message to be deleted")
+        agent.send_raw(json.dumps(later))
+        time.sleep(3)  # a worker taking work would have run it by now
+        assert agent.queue_depth() == 1  # left for a worker (or host) that can publish
+        assert agent.log.read_text().count("[PROCESS] running") == 1
+        assert "[DEGRADED] redis: results cannot be written" in agent.log.read_text()
     finally:
         redis_server.start()
-    assert agent.result(task["requestId"])["status"] == "SUCCESS"
-    assert agent.log.read_text().count("[PROCESS] running") == 1
+    assert agent.result(slow["requestId"])["stdout"] == "ok\n"
+    assert agent.result(later["requestId"])["status"] == "SUCCESS"
+    assert agent.log.read_text().count("[PROCESS] running") == 2
+    assert "[DEGRADED] over: redis works again" in agent.log.read_text()
 
 
 def test_metrics_reach_cloudwatch(agent: Agent) -> None:

@@ -5,7 +5,8 @@
 ``FakeAgent`` starts it in its own session and talks to it over signals, HTTP and files.
 Behaviours: ``steady`` (beats until SIGTERM), ``busy`` (runs one task of RUN_S first, even
 through SIGTERM), ``crash`` (exits 1 after booting), ``bootfail`` (exits EXIT_BOOT_ERROR),
-``raise`` (raises), ``hang`` (stops beating, ignores SIGTERM), ``stubborn`` (ignores SIGTERM).
+``raise`` (raises), ``hang`` (stops beating, ignores SIGTERM), ``stubborn`` (ignores SIGTERM),
+``degraded`` (reports a failed dead-letter copy, then beats saying Redis cannot take results).
 Each fake worker reads its behaviour from DIR/behaviour when it starts (the test may change
 the file between spawns) and appends what it does to DIR/events, one line per event:
 ``<event> <index> <pid> <monotonic seconds>``. The sandbox cleanup is faked the same way.
@@ -43,6 +44,7 @@ from worker.status import StatusReporter  # noqa: E402
 BEAT_S = 0.05
 RUN_S = 1.0
 """How long a fake task of the ``busy`` behaviour runs."""
+REDIS_DOWN = "READONLY You can't write against a read only replica."
 
 
 def record(directory: Path, event: str, index: int) -> None:
@@ -76,10 +78,14 @@ def fake_worker(directory: Path):  # noqa: ANN201 - returns the worker main
         if behaviour == "busy":
             run_task(status, index)
             record(directory, "finished", index)
+        degraded = []
+        if behaviour == "degraded":
+            status.fault("dead_letter_copy", "dead-letter copy of message m1 failed: no queue")
+            degraded = [f"redis: results cannot be written ({REDIS_DOWN}); taking no new work"]
         started = time.monotonic()
         while not stopping:
             if behaviour != "hang" or time.monotonic() - started < 0.3:
-                status.heartbeat()
+                status.heartbeat(degraded)
             time.sleep(BEAT_S)
         record(directory, "exit", index)
         return 0

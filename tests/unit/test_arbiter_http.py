@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fake_agent import RUN_S, FakeAgent
+from fake_agent import REDIS_DOWN, RUN_S, FakeAgent
 from helpers import wait_until
 
 WORKER_FIELDS = {
@@ -82,6 +82,26 @@ def test_metrics_content_type_and_unknown_paths(agent: FakeAgent) -> None:
         assert reply.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
     code, body = agent.get("/nope")
     assert code == 404 and "/status" in json.loads(body)["error"]
+
+
+def test_health_is_degraded_naming_redis_while_workers_cannot_write_results(
+    agent: FakeAgent,
+) -> None:
+    agent.behave("degraded")
+    agent.start()
+    code, body = wait_until(  # both workers have said so
+        lambda: (reply := agent.get("/health")) and reply[1].count("redis:") == 2 and reply,
+        timeout=5,
+    )
+    health = json.loads(body)
+    assert code == 200 and health["status"] == "DEGRADED"
+    assert [r.split(":")[0] for r in health["reasons"]] == ["worker 0", "worker 1"]
+    assert all(f"redis: results cannot be written ({REDIS_DOWN})" in r for r in health["reasons"])
+    workers = agent.status()["workers"]
+    assert all(w["degraded"] and w["faults"]["dead_letter_copy"]["count"] == 1 for w in workers)
+    assert "no queue" in workers[0]["faults"]["dead_letter_copy"]["last"]
+    _, metrics = agent.get("/metrics")
+    assert 'nanogrid_worker_faults_total{kind="dead_letter_copy"} 2' in metrics
 
 
 def test_health_is_down_while_no_worker_could_boot(agent: FakeAgent) -> None:

@@ -65,3 +65,31 @@ def test_peek_ids_only_returns_valid_ids() -> None:
     assert task.peek_ids(body(runtime="cobol")) == TaskIds("req-1:a.b_c", "hello-python", "cobol")
     assert task.peek_ids(body(requestId="bad id")) == TaskIds(None, "hello-python", "python")
     assert task.peek_ids("nope") == TaskIds(None) and task.peek_ids("[]") == TaskIds(None)
+
+
+DEEP = "[" * 50_000 + "]" * 50_000
+
+
+@pytest.mark.parametrize(
+    ("raw", "needle", "request_id"),
+    [
+        (body(inputData="\ud800"), "inputData: not valid Unicode", "req-1:a.b_c"),
+        (body(s3Key="k\udfff"), "s3Key: not valid Unicode", "req-1:a.b_c"),
+        (DEEP, "nested too deeply", None),
+        (body()[:-1] + f', "inputData": {DEEP}}}', "nested too deeply", "req-1:a.b_c"),
+        (body()[:-1] + ', "memoryMb": 1' + "0" * 5000 + "}", "4300 digits", "req-1:a.b_c"),
+        (body()[:-1] + ', "inputData": NaN}', "NaN is not a JSON value", "req-1:a.b_c"),
+        ("x" * (task.MAX_BODY_BYTES + 1), "more than SQS's", None),
+        ("", "not JSON", None),
+        ("null", "JSON object, got NoneType", None),
+    ],
+    ids=["surrogate", "surrogate-key", "deep", "deep-input", "digits", "nan", "huge", "empty",
+         "null"],
+)
+def test_poison_bodies_raise_only_invalid_message(
+    raw: str, needle: str, request_id: str | None
+) -> None:
+    with pytest.raises(InvalidMessage, match=needle) as caught:
+        task.parse(raw, CFG)
+    assert "\n" not in str(caught.value) and len(str(caught.value)) < 300
+    assert task.peek_ids(raw).request_id == request_id

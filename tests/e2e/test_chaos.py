@@ -1,0 +1,182 @@
+"""Faults through the real supervisor: poison bodies, a refused dead-letter copy, and a chaos
+soak (workers SIGKILLed every ~1.5 s, redis-server restarted once) that must still end every
+task with exactly its function's own result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import RedisServer, wait_until
+from poison import POISON
+from supervised import Agent
+
+pytestmark = pytest.mark.usefixtures("pids_limited_tests")  # own cgroups for our sandboxes
+
+
+def metrics(agent: Agent) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{agent.port}/metrics", timeout=5) as reply:
+        return reply.read().decode()
+
+
+def dead_letters(agent: Agent, url: str, count: int) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = []
+
+    def more() -> bool:
+        reply = agent.aws.sqs().receive_message(
+            QueueUrl=url, MaxNumberOfMessages=10, WaitTimeSeconds=1, MessageAttributeNames=["All"]
+        )
+        found.extend(reply.get("Messages", []))
+        return len(found) >= count
+
+    wait_until(more, timeout=20, what=f"{count} dead-letter copies")
+    return found
+
+
+def with_queue(agent: Agent, **changes: Any) -> None:
+    agent.write_config(queue={**agent.settings["queue"], **changes})
+
+
+def test_poison_bodies_never_restart_a_supervised_worker(agents: Any) -> None:
+    agent = agents()
+    dlq = agent.aws.new_queue("e2e-dlq")
+    with_queue(agent, dead_letter_url=dlq)
+    agent.start()
+    for body, _ in POISON.values():
+        agent.aws.sqs().send_message(QueueUrl=agent.queue_url, MessageBody=body)
+    letters = dead_letters(agent, dlq, len(POISON))
+    assert sorted(m["Body"] for m in letters) == sorted(body for body, _ in POISON.values())
+    # Each ended on its first receive: within one visibility timeout.
+    assert {m["MessageAttributes"]["receiveCount"]["StringValue"] for m in letters} == {"1"}
+    for _, request_id in POISON.values():
+        if request_id is not None:
+            assert agent.result(request_id, timeout=5)["status"] == "FAILED"
+    status = agent.status()
+    assert [w["restarts"] for w in status["workers"]] == [0, 0]
+    assert status["restartsTotal"] == 0
+    assert agent.run(agent.deploy("print('still here')\n"))["stdout"] == "still here\n"
+    assert "Traceback" not in agent.log.read_text()
+
+
+def test_a_refused_dead_letter_copy_is_counted_in_metrics_and_status(agents: Any) -> None:
+    agent = agents(workers=1)
+    gone = agent.aws.new_queue("gone")
+    agent.aws.sqs().delete_queue(QueueUrl=gone)
+    with_queue(agent, dead_letter_url=gone)
+    agent.start()
+    agent.aws.sqs().send_message(QueueUrl=agent.queue_url, MessageBody='{"requestId": "r-x"}')
+    assert agent.result("r-x", timeout=10)["errorType"] == "INVALID_MESSAGE"
+    wait_until(lambda: 'nanogrid_worker_faults_total{kind="dead_letter_copy"} 1' in metrics(agent),
+               timeout=5, what="the refused copy counted")
+    (worker,) = agent.status()["workers"]
+    assert "r-x" not in worker["faults"]["dead_letter_copy"]["last"]  # names the message id
+    assert worker["faults"]["dead_letter_copy"]["count"] == 1
+    assert "cannot be used" in agent.log.read_text()  # said at boot
+
+
+class PersistentRedis(RedisServer):
+    """redis-server that keeps its data across a restart (AOF, fsync on every write)."""
+
+    def command(self) -> list[str]:
+        return [*super().command(), "--appendonly", "yes", "--appendfsync", "always"]
+
+
+FUNCTIONS = {
+    "hello": ("print('hello')\n", ("SUCCESS", None, "hello\n")),
+    "sleep": ("import time\ntime.sleep(0.05)\nprint('slept')\n", ("SUCCESS", None, "slept\n")),
+    "fail": ("import sys\nsys.exit(3)\n", ("FAILED", "FUNCTION_ERROR", "")),
+}
+TASKS = 300
+KILL_EVERY_S = 1.5
+
+
+def test_chaos_soak_every_task_ends_with_its_own_result(
+    agents: Any, tmp_path: Path, record_property: Any
+) -> None:
+    store = PersistentRedis(tmp_path)
+    store.start()
+    agent = agents(workers=3, redis={"url": store.url}, runtimes={"python": {"warm": 3}})
+    # The soak kills far more often than any host dies: more tries than the default 3.
+    with_queue(agent, max_attempts=10)
+    agent.start()
+    keys = {name: agent.deploy(code) for name, (code, _) in FUNCTIONS.items()}
+    tasks = [agent.task(keys[name], functionId=name) for name in list(FUNCTIONS) * (TASKS // 3)]
+    random.Random(7).shuffle(tasks)
+    started = time.monotonic()
+    for start in range(0, len(tasks), 10):
+        agent.aws.sqs().send_message_batch(QueueUrl=agent.queue_url, Entries=[
+            {"Id": str(i), "MessageBody": json.dumps(t)}
+            for i, t in enumerate(tasks[start:start + 10])
+        ])
+    kills: list[int] = []
+    stop = threading.Event()
+
+    def chaos() -> None:
+        while not stop.wait(KILL_EVERY_S):
+            alive = list(agent.alive().values())
+            if alive:
+                victim = random.choice(alive)
+                os.kill(victim, signal.SIGKILL)
+                kills.append(victim)
+
+    thread = threading.Thread(target=chaos, daemon=True)
+    thread.start()
+    client = store.client()
+    restarted = False
+
+    def all_stored() -> bool:
+        nonlocal restarted
+        if not restarted and time.monotonic() - started > 4:
+            # From this thread: a peer started by a thread dies with it (PR_SET_PDEATHSIG).
+            store.stop()  # SIGTERM: redis-server writes its AOF out and exits
+            store.start()
+            restarted = True
+        return all(client.exists(f"result:{t['requestId']}") for t in tasks)
+
+    try:
+        wait_until(all_stored, timeout=50, interval=0.5, what="a result for every task")
+    finally:
+        stop.set()
+        thread.join()
+    elapsed = time.monotonic() - started
+    wait_until(lambda: _depth(agent) == 0, timeout=30, what="an empty task queue")
+    emptied = time.monotonic() - started
+    for t in tasks:
+        result = json.loads(client.get(f"result:{t['requestId']}"))
+        status, error_type, stdout = FUNCTIONS[t["functionId"]][1]
+        assert (result["status"], result["errorType"], result["stdout"]) == (
+            status, error_type, stdout), result
+    restarts = agent.status()["restartsTotal"]
+    log = agent.log.read_text()
+    reruns = sum(n - 1 for n in _runs(log).values() if n > 1)
+    record_property("chaos_seconds", round(elapsed, 1))
+    print(f"chaos: {TASKS} tasks in {elapsed:.1f}s (queue empty at {emptied:.1f}s), "
+          f"{len(kills)} workers SIGKILLed "
+          f"({restarts} restarts), redis restarted once; {reruns} runs repeated after a kill")
+    assert len(kills) >= 3 and restarted
+    store.stop()
+
+
+def _depth(agent: Agent) -> int:
+    attrs = agent.aws.sqs().get_queue_attributes(
+        QueueUrl=agent.queue_url,
+        AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
+    )["Attributes"]
+    return sum(int(v) for v in attrs.values())
+
+
+def _runs(log: str) -> dict[str, int]:
+    runs: dict[str, int] = {}
+    for request_id in re.findall(r"\| (\S+) \| \[PROCESS\] running ", log):
+        runs[request_id] = runs.get(request_id, 0) + 1
+    return runs

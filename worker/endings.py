@@ -1,0 +1,183 @@
+"""How a message ends: its result published (or kept in the outbox), then a dead-letter copy
+when its error's class asks for one, then the delete; or it is handed back to the queue.
+
+Results come before dead letters: a copy that fails is logged and counted and does not
+keep the message, whose FAILED result is out already. Nothing here keeps per-message state,
+so several threads may end messages at once.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from loguru import logger
+
+from common.config import Config
+from common.errors import (
+    InvalidMessage,
+    QueueUnavailable,
+    ResultStoreUnavailable,
+    TaskError,
+    as_task_error,
+)
+
+from . import faults as kinds
+from . import result, task
+from .cloudwatch import MetricsPublisher
+from .dispositions import Disposition, decide
+from .faults import FaultBoard
+from .phases import PhaseClock
+from .result import Result, TaskIds, Timings
+from .resultstore import ResultStore
+from .sqs import BatchDeleter, Message, TaskQueue
+
+if TYPE_CHECKING:
+    from .status import StatusReporter
+
+MAX_VISIBILITY_S = 43200
+"""SQS's longest visibility timeout (12 hours)."""
+
+
+class Endings:
+    def __init__(
+        self,
+        config: Config,
+        worker_id: str,
+        queue: TaskQueue,
+        store: ResultStore,
+        deleter: BatchDeleter,
+        metrics: MetricsPublisher,
+        faults: FaultBoard,
+        status: StatusReporter | None = None,
+    ) -> None:
+        self.config = config
+        self.worker_id = worker_id
+        self.queue = queue
+        self.store = store
+        self.deleter = deleter
+        self.metrics = metrics
+        self.faults = faults
+        self.status = status
+
+    def finish(self, message: Message, res: Result, dead_letter: bool = False) -> None:
+        """Publish the result, then (when asked) copy the message to the dead-letter queue,
+        then delete it. Only a result that could not be kept anywhere keeps the message."""
+        if not self.publish(res):
+            return
+        if dead_letter:
+            self.dead_letter(message, res.error_message or "")
+        self.metrics.record(
+            res.function_id or "unknown",
+            duration_ms=res.duration_millis,
+            peak_memory_bytes=res.peak_memory_bytes,
+            status=res.status,
+            error_type=res.error_type,
+            cold_start=res.cold_start,
+        )
+        self.delete(message)
+        if self.status:
+            self.status.task_finished(res)
+        if res.ok:
+            logger.info(f"[DONE][OK] {res.request_id} in {res.duration_millis:.1f} ms")
+        else:
+            logger.warning(f"[FAIL][{res.error_type}] {res.request_id}: {res.error_message}")
+
+    def republish(self, message: Message, stored: Result) -> None:
+        if self.publish(stored):
+            self.delete(message)
+
+    def publish(self, res: Result) -> bool:
+        """Publish (or keep in the outbox); False only when the result could not be kept."""
+        try:
+            self.store.publish(res)
+            return True
+        except ResultStoreUnavailable as exc:  # neither Redis nor the outbox took it
+            logger.error(
+                f"[REDIS] result of {res.request_id} could not be kept: {exc}; "
+                "the message stays on the queue"
+            )
+            return False
+
+    def refuse(self, message: Message, exc: TaskError) -> None:
+        """A message that can never run: a result when it names a requestId; dead-letter; delete."""
+        ids = task.peek_ids(message.body)
+        dead_letter = decide(exc, message.attempt, self.config.queue.max_attempts) is (
+            Disposition.DEAD_LETTER
+        )
+        with logger.contextualize(requestId=ids.request_id or "-"):
+            if ids.request_id is not None:
+                # A body that decoded into a task (e.g. an unknown runtime) has timings; one
+                # that never parsed has none.
+                timings = (
+                    None
+                    if isinstance(exc, InvalidMessage)
+                    else PhaseClock(message.received_mono, message.queued_ms).timings()
+                )
+                res = self.failed(ids, exc, None, message.attempt, timings)
+                self.finish(message, res, dead_letter)
+            else:
+                logger.warning(f"[FAIL][{exc.error_type}] message {message.message_id}: {exc}")
+                if dead_letter:
+                    self.dead_letter(message, str(exc))
+                self.delete(message)
+
+    def after_bug(self, message: Message, exc: Exception) -> None:
+        """End a message whose handling hit a bug: FAILED INTERNAL when its requestId can be
+        read, a dead-letter copy, delete. The traceback goes to the debug log."""
+        error = as_task_error(exc)
+        logger.opt(exception=exc).debug("traceback of the error below")
+        logger.error(f"[UNEXPECTED] handling message {message.message_id} failed: {error}")
+        self.faults.fault(kinds.UNEXPECTED, str(error))
+        try:
+            self.refuse(message, error)
+        except Exception as again:  # noqa: BLE001 - it comes back; the attempt limit ends it
+            logger.error(
+                f"[SQS] could not end message {message.message_id} ({type(again).__name__}: "
+                f"{again}); it comes back after its visibility timeout"
+            )
+
+    def failed(
+        self,
+        ids: TaskIds,
+        exc: TaskError,
+        memory_mb: int | None,
+        attempt: int,
+        timings: Timings | None,
+    ) -> Result:
+        return result.failed(
+            ids,
+            exc.error_type,
+            str(exc),
+            memory_mb=memory_mb,
+            attempt=attempt,
+            worker_id=self.worker_id,
+            timings=timings,
+        )
+
+    def dead_letter(self, message: Message, reason: str) -> None:
+        """Copy to the dead-letter queue; a copy that fails is logged and counted, and does
+        not keep the message (its result, if it has one, is published already)."""
+        try:
+            if self.queue.dead_letter(message, reason):
+                logger.info(f"[SQS] message {message.message_id} copied to the dead-letter queue")
+        except QueueUnavailable as exc:
+            text = f"dead-letter copy of message {message.message_id} failed: {exc}"
+            logger.error(f"[SQS] {text}; the message is deleted all the same")
+            self.faults.fault(kinds.DEAD_LETTER_COPY, text)
+
+    def delete(self, message: Message) -> None:
+        self.deleter.delete(message)
+
+    def release(self, message: Message) -> None:
+        """Hand an unstarted message back at once (shutdown)."""
+        if self.hand_back(message, 0):
+            logger.info(f"[SQS] released unstarted message {message.message_id}")
+
+    def hand_back(self, message: Message, seconds: int) -> bool:
+        """Make the message visible again in ``seconds``; False when SQS refused."""
+        try:
+            self.queue.extend(message, min(seconds, MAX_VISIBILITY_S))
+            return True
+        except QueueUnavailable as exc:
+            logger.warning(f"[SQS] could not hand back {message.message_id}: {exc}")
+            return False
