@@ -1,14 +1,17 @@
-"""One worker process: receive a task from SQS, run it in a warm sandbox, publish the result.
+"""One worker process: receive tasks from SQS, run them in warm sandboxes, publish results.
 
 The loop, top to bottom: boot (clients made here, after the fork) -> until told to stop:
 re-send the outbox and, while Redis cannot take results, probe it instead of taking work;
-long-poll one message, handle it -> drain (close the pool, flush metrics).
+start the received messages the host's capacity admits; long-poll for as many as could
+start now (none while full) -> drain (release what has not started, let the runs finish,
+close the pool, flush metrics). Each admitted message runs on a thread of its own
+(inflight.py), so a worker runs as many invocations at once as the host's budget allows.
 
 ``handle`` takes one message to its end and never raises: any error becomes one of the
 DESIGN's SQS cases, decided from the error class in one place (dispositions.py), and a bug
 while handling a message ends that message, not the worker. Before running, the requestId
 is claimed in Redis (claim.py), so at-least-once delivery runs each task once. The
-per-message methods keep their state on the stack, so several threads may run them at once.
+per-message methods keep their state on the stack: many threads run them at once.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
-from common import logs
+from common import capacity, logs
 from common.config import Config
 from common.errors import (
     GaveUp,
@@ -47,6 +50,7 @@ from .codestore import CodePackage, CodeStore
 from .dispositions import Disposition, decide
 from .endings import Endings
 from .faults import FaultBoard
+from .inflight import Inflight
 from .leases import LeaseKeeper
 from .ledger import Ledger
 from .phases import PhaseClock
@@ -65,6 +69,8 @@ DUPLICATE_WAIT_S = 2.0
 """How long a copy whose requestId another worker runs waits for that run's result (at most
 half the visibility timeout) before it hands its message back."""
 CLAIM_RETRY_S = 1.0
+FULL_WAIT_S = 1.0
+"""While no message could start, the loop wakes at least this often (outbox, Redis)."""
 
 
 class _Interrupted(BaseException):
@@ -114,8 +120,14 @@ class Worker:
                 if not self.results_writable():
                     self._sleep(DEGRADED_PROBE_S)
                     continue
+                self.inflight.start_admitted()
+                wanted = self.inflight.room()
+                if wanted == 0:  # full, or a task waits for room: let a run end first
+                    self._alive_until = time.monotonic() + FULL_WAIT_S + 15
+                    self.inflight.wait_for_change(FULL_WAIT_S)
+                    continue
                 try:
-                    messages = self.receive()
+                    messages = self.receive(wanted)
                     failures = 0
                 except QueueUnavailable as exc:
                     delay = RECEIVE_ERROR_BACKOFF_S[min(failures, len(RECEIVE_ERROR_BACKOFF_S) - 1)]
@@ -168,6 +180,18 @@ class Worker:
             self.status,
         )
         self.runner = create_runner(config, self.index)
+        if self.ledger is None:  # a worker on its own (tests, benchmarks): the whole host's
+            budget = capacity.resolve(config)
+            self.ledger = Ledger(budget.memory_mb, budget.max_concurrent)
+        limits = config.limits
+        self.inflight = Inflight(
+            self.ledger,
+            self.index,
+            self.handle,
+            lambda message: task.memory_mb_of(message.body, config),
+            typical_mb=limits.default_memory_mb,
+            smallest_mb=limits.min_memory_mb,
+        )
         self._runner_ready = True
         logger.info(
             f"worker {self.index} ready: runner={self.runner.name}, "
@@ -197,7 +221,7 @@ class Worker:
         )
         return False
 
-    def receive(self) -> list[Message]:
+    def receive(self, wanted: int = 1) -> list[Message]:
         self._alive_until = time.monotonic() + self.config.queue.wait_time_seconds + 15
         try:
             # Nested: a SIGTERM landing in the finally clause (before the flag is down)
@@ -213,14 +237,23 @@ class Worker:
                     if self.store.outbox_pending
                     else None
                 )
-                return self.queue.receive(1, wait)
+                return self.queue.receive(wanted, wait)
             finally:
                 self._receiving = False
         except _Interrupted:
             return []
 
     def shutdown(self) -> None:
-        logger.info(f"worker {self.index} draining")
+        waiting = self.inflight.take_waiting()
+        logger.info(
+            f"worker {self.index} draining: {self.inflight.running} running, "
+            f"{len(waiting)} not started handed back"
+        )
+        for message in waiting:
+            self.visibility.discard(message)
+            self.endings.release(message)
+        self._alive_until = math.inf  # the arbiter's drain deadline bounds this
+        self.inflight.drain()
         self.visibility.stop()
         self.claim_leases.stop()
         self.deleter.close()
@@ -229,12 +262,15 @@ class Worker:
         self.store.close()
 
     def dispatch(self, messages: list[Message]) -> None:
-        """Run what was received; once told to stop, hand the rest back to the queue at once."""
-        for message in messages:
-            if self.stopping:
+        """Start what was received as capacity admits it; once told to stop, hand it back to
+        the queue at once. Messages waiting for room keep their visibility extended."""
+        if self.stopping:
+            for message in messages:
                 self.endings.release(message)
-            else:
-                self.handle(message)
+            return
+        for message in messages:
+            self.visibility.add(message)
+        self.inflight.accept(messages)
 
     # -- one message ------------------------------------------------------------------------
 
@@ -244,6 +280,8 @@ class Worker:
             self._handle(message)
         except Exception as exc:  # noqa: BLE001 - a bug ends its message, not the worker
             self.endings.after_bug(message, exc)
+        finally:
+            self.visibility.discard(message)  # kept invisible from its receive to its end
 
     def _handle(self, message: Message) -> None:
         try:
@@ -296,7 +334,6 @@ class Worker:
     def _run_claimed(self, message: Message, t: task.Task, claim: Claim) -> None:
         if self.status:
             self.status.task_started(t.request_id)
-        self._alive_until = time.monotonic() + t.timeout_ms / 1000 + 60
         self.visibility.add(message)
         self.claim_leases.add(claim)
         ending = None
@@ -307,6 +344,8 @@ class Worker:
             self.claim_leases.discard(claim)
             if ending is None:
                 self._release_claim(claim)
+                if self.status:
+                    self.status.task_ended(t.request_id)
         if ending is not None:
             self.endings.finish(message, *ending)
 

@@ -90,6 +90,23 @@ def parse(body: str, config: Config) -> Task:
     )
 
 
+def memory_mb_of(body: str, config: Config) -> int:
+    """The ``memoryMb`` a body asks for, as admission counts it; a body that does not parse
+    counts as the smallest (it only gets a FAILED result)."""
+    limits = config.limits
+    try:
+        return _optional_int(
+            _decode(body),
+            "memoryMb",
+            limits.default_memory_mb,
+            limits.min_memory_mb,
+            limits.max_memory_mb,
+            InvalidMessage,
+        )
+    except InvalidMessage:
+        return limits.min_memory_mb
+
+
 def peek_ids(body: str) -> TaskIds:
     """The ids a body that failed to parse still names validly (for its FAILED result);
     ``request_id`` is None when it names none. Never raises.

@@ -112,12 +112,6 @@ def test_chaos_soak_every_task_ends_with_its_own_result(
     keys = {name: agent.deploy(code) for name, (code, _) in FUNCTIONS.items()}
     tasks = [agent.task(keys[name], functionId=name) for name in list(FUNCTIONS) * (TASKS // 3)]
     random.Random(7).shuffle(tasks)
-    started = time.monotonic()
-    for start in range(0, len(tasks), 10):
-        agent.aws.sqs().send_message_batch(QueueUrl=agent.queue_url, Entries=[
-            {"Id": str(i), "MessageBody": json.dumps(t)}
-            for i, t in enumerate(tasks[start:start + 10])
-        ])
     kills: list[int] = []
     stop = threading.Event()
 
@@ -129,8 +123,16 @@ def test_chaos_soak_every_task_ends_with_its_own_result(
                 os.kill(victim, signal.SIGKILL)
                 kills.append(victim)
 
+    # The kills start with the sends: 300 tasks take moto seconds to take in, and with host
+    # capacity the agent runs them about as fast as they arrive.
+    started = time.monotonic()
     thread = threading.Thread(target=chaos, daemon=True)
     thread.start()
+    for start in range(0, len(tasks), 10):
+        agent.aws.sqs().send_message_batch(QueueUrl=agent.queue_url, Entries=[
+            {"Id": str(i), "MessageBody": json.dumps(t)}
+            for i, t in enumerate(tasks[start:start + 10])
+        ])
     client = store.client()
     restarted = False
 

@@ -1,0 +1,109 @@
+"""A worker's invocations in flight: received messages wait here until the host's capacity
+admits them, then each runs on a thread of its own (its sandbox is a process; the thread
+only waits on it).
+
+Admission is first come, first served through the host's ledger (ledger.py): a message that
+does not fit yet holds the line, so the worker takes no new message until it runs, and the
+small tasks behind it (in SQS, or in other workers) cannot starve it. ``room`` is how many
+messages to ask SQS for: what fits now (at most 10, SQS's limit), none while a message
+waits; what this host cannot start stays in SQS for other hosts.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from loguru import logger
+
+from .ledger import Ledger
+from .sqs import SQS_BATCH_MAX, Message
+
+
+class Inflight:
+    def __init__(
+        self,
+        ledger: Ledger,
+        slot: int,
+        run: Callable[[Message], None],
+        memory_of: Callable[[Message], int],
+        *,
+        typical_mb: int,
+        smallest_mb: int,
+    ) -> None:
+        self._ledger = ledger
+        self._slot = slot
+        self._run = run
+        self._memory_of = memory_of
+        self._typical_mb = typical_mb
+        self._smallest_mb = smallest_mb
+        self._waiting: deque[tuple[Message, int]] = deque()
+        self._running = 0
+        self._changed = threading.Condition()
+        self._threads = ThreadPoolExecutor(
+            max_workers=max(1, ledger.max_concurrent), thread_name_prefix="run"
+        )
+        ledger.reset(slot)  # whatever a killed predecessor in this slot held counts no more
+
+    @property
+    def running(self) -> int:
+        return self._running
+
+    @property
+    def waiting(self) -> list[Message]:
+        return [message for message, _ in self._waiting]
+
+    def accept(self, messages: list[Message]) -> None:
+        """Queue received messages for admission, in order, and start what fits."""
+        self._waiting.extend((m, self._memory_of(m)) for m in messages)
+        self.start_admitted()
+
+    def start_admitted(self) -> None:
+        """Start waiting messages, first come first served, while the host admits them."""
+        while self._waiting:
+            message, memory_mb = self._waiting[0]
+            if not self._ledger.admit(self._slot, memory_mb):
+                self._ledger.wait_for(self._slot, memory_mb)
+                return
+            self._waiting.popleft()
+            with self._changed:
+                self._running += 1
+            self._threads.submit(self._run_admitted, message, memory_mb)
+
+    def room(self) -> int:
+        """How many messages to receive now: what the host can start, 0 while one waits."""
+        if self._waiting:
+            return 0
+        runs, free_mb = self._ledger.room(self._slot)
+        if runs == 0 or free_mb < self._smallest_mb:
+            return 0
+        return max(1, min(SQS_BATCH_MAX, runs, free_mb // self._typical_mb))
+
+    def wait_for_change(self, timeout: float) -> None:
+        """Sleep until a run ends (or ``timeout``)."""
+        with self._changed:
+            self._changed.wait(timeout)
+
+    def take_waiting(self) -> list[Message]:
+        """Give up the messages not started yet (they go back to SQS): drain."""
+        taken = self.waiting
+        self._waiting.clear()
+        self._ledger.wait_for(self._slot, 0)
+        return taken
+
+    def drain(self) -> None:
+        """Wait for every run in flight to end."""
+        self._threads.shutdown(wait=True)
+
+    def _run_admitted(self, message: Message, memory_mb: int) -> None:
+        try:
+            self._run(message)
+        except BaseException as exc:  # noqa: BLE001 - the run's own handler reports; never lose the slot
+            logger.opt(exception=exc).error(f"a run thread failed: {exc!r}")
+        finally:
+            self._ledger.release(self._slot, memory_mb)
+            with self._changed:
+                self._running -= 1
+                self._changed.notify_all()
