@@ -151,5 +151,5 @@ def capacity_status(ledger: Ledger) -> dict[str, int]:
         "memoryInUseMb": usage.memory_in_use_mb,
         "running": usage.running,
         "maxConcurrent": ledger.max_concurrent,
-        "waitingMb": usage.waiting_mb,
+        "heldMb": usage.held_mb,
     }

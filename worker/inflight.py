@@ -6,7 +6,8 @@ Admission is first come, first served through the host's ledger (ledger.py): a m
 does not fit yet holds the line, so the worker takes no new message until it runs, and the
 small tasks behind it (in SQS, or in other workers) cannot starve it. ``room`` is how many
 messages to ask SQS for: what fits now (at most 10, SQS's limit), none while a message
-waits; what this host cannot start stays in SQS for other hosts.
+waits; that room is held in the ledger until they are in, so two workers never both take
+the same free room. What this host cannot start stays in SQS for other hosts.
 """
 
 from __future__ import annotations
@@ -61,25 +62,27 @@ class Inflight:
         self.start_admitted()
 
     def start_admitted(self) -> None:
-        """Start waiting messages, first come first served, while the host admits them."""
+        """Start waiting messages, first come first served, while the host admits them; what
+        still waits holds its room in the ledger (or nothing is held)."""
         while self._waiting:
             message, memory_mb = self._waiting[0]
             if not self._ledger.admit(self._slot, memory_mb):
-                self._ledger.wait_for(self._slot, memory_mb)
+                self._ledger.hold(self._slot, 1, memory_mb)
                 return
             self._waiting.popleft()
             with self._changed:
                 self._running += 1
             self._threads.submit(self._run_admitted, message, memory_mb)
+        self._ledger.hold(self._slot, 0, 0)
 
     def room(self) -> int:
-        """How many messages to receive now: what the host can start, 0 while one waits."""
+        """How many messages to receive now (room the ledger then holds for them): what the
+        host can start, 0 while one waits."""
         if self._waiting:
             return 0
-        runs, free_mb = self._ledger.room(self._slot)
-        if runs == 0 or free_mb < self._smallest_mb:
-            return 0
-        return max(1, min(SQS_BATCH_MAX, runs, free_mb // self._typical_mb))
+        return self._ledger.hold_for_receive(
+            self._slot, self._typical_mb, self._smallest_mb, SQS_BATCH_MAX
+        )
 
     def wait_for_change(self, timeout: float) -> None:
         """Sleep until a run ends (or ``timeout``)."""
@@ -90,7 +93,7 @@ class Inflight:
         """Give up the messages not started yet (they go back to SQS): drain."""
         taken = self.waiting
         self._waiting.clear()
-        self._ledger.wait_for(self._slot, 0)
+        self._ledger.hold(self._slot, 0, 0)
         return taken
 
     def drain(self) -> None:

@@ -3,14 +3,17 @@
 The budget (``capacity.memory_mb`` and ``capacity.max_concurrent``) is the host's, shared by
 all workers rather than split between them, so a task as large as the whole budget still
 runs with any number of workers. The arbiter makes the page (a memfd) before it forks, and
-every worker inherits it. Slot k holds worker k's running count, the memory it reserved, and
-the memory of a task it holds back because it does not fit yet.
+every worker inherits it. Slot k holds worker k's running count and the memory its runs
+reserved, and what it holds: room for the messages it is about to receive, or for a task it
+received that does not fit yet.
 
 Admission is one POSIX record lock (``lockf``) around a read-modify-write of the page: the
 kernel drops the lock of a process that dies, so a SIGKILLed worker cannot wedge the others,
 and the arbiter zeroes a dead worker's slot when it reaps it. A waiting task is honoured by
 everyone: while some worker holds one back, the others admit only what leaves room for it,
-so small tasks that keep arriving cannot starve a large one.
+so small tasks that keep arriving cannot starve a large one; and while one worker is
+receiving, the others count the room it asked for as taken, so two workers never take the
+same free room from SQS at once.
 """
 
 from __future__ import annotations
@@ -25,14 +28,15 @@ from dataclasses import dataclass
 SLOTS = 256
 """Workers the page has room for (``workers`` is at most 256)."""
 _RECORD = struct.Struct("=IIII")
-"""running, reserved_mb, waiting_mb, pid."""
+"""running, reserved_mb, held_runs, held_mb."""
 
 
 @dataclass(frozen=True)
 class Usage:
     running: int
     memory_in_use_mb: int
-    waiting_mb: int
+    held_mb: int
+    """Room held for messages being received or waiting to start."""
 
 
 class Ledger:
@@ -54,45 +58,53 @@ class Ledger:
 
     def admit(self, slot: int, memory_mb: int) -> bool:
         """Reserve ``memory_mb`` for one more run of worker ``slot`` if the budget has room,
-        leaving room for tasks other workers hold back. Clears this slot's own waiting mark."""
+        leaving what other workers hold."""
         with self._locked():
             records = self._records()
-            running, reserved, _, _ = records[slot]
-            used = sum(r[1] for r in records)
-            others_waiting = sum(r[2] for i, r in enumerate(records) if i != slot)
-            fits = (
-                sum(r[0] for r in records) < self.max_concurrent
-                and used + memory_mb + others_waiting <= self.memory_mb
-            )
+            running, reserved, held_runs, held_mb = records[slot]
+            runs, free_mb = self._free(records, slot)
+            fits = runs >= 1 and memory_mb <= free_mb
             if fits:
-                self._write(slot, running + 1, reserved + memory_mb, 0)
+                self._write(slot, running + 1, reserved + memory_mb, held_runs, held_mb)
             return fits
 
-    def wait_for(self, slot: int, memory_mb: int) -> None:
-        """Mark that worker ``slot`` holds back a task of ``memory_mb`` that did not fit."""
+    def hold_for_receive(self, slot: int, typical_mb: int, smallest_mb: int, most: int) -> int:
+        """How many messages worker ``slot`` may receive now (at most ``most``), counting each
+        as ``typical_mb``; that room is held for it until ``hold`` changes it."""
+        with self._locked():
+            records = self._records()
+            runs, free_mb = self._free(records, slot)
+            wanted = 0 if runs == 0 or free_mb < smallest_mb else max(
+                1, min(most, runs, free_mb // typical_mb)
+            )
+            running, reserved, _, _ = records[slot]
+            self._write(slot, running, reserved, wanted, min(free_mb, wanted * typical_mb))
+            return wanted
+
+    def hold(self, slot: int, runs: int, memory_mb: int) -> None:
+        """What worker ``slot`` holds now: a task that waits for room (1, its memory), or
+        nothing (0, 0)."""
         with self._locked():
             running, reserved, _, _ = self._records()[slot]
-            self._write(slot, running, reserved, memory_mb)
+            self._write(slot, running, reserved, runs, memory_mb)
 
     def release(self, slot: int, memory_mb: int) -> None:
         """One run of worker ``slot`` ended."""
         with self._locked():
-            running, reserved, waiting, _ = self._records()[slot]
-            self._write(slot, max(0, running - 1), max(0, reserved - memory_mb), waiting)
+            running, reserved, held_runs, held_mb = self._records()[slot]
+            self._write(
+                slot, max(0, running - 1), max(0, reserved - memory_mb), held_runs, held_mb
+            )
 
     def reset(self, slot: int) -> None:
         """Forget what slot ``slot`` held: its worker is gone (or a new one starts there)."""
         with self._locked():
-            self._write(slot, 0, 0, 0)
+            self._write(slot, 0, 0, 0, 0)
 
     def room(self, slot: int) -> tuple[int, int]:
         """(runs, MB) the host could still start for worker ``slot`` now."""
         with self._locked():
-            records = self._records()
-        running = sum(r[0] for r in records)
-        others_waiting = sum(r[2] for i, r in enumerate(records) if i != slot)
-        free_mb = self.memory_mb - sum(r[1] for r in records) - others_waiting
-        return max(0, self.max_concurrent - running), max(0, free_mb)
+            return self._free(self._records(), slot)
 
     def usage(self) -> Usage:
         with self._locked():
@@ -100,13 +112,13 @@ class Ledger:
         return Usage(
             running=sum(r[0] for r in records),
             memory_in_use_mb=sum(r[1] for r in records),
-            waiting_mb=sum(r[2] for r in records),
+            held_mb=sum(r[3] for r in records),
         )
 
     def slot_usage(self, slot: int) -> Usage:
         with self._locked():
-            running, reserved, waiting, _ = self._records()[slot]
-        return Usage(running, reserved, waiting)
+            running, reserved, _, held_mb = self._records()[slot]
+        return Usage(running, reserved, held_mb)
 
     def close(self) -> None:
         self._page.close()
@@ -116,8 +128,15 @@ class Ledger:
     def _records(self) -> list[tuple[int, int, int, int]]:
         return list(_RECORD.iter_unpack(self._page))
 
-    def _write(self, slot: int, running: int, reserved: int, waiting: int) -> None:
-        _RECORD.pack_into(self._page, slot * _RECORD.size, running, reserved, waiting, os.getpid())
+    def _free(self, records: list[tuple[int, int, int, int]], slot: int) -> tuple[int, int]:
+        """(runs, MB) free for ``slot``: the budget less what runs and what others hold."""
+        others = [r for i, r in enumerate(records) if i != slot]
+        runs = self.max_concurrent - sum(r[0] for r in records) - sum(r[2] for r in others)
+        free_mb = self.memory_mb - sum(r[1] for r in records) - sum(r[3] for r in others)
+        return max(0, runs), max(0, free_mb)
+
+    def _write(self, slot: int, running: int, reserved: int, held_runs: int, held_mb: int) -> None:
+        _RECORD.pack_into(self._page, slot * _RECORD.size, running, reserved, held_runs, held_mb)
 
     def _locked(self) -> _Locked:
         return _Locked(self)

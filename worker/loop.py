@@ -130,6 +130,7 @@ class Worker:
                     messages = self.receive(wanted)
                     failures = 0
                 except QueueUnavailable as exc:
+                    self.inflight.accept([])  # gives back the room held for the receive
                     delay = RECEIVE_ERROR_BACKOFF_S[min(failures, len(RECEIVE_ERROR_BACKOFF_S) - 1)]
                     failures += 1
                     logger.warning(f"[SQS] {exc}; retrying in {delay}s")

@@ -21,6 +21,7 @@ def test_admission_stops_at_max_concurrent() -> None:
     ledger = Ledger(memory_mb=10_000, max_concurrent=3)
     assert [ledger.admit(i % 2, 32) for i in range(4)] == [True, True, True, False]
     assert ledger.room(0) == (0, 10_000 - 96)
+    assert ledger.hold_for_receive(0, 32, 32, 10) == 0
 
 
 def test_a_waiting_large_task_is_not_starved_by_small_ones_of_other_workers() -> None:
@@ -28,13 +29,27 @@ def test_a_waiting_large_task_is_not_starved_by_small_ones_of_other_workers() ->
     for _ in range(3):
         assert ledger.admit(0, 256)  # worker 0 runs three small ones
     assert not ledger.admit(1, 1024)  # worker 1's large task does not fit
-    ledger.wait_for(1, 1024)
+    ledger.hold(1, 1, 1024)
     assert not ledger.admit(0, 256)  # worker 0 keeps the room for it, though 256 MB are free
-    assert ledger.room(0) == (97, 0)
+    assert ledger.room(0) == (96, 0)
     for _ in range(3):
         ledger.release(0, 256)
     assert ledger.admit(1, 1024)  # and it gets in once the small ones are done
-    assert ledger.usage().waiting_mb == 0
+    ledger.hold(1, 0, 0)
+    assert ledger.usage().held_mb == 0
+
+
+def test_room_held_for_a_receive_is_not_taken_by_another_worker() -> None:
+    ledger = Ledger(memory_mb=1024, max_concurrent=100)
+    assert ledger.hold_for_receive(0, 256, 32, 10) == 4  # worker 0 long-polls for 4
+    assert ledger.hold_for_receive(1, 256, 32, 10) == 0  # so worker 1 asks for none
+    assert ledger.usage().held_mb == 1024
+    ledger.hold(0, 0, 0)  # worker 0's receive came back empty
+    assert ledger.hold_for_receive(1, 256, 32, 10) == 4
+    assert ledger.hold_for_receive(0, 512, 32, 10) == 0
+    ledger.hold(1, 0, 0)
+    assert ledger.hold_for_receive(0, 512, 32, 10) == 2
+    assert ledger.hold_for_receive(1, 2048, 32, 10) == 0  # worker 0 holds it all
 
 
 def test_workers_in_other_processes_share_the_budget() -> None:
