@@ -102,6 +102,11 @@ class Runner:
         """The runner's own checks of a loaded config (ConfigError, one line)."""
 
     @classmethod
+    def runtime_problems(cls, config: Config) -> dict[str, str]:
+        """The configured runtimes that cannot start on this host -> why (one line each)."""
+        return {}
+
+    @classmethod
     def remove_stale(cls) -> int:
         """Remove sandboxes an earlier agent on this host left behind; returns how many."""
         return 0

@@ -54,21 +54,20 @@ from .container_spec import (
     CODE_MOUNT,
     CODE_SUBDIR,
     CONTAINER_PATH,
-    SOCKET_NAME,
     check_config,
     container_launch,
     container_name,
     container_spec,
 )
-from .forkclient import FORKSERVER_SOURCE, ForkServerClient
 from .pool import PooledRunner
+from .sandbox_server import SERVERS, SandboxClient, run_in
 
 START_TIMEOUT_S = 20.0
 @dataclass(eq=False)
 class DockerSandbox(Sandbox):
     root: Path = field(default_factory=Path)
     container: Container | None = None
-    client: ForkServerClient | None = None
+    client: SandboxClient | None = None
     cgroup: ContainerCgroup | None = None
     processes: ContainerProcesses | None = None
     server_fd: int = -1
@@ -146,7 +145,8 @@ class DockerRunner(PooledRunner):
         env = invocation.environment(CONTAINER_PATH, "/tmp")
         started = time.monotonic()
         try:
-            raw = sandbox.client.run(
+            raw = run_in(
+                sandbox.client,
                 argv=list(launch.argv),
                 cwd=f"{CODE_MOUNT}/{CODE_SUBDIR}",
                 env=env,
@@ -248,9 +248,10 @@ class DockerRunner(PooledRunner):
         sandbox.code_dir.mkdir(mode=0o755, parents=True)
         control = sandbox.root / "control"
         control.mkdir(mode=0o700)
-        os.chown(control, self._uid, self._gid)  # the fork server binds its socket here
-        shutil.copyfile(FORKSERVER_SOURCE, sandbox.root / "forkserver.py")
-        os.chmod(sandbox.root / "forkserver.py", 0o644)
+        os.chown(control, self._uid, self._gid)  # the server binds its socket here
+        server = SERVERS[self._launch[sandbox.runtime].server]
+        shutil.copyfile(server.source, sandbox.root / server.source.name)
+        os.chmod(sandbox.root / server.source.name, 0o644)
 
     def _start_container(
         self, api: docker.DockerClient, runtime: str, name: str, root: Path
@@ -282,7 +283,8 @@ class DockerRunner(PooledRunner):
         init_pid = sandbox.container.attrs["State"]["Pid"]
         if not init_pid:
             raise SandboxError(f"container exited at once: {self._last_log(sandbox.container)}")
-        path = sandbox.root / "control" / SOCKET_NAME
+        server = SERVERS[self._launch[sandbox.runtime].server]
+        path = sandbox.root / "control" / server.socket_name
         init_fd = os.pidfd_open(init_pid)
         try:
             deadline = time.monotonic() + START_TIMEOUT_S
@@ -293,7 +295,7 @@ class DockerRunner(PooledRunner):
                     )
         finally:
             os.close(init_fd)
-        sandbox.client = ForkServerClient(path)
+        sandbox.client = server.connect(path)
         # From now on nothing in the container may write to the host's disk.
         os.chown(path.parent, 0, 0)
         os.chmod(path.parent, 0o755)

@@ -23,7 +23,8 @@ new interpreter; otherwise it exec's ``argv``.
 import array
 import atexit
 import contextlib
-import gc
+import ctypes  # here, not in die_with_parent: after become() the sandbox's uid may not
+import gc  # be able to read the stdlib of the interpreter that started it (a pyenv in /root)
 import io
 import json
 import os
@@ -172,8 +173,6 @@ def kill_group(pgid: int) -> None:
 
 def die_with_parent(parent: int) -> None:
     """Ask the kernel to kill this server when the agent worker that started it dies."""
-    import ctypes
-
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     if os.getppid() != parent:
         os._exit(0)
@@ -217,6 +216,8 @@ def main(argv: list) -> int:
     become(options.get("uid", -1), options.get("gid", -1), options.get("cgroup_procs", []))
     if options.get("pdeathsig"):  # after become(): changing uid clears the death signal
         die_with_parent(parent)
+    if options.get("exec"):  # another runtime's server, in the sandbox made above
+        os.execv(options["exec"][0], options["exec"])
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     os.umask(0o077)
     warm_up(os.path.dirname(path))  # before the socket appears: its existence means ready

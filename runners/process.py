@@ -26,8 +26,8 @@ from common.errors import ConfigError, SandboxError
 
 from .base import Invocation, RunOutcome, Sandbox
 from .cgroups import SandboxCgroup, SandboxCgroups, owner_gone, owner_group
-from .forkclient import FORKSERVER_SOURCE, ForkServerClient
 from .pool import PooledRunner
+from .sandbox_server import SERVERS, SandboxClient, run_in, server_for
 
 SANDBOX_START_TIMEOUT_S = 10.0
 RLIMIT_AS_HEADROOM = 64 * MiB
@@ -43,6 +43,8 @@ class Launch:
     python: bool
     """The command is ``python3 script.py ...``: run it in the forked interpreter."""
     argv: tuple[str, ...]
+    server: str = "fork"
+    """The in-sandbox server (runners.sandbox_server.SERVERS) that runs the command."""
 
 
 @dataclass(eq=False)
@@ -51,7 +53,7 @@ class ProcessSandbox(Sandbox):
     home: Path = field(default_factory=Path)
     uid: int = -1
     process: subprocess.Popen | None = None
-    client: ForkServerClient | None = None
+    client: SandboxClient | None = None
     cgroup: SandboxCgroup | None = None
     limit_mb: int = 0
 
@@ -75,7 +77,32 @@ def resolve_launch(runtime: RuntimeConfig, path: str) -> Launch:
         if probe.returncode != 0 or not real:
             raise ConfigError(f"runtime command {program} does not start: {probe.stderr.strip()}")
         return Launch(interpreter=real, python=True, argv=(real, *runtime.command[1:]))
+    if server_for(runtime.command) == "node":
+        probe = subprocess.run(
+            [program, "-e", "require('worker_threads')"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={"PATH": path},
+        )
+        if probe.returncode != 0:
+            raise ConfigError(f"runtime command {program} does not start: {probe.stderr.strip()}")
+        real = os.path.realpath(program)
+        return Launch(
+            interpreter=real, python=False, argv=(real, *runtime.command[1:]), server="node"
+        )
     return Launch(interpreter=sys.executable, python=False, argv=(program, *runtime.command[1:]))
+
+
+def resolve_launches(config: Config) -> tuple[dict[str, Launch], dict[str, str]]:
+    """How each runtime starts, and the runtimes that cannot start here -> why."""
+    launches, problems = {}, {}
+    for name, runtime in config.runtimes.items():
+        try:
+            launches[name] = resolve_launch(runtime, config.process.path)
+        except (ConfigError, OSError, subprocess.TimeoutExpired) as exc:
+            problems[name] = str(exc)
+    return launches, problems
 
 
 class ProcessRunner(PooledRunner):
@@ -95,10 +122,12 @@ class ProcessRunner(PooledRunner):
         make_dir(self._base_dir, 0o711)
         if self._as_root:
             check_traversable(self._base_dir)
-        self._launch = {
-            name: resolve_launch(rt, config.process.path) for name, rt in config.runtimes.items()
-        }
-        self.make_pools(config, worker_index)
+        self._launch, unavailable = resolve_launches(config)
+        self.make_pools(config, worker_index, unavailable=unavailable)
+
+    @classmethod
+    def runtime_problems(cls, config: Config) -> dict[str, str]:
+        return resolve_launches(config)[1]
 
     @classmethod
     def remove_stale(cls) -> int:
@@ -131,8 +160,10 @@ class ProcessRunner(PooledRunner):
             sandbox.healthy = False
             raise SandboxError(f"cannot set the sandbox limits: {exc}") from None
         env = invocation.environment(self._config.process.path, str(sandbox.home))
+        started = time.monotonic()
         try:
-            raw = sandbox.client.run(
+            raw = run_in(
+                sandbox.client,
                 argv=list(launch.argv),
                 cwd=str(sandbox.code_dir),
                 env=env,
@@ -144,7 +175,22 @@ class ProcessRunner(PooledRunner):
             )
         except SandboxError:
             sandbox.healthy = False
-            raise
+            if cgroup is None or cgroup.memory.oom_kills() <= oom_before:
+                raise
+            # The OOM killer took the server (a node function runs inside it): still the
+            # function's out-of-memory; only its output is lost with the server.
+            return RunOutcome(
+                exit_code=-9,
+                timed_out=False,
+                oom_killed=True,
+                stdout=b"",
+                stderr=b"",
+                stdout_truncated=False,
+                stderr_truncated=False,
+                duration_ms=(time.monotonic() - started) * 1000,
+                peak_memory_bytes=cgroup.memory.peak_bytes() or invocation.memory_mb * MiB,
+                peak_source=cgroup.memory.source,
+            )
         sandbox.runs += 1
         exit_code = os.waitstatus_to_exitcode(raw.status)
         peak, source, oom = raw.maxrss_bytes, "rusage", False
@@ -204,19 +250,28 @@ class ProcessRunner(PooledRunner):
             "pdeathsig": True,
             "ready_fd": ready_w,
         }
-        socket_path = control / "forkserver.sock"
+        launch = self._launch[runtime]
+        server = SERVERS[launch.server]
+        socket_path = control / server.socket_name
+        if launch.server == "fork":
+            command = server.command(launch.interpreter, str(server.source), str(socket_path))
+        else:
+            # The fork server's start-up makes the sandbox (cgroups, uid, death signal), then
+            # exec's this runtime's own server, which says when it is ready.
+            source = root / server.source.name
+            shutil.copyfile(server.source, source)
+            os.chmod(source, 0o644)
+            options["exec"] = server.command(
+                launch.interpreter, str(source), str(socket_path)
+            ) + [json.dumps({"ready_fd": ready_w})]
+            command = SERVERS["fork"].command(
+                sys.executable, str(SERVERS["fork"].source), str(socket_path)
+            )
         try:
             with os.fdopen(ready_r, "rb") as ready:
                 try:
                     sandbox.process = subprocess.Popen(
-                        [
-                            self._launch[runtime].interpreter,
-                            "-I",
-                            "-S",
-                            str(FORKSERVER_SOURCE),
-                            str(socket_path),
-                            json.dumps(options),
-                        ],
+                        [*command, json.dumps(options)],
                         cwd=root,
                         env={"PATH": self._config.process.path, "LANG": "C.UTF-8"},
                         stdin=subprocess.DEVNULL,
@@ -229,8 +284,8 @@ class ProcessRunner(PooledRunner):
                 if not select.select([ready], [], [], SANDBOX_START_TIMEOUT_S)[0] or not ready.read(
                     6
                 ):
-                    raise SandboxError("fork server did not come up")
-            sandbox.client = ForkServerClient(socket_path)
+                    raise SandboxError(f"{launch.server} server did not come up")
+            sandbox.client = server.connect(socket_path)
         except (OSError, SandboxError) as exc:
             self.destroy(sandbox)
             raise SandboxError(f"cannot start a {runtime} sandbox: {exc}") from None
