@@ -97,6 +97,10 @@ class Runner:
         """Per runtime: ``warm`` (idle, ready) and ``busy`` sandboxes."""
         raise NotImplementedError
 
+    def unavailable_runtimes(self) -> dict[str, str]:
+        """Runtimes this runner cannot start -> why; their tasks fail with RuntimeUnavailable."""
+        return {}
+
     @classmethod
     def check_config(cls, config: Config) -> None:
         """The runner's own checks of a loaded config (ConfigError, one line)."""

@@ -224,11 +224,22 @@ class PooledRunner(Runner):
     def acquire(self, runtime: str, code_key: str) -> Sandbox:
         return self.pool(runtime).acquire(code_key)
 
+    def mark_unavailable(self, runtime: str, reason: str) -> RuntimeUnavailable:
+        """Found out while making a sandbox: stop filling its pool; the error to raise."""
+        if runtime not in self.unavailable:
+            logger.error(f"{self.marker} {unavailable_message(runtime, reason)}")
+        self.unavailable[runtime] = reason
+        self.pools[runtime].size = 0
+        return RuntimeUnavailable(unavailable_message(runtime, reason))
+
     def release(self, sandbox: Sandbox) -> None:
         self.pools[sandbox.runtime].release(sandbox)
 
     def pool_stats(self) -> dict[str, dict[str, int]]:
         return {name: pool.stats() for name, pool in self.pools.items()}
+
+    def unavailable_runtimes(self) -> dict[str, str]:
+        return dict(self.unavailable)
 
     def close_pools(self) -> None:
         for pool in self.pools.values():

@@ -60,6 +60,9 @@ class ProcessSandbox(Sandbox):
 
 def resolve_launch(runtime: RuntimeConfig, path: str) -> Launch:
     """Find the runtime's program on the functions' PATH; see through interpreter shims."""
+    if "/" in runtime.command[0] and not os.path.isabs(runtime.command[0]):
+        # A program in the function's own code (``./main``): exec'd per call from its cwd.
+        return Launch(interpreter=sys.executable, python=False, argv=runtime.command)
     program = shutil.which(runtime.command[0], path=path)
     if program is None:
         raise ConfigError(f"runtime command {runtime.command[0]!r} not found on PATH {path}")

@@ -148,6 +148,8 @@ class Arbiter:
         self.selector.register(self._wake_r, selectors.EVENT_READ, None)
         self.signal_selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._snapshot: dict[str, Any] = {}
+        self.runtimes: dict[str, dict[str, Any]] = {}
+        """Per runtime: ``available`` and, when not, the ``problem`` (for /status)."""
         self._watchdog_interval = sdnotify.watchdog_interval()
         self._next_watchdog = 0.0
         self._sd_status = ""
@@ -185,6 +187,7 @@ class Arbiter:
         for signum in HANDLED_SIGNALS:
             signal.signal(signum, self._record_signal)
         self.cleanup_sandboxes("an earlier agent")
+        self.check_runtimes()
         self.publish_status()  # before the HTTP server can ask for it
         self.health = HealthServer(self.config.http.host, self.config.http.port,
                                    self.status_snapshot, self.metrics.render)
@@ -436,6 +439,7 @@ class Arbiter:
             "workersConfigured": self.config.workers,
             "runner": self.config.runner,
             "pools": pools,
+            "runtimes": self.runtimes,
             "restartsTotal": sum(s.restarts for s in self.slots.values()),
             "stopping": self.stopping,
             "uptimeSeconds": round(now - self.started_at, 1),
@@ -497,6 +501,7 @@ class Arbiter:
         logs.setup(config.log, "arbiter")
         self._rebind_http(config)
         self.config = config
+        self.check_runtimes()
         deadline = time.monotonic() + config.drain_timeout_seconds
         old = list(self.workers.values())
         for worker in old:
@@ -544,6 +549,20 @@ class Arbiter:
             logger.error(f"stopped; {len(self.workers)} workers did not die even of SIGKILL")
         else:
             logger.info("stopped")
+
+    def check_runtimes(self) -> None:
+        """Name each runtime that cannot start on this host, once, in a line of its own."""
+        try:
+            problems = runners.runtime_problems(self.config)
+        except Exception as exc:  # noqa: BLE001 - a failed check must not stop the agent
+            logger.warning(f"could not check the runtimes: {exc}")
+            problems = {}
+        for name, problem in problems.items():
+            logger.error(f"runtime {name!r} cannot start on this host: {problem}")
+        self.runtimes = {
+            name: {"available": name not in problems, "problem": problems.get(name)}
+            for name in self.config.runtimes
+        }
 
     def cleanup_sandboxes(self, whose: str) -> None:
         try:
