@@ -297,8 +297,11 @@ def test_process_runner_names_a_runtime_whose_interpreter_is_missing() -> None:
     }
     r = start("process", runtimes)
     try:
-        with pytest.raises(RuntimeUnavailable, match="runtime 'node' cannot start on this host: "
-                           "runtime command 'nanogrid-no-node' not found"):
+        with pytest.raises(
+            RuntimeUnavailable,
+            match="runtime 'node' cannot start on this host: "
+            "runtime command 'nanogrid-no-node' not found",
+        ):
             r.acquire("node", "f@1")
         assert set(r.pool_stats()) == {"python"}  # python is unaffected
         sandbox = r.acquire("python", "p@1")
@@ -310,9 +313,9 @@ def test_process_runner_names_a_runtime_whose_interpreter_is_missing() -> None:
 @pytest.mark.docker
 def test_docker_runner_names_a_missing_image(node_image: str) -> None:
     runtimes = {"node": {"image": "nanogrid/no-such-image:1", "warm": 1}}
-    assert "not on this host" in DockerRunner.runtime_problems(make_config("docker", runtimes))[
-        "node"
-    ]
+    assert (
+        "not on this host" in DockerRunner.runtime_problems(make_config("docker", runtimes))["node"]
+    )
     r = start("docker", runtimes)
     try:
         with pytest.raises(RuntimeUnavailable, match="image nanogrid/no-such-image:1 is not on"):
@@ -340,7 +343,7 @@ def test_a_command_only_runtime_is_exec_d_per_call() -> None:
     try:
         sandbox = r.acquire("binary", "b@1")
         main = sandbox.code_dir / "main"
-        main.write_text("#!/bin/sh\nread line\necho \"got $line\"\nexit 4\n")
+        main.write_text('#!/bin/sh\nread line\necho "got $line"\nexit 4\n')
         main.chmod(0o755)
         invocation = Invocation(
             "req-1", "fn", ("./main",), b'{"a": 1}\n', 128, 5000, 10_000, MAX_PIDS
