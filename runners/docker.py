@@ -310,7 +310,10 @@ class DockerRunner(PooledRunner):
             raise self._server_failed(sandbox, "container exited at once")
         server = SERVERS[self._launch[sandbox.runtime].server]
         path = sandbox.root / "control" / server.socket_name
-        init_fd = os.pidfd_open(init_pid)
+        try:
+            init_fd = os.pidfd_open(init_pid)
+        except ProcessLookupError:  # gone since inspect: e.g. the image lacks the interpreter
+            raise self._server_failed(sandbox, "container exited at once") from None
         try:
             deadline = time.monotonic() + START_TIMEOUT_S
             while not path.exists():
