@@ -8,6 +8,8 @@ of the same hello-world task, all running at once, each on a queue of its own:
               the cost of the SQS/Redis plumbing through moto.
 ``agent``     worker.loop.Worker with the process runner (warm fork-server sandboxes),
               forked from this script as the supervisor forks it.
+``agent-node`` (by ``--systems``) the same worker, given python and node runtimes, running
+              examples/hello-node's ``console.log`` in its warm node sandboxes.
 ``baseline``  the naive loop: receive -> GET the zip from S3 (no cache) -> unzip into a temp
               dir -> ``subprocess.run([python3, "main.py"])`` -> SET + PUBLISH -> delete.
 
@@ -75,13 +77,15 @@ except ImportError:  # older trees kept them with the tests
     from helpers import MotoServer, RedisServer, free_port  # type: ignore[no-redef]
 
 HELLO = 'print("Hello from NanoGrid!")\n'
+HELLO_NODE = 'console.log("Hello from NanoGrid!");\n'
 FUNCTIONS_PATH = "/usr/local/bin:/usr/bin:/bin"
 """The agent's default ``process.path``: the baseline resolves python3 on it as the agent does."""
 SUPERVISOR = ROOT / "bin" / "nanogrid-supervisor"
 RESULT_TIMEOUT_S = 30.0
 BOOT_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 20.0
-SYSTEMS = ("floor", "agent", "baseline")
+SYSTEMS = ("floor", "agent", "baseline", "agent-node")
+DEFAULT_SYSTEMS = ("floor", "agent", "baseline")
 BEFORE = "agent-before"
 """The agent of an earlier git revision (``--before REF``)."""
 BEFORE_RUNNER = """
@@ -91,6 +95,8 @@ import bench_pipeline  # the exported tree's own copy: it puts that tree first o
 with open(sys.argv[2]) as settings:
     bench_pipeline._agent_main(json.load(settings), sys.argv[3], sys.argv[4])
 """
+AGENTS = ("agent", "agent-node", BEFORE)
+"""Systems that are one traced worker.loop.Worker."""
 SCALING = ("bare-1w", "bare-2w", "supervisor-1w", "supervisor-2w")
 MULTI = ("bare", "supervisor")
 """Systems of N workers: forked from here (bare) or by bin/nanogrid-supervisor."""
@@ -417,6 +423,10 @@ class Bench:
             )
             self.key = "functions/hello-python/v1.zip"
             self.s3.put_object(Bucket=self.bucket, Key=self.key, Body=_zip({"main.py": HELLO}))
+            self.node_key = "functions/hello-node/v1.zip"
+            self.s3.put_object(
+                Bucket=self.bucket, Key=self.node_key, Body=_zip({"main.js": HELLO_NODE})
+            )
             yield
         finally:
             # The clean-up runs to its end: signals now would leave processes behind.
@@ -444,8 +454,8 @@ class Bench:
             report=Report(system),
         )
         self.consumers.append(c)
-        if system == "agent":
-            settings = self._agent_settings(queue_url, 1)
+        if system in AGENTS:
+            settings = self._agent_settings(queue_url, 1, node=system == "agent-node")
             c.child = self._fork(_agent_main, settings, str(c.log), str(c.trace))
             _wait_for(lambda: "ready" in _read(c.log), "the agent to boot", c)
         elif system == BEFORE:
@@ -486,11 +496,11 @@ class Bench:
         if child.is_alive():
             child.kill()
             child.join(STOP_TIMEOUT_S)
-        if c.system not in ("agent", BEFORE) and not c.workers:
+        if c.system not in AGENTS and not c.workers:
             return  # the naive loops die of SIGTERM; nothing to check
         if child.exitcode != 0:
             raise RuntimeError(f"{c.system} exited with {child.exitcode}; log:\n{_tail(c.log)}")
-        if c.system in ("agent", BEFORE):
+        if c.system in AGENTS:
             c.report.trace = [json.loads(line) for line in _read(c.trace).splitlines()]
 
     def _fork(self, target: Callable[..., None], *args: Any) -> Any:
@@ -498,7 +508,7 @@ class Bench:
         child.start()
         return child
 
-    def _agent_settings(self, queue_url: str, workers: int) -> dict[str, Any]:
+    def _agent_settings(self, queue_url: str, workers: int, node: bool = False) -> dict[str, Any]:
         work_dir = self.workdir / f"work-{uuid.uuid4().hex[:6]}"
         work_dir.mkdir(mode=0o711)
         os.chmod(work_dir, 0o711)  # sandbox users must pass through it
@@ -514,7 +524,18 @@ class Bench:
                     "command": ["python3", "main.py"],
                     "warm": self.args.warm,
                     "image": self.args.image,
-                }
+                },
+                **(
+                    {
+                        "node": {
+                            "command": ["node", "main.js"],
+                            "warm": self.args.warm,
+                            "image": self.args.node_image,
+                        }
+                    }
+                    if node
+                    else {}
+                ),
             },
             # AF_UNIX socket paths are short: the containers' host dirs sit high in the tree.
             "docker": {"socket_dir": str(self.workdir / f"sb-{work_dir.name[-6:]}")},
@@ -526,13 +547,14 @@ class Bench:
             "log": {"level": "INFO"},
         }
 
-    def _task(self, request_id: str) -> dict[str, Any]:
+    def _task(self, request_id: str, c: Consumer) -> dict[str, Any]:
+        node = c.system == "agent-node"
         return {
             "requestId": request_id,
-            "functionId": "hello-python",
-            "runtime": "python",
+            "functionId": "hello-node" if node else "hello-python",
+            "runtime": "node" if node else "python",
             "s3Bucket": self.bucket,
-            "s3Key": self.key,
+            "s3Key": self.node_key if node else self.key,
             "memoryMb": 256,
             "inputData": {},
         }
@@ -574,7 +596,7 @@ class Bench:
             _next_message(pubsub, "subscribe", channel, c)
             start = time.perf_counter()
             self.sqs.send_message(
-                QueueUrl=c.queue_url, MessageBody=json.dumps(self._task(request_id))
+                QueueUrl=c.queue_url, MessageBody=json.dumps(self._task(request_id, c))
             )
             sent = time.perf_counter()
             message = _next_message(pubsub, "message", channel, c)
@@ -625,7 +647,7 @@ class Bench:
                     reply = self.sqs.send_message_batch(
                         QueueUrl=c.queue_url,
                         Entries=[
-                            {"Id": str(j), "MessageBody": json.dumps(self._task(rid))}
+                            {"Id": str(j), "MessageBody": json.dumps(self._task(rid, c))}
                             for j, rid in enumerate(ids)
                         ],
                     )
@@ -962,9 +984,15 @@ def main(argv: list[str] | None = None) -> int:
         help="agent, docker runner: the runtime image (default the locally built one)",
     )
     parser.add_argument(
+        "--node-image",
+        default="nanogrid/node:18-bookworm",
+        help="agent-node, docker runner: the node runtime image (default the locally built one)",
+    )
+    parser.add_argument(
         "--systems",
-        default=",".join(SYSTEMS),
-        help=f"which to measure, in this order, from {', '.join(SYSTEMS)} (default all)",
+        default=",".join(DEFAULT_SYSTEMS),
+        help=f"which to measure, in this order, from {', '.join(SYSTEMS)} "
+        f"(default {','.join(DEFAULT_SYSTEMS)})",
     )
     parser.add_argument(
         "--supervisor",

@@ -58,6 +58,15 @@ class RuntimeConfig:
     warm: int = _bounded(4, 0, 256)
 
 
+DEFAULT_RUNTIMES = types.MappingProxyType(
+    {
+        "python": RuntimeConfig(),
+        "node": RuntimeConfig(image="node:20-slim", command=("node", "main.js"), warm=2),
+    }
+)
+"""The default ``runtimes``; a runtime of one of these names starts from its defaults here."""
+
+
 @dataclass(frozen=True)
 class LimitsConfig:
     default_memory_mb: int = _bounded(256, 16)
@@ -173,9 +182,7 @@ class Config:
     queue: QueueConfig = QueueConfig()
     redis: RedisConfig = RedisConfig()
     http: HttpConfig = HttpConfig()
-    runtimes: Mapping[str, RuntimeConfig] = field(
-        default_factory=lambda: types.MappingProxyType({"python": RuntimeConfig()})
-    )
+    runtimes: Mapping[str, RuntimeConfig] = field(default_factory=lambda: DEFAULT_RUNTIMES)
     limits: LimitsConfig = LimitsConfig()
     paths: PathsConfig = PathsConfig()
     autotuner: AutotunerConfig = AutotunerConfig()
@@ -217,7 +224,8 @@ def from_dict(data: Any) -> Config:
     return config
 
 
-def _build(cls: type, data: Any, prefix: str) -> Any:
+def _build(cls: type, data: Any, prefix: str, base: Any = None) -> Any:
+    """``cls`` from a mapping; fields it leaves out keep their defaults (or ``base``'s)."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: must be a mapping, got {_show(data)}")
     hints = typing.get_type_hints(cls)
@@ -229,7 +237,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     values = {}
     for name, value in data.items():
         values[name] = _convert(hints[name], value, f"{prefix}{name}", fields[name].metadata)
-    return cls(**values)
+    return cls(**values) if base is None else dataclasses.replace(base, **values)
 
 
 def _convert(hint: Any, value: Any, key: str, meta: Mapping[str, Any]) -> Any:
@@ -249,7 +257,8 @@ def _convert(hint: Any, value: Any, key: str, meta: Mapping[str, Any]) -> Any:
         for name, sub in value.items():
             if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", name):
                 raise ConfigError(f"{key}: bad name {name!r} (use 1-64 of A-Z a-z 0-9 . _ -)")
-            out[name] = _build(value_type, sub if sub is not None else {}, f"{key}.{name}.")
+            base = DEFAULT_RUNTIMES.get(name) if value_type is RuntimeConfig else None
+            out[name] = _build(value_type, sub if sub is not None else {}, f"{key}.{name}.", base)
         return types.MappingProxyType(out)
     if origin is tuple:
         (item_type, _) = typing.get_args(hint)

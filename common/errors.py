@@ -6,6 +6,8 @@ translated into it.
     ├── TaskError                 ends a task with a FAILED result of errorType ``error_type``
     │   ├── InvalidMessage          INVALID_MESSAGE      -> delete (+ dead-letter)
     │   ├── RuntimeNotSupported     RUNTIME_NOT_SUPPORTED -> delete (+ dead-letter)
+    │   │   └── RuntimeUnavailable    configured, but cannot start on this host (interpreter
+    │   │                             or image missing): the same, with the reason
     │   ├── CodeNotFound            CODE_NOT_FOUND       -> keep for retry until max_attempts
     │   ├── InvalidCodePackage      INVALID_CODE_PACKAGE -> delete
     │   └── InternalError           INTERNAL             -> delete
@@ -58,6 +60,13 @@ class InvalidMessage(TaskError):
 class RuntimeNotSupported(TaskError):
     error_type = "RUNTIME_NOT_SUPPORTED"
     dead_letter = True
+
+
+class RuntimeUnavailable(RuntimeNotSupported):
+    """The runtime is configured but cannot start here (its interpreter or image is missing).
+
+    Dead-lettered like an unknown runtime, so the tasks can be replayed once the host is fixed.
+    """
 
 
 class CodeNotFound(TaskError):

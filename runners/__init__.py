@@ -49,6 +49,11 @@ def isolation(config: Config) -> Isolation:
     return runner_class(config.runner).isolation(config)
 
 
+def runtime_problems(config: Config) -> dict[str, str]:
+    """The configured runtimes that cannot start on this host -> why (one line each)."""
+    return runner_class(config.runner).runtime_problems(config)
+
+
 def cleanup_stale(config: Config) -> int:
     """Remove sandboxes an earlier agent on this host left behind; returns how many."""
     return runner_class(config.runner).remove_stale()

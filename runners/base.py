@@ -99,6 +99,10 @@ class Runner:
         """Per runtime: ``warm`` (idle, ready) and ``busy`` sandboxes."""
         raise NotImplementedError
 
+    def unavailable_runtimes(self) -> dict[str, str]:
+        """Runtimes this runner cannot start -> why; their tasks fail with RuntimeUnavailable."""
+        return {}
+
     @classmethod
     def check_config(cls, config: Config) -> None:
         """The runner's own checks of a loaded config (ConfigError, one line)."""
@@ -107,6 +111,11 @@ class Runner:
     def isolation(cls, config: Config) -> Isolation:
         """What this host's sandboxes of this runner are isolated by, and what is missing."""
         return Isolation()
+
+    @classmethod
+    def runtime_problems(cls, config: Config) -> dict[str, str]:
+        """The configured runtimes that cannot start on this host -> why (one line each)."""
+        return {}
 
     @classmethod
     def remove_stale(cls) -> int:

@@ -14,13 +14,14 @@ from common.errors import ConfigError
 
 from .container_cleanup import labels
 from .process import Launch
+from .sandbox_server import SERVERS, server_for
 
 CONTROL_MOUNT = "/nanogrid/control"
-SERVER_MOUNT = "/nanogrid/forkserver.py"
+SERVER_DIR = "/nanogrid"
+"""Where the sandbox's server file is mounted (read-only), under its own name."""
 CODE_MOUNT = "/code"
 CODE_SUBDIR = "function"
 CONTAINER_PATH = "/usr/local/bin:/usr/bin:/bin"
-SOCKET_NAME = "forkserver.sock"
 UNIX_PATH_MAX = 107
 PID_MAX = 4_194_304
 """The highest pid_max Linux allows: container names hold the worker's pid."""
@@ -31,7 +32,9 @@ EXTRA_PIDS = 2
 
 
 def container_launch(command: tuple[str, ...]) -> Launch:
-    """How a runtime's command runs from the fork server inside the image."""
+    """How a runtime's command runs from its server inside the image."""
+    if server_for(command) == "node":  # the node server: the image needs only node
+        return Launch(interpreter=command[0], python=False, argv=command, server="node")
     python = (
         os.path.basename(command[0]).startswith("python")
         and len(command) >= 2
@@ -46,7 +49,7 @@ def container_name(worker: int, runtime: str, pid: int, seq: int) -> str:
 
 
 def check_config(config: Config) -> None:
-    """Refuse a ``docker.socket_dir`` the agent cannot make, or too long for the fork-server
+    """Refuse a ``docker.socket_dir`` the agent cannot make, or too long for the server
     sockets made below it."""
     socket_dir = Path(config.docker.socket_dir)
     nearest = next(p for p in [socket_dir, *socket_dir.parents] if p.exists())
@@ -56,7 +59,8 @@ def check_config(config: Config) -> None:
         )
     runtime = max(config.runtimes, key=lambda name: len(name[:16]), default="")
     name = container_name(config.workers - 1, runtime, PID_MAX, SEQUENCE_MAX)
-    longest = Path(config.docker.socket_dir) / name / "control" / SOCKET_NAME
+    socket_name = max((server.socket_name for server in SERVERS.values()), key=len)
+    longest = Path(config.docker.socket_dir) / name / "control" / socket_name
     if len(os.fsencode(longest)) > UNIX_PATH_MAX:
         raise ConfigError(
             f"docker.socket_dir: {config.docker.socket_dir!r} is too long: the sandboxes' "
@@ -70,15 +74,13 @@ def container_spec(
     """The keyword arguments of ``containers.create`` for one sandbox of ``runtime``."""
     limits = config.limits
     memory = limits.default_memory_mb * MiB
+    server = SERVERS[launch.server]
+    server_mount = f"{SERVER_DIR}/{server.source.name}"
     return dict(
         image=config.runtimes[runtime].image,
-        command=[
-            launch.interpreter,
-            "-I",
-            "-S",
-            SERVER_MOUNT,
-            f"{CONTROL_MOUNT}/{SOCKET_NAME}",
-        ],
+        command=server.command(
+            launch.interpreter, server_mount, f"{CONTROL_MOUNT}/{server.socket_name}"
+        ),
         name=name,
         init=True,  # docker-init reaps what functions orphan
         user="{}:{}".format(*docker_user_ids(config.docker.user)),
@@ -104,7 +106,7 @@ def container_spec(
         log_config=LogConfig(type="json-file", config={"max-size": "64k", "max-file": "1"}),
         mounts=[
             Mount(CONTROL_MOUNT, str(root / "control"), type="bind"),
-            Mount(SERVER_MOUNT, str(root / "forkserver.py"), type="bind", read_only=True),
+            Mount(server_mount, str(root / server.source.name), type="bind", read_only=True),
             Mount(CODE_MOUNT, str(root / "code"), type="bind", read_only=True),
         ],
         labels=labels(worker, runtime, root),

@@ -24,6 +24,7 @@ import contextlib
 import itertools
 import os
 import queue
+import re
 import select
 import shutil
 import signal
@@ -39,7 +40,7 @@ from docker.models.containers import Container
 from loguru import logger
 
 from common.config import Config, MiB, docker_user_ids
-from common.errors import SandboxError
+from common.errors import RuntimeUnavailable, SandboxError
 
 from .base import Invocation, RunOutcome, Sandbox
 from .container_cgroup import ContainerCgroup, ContainerProcesses, find_cgroup
@@ -55,22 +56,21 @@ from .container_spec import (
     CODE_MOUNT,
     CODE_SUBDIR,
     CONTAINER_PATH,
-    SOCKET_NAME,
     check_config,
     container_launch,
     container_name,
     container_spec,
 )
-from .forkclient import FORKSERVER_SOURCE, ForkServerClient
 from .isolation import Isolation
 from .pool import PooledRunner
+from .sandbox_server import SERVERS, SandboxClient, run_in
 
 START_TIMEOUT_S = 20.0
 @dataclass(eq=False)
 class DockerSandbox(Sandbox):
     root: Path = field(default_factory=Path)
     container: Container | None = None
-    client: ForkServerClient | None = None
+    client: SandboxClient | None = None
     cgroup: ContainerCgroup | None = None
     processes: ContainerProcesses | None = None
     server_fd: int = -1
@@ -102,7 +102,10 @@ class DockerRunner(PooledRunner):
         self._reaper.start()
         with contextlib.suppress(SandboxError):  # an engine that is away now is retried later
             self._remove_dead_workers_containers()
-        self.make_pools(config, worker_index, on_idle=self._on_idle)
+        unavailable = {}
+        with contextlib.suppress(SandboxError):  # away: the first create finds out instead
+            unavailable = missing_images(self._api(), config)
+        self.make_pools(config, worker_index, on_idle=self._on_idle, unavailable=unavailable)
 
     @classmethod
     def check_config(cls, config: Config) -> None:
@@ -114,11 +117,24 @@ class DockerRunner(PooledRunner):
         return container_isolation(config)
 
     @classmethod
+    def runtime_problems(cls, config: Config) -> dict[str, str]:
+        try:
+            api = docker.from_env(timeout=DOCKER_TIMEOUT_S)
+        except UNREACHABLE:
+            return {}  # the workers report an engine that is away
+        try:
+            return missing_images(api, config)
+        except SandboxError:
+            return {}
+        finally:
+            api.close()
+
+    @classmethod
     def remove_stale(cls) -> int:
         return remove_agent_containers()
 
     def acquire(self, runtime: str, code_key: str) -> Sandbox:
-        pool = self.pools[runtime]
+        pool = self.pool(runtime)
         while True:  # bounded: a dead sandbox is destroyed, and a cold one is alive or raises
             sandbox = pool.acquire(code_key)
             assert isinstance(sandbox, DockerSandbox)
@@ -153,7 +169,8 @@ class DockerRunner(PooledRunner):
         env = invocation.environment(CONTAINER_PATH, "/tmp")
         started = time.monotonic()
         try:
-            raw = sandbox.client.run(
+            raw = run_in(
+                sandbox.client,
                 argv=list(launch.argv),
                 cwd=f"{CODE_MOUNT}/{CODE_SUBDIR}",
                 env=env,
@@ -241,6 +258,9 @@ class DockerRunner(PooledRunner):
             self._make_host_dir(sandbox)
             sandbox.container = self._start_container(api, runtime, name, root)
             self._connect(sandbox)
+        except RuntimeUnavailable:
+            self.destroy(sandbox)
+            raise
         except (OSError, psutil.Error, SandboxError, *UNREACHABLE) as exc:
             self.destroy(sandbox)
             reason = describe(exc) if isinstance(exc, UNREACHABLE) else str(exc)
@@ -255,9 +275,10 @@ class DockerRunner(PooledRunner):
         sandbox.code_dir.mkdir(mode=0o755, parents=True)
         control = sandbox.root / "control"
         control.mkdir(mode=0o700)
-        os.chown(control, self._uid, self._gid)  # the fork server binds its socket here
-        shutil.copyfile(FORKSERVER_SOURCE, sandbox.root / "forkserver.py")
-        os.chmod(sandbox.root / "forkserver.py", 0o644)
+        os.chown(control, self._uid, self._gid)  # the server binds its socket here
+        server = SERVERS[self._launch[sandbox.runtime].server]
+        shutil.copyfile(server.source, sandbox.root / server.source.name)
+        os.chmod(sandbox.root / server.source.name, 0o644)
 
     def _start_container(
         self, api: docker.DockerClient, runtime: str, name: str, root: Path
@@ -268,9 +289,7 @@ class DockerRunner(PooledRunner):
             spec = container_spec(config, runtime, self._launch[runtime], name, root, self._worker)
             container = api.containers.create(**spec)
         except ImageNotFound:
-            raise SandboxError(
-                f"image {image} is not on this host (docker pull it, or bin/nanogrid-build-images)"
-            ) from None
+            raise self.mark_unavailable(runtime, image_missing(image)) from None
         except UNREACHABLE:
             # The engine may have made it before its answer was lost: remove it by its name.
             self._remove_container(name)
@@ -288,19 +307,21 @@ class DockerRunner(PooledRunner):
         assert sandbox.container is not None
         init_pid = sandbox.container.attrs["State"]["Pid"]
         if not init_pid:
-            raise SandboxError(f"container exited at once: {self._last_log(sandbox.container)}")
-        path = sandbox.root / "control" / SOCKET_NAME
-        init_fd = os.pidfd_open(init_pid)
+            raise self._server_failed(sandbox, "container exited at once")
+        server = SERVERS[self._launch[sandbox.runtime].server]
+        path = sandbox.root / "control" / server.socket_name
+        try:
+            init_fd = os.pidfd_open(init_pid)
+        except ProcessLookupError:  # gone since inspect: e.g. the image lacks the interpreter
+            raise self._server_failed(sandbox, "container exited at once") from None
         try:
             deadline = time.monotonic() + START_TIMEOUT_S
             while not path.exists():
                 if select.select([init_fd], [], [], 0.002)[0] or time.monotonic() > deadline:
-                    raise SandboxError(
-                        f"fork server did not come up: {self._last_log(sandbox.container)}"
-                    )
+                    raise self._server_failed(sandbox, f"{server.name} server did not come up")
         finally:
             os.close(init_fd)
-        sandbox.client = ForkServerClient(path)
+        sandbox.client = server.connect(path)
         # From now on nothing in the container may write to the host's disk.
         os.chown(path.parent, 0, 0)
         os.chmod(path.parent, 0o755)
@@ -313,6 +334,18 @@ class DockerRunner(PooledRunner):
         sandbox.processes = ContainerProcesses(
             init_pid, server_pid, sandbox.cgroup.procs_file if sandbox.cgroup else None
         )
+
+    def _server_failed(self, sandbox: DockerSandbox, what: str) -> Exception:
+        """Why the sandbox's server did not start: the image lacks its interpreter, or else."""
+        assert sandbox.container is not None
+        log = self._last_log(sandbox.container)
+        if re.search(r"exec .* failed: No such file or directory", log):  # docker-init's words
+            interpreter = self._launch[sandbox.runtime].interpreter
+            image = self._config.runtimes[sandbox.runtime].image
+            return self.mark_unavailable(
+                sandbox.runtime, f"image {image} has no {interpreter} ({log})"
+            )
+        return SandboxError(f"{what}: {log}")
 
     @staticmethod
     def _last_log(container: Container) -> str:
@@ -401,3 +434,20 @@ class DockerRunner(PooledRunner):
             raise SandboxError(describe(exc)) from None
         if removed:
             logger.info(f"{self.marker} removed {removed} container(s) of exited workers")
+
+
+def image_missing(image: str) -> str:
+    return f"image {image} is not on this host (docker pull it, or bin/nanogrid-build-images)"
+
+
+def missing_images(api: docker.DockerClient, config: Config) -> dict[str, str]:
+    """The runtimes whose image is not on this host -> why; UNREACHABLE errors pass through."""
+    problems = {}
+    for name, runtime in config.runtimes.items():
+        try:
+            api.images.get(runtime.image)
+        except ImageNotFound:
+            problems[name] = image_missing(runtime.image)
+        except UNREACHABLE as exc:
+            raise SandboxError(f"Docker engine unreachable: {describe(exc)}") from None
+    return problems

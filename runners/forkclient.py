@@ -56,7 +56,9 @@ class RawRun:
         )
 
 
-class _Capped:
+class Capped:
+    """A byte buffer that keeps the first ``limit`` bytes and notes whether more came."""
+
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.data = bytearray()
@@ -137,7 +139,7 @@ class ForkServerClient:
         self, in_w: int, out_r: int, err_r: int, stdin: bytes, timeout_s: float, cap: int
     ) -> RawRun:
         deadline = time.monotonic() + timeout_s
-        captured = {out_r: _Capped(cap), err_r: _Capped(cap)}
+        captured = {out_r: Capped(cap), err_r: Capped(cap)}
         open_outputs = {out_r, err_r}
         pending_in = memoryview(stdin)
         stdin_open = True

@@ -28,13 +28,18 @@ dies with the agent), and the server mounts a fresh /proc, reaps orphans during 
 kills what a run left behind after it. A namespace the kernel refuses is left out and named
 in the ready line: ``{"pid": <the server's pid on the host>, "holds": [...],
 "missing": {name: reason}}``.
+
+With ``"exec"`` in its options (another runtime's server, e.g. ``node nodeserver.js``), it
+sets the same sandbox up and then exec's that server instead of serving: within a PID
+namespace it stays PID 1 (reaping what runs orphan, exiting with the server) and the server
+runs as its child; the exec'd server writes the ready line when it serves.
 """
 
 import array
 import atexit
 import contextlib
-import ctypes
-import fcntl
+import ctypes  # at the top: after drop_privileges() the sandbox's uid may not be able to
+import fcntl  # read the stdlib of the interpreter that started it (a pyenv in /root)
 import gc
 import io
 import json
@@ -403,6 +408,48 @@ def warm_up(directory: str) -> None:
     gc.freeze()
 
 
+def exec_server(command: list, options: dict, parent: int, report: dict) -> None:
+    """Become another runtime's server (``options["exec"]``) in the sandbox made so far: join
+    its cgroups, set its rlimits, drop root, then exec. The server is given the ready fd and
+    the line to write there once it serves (this process's report). Never returns."""
+    join_cgroups(options.get("cgroup_procs", []))
+    os.umask(0o077)
+    set_rlimits(options.get("rlimits") or {})
+    drop_privileges(options.get("uid", -1), options.get("gid", -1))
+    if options.get("pdeathsig"):  # after dropping root: changing uid clears the death signal
+        die_with_parent(parent)
+    ready = {"ready_fd": options.get("ready_fd"), "ready_line": json.dumps(report) + "\n"}
+    os.execv(command[0], [*command, json.dumps(ready)])
+
+
+def init_for(command: list, options: dict, host_proc: int, report: dict) -> int:
+    """As PID 1 of the sandbox's namespace: start the exec'd server as its child, reap what
+    its runs orphan (a node server cannot) and exit with the server."""
+    root = (options.get("isolate") or {}).get("root")
+    if "mount" in report["holds"] and root:
+        seal(root)
+    server = os.fork()
+    if server == 0:
+        code = 127
+        try:
+            # The pid on the host, read in the host's procfs (this namespace's /proc has 2).
+            host_pid = int(os.readlink("self", dir_fd=host_proc))
+            os.close(host_proc)
+            exec_server(command, options, 1, {"pid": host_pid, **report})
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    os.close(host_proc)
+    drop_privileges(options.get("uid", -1), options.get("gid", -1))
+    if options.get("pdeathsig"):
+        die_with_parent(0)  # the keeper, outside this namespace
+    while True:
+        pid, status = os.wait()
+        if pid == server:
+            return os.waitstatus_to_exitcode(status) & 0xFF
+
+
 def probe(settings: dict) -> int:
     """``--probe SETTINGS``: what isolation this host grants a sandbox, as one JSON line
     ``{"holds": [...], "missing": {...}}`` (the agent runs it at start for its warning and
@@ -435,8 +482,14 @@ def main(argv: list) -> int:
     uid, gid = options.get("uid", -1), options.get("gid", -1)
     parent = os.getppid()
     settings = options.get("isolate")
+    command = options.get("exec")
     try:
         holds, missing = isolate(settings) if settings else ([], {})
+        if command and "mount" in holds and settings.get("root"):
+            # The exec'd server stages each call's stdin in its control directory: it stays
+            # writable when the rest is sealed (the agent takes its ownership once it is ready).
+            mount(os.path.dirname(path), os.path.dirname(path), None, MS_BIND)
+        host_proc = os.open("/proc", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC) if command else -1
     except OSError as exc:
         print(f"nanogrid fork server: cannot set up the sandbox: {exc}", file=sys.stderr)
         return 1
@@ -445,9 +498,18 @@ def main(argv: list) -> int:
     if "pid" in holds:
         host_pid = become_init(parent if options.get("pdeathsig") else 0, uid, gid)
         parent = 0  # the keeper lies outside this namespace: getppid() is 0 from now on
+        if command:
+            report = {"holds": holds, "missing": missing}
+            return init_for(command, options, host_proc, report)
         wakeup = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wakeup[1], warn_on_full_buffer=False)
         signal.signal(signal.SIGCHLD, lambda *_: None)  # wakes serve_run to reap orphans
+    elif command:
+        if "mount" in holds and settings.get("root"):
+            seal(settings["root"])
+        os.close(host_proc)
+        report = {"pid": host_pid, "holds": holds, "missing": missing}
+        exec_server(command, options, parent, report)
     else:  # PID 1 keeps the default: signals from its own namespace cannot kill it
         signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     join_cgroups(options.get("cgroup_procs", []))

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from loguru import logger
 
 from common.config import Config
+from common.errors import RuntimeUnavailable
 
 from .base import Runner, Sandbox
 
@@ -190,6 +191,8 @@ class PooledRunner(Runner):
     """A runner whose sandboxes come from one WarmPool per runtime (``self.pools``)."""
 
     pools: dict[str, WarmPool]
+    unavailable: dict[str, str]
+    """Runtimes that cannot start on this host -> why; they get no pool."""
     marker = "[POOL]"
 
     def make_pools(
@@ -197,9 +200,12 @@ class PooledRunner(Runner):
         config: Config,
         worker_index: int,
         on_idle: Callable[[Sandbox, float], None] | None = None,
+        unavailable: Mapping[str, str] | None = None,
     ) -> None:
-        """One pool per runtime, sized to this worker's share of its ``warm`` count, growing on
-        demand up to ``capacity.max_concurrent`` (what the host may run at once)."""
+        """One pool per runtime that can start, sized to this worker's share of its ``warm``
+        count, growing on demand up to ``capacity.max_concurrent`` (what the host may run at
+        once)."""
+        self.unavailable = dict(unavailable or {})
         self.pools = {
             name: WarmPool(
                 name,
@@ -212,6 +218,7 @@ class PooledRunner(Runner):
                 limit=config.capacity.max_concurrent,
             )
             for name, rt in config.runtimes.items()
+            if name not in self.unavailable
         }
 
     def create(self, runtime: str) -> Sandbox:
@@ -222,8 +229,22 @@ class PooledRunner(Runner):
         """Remove a sandbox for good (called by the pool)."""
         raise NotImplementedError
 
+    def pool(self, runtime: str) -> WarmPool:
+        """The runtime's pool; RuntimeUnavailable (with the reason) when it cannot start."""
+        if runtime in self.unavailable:
+            raise RuntimeUnavailable(unavailable_message(runtime, self.unavailable[runtime]))
+        return self.pools[runtime]
+
     def acquire(self, runtime: str, code_key: str) -> Sandbox:
-        return self.pools[runtime].acquire(code_key)
+        return self.pool(runtime).acquire(code_key)
+
+    def mark_unavailable(self, runtime: str, reason: str) -> RuntimeUnavailable:
+        """Found out while making a sandbox: stop filling its pool; the error to raise."""
+        if runtime not in self.unavailable:
+            logger.error(f"{self.marker} {unavailable_message(runtime, reason)}")
+        self.unavailable[runtime] = reason
+        self.pools[runtime].size = 0
+        return RuntimeUnavailable(unavailable_message(runtime, reason))
 
     def release(self, sandbox: Sandbox) -> None:
         self.pools[sandbox.runtime].release(sandbox)
@@ -231,9 +252,17 @@ class PooledRunner(Runner):
     def pool_stats(self) -> dict[str, dict[str, int]]:
         return {name: pool.stats() for name, pool in self.pools.items()}
 
+    def unavailable_runtimes(self) -> dict[str, str]:
+        return dict(self.unavailable)
+
     def close_pools(self) -> None:
         for pool in self.pools.values():
             pool.close()
+
+
+def unavailable_message(runtime: str, reason: str) -> str:
+    """One line naming a runtime that cannot start here, and why."""
+    return f"runtime {runtime!r} cannot start on this host: {reason}"
 
 
 def warm_share(warm: int, workers: int, index: int) -> int:

@@ -36,9 +36,10 @@ from common.errors import ConfigError, SandboxError
 from . import cgroups
 from .base import Invocation, RunOutcome, Sandbox
 from .cgroups import SandboxCgroup, SandboxCgroups, owner_gone, owner_group
-from .forkclient import FORKSERVER_SOURCE, ForkServerClient
+from .forkclient import FORKSERVER_SOURCE
 from .isolation import Isolation
 from .pool import PooledRunner
+from .sandbox_server import SERVERS, SandboxClient, run_in, server_for
 
 SANDBOX_START_TIMEOUT_S = 10.0
 PROBE_TIMEOUT_S = 30.0
@@ -57,6 +58,8 @@ class Launch:
     python: bool
     """The command is ``python3 script.py ...``: run it in the forked interpreter."""
     argv: tuple[str, ...]
+    server: str = "fork"
+    """The in-sandbox server (runners.sandbox_server.SERVERS) that runs the command."""
 
 
 @dataclass(eq=False)
@@ -67,16 +70,19 @@ class ProcessSandbox(Sandbox):
     process: subprocess.Popen | None = None
     """The process started: the server itself, or its keeper outside its PID namespace."""
     server_pid: int = -1
-    """The fork server's pid on the host."""
+    """The sandbox server's pid on the host."""
     holds: tuple[str, ...] = ()
     """The isolations its server set up (forkserver.isolate)."""
-    client: ForkServerClient | None = None
+    client: SandboxClient | None = None
     cgroup: SandboxCgroup | None = None
     limit_mb: int = 0
 
 
 def resolve_launch(runtime: RuntimeConfig, path: str) -> Launch:
     """Find the runtime's program on the functions' PATH; see through interpreter shims."""
+    if "/" in runtime.command[0] and not os.path.isabs(runtime.command[0]):
+        # A program in the function's own code (``./main``): exec'd per call from its cwd.
+        return Launch(interpreter=sys.executable, python=False, argv=runtime.command)
     program = shutil.which(runtime.command[0], path=path)
     if program is None:
         raise ConfigError(f"runtime command {runtime.command[0]!r} not found on PATH {path}")
@@ -94,7 +100,32 @@ def resolve_launch(runtime: RuntimeConfig, path: str) -> Launch:
         if probe.returncode != 0 or not real:
             raise ConfigError(f"runtime command {program} does not start: {probe.stderr.strip()}")
         return Launch(interpreter=real, python=True, argv=(real, *runtime.command[1:]))
+    if server_for(runtime.command) == "node":
+        probe = subprocess.run(
+            [program, "-e", "require('worker_threads')"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={"PATH": path},
+        )
+        if probe.returncode != 0:
+            raise ConfigError(f"runtime command {program} does not start: {probe.stderr.strip()}")
+        real = os.path.realpath(program)
+        return Launch(
+            interpreter=real, python=False, argv=(real, *runtime.command[1:]), server="node"
+        )
     return Launch(interpreter=sys.executable, python=False, argv=(program, *runtime.command[1:]))
+
+
+def resolve_launches(config: Config) -> tuple[dict[str, Launch], dict[str, str]]:
+    """How each runtime starts, and the runtimes that cannot start here -> why."""
+    launches, problems = {}, {}
+    for name, runtime in config.runtimes.items():
+        try:
+            launches[name] = resolve_launch(runtime, config.process.path)
+        except (ConfigError, OSError, subprocess.TimeoutExpired) as exc:
+            problems[name] = str(exc)
+    return launches, problems
 
 
 class ProcessRunner(PooledRunner):
@@ -114,18 +145,18 @@ class ProcessRunner(PooledRunner):
         make_dir(self._base_dir, 0o711)
         if self._as_root:
             check_traversable(self._base_dir)
-        self._launch = {
-            name: resolve_launch(rt, config.process.path) for name, rt in config.runtimes.items()
-        }
-        self.make_pools(config, worker_index)
+        self._launch, unavailable = resolve_launches(config)
+        self.make_pools(config, worker_index, unavailable=unavailable)
+
+    @classmethod
+    def runtime_problems(cls, config: Config) -> dict[str, str]:
+        return resolve_launches(config)[1]
 
     @classmethod
     def check_config(cls, config: Config) -> None:
         check_work_dir(Path(config.paths.work_dir), as_root=os.geteuid() == 0)
         if os.geteuid() == 0:
             check_sandbox_uids(config)
-        for rt in config.runtimes.values():
-            resolve_launch(rt, config.process.path)
 
     @classmethod
     def isolation(cls, config: Config) -> Isolation:
@@ -135,6 +166,12 @@ class ProcessRunner(PooledRunner):
             holds.append("cgroup")
         else:
             missing["cgroup"] = "cgroups not writable: memory and pids limits by rlimits only"
+            if any(server_for(rt.command) == "node" for rt in config.runtimes.values()):
+                # The node server runs functions in its own process: no per-run rlimits.
+                missing["node limits"] = (
+                    "without cgroups node sandboxes have no memory or pids limit, and what "
+                    "a node run leaves behind lives until its sandbox goes"
+                )
         if os.geteuid() != 0:
             for name in ("uid", "mount", "network", "pid"):
                 missing[name] = "the agent does not run as root"
@@ -175,8 +212,10 @@ class ProcessRunner(PooledRunner):
             raise SandboxError(f"cannot set the sandbox limits: {exc}") from None
         home = PRIVATE_HOME if "mount" in sandbox.holds else str(sandbox.home)
         env = invocation.environment(self._config.process.path, home)
+        started = time.monotonic()
         try:
-            raw = sandbox.client.run(
+            raw = run_in(
+                sandbox.client,
                 argv=list(launch.argv),
                 cwd=str(sandbox.code_dir),
                 env=env,
@@ -188,7 +227,22 @@ class ProcessRunner(PooledRunner):
             )
         except SandboxError:
             sandbox.healthy = False
-            raise
+            if cgroup is None or cgroup.memory.oom_kills() <= oom_before:
+                raise
+            # The OOM killer took the server (a node function runs inside it): still the
+            # function's out-of-memory; only its output is lost with the server.
+            return RunOutcome(
+                exit_code=-9,
+                timed_out=False,
+                oom_killed=True,
+                stdout=b"",
+                stderr=b"",
+                stdout_truncated=False,
+                stderr_truncated=False,
+                duration_ms=(time.monotonic() - started) * 1000,
+                peak_memory_bytes=cgroup.memory.peak_bytes() or invocation.memory_mb * MiB,
+                peak_source=cgroup.memory.source,
+            )
         sandbox.runs += 1
         exit_code = os.waitstatus_to_exitcode(raw.status)
         peak, source, oom = raw.maxrss_bytes, "rusage", False
@@ -256,19 +310,25 @@ class ProcessRunner(PooledRunner):
                 "tmpfs_mb": self._config.process.tmpfs_mb,
                 "root": str(root),
             }
-        socket_path = control / "forkserver.sock"
+        launch = self._launch[runtime]
+        server = SERVERS[launch.server]
+        socket_path = control / server.socket_name
+        fork = SERVERS["fork"]
+        if launch.server == "fork":
+            command = fork.command(launch.interpreter, str(fork.source), str(socket_path))
+        else:
+            # The fork server's start-up makes the sandbox (namespaces, cgroups, rlimits, uid,
+            # death signal), then exec's this runtime's own server, which says when it is ready.
+            source = root / server.source.name
+            shutil.copyfile(server.source, source)
+            os.chmod(source, 0o644)
+            options["exec"] = server.command(launch.interpreter, str(source), str(socket_path))
+            command = fork.command(sys.executable, str(fork.source), str(socket_path))
         try:
             with os.fdopen(ready_r, "rb") as ready:
                 try:
                     sandbox.process = subprocess.Popen(
-                        [
-                            self._launch[runtime].interpreter,
-                            "-I",
-                            "-S",
-                            str(FORKSERVER_SOURCE),
-                            str(socket_path),
-                            json.dumps(options),
-                        ],
+                        [*command, json.dumps(options)],
                         cwd=root,
                         env={"PATH": self._config.process.path, "LANG": "C.UTF-8"},
                         stdin=subprocess.DEVNULL,
@@ -279,14 +339,20 @@ class ProcessRunner(PooledRunner):
                 finally:
                     os.close(ready_w)
                 if not select.select([ready], [], [], SANDBOX_START_TIMEOUT_S)[0]:
-                    raise SandboxError("fork server did not come up")
+                    raise SandboxError(f"{launch.server} server did not come up")
                 line = ready.readline()
             if not line:
-                raise SandboxError("fork server exited before it was ready")
+                raise SandboxError(f"{launch.server} server exited before it was ready")
             report = json.loads(line)
             sandbox.server_pid = report["pid"]
             sandbox.holds = tuple(report["holds"])
-            sandbox.client = ForkServerClient(socket_path)
+            sandbox.client = server.connect(socket_path)
+            if launch.server != "fork" and uid >= 0:
+                # As Docker does: the server runs the functions in its own process, so its
+                # socket's directory cannot be sealed; from now on it may write only the files
+                # it made there (its stdin), not add any to the host's disk.
+                os.chown(control, 0, 0)
+                os.chmod(control, 0o755)
         except (OSError, SandboxError) as exc:
             self.destroy(sandbox)
             raise SandboxError(f"cannot start a {runtime} sandbox: {exc}") from None

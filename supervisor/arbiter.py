@@ -97,6 +97,8 @@ class Arbiter:
         """The host's capacity budget, shared by every worker (worker/ledger.py)."""
         self.isolation: dict[str, Any] = {}
         """The configured runner's isolation on this host, probed at start and on reload."""
+        self.runtimes: dict[str, dict[str, Any]] = {}
+        """Per runtime: ``available`` and, when not, the ``problem`` (for /status)."""
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -137,6 +139,7 @@ class Arbiter:
             signal.signal(signum, self._record_signal)
         self.cleanup_sandboxes("an earlier agent")
         self.probe_isolation()
+        self.check_runtimes()
         self.publish_status()  # before the HTTP server can ask for it
         self.health = HealthServer(self.config.http.host, self.config.http.port,
                                    self.status_snapshot, self.metrics.render)
@@ -356,6 +359,7 @@ class Arbiter:
             "pools": pools,
             "capacity": capacity,
             "isolation": self.isolation,
+            "runtimes": self.runtimes,
             "restartsTotal": sum(s.restarts for s in self.slots.values()),
             "stopping": self.stopping,
             "uptimeSeconds": round(now - self.started_at, 1),
@@ -398,6 +402,7 @@ class Arbiter:
         self.config = config
         self.ledger = self.ledger.resize(config.capacity.memory_mb, config.capacity.max_concurrent)
         self.probe_isolation()
+        self.check_runtimes()
         deadline = time.monotonic() + config.drain_timeout_seconds
         old = list(self.workers.values())
         for worker in old:
@@ -453,6 +458,20 @@ class Arbiter:
         warning = found.warning(self.config.runner)
         if warning:
             logger.warning(warning)
+
+    def check_runtimes(self) -> None:
+        """Name each runtime that cannot start on this host, once, in a line of its own."""
+        try:
+            problems = runners.runtime_problems(self.config)
+        except Exception as exc:  # noqa: BLE001 - a failed check must not stop the agent
+            logger.warning(f"could not check the runtimes: {exc}")
+            problems = {}
+        for name, problem in problems.items():
+            logger.error(f"runtime {name!r} cannot start on this host: {problem}")
+        self.runtimes = {
+            name: {"available": name not in problems, "problem": problems.get(name)}
+            for name in self.config.runtimes
+        }
 
     def cleanup_sandboxes(self, whose: str) -> None:
         try:

@@ -14,6 +14,7 @@ from pathlib import Path
 import docker
 import pytest
 from helpers import (
+    NODE_IMAGE,
     PEER_PIDS,
     RUNTIME_IMAGE,
     CgroupError,
@@ -24,7 +25,7 @@ from helpers import (
 )
 
 TESTS_PIDS_MAX = 2048
-DOCKER_FIXTURES = {"docker_engine", "runtime_image"}
+DOCKER_FIXTURES = {"docker_engine", "runtime_image", "node_image"}
 E2E_DIR = Path(__file__).parent / "e2e"
 
 
@@ -108,6 +109,15 @@ def runtime_image(docker_engine: docker.DockerClient) -> str:
     if not docker_engine.images.list(name=RUNTIME_IMAGE):
         pytest.fail(f"Docker image {RUNTIME_IMAGE} missing: run dev/setup", pytrace=False)
     return RUNTIME_IMAGE
+
+
+@pytest.fixture(scope="session")
+def node_image(docker_engine: docker.DockerClient) -> str:
+    """Tag of the local node runtime image (node only, no python3) built by
+    bin/nanogrid-build-images."""
+    if not docker_engine.images.list(name=NODE_IMAGE):
+        pytest.fail(f"Docker image {NODE_IMAGE} missing: run dev/setup", pytrace=False)
+    return NODE_IMAGE
 
 
 @pytest.fixture(scope="session")

@@ -40,6 +40,7 @@ __all__ = [
     "RUNTIME_IMAGE",
     "CgroupError",
     "MotoServer",
+    "NODE_IMAGE",
     "PeerProcess",
     "PidsCgroup",
     "RedisServer",
@@ -50,6 +51,7 @@ __all__ = [
 ]
 
 RUNTIME_IMAGE = "nanogrid/python:3.11-bookworm"
+NODE_IMAGE = "nanogrid/node:18-bookworm"
 
 
 class MotoServer(embedded.MotoServer):

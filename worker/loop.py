@@ -198,6 +198,8 @@ class Worker:
             f"worker {self.index} ready: runner={self.runner.name}, "
             f"pools={self.runner.pool_stats()}"
         )
+        for name, problem in self.runner.unavailable_runtimes().items():
+            logger.warning(f"runtime {name!r} cannot start here ({problem}): its tasks fail")
         if self.status:
             self.status.booted()
 

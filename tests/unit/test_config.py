@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_shipped_configs_load(name: str) -> None:
     cfg = config.load(REPO / "conf" / name)
     assert cfg.runtimes["python"].command == ("python3", "main.py")
+    assert cfg.runtimes["node"].command == ("node", "main.js")
     assert cfg.path == str(REPO / "conf" / name) and cfg.loaded_at
 
 
@@ -28,7 +29,16 @@ def test_defaults_hold_the_contract_keys() -> None:
     assert (cfg.http.host, cfg.http.port) == ("0.0.0.0", 8080)
     assert cfg.runtimes["python"].image == "python:3.11-slim"
     assert cfg.runtimes["python"].warm == 4
+    node = cfg.runtimes["node"]
+    assert (node.image, node.command, node.warm) == ("node:20-slim", ("node", "main.js"), 2)
     assert cfg.cloudwatch.namespace == "NanoGrid"
+
+
+def test_a_named_runtime_starts_from_its_own_defaults() -> None:
+    cfg = config.from_dict({"runtimes": {"node": {"warm": 1}, "go": {"command": ["./main"]}}})
+    assert cfg.runtimes["node"].command == ("node", "main.js") and cfg.runtimes["node"].warm == 1
+    assert cfg.runtimes["go"].command == ("./main",) and cfg.runtimes["go"].warm == 4
+    assert set(cfg.runtimes) == {"node", "go"}  # a runtimes mapping replaces the defaults
 
 
 def test_workers_auto_is_the_cpu_count() -> None:

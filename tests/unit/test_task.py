@@ -57,7 +57,7 @@ def test_invalid_messages(raw: str, needle: str) -> None:
 
 
 def test_unknown_runtime() -> None:
-    with pytest.raises(RuntimeNotSupported, match="'cobol'.*supported: python"):
+    with pytest.raises(RuntimeNotSupported, match="'cobol'.*supported: node, python"):
         task.parse(body(runtime="cobol"), CFG)
 
 

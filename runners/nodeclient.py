@@ -1,0 +1,144 @@
+"""The agent's side of the node server's protocol (see runners/nodeserver.js).
+
+A node sandbox's long-lived process is ``node nodeserver.js SOCKET``: it keeps a worker
+thread started and waiting, so a call never pays node's start. Stdin, stdout and stderr
+travel as frames on one AF_UNIX stream socket (node cannot receive file descriptors). One
+``run`` is one select loop in the calling thread, as with the fork server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import socket
+import struct
+import time
+from pathlib import Path
+
+from common.errors import SandboxError
+
+from .forkclient import Capped, RawRun
+
+NODESERVER_SOURCE = Path(__file__).with_name("nodeserver.js")
+NODE_SOCKET_NAME = "nodeserver.sock"
+"""As long as the fork server's socket name: docker.socket_dir's length check holds for both."""
+NODE_PROGRAMS = ("node", "nodejs")
+_HEADER = struct.Struct(">cI")
+_CHUNK = 65536
+_KILL_GRACE_S = 5.0
+
+
+def is_node_command(command: tuple[str, ...]) -> bool:
+    """``node script.js ...``: served by the node server (other node invocations are exec'd)."""
+    return (
+        os.path.basename(command[0]) in NODE_PROGRAMS
+        and len(command) >= 2
+        and not command[1].startswith("-")
+    )
+
+
+class NodeServerClient:
+    """A connection to one sandbox's node server."""
+
+    def __init__(
+        self, socket_path: str | os.PathLike[str], connect_timeout_s: float = 10.0
+    ) -> None:
+        self.socket_path = str(socket_path)
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        deadline = time.monotonic() + connect_timeout_s
+        while True:
+            try:
+                self._sock.connect(self.socket_path)
+                return
+            except (FileNotFoundError, ConnectionRefusedError) as exc:
+                if time.monotonic() > deadline:
+                    self._sock.close()
+                    raise SandboxError(f"sandbox node server did not come up: {exc}") from None
+                time.sleep(0.002)
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def run(
+        self,
+        *,
+        argv: list[str],
+        cwd: str,
+        env: dict[str, str],
+        stdin: bytes,
+        timeout_s: float,
+        max_output_bytes: int,
+    ) -> RawRun:
+        """Run one function to completion (or timeout) and return what it produced."""
+        request = {"argv": argv, "cwd": cwd, "env": env, "maxOutputBytes": max_output_bytes}
+        try:
+            self._sock.sendall(_frame(b"R", json.dumps(request).encode()) + _frame(b"I", stdin))
+        except OSError as exc:
+            raise SandboxError(f"sandbox node server is gone: {exc}") from None
+        return self._collect(timeout_s, max_output_bytes)
+
+    def _collect(self, timeout_s: float, cap: int) -> RawRun:
+        deadline = time.monotonic() + timeout_s
+        out, err = Capped(cap), Capped(cap)
+        pending = b""
+        timed_out = False
+        while True:
+            wait = deadline - time.monotonic()
+            if wait <= 0:
+                if timed_out:
+                    raise SandboxError("sandbox node server did not stop its function after a kill")
+                timed_out = True
+                self._send_kill()
+                deadline = time.monotonic() + _KILL_GRACE_S
+                continue
+            if not select.select([self._sock], [], [], wait)[0]:
+                continue
+            try:
+                chunk = self._sock.recv(_CHUNK)
+            except OSError as exc:
+                raise SandboxError(f"sandbox node server failed: {exc}") from None
+            if not chunk:
+                raise SandboxError("sandbox node server died during the run")
+            pending += chunk
+            while len(pending) >= _HEADER.size:
+                kind, length = _HEADER.unpack_from(pending)
+                if len(pending) < _HEADER.size + length:
+                    break
+                body = pending[_HEADER.size : _HEADER.size + length]
+                pending = pending[_HEADER.size + length :]
+                if kind == b"O":
+                    out.add(body)
+                elif kind == b"E":
+                    err.add(body)
+                elif kind == b"X":
+                    return _raw_run(json.loads(body), out, err, timed_out)
+                else:
+                    raise SandboxError(f"sandbox node server sent an unknown frame {kind!r}")
+
+    def _send_kill(self) -> None:
+        try:
+            self._sock.sendall(_frame(b"K", b""))
+        except OSError as exc:
+            raise SandboxError(f"sandbox node server is gone: {exc}") from None
+
+
+def _frame(kind: bytes, body: bytes) -> bytes:
+    return _HEADER.pack(kind, len(body)) + body
+
+
+def _raw_run(reply: dict, out: Capped, err: Capped, timed_out: bool) -> RawRun:
+    # As a wait status, so both servers' runs read the same: a killed run is a SIGKILL.
+    status = signal.SIGKILL if reply["killed"] else (reply["exitCode"] & 0xFF) << 8
+    dropped = reply["dropped"]
+    return RawRun(
+        status=status,
+        timed_out=timed_out,
+        stdout=bytes(out.data),
+        stderr=bytes(err.data),
+        stdout_truncated=out.truncated or dropped["stdout"] > 0,
+        stderr_truncated=err.truncated or dropped["stderr"] > 0,
+        duration_ms=reply["durationNs"] / 1e6,
+        maxrss_bytes=reply["maxrssBytes"],
+    )

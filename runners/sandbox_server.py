@@ -1,0 +1,86 @@
+"""Which long-lived server runs inside a sandbox, chosen by the runtime's command.
+
+``fork``: runners/forkserver.py (python). A ``python3 main.py`` runtime is run in a fork of
+the warm interpreter; any other command (``./main``, ``node --flag x.js``) is exec'd per call
+by a fork of it, which inside a container needs a python3 in the image.
+``node``: runners/nodeserver.js, for ``node script.js`` runtimes: a worker thread started
+and waiting before the call; a node image needs nothing but node.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .forkclient import FORKSERVER_SOURCE, ForkServerClient, RawRun
+from .nodeclient import NODE_SOCKET_NAME, NODESERVER_SOURCE, NodeServerClient, is_node_command
+
+SandboxClient = ForkServerClient | NodeServerClient
+
+
+@dataclass(frozen=True)
+class ServerKind:
+    """One kind of in-sandbox server: its file, its socket and how it is started."""
+
+    name: str
+    source: Path
+    socket_name: str
+    interpreter_flags: tuple[str, ...]
+    """Flags between the interpreter and the server's file on its command line."""
+    client: type[ForkServerClient] | type[NodeServerClient]
+
+    def command(self, interpreter: str, source: str, socket_path: str) -> list[str]:
+        """The server's command line, given where its file and socket are."""
+        return [interpreter, *self.interpreter_flags, source, socket_path]
+
+    def connect(self, socket_path: str | os.PathLike[str]) -> SandboxClient:
+        """A client of this server, once its socket answers."""
+        return self.client(socket_path)
+
+
+SERVERS = {
+    "fork": ServerKind(
+        "fork", FORKSERVER_SOURCE, "forkserver.sock", ("-I", "-S"), ForkServerClient
+    ),
+    "node": ServerKind("node", NODESERVER_SOURCE, NODE_SOCKET_NAME, (), NodeServerClient),
+}
+
+
+def server_for(command: tuple[str, ...]) -> str:
+    """The name in ``SERVERS`` of the server that runs ``command``."""
+    return "node" if is_node_command(command) else "fork"
+
+
+def run_in(
+    client: SandboxClient,
+    *,
+    argv: list[str],
+    cwd: str,
+    env: dict[str, str],
+    python: bool,
+    stdin: bytes,
+    timeout_s: float,
+    max_output_bytes: int,
+    rlimits: dict[str, int] | None = None,
+) -> RawRun:
+    """One run through either server; the node server takes no rlimits (see README)."""
+    if isinstance(client, NodeServerClient):
+        return client.run(
+            argv=argv,
+            cwd=cwd,
+            env=env,
+            stdin=stdin,
+            timeout_s=timeout_s,
+            max_output_bytes=max_output_bytes,
+        )
+    return client.run(
+        argv=argv,
+        cwd=cwd,
+        env=env,
+        python=python,
+        stdin=stdin,
+        timeout_s=timeout_s,
+        max_output_bytes=max_output_bytes,
+        rlimits=rlimits,
+    )

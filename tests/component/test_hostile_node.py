@@ -1,0 +1,188 @@
+"""Hostile node functions against both runners: the cheap probes of test_hostile.py, in node.
+
+A node function runs inside its sandbox's long-lived node server (a worker thread), not in a
+fork of it, so what the python probes show for a forked child is checked here for the server
+itself: it must be as confined (network, other processes' environ, the code dir, /tmp's cap,
+/proc) as python's fork server.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import socket
+import tempfile
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from helpers import RedisServer, wait_until
+from test_hostile import CONTRACT_ENV, MAX_OUTPUT, MAX_PIDS, SECRET, MiB, make_config
+
+from common.config import Config, RuntimeConfig
+from runners import container_cleanup
+from runners.base import Invocation, Runner
+from runners.docker import DockerRunner
+from runners.process import ProcessRunner
+
+pytestmark = pytest.mark.usefixtures("pids_limited_tests")
+
+
+class NodeHarness:
+    """One runner with a warm node sandbox, used as a worker uses it."""
+
+    def __init__(self, kind: str, runner: Runner, config: Config) -> None:
+        self.kind = kind
+        self.runner = runner
+        self.config = config
+
+    def probe(self, code: str, key: str = "probe", stdin: bytes = b"{}", **kw: Any) -> Any:
+        """Run a probe that prints one JSON document; return it."""
+        sandbox = self.runner.acquire("node", key)
+        try:
+            if sandbox.code_key != key:
+                shutil.rmtree(sandbox.code_dir, ignore_errors=True)
+                sandbox.code_dir.mkdir(mode=0o755)
+                os.chmod(sandbox.code_dir, 0o755)
+                (sandbox.code_dir / "main.js").write_text(code)
+                os.chmod(sandbox.code_dir / "main.js", 0o644)
+                sandbox.code_key = key
+            invocation = Invocation(
+                "req-hostile", "fn", ("node", "main.js"), stdin, kw.get("memory_mb", 128),
+                kw.get("timeout_ms", 5000), MAX_OUTPUT, MAX_PIDS,
+            )
+            out = self.runner.run(sandbox, invocation)
+        finally:
+            self.runner.release(sandbox)
+        assert out.exit_code == 0, out.stderr.decode()
+        return json.loads(out.stdout)
+
+    @property
+    def tmpfs_mb(self) -> int:
+        settings = self.config.docker if self.kind == "docker" else self.config.process
+        return settings.tmpfs_mb
+
+
+@pytest.fixture(params=["process", "docker"])
+def hostile_node(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[NodeHarness]:
+    """A warm node runner of each kind, started by an agent whose environment holds secrets."""
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    base = tempfile.mkdtemp(prefix="ng-hnode-")  # short: Docker socket paths have 107 bytes
+    os.chmod(base, 0o711)  # sandbox users must reach work_dir
+    node = RuntimeConfig(command=("node", "main.js"), warm=1)
+    runner: Runner
+    if request.param == "docker":
+        node = dataclasses.replace(node, image=request.getfixturevalue("node_image"))
+        agent = f"test-{uuid.uuid4().hex[:10]}"
+        monkeypatch.setattr(container_cleanup, "agent_id", lambda: agent)
+    config = dataclasses.replace(make_config(request.param, base), runtimes={"node": node})
+    runner = DockerRunner(config, 0) if request.param == "docker" else ProcessRunner(config, 0)
+    try:
+        wait_until(lambda: runner.pool_stats()["node"]["warm"] == 1, timeout=30, what="warm pool")
+        yield NodeHarness(request.param, runner, config)
+    finally:
+        runner.close()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+NETWORK = r"""
+const net = require('net');
+const os = require('os');
+const ports = JSON.parse(require('fs').readFileSync(0, 'utf8'));
+const attempt = (port) => new Promise((resolve) => {
+  const sock = net.connect({ host: '127.0.0.1', port, timeout: 1000 });
+  sock.on('connect', () => { sock.destroy(); resolve('connected'); });
+  sock.on('timeout', () => { sock.destroy(); resolve('timeout'); });
+  sock.on('error', (e) => resolve(e.code));
+});
+Promise.all(ports.map(attempt)).then(async (seen) => {
+  const out = net.connect({ host: '192.0.2.1', port: 9, timeout: 500 });  // TEST-NET-1
+  const far = await new Promise((resolve) => {
+    out.on('connect', () => resolve('connected'));
+    out.on('timeout', () => { out.destroy(); resolve('timeout'); });
+    out.on('error', (e) => resolve(e.code));
+  });
+  console.log(JSON.stringify({
+    ports: seen, egress: far, interfaces: Object.keys(os.networkInterfaces()),
+  }));
+});
+"""
+
+
+def test_node_reaches_neither_host_loopback_nor_redis_nor_out(
+    hostile_node: NodeHarness, redis_server: RedisServer
+) -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        listener.setblocking(False)
+        ports = [listener.getsockname()[1], redis_server.port]
+        seen = hostile_node.probe(NETWORK, stdin=json.dumps(ports).encode())
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # nothing reached the host's listener
+    assert seen["ports"] == ["ECONNREFUSED", "ECONNREFUSED"]
+    assert seen["egress"] == "ENETUNREACH" and seen["interfaces"] == ["lo"]
+
+
+ENVIRON = r"""
+const fs = require('fs');
+const pids = fs.readdirSync('/proc').filter((p) => /^\d+$/.test(p));
+const leaked = pids.filter((p) => {
+  try {
+    const data = fs.readFileSync(`/proc/${p}/environ`, 'latin1');
+    return data.includes('AWS_') || data.includes('nanogrid-hostile');
+  } catch (e) {
+    return false;
+  }
+});
+const cmdlines = pids.map((p) => fs.readFileSync(`/proc/${p}/cmdline`, 'latin1'));
+console.log(JSON.stringify({ leaked, cmdlines, own: Object.keys(process.env).sort() }));
+"""
+
+
+def test_node_sees_only_its_sandbox_and_no_aws_credentials(hostile_node: NodeHarness) -> None:
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] == SECRET  # the agent has them
+    seen = hostile_node.probe(ENVIRON)
+    assert seen["leaked"] == [] and set(seen["own"]) == CONTRACT_ENV
+    # process: the fork server (PID 1) and the node server; docker: docker-init and the server.
+    assert len(seen["cmdlines"]) == 2, seen["cmdlines"]
+    assert not any("pytest" in cmdline for cmdline in seen["cmdlines"])
+
+
+FILES = r"""
+const fs = require('fs');
+const attempt = (f) => { try { f(); return 'ok'; } catch (e) { return e.code; } };
+const seen = {
+  overwrite: attempt(() => fs.writeFileSync('main.js', 'hacked')),
+  create: attempt(() => fs.writeFileSync('new.js', 'x')),
+  mkdir: attempt(() => fs.mkdirSync('sub')),
+};
+let written = 0;
+let error = null;
+const chunk = Buffer.alloc(2 ** 20, 120);
+try {
+  for (let n = 0; written < 256 * 2 ** 20; n++) {
+    const fd = fs.openSync(`/tmp/fill-${n}`, 'w');
+    try {
+      for (let i = 0; i < 4; i++) { fs.writeSync(fd, chunk); written += chunk.length; }
+    } finally {
+      fs.closeSync(fd);
+    }
+  }
+} catch (e) {
+  error = e.code;
+}
+console.log(JSON.stringify({ ...seen, written, error }));
+"""
+
+
+def test_node_cannot_write_its_code_and_tmp_stops_at_its_cap(hostile_node: NodeHarness) -> None:
+    seen = hostile_node.probe(FILES, timeout_ms=20_000)
+    for name in ("overwrite", "create", "mkdir"):
+        assert seen[name] in ("EROFS", "EACCES", "EPERM"), seen
+    assert seen["error"] == "ENOSPC" and seen["written"] <= hostile_node.tmpfs_mb * MiB

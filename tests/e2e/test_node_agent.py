@@ -1,0 +1,50 @@
+"""bin/nanogrid-supervisor with python and node: node runs warm, and a runtime that cannot
+start is named at start and in /status while the others keep working."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from helpers import wait_until
+from supervised import ROOT, Agent
+
+HELLO_NODE = ROOT / "examples" / "hello-node"
+HELLO_PYTHON = ROOT / "examples" / "hello-python"
+
+
+def test_node_and_python_agent(agents: Any) -> None:
+    agent: Agent = agents(workers=1, runtimes={"python": {"warm": 1}, "node": {"warm": 1}})
+    agent.start()
+    key = agent.deploy(HELLO_NODE)
+    # The first call may beat the pool's warm-up (a cold start the pool does not keep).
+    results = [agent.call(agent.task(key, runtime="node")) for _ in range(3)]
+    assert [r["status"] for r in results] == ["SUCCESS"] * 3, results[0]
+    assert results[2]["stdout"] == "Hello from NanoGrid!\n" and results[2]["coldStart"] is False
+    assert agent.run(agent.deploy(HELLO_PYTHON))["status"] == "SUCCESS"
+    status = agent.status()
+    assert status["runtimes"] == {
+        "python": {"available": True, "problem": None},
+        "node": {"available": True, "problem": None},
+    }
+    wait_until(
+        lambda: set(agent.status()["pools"]) == {"python", "node"},
+        timeout=10,
+        what="both runtimes' pools in /status",
+    )
+
+
+def test_a_runtime_that_cannot_start_is_named_at_start_and_in_status(agents: Any) -> None:
+    runtimes = {"python": {"warm": 1}, "node": {"command": ["nanogrid-no-node", "main.js"]}}
+    agent: Agent = agents(workers=1, runtimes=runtimes)
+    agent.start()
+    problem = "runtime command 'nanogrid-no-node' not found on PATH /usr/local/bin:/usr/bin:/bin"
+    lines = [
+        line for line in agent.log.read_text().splitlines() if "cannot start on this host" in line
+    ]
+    assert len(lines) == 1 and "arbiter" in lines[0]
+    assert lines[0].endswith(f"runtime 'node' cannot start on this host: {problem}")
+    assert agent.status()["runtimes"]["node"] == {"available": False, "problem": problem}
+    result = agent.call(agent.task(agent.deploy(HELLO_NODE), runtime="node"))
+    assert (result["status"], result["errorType"]) == ("FAILED", "RUNTIME_NOT_SUPPORTED")
+    assert "'node' cannot start on this host" in result["errorMessage"]
+    assert agent.run(agent.deploy(HELLO_PYTHON))["status"] == "SUCCESS"
