@@ -54,6 +54,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 import uuid
 import zipfile
@@ -169,7 +170,7 @@ def _traced_worker_class() -> type:
             super().__init__(config, index)
             self._trace_path = trace_path
             self._records: list[dict[str, Any]] = []
-            self._current: dict[str, Any] | None = None
+            self._local = threading.local()  # each run thread traces its own message
             self._last_receive = (0.0, 0.0)
 
         def boot(self) -> None:
@@ -196,14 +197,15 @@ def _traced_worker_class() -> type:
                 try:
                     return function(*args, **kwargs)
                 finally:
-                    if self._current is not None:
-                        self._current["spans"].append((label, start, time.perf_counter()))
+                    current = getattr(self._local, "current", None)
+                    if current is not None:
+                        current["spans"].append((label, start, time.perf_counter()))
 
             return timed
 
-        def receive(self) -> list[Any]:
+        def receive(self, wanted: int = 1) -> list[Any]:
             start = time.perf_counter()
-            messages = super().receive()
+            messages = super().receive(wanted)
             self._last_receive = (start, time.perf_counter())
             return messages
 
@@ -213,13 +215,13 @@ def _traced_worker_class() -> type:
             except (ValueError, AttributeError):
                 request_id = None
             record = {"requestId": request_id, "receive": self._last_receive, "spans": []}
-            self._current = record
+            self._local.current = record
             start = time.perf_counter()
             try:
                 super().handle(message)
             finally:
                 record["handle"] = (start, time.perf_counter())
-                self._current = None
+                self._local.current = None
                 self._records.append(record)
 
         def shutdown(self) -> None:

@@ -180,10 +180,10 @@ class Worker:
             self.faults,
             self.status,
         )
-        self.runner = create_runner(config, self.index)
         if self.ledger is None:  # a worker on its own (tests, benchmarks): the whole host's
-            budget = capacity.resolve(config)
-            self.ledger = Ledger(budget.memory_mb, budget.max_concurrent)
+            self.config = config = capacity.pin(config, capacity.resolve(config))
+            self.ledger = Ledger(config.capacity.memory_mb, config.capacity.max_concurrent)
+        self.runner = create_runner(config, self.index)  # pools grow up to max_concurrent
         limits = config.limits
         self.inflight = Inflight(
             self.ledger,

@@ -189,6 +189,23 @@ def test_a_cold_start_reports_its_init_duration(aws: Any, redis_url: str, tmp_pa
     assert init == pytest.approx(result["timings"]["sandboxMs"], abs=0.01)
 
 
+def test_many_at_once_and_the_grown_pool_serves_the_next_burst_warm(agent: Agent) -> None:
+    key = agent.deploy({"main.py": "import time\ntime.sleep(0.5)\n"})
+
+    def burst() -> list[dict[str, Any]]:
+        ids = [agent.send(agent.task(key)) for _ in range(6)]
+        return [agent.result(request_id) for request_id in ids]
+
+    began = time.monotonic()
+    first = burst()
+    took = time.monotonic() - began
+    assert {r["status"] for r in first} == {"SUCCESS"}
+    assert took < 2.5, f"6 x 0.5 s took {took:.1f}s: not run at once"  # one at a time: 3 s
+    assert sum(r["coldStart"] for r in first) >= 5  # warm: 1, the rest made on demand
+    second = burst()
+    assert [r["coldStart"] for r in second] == [False] * 6  # the pool kept what it grew to
+
+
 def test_input_data_reaches_stdin_and_warm_sandbox_is_reused(agent: Agent) -> None:
     key = agent.deploy(
         {"main.py": "import json,sys\nd=json.load(sys.stdin)\nprint(d['a']+d['b'])\n"}
