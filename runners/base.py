@@ -7,6 +7,7 @@ A worker takes a sandbox for a function (``acquire``), puts the function's code 
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +57,24 @@ class RunOutcome:
     peak_memory_bytes: int
     peak_source: str
     """Which reader measured the peak: ``cgroup-v1``, ``cgroup-v2``, ``rusage`` or ``psutil``."""
+
+
+def server_oom_outcome(duration_ms: float, peak_bytes: int, source: str) -> RunOutcome:
+    """The OOM killer took the sandbox's server rather than the function's own process (a
+    node function runs inside it, or the kernel picked the server): still the function's
+    out-of-memory; only its output is lost with the server."""
+    return RunOutcome(
+        exit_code=-signal.SIGKILL,
+        timed_out=False,
+        oom_killed=True,
+        stdout=b"",
+        stderr=b"",
+        stdout_truncated=False,
+        stderr_truncated=False,
+        duration_ms=duration_ms,
+        peak_memory_bytes=peak_bytes,
+        peak_source=source,
+    )
 
 
 @dataclass(eq=False)

@@ -42,7 +42,7 @@ from loguru import logger
 from common.config import Config, MiB, docker_user_ids
 from common.errors import RuntimeUnavailable, SandboxError
 
-from .base import Invocation, RunOutcome, Sandbox
+from .base import Invocation, RunOutcome, Sandbox, server_oom_outcome
 from .container_cgroup import ContainerCgroup, ContainerProcesses, find_cgroup
 from .container_cleanup import (
     DOCKER_TIMEOUT_S,
@@ -185,19 +185,10 @@ class DockerRunner(PooledRunner):
             peak, oom_kills = self._measure(sandbox, oom_before)
             if not oom_kills:
                 raise
-            # The OOM killer took the fork server instead of the function: still the
-            # function's out-of-memory, only its output is lost with the server.
-            return RunOutcome(
-                exit_code=-signal.SIGKILL,
-                timed_out=False,
-                oom_killed=True,
-                stdout=b"",
-                stderr=b"",
-                stdout_truncated=False,
-                stderr_truncated=False,
-                duration_ms=(time.monotonic() - started) * 1000,
-                peak_memory_bytes=invocation.memory_mb * MiB if peak is None else peak,
-                peak_source=memory.source if memory else "rusage",
+            return server_oom_outcome(
+                (time.monotonic() - started) * 1000,
+                invocation.memory_mb * MiB if peak is None else peak,
+                memory.source if memory else "rusage",
             )
         except (KeyError, TypeError, ValueError) as exc:  # the reply is not what ours sends
             sandbox.healthy = False

@@ -72,6 +72,21 @@ class Capped:
         self.data += chunk
 
 
+def connect(path: str, kind: int, timeout_s: float, server: str) -> socket.socket:
+    """A connection to a sandbox's server socket, waiting up to ``timeout_s`` for it."""
+    sock = socket.socket(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            sock.connect(path)
+            return sock
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            if time.monotonic() > deadline:
+                sock.close()
+                raise SandboxError(f"sandbox {server} did not come up: {exc}") from None
+            time.sleep(0.002)
+
+
 class ForkServerClient:
     """A connection to one sandbox's fork server."""
 
@@ -79,17 +94,9 @@ class ForkServerClient:
         self, socket_path: str | os.PathLike[str], connect_timeout_s: float = 10.0
     ) -> None:
         self.socket_path = str(socket_path)
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        deadline = time.monotonic() + connect_timeout_s
-        while True:
-            try:
-                self._sock.connect(self.socket_path)
-                return
-            except (FileNotFoundError, ConnectionRefusedError) as exc:
-                if time.monotonic() > deadline:
-                    self._sock.close()
-                    raise SandboxError(f"sandbox fork server did not come up: {exc}") from None
-                time.sleep(0.002)
+        self._sock = connect(
+            self.socket_path, socket.SOCK_SEQPACKET, connect_timeout_s, "fork server"
+        )
 
     def close(self) -> None:
         self._sock.close()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from common.errors import SandboxError
 
-from .forkclient import Capped, RawRun
+from .forkclient import Capped, RawRun, connect
 
 NODESERVER_SOURCE = Path(__file__).with_name("nodeserver.js")
 NODE_SOCKET_NAME = "nodeserver.sock"
@@ -46,17 +46,7 @@ class NodeServerClient:
         self, socket_path: str | os.PathLike[str], connect_timeout_s: float = 10.0
     ) -> None:
         self.socket_path = str(socket_path)
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        deadline = time.monotonic() + connect_timeout_s
-        while True:
-            try:
-                self._sock.connect(self.socket_path)
-                return
-            except (FileNotFoundError, ConnectionRefusedError) as exc:
-                if time.monotonic() > deadline:
-                    self._sock.close()
-                    raise SandboxError(f"sandbox node server did not come up: {exc}") from None
-                time.sleep(0.002)
+        self._sock = connect(self.socket_path, socket.SOCK_STREAM, connect_timeout_s, "node server")
 
     def close(self) -> None:
         self._sock.close()

@@ -34,7 +34,7 @@ from common.config import Config, MiB, RuntimeConfig
 from common.errors import ConfigError, SandboxError
 
 from . import cgroups
-from .base import Invocation, RunOutcome, Sandbox
+from .base import Invocation, RunOutcome, Sandbox, server_oom_outcome
 from .cgroups import SandboxCgroup, SandboxCgroups, owner_gone, owner_group
 from .forkclient import FORKSERVER_SOURCE
 from .isolation import Isolation
@@ -229,19 +229,10 @@ class ProcessRunner(PooledRunner):
             sandbox.healthy = False
             if cgroup is None or cgroup.memory.oom_kills() <= oom_before:
                 raise
-            # The OOM killer took the server (a node function runs inside it): still the
-            # function's out-of-memory; only its output is lost with the server.
-            return RunOutcome(
-                exit_code=-9,
-                timed_out=False,
-                oom_killed=True,
-                stdout=b"",
-                stderr=b"",
-                stdout_truncated=False,
-                stderr_truncated=False,
-                duration_ms=(time.monotonic() - started) * 1000,
-                peak_memory_bytes=cgroup.memory.peak_bytes() or invocation.memory_mb * MiB,
-                peak_source=cgroup.memory.source,
+            return server_oom_outcome(
+                (time.monotonic() - started) * 1000,
+                cgroup.memory.peak_bytes() or invocation.memory_mb * MiB,
+                cgroup.memory.source,
             )
         sandbox.runs += 1
         exit_code = os.waitstatus_to_exitcode(raw.status)

@@ -6,11 +6,11 @@ import os
 from pathlib import Path
 
 import pytest
-from supervisor.codestore import CodeStore
 
 from common import awsregion, config
 from common.errors import ConfigError
 from worker import cloudwatch as metrics
+from worker.codestore import CodeStore
 from worker.sqs import TaskQueue
 
 LOOPBACK_QUEUE = "http://127.0.0.1:5000/123456789012/q"
