@@ -170,7 +170,7 @@ def child(request: dict, fds: list, keep_closed: list, preload: "Preload") -> No
         os.environ.update(request["env"])
         argv = request["argv"]
         if request.get("python"):
-            before = set(sys.modules)
+            before = set(sys.modules) if preload.pending() else set()
             code = run_python(argv, request["cwd"])
             preload.report(before, request["cwd"])
         else:
@@ -288,7 +288,7 @@ class Preload:
             os.write(self._pipe[1], json.dumps(names).encode())
 
     def pending(self) -> bool:
-        """The run just ended reported its imports: this server preloads them now."""
+        """This run reports its imports (in the child) / reported them (in the server)."""
         return self._pipe is not None
 
     def load(self, cwd: str, keep_closed: list) -> dict:
