@@ -56,6 +56,8 @@ class RuntimeConfig:
     image: str = "python:3.11-slim"
     command: tuple[str, ...] = ("python3", "main.py")
     warm: int = _bounded(4, 0, 256)
+    preload: bool = True
+    """Warm sandboxes hold the modules their function imported (import-warm)."""
 
 
 DEFAULT_RUNTIMES = types.MappingProxyType(

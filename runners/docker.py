@@ -63,7 +63,7 @@ from .container_spec import (
 )
 from .isolation import Isolation
 from .pool import PooledRunner
-from .sandbox_server import SERVERS, SandboxClient, run_in
+from .sandbox_server import SERVERS, SandboxClient, log_preload, preload_key, run_in
 
 START_TIMEOUT_S = 20.0
 @dataclass(eq=False)
@@ -178,6 +178,7 @@ class DockerRunner(PooledRunner):
                 stdin=invocation.stdin,
                 timeout_s=invocation.timeout_ms / 1000,
                 max_output_bytes=invocation.max_output_bytes,
+                preload=preload_key(self._config, sandbox),
             )
             exit_code = os.waitstatus_to_exitcode(raw.status)
         except SandboxError:
@@ -194,6 +195,7 @@ class DockerRunner(PooledRunner):
             sandbox.healthy = False
             raise SandboxError(f"sandbox fork server misbehaved: {exc!r}") from None
         sandbox.runs += 1
+        log_preload(self.marker, sandbox, raw)
         measured, oom_kills = self._measure(sandbox, oom_before)
         killed = exit_code == -signal.SIGKILL and not raw.timed_out
         # Without a cgroup to ask, a SIGKILL that was not our timeout is the memory limit.

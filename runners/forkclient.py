@@ -22,8 +22,11 @@ from .base import RunOutcome
 
 FORKSERVER_SOURCE = Path(__file__).with_name("forkserver.py")
 _CHUNK = 65536
+MAX_REPLY = 1 << 20
 _LINGER_S = 0.1
 """How long output may still arrive after the function exited (background writers)."""
+_PRELOAD_WAIT_S = 30.0
+"""How long a server may take to preload a function's imports (it bounds its own vetting)."""
 
 
 @dataclass
@@ -38,6 +41,8 @@ class RawRun:
     stderr_truncated: bool
     duration_ms: float
     maxrss_bytes: int
+    preload: dict | None = None
+    """After a sandbox's first run with preloading: what its server preloaded and left out."""
 
     def outcome(self, *, exit_code: int | None, oom_killed: bool, peak: int,
                 source: str) -> RunOutcome:
@@ -112,8 +117,10 @@ class ForkServerClient:
         timeout_s: float,
         max_output_bytes: int,
         rlimits: dict[str, int] | None = None,
+        preload: str | None = None,
     ) -> RawRun:
-        """Run one function to completion (or timeout) and return what it produced."""
+        """Run one function to completion (or timeout) and return what it produced.
+        ``preload``: the sandbox's code_key, when the server may preload its imports."""
         in_r, in_w = os.pipe2(os.O_CLOEXEC)
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
@@ -124,6 +131,7 @@ class ForkServerClient:
             "env": env,
             "python": python,
             "rlimits": rlimits,
+            "preload": preload,
         }
         try:
             self._sock.sendmsg(
@@ -193,10 +201,12 @@ class ForkServerClient:
                             if "status" in message:
                                 reply = message
                                 deadline = time.monotonic() + _LINGER_S
+                                sel.unregister(self._sock)  # what follows is the preload's
         finally:
             if stdin_open:
                 os.close(in_w)
         out, err = captured[out_r], captured[err_r]
+        preloaded = self._receive_preload() if reply.get("preloading") else None
         return RawRun(
             status=reply["status"],
             timed_out=timed_out,
@@ -206,11 +216,25 @@ class ForkServerClient:
             stderr_truncated=err.truncated,
             duration_ms=reply["duration_ns"] / 1e6,
             maxrss_bytes=reply["maxrss_kb"] * 1024,
+            preload=preloaded,
         )
+
+    def _receive_preload(self) -> dict:
+        """The server's account of the imports it preloaded after this run."""
+        self._sock.settimeout(_PRELOAD_WAIT_S)
+        try:
+            data = self._sock.recv(MAX_REPLY)
+        except OSError as exc:
+            raise SandboxError(f"sandbox fork server failed while preloading: {exc}") from None
+        finally:
+            self._sock.settimeout(None)
+        if not data:
+            raise SandboxError("sandbox fork server died while preloading")
+        return json.loads(data)
 
     def _receive_reply(self, sel: selectors.BaseSelector) -> dict:
         try:
-            data = self._sock.recv(65536)
+            data = self._sock.recv(MAX_REPLY)
         except OSError as exc:
             raise SandboxError(f"sandbox fork server failed: {exc}") from None
         if not data:

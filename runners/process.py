@@ -39,7 +39,7 @@ from .cgroups import SandboxCgroup, SandboxCgroups, owner_gone, owner_group
 from .forkclient import FORKSERVER_SOURCE
 from .isolation import Isolation
 from .pool import PooledRunner
-from .sandbox_server import SERVERS, SandboxClient, run_in, server_for
+from .sandbox_server import SERVERS, SandboxClient, log_preload, preload_key, run_in, server_for
 
 SANDBOX_START_TIMEOUT_S = 10.0
 PROBE_TIMEOUT_S = 30.0
@@ -224,6 +224,7 @@ class ProcessRunner(PooledRunner):
                 timeout_s=invocation.timeout_ms / 1000,
                 max_output_bytes=invocation.max_output_bytes,
                 rlimits=rlimits,
+                preload=preload_key(self._config, sandbox),
             )
         except SandboxError:
             sandbox.healthy = False
@@ -235,6 +236,7 @@ class ProcessRunner(PooledRunner):
                 cgroup.memory.source,
             )
         sandbox.runs += 1
+        log_preload(self.marker, sandbox, raw)
         exit_code = os.waitstatus_to_exitcode(raw.status)
         peak, source, oom = raw.maxrss_bytes, "rusage", False
         if cgroup is not None:

@@ -13,6 +13,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from loguru import logger
+
+from common.config import Config
+
+from .base import Sandbox
 from .forkclient import FORKSERVER_SOURCE, ForkServerClient, RawRun
 from .nodeclient import NODE_SOCKET_NAME, NODESERVER_SOURCE, NodeServerClient, is_node_command
 
@@ -52,6 +57,22 @@ def server_for(command: tuple[str, ...]) -> str:
     return "node" if is_node_command(command) else "fork"
 
 
+def preload_key(config: Config, sandbox: Sandbox) -> str | None:
+    """What the runners pass as ``preload``: the code_key, unless the runtime turned it off."""
+    return sandbox.code_key if config.runtimes[sandbox.runtime].preload else None
+
+
+def log_preload(marker: str, sandbox: Sandbox, raw: RawRun) -> None:
+    """One debug line when a sandbox's server preloaded its function's imports."""
+    if raw.preload is not None:
+        left_out = raw.preload.get("left_out") or {}
+        logger.debug(
+            f"{marker} {sandbox.name} preloaded {len(raw.preload.get('preloaded', []))} "
+            f"module(s) of {sandbox.code_key}"
+            + (f"; left out: {left_out}" if left_out else "")
+        )
+
+
 def run_in(
     client: SandboxClient,
     *,
@@ -63,8 +84,10 @@ def run_in(
     timeout_s: float,
     max_output_bytes: int,
     rlimits: dict[str, int] | None = None,
+    preload: str | None = None,
 ) -> RawRun:
-    """One run through either server; the node server takes no rlimits (see README)."""
+    """One run through either server; the node server takes no rlimits (see README).
+    ``preload``: the sandbox's code_key when its server may preload the function's imports."""
     if isinstance(client, NodeServerClient):
         return client.run(
             argv=argv,
@@ -83,4 +106,5 @@ def run_in(
         timeout_s=timeout_s,
         max_output_bytes=max_output_bytes,
         rlimits=rlimits,
+        preload=preload,
     )

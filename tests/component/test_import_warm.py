@@ -1,0 +1,211 @@
+"""Import-warm sandboxes on both runners: after a sandbox's first run its server holds the
+function's imports, so later calls do not pay for them; module state stays per call; what
+would not import cleanly in the server is left out; the peak stays the run's own."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_docker_runner import agent, engine  # noqa: F401  fixtures: labels and cleanup
+
+from common.config import from_dict
+from runners.base import Invocation, Runner, RunOutcome
+from runners.docker import DockerRunner
+from runners.forkclient import FORKSERVER_SOURCE, ForkServerClient
+from runners.process import ProcessRunner
+
+MiB = 2**20
+
+HEAVY = (  # a dependency that takes a while to import and holds 24 MiB once imported
+    "import os, time\n"
+    "time.sleep(0.3)\n"
+    "PID = os.getpid()\n"
+    "BLOB = bytearray(24 * 2**20)\n"
+    "for i in range(0, len(BLOB), 4096):\n    BLOB[i] = 1\n"
+)
+STATE = "CALLS = []\n"
+PICKY = (
+    "import os, sys\nif sys.argv[0] != 'main.py':\n    raise RuntimeError('only in a call')\n"
+    "PID = os.getpid()\n"
+)
+THREADED = (
+    "import os, threading\nthreading.Thread(target=lambda: None, daemon=True).start()\n"
+    "PID = os.getpid()\n"
+)
+ENVY = "import os\nFUNCTION = os.environ.get('NANOGRID_FUNCTION_ID')\nPID = os.getpid()\n"
+SLOW = "import os, sys, time\nif sys.argv[0] != 'main.py':\n    time.sleep(60)\nPID = os.getpid()\n"
+MAIN = """import json, os, sys
+import heavy, state, picky, threaded, envy, slow
+state.CALLS.append(1)
+extra = bytearray(json.load(sys.stdin).get("extra_mb", 0) * 2**20)
+for i in range(0, len(extra), 4096):
+    extra[i] = 1
+me = os.getpid()
+print(json.dumps({
+    "heavy": heavy.PID, "me": me, "calls": len(state.CALLS),
+    "per_call": [m.PID == me for m in (picky, threaded, envy, slow)], "env": envy.FUNCTION,
+}))
+"""
+FILES = {
+    "main.py": MAIN, "heavy.py": HEAVY, "state.py": STATE, "picky.py": PICKY,
+    "threaded.py": THREADED, "envy.py": ENVY, "slow.py": SLOW,
+}
+
+
+def config_for(kind: str, work: str, preload: bool) -> Any:
+    python: dict[str, Any] = {"warm": 1, "preload": preload}
+    settings: dict[str, Any] = {
+        "runner": kind,
+        "workers": 1,
+        "runtimes": {"python": python},
+        "limits": {"max_pids": 32},
+        "paths": {
+            "work_dir": f"{work}/work",
+            "code_cache_dir": f"{work}/cache",
+            "outbox_dir": f"{work}/outbox",
+        },
+    }
+    if kind == "docker":
+        python["image"] = "nanogrid/python:3.11-bookworm"
+        settings["docker"] = {"socket_dir": f"{work}/s"}
+    return from_dict(settings)
+
+
+@pytest.fixture(params=["process", pytest.param("docker", marks=pytest.mark.docker)])
+def kind(request: pytest.FixtureRequest) -> str:
+    if request.param == "docker":
+        request.getfixturevalue("engine")
+    return request.param
+
+
+def make_runner(kind: str, preload: bool = True) -> Iterator[Runner]:
+    work = tempfile.mkdtemp(prefix="ng-iw-")  # short: socket paths have 107 bytes
+    os.chmod(work, 0o711)
+    config = config_for(kind, work, preload)
+    runner = ProcessRunner(config, 0) if kind == "process" else DockerRunner(config, 0)
+    try:
+        yield runner
+    finally:
+        runner.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.fixture
+def runner(kind: str) -> Iterator[Runner]:
+    yield from make_runner(kind)
+
+
+def call(
+    runner: Runner, files: dict[str, str], key: str = "f@1", **stdin: Any
+) -> tuple[RunOutcome, Any]:
+    """One call of MAIN-like code; (outcome, the function's JSON line)."""
+    out = run(runner, files, key, json.dumps(stdin).encode())
+    assert out.exit_code == 0, out.stderr.decode()
+    return out, json.loads(out.stdout)
+
+
+def run(runner: Runner, files: dict[str, str], key: str, stdin: bytes) -> RunOutcome:
+    """One run as the worker makes it: acquire, code in unless there, run, release."""
+    sandbox = runner.acquire("python", key)
+    try:
+        if sandbox.code_key != key:
+            for name, text in files.items():
+                (sandbox.code_dir / name).write_text(text)
+                (sandbox.code_dir / name).chmod(0o644)
+            sandbox.code_key = key
+        invocation = Invocation("r", "fn", ("python3", "main.py"), stdin, 256, 10_000, 10_000, 32)
+        return runner.run(sandbox, invocation)
+    finally:
+        runner.release(sandbox)
+
+
+def test_imports_are_paid_once_per_sandbox_and_state_stays_per_call(runner: Runner) -> None:
+    first, seen = call(runner, FILES)
+    assert seen["heavy"] == seen["me"] and first.duration_ms >= 300  # imported in the run
+    importers = set()
+    for _ in range(3):
+        out, again = call(runner, FILES)
+        assert again["heavy"] != again["me"]  # imported by the server, not by this call
+        importers.add(again["heavy"])
+        assert out.duration_ms < 200  # not the 300 ms sleep of heavy's import
+        assert again["calls"] == 1  # a fresh copy of the module every call
+    assert len(importers) == 1  # once per sandbox
+
+
+def test_modules_that_would_not_import_cleanly_in_the_server_stay_per_call(
+    runner: Runner,
+) -> None:
+    call(runner, FILES)
+    for _ in range(2):
+        _, seen = call(runner, FILES)
+        # failing, thread-starting, environment-reading and hanging imports: in every call
+        assert seen["per_call"] == [True, True, True, True]
+        assert seen["env"] == "fn"
+
+
+def test_peak_memory_stays_per_invocation(runner: Runner) -> None:
+    first, _ = call(runner, FILES)
+    warm, _ = call(runner, FILES)
+    big, _ = call(runner, FILES, extra_mb=48)
+    after, _ = call(runner, FILES)
+    assert first.peak_memory_bytes >= 24 * MiB and warm.peak_memory_bytes >= 24 * MiB
+    assert abs(warm.peak_memory_bytes - first.peak_memory_bytes) < 12 * MiB
+    assert big.peak_memory_bytes >= warm.peak_memory_bytes + 44 * MiB
+    assert after.peak_memory_bytes < warm.peak_memory_bytes + 12 * MiB
+
+
+def test_preload_off_imports_in_every_call(kind: str) -> None:
+    for runner in make_runner(kind, preload=False):
+        for _ in range(3):
+            out, seen = call(runner, FILES)
+            assert seen["heavy"] == seen["me"] and out.duration_ms >= 300
+
+
+def test_another_function_never_sees_the_first_ones_modules(runner: Runner) -> None:
+    files = {"main.py": "import shared\nprint(shared.WHO)\n", "shared.py": "WHO = 'f'\n"}
+    for _ in range(2):
+        assert call_text(runner, files, "f@1") == "f"
+    other = {**files, "shared.py": "WHO = 'g'\n"}
+    assert call_text(runner, other, "g@1") == "g"
+    assert call_text(runner, files, "f@1") == "f"
+
+
+def call_text(runner: Runner, files: dict[str, str], key: str) -> str:
+    out = run(runner, files, key, b"{}")
+    assert out.exit_code == 0, out.stderr.decode()
+    return out.stdout.decode().strip()
+
+
+def test_a_server_never_lends_one_keys_modules_to_another(tmp_path: Path) -> None:
+    """The runners keep one function per sandbox; the server holds to it on its own, too."""
+    (tmp_path / "main.py").write_text("import shared\nprint(shared.WHO)\n")
+    (tmp_path / "shared.py").write_text("WHO = 'f'\n")
+    socket_path = tmp_path / "forkserver.sock"
+    server = subprocess.Popen(
+        [sys.executable, "-I", "-S", str(FORKSERVER_SOURCE), str(socket_path)]
+    )
+    try:
+        client = ForkServerClient(socket_path)
+
+        def once(key: str) -> bytes:
+            raw = client.run(argv=["python3", "main.py"], cwd=str(tmp_path), env={},
+                             python=True, stdin=b"", timeout_s=10, max_output_bytes=100,
+                             preload=key)
+            return raw.stdout
+
+        assert once("f@1") == b"f\n" and once("f@1") == b"f\n"  # the second one preloaded
+        (tmp_path / "shared.py").write_text("WHO = 'g'  # a new size: the pyc is stale\n")
+        assert once("g@1") == b"g\n"
+        client.close()
+    finally:
+        server.kill()
+        server.wait()
