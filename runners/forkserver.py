@@ -394,7 +394,7 @@ class _Watched:
 
 def side_effect(fds: int, tasks: int, used: list, streams: list, refs: list) -> str:
     """What an import left that belongs to the call, not the server ("ok": nothing)."""
-    if len(os.listdir("/proc/self/task")) > tasks:
+    if "thread" in used or len(os.listdir("/proc/self/task")) > tasks:
         return "started a thread"
     if len(os.listdir("/proc/self/fd")) > fds:
         return "left a file descriptor open"
@@ -420,6 +420,13 @@ def vet_in_helper(names: list, out: int) -> None:
             return super().__iter__()
 
     os.environ.__class__ = WatchedEnviron
+    start_thread = threading._start_new_thread  # type: ignore[attr-defined]
+
+    def watched_start(*args: object, **kwargs: object) -> object:
+        used.append("thread")  # noted even when the thread is over before it is looked for
+        return start_thread(*args, **kwargs)
+
+    threading._start_new_thread = watched_start  # type: ignore[attr-defined]
     streams = [_Watched(used) for _ in range(3)]
     sys.stdin, sys.stdout, sys.stderr = streams
     for name in names:
