@@ -163,6 +163,7 @@ def _bare_main(settings: dict[str, Any], log_path: str) -> None:
 def _traced_worker_class() -> type:
     """A Worker whose stages are timed (perf_counter, CLOCK_MONOTONIC: comparable across
     processes); the spans of each handled message go to a JSON-lines file at shutdown."""
+    import worker.invoke as invoke_module
     import worker.loop as worker_module
 
     class TracedWorker(worker_module.Worker):
@@ -189,7 +190,7 @@ def _traced_worker_class() -> type:
             ):
                 if callable(getattr(owner, name, None)):  # tolerate a renamed stage
                     setattr(owner, name, self._timed(getattr(owner, name), label))
-            worker_module.extract = self._timed(worker_module.extract, "extract")
+            invoke_module.extract = self._timed(invoke_module.extract, "extract")
 
         def _timed(self, function: Callable[..., Any], label: str) -> Callable[..., Any]:
             def timed(*args: Any, **kwargs: Any) -> Any:

@@ -22,7 +22,6 @@ from typing import Any
 
 from loguru import logger
 
-import runners
 from common import logs
 from common.config import Config
 from common.errors import ConfigError
@@ -34,7 +33,7 @@ from common.exitcodes import (
 from worker.ledger import Ledger
 from worker.status import FAULT, StatusReader
 
-from . import sdnotify
+from . import hostcheck, sdnotify
 from .child import HANDLED_SIGNALS, WorkerMain, run_child
 from .configcheck import load_checked
 from .health import HealthServer
@@ -137,9 +136,9 @@ class Arbiter:
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         for signum in HANDLED_SIGNALS:
             signal.signal(signum, self._record_signal)
-        self.cleanup_sandboxes("an earlier agent")
-        self.probe_isolation()
-        self.check_runtimes()
+        hostcheck.remove_leftovers(self.config, "an earlier agent")
+        self.isolation = hostcheck.isolation(self.config)
+        self.runtimes = hostcheck.runtimes(self.config)
         self.publish_status()  # before the HTTP server can ask for it
         self.health = HealthServer(self.config.http.host, self.config.http.port,
                                    self.status_snapshot, self.metrics.render)
@@ -401,8 +400,8 @@ class Arbiter:
         self._rebind_http(config)
         self.config = config
         self.ledger = self.ledger.resize(config.capacity.memory_mb, config.capacity.max_concurrent)
-        self.probe_isolation()
-        self.check_runtimes()
+        self.isolation = hostcheck.isolation(self.config)
+        self.runtimes = hostcheck.runtimes(self.config)
         deadline = time.monotonic() + config.drain_timeout_seconds
         old = list(self.workers.values())
         for worker in old:
@@ -443,41 +442,10 @@ class Arbiter:
             self.dispatch_signals()
             self.murder_workers()
         self.reap_workers()
-        self.cleanup_sandboxes("this agent")
+        hostcheck.remove_leftovers(self.config, "this agent")
         if self.health is not None:
             self.health.close()
         if self.workers:
             logger.error(f"stopped; {len(self.workers)} workers did not die even of SIGKILL")
         else:
             logger.info("stopped")
-
-    def probe_isolation(self) -> None:
-        """Find what the runner's sandboxes are isolated by here; one warning for what is not."""
-        found = runners.isolation(self.config)
-        self.isolation = {self.config.runner: found.as_status()}
-        warning = found.warning(self.config.runner)
-        if warning:
-            logger.warning(warning)
-
-    def check_runtimes(self) -> None:
-        """Name each runtime that cannot start on this host, once, in a line of its own."""
-        try:
-            problems = runners.runtime_problems(self.config)
-        except Exception as exc:  # noqa: BLE001 - a failed check must not stop the agent
-            logger.warning(f"could not check the runtimes: {exc}")
-            problems = {}
-        for name, problem in problems.items():
-            logger.error(f"runtime {name!r} cannot start on this host: {problem}")
-        self.runtimes = {
-            name: {"available": name not in problems, "problem": problems.get(name)}
-            for name in self.config.runtimes
-        }
-
-    def cleanup_sandboxes(self, whose: str) -> None:
-        try:
-            removed = runners.cleanup_stale(self.config)
-        except Exception as exc:  # noqa: BLE001 - a cleanup failure must not stop the agent
-            logger.warning(f"could not remove sandboxes left by {whose}: {exc}")
-            return
-        if removed:
-            logger.info(f"removed {removed} sandboxes left by {whose}")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import signal
 import socket
 import threading
@@ -41,9 +40,9 @@ from common.errors import (
 )
 from common.exitcodes import EXIT_BOOT_ERROR, EXIT_OK
 from runners import create_runner
-from runners.base import Invocation, Runner, RunOutcome
+from runners.base import Runner
 
-from . import autotuner, faults, result, task
+from . import autotuner, faults, task
 from .claim import Acquired, Claim, ClaimStore
 from .cloudwatch import MetricsPublisher
 from .codestore import CodePackage, CodeStore
@@ -51,13 +50,13 @@ from .dispositions import Disposition, decide
 from .endings import Endings
 from .faults import FaultBoard
 from .inflight import Inflight
+from .invoke import invoke
 from .leases import LeaseKeeper
 from .ledger import Ledger
 from .phases import PhaseClock
-from .result import MiB, Result
+from .result import Result
 from .resultstore import ResultStore
 from .sqs import BatchDeleter, Message, TaskQueue, VisibilityHeartbeat
-from .unpack import extract
 
 if TYPE_CHECKING:
     from .status import StatusReporter
@@ -393,65 +392,8 @@ class Worker:
     def execute(
         self, t: task.Task, package: CodePackage, attempt: int, clock: PhaseClock
     ) -> Result:
-        runtime = self.config.runtimes[t.runtime]
-        with clock.phase("sandbox"):
-            sandbox = self.runner.acquire(t.runtime, package.version_key)
-        try:
-            if sandbox.code_key != package.version_key:
-                with clock.phase("unpack"):
-                    shutil.rmtree(sandbox.code_dir, ignore_errors=True)
-                    sandbox.code_key = None
-                    extract(package.zip_path, sandbox.code_dir, self.config.limits)
-                    sandbox.code_key = package.version_key
-            invocation = Invocation(
-                request_id=t.request_id,
-                function_id=t.function_id,
-                argv=runtime.command,
-                stdin=t.input_json,
-                memory_mb=t.memory_mb,
-                timeout_ms=t.timeout_ms,
-                max_output_bytes=self.config.limits.max_output_bytes,
-                max_pids=self.config.limits.max_pids,
-            )
-            logger.info(
-                f"{self.runner.marker} running {t.function_id} in {sandbox.name} "
-                f"(cold={sandbox.cold_start}, memory={t.memory_mb}MB, "
-                f"timeout={t.timeout_ms}ms)"
-            )
-            outcome = self.runner.run(sandbox, invocation)
-        finally:
-            self.runner.release(sandbox)
-        return self._ran(t, outcome, sandbox.cold_start, attempt, clock)
-
-    def _ran(
-        self, t: task.Task, outcome: RunOutcome, cold: bool, attempt: int, clock: PhaseClock
-    ) -> Result:
-        peaks = self.history.add_and_get(t.function_id, outcome.peak_memory_bytes)
-        tip = autotuner.recommend(
-            outcome.peak_memory_bytes,
-            t.memory_mb,
-            self.config.autotuner,
-            oom=outcome.oom_killed,
-            history_peaks=peaks,
-        )
-        logger.info(f"[AUTO-TUNER] {tip.tip}")
-        # Lambda's REPORT line; Init Duration (cold starts only) is the sandbox's creation.
-        init = f" Init Duration: {clock.ms('sandbox'):.2f} ms" if cold else ""
-        logger.info(
-            f"REPORT RequestId: {t.request_id} Duration: {outcome.duration_ms:.2f} ms "
-            f"Memory Size: {t.memory_mb} MB Max Memory Used: "
-            f"{outcome.peak_memory_bytes // MiB} MB{init} ({outcome.peak_source})"
-        )
-        return result.ran(
-            t.ids,
-            outcome,
-            memory_mb=t.memory_mb,
-            recommended_mb=tip.recommended_mb,
-            tip=tip.tip,
-            cold_start=cold,
-            attempt=attempt,
-            worker_id=self.worker_id,
-            timings=clock.timings(run_ms=outcome.duration_ms),
+        return invoke(
+            self.config, self.runner, self.history, self.worker_id, t, package, attempt, clock
         )
 
     def _release_claim(self, claim: Claim) -> None:

@@ -1,0 +1,98 @@
+"""One admitted task's invocation: take a sandbox, put the code in unless it holds it, run,
+and turn the outcome into its result (auto-tuner tip, Lambda's REPORT line, timings)."""
+
+from __future__ import annotations
+
+import shutil
+
+from loguru import logger
+
+from common.config import Config
+from runners.base import Invocation, Runner, RunOutcome
+
+from . import autotuner, result, task
+from .codestore import CodePackage
+from .phases import PhaseClock
+from .result import MiB, Result
+from .unpack import extract
+
+
+def invoke(
+    config: Config,
+    runner: Runner,
+    history: autotuner.PeakHistory,
+    worker_id: str,
+    t: task.Task,
+    package: CodePackage,
+    attempt: int,
+    clock: PhaseClock,
+) -> Result:
+    """Run ``t`` from ``package`` in a sandbox of ``runner``; its result, whatever its exit."""
+    runtime = config.runtimes[t.runtime]
+    with clock.phase("sandbox"):
+        sandbox = runner.acquire(t.runtime, package.version_key)
+    try:
+        if sandbox.code_key != package.version_key:
+            with clock.phase("unpack"):
+                shutil.rmtree(sandbox.code_dir, ignore_errors=True)
+                sandbox.code_key = None
+                extract(package.zip_path, sandbox.code_dir, config.limits)
+                sandbox.code_key = package.version_key
+        invocation = Invocation(
+            request_id=t.request_id,
+            function_id=t.function_id,
+            argv=runtime.command,
+            stdin=t.input_json,
+            memory_mb=t.memory_mb,
+            timeout_ms=t.timeout_ms,
+            max_output_bytes=config.limits.max_output_bytes,
+            max_pids=config.limits.max_pids,
+        )
+        logger.info(
+            f"{runner.marker} running {t.function_id} in {sandbox.name} "
+            f"(cold={sandbox.cold_start}, memory={t.memory_mb}MB, timeout={t.timeout_ms}ms)"
+        )
+        outcome = runner.run(sandbox, invocation)
+    finally:
+        runner.release(sandbox)
+    return ran(config, history, worker_id, t, outcome, sandbox.cold_start, attempt, clock)
+
+
+def ran(
+    config: Config,
+    history: autotuner.PeakHistory,
+    worker_id: str,
+    t: task.Task,
+    outcome: RunOutcome,
+    cold: bool,
+    attempt: int,
+    clock: PhaseClock,
+) -> Result:
+    """The result of a run: the peak into the function's history, the tip, the REPORT line."""
+    peaks = history.add_and_get(t.function_id, outcome.peak_memory_bytes)
+    tip = autotuner.recommend(
+        outcome.peak_memory_bytes,
+        t.memory_mb,
+        config.autotuner,
+        oom=outcome.oom_killed,
+        history_peaks=peaks,
+    )
+    logger.info(f"[AUTO-TUNER] {tip.tip}")
+    # Lambda's REPORT line; Init Duration (cold starts only) is the sandbox's creation.
+    init = f" Init Duration: {clock.ms('sandbox'):.2f} ms" if cold else ""
+    logger.info(
+        f"REPORT RequestId: {t.request_id} Duration: {outcome.duration_ms:.2f} ms "
+        f"Memory Size: {t.memory_mb} MB Max Memory Used: "
+        f"{outcome.peak_memory_bytes // MiB} MB{init} ({outcome.peak_source})"
+    )
+    return result.ran(
+        t.ids,
+        outcome,
+        memory_mb=t.memory_mb,
+        recommended_mb=tip.recommended_mb,
+        tip=tip.tip,
+        cold_start=cold,
+        attempt=attempt,
+        worker_id=worker_id,
+        timings=clock.timings(run_ms=outcome.duration_ms),
+    )
