@@ -37,10 +37,13 @@ const MAX_FRAME = 64 * 1024 * 1024;
 // Runs inside the Worker: waits for the run, becomes the function, reports when it ended.
 // Running an empty module first loads what the module loader needs lazily (half the cost
 // of a call on node 18); the function's own module is then the main one.
+const BOOT_WAIT_MS = 5000;
 const BOOT = `
 const { parentPort, workerData } = require('worker_threads');
 const Module = require('module');
 Module.runMain(workerData.warmup);
+Atomics.store(workerData.booted, 0, 1); // its file reads are over: fd 0 may be swapped now
+Atomics.notify(workerData.booted, 0);
 parentPort.once('message', (run) => {
   for (const key of Object.keys(process.env)) delete process.env[key];
   Object.assign(process.env, run.env);
@@ -88,9 +91,11 @@ class Server {
   }
 
   arm() {
+    const booted = new Int32Array(new SharedArrayBuffer(4));
     const worker = new Worker(BOOT, {
-      eval: true, stdout: true, stderr: true, env: {}, workerData: { warmup: this.warmupPath },
+      eval: true, stdout: true, stderr: true, env: {}, workerData: { warmup: this.warmupPath, booted },
     });
+    worker.booted = booted;
     worker.on('error', () => {}); // before a run: noticed by its exit; in a run: see start()
     worker.once('exit', () => {
       if (this.armed === worker) this.armed = null; // died waiting: re-armed on demand
@@ -115,9 +120,12 @@ class Server {
 
   start(conn, request, stdin) {
     process.chdir(request.cwd); // process-wide: a Worker cannot chdir, and inherits this
+    const worker = this.take();
+    // A Worker still booting opens files on its own thread: one could take fd 0 between
+    // stageStdin's close and open. Wait (at most BOOT_WAIT_MS) until it has booted.
+    Atomics.wait(worker.booted, 0, 0, BOOT_WAIT_MS);
     this.stageStdin(stdin);
     resetPeakRss();
-    const worker = this.take();
     const cap = request.maxOutputBytes;
     const run = {
       worker, killed: false, ended: null, exitCode: null, pending: 3,

@@ -8,7 +8,9 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -179,6 +181,18 @@ def test_exit_codes_stderr_and_uncaught_errors(runner: PooledRunner) -> None:
     assert out.exit_code == 1 and b"async boom" in out.stderr
 
 
+def node_start_ms() -> float:
+    """The median of three starts of ``node -e 0`` on this host."""
+    node = shutil.which("node")
+    assert node is not None, "node is not installed: run dev/setup"
+    took = []
+    for _ in range(3):
+        began = time.perf_counter()
+        subprocess.run([node, "-e", "0"], check=True)
+        took.append((time.perf_counter() - began) * 1000)
+    return sorted(took)[1]
+
+
 def test_warm_calls_reuse_the_sandbox_only_for_the_same_function(runner: PooledRunner) -> None:
     durations = []
     first = None
@@ -188,7 +202,9 @@ def test_warm_calls_reuse_the_sandbox_only_for_the_same_function(runner: PooledR
         assert first is None or (sandbox is first and not sandbox.cold_start)
         first = sandbox
         durations.append(out.duration_ms)
-    assert sorted(durations)[2] < 50  # node's own start (~50 ms) is not in a warm call
+    # Node's own start is not in a warm call: its median stays below what starting node
+    # costs on this machine right now (measured here, so a loaded machine slows both).
+    assert sorted(durations)[2] < node_start_ms()
     _, other = run(runner, "console.log(1)\n", key="g@1")
     assert other is not first
 

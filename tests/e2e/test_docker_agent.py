@@ -17,12 +17,13 @@ HELLO = ROOT / "examples" / "hello-python"
 pytestmark = pytest.mark.usefixtures("pids_limited_tests")
 
 
-def containers(engine: docker.DockerClient, agent: Agent) -> list:
-    """This agent's containers: their host directories lie under its socket_dir."""
+def containers(engine: docker.DockerClient, agent: Agent) -> list[str]:
+    """Ids of this agent's containers (their host directories lie under its socket_dir), from
+    one listing: no inspect per container, which races removals by other agents on the host."""
     return [
-        c
-        for c in engine.containers.list(all=True, filters={"label": "nanogrid.agent"})
-        if c.labels.get("nanogrid.dir", "").startswith(str(agent.base))
+        c["Id"]
+        for c in engine.api.containers(all=True, filters={"label": "nanogrid.agent"})
+        if c["Labels"].get("nanogrid.dir", "").startswith(str(agent.base))
     ]
 
 
@@ -49,11 +50,11 @@ def test_docker_agent_runs_warm_and_leaves_no_container(
     )
 
     (victim,) = agent.alive().values()
-    before = {c.id for c in containers(docker_engine, agent)}
+    before = set(containers(docker_engine, agent))
     os.kill(victim, signal.SIGKILL)
     agent.wait_for_workers(1, without={victim}, timeout=20)
     wait_until(
-        lambda: not before & {c.id for c in containers(docker_engine, agent)},
+        lambda: not before & set(containers(docker_engine, agent)),
         timeout=20,
         what="the killed worker's containers to be removed",
     )
