@@ -51,6 +51,14 @@ def sleeper(ms: int) -> str:
     return f"import time\ntime.sleep({ms / 1000})\nprint('slept')\n"
 
 
+def spinner(ms: int) -> str:
+    """CPU-bound: spins for ``ms`` of its own CPU time."""
+    return (
+        f"import time\nend = time.process_time() + {ms / 1000}\n"
+        "while time.process_time() < end: pass\n"
+    )
+
+
 def zipped(code: str) -> bytes:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
@@ -78,7 +86,8 @@ class Bench:
             CreateBucketConfiguration={"LocationConstraint": os.environ["AWS_DEFAULT_REGION"]},
         )
         self.keys = {}
-        for name, code in (("sleep", sleeper(self.args.sleep_ms)), ("hello", HELLO)):
+        burst = spinner(self.args.cpu_ms) if self.args.cpu_ms else sleeper(self.args.sleep_ms)
+        for name, code in (("sleep", burst), ("hello", HELLO)):
             self.keys[name] = f"functions/{name}/v1.zip"
             self.s3.put_object(Bucket=self.bucket, Key=self.keys[name], Body=zipped(code))
         return self
@@ -223,7 +232,9 @@ def most_at_once(results: list[dict[str, Any]]) -> int:
 
 def render(reports: list[dict[str, Any]], args: argparse.Namespace) -> str:
     lines = [
-        f"burst: {args.tasks} tasks sleeping {args.sleep_ms} ms (memoryMb 128), 2 workers; "
+        f"burst: {args.tasks} tasks "
+        + (f"spinning {args.cpu_ms} ms of CPU" if args.cpu_ms else f"sleeping {args.sleep_ms} ms")
+        + " (memoryMb 128), 2 workers; "
         f"hello: {args.hello} sequential invocations; nproc={os.cpu_count()}",
         "",
         "| runner | system | maxConcurrent | cold burst s | at once | warm burst s | at once "
@@ -256,6 +267,9 @@ def main() -> int:
     parser.add_argument("--tasks", type=int, default=40)
     parser.add_argument("--sleep-ms", type=int, default=500)
     parser.add_argument("--hello", type=int, default=100)
+    parser.add_argument(
+        "--cpu-ms", type=int, default=0, help="burst of CPU-bound tasks spinning this long instead"
+    )
     args = parser.parse_args()
     reports = []
     with tempfile.TemporaryDirectory(prefix="nanogrid-bench-") as tmp, Bench(args, Path(tmp)) as b:
