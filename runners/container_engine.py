@@ -1,17 +1,19 @@
 """What the Docker engine itself decides about a sandbox: whether it knows the configured
-runtime (``docker.runtime``) and whether its default seccomp profile is there (the containers
-are made without ``seccomp=unconfined``, so they get it)."""
+runtime (``docker.runtime``), whether its default seccomp profile is there (the containers
+are made without ``seccomp=unconfined``, so they get it), and whether it has each runtime's
+image."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import docker
+from docker.errors import ImageNotFound
 
 from common.config import Config
-from common.errors import ConfigError
+from common.errors import ConfigError, SandboxError
 
-from .container_cleanup import UNREACHABLE
+from .container_cleanup import UNREACHABLE, describe
 from .isolation import Isolation
 
 ENGINE_CHECK_TIMEOUT_S = 10
@@ -67,3 +69,20 @@ def container_isolation(config: Config) -> Isolation:
     else:
         missing["seccomp"] = "the Docker engine has no seccomp support"
     return Isolation(tuple(holds), missing)
+
+
+def image_missing(image: str) -> str:
+    return f"image {image} is not on this host (docker pull it, or bin/nanogrid-build-images)"
+
+
+def missing_images(api: docker.DockerClient, config: Config) -> dict[str, str]:
+    """The runtimes whose image is not on this host -> why; SandboxError if the engine is away."""
+    problems = {}
+    for name, runtime in config.runtimes.items():
+        try:
+            api.images.get(runtime.image)
+        except ImageNotFound:
+            problems[name] = image_missing(runtime.image)
+        except UNREACHABLE as exc:
+            raise SandboxError(f"Docker engine unreachable: {describe(exc)}") from None
+    return problems

@@ -13,7 +13,7 @@ from common.config import Config, MiB, docker_user_ids
 from common.errors import ConfigError
 
 from .container_cleanup import labels
-from .process import Launch
+from .launch import Launch
 from .sandbox_server import SERVERS, server_for
 
 CONTROL_MOUNT = "/nanogrid/control"

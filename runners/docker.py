@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import queue
 import re
 import select
 import shutil
@@ -35,7 +34,7 @@ from pathlib import Path
 
 import docker
 import psutil
-from docker.errors import ImageNotFound, NotFound
+from docker.errors import ImageNotFound
 from docker.models.containers import Container
 from loguru import logger
 
@@ -49,9 +48,9 @@ from .container_cleanup import (
     UNREACHABLE,
     describe,
     remove_agent_containers,
-    remove_orphans,
 )
-from .container_engine import check_engine, container_isolation
+from .container_engine import check_engine, container_isolation, image_missing, missing_images
+from .container_reaper import Reaper
 from .container_spec import (
     CODE_MOUNT,
     CODE_SUBDIR,
@@ -94,14 +93,9 @@ class DockerRunner(PooledRunner):
         self._launch = {name: container_launch(rt.command) for name, rt in config.runtimes.items()}
         self._docker: docker.DockerClient | None = None
         self._docker_lock = threading.Lock()
-        self._unremoved: set[str] = set()
-        """Containers (ids or names) whose removal failed (engine away); retried before each
-        create and on close."""
-        self._doomed: queue.SimpleQueue[DockerSandbox | None] = queue.SimpleQueue()
-        self._reaper = threading.Thread(target=self._reap, name="docker-reaper", daemon=True)
-        self._reaper.start()
+        self._reaper = Reaper(self._api)
         with contextlib.suppress(SandboxError):  # an engine that is away now is retried later
-            self._remove_dead_workers_containers()
+            self._reaper.remove_dead_workers_containers()
         unavailable = {}
         with contextlib.suppress(SandboxError):  # away: the first create finds out instead
             unavailable = missing_images(self._api(), config)
@@ -144,11 +138,7 @@ class DockerRunner(PooledRunner):
 
     def close(self) -> None:
         self.close_pools()
-        self._doomed.put(None)
-        self._reaper.join()
-        if self._unremoved:
-            with contextlib.suppress(SandboxError):
-                self._retry_removals()
+        self._reaper.close()
         if self._docker is not None:
             self._docker.close()
 
@@ -236,8 +226,7 @@ class DockerRunner(PooledRunner):
     def create(self, runtime: str) -> DockerSandbox:
         started = time.monotonic()
         api = self._api()
-        if self._unremoved:
-            self._retry_removals()
+        self._reaper.retry()
         name = container_name(self._worker, runtime, os.getpid(), next(self._seq))
         root = self._base_dir / name
         sandbox = DockerSandbox(
@@ -285,13 +274,13 @@ class DockerRunner(PooledRunner):
             raise self.mark_unavailable(runtime, image_missing(image)) from None
         except UNREACHABLE:
             # The engine may have made it before its answer was lost: remove it by its name.
-            self._remove_container(name)
+            self._reaper.remove(name)
             raise
         try:
             container.start()
             container.reload()
         except BaseException:
-            self._remove_container(container.id)
+            self._reaper.remove(container.id)
             raise
         return container
 
@@ -386,61 +375,12 @@ class DockerRunner(PooledRunner):
         sandbox.limit_mb = memory_mb
 
     def destroy(self, sandbox: Sandbox) -> None:
-        """Disconnect now; remove in the background, so no worker waits ~100 ms for it."""
+        """Disconnect now; remove in the background."""
         assert isinstance(sandbox, DockerSandbox)
         if sandbox.client is not None:
             sandbox.client.close()
         if sandbox.server_fd >= 0:
             os.close(sandbox.server_fd)
             sandbox.server_fd = -1
-        self._doomed.put(sandbox)
-
-    def _reap(self) -> None:
-        while (sandbox := self._doomed.get()) is not None:
-            if sandbox.container is not None:
-                self._remove_container(sandbox.container.id)
-            shutil.rmtree(sandbox.root, ignore_errors=True)
-
-    def _remove_container(self, container: str) -> None:
-        """Force-remove a container by id or name; remember it for a retry if that fails."""
-        try:
-            self._api().api.remove_container(container, force=True)
-            self._unremoved.discard(container)
-        except NotFound:
-            self._unremoved.discard(container)
-        except (SandboxError, *UNREACHABLE) as exc:
-            self._unremoved.add(container)
-            logger.warning(
-                f"{self.marker} cannot remove container {container[:40]} now "
-                f"({describe(exc)}); will retry"
-            )
-
-    def _retry_removals(self) -> None:
-        for container in list(self._unremoved):
-            self._remove_container(container)
-
-    def _remove_dead_workers_containers(self) -> None:
-        """Remove containers of this agent whose worker process is gone (e.g. SIGKILLed)."""
-        try:
-            removed = remove_orphans(self._api())
-        except UNREACHABLE as exc:
-            raise SandboxError(describe(exc)) from None
-        if removed:
-            logger.info(f"{self.marker} removed {removed} container(s) of exited workers")
-
-
-def image_missing(image: str) -> str:
-    return f"image {image} is not on this host (docker pull it, or bin/nanogrid-build-images)"
-
-
-def missing_images(api: docker.DockerClient, config: Config) -> dict[str, str]:
-    """The runtimes whose image is not on this host -> why; UNREACHABLE errors pass through."""
-    problems = {}
-    for name, runtime in config.runtimes.items():
-        try:
-            api.images.get(runtime.image)
-        except ImageNotFound:
-            problems[name] = image_missing(runtime.image)
-        except UNREACHABLE as exc:
-            raise SandboxError(f"Docker engine unreachable: {describe(exc)}") from None
-    return problems
+        container = sandbox.container.id if sandbox.container is not None else None
+        self._reaper.later(container, sandbox.root)

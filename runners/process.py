@@ -30,16 +30,18 @@ from pathlib import Path
 
 from loguru import logger
 
-from common.config import Config, MiB, RuntimeConfig
+from common.config import Config, MiB
 from common.errors import ConfigError, SandboxError
 
 from . import cgroups
 from .base import Invocation, RunOutcome, Sandbox, server_oom_outcome
-from .cgroups import SandboxCgroup, SandboxCgroups, owner_gone, owner_group
+from .cgroups import SandboxCgroup, SandboxCgroups, owner_group
 from .forkclient import FORKSERVER_SOURCE
 from .isolation import Isolation
+from .launch import resolve_launches
 from .pool import PooledRunner
 from .sandbox_server import SERVERS, SandboxClient, log_preload, preload_key, run_in, server_for
+from .workdir import check_traversable, check_work_dir, make_dir, remove_stale_dirs
 
 SANDBOX_START_TIMEOUT_S = 10.0
 PROBE_TIMEOUT_S = 30.0
@@ -47,19 +49,6 @@ PRIVATE_HOME = "/tmp"
 """HOME of a sandbox with a mount namespace: its private /tmp, as in a Docker sandbox."""
 RLIMIT_AS_HEADROOM = 64 * MiB
 """Address space a Python interpreter maps beyond what it uses; the rlimit fallback adds it."""
-
-
-@dataclass(frozen=True)
-class Launch:
-    """How one runtime's command is started from a fork server."""
-
-    interpreter: str
-    """The real interpreter the fork server runs on (no shims: resolved once)."""
-    python: bool
-    """The command is ``python3 script.py ...``: run it in the forked interpreter."""
-    argv: tuple[str, ...]
-    server: str = "fork"
-    """The in-sandbox server (runners.sandbox_server.SERVERS) that runs the command."""
 
 
 @dataclass(eq=False)
@@ -76,56 +65,6 @@ class ProcessSandbox(Sandbox):
     client: SandboxClient | None = None
     cgroup: SandboxCgroup | None = None
     limit_mb: int = 0
-
-
-def resolve_launch(runtime: RuntimeConfig, path: str) -> Launch:
-    """Find the runtime's program on the functions' PATH; see through interpreter shims."""
-    if "/" in runtime.command[0] and not os.path.isabs(runtime.command[0]):
-        # A program in the function's own code (``./main``): exec'd per call from its cwd.
-        return Launch(interpreter=sys.executable, python=False, argv=runtime.command)
-    program = shutil.which(runtime.command[0], path=path)
-    if program is None:
-        raise ConfigError(f"runtime command {runtime.command[0]!r} not found on PATH {path}")
-    name = os.path.basename(program)
-    is_python = name.startswith("python") and len(runtime.command) >= 2
-    if is_python and not runtime.command[1].startswith("-"):
-        probe = subprocess.run(
-            [program, "-I", "-S", "-c", "import sys; print(sys.executable)"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            env={"PATH": path},
-        )
-        real = probe.stdout.strip()
-        if probe.returncode != 0 or not real:
-            raise ConfigError(f"runtime command {program} does not start: {probe.stderr.strip()}")
-        return Launch(interpreter=real, python=True, argv=(real, *runtime.command[1:]))
-    if server_for(runtime.command) == "node":
-        probe = subprocess.run(
-            [program, "-e", "require('worker_threads')"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            env={"PATH": path},
-        )
-        if probe.returncode != 0:
-            raise ConfigError(f"runtime command {program} does not start: {probe.stderr.strip()}")
-        real = os.path.realpath(program)
-        return Launch(
-            interpreter=real, python=False, argv=(real, *runtime.command[1:]), server="node"
-        )
-    return Launch(interpreter=sys.executable, python=False, argv=(program, *runtime.command[1:]))
-
-
-def resolve_launches(config: Config) -> tuple[dict[str, Launch], dict[str, str]]:
-    """How each runtime starts, and the runtimes that cannot start here -> why."""
-    launches, problems = {}, {}
-    for name, runtime in config.runtimes.items():
-        try:
-            launches[name] = resolve_launch(runtime, config.process.path)
-        except (ConfigError, OSError, subprocess.TimeoutExpired) as exc:
-            problems[name] = str(exc)
-    return launches, problems
 
 
 class ProcessRunner(PooledRunner):
@@ -364,44 +303,6 @@ class ProcessRunner(PooledRunner):
         if sandbox.cgroup is not None:
             sandbox.cgroup.remove()
         shutil.rmtree(sandbox.root, ignore_errors=True)
-
-
-def make_dir(path: Path, mode: int) -> None:
-    """mkdir with exactly ``mode`` (missing parents: traversable 0711): the agent's umask
-    (systemd's UMask=0027) must not decide what a sandbox user can reach."""
-    for missing in reversed([p for p in [path, *path.parents] if not p.exists()]):
-        missing.mkdir(exist_ok=True)
-        os.chmod(missing, 0o711)
-    os.chmod(path, mode)
-
-
-def remove_stale_dirs(work_dir: Path) -> None:
-    """Remove sandbox directories of workers that are gone."""
-    if work_dir.is_dir():
-        for child in work_dir.iterdir():
-            if owner_gone(child.name):
-                shutil.rmtree(child, ignore_errors=True)
-
-
-def check_traversable(directory: Path) -> None:
-    """Sandbox users (not root, not the owner) must be able to pass through to their dirs."""
-    for part in [directory, *directory.parents]:
-        if part.exists() and not part.stat().st_mode & 0o001:
-            raise ConfigError(
-                f"paths.work_dir: sandbox users cannot reach {directory} "
-                f"({part} needs o+x, or pick a work_dir under a traversable directory)"
-            )
-
-
-def check_work_dir(work_dir: Path, *, as_root: bool) -> None:
-    """Refuse a work_dir the workers could never make their sandboxes in (ConfigError)."""
-    nearest = next(p for p in [work_dir, *work_dir.parents] if p.exists())
-    if not nearest.is_dir():
-        raise ConfigError(f"paths.work_dir: {nearest} is not a directory")
-    if not os.access(nearest, os.W_OK | os.X_OK):
-        raise ConfigError(f"paths.work_dir: {nearest} is not writable by the agent")
-    if as_root:
-        check_traversable(work_dir)
 
 
 def check_sandbox_uids(config: Config) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import selectors
 import signal
 import time
 from typing import Any
@@ -33,32 +32,19 @@ from common.exitcodes import (
 from worker.ledger import Ledger
 from worker.status import FAULT, StatusReader
 
-from . import hostcheck, sdnotify
+from . import hostcheck, sdnotify, snapshot
 from .child import HANDLED_SIGNALS, WorkerMain, run_child
 from .configcheck import load_checked
 from .health import HealthServer
 from .metrics import SupervisorMetrics
-from .workerstate import (
-    Slot,
-    WorkerProcess,
-    capacity_status,
-    describe_exit,
-    heartbeat_timeout,
-    pool_totals,
-    worker_status,
-)
+from .wakeup import Wakeup
+from .workerstate import Slot, WorkerProcess, describe_exit, heartbeat_timeout
 
 TICK_S = 1.0
 STATUS_GATHER_S = 0.05
 """After reading status lines, the arbiter lets the next ones gather this long before it reads
 again (a signal still wakes it at once): under load, one wake per 50 ms instead of two per
 task, and /status and /metrics at most this late."""
-CRASH_BACKOFF_S = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
-"""Wait before replacing a slot's n-th crash in a row: the first is replaced at once."""
-BOOT_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 60.0)
-"""Wait before the n-th retry of a worker that could not boot (Redis or the queue down)."""
-STABLE_AFTER_S = 10.0
-"""A worker that booted and lived this long clears its slot's count of crashes in a row."""
 MURDER_GRACE_S = 5.0
 """Between SIGTERM and SIGKILL for a worker that stopped heartbeating."""
 KILL_WAIT_S = 5.0
@@ -80,16 +66,8 @@ class Arbiter:
         self.started_at = time.monotonic()
         self.metrics = SupervisorMetrics()
         self.health: HealthServer | None = None
-        self.selector = selectors.DefaultSelector()
-        """The wake-up fd of the signals and every worker's status pipe."""
-        self.signal_selector = selectors.DefaultSelector()
-        """The wake-up fd alone: what wakes the arbiter while status lines gather."""
+        self.wakeup = Wakeup()
         self._status_read_at = float("-inf")
-        self._wake_r, self._wake_w = os.pipe()
-        for fd in (self._wake_r, self._wake_w):
-            os.set_blocking(fd, False)
-        self.selector.register(self._wake_r, selectors.EVENT_READ, None)
-        self.signal_selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._snapshot: dict[str, Any] = {}
         self.systemd = sdnotify.Notifier()
         self.ledger = Ledger(config.capacity.memory_mb, config.capacity.max_concurrent)
@@ -133,7 +111,7 @@ class Arbiter:
         cap = self.config.capacity
         logger.info(f"capacity: {cap.memory_mb} MB, {cap.max_concurrent} invocations at once "
                     f"on this host ({cap.source})")
-        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        self.wakeup.install()
         for signum in HANDLED_SIGNALS:
             signal.signal(signum, self._record_signal)
         hostcheck.remove_leftovers(self.config, "an earlier agent")
@@ -158,17 +136,9 @@ class Arbiter:
         now = time.monotonic()
         gathering = now < gather_until
         if gathering:
-            events = self.signal_selector.select(min(self._timeout(), gather_until - now))
+            ready = self.wakeup.wait(min(self._timeout(), gather_until - now), signals_only=True)
         else:
-            events = self.selector.select(self._timeout())
-        ready = []
-        for key, _ in events:
-            if key.data is None:
-                with contextlib.suppress(BlockingIOError):
-                    while os.read(self._wake_r, 4096):
-                        pass
-            else:
-                ready.append(key.data)
+            ready = self.wakeup.wait(self._timeout())
         if gathering and time.monotonic() >= gather_until:
             ready = list(self.workers.values())
         if sum(self.read_status(worker) for worker in ready):
@@ -232,8 +202,7 @@ class Arbiter:
         try:
             pid = os.fork()
             if pid == 0:
-                inherited = [self._wake_r, self._wake_w, read_fd, self.selector.fileno(),
-                             self.signal_selector.fileno()]
+                inherited = [*self.wakeup.fds(), read_fd]
                 inherited += [w.reader.fd for w in self.workers.values()]
                 if self.health is not None:
                     inherited.append(self.health.fileno())
@@ -251,7 +220,7 @@ class Arbiter:
         now = time.monotonic()
         worker = WorkerProcess(pid, slot.index, StatusReader(read_fd), started=now, last_beat=now)
         self.workers[pid] = worker
-        self.selector.register(worker.reader, selectors.EVENT_READ, worker)
+        self.wakeup.watch(worker)
         logger.info(f"worker {slot.index} started (pid {pid})")
 
     def reap_workers(self) -> None:
@@ -265,8 +234,7 @@ class Arbiter:
             worker = self.workers.pop(pid, None)
             if worker is not None:
                 self.read_status(worker)  # its last lines: a task it finished as it exited
-                with contextlib.suppress(KeyError):
-                    self.selector.unregister(worker.reader)
+                self.wakeup.forget(worker)
                 worker.reader.close()
                 self._exited(worker, os.waitstatus_to_exitcode(wait_status))
 
@@ -277,15 +245,8 @@ class Arbiter:
             logger.info(f"worker {worker.index} (pid {worker.pid}) {how} after draining")
             return
         slot = self.slots[worker.index]
-        now = time.monotonic()
-        if worker.booted and now - worker.started >= STABLE_AFTER_S:
-            slot.failures = 0
-        slot.failures += 1
-        slot.restarts += 1
+        delay = slot.crashed(worker, code, time.monotonic())
         self.metrics.restarts.inc()
-        table = BOOT_BACKOFF_S if code == EXIT_BOOT_ERROR else CRASH_BACKOFF_S
-        delay = table[min(slot.failures, len(table)) - 1]
-        slot.not_before = now + delay
         if code == EXIT_BOOT_ERROR:
             logger.error(f"worker {worker.index} could not boot ({how}); retry "
                          f"{slot.failures} in {delay:g}s")
@@ -328,8 +289,7 @@ class Arbiter:
             return 0
         messages = worker.reader.read()
         if worker.reader.eof:
-            with contextlib.suppress(KeyError):
-                self.selector.unregister(worker.reader)
+            self.wakeup.forget(worker)
         for message in messages:
             finished = worker.apply(message)
             if finished is not None:
@@ -343,28 +303,12 @@ class Arbiter:
     def publish_status(self) -> None:
         """Build the snapshot /status and /health serve; update the gauges and systemd."""
         now = time.monotonic()
-        by_slot = {w.index: w for w in self.workers.values()}
-        workers = [worker_status(slot, by_slot.get(slot.index), now)
-                   for slot in sorted(self.slots.values(), key=lambda s: s.index)]
-        pools = pool_totals(list(self.workers.values()))
-        alive = sum(1 for w in workers if w["alive"])
-        capacity = capacity_status(self.ledger)
-        self.metrics.update(alive, pools, capacity)
-        self._snapshot = {
-            "pid": self.pid,
-            "workers": workers,
-            "workersConfigured": self.config.workers,
-            "runner": self.config.runner,
-            "pools": pools,
-            "capacity": capacity,
-            "isolation": self.isolation,
-            "runtimes": self.runtimes,
-            "restartsTotal": sum(s.restarts for s in self.slots.values()),
-            "stopping": self.stopping,
-            "uptimeSeconds": round(now - self.started_at, 1),
-            "configPath": self.config.path,
-            "configLoadedAt": self.config.loaded_at,
-        }
+        self._snapshot = snapshot.build(
+            self.config, self.slots, self.workers, self.ledger, pid=self.pid,
+            isolation=self.isolation, runtimes=self.runtimes, stopping=self.stopping,
+            uptime=now - self.started_at, now=now)
+        alive = sum(1 for w in self._snapshot["workers"] if w["alive"])
+        self.metrics.update(alive, self._snapshot["pools"], self._snapshot["capacity"])
         self.systemd.status(f"{alive}/{self.config.workers} workers alive")
 
     def status_snapshot(self) -> dict[str, Any]:
@@ -397,7 +341,10 @@ class Arbiter:
             self.systemd.ready()
             return
         logs.setup(config.log, "arbiter")
-        self._rebind_http(config)
+        old_http = self.config.http
+        if self.health is not None and (config.http.host, config.http.port) != (
+                old_http.host, old_http.port):
+            self.health = self.health.moved(config.http.host, config.http.port)
         self.config = config
         self.ledger = self.ledger.resize(config.capacity.memory_mb, config.capacity.max_concurrent)
         self.isolation = hostcheck.isolation(self.config)
@@ -412,20 +359,6 @@ class Arbiter:
                     f"{len(old)} old workers drain, each slot refills as its old worker exits")
         self.metrics.reloads.inc(result="ok")
         self.systemd.ready()
-
-    def _rebind_http(self, config: Config) -> None:
-        old = self.config.http
-        if self.health is None or (config.http.host, config.http.port) == (old.host, old.port):
-            return
-        try:
-            server = HealthServer(config.http.host, config.http.port, self.status_snapshot,
-                                  self.metrics.render)
-        except OSError as exc:
-            logger.error(f"http: cannot listen on {config.http.host}:{config.http.port} "
-                         f"({exc.strerror or exc}); still serving on {self.health.address}")
-            return
-        self.health.close()
-        self.health = server
 
     def stop(self) -> None:
         """Drain every worker within the drain timeout, SIGKILL the rest, remove sandboxes."""

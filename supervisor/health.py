@@ -102,6 +102,18 @@ class HealthServer:
     def address(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
+    def moved(self, host: str, port: int) -> HealthServer:
+        """A server on (host, port) in place of this one, which closes; this one, still
+        serving, if the new address cannot be listened on."""
+        try:
+            server = HealthServer(host, port, self._server.status, self._server.metrics)
+        except OSError as exc:
+            logger.error(f"http: cannot listen on {host}:{port} ({exc.strerror or exc}); "
+                         f"still serving on {self.address}")
+            return self
+        self.close()
+        return server
+
     def fileno(self) -> int:
         return self._server.fileno()
 

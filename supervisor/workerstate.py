@@ -1,5 +1,5 @@
-"""What the arbiter knows of its workers, kept up to date from their status lines, and the
-per-worker part of the /status snapshot built from it."""
+"""What the arbiter knows of its workers and slots, kept up to date from their status lines
+and exits: heartbeats, what runs, and each slot's crash backoff."""
 
 from __future__ import annotations
 
@@ -11,14 +11,19 @@ from typing import Any
 from loguru import logger
 
 from common.config import Config
-from common.exitcodes import WORKER_EXIT_NAMES
+from common.exitcodes import EXIT_BOOT_ERROR, WORKER_EXIT_NAMES
 from worker import status
-from worker.ledger import Ledger
 from worker.result import Result
 from worker.status import StatusReader
 
 LONG_POLL_MARGIN_S = 10.0
 """The heartbeat timeout is never shorter than a long poll plus this margin."""
+CRASH_BACKOFF_S = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
+"""Wait before replacing a slot's n-th crash in a row: the first is replaced at once."""
+BOOT_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 60.0)
+"""Wait before the n-th retry of a worker that could not boot (Redis or the queue down)."""
+STABLE_AFTER_S = 10.0
+"""A worker that booted and lived this long clears its slot's count of crashes in a row."""
 
 
 @dataclass
@@ -32,6 +37,17 @@ class Slot:
     """Crashes in a row, for the backoff."""
     not_before: float = 0.0
     """Monotonic time before which no process is forked for this slot."""
+
+    def crashed(self, worker: WorkerProcess, code: int, now: float) -> float:
+        """Count its process's unexpected exit and set the backoff; returns the wait."""
+        if worker.booted and now - worker.started >= STABLE_AFTER_S:
+            self.failures = 0
+        self.failures += 1
+        self.restarts += 1
+        table = BOOT_BACKOFF_S if code == EXIT_BOOT_ERROR else CRASH_BACKOFF_S
+        delay = table[min(self.failures, len(table)) - 1]
+        self.not_before = now + delay
+        return delay
 
 
 @dataclass
@@ -92,40 +108,6 @@ class WorkerProcess:
         return "running" if self.booted else "booting"
 
 
-def worker_status(slot: Slot, worker: WorkerProcess | None, now: float) -> dict[str, Any]:
-    """One entry of /status ``workers``: the slot, and the process serving it if any."""
-    return {
-        "id": slot.index,
-        "pid": worker.pid if worker else None,
-        "alive": worker is not None and worker.booted,
-        "state": worker.state if worker else "waiting",
-        "restarts": slot.restarts,
-        "tasksDone": slot.tasks_done,
-        "running": len(worker.running) if worker else 0,
-        "currentRequestIds": list(worker.running) if worker else [],
-        "currentRequestId": next(iter(worker.running), None) if worker else None,
-        "lastHeartbeatSecondsAgo": round(now - worker.last_beat, 1) if worker else None,
-        "statusMessagesDropped": worker.dropped if worker else 0,
-        "degraded": list(worker.degraded) if worker else [],
-        "faults": {
-            kind: {"count": seen["count"], "last": seen["message"],
-                   "secondsAgo": round(now - seen["at"], 1)}
-            for kind, seen in (worker.faults.items() if worker else ())
-        },
-    }
-
-
-def pool_totals(workers: list[WorkerProcess]) -> dict[str, dict[str, int]]:
-    """Per runtime, the sum of every worker's ``warm`` and ``busy`` sandboxes."""
-    pools: dict[str, dict[str, int]] = {}
-    for worker in workers:
-        for runtime, stats in worker.pools.items():
-            total = pools.setdefault(runtime, {"warm": 0, "busy": 0})
-            for state in total:
-                total[state] += int(stats.get(state, 0))
-    return pools
-
-
 def heartbeat_timeout(config: Config) -> float:
     """Seconds of silence after which a worker is killed; covers a whole long poll."""
     return max(config.heartbeat_timeout_seconds,
@@ -141,15 +123,3 @@ def describe_exit(code: int) -> str:
             return f"was killed by signal {-code}"
     name = WORKER_EXIT_NAMES.get(code)
     return f"exited with code {code}" + (f" ({name})" if name else "")
-
-
-def capacity_status(ledger: Ledger) -> dict[str, int]:
-    """/status ``capacity``: the host's budget and what its workers have running now."""
-    usage = ledger.usage()
-    return {
-        "memoryMb": ledger.memory_mb,
-        "memoryInUseMb": usage.memory_in_use_mb,
-        "running": usage.running,
-        "maxConcurrent": ledger.max_concurrent,
-        "heldMb": usage.held_mb,
-    }

@@ -10,7 +10,7 @@ close the pool, flush metrics). Each admitted message runs on a thread of its ow
 ``handle`` takes one message to its end and never raises: any error becomes one of the
 DESIGN's SQS cases, decided from the error class in one place (dispositions.py), and a bug
 while handling a message ends that message, not the worker. Before running, the requestId
-is claimed in Redis (claim.py), so at-least-once delivery runs each task once. The
+is claimed in Redis (duplicates.py), so at-least-once delivery runs each task once. The
 per-message methods keep their state on the stack: many threads run them at once.
 """
 
@@ -42,8 +42,8 @@ from common.exitcodes import EXIT_BOOT_ERROR, EXIT_OK
 from runners import create_runner
 from runners.base import Runner
 
-from . import autotuner, faults, task
-from .claim import Acquired, Claim, ClaimStore
+from . import autotuner, duplicates, faults, task
+from .claim import Claim, ClaimStore
 from .cloudwatch import MetricsPublisher
 from .codestore import CodePackage, CodeStore
 from .dispositions import Disposition, decide
@@ -64,9 +64,6 @@ if TYPE_CHECKING:
 RECEIVE_ERROR_BACKOFF_S = (0.5, 1, 2, 5, 10)
 DEGRADED_PROBE_S = 1.0
 """While Redis cannot take results, it is probed this often (and no work is taken)."""
-DUPLICATE_WAIT_S = 2.0
-"""How long a copy whose requestId another worker runs waits for that run's result (at most
-half the visibility timeout) before it hands its message back."""
 CLAIM_RETRY_S = 1.0
 FULL_WAIT_S = 1.0
 """While no message could start, the loop wakes at least this often (outbox, Redis)."""
@@ -204,17 +201,9 @@ class Worker:
 
     def results_writable(self) -> bool:
         """Re-send the outbox; True when Redis takes results, so new work may be taken.
-
-        After a Redis call found it unavailable, a probe write decides (a read-only replica
-        still answers PING); meanwhile the worker is DEGRADED and its messages stay in SQS
-        for other hosts.
-        """
+        Meanwhile the worker is DEGRADED and its messages stay in SQS for other hosts."""
         self._alive_until = time.monotonic() + DEGRADED_PROBE_S + 15
-        self.store.flush_outbox()
-        trouble = self.store.link.trouble
-        if trouble is not None and self.store.writable():
-            self.store.flush_outbox()
-            trouble = self.store.link.trouble
+        trouble = self.store.trouble()
         if trouble is None:
             self.faults.recover(faults.REDIS)
             return True
@@ -292,46 +281,10 @@ class Worker:
             self.endings.refuse(message, exc)
             return
         with logger.contextualize(requestId=parsed.request_id):
-            acquired = self._claim(message, parsed)
-            if acquired is None:
-                return
-            if acquired.result is not None:
-                logger.info("[DUPLICATE] a result exists already; re-publishing it, not running")
-                self.endings.republish(message, acquired.result)
-            elif acquired.claim is None:
-                self._defer(message, parsed, acquired)
-            else:
-                self._run_claimed(message, parsed, acquired.claim)
-
-    def _claim(self, message: Message, t: task.Task) -> Acquired | None:
-        """The stored result, our claim, or another's; None (message handed back) when Redis
-        cannot take a claim: this worker then takes no new work until it can."""
-        try:
-            return self.claims.acquire(t.request_id)
-        except ResultStoreUnavailable as exc:
-            logger.warning(f"[REDIS] {exc}; message handed back for a worker that can run it")
-            self.endings.hand_back(message, 0)
-            return None
-
-    def _defer(self, message: Message, t: task.Task, acquired: Acquired) -> None:
-        """Another worker runs this requestId: re-publish its result, or hand the message back
-        until its claim would have lapsed."""
-        logger.info(
-            f"[DUPLICATE] {acquired.holder} is running it (claim lapses in "
-            f"{acquired.expires_in:.1f}s unless renewed); waiting for its result"
-        )
-        wait = min(DUPLICATE_WAIT_S, self.config.queue.visibility_timeout_seconds / 2)
-        try:
-            stored = self.claims.wait_for_result(t.request_id, wait)
-        except ResultStoreUnavailable as exc:
-            logger.warning(f"[REDIS] {exc}")
-            stored = None
-        if stored is not None:
-            self.endings.republish(message, stored)
-            return
-        delay = math.ceil(acquired.expires_in) + 1
-        logger.info(f"[DUPLICATE] still running elsewhere; message handed back for {delay}s")
-        self.endings.hand_back(message, delay)
+            claim = duplicates.claim(self.claims, self.endings, message, parsed.request_id,
+                                     self.config.queue.visibility_timeout_seconds)
+            if claim is not None:
+                self._run_claimed(message, parsed, claim)
 
     def _run_claimed(self, message: Message, t: task.Task, claim: Claim) -> None:
         if self.status:
@@ -345,7 +298,7 @@ class Worker:
             self.visibility.discard(message)
             self.claim_leases.discard(claim)
             if ending is None:
-                self._release_claim(claim)
+                duplicates.release(self.claims, claim)
                 if self.status:
                     self.status.task_ended(t.request_id)
         if ending is not None:
@@ -395,12 +348,6 @@ class Worker:
         return invoke(
             self.config, self.runner, self.history, self.worker_id, t, package, attempt, clock
         )
-
-    def _release_claim(self, claim: Claim) -> None:
-        try:
-            self.claims.release(claim)
-        except ResultStoreUnavailable as exc:  # it lapses with its lease
-            logger.warning(f"[REDIS] {exc}")
 
     # -- signals and liveness -----------------------------------------------------------------
 

@@ -105,6 +105,17 @@ class ResultStore:
             return False
         return True
 
+    def trouble(self) -> str | None:
+        """Re-send the outbox; None when Redis takes results now, else what is wrong.
+
+        After a call found Redis unavailable, a probe write decides (a read-only replica
+        still answers PING).
+        """
+        self.flush_outbox()
+        if self.link.trouble is not None and self.writable():
+            self.flush_outbox()
+        return self.link.trouble
+
     def existing(self, request_id: str) -> Result | None:
         """The stored result of ``request_id`` (duplicate delivery), or None.
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import selectors
 import threading
 import time
 from collections.abc import Iterator
@@ -27,7 +26,7 @@ def arbiter() -> Iterator[tuple[Arbiter, WorkerProcess, StatusReporter]]:
     now = time.monotonic()
     worker = WorkerProcess(os.getpid(), 0, StatusReader(read_fd), started=now, last_beat=now)
     arbiter.workers[worker.pid] = worker
-    arbiter.selector.register(worker.reader, selectors.EVENT_READ, worker)
+    arbiter.wakeup.watch(worker)
     yield arbiter, worker, StatusReporter(write_fd)
     os.close(read_fd)
     os.close(write_fd)
@@ -62,7 +61,7 @@ def test_a_signal_wakes_the_arbiter_while_lines_gather(
     reporter.task_started("a")
     arb.wait_for_events()
     reporter.task_started("b")
-    os.write(arb._wake_w, b"\x11")
+    os.write(arb.wakeup._write, b"\x11")
     arb.wait_for_events()
     assert list(worker.running) == ["a"]  # woken by the signal; "b" waits for the gathering to end
     arb.wait_for_events()

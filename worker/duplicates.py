@@ -1,0 +1,72 @@
+"""One run per requestId, seen from one message: claim its requestId before running it.
+
+At-least-once delivery hands the same task to several workers. The copy that finds a stored
+result re-publishes it; the copy whose requestId another worker runs waits briefly for that
+run's result, else goes back to the queue until the other's claim would have lapsed. The
+claims themselves live in Redis (claim.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+from loguru import logger
+
+from common.errors import ResultStoreUnavailable
+
+from .claim import Acquired, Claim, ClaimStore
+from .endings import Endings
+from .sqs import Message
+
+DUPLICATE_WAIT_S = 2.0
+"""How long a copy whose requestId another worker runs waits for that run's result (at most
+half the visibility timeout) before it hands its message back."""
+
+
+def claim(claims: ClaimStore, endings: Endings, message: Message, request_id: str,
+          visibility_timeout: float) -> Claim | None:
+    """Our claim on ``request_id``, to run it; None when this copy ended here instead
+    (re-published, handed back)."""
+    try:
+        acquired = claims.acquire(request_id)
+    except ResultStoreUnavailable as exc:  # this worker takes no new work until Redis can
+        logger.warning(f"[REDIS] {exc}; message handed back for a worker that can run it")
+        endings.hand_back(message, 0)
+        return None
+    if acquired.result is not None:
+        logger.info("[DUPLICATE] a result exists already; re-publishing it, not running")
+        endings.republish(message, acquired.result)
+        return None
+    if acquired.claim is None:
+        _defer(claims, endings, message, request_id, acquired, visibility_timeout)
+    return acquired.claim
+
+
+def _defer(claims: ClaimStore, endings: Endings, message: Message, request_id: str,
+           acquired: Acquired, visibility_timeout: float) -> None:
+    """Another worker runs it: re-publish its result, or hand the message back until its claim
+    would have lapsed."""
+    logger.info(
+        f"[DUPLICATE] {acquired.holder} is running it (claim lapses in "
+        f"{acquired.expires_in:.1f}s unless renewed); waiting for its result"
+    )
+    wait = min(DUPLICATE_WAIT_S, visibility_timeout / 2)
+    try:
+        stored = claims.wait_for_result(request_id, wait)
+    except ResultStoreUnavailable as exc:
+        logger.warning(f"[REDIS] {exc}")
+        stored = None
+    if stored is not None:
+        endings.republish(message, stored)
+        return
+    delay = math.ceil(acquired.expires_in) + 1
+    logger.info(f"[DUPLICATE] still running elsewhere; message handed back for {delay}s")
+    endings.hand_back(message, delay)
+
+
+def release(claims: ClaimStore, claim: Claim) -> None:
+    """Give the claim up (the message is kept for a retry, which may then run at once)."""
+    try:
+        claims.release(claim)
+    except ResultStoreUnavailable as exc:  # it lapses with its lease
+        logger.warning(f"[REDIS] {exc}")
