@@ -13,9 +13,11 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import time
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -238,3 +240,18 @@ class TaskClient:
             what=f"the result of {request_id}",
         )
         return json.loads(stored)
+
+
+@contextlib.contextmanager
+def unreached_listener() -> Iterator[int]:
+    """A listening port on the host's loopback; fails on exit if anything connected to it."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        listener.setblocking(False)
+        yield listener.getsockname()[1]
+        try:
+            listener.accept()
+        except BlockingIOError:
+            return  # nothing reached the host's listener
+        raise AssertionError("a sandbox connected to the host's loopback listener")

@@ -46,15 +46,10 @@ class Inflight:
         self._threads = ThreadPoolExecutor(
             max_workers=max(1, ledger.max_concurrent), thread_name_prefix="run"
         )
-        ledger.reset(slot)  # whatever a killed predecessor in this slot held counts no more
 
     @property
     def running(self) -> int:
         return self._running
-
-    @property
-    def waiting(self) -> list[Message]:
-        return [message for message, _ in self._waiting]
 
     def accept(self, messages: list[Message]) -> None:
         """Queue received messages for admission, in order, and start what fits."""
@@ -91,7 +86,7 @@ class Inflight:
 
     def take_waiting(self) -> list[Message]:
         """Give up the messages not started yet (they go back to SQS): drain."""
-        taken = self.waiting
+        taken = [message for message, _ in self._waiting]
         self._waiting.clear()
         self._ledger.hold(self._slot, 0, 0)
         return taken

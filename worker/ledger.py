@@ -115,11 +115,6 @@ class Ledger:
             held_mb=sum(r[3] for r in records),
         )
 
-    def slot_usage(self, slot: int) -> Usage:
-        with self._locked():
-            running, reserved, _, held_mb = self._records()[slot]
-        return Usage(running, reserved, held_mb)
-
     def close(self) -> None:
         self._page.close()
 

@@ -45,7 +45,7 @@ from runners.base import Runner
 from . import autotuner, duplicates, faults, task
 from .claim import Claim, ClaimStore
 from .cloudwatch import MetricsPublisher
-from .codestore import CodePackage, CodeStore
+from .codestore import CodeStore
 from .dispositions import Disposition, decide
 from .endings import Endings
 from .faults import FaultBoard
@@ -126,7 +126,7 @@ class Worker:
                     messages = self.receive(wanted)
                     failures = 0
                 except QueueUnavailable as exc:
-                    self.inflight.accept([])  # gives back the room held for the receive
+                    self.inflight.start_admitted()  # gives back the room held for the receive
                     delay = RECEIVE_ERROR_BACKOFF_S[min(failures, len(RECEIVE_ERROR_BACKOFF_S) - 1)]
                     failures += 1
                     logger.warning(f"[SQS] {exc}; retrying in {delay}s")
@@ -318,7 +318,11 @@ class Worker:
             try:
                 with clock.phase("fetch"):
                     package = self.codes.fetch(t.s3_bucket, t.s3_key)
-                return self.execute(t, package, message.attempt, clock), False
+                ran = invoke(
+                    self.config, self.runner, self.history, self.worker_id,
+                    t, package, message.attempt, clock,
+                )
+                return ran, False
             except Exception as exc:  # noqa: BLE001 - translated, then decided by class
                 error = self._translate(exc)
         disposition = decide(error, message.attempt, max_attempts)
@@ -341,13 +345,6 @@ class Worker:
         elif isinstance(error, HostFault):
             self.faults.fault(faults.HOST, str(error))
         return error
-
-    def execute(
-        self, t: task.Task, package: CodePackage, attempt: int, clock: PhaseClock
-    ) -> Result:
-        return invoke(
-            self.config, self.runner, self.history, self.worker_id, t, package, attempt, clock
-        )
 
     # -- signals and liveness -----------------------------------------------------------------
 

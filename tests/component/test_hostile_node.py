@@ -12,14 +12,13 @@ import dataclasses
 import json
 import os
 import shutil
-import socket
 import tempfile
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from helpers import RedisServer, wait_until
+from helpers import RedisServer, unreached_listener, wait_until
 from test_hostile import CONTRACT_ENV, MAX_OUTPUT, MAX_PIDS, SECRET, MiB, make_config
 
 from common.config import Config, RuntimeConfig
@@ -117,14 +116,9 @@ Promise.all(ports.map(attempt)).then(async (seen) => {
 def test_node_reaches_neither_host_loopback_nor_redis_nor_out(
     hostile_node: NodeHarness, redis_server: RedisServer
 ) -> None:
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(8)
-        listener.setblocking(False)
-        ports = [listener.getsockname()[1], redis_server.port]
+    with unreached_listener() as port:
+        ports = [port, redis_server.port]
         seen = hostile_node.probe(NETWORK, stdin=json.dumps(ports).encode())
-        with pytest.raises(BlockingIOError):
-            listener.accept()  # nothing reached the host's listener
     assert seen["ports"] == ["ECONNREFUSED", "ECONNREFUSED"]
     assert seen["egress"] == "ENETUNREACH" and seen["interfaces"] == ["lo"]
 
