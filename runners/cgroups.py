@@ -50,9 +50,15 @@ class SandboxCgroup:
 
     def pids(self) -> list[int]:
         try:
-            text = (self.memory_dir / "cgroup.procs").read_text()
+            fd = os.open(f"{self.memory_dir}/cgroup.procs", os.O_RDONLY)  # after every run
         except FileNotFoundError:
             return []
+        try:
+            text = b""
+            while chunk := os.read(fd, 65536):
+                text += chunk
+        finally:
+            os.close(fd)
         return [int(p) for p in text.split()]
 
     def kill_all(self, spare: int | None = None) -> int:

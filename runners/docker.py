@@ -81,6 +81,7 @@ class DockerSandbox(Sandbox):
 class DockerRunner(PooledRunner):
     name = "docker"
     marker = "[DOCKER]"
+    made_at_once = 2
 
     def __init__(self, config: Config, worker_index: int) -> None:
         self._config = config

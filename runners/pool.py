@@ -2,12 +2,15 @@
 
 The pool keeps ``size`` sandboxes ready (the runtime's ``warm`` share) and follows the load
 up to ``limit`` (idle + busy + being made): ``acquire`` prefers, in order, an idle sandbox
-that already ran this function@version, a fresh generic one, and else makes a cold one —
-at once while under ``limit`` (several threads make theirs in parallel), else after
-evicting the least recently used idle sandbox of another function. Released sandboxes stay
-idle. Idle sandboxes of a function expire after ``idle_expiry_s``, and so do generic ones
-beyond ``size``: the pool shrinks back to ``size`` generic ones, so the reuse rule (a
-sandbox serves one function only) never starves new functions.
+that already ran this function@version and a fresh generic one; else it orders a new one
+(after evicting the least recently used idle sandbox of another function when at ``limit``)
+and takes whichever comes first: its own new sandbox, or one that another run releases in
+the meantime (the new one then stays idle for the next). At most ``max_making`` sandboxes
+are made at once: a few made at a time come out one after another and serve the burst early,
+where many at once would all come out late (a Docker engine shares 2 cores among them).
+Idle sandboxes of a function expire after ``idle_expiry_s``, and so do generic ones beyond
+``size``: the pool shrinks back to ``size`` generic ones, so the reuse rule (a sandbox
+serves one function only) never starves new functions.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 
 from loguru import logger
 
@@ -38,6 +42,7 @@ class WarmPool:
         on_idle: Callable[[Sandbox, float], None] | None = None,
         marker: str = "[POOL]",
         limit: int | None = None,
+        max_making: int | None = None,
     ) -> None:
         self.runtime = runtime
         self.size = size
@@ -50,7 +55,14 @@ class WarmPool:
         self._idle: list[Sandbox] = []
         self._busy: set[Sandbox] = set()
         self._creating = 0
-        self._lock = threading.Lock()
+        self._fresh: set[int] = set()
+        """ids of sandboxes made on demand and not yet used: their first run is cold."""
+        self._lock = threading.Condition()
+        # Long-lived threads: a process sandbox dies with the thread that started it
+        # (PR_SET_PDEATHSIG follows the parent thread), so none may be made on a passing one.
+        self._makers = ThreadPoolExecutor(
+            max_making or self.limit, thread_name_prefix=f"pool-{runtime}-make"
+        )
         self._wake = threading.Event()
         self._closed = False
         self._thread = threading.Thread(target=self._maintain, name=f"pool-{runtime}", daemon=True)
@@ -59,26 +71,65 @@ class WarmPool:
     def acquire(self, code_key: str) -> Sandbox:
         with self._lock:
             sandbox = self._take(code_key)
-            if sandbox is None:
-                evicted = self._evict_for_room()
-                self._creating += 1
-            else:
-                self._busy.add(sandbox)
-        if sandbox is not None:
-            sandbox.cold_start = False
-            return sandbox
+            if sandbox is not None:
+                return self._hand_out(sandbox)
+            evicted = self._evict_for_room()
+            self._creating += 1
+            order = _Order()
         if evicted is not None:
             self._safe_destroy(evicted)
+        self._makers.submit(self._make, order)
+        with self._lock:
+            while True:
+                if order.sandbox is not None:
+                    order.sandbox.cold_start = True
+                    return order.sandbox
+                if order.error is not None:
+                    raise order.error
+                sandbox = self._take(code_key)
+                if sandbox is not None:  # released first: the order stays idle for the next
+                    order.abandoned = True
+                    return self._hand_out(sandbox)
+                self._lock.wait()
+
+    def _hand_out(self, sandbox: Sandbox) -> Sandbox:
+        """Under the lock: ``sandbox`` (taken from idle) is now busy."""
+        sandbox.cold_start = id(sandbox) in self._fresh
+        self._fresh.discard(id(sandbox))
+        self._busy.add(sandbox)
+        return sandbox
+
+    def _make(self, order: _Order) -> None:
+        """Background: make the sandbox ``order`` asked for (a few at a time), and deliver it
+        to the order, or to idle if its run was served by another one meanwhile."""
+        sandbox: Sandbox | None = None
         try:
             sandbox = self._create()
-        finally:
-            with self._lock:
-                self._creating -= 1
-        sandbox.cold_start = True
+        except BaseException as exc:  # delivered to the run that ordered it
+            error = exc
+        doomed = None
         with self._lock:
-            self._busy.add(sandbox)
+            self._creating -= 1
+            if sandbox is None:
+                if order.abandoned:
+                    logger.warning(
+                        f"{self._marker} could not make a {self.runtime} sandbox: {error}"
+                    )
+                else:
+                    order.error = error
+            elif self._closed and order.abandoned:
+                doomed = sandbox
+            elif order.abandoned:
+                sandbox.idle_since = time.monotonic()
+                self._idle.append(sandbox)
+                self._fresh.add(id(sandbox))
+            else:
+                self._busy.add(sandbox)
+                order.sandbox = sandbox
+            self._lock.notify_all()
+        if doomed is not None:
+            self._safe_destroy(doomed)
         self._wake.set()
-        return sandbox
 
     def release(self, sandbox: Sandbox) -> None:
         with self._lock:
@@ -87,6 +138,7 @@ class WarmPool:
             if keep:
                 sandbox.idle_since = time.monotonic()
                 self._idle.append(sandbox)
+                self._lock.notify_all()
         if not keep:
             self._safe_destroy(sandbox)
             self._wake.set()
@@ -101,8 +153,10 @@ class WarmPool:
             doomed = self._idle + list(self._busy)
             self._idle.clear()
             self._busy.clear()
+            self._fresh.clear()
         self._wake.set()
         self._thread.join(timeout=30)
+        self._makers.shutdown(wait=False)  # what is being made goes to its run, or is removed
         for sandbox in doomed:
             self._safe_destroy(sandbox)
 
@@ -116,7 +170,11 @@ class WarmPool:
     def _evict_for_room(self) -> Sandbox | None:
         if self._count() < self.limit or not self._idle:
             return None
-        return self._idle.pop(min(range(len(self._idle)), key=lambda i: self._idle[i].idle_since))
+        evicted = self._idle.pop(
+            min(range(len(self._idle)), key=lambda i: self._idle[i].idle_since)
+        )
+        self._fresh.discard(id(evicted))
+        return evicted
 
     def _count(self) -> int:
         return len(self._idle) + len(self._busy) + self._creating
@@ -143,6 +201,7 @@ class WarmPool:
                     surplus -= 1
             for sandbox in expired:
                 self._idle.remove(sandbox)
+                self._fresh.discard(id(sandbox))
             if self._on_idle is not None:
                 for sandbox in self._idle:
                     self._on_idle(sandbox, now - sandbox.idle_since)
@@ -176,6 +235,7 @@ class WarmPool:
                     doomed = None
                     sandbox.idle_since = time.monotonic()
                     self._idle.append(sandbox)
+                    self._lock.notify_all()
             if doomed is not None:
                 self._safe_destroy(doomed)
                 return
@@ -187,6 +247,16 @@ class WarmPool:
             logger.warning(f"{self._marker} could not remove sandbox {sandbox.name}: {exc}")
 
 
+class _Order:
+    """A sandbox one acquire asked to be made."""
+
+    def __init__(self) -> None:
+        self.sandbox: Sandbox | None = None
+        self.error: BaseException | None = None
+        self.abandoned = False
+        """Its run took a released sandbox instead; the new one goes to idle."""
+
+
 class PooledRunner(Runner):
     """A runner whose sandboxes come from one WarmPool per runtime (``self.pools``)."""
 
@@ -194,6 +264,8 @@ class PooledRunner(Runner):
     unavailable: dict[str, str]
     """Runtimes that cannot start on this host -> why; they get no pool."""
     marker = "[POOL]"
+    made_at_once: int | None = None
+    """Most sandboxes one pool makes at once (None: up to its limit)."""
 
     def make_pools(
         self,
@@ -216,6 +288,7 @@ class PooledRunner(Runner):
                 on_idle=on_idle,
                 marker=self.marker,
                 limit=config.capacity.max_concurrent,
+                max_making=self.made_at_once,
             )
             for name, rt in config.runtimes.items()
             if name not in self.unavailable

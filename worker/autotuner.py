@@ -24,6 +24,7 @@ from typing import Any
 
 import redis
 from loguru import logger
+from redis.commands.core import Script
 
 from common.config import AutotunerConfig, MiB
 
@@ -102,6 +103,15 @@ def _fit(basis_bytes: int, cfg: AutotunerConfig) -> int:
     return cfg.step_mb[-1]
 
 
+RECORD = """
+redis.call('LPUSH', KEYS[1], ARGV[1])
+redis.call('LTRIM', KEYS[1], 0, ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return redis.call('LRANGE', KEYS[1], 0, -1)
+"""
+"""Record one peak and read the recent ones back, atomically, in one round trip."""
+
+
 class PeakHistory:
     """Last ``history_size`` peaks per function in the Redis list ``autotuner:peaks:{id}``.
 
@@ -119,6 +129,7 @@ class PeakHistory:
         retry_after_seconds: float = 5.0,
     ) -> None:
         self._factory = client if callable(client) else RedisLink(client).client
+        self._record: Script | None = None
         self._cfg = cfg
         self._retry_after = retry_after_seconds
         self._skip_until = 0.0
@@ -131,12 +142,14 @@ class PeakHistory:
         key = f"autotuner:peaks:{function_id}"
         try:
             # Asked each time: after a failover the factory hands out the new pool's client.
-            pipe = self._factory().pipeline(transaction=True)
-            pipe.lpush(key, peak_bytes)
-            pipe.ltrim(key, 0, self._cfg.history_size - 1)
-            pipe.expire(key, self._cfg.history_ttl_seconds)
-            pipe.lrange(key, 0, -1)
-            raw = pipe.execute()[-1]
+            client = self._factory()
+            if self._record is None:
+                self._record = client.register_script(RECORD)
+            raw = self._record(
+                keys=[key],
+                args=[peak_bytes, self._cfg.history_size - 1, self._cfg.history_ttl_seconds],
+                client=client,
+            )
         except (redis.RedisError, OSError, ValueError) as exc:  # ValueError: a closed socket
             self._skip_until = time.monotonic() + self._retry_after
             if not self._failing:

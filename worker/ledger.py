@@ -29,6 +29,7 @@ SLOTS = 256
 """Workers the page has room for (``workers`` is at most 256)."""
 _RECORD = struct.Struct("=IIII")
 """running, reserved_mb, held_runs, held_mb."""
+_PAGE = struct.Struct("=" + "I" * 4 * SLOTS)
 
 
 @dataclass(frozen=True)
@@ -60,9 +61,8 @@ class Ledger:
         """Reserve ``memory_mb`` for one more run of worker ``slot`` if the budget has room,
         leaving what other workers hold."""
         with self._locked():
-            records = self._records()
-            running, reserved, held_runs, held_mb = records[slot]
-            runs, free_mb = self._free(records, slot)
+            running, reserved, held_runs, held_mb = self._record(slot)
+            runs, free_mb = self._free(slot)
             fits = runs >= 1 and memory_mb <= free_mb
             if fits:
                 self._write(slot, running + 1, reserved + memory_mb, held_runs, held_mb)
@@ -72,12 +72,11 @@ class Ledger:
         """How many messages worker ``slot`` may receive now (at most ``most``), counting each
         as ``typical_mb``; that room is held for it until ``hold`` changes it."""
         with self._locked():
-            records = self._records()
-            runs, free_mb = self._free(records, slot)
+            runs, free_mb = self._free(slot)
             wanted = 0 if runs == 0 or free_mb < smallest_mb else max(
                 1, min(most, runs, free_mb // typical_mb)
             )
-            running, reserved, _, _ = records[slot]
+            running, reserved, _, _ = self._record(slot)
             self._write(slot, running, reserved, wanted, min(free_mb, wanted * typical_mb))
             return wanted
 
@@ -85,13 +84,13 @@ class Ledger:
         """What worker ``slot`` holds now: a task that waits for room (1, its memory), or
         nothing (0, 0)."""
         with self._locked():
-            running, reserved, _, _ = self._records()[slot]
+            running, reserved, _, _ = self._record(slot)
             self._write(slot, running, reserved, runs, memory_mb)
 
     def release(self, slot: int, memory_mb: int) -> None:
         """One run of worker ``slot`` ended."""
         with self._locked():
-            running, reserved, held_runs, held_mb = self._records()[slot]
+            running, reserved, held_runs, held_mb = self._record(slot)
             self._write(
                 slot, max(0, running - 1), max(0, reserved - memory_mb), held_runs, held_mb
             )
@@ -104,15 +103,13 @@ class Ledger:
     def room(self, slot: int) -> tuple[int, int]:
         """(runs, MB) the host could still start for worker ``slot`` now."""
         with self._locked():
-            return self._free(self._records(), slot)
+            return self._free(slot)
 
     def usage(self) -> Usage:
         with self._locked():
-            records = self._records()
+            fields = _PAGE.unpack(self._page)
         return Usage(
-            running=sum(r[0] for r in records),
-            memory_in_use_mb=sum(r[1] for r in records),
-            held_mb=sum(r[3] for r in records),
+            running=sum(fields[0::4]), memory_in_use_mb=sum(fields[1::4]), held_mb=sum(fields[3::4])
         )
 
     def close(self) -> None:
@@ -120,14 +117,15 @@ class Ledger:
 
     # -- the page -----------------------------------------------------------------------------
 
-    def _records(self) -> list[tuple[int, int, int, int]]:
-        return list(_RECORD.iter_unpack(self._page))
+    def _record(self, slot: int) -> tuple[int, int, int, int]:
+        return _RECORD.unpack_from(self._page, slot * _RECORD.size)
 
-    def _free(self, records: list[tuple[int, int, int, int]], slot: int) -> tuple[int, int]:
+    def _free(self, slot: int) -> tuple[int, int]:
         """(runs, MB) free for ``slot``: the budget less what runs and what others hold."""
-        others = [r for i, r in enumerate(records) if i != slot]
-        runs = self.max_concurrent - sum(r[0] for r in records) - sum(r[2] for r in others)
-        free_mb = self.memory_mb - sum(r[1] for r in records) - sum(r[3] for r in others)
+        fields = _PAGE.unpack(self._page)
+        _, _, own_held_runs, own_held_mb = fields[4 * slot : 4 * slot + 4]
+        runs = self.max_concurrent - sum(fields[0::4]) - (sum(fields[2::4]) - own_held_runs)
+        free_mb = self.memory_mb - sum(fields[1::4]) - (sum(fields[3::4]) - own_held_mb)
         return max(0, runs), max(0, free_mb)
 
     def _write(self, slot: int, running: int, reserved: int, held_runs: int, held_mb: int) -> None:

@@ -38,6 +38,15 @@ MAX_ENTRY_TRIES = 5
 """Sends of one outbox entry that Redis refuses before the entry is set aside."""
 PROBE_TTL_MS = 10_000
 
+PUBLISH = """
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+redis.call('PUBLISH', KEYS[1], ARGV[1])
+redis.call('DEL', KEYS[2])
+return 1
+"""
+"""One script rather than MULTI: as atomic, half the round trip's replies to parse, and the
+result crosses the wire once instead of twice."""
+
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_:-][A-Za-z0-9._:-]{0,127}")
 _CLAIM = re.compile(r"(?P<entry>.+\.json)\.sending-(?P<pid>\d+)")
 
@@ -64,6 +73,9 @@ class ResultStore:
         on_set_aside: Callable[[str], None] | None = None,
     ) -> None:
         self.link = link or RedisLink(redis_url)
+        # Runs on whichever client it is given; loads itself again after NOSCRIPT (a new
+        # primary that has not seen it yet).
+        self._publish = self.link.client().register_script(PUBLISH)
         self._ttl = ttl_seconds
         self._outbox = Path(outbox_dir)
         self._retry_seconds = retry_seconds
@@ -133,7 +145,7 @@ class ResultStore:
             return None
 
     def publish(self, result: Result) -> bool:
-        """SET + PUBLISH the result in one transaction; True when Redis took it.
+        """SET + PUBLISH the result atomically (one script); True when Redis took it.
 
         On Redis trouble it retries for ``retry_seconds``, then writes the result to the outbox
         and returns False. Raises ResultStoreUnavailable only when the outbox cannot be
@@ -157,7 +169,7 @@ class ResultStore:
                 time.sleep(min(delay, remaining))
                 delay *= 2
                 continue
-            log.info("[REDIS] published result:{} ({} bytes)", request_id, len(data))
+            log.debug("[REDIS] published result:{} ({} bytes)", request_id, len(data))
             return True
         try:
             path = self._write_outbox(request_id, data)
@@ -212,18 +224,13 @@ class ResultStore:
         return len(self._tries)
 
     def _send(self, request_id: str, data: bytes) -> None:
-        """SET + PUBLISH + DEL the claim in one transaction; ResultStoreUnavailable or
+        """SET + PUBLISH + DEL the claim in one script; ResultStoreUnavailable or
         ResultRejected when Redis did not take it."""
         key = f"result:{request_id}"
-
-        def send(client: redis.Redis) -> None:
-            pipe = client.pipeline(transaction=True)
-            pipe.set(key, data, ex=self._ttl)
-            pipe.publish(key, data)
-            pipe.delete(claim_key(request_id))
-            pipe.execute()
-
-        self.link.call(f"publish {key}", send)
+        keys, args = [key, claim_key(request_id)], [data, self._ttl]
+        self.link.call(
+            f"publish {key}", lambda client: self._publish(keys=keys, args=args, client=client)
+        )
 
     def _write_outbox(self, request_id: str, data: bytes) -> Path:
         self._outbox.mkdir(parents=True, exist_ok=True, mode=0o700)

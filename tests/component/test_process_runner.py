@@ -180,6 +180,20 @@ def test_fork_servers_die_with_their_worker() -> None:
     assert Path(config.paths.work_dir).exists()
 
 
+def test_sandboxes_made_on_demand_outlive_the_thread_that_made_them() -> None:
+    """The kernel's parent-death signal follows the thread that started a fork server: a
+    sandbox made for one run must still serve the next after its maker thread went idle."""
+    runner = ProcessRunner(make_config(warm=0), 0)
+    try:
+        first, sandbox = run(runner, "print('ok')")
+        time.sleep(0.3)
+        again, same = run(runner, "print('ok')")
+        assert first.stdout == again.stdout == b"ok\n" and same is sandbox
+        assert sandbox.cold_start is False and again.exit_code == 0
+    finally:
+        runner.close()
+
+
 def test_a_strict_umask_does_not_lock_sandboxes_out(tmp_path: Path) -> None:
     old = os.umask(0o027)  # systemd's UMask= in the unit file
     try:

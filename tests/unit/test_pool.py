@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
 from helpers import wait_until
 
 from runners.base import Sandbox
@@ -150,5 +152,73 @@ def test_never_more_than_limit_sandboxes() -> None:
         pool.release(b)
         pool.release(c)
         assert pool.stats() == {"warm": 2, "busy": 0}
+    finally:
+        pool.close()
+
+
+def test_a_run_takes_a_released_sandbox_before_its_own_new_one() -> None:
+    factory = Factory()
+    made = threading.Event()
+
+    def slow_create() -> Sandbox:
+        made.wait(5)
+        return factory.create()
+
+    pool = WarmPool("python", 0, slow_create, factory.destroy, idle_expiry_s=60, limit=4)
+    try:
+        made.set()
+        first = pool.acquire("f@1")
+        made.clear()
+        first.code_key = "f@1"
+        with ThreadPoolExecutor(1) as threads:
+            waiting = threads.submit(pool.acquire, "f@1")
+            time.sleep(0.2)
+            assert not waiting.done()  # its sandbox is still being made
+            pool.release(first)
+            assert waiting.result(timeout=2) is first and first.cold_start is False
+        made.set()  # the sandbox ordered meanwhile comes out idle, and its first run is cold
+        wait_until(lambda: pool.stats() == {"warm": 1, "busy": 1}, timeout=5)
+        fresh = pool.acquire("g@1")
+        assert fresh is not first and fresh.code_key is None and fresh.cold_start is True
+    finally:
+        made.set()
+        pool.close()
+
+
+def test_makes_at_most_max_making_at_once() -> None:
+    factory = Factory()
+    lock = threading.Lock()
+    making = [0, 0]  # now, most
+
+    def slow_create() -> Sandbox:
+        with lock:
+            making[0] += 1
+            making[1] = max(making[1], making[0])
+        time.sleep(0.1)
+        with lock:
+            making[0] -= 1
+        return factory.create()
+
+    pool = WarmPool(
+        "python", 0, slow_create, factory.destroy, idle_expiry_s=60, limit=8, max_making=2
+    )
+    try:
+        with ThreadPoolExecutor(6) as threads:
+            sandboxes = list(threads.map(lambda _: pool.acquire("f@1"), range(6)))
+        assert len({s.name for s in sandboxes}) == 6 and making[1] == 2
+        assert all(s.cold_start for s in sandboxes)
+    finally:
+        pool.close()
+
+
+def test_a_failed_make_is_raised_to_the_run_that_ordered_it() -> None:
+    def broken() -> Sandbox:
+        raise RuntimeError("engine down")
+
+    pool = WarmPool("python", 0, broken, lambda s: None, idle_expiry_s=60, limit=2)
+    try:
+        with pytest.raises(RuntimeError, match="engine down"):
+            pool.acquire("f@1")
+        assert pool.stats() == {"warm": 0, "busy": 0}
     finally:
         pool.close()
