@@ -8,6 +8,7 @@ sends its arbiter, or a result stored by an older agent, fills the rest with def
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -27,6 +28,13 @@ def _camel(name: str) -> str:
 
 def _json_name(f: dataclasses.Field[Any]) -> str:
     return str(f.metadata.get("json") or _camel(f.name))
+
+
+@functools.cache
+def _names(cls: type) -> tuple[tuple[str, str], ...]:
+    """(attribute, JSON name) of each field of a result dataclass, in order: worked out once,
+    not for every result written."""
+    return tuple((f.name, _json_name(f)) for f in dataclasses.fields(cls))
 
 
 @dataclass(frozen=True)
@@ -49,15 +57,15 @@ class Timings:
     PHASES = ("queued", "fetch", "unpack", "sandbox", "run", "total")
 
     def to_dict(self) -> dict[str, float]:
-        return {_json_name(f): round(getattr(self, f.name), 3) for f in dataclasses.fields(self)}
+        return {name: round(getattr(self, attr), 3) for attr, name in _names(Timings)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Timings:
         values = {}
-        for f in dataclasses.fields(cls):
-            value = data.get(_json_name(f))
+        for attr, name in _names(cls):
+            value = data.get(name)
             if isinstance(value, int | float) and not isinstance(value, bool):
-                values[f.name] = float(value)
+                values[attr] = float(value)
         return cls(**values)
 
 
@@ -95,13 +103,13 @@ class Result:
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.name == "timings":
+        for attr, name in _names(Result):
+            value = getattr(self, attr)
+            if attr == "timings":
                 if value is not None:
-                    data[_json_name(f)] = value.to_dict()
+                    data[name] = value.to_dict()
             else:
-                data[_json_name(f)] = value
+                data[name] = value
         return data
 
     def to_json(self) -> str:
@@ -115,14 +123,13 @@ class Result:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Result:
         values: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            name = _json_name(f)
+        for attr, name in _names(cls):
             if name not in data:
                 continue
             value = data[name]
-            if f.name == "timings":
+            if attr == "timings":
                 value = Timings.from_dict(value) if isinstance(value, dict) else None
-            values[f.name] = value
+            values[attr] = value
         values.setdefault("request_id", None)
         values.setdefault("function_id", None)
         values.setdefault("runtime", None)
