@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What the process runner's namespaces cost a cold sandbox: fork-server start to ready.
 
-Starts ``runners/forkserver.py`` as ``ProcessRunner.create`` does (as root, under a sandbox
+Starts ``runners/forkserver/`` as ``ProcessRunner.create`` does (as root, under a sandbox
 uid, on the functions' python3, ``-I -S``), N times with the options the runner passes today
 (mount, network and PID namespaces, rlimits) and N times without the namespaces, taking
 turns, and reports the time from spawn to the server's ready line. The difference is the
@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-FORKSERVER = ROOT / "runners" / "forkserver.py"
+FORKSERVER = ROOT / "runners" / "forkserver"
 FUNCTIONS_PATH = "/usr/local/bin:/usr/bin:/bin"
 UID = 61999
 """A sandbox uid of the default range that no test or agent here uses."""

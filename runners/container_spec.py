@@ -18,7 +18,7 @@ from .sandbox_server import SERVERS, server_for
 
 CONTROL_MOUNT = "/nanogrid/control"
 SERVER_DIR = "/nanogrid"
-"""Where the sandbox's server file is mounted (read-only), under its own name."""
+"""Where the sandbox's server (file or directory) is mounted read-only, under its own name."""
 CODE_MOUNT = "/code"
 CODE_SUBDIR = "function"
 CONTAINER_PATH = "/usr/local/bin:/usr/bin:/bin"

@@ -1,7 +1,7 @@
 """The Docker runner: warm, hardened containers, each with a fork server inside.
 
 A sandbox is one container of the runtime's image whose only process (under docker-init) is
-the fork server of runners/forkserver.py. The agent talks to it from the host over an
+the fork server of runners/forkserver/. The agent talks to it from the host over an
 AF_UNIX socket in a bind-mounted directory, so a warm call is a fork inside the container:
 no ``docker exec`` (about 50 ms) and no Docker API call at all on the hot path. Limits are
 written to, and the per-invocation peak read from, the container's cgroup files directly.
@@ -10,7 +10,8 @@ An idle container is paused after ``docker.pause_grace_seconds`` and unpaused on
 Host layout per container, under ``docker.socket_dir/<container name>/``:
 
     control/         -> /nanogrid/control (the fork server's socket; sealed after start)
-    forkserver.py    -> /nanogrid/forkserver.py (read-only)
+    forkserver/      -> /nanogrid/forkserver (read-only; a directory python3 runs)
+    nodeserver.js    -> /nanogrid/nodeserver.js (read-only), for node runtimes instead
     code/function/   == sandbox.code_dir; code/ -> /code (read-only), cwd /code/function
 
 ``code/`` is mounted rather than ``code/function`` itself because the worker replaces
@@ -25,7 +26,6 @@ import itertools
 import os
 import re
 import select
-import shutil
 import signal
 import threading
 import time
@@ -259,9 +259,7 @@ class DockerRunner(PooledRunner):
         control = sandbox.root / "control"
         control.mkdir(mode=0o700)
         os.chown(control, self._uid, self._gid)  # the server binds its socket here
-        server = SERVERS[self._launch[sandbox.runtime].server]
-        shutil.copyfile(server.source, sandbox.root / server.source.name)
-        os.chmod(sandbox.root / server.source.name, 0o644)
+        SERVERS[self._launch[sandbox.runtime].server].copy_to(sandbox.root)
 
     def _start_container(
         self, api: docker.DockerClient, runtime: str, name: str, root: Path

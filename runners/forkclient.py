@@ -1,4 +1,4 @@
-"""The agent's side of the fork-server protocol (see runners/forkserver.py).
+"""The agent's side of the fork-server protocol (see runners/forkserver/server.py).
 
 One ``run`` is one select loop in the calling thread: it writes stdin, drains stdout and
 stderr with a cap (never an unbounded buffer, never a deadlock on a full pipe), enforces
@@ -20,7 +20,8 @@ from common.errors import SandboxError
 
 from .base import RunOutcome
 
-FORKSERVER_SOURCE = Path(__file__).with_name("forkserver.py")
+FORKSERVER_SOURCE = Path(__file__).with_name("forkserver")
+"""The fork server: a directory, run as ``python3 -I -S FORKSERVER_SOURCE SOCKET ...``."""
 _CHUNK = 65536
 MAX_REPLY = 1 << 20
 _LINGER_S = 0.1

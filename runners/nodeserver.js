@@ -2,7 +2,7 @@
 // The idle process inside every node sandbox: runs a function on request in a worker thread
 // it started before the request came. Stdlib only and self-contained (node >= 18): it is
 // bind-mounted into containers and started there as `node nodeserver.js SOCKET`, or started
-// on the host by the process runner (after runners/forkserver.py's sandbox setup, which
+// on the host by the process runner (after runners/forkserver/sandbox.py's setup, which
 // passes `{"ready_fd": n, "ready_line": ...}`: the line to write there once it serves).
 //
 // Node cannot fork and cannot receive file descriptors, so instead of the python fork

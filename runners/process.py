@@ -1,6 +1,6 @@
 """The process runner: local subprocess sandboxes for hosts without a Docker engine.
 
-A sandbox is one fork server (runners/forkserver.py) in a cgroup of its own (memory and pids
+A sandbox is one fork server (runners/forkserver/) in a cgroup of its own (memory and pids
 limits, per-invocation peak), running as a uid of its own when the agent is root, with a
 private directory holding the function's code (read-only to it) and its HOME. Each run is a
 fork of that warm server, so a call costs a fork instead of an interpreter start.
@@ -8,7 +8,7 @@ fork of that warm server, so a call costs a fork instead of an interpreter start
 When the agent is root the server also sets up, once when it starts, its own mount (private
 /tmp, read-only sandbox directory), network (loopback only, unless ``process.network: host``)
 and PID namespaces; every run inherits them, so the warm path pays nothing for them. The
-server is stdlib-only and does this itself with ctypes (no helper binary, and the same file
+server is stdlib-only and does this itself with ctypes (no helper binary, and the same code
 still runs unchanged in the Docker images): the agent cannot do it in a preexec step, because
 a process does not enter the PID namespace it unshares, only its children do. The rlimits
 (``limits.max_open_files``, ``max_file_bytes``, no core dumps) are set on the server, too.
@@ -61,7 +61,7 @@ class ProcessSandbox(Sandbox):
     server_pid: int = -1
     """The sandbox server's pid on the host."""
     holds: tuple[str, ...] = ()
-    """The isolations its server set up (forkserver.isolate)."""
+    """The isolations its server set up (forkserver/sandbox.py's isolate)."""
     client: SandboxClient | None = None
     cgroup: SandboxCgroup | None = None
     limit_mb: int = 0
@@ -251,9 +251,7 @@ class ProcessRunner(PooledRunner):
         else:
             # The fork server's start-up makes the sandbox (namespaces, cgroups, rlimits, uid,
             # death signal), then exec's this runtime's own server, which says when it is ready.
-            source = root / server.source.name
-            shutil.copyfile(server.source, source)
-            os.chmod(source, 0o644)
+            source = server.copy_to(root)
             options["exec"] = server.command(launch.interpreter, str(source), str(socket_path))
             command = fork.command(sys.executable, str(fork.source), str(socket_path))
         try:

@@ -60,6 +60,21 @@ FILES = {
     "threaded.py": THREADED, "envy.py": ENVY, "slow.py": SLOW,
 }
 
+SHADOWS = ("_nanogrid_forkserver", "child", "preload", "reaping", "sandbox", "server")
+"""The fork server's modules, by the names they have in a sandbox and in runners/forkserver/."""
+SHADOWING = {
+    "main.py": f"""import json, os, sys
+import {", ".join(SHADOWS)}
+shipped = ({", ".join(SHADOWS)})
+print(json.dumps({{
+    "who": [m.WHO for m in shipped], "preloaded": [m.PID != os.getpid() for m in shipped],
+    "cwd": os.getcwd(), "path": sys.path,
+    "named": {{n: getattr(m, "__file__", None)
+               for n, m in sys.modules.items() if "forkserver" in n}},
+}}))
+""",
+    **{f"{name}.py": "import os\nWHO = 'function'\nPID = os.getpid()\n" for name in SHADOWS},
+}
 
 def config_for(kind: str, work: str, preload: bool) -> Any:
     python: dict[str, Any] = {"warm": 1, "preload": preload}
@@ -178,6 +193,19 @@ def test_another_function_never_sees_the_first_ones_modules(runner: Runner) -> N
     assert call_text(runner, other, "g@1") == "g"
     assert call_text(runner, files, "f@1") == "f"
 
+
+def test_a_functions_module_named_like_the_servers_is_its_own(runner: Runner) -> None:
+    """The server's modules are off the function's sys.path and out of its sys.modules, and
+    preloading takes the function's modules of those names for what they are."""
+    for preloaded in ([False] * 6, [False, True, True, True, True, True]):
+        _, seen = call(runner, SHADOWING)
+        assert seen["who"] == ["function"] * 6
+        # The one named as the server's package in a sandbox is left to each call.
+        assert seen["preloaded"] == preloaded
+        assert seen["path"][0] == seen["cwd"] and len(seen["path"]) == 4  # + the stdlib's 3
+        assert [entry for entry in seen["path"] if "forkserver" in entry] == []
+        assert seen["named"] == {
+            "_nanogrid_forkserver": os.path.join(seen["cwd"], "_nanogrid_forkserver.py")}
 
 def call_text(runner: Runner, files: dict[str, str], key: str) -> str:
     out = run(runner, files, key, b"{}")

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from runners import forkserver
+from runners.forkserver import sandbox
 
 SETTINGS = {"tmpfs_mb": 8, "network": True, "root": None}
 
@@ -41,12 +41,12 @@ def test_a_refused_mount_leaves_the_server_in_the_hosts_mount_namespace(
     def refused(*args: object) -> None:
         raise OSError(1, "mount /: Operation not permitted")
 
-    monkeypatch.setattr(forkserver, "mount", refused)
+    monkeypatch.setattr(sandbox, "mount", refused)
 
     host = os.readlink("/proc/self/ns/mnt")
 
     def check() -> dict:
-        holds, missing = forkserver.isolate(SETTINGS)
+        holds, missing = sandbox.isolate(SETTINGS)
         same = os.readlink("/proc/self/ns/mnt") == host
         return {"holds": holds, "missing": missing, "host_mounts": same}
 
@@ -65,12 +65,12 @@ def test_lo_that_cannot_come_up_keeps_the_network_namespace(
     def refused() -> None:
         raise OSError(1, "Operation not permitted")
 
-    monkeypatch.setattr(forkserver, "loopback_up", refused)
+    monkeypatch.setattr(sandbox, "loopback_up", refused)
 
     host = os.readlink("/proc/self/ns/net")
 
     def check() -> dict:
-        holds, missing = forkserver.isolate(SETTINGS)
+        holds, missing = sandbox.isolate(SETTINGS)
         own = os.readlink("/proc/self/ns/net") != host
         return {"holds": holds, "missing": missing, "own_network": own}
 

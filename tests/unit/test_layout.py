@@ -1,9 +1,11 @@
 """The packages' imports flow one way: devtools -> supervisor -> worker -> runners -> common,
-and no module imports itself back through another (no cycles, TYPE_CHECKING ones included)."""
+and no module imports itself back through another (no cycles, TYPE_CHECKING ones included).
+The fork server, run on its own in every sandbox, imports nothing but the stdlib and itself."""
 
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -71,3 +73,20 @@ def test_no_import_cycles() -> None:
     for module in edges:
         visit(module, [module])
     assert cycles == []
+
+
+def test_the_fork_server_imports_only_the_stdlib_and_itself() -> None:
+    """It runs on its own in every sandbox (``python3 -I -S runners/forkserver``): an import
+    of the agent's packages, or of anything installed, works in the tests but not there."""
+    wrong = []
+    for path in sorted((ROOT / "runners" / "forkserver").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            else:
+                continue
+            top = [name.split(".")[0] for name in names]
+            wrong += [f"{path.name} imports {n}" for n in top if n not in sys.stdlib_module_names]
+    assert wrong == []

@@ -1,0 +1,254 @@
+"""The sandbox's set-up, made once by its server before it serves (every run inherits it, so
+a call costs nothing more).
+
+Started by a root agent with ``"isolate"`` in its options, the server gets its own mount
+namespace (private /tmp and /dev/shm tmpfs, /var/tmp and the sandbox directory read-only),
+network namespace (loopback only) and PID namespace, whose PID 1 it becomes: it forks once,
+the original process stays outside as the namespace's keeper (it waits for the server and
+dies with the agent), and the server mounts a fresh /proc, reaps orphans during a run and
+kills what a run left behind after it. A namespace the kernel refuses is left out and named
+in the ready line: ``{"pid": <the server's pid on the host>, "holds": [...],
+"missing": {name: reason}}``. Then it joins the sandbox's cgroups, sets its rlimits and
+drops root.
+
+With ``"exec"`` in its options (another runtime's server, e.g. ``node nodeserver.js``), it
+sets the same sandbox up and then exec's that server instead of serving: within a PID
+namespace it stays PID 1 (reaping what runs orphan, exiting with the server) and the server
+runs as its child; the exec'd server writes the ready line when it serves.
+"""
+
+import ctypes
+import fcntl
+import json
+import os
+import resource
+import signal
+import socket
+import struct
+import traceback
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
+MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
+SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
+PR_SET_PDEATHSIG = 1
+RLIMITS = {"nofile": "RLIMIT_NOFILE", "fsize": "RLIMIT_FSIZE", "core": "RLIMIT_CORE"}
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def die_with_parent(parent: int) -> None:
+    """Ask the kernel to kill this process when the one that started it dies."""
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(0)
+
+
+def join_cgroups(cgroup_procs: list) -> None:
+    """Join the sandbox's cgroups (needs root: before dropping it)."""
+    for path in cgroup_procs:
+        with open(path, "w") as f:
+            f.write(str(os.getpid()))
+
+
+def drop_privileges(uid: int, gid: int) -> None:
+    if uid >= 0 and os.getuid() == 0:
+        os.setgroups([])
+        os.setgid(gid)
+        os.setuid(uid)
+
+
+def set_rlimits(limits: dict) -> None:
+    """Hard and soft limits, inherited by every run (a function cannot raise them again)."""
+    for name, value in limits.items():
+        resource.setrlimit(getattr(resource, RLIMITS[name]), (value, value))
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"{what}: {os.strerror(code)}")
+
+
+def mount(source: str | None, target: str, fstype: str | None, flags: int, data: str = "") -> None:
+    def arg(text: str | None) -> bytes | None:
+        return None if text is None else text.encode()
+
+    _check(_libc.mount(arg(source), arg(target), arg(fstype), flags, arg(data)), f"mount {target}")
+
+
+def unshare(flag: int, missing: dict, name: str) -> bool:
+    """Enter a new namespace of one kind; on refusal, note why under ``name``."""
+    if _libc.unshare(flag) == 0:
+        return True
+    missing[name] = f"the kernel refused the namespace: {os.strerror(ctypes.get_errno())}"
+    return False
+
+
+def loopback_up() -> None:
+    """Bring up ``lo``, the only interface of a new network namespace."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        request = struct.pack("16sH14x", b"lo", 0)
+        flags = struct.unpack("16sH14x", fcntl.ioctl(sock, SIOCGIFFLAGS, request))[1]
+        fcntl.ioctl(sock, SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
+
+
+def isolate(settings: dict) -> tuple[list, dict]:
+    """As root: new mount, network and PID namespaces for this server (the PID namespace is
+    for its children). Returns (what holds, {what is missing: why})."""
+    holds: list = []
+    missing: dict = {}
+    host_mounts = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+    if unshare(CLONE_NEWNS, missing, "mount"):
+        try:
+            mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing mounted here reaches the host
+            private_mounts(settings["tmpfs_mb"], settings.get("root"))
+            holds.append("mount")
+        except OSError as exc:  # e.g. in a container that may unshare but not mount
+            _check(_libc.setns(host_mounts, CLONE_NEWNS), "back to the host's mounts")
+            missing["mount"] = f"cannot mount in its namespace: {exc.strerror}"
+    os.close(host_mounts)
+    if not settings["network"]:
+        missing["network"] = "process.network is host"
+    elif unshare(CLONE_NEWNET, missing, "network"):
+        holds.append("network")
+        try:
+            loopback_up()
+        except OSError as exc:  # no CAP_NET_ADMIN (a container): no network at all, not even lo
+            missing["loopback"] = f"cannot bring up lo: {exc.strerror}"
+    if "mount" not in holds:  # its /proc would be mounted over the host's
+        missing["pid"] = "needs the mount namespace"
+    elif unshare(CLONE_NEWPID, missing, "pid"):
+        holds.append("pid")
+    return holds, missing
+
+
+def private_mounts(tmpfs_mb: int, root: str | None) -> None:
+    """Private /tmp and /dev/shm, read-only /var/tmp; ``root`` (the sandbox's directory) bound
+    at its own path again, which the new /tmp hides when it lies below /tmp."""
+    root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY) if root else None
+    options = f"size={tmpfs_mb}m,mode=1777"
+    for target in ("/tmp", "/dev/shm"):
+        if os.path.isdir(target):
+            mount("tmpfs", target, "tmpfs", MS_NOSUID | MS_NODEV, options)
+    if os.path.isdir("/var/tmp"):
+        mount("/var/tmp", "/var/tmp", None, MS_BIND)
+        mount(None, "/var/tmp", None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    if root_fd is not None:
+        missing = [p for p in [root, *parents(root)] if not os.path.exists(p)]
+        for path in reversed(missing):
+            os.mkdir(path)
+            os.chmod(path, 0o711)  # the umask must not lock the sandbox out of its own path
+        mount(f"/proc/self/fd/{root_fd}", root, None, MS_BIND)
+        os.close(root_fd)
+
+
+def parents(path: str) -> list:
+    found = []
+    while (parent := os.path.dirname(path)) != path:
+        found.append(parent)
+        path = parent
+    return found
+
+
+def keep_writable(path: str) -> None:
+    """Bind ``path`` on itself: a mount of its own stays writable when ``seal`` makes the
+    sandbox's directory around it read-only."""
+    mount(path, path, None, MS_BIND)
+
+
+def seal(root: str) -> None:
+    """Make the sandbox's directory (its code, the control socket's) read-only to it."""
+    mount(None, root, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+
+
+def become_init(parent: int, uid: int, gid: int) -> int:
+    """Fork into the new PID namespace: the child goes on as its PID 1 and gets a /proc of its
+    own; this process stays outside as the keeper, which waits for it and exits with it (and
+    dies with ``parent``, the agent). Returns the server's pid on the host."""
+    server = os.fork()
+    if server:
+        keep(server, parent, uid, gid)
+    host_pid = int(os.readlink("/proc/self"))  # still the host's procfs: the pid seen there
+    mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    return host_pid
+
+
+def keep(server: int, parent: int, uid: int, gid: int) -> None:
+    """The keeper: wait for the server (PID 1 of the namespace), exit with it. Never returns."""
+    code = 1
+    try:
+        drop_privileges(uid, gid)
+        if parent:
+            die_with_parent(parent)
+        _, status = os.waitpid(server, 0)
+        code = os.waitstatus_to_exitcode(status) & 0xFF
+    finally:
+        os._exit(code)
+
+
+def exec_server(command: list, options: dict, parent: int, report: dict) -> None:
+    """Become another runtime's server (``options["exec"]``) in the sandbox made so far: join
+    its cgroups, set its rlimits, drop root, then exec. The server is given the ready fd and
+    the line to write there once it serves (this process's report). Never returns."""
+    join_cgroups(options.get("cgroup_procs", []))
+    os.umask(0o077)
+    set_rlimits(options.get("rlimits") or {})
+    drop_privileges(options.get("uid", -1), options.get("gid", -1))
+    if options.get("pdeathsig"):  # after dropping root: changing uid clears the death signal
+        die_with_parent(parent)
+    ready = {"ready_fd": options.get("ready_fd"), "ready_line": json.dumps(report) + "\n"}
+    os.execv(command[0], [*command, json.dumps(ready)])
+
+
+def init_for(command: list, options: dict, host_proc: int, report: dict) -> int:
+    """As PID 1 of the sandbox's namespace: start the exec'd server as its child, reap what
+    its runs orphan (a node server cannot) and exit with the server."""
+    root = (options.get("isolate") or {}).get("root")
+    if "mount" in report["holds"] and root:
+        seal(root)
+    server = os.fork()
+    if server == 0:
+        code = 127
+        try:
+            # The pid on the host, read in the host's procfs (this namespace's /proc has 2).
+            host_pid = int(os.readlink("self", dir_fd=host_proc))
+            os.close(host_proc)
+            exec_server(command, options, 1, {"pid": host_pid, **report})
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    os.close(host_proc)
+    drop_privileges(options.get("uid", -1), options.get("gid", -1))
+    if options.get("pdeathsig"):
+        die_with_parent(0)  # the keeper, outside this namespace
+    while True:
+        pid, status = os.wait()
+        if pid == server:
+            return os.waitstatus_to_exitcode(status) & 0xFF
+
+
+def probe(settings: dict) -> int:
+    """``--probe SETTINGS``: what isolation this host grants a sandbox, as one JSON line
+    ``{"holds": [...], "missing": {...}}`` (the agent runs it at start for its warning and
+    /status; the namespaces die with this process)."""
+    try:
+        holds, missing = isolate(settings)
+    except OSError as exc:
+        holds, missing = [], {"setup": str(exc)}
+    if "pid" in holds:
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+            except OSError:
+                code = 1
+            os._exit(code)
+        if os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) != 0:
+            holds.remove("pid")
+            missing["pid"] = "cannot mount a /proc of its own"
+    print(json.dumps({"holds": holds, "missing": missing}))
+    return 0

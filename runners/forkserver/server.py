@@ -1,0 +1,218 @@
+"""The fork server's start and its protocol: it sets the sandbox up, then forks one run per
+request.
+
+Protocol on an AF_UNIX SOCK_SEQPACKET socket, one JSON object per packet, one client at a
+time, one run at a time:
+
+    -> {"op": "run", "argv": [...], "cwd": ..., "env": {...}, "python": bool,
+        "rlimits": {"as": bytes, "nproc": n} | null,
+        "preload": code_key | null}                        + SCM_RIGHTS [stdin, stdout, stderr]
+    <- {"pid": pid}
+    -> {"op": "kill"}                                        (optional, e.g. on timeout)
+    <- {"status": waitstatus, "maxrss_kb": n, "duration_ns": n, "preloading": bool}
+    <- {"preloaded": [module, ...], "left_out": {module: why}}   (only after "preloading")
+
+What the forked child does is in child.py; ``"preload"`` (import-warm) in preload.py; the
+sandbox made before serving (namespaces, cgroups, rlimits, uid) in sandbox.py.
+"""
+
+import array
+import contextlib
+import gc
+import json
+import os
+import pkgutil  # noqa: F401  loaded once here: runpy imports it lazily in every child
+import runpy
+import selectors
+import signal
+import socket
+import sys
+import time
+
+from .child import child
+from .preload import Preload
+from .reaping import kill_group, kill_namespace, reap_orphans
+from .sandbox import (
+    become_init,
+    die_with_parent,
+    drop_privileges,
+    exec_server,
+    init_for,
+    isolate,
+    join_cgroups,
+    keep_writable,
+    probe,
+    seal,
+    set_rlimits,
+)
+
+MAX_PACKET = 1 << 20
+
+
+def recv_packet(conn: socket.socket) -> tuple[dict | None, list[int]]:
+    """Receive one JSON packet and any file descriptors passed with it."""
+    fds = array.array("i")
+    data, ancdata, _flags, _addr = conn.recvmsg(MAX_PACKET, socket.CMSG_LEN(16 * fds.itemsize))
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - (len(payload) % fds.itemsize)])
+    if not data:
+        return None, list(fds)
+    return json.loads(data), list(fds)
+
+
+def send_packet(conn: socket.socket, message: dict) -> None:
+    conn.send(json.dumps(message).encode())
+
+
+def serve_run(
+    conn: socket.socket,
+    request: dict,
+    fds: list,
+    listener: socket.socket,
+    wakeup: tuple | None,
+    preload: Preload,
+) -> None:
+    """Fork one run and report its end; then preload what it imported, if asked to.
+    ``wakeup`` (PID 1 only): the SIGCHLD wake-up pipe, so orphans the run leaves to this
+    server are reaped while it lasts."""
+    preload.expect(request)
+    started = time.monotonic_ns()
+    pid = os.fork()
+    if pid == 0:
+        child(request, fds, [conn.fileno(), listener.fileno(), *(wakeup or ())], preload)
+    for fd in fds:
+        os.close(fd)
+    send_packet(conn, {"pid": pid})
+    pidfd = os.pidfd_open(pid)
+    with selectors.DefaultSelector() as sel:
+        sel.register(pidfd, selectors.EVENT_READ)
+        sel.register(conn, selectors.EVENT_READ)
+        if wakeup is not None:
+            sel.register(wakeup[0], selectors.EVENT_READ)
+        exited = False
+        while not exited:
+            for key, _ in sel.select():
+                if key.fileobj == pidfd:
+                    exited = True
+                    continue
+                if wakeup is not None and key.fileobj == wakeup[0]:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(wakeup[0], 512)
+                    exited = reap_orphans(pid) or exited
+                    continue
+                message, extra = recv_packet(conn)
+                for fd in extra:
+                    os.close(fd)
+                if message is None:  # the agent went away: do not leave the run behind
+                    sel.unregister(conn)
+                kill_group(pid)
+    _, status, usage = os.wait4(pid, 0)
+    duration = time.monotonic_ns() - started
+    os.close(pidfd)
+    if wakeup is not None:
+        kill_namespace()
+    else:
+        kill_group(pid)
+    preloading = preload.pending()
+    send_packet(conn, {"status": status, "maxrss_kb": usage.ru_maxrss, "duration_ns": duration,
+                       "preloading": preloading})
+    if preloading:  # the agent waits for this before it measures and cleans up the sandbox
+        loaded = preload.load(request["cwd"], [conn.fileno(), listener.fileno(), *(wakeup or ())])
+        send_packet(conn, loaded)
+
+
+def warm_up(directory: str) -> None:
+    """Run an empty script once, then freeze the heap, before serving.
+
+    The first run_path loads what runpy needs lazily; freezing keeps the garbage collector of
+    every forked child off the server's objects, so their pages stay shared (less copying,
+    a lower per-invocation peak). Not named main.py: the import system would remember that
+    path as "not a zip" and a real zipped main.py would break.
+    """
+    script = os.path.join(directory, "nanogrid-warmup.py")
+    try:
+        with open(script, "w") as f:
+            f.write("pass\n")
+        runpy.run_path(script)
+        os.unlink(script)
+    except OSError:
+        pass  # an unwritable directory only costs the first run its lazy imports
+    gc.collect()
+    gc.freeze()
+
+
+def main(argv: list) -> int:
+    """``SOCKET [OPTIONS]``: set the sandbox up, then serve, or exec ``options["exec"]``;
+    ``--probe SETTINGS``: see sandbox.probe. Returns an exit code: after a probe, a failed
+    set-up, or as PID 1 of an exec'd server, the server's."""
+    if argv[1] == "--probe":
+        return probe(json.loads(argv[2]))
+    path = argv[1]
+    options = json.loads(argv[2]) if len(argv) > 2 else {}
+    uid, gid = options.get("uid", -1), options.get("gid", -1)
+    parent = os.getppid()
+    settings = options.get("isolate")
+    command = options.get("exec")
+    try:
+        holds, missing = isolate(settings) if settings else ([], {})
+        if command and "mount" in holds and settings.get("root"):
+            # The exec'd server stages each call's stdin in its control directory: it stays
+            # writable when the rest is sealed (the agent takes its ownership once it is ready).
+            keep_writable(os.path.dirname(path))
+        host_proc = os.open("/proc", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC) if command else -1
+    except OSError as exc:
+        print(f"nanogrid fork server: cannot set up the sandbox: {exc}", file=sys.stderr)
+        return 1
+    host_pid = os.getpid()
+    wakeup = None
+    if "pid" in holds:
+        host_pid = become_init(parent if options.get("pdeathsig") else 0, uid, gid)
+        parent = 0  # the keeper lies outside this namespace: getppid() is 0 from now on
+        if command:
+            report = {"holds": holds, "missing": missing}
+            return init_for(command, options, host_proc, report)
+        wakeup = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wakeup[1], warn_on_full_buffer=False)
+        signal.signal(signal.SIGCHLD, lambda *_: None)  # wakes serve_run to reap orphans
+    elif command:
+        if "mount" in holds and settings.get("root"):
+            seal(settings["root"])
+        os.close(host_proc)
+        report = {"pid": host_pid, "holds": holds, "missing": missing}
+        exec_server(command, options, parent, report)
+    else:  # PID 1 keeps the default: signals from its own namespace cannot kill it
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    join_cgroups(options.get("cgroup_procs", []))
+    os.umask(0o077)
+    warm_up(os.path.dirname(path))  # before the socket appears: its existence means ready
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    if os.path.exists(path):
+        os.unlink(path)
+    listener.bind(path)
+    listener.listen(1)
+    if "mount" in holds and settings.get("root"):
+        seal(settings["root"])
+    set_rlimits(options.get("rlimits") or {})
+    drop_privileges(uid, gid)
+    if options.get("pdeathsig"):  # after dropping root: changing uid clears the death signal
+        die_with_parent(parent)
+    ready = options.get("ready_fd")
+    if ready is not None:
+        line = json.dumps({"pid": host_pid, "holds": holds, "missing": missing}) + "\n"
+        os.write(ready, line.encode())
+        os.close(ready)
+    preload = Preload()
+    while True:
+        conn, _ = listener.accept()
+        with conn:
+            while True:
+                request, fds = recv_packet(conn)
+                if request is None:
+                    break
+                if request.get("op") == "run" and len(fds) == 3:
+                    serve_run(conn, request, fds, listener, wakeup, preload)
+                else:
+                    for fd in fds:
+                        os.close(fd)
+                    send_packet(conn, {"error": "expected a run request with 3 descriptors"})
