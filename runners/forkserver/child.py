@@ -16,10 +16,11 @@ import resource
 import runpy
 import signal
 import sys
-import threading
 import traceback
+import types
 
 from .preload import Preload
+from .script import run_compiled
 
 SERVER_MODULES = (
     __package__,  # ``_nanogrid_forkserver`` in a sandbox (see ``__main__``)
@@ -30,9 +31,16 @@ SERVER_MODULES = (
 would write to the pages of all its keys (their reference counts), about 0.1 ms a call."""
 
 
-def child(request: dict, fds: list, keep_closed: list, preload: Preload) -> None:
-    """In the forked child: become the function. Never returns."""
-    code = 127
+def child(
+    request: dict,
+    fds: list,
+    keep_closed: list,
+    preload: Preload,
+    code: types.CodeType | None = None,
+) -> None:
+    """In the forked child: become the function (``code``: its script, compiled by the
+    server). Never returns."""
+    status = 127
     try:
         preload.enter(request.get("preload"))
         os.setsid()
@@ -57,14 +65,14 @@ def child(request: dict, fds: list, keep_closed: list, preload: Preload) -> None
         if request.get("python"):
             forget_server()
             before = set(sys.modules) if preload.pending() else set()
-            code = run_python(argv, request["cwd"])
+            status = run_python(argv, request["cwd"], code)
             preload.report(before, request["cwd"])
         else:
             os.execvpe(argv[0], argv, request["env"])
     except BaseException as exc:
         with contextlib.suppress(OSError):
             os.write(2, f"nanogrid: cannot start {request.get('argv')}: {exc}\n".encode())
-    os._exit(code)
+    os._exit(status)
 
 
 def forget_server() -> None:
@@ -75,8 +83,9 @@ def forget_server() -> None:
         sys.modules.pop(name, None)
 
 
-def run_python(argv: list, cwd: str) -> int:
-    """Run argv[1] as ``python3 argv[1] argv[2:]`` would, in this (forked) interpreter."""
+def run_python(argv: list, cwd: str, code: types.CodeType | None = None) -> int:
+    """Run argv[1] as ``python3 argv[1] argv[2:]`` would, in this (forked) interpreter;
+    ``code`` is argv[1] compiled already (else runpy reads and compiles it)."""
     script = argv[1]
     sys.argv = list(argv[1:])
     if sys.path[:1] != [cwd]:  # a server that preloaded the function's modules has it there
@@ -89,27 +98,34 @@ def run_python(argv: list, cwd: str) -> int:
         errors="backslashreplace",
         line_buffering=True,
     )
-    code = 0
+    status = 0
     try:
-        runpy.run_path(script, run_name="__main__")
+        if code is None:
+            runpy.run_path(script, run_name="__main__")
+        else:
+            run_compiled(code, script)
     except SystemExit as exc:
-        code = exit_code_of(exc)
+        status = exit_code_of(exc)
     except BaseException as exc:  # the function's own error, reported as python would
         tb = exc.__traceback__
         while tb is not None and tb.tb_frame.f_code.co_filename != script:
             tb = tb.tb_next
         traceback.print_exception(type(exc), exc, tb or exc.__traceback__)
-        code = 1
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
+        status = 1
+    # Not imported by the server (its fork hook costs every child ~0.4 ms): only a function
+    # that imported it can have threads to wait for, as python waits at exit.
+    threading = sys.modules.get("threading")
+    if threading is not None:
+        for thread in threading.enumerate():
+            if thread is not threading.main_thread() and not thread.daemon:
+                thread.join()
     try:
         atexit._run_exitfuncs()
         sys.stdout.flush()
         sys.stderr.flush()
     except BaseException:
         pass
-    return code
+    return status
 
 
 def exit_code_of(exc: SystemExit) -> int:

@@ -12,6 +12,7 @@ sandbox serves one function@version (the agent's ``code_key``), so this happens 
 sandbox; a run for another key gets none of the function's modules.
 """
 
+import _thread
 import contextlib
 import gc
 import json
@@ -19,7 +20,6 @@ import os
 import selectors
 import signal
 import sys
-import threading
 import time
 
 from .reaping import kill_group
@@ -211,13 +211,16 @@ def vet_in_helper(names: list, out: int) -> None:
             return super().__iter__()
 
     os.environ.__class__ = WatchedEnviron
-    start_thread = threading._start_new_thread  # type: ignore[attr-defined]
+    start_thread = _thread.start_new_thread
 
     def watched_start(*args: object, **kwargs: object) -> object:
         used.append("thread")  # noted even when the thread is over before it is looked for
         return start_thread(*args, **kwargs)
 
-    threading._start_new_thread = watched_start  # type: ignore[attr-defined]
+    # threading takes its starter from _thread when it is imported: watch both.
+    _thread.start_new_thread = watched_start
+    if "threading" in sys.modules:
+        sys.modules["threading"]._start_new_thread = watched_start
     streams = [_Watched(used) for _ in range(3)]
     sys.stdin, sys.stdout, sys.stderr = streams
     for name in names:

@@ -45,6 +45,7 @@ from .sandbox import (
     seal,
     set_rlimits,
 )
+from .script import Scripts
 
 MAX_PACKET = 1 << 20
 
@@ -72,15 +73,17 @@ def serve_run(
     listener: socket.socket,
     wakeup: tuple | None,
     preload: Preload,
+    scripts: Scripts,
 ) -> None:
     """Fork one run and report its end; then preload what it imported, if asked to.
     ``wakeup`` (PID 1 only): the SIGCHLD wake-up pipe, so orphans the run leaves to this
     server are reaped while it lasts."""
     preload.expect(request)
     started = time.monotonic_ns()
+    code = scripts.code_for(request["cwd"], request["argv"][1]) if request.get("python") else None
     pid = os.fork()
     if pid == 0:
-        child(request, fds, [conn.fileno(), listener.fileno(), *(wakeup or ())], preload)
+        child(request, fds, [conn.fileno(), listener.fileno(), *(wakeup or ())], preload, code)
     for fd in fds:
         os.close(fd)
     send_packet(conn, {"pid": pid})
@@ -202,7 +205,7 @@ def main(argv: list) -> int:
         line = json.dumps({"pid": host_pid, "holds": holds, "missing": missing}) + "\n"
         os.write(ready, line.encode())
         os.close(ready)
-    preload = Preload()
+    preload, scripts = Preload(), Scripts()
     while True:
         conn, _ = listener.accept()
         with conn:
@@ -211,7 +214,7 @@ def main(argv: list) -> int:
                 if request is None:
                     break
                 if request.get("op") == "run" and len(fds) == 3:
-                    serve_run(conn, request, fds, listener, wakeup, preload)
+                    serve_run(conn, request, fds, listener, wakeup, preload, scripts)
                 else:
                     for fd in fds:
                         os.close(fd)

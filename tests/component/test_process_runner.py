@@ -271,3 +271,40 @@ def test_network_host_opts_out_of_the_network_namespace() -> None:
         r.close()
     assert "network" not in sandbox.holds and {"mount", "pid"} <= set(sandbox.holds)
     assert int(out.stdout) > 1  # the host's interfaces, not only lo
+
+
+MAIN_SEMANTICS = """\
+import sys
+me = sys.modules['__main__']
+print(__name__, __file__, sys.argv, __spec__, __package__, me.__dict__ is globals())
+def fail():
+    raise ValueError('boom')
+fail()
+"""
+
+
+def test_a_warm_call_runs_its_compiled_script_as_python_would(runner: ProcessRunner) -> None:
+    """The server compiles main.py once; every call still sees what ``python3 main.py`` gives,
+    and code put in anew is compiled anew."""
+    calls = [run(runner, MAIN_SEMANTICS, key="sem@1")[0] for _ in range(2)]
+    for out in calls:
+        assert out.exit_code == 1
+        assert out.stdout == b"__main__ main.py ['main.py'] None  True\n"
+        assert b'File "main.py", line 5, in fail' in out.stderr
+        assert out.stderr.rstrip().endswith(b"ValueError: boom")
+    warned = [run(runner, "print(1 is 1)\n", key="warn@1")[0] for _ in range(2)]
+    for out in warned:  # compile-time warnings stay the call's own
+        assert out.stdout == b"True\n" and b"SyntaxWarning" in out.stderr
+    broken = [run(runner, "def (:\n", key="syntax@1")[0] for _ in range(2)]
+    for out in broken:
+        assert out.exit_code == 1 and b"SyntaxError" in out.stderr
+    late = (
+        "import threading, time\n"
+        "threading.Thread(target=lambda: (time.sleep(0.2), print('late'))).start()\n"
+    )
+    for out in [run(runner, late, key="thread@1")[0] for _ in range(2)]:
+        assert out.stdout == b"late\n"  # python waits for non-daemon threads at exit
+    _, sandbox = run(runner, "print('v1')\n", key="new@1")
+    (sandbox.code_dir / "main.py").write_text("print('version two')\n")
+    again, same = run(runner, "", key="new@1")
+    assert same is sandbox and again.stdout == b"version two\n"
