@@ -67,8 +67,10 @@ def make_config(work: str, image: str, warm: int, pause_grace: float) -> Config:
     )
 
 
-def invoke(runner: DockerRunner) -> tuple[float, float, DockerSandbox]:
-    """One invocation as the worker makes it: (durationMillis, end to end ms, sandbox)."""
+def invoke(runner: DockerRunner, keep: bool = True) -> tuple[float, float, DockerSandbox]:
+    """One invocation as the worker makes it: (durationMillis, end to end ms, sandbox).
+    ``keep=False``: the container is removed after the run (the pool would keep it idle),
+    so the next one is cold again."""
     started = time.perf_counter()
     sandbox = runner.acquire("python", "hello@1")
     assert isinstance(sandbox, DockerSandbox)
@@ -80,6 +82,7 @@ def invoke(runner: DockerRunner) -> tuple[float, float, DockerSandbox]:
             sandbox.code_key = "hello@1"
         out = runner.run(sandbox, INVOCATION)
     finally:
+        sandbox.healthy = sandbox.healthy and keep
         runner.release(sandbox)
     elapsed = (time.perf_counter() - started) * 1000
     if out.exit_code != 0 or out.stdout != b"Hello NanoGrid\n":
@@ -104,7 +107,7 @@ def bench_runner(
         for _ in range(runs):
             if pause and not wait_paused(sandbox):
                 raise SystemExit("the idle container was not paused")
-            duration, total, sandbox = invoke(runner)
+            duration, total, sandbox = invoke(runner, keep=warm > 0)
             if sandbox.cold_start != (warm == 0):
                 raise SystemExit(f"expected cold={warm == 0}, got cold={sandbox.cold_start}")
             durations.append(duration)
