@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from loguru import logger
 
 from common.config import Config
-from common.errors import RuntimeUnavailable
+from common.errors import RuntimeUnavailable, SandboxError
 
 from .base import Runner, Sandbox
 
@@ -103,15 +103,17 @@ class WarmPool:
         """Background: make the sandbox ``order`` asked for (a few at a time), and deliver it
         to the order, or to idle if its run was served by another one meanwhile."""
         sandbox: Sandbox | None = None
+        error: BaseException = SandboxError(f"the {self.runtime} pool is closing")
         try:
-            sandbox = self._create()
+            if not self._closed:
+                sandbox = self._create()
         except BaseException as exc:  # delivered to the run that ordered it
             error = exc
         doomed = None
         with self._lock:
             self._creating -= 1
             if sandbox is None:
-                if order.abandoned:
+                if order.abandoned and not self._closed:
                     logger.warning(
                         f"{self._marker} could not make a {self.runtime} sandbox: {error}"
                     )
@@ -156,7 +158,9 @@ class WarmPool:
             self._fresh.clear()
         self._wake.set()
         self._thread.join(timeout=30)
-        self._makers.shutdown(wait=False)  # what is being made goes to its run, or is removed
+        # What is being made goes to its run or is removed, before the runner tears down what
+        # sandboxes stand on; what is not begun yet is not made.
+        self._makers.shutdown(wait=True)
         for sandbox in doomed:
             self._safe_destroy(sandbox)
 

@@ -222,3 +222,26 @@ def test_a_failed_make_is_raised_to_the_run_that_ordered_it() -> None:
         assert pool.stats() == {"warm": 0, "busy": 0}
     finally:
         pool.close()
+
+
+def test_close_waits_for_sandboxes_being_made_and_removes_them() -> None:
+    factory = Factory()
+    made = threading.Event()
+
+    def slow_create() -> Sandbox:
+        made.wait(5)
+        time.sleep(0.2)
+        return factory.create()
+
+    pool = WarmPool("python", 0, slow_create, factory.destroy, idle_expiry_s=60, limit=4)
+    made.set()
+    first = pool.acquire("f@1")
+    made.clear()
+    with ThreadPoolExecutor(1) as threads:
+        waiting = threads.submit(pool.acquire, "f@1")
+        time.sleep(0.1)
+        pool.release(first)  # the waiting run takes it; its order is still being made
+        assert waiting.result(timeout=2) is first
+    made.set()
+    pool.close()  # returns once the ordered sandbox is made, and removes it
+    assert sorted(factory.destroyed) == ["s0", "s1"]
