@@ -13,7 +13,9 @@ and the arbiter zeroes a dead worker's slot when it reaps it. A waiting task is 
 everyone: while some worker holds one back, the others admit only what leaves room for it,
 so small tasks that keep arriving cannot starve a large one; and while one worker is
 receiving, the others count the room it asked for as taken, so two workers never take the
-same free room from SQS at once.
+same free room from SQS at once. Holds are honoured oldest first: a worker admitting what it
+holds counts only the holds older than its own, so two workers that each wait for room the
+other holds (a large task behind a small one's hold) cannot wait for each other forever.
 """
 
 from __future__ import annotations
@@ -23,13 +25,16 @@ import mmap
 import os
 import struct
 import threading
+import time
 from dataclasses import dataclass
 
 SLOTS = 256
 """Workers the page has room for (``workers`` is at most 256)."""
-_RECORD = struct.Struct("=IIII")
-"""running, reserved_mb, held_runs, held_mb."""
-_PAGE = struct.Struct("=" + "I" * 4 * SLOTS)
+_RECORD = struct.Struct("=IIIIQ")
+"""running, reserved_mb, held_runs, held_mb, held_since (CLOCK_MONOTONIC ns, one clock for
+every process of the host; 0 while nothing is held)."""
+_FIELDS = 5
+_PAGE = struct.Struct("=" + "IIIIQ" * SLOTS)
 
 
 @dataclass(frozen=True)
@@ -61,11 +66,11 @@ class Ledger:
         """Reserve ``memory_mb`` for one more run of worker ``slot`` if the budget has room,
         leaving what other workers hold."""
         with self._locked():
-            running, reserved, held_runs, held_mb = self._record(slot)
-            runs, free_mb = self._free(slot)
+            running, reserved, held_runs, held_mb, since = self._record(slot)
+            runs, free_mb = self._free(slot, own_hold=True)
             fits = runs >= 1 and memory_mb <= free_mb
             if fits:
-                self._write(slot, running + 1, reserved + memory_mb, held_runs, held_mb)
+                self._write(slot, running + 1, reserved + memory_mb, held_runs, held_mb, since)
             return fits
 
     def hold_for_receive(self, slot: int, typical_mb: int, smallest_mb: int, most: int) -> int:
@@ -76,29 +81,36 @@ class Ledger:
             wanted = 0 if runs == 0 or free_mb < smallest_mb else max(
                 1, min(most, runs, free_mb // typical_mb)
             )
-            running, reserved, _, _ = self._record(slot)
-            self._write(slot, running, reserved, wanted, min(free_mb, wanted * typical_mb))
+            running, reserved, *_ = self._record(slot)
+            self._write(
+                slot, running, reserved, wanted, min(free_mb, wanted * typical_mb),
+                time.monotonic_ns() if wanted else 0,
+            )
             return wanted
 
     def hold(self, slot: int, runs: int, memory_mb: int) -> None:
         """What worker ``slot`` holds now: a task that waits for room (1, its memory), or
-        nothing (0, 0)."""
+        nothing (0, 0). A hold keeps its age while it lasts (from the receive it follows)."""
         with self._locked():
-            running, reserved, _, _ = self._record(slot)
-            self._write(slot, running, reserved, runs, memory_mb)
+            running, reserved, held_runs, _, since = self._record(slot)
+            if not runs:
+                since = 0
+            elif not (held_runs and since):
+                since = time.monotonic_ns()
+            self._write(slot, running, reserved, runs, memory_mb, since)
 
     def release(self, slot: int, memory_mb: int) -> None:
         """One run of worker ``slot`` ended."""
         with self._locked():
-            running, reserved, held_runs, held_mb = self._record(slot)
+            running, reserved, held_runs, held_mb, since = self._record(slot)
             self._write(
-                slot, max(0, running - 1), max(0, reserved - memory_mb), held_runs, held_mb
+                slot, max(0, running - 1), max(0, reserved - memory_mb), held_runs, held_mb, since
             )
 
     def reset(self, slot: int) -> None:
         """Forget what slot ``slot`` held: its worker is gone (or a new one starts there)."""
         with self._locked():
-            self._write(slot, 0, 0, 0, 0)
+            self._write(slot, 0, 0, 0, 0, 0)
 
     def room(self, slot: int) -> tuple[int, int]:
         """(runs, MB) the host could still start for worker ``slot`` now."""
@@ -109,7 +121,9 @@ class Ledger:
         with self._locked():
             fields = _PAGE.unpack(self._page)
         return Usage(
-            running=sum(fields[0::4]), memory_in_use_mb=sum(fields[1::4]), held_mb=sum(fields[3::4])
+            running=sum(fields[0::_FIELDS]),
+            memory_in_use_mb=sum(fields[1::_FIELDS]),
+            held_mb=sum(fields[3::_FIELDS]),
         )
 
     def close(self) -> None:
@@ -117,19 +131,32 @@ class Ledger:
 
     # -- the page -----------------------------------------------------------------------------
 
-    def _record(self, slot: int) -> tuple[int, int, int, int]:
+    def _record(self, slot: int) -> tuple[int, int, int, int, int]:
         return _RECORD.unpack_from(self._page, slot * _RECORD.size)
 
-    def _free(self, slot: int) -> tuple[int, int]:
-        """(runs, MB) free for ``slot``: the budget less what runs and what others hold."""
+    def _free(self, slot: int, own_hold: bool = False) -> tuple[int, int]:
+        """(runs, MB) free for ``slot``: the budget less what runs and what others hold; with
+        ``own_hold`` (admitting what ``slot`` holds) only the holds older than its own."""
         fields = _PAGE.unpack(self._page)
-        _, _, own_held_runs, own_held_mb = fields[4 * slot : 4 * slot + 4]
-        runs = self.max_concurrent - sum(fields[0::4]) - (sum(fields[2::4]) - own_held_runs)
-        free_mb = self.memory_mb - sum(fields[1::4]) - (sum(fields[3::4]) - own_held_mb)
+        base = _FIELDS * slot
+        held_runs = sum(fields[2::_FIELDS]) - fields[base + 2]
+        held_mb = sum(fields[3::_FIELDS]) - fields[base + 3]
+        own = fields[base + 4] if own_hold and fields[base + 2] else 0
+        if own:  # leave out the holds younger than this one: they wait behind it
+            for other, since in enumerate(fields[4::_FIELDS]):
+                if since and other != slot and (since, other) > (own, slot):
+                    held_runs -= fields[_FIELDS * other + 2]
+                    held_mb -= fields[_FIELDS * other + 3]
+        runs = self.max_concurrent - sum(fields[0::_FIELDS]) - held_runs
+        free_mb = self.memory_mb - sum(fields[1::_FIELDS]) - held_mb
         return max(0, runs), max(0, free_mb)
 
-    def _write(self, slot: int, running: int, reserved: int, held_runs: int, held_mb: int) -> None:
-        _RECORD.pack_into(self._page, slot * _RECORD.size, running, reserved, held_runs, held_mb)
+    def _write(
+        self, slot: int, running: int, reserved: int, held_runs: int, held_mb: int, since: int
+    ) -> None:
+        _RECORD.pack_into(
+            self._page, slot * _RECORD.size, running, reserved, held_runs, held_mb, since
+        )
 
     def _locked(self) -> _Locked:
         return _Locked(self)

@@ -39,6 +39,27 @@ def test_a_waiting_large_task_is_not_starved_by_small_ones_of_other_workers() ->
     assert ledger.usage().held_mb == 0
 
 
+def test_two_workers_waiting_on_each_others_hold_do_not_wait_forever() -> None:
+    """Worker 1's large task waits (holding the whole budget) while worker 0 holds room for a
+    small one it received meanwhile: each alone would wait for the other's hold. The older
+    hold goes first, whichever it is."""
+    for large_first in (True, False):
+        ledger = Ledger(memory_mb=1024, max_concurrent=100)
+        assert ledger.admit(2, 960)  # a run of worker 2 keeps both waiting at first
+        holds = [(1, 1024), (0, 128)] if large_first else [(0, 128), (1, 1024)]
+        for slot, memory_mb in holds:
+            assert not ledger.admit(slot, memory_mb)
+            ledger.hold(slot, 1, memory_mb)
+        ledger.release(2, 960)
+        (older, older_mb), (younger, younger_mb) = holds
+        assert not ledger.admit(younger, younger_mb)  # it waits behind the older hold
+        assert ledger.admit(older, older_mb)
+        ledger.hold(older, 0, 0)
+        assert not ledger.admit(younger, younger_mb)  # 1024 MB: the large one runs alone
+        ledger.release(older, older_mb)
+        assert ledger.admit(younger, younger_mb)
+
+
 def test_room_held_for_a_receive_is_not_taken_by_another_worker() -> None:
     ledger = Ledger(memory_mb=1024, max_concurrent=100)
     assert ledger.hold_for_receive(0, 256, 32, 10) == 4  # worker 0 long-polls for 4
