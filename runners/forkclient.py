@@ -8,6 +8,7 @@ the wall-clock timeout and collects the exit status — no helper threads per ca
 from __future__ import annotations
 
 import array
+import contextlib
 import json
 import os
 import selectors
@@ -163,11 +164,18 @@ class ForkServerClient:
         timed_out = False
         os.set_blocking(in_w, False)
         try:
+            if len(stdin) <= _CHUNK:  # fits the pipe: in at once, without a turn of the loop
+                with contextlib.suppress(BrokenPipeError, BlockingIOError):
+                    pending_in = pending_in[os.write(in_w, pending_in) :]
+                if not pending_in:
+                    os.close(in_w)
+                    stdin_open = False
             with selectors.DefaultSelector() as sel:
                 sel.register(self._sock, selectors.EVENT_READ)
                 sel.register(out_r, selectors.EVENT_READ)
                 sel.register(err_r, selectors.EVENT_READ)
-                sel.register(in_w, selectors.EVENT_WRITE)
+                if stdin_open:
+                    sel.register(in_w, selectors.EVENT_WRITE)
                 while reply is None or open_outputs:
                     wait = deadline - time.monotonic()
                     if wait <= 0:

@@ -17,7 +17,7 @@ import contextlib
 import gc
 import json
 import os
-import selectors
+import select
 import signal
 import sys
 import time
@@ -167,9 +167,9 @@ def vet(names: list, cwd: str, keep_closed: list) -> tuple[list, dict]:
 
 
 def select_readable(fd: int, timeout: float) -> bool:
-    with selectors.DefaultSelector() as sel:
-        sel.register(fd, selectors.EVENT_READ)
-        return bool(sel.select(timeout))
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(timeout * 1000))
 
 
 class _Watched:

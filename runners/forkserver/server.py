@@ -23,7 +23,7 @@ import json
 import os
 import pkgutil  # noqa: F401  loaded once here: runpy imports it lazily in every child
 import runpy
-import selectors
+import select
 import signal
 import socket
 import sys
@@ -88,28 +88,28 @@ def serve_run(
         os.close(fd)
     send_packet(conn, {"pid": pid})
     pidfd = os.pidfd_open(pid)
-    with selectors.DefaultSelector() as sel:
-        sel.register(pidfd, selectors.EVENT_READ)
-        sel.register(conn, selectors.EVENT_READ)
-        if wakeup is not None:
-            sel.register(wakeup[0], selectors.EVENT_READ)
-        exited = False
-        while not exited:
-            for key, _ in sel.select():
-                if key.fileobj == pidfd:
-                    exited = True
-                    continue
-                if wakeup is not None and key.fileobj == wakeup[0]:
-                    with contextlib.suppress(BlockingIOError):
-                        os.read(wakeup[0], 512)
-                    exited = reap_orphans(pid) or exited
-                    continue
-                message, extra = recv_packet(conn)
-                for fd in extra:
-                    os.close(fd)
-                if message is None:  # the agent went away: do not leave the run behind
-                    sel.unregister(conn)
-                kill_group(pid)
+    poller = select.poll()  # no fd of its own to make and close per run, unlike epoll
+    poller.register(pidfd, select.POLLIN)
+    poller.register(conn, select.POLLIN)
+    if wakeup is not None:
+        poller.register(wakeup[0], select.POLLIN)
+    exited = False
+    while not exited:
+        for fd, _ in poller.poll():
+            if fd == pidfd:
+                exited = True
+                continue
+            if wakeup is not None and fd == wakeup[0]:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(wakeup[0], 512)
+                exited = reap_orphans(pid) or exited
+                continue
+            message, extra = recv_packet(conn)
+            for extra_fd in extra:
+                os.close(extra_fd)
+            if message is None:  # the agent went away: do not leave the run behind
+                poller.unregister(conn)
+            kill_group(pid)
     _, status, usage = os.wait4(pid, 0)
     duration = time.monotonic_ns() - started
     os.close(pidfd)
