@@ -5,8 +5,8 @@ Python puts this directory first on sys.path to find this file, even with ``-I``
 taken off again before anything else, and the server's modules are loaded from it as the
 package ``_nanogrid_forkserver``, a name no function's module has: the functions forked from
 this process search the same sys.path, and a function's own ``server.py`` or ``preload.py``
-must be the one it imports (child.forget_server also drops the server's modules from
-sys.modules before a run).
+must be the one it imports. Once loaded, the server's modules leave sys.modules too (this
+file keeps them): taken out here, once, rather than in every fork, they cost a run nothing.
 """
 
 import importlib.util  # already loaded: python runs this file through runpy
@@ -15,6 +15,8 @@ import sys
 from types import ModuleType
 
 PACKAGE = "_nanogrid_forkserver"
+_LOADED: list[ModuleType] = []
+"""The server's modules, held here once they are out of sys.modules."""
 
 
 def load() -> ModuleType:
@@ -29,7 +31,10 @@ def load() -> ModuleType:
     package = importlib.util.module_from_spec(spec)
     sys.modules[PACKAGE] = package
     spec.loader.exec_module(package)
-    return importlib.import_module(f"{PACKAGE}.server")
+    server = importlib.import_module(f"{PACKAGE}.server")  # imports every other module
+    for name in [name for name in sys.modules if name.partition(".")[0] == PACKAGE]:
+        _LOADED.append(sys.modules.pop(name))
+    return server
 
 
 if __name__ == "__main__":

@@ -3,11 +3,11 @@
 With ``"python": true`` it runs ``argv[1]`` with runpy as ``python3 argv[1]`` would
 (``__main__``, ``sys.argv``, ``sys.path[0]``, exit codes, tracebacks), without exec'ing a
 new interpreter; otherwise it exec's ``argv``. The function finds none of the server's own
-modules: their directory is not on sys.path (``__main__`` takes it off) and they leave
-sys.modules before the function runs, so a function's ``preload.py`` or ``server.py`` is its
-own.
+modules: their directory is not on sys.path and they are not in sys.modules (``__main__``
+takes both out), so a function's ``preload.py`` or ``server.py`` is its own.
 """
 
+import _signal
 import atexit
 import contextlib
 import io
@@ -22,14 +22,9 @@ import types
 from .preload import Preload
 from .script import run_compiled
 
-SERVER_MODULES = (
-    __package__,  # ``_nanogrid_forkserver`` in a sandbox (see ``__main__``)
-    *(f"{__package__}.{name[:-3]}" for name in os.listdir(os.path.dirname(__file__))
-      if name.endswith(".py") and not name.startswith("__")),
-)
-"""The server's modules, named once in the server: going through sys.modules in every child
-would write to the pages of all its keys (their reference counts), about 0.1 ms a call."""
-
+DEFAULT_SIGNALS = tuple(int(sig) for sig in (
+    signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGPIPE
+))
 
 def child(
     request: dict,
@@ -44,9 +39,11 @@ def child(
     try:
         preload.enter(request.get("preload"))
         os.setsid()
-        signal.set_wakeup_fd(-1)  # the function's own handlers must not write into a stale fd
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGPIPE):
-            signal.signal(sig, signal.SIG_DFL)
+        _signal.set_wakeup_fd(-1)  # the function's own handlers must not write into a stale fd
+        # The C module: signal.signal wraps its result in an enum, whose machinery touches
+        # (and so copies) ~80 of the server's pages in every child.
+        for sig in DEFAULT_SIGNALS:
+            _signal.signal(sig, _signal.SIG_DFL)
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
         for fd in fds + keep_closed:
@@ -59,11 +56,8 @@ def child(
             resource.setrlimit(resource.RLIMIT_NPROC, (limits["nproc"], limits["nproc"]))
         os.umask(0o022)
         os.chdir(request["cwd"])
-        os.environ.clear()
-        os.environ.update(request["env"])
         argv = request["argv"]
         if request.get("python"):
-            forget_server()
             before = set(sys.modules) if preload.pending() else set()
             status = run_python(argv, request["cwd"], code)
             preload.report(before, request["cwd"])
@@ -75,12 +69,16 @@ def child(
     os._exit(status)
 
 
-def forget_server() -> None:
-    """Take the server's modules out of sys.modules: an import of the same name by the
-    function must find the function's module. The server's code in this process keeps
-    running: its functions hold their modules' globals."""
-    for name in SERVER_MODULES:
-        sys.modules.pop(name, None)
+def adopt_environment(env: dict) -> None:
+    """In the server, before the fork: make os.environ (and the C environ) the run's ``env``,
+    writing only what changed since the last run (mostly the request id). Done in the child,
+    clearing and refilling os.environ copied ~80 of the server's pages in every run."""
+    environ = os.environ
+    for key in [key for key in environ if key not in env]:
+        del environ[key]
+    for key, value in env.items():
+        if environ.get(key) != value:
+            environ[key] = value
 
 
 def run_python(argv: list, cwd: str, code: types.CodeType | None = None) -> int:

@@ -29,7 +29,7 @@ import socket
 import sys
 import time
 
-from .child import child
+from .child import adopt_environment, child
 from .preload import Preload
 from .reaping import kill_group, kill_namespace, reap_orphans
 from .sandbox import (
@@ -81,6 +81,7 @@ def serve_run(
     preload.expect(request)
     started = time.monotonic_ns()
     code = scripts.code_for(request["cwd"], request["argv"][1]) if request.get("python") else None
+    adopt_environment(request["env"])
     pid = os.fork()
     if pid == 0:
         child(request, fds, [conn.fileno(), listener.fileno(), *(wakeup or ())], preload, code)

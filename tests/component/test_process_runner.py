@@ -308,3 +308,35 @@ def test_a_warm_call_runs_its_compiled_script_as_python_would(runner: ProcessRun
     (sandbox.code_dir / "main.py").write_text("print('version two')\n")
     again, same = run(runner, "", key="new@1")
     assert same is sandbox and again.stdout == b"version two\n"
+
+
+def test_each_warm_call_has_its_own_environment_and_nothing_else(runner: ProcessRunner) -> None:
+    """The server sets each run's environment before it forks (only what changed): a call
+    sees its own request id in os.environ and in the C environ, and no key of another's."""
+    code = (
+        "import ctypes, json, os\n"
+        "c = ctypes.CDLL(None).getenv\n"
+        "c.restype = ctypes.c_char_p\n"
+        "print(json.dumps([dict(os.environ), c(b'NANOGRID_REQUEST_ID').decode(),"
+        " c(b'NANOGRID_MEMORY_MB').decode()]))\n"
+    )
+    seen = []
+    for request_id, memory_mb in (("first", 128), ("second", 256), ("third", 128)):
+        sandbox = runner.acquire("python", "env@1")
+        if sandbox.code_key != "env@1":
+            (sandbox.code_dir / "main.py").write_text(code)
+            (sandbox.code_dir / "main.py").chmod(0o644)
+            sandbox.code_key = "env@1"
+        invocation = Invocation(
+            request_id, "f", ("python3", "main.py"), b"{}", memory_mb, 5000, 10_000, 32
+        )
+        try:
+            out = runner.run(sandbox, invocation)
+        finally:
+            runner.release(sandbox)
+        assert out.exit_code == 0, out.stderr
+        environ, c_request_id, c_memory = json.loads(out.stdout)
+        assert environ == invocation.environment(environ["PATH"], environ["HOME"])
+        assert (c_request_id, c_memory) == (request_id, str(memory_mb))
+        seen.append(sandbox)
+    assert seen[0] is seen[1] is seen[2]  # one warm sandbox served all three
