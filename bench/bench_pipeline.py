@@ -457,11 +457,7 @@ class Bench:
             report=Report(system),
         )
         self.consumers.append(c)
-        if system in AGENTS:
-            settings = self._agent_settings(queue_url, 1, node=system == "agent-node")
-            c.child = self._fork(_agent_main, settings, str(c.log), str(c.trace))
-            _wait_for(lambda: "ready" in _read(c.log), "the agent to boot", c)
-        elif system == BEFORE:
+        if system == BEFORE:  # before the other agents: it is one of them
             settings_path = self.workdir / f"{system}.json"
             settings_path.write_text(json.dumps(self._agent_settings(queue_url, 1)))
             tree = self.workdir / "before"
@@ -469,6 +465,10 @@ class Bench:
                     str(c.log), str(c.trace)]
             c.child = Program(argv, c.log, cwd=tree)
             _wait_for(lambda: "ready" in _read(c.log), f"the agent of {self.args.before}", c)
+        elif system in AGENTS:
+            settings = self._agent_settings(queue_url, 1, node=system == "agent-node")
+            c.child = self._fork(_agent_main, settings, str(c.log), str(c.trace))
+            _wait_for(lambda: "ready" in _read(c.log), "the agent to boot", c)
         elif workers:
             settings = self._agent_settings(queue_url, workers)
             if system.startswith("bare"):
