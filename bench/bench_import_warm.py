@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Import-warm benchmark: warm durationMillis of functions with imports, preload on and off.
 
-Three functions, each on both runners (process, Docker), with ``runtimes.python.preload``
-true and false, in one run:
+Functions on both runners (process, Docker), with ``runtimes.NAME.preload`` true and false,
+in one run. Python:
 
 ``hello``   prints one line (no imports).
 ``stdlib``  imports asyncio, email.mime.multipart, http.client, decimal,
@@ -11,12 +11,19 @@ true and false, in one run:
 ``package`` imports ``bigpkg`` from its own zip: a generated pure-Python package of
             ``--modules`` modules (its import time is measured and printed: >= 50 ms).
 
+Node (calls ``--gap-ms`` apart: a node sandbox preloads before every call, between calls):
+
+``hello``   prints one line.
+``heavy``   requires ``./heavy.js`` from its zip, whose top level builds a 60,000-entry Map
+            (its load time is measured and printed: >= 50 ms), then prints one line; once
+            more with no gap between calls (back to back: the call waits for its preload).
+
 Each system calls the function once (cold: the code goes in), then ``--runs`` warm calls as
 the worker makes them (acquire -> run -> release); durationMillis is the function's own run
-time as the result reports it. Needs root; the Docker rows need a running engine and the
-image (``dev/setup``).
+time as the result reports it, the peak its peakMemoryBytes. Needs root; the Docker rows
+need a running engine and the images (``dev/setup``).
 
-    python bench/bench_import_warm.py [--runs 100] [--modules 40] [--no-docker]
+    python bench/bench_import_warm.py [--runs 100] [--modules 40] [--gap-ms 200] [--no-docker]
 """
 
 from __future__ import annotations
@@ -42,7 +49,8 @@ from runners.base import Invocation, Runner  # noqa: E402
 from runners.docker import DockerRunner  # noqa: E402
 from runners.process import ProcessRunner  # noqa: E402
 
-IMAGE = "nanogrid/python:3.11-bookworm"
+IMAGES = {"python": "nanogrid/python:3.11-bookworm", "node": "nanogrid/node:18-bookworm"}
+COMMANDS = {"python": ("python3", "main.py"), "node": ("node", "main.js")}
 STDLIB = (
     "import asyncio, email.mime.multipart, http.client, decimal, xml.etree.ElementTree, "
     "sqlite3, uuid, logging, urllib.request, ssl, argparse, dataclasses, typing\n"
@@ -50,7 +58,15 @@ STDLIB = (
 )
 HELLO = "print('ok')\n"
 PACKAGE_MAIN = "import bigpkg\nprint('ok' if bigpkg.TOTAL else 'no')\n"
-INVOCATION = Invocation("bench", "fn", ("python3", "main.py"), b"{}", 256, 10_000, 65536, 64)
+NODE_HELLO = "console.log('ok');\n"
+NODE_HEAVY = (
+    "const table = new Map();\n"
+    "for (let i = 0; i < 60000; i++) {\n"
+    "  table.set(`k${i}`, { i, square: i * i, text: String(i).padStart(8, '0') });\n"
+    "}\n"
+    "exports.size = table.size;\n"
+)
+NODE_HEAVY_MAIN = "console.log(require('./heavy').size ? 'ok' : 'no');\n"
 
 
 def big_package(modules: int) -> dict[str, str]:
@@ -93,39 +109,64 @@ def write(directory: Path, files: dict[str, str]) -> None:
         path.chmod(0o644)
 
 
-def make_runner(kind: str, work: str, preload: bool) -> Runner:
-    python: dict[str, Any] = {"warm": 1, "preload": preload}
+def node_load_ms() -> float:
+    """How long requiring heavy.js takes in a fresh node on this host."""
+    with tempfile.TemporaryDirectory() as directory:
+        write(Path(directory), {"heavy.js": NODE_HEAVY})
+        code = (
+            "const t = process.hrtime.bigint(); require('./heavy.js');"
+            "console.log(Number(process.hrtime.bigint() - t) / 1e6)"
+        )
+        node = shutil.which("node") or "node"
+        done = subprocess.run(
+            [node, "-e", code], cwd=directory, capture_output=True, text=True, check=True
+        )
+        return float(done.stdout)
+
+
+def make_runner(kind: str, work: str, preload: bool, index: int) -> Runner:
+    """A runner as worker ``index`` makes it (two at once must not share one's sandboxes)."""
+    runtimes: dict[str, Any] = {
+        name: {"warm": 1, "preload": preload, "command": list(command)}
+        for name, command in COMMANDS.items()
+    }
     settings: dict[str, Any] = {
         "runner": kind,
         "workers": 1,
-        "runtimes": {"python": python},
+        "runtimes": runtimes,
         "paths": {
             "work_dir": f"{work}/w", "code_cache_dir": f"{work}/c", "outbox_dir": f"{work}/o"
         },
     }
     if kind == "docker":
-        python["image"] = IMAGE
+        for name, image in IMAGES.items():
+            runtimes[name]["image"] = image
         settings["docker"] = {"socket_dir": f"{work}/s", "pause_grace_seconds": 600}
     config = from_dict(settings)
-    return ProcessRunner(config, 0) if kind == "process" else DockerRunner(config, 0)
+    return ProcessRunner(config, index) if kind == "process" else DockerRunner(config, index)
 
 
-def measure(runner: Runner, key: str, files: dict[str, str], runs: int) -> list[float]:
-    durations = []
+def measure(
+    runner: Runner, runtime: str, key: str, files: dict[str, str], runs: int, gap_s: float
+) -> list[tuple[float, int]]:
+    """(durationMillis, peak bytes) of ``runs`` warm calls, ``gap_s`` apart."""
+    found = []
+    invocation = Invocation("bench", "fn", COMMANDS[runtime], b"{}", 256, 10_000, 65536, 64)
     for i in range(runs + 1):
-        sandbox = runner.acquire("python", key)
+        sandbox = runner.acquire(runtime, key)
         try:
             if sandbox.code_key != key:
                 write(sandbox.code_dir, files)
                 sandbox.code_key = key
-            out = runner.run(sandbox, INVOCATION)
+            out = runner.run(sandbox, invocation)
         finally:
             runner.release(sandbox)
         if out.exit_code != 0 or out.stdout != b"ok\n":
             raise SystemExit(f"{key} failed: {out.exit_code} {out.stderr[-400:]!r}")
         if i > 0:  # the first call puts the code in (and, preloading, is the one that imports)
-            durations.append(out.duration_ms)
-    return durations
+            found.append((out.duration_ms, out.peak_memory_bytes))
+        time.sleep(gap_s)
+    return found
 
 
 def percentile(samples: list[float], p: float) -> float:
@@ -138,39 +179,62 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=100, help="warm calls per function")
     parser.add_argument("--modules", type=int, default=40, help="modules in the package")
+    parser.add_argument("--gap-ms", type=int, default=200, help="idle time between node calls")
     parser.add_argument("--no-docker", action="store_true", help="the process runner only")
     args = parser.parse_args()
     logger.remove()
     logger.add(sys.stderr, level="WARNING")
     package = {"main.py": PACKAGE_MAIN, **big_package(args.modules)}
-    functions = {"hello": {"main.py": HELLO}, "stdlib": {"main.py": STDLIB}, "package": package}
+    heavy = {"main.js": NODE_HEAVY_MAIN, "heavy.js": NODE_HEAVY}
+    gap_s = args.gap_ms / 1000
+    functions = [  # runtime, name, files, seconds between calls
+        ("python", "hello", {"main.py": HELLO}, 0.0),
+        ("python", "stdlib", {"main.py": STDLIB}, 0.0),
+        ("python", "package", package, 0.0),
+        ("node", "hello", {"main.js": NODE_HELLO}, gap_s),
+        ("node", "heavy", heavy, gap_s),
+        ("node", "heavy", heavy, 0.0),
+    ]
     kinds = ["process"] if args.no_docker else ["process", "docker"]
     rows = []
     for kind in kinds:
-        for preload in (True, False):
-            work = tempfile.mkdtemp(prefix="ng-iw-")
-            os.chmod(work, 0o711)
-            runner = make_runner(kind, work, preload)
-            try:
-                time.sleep(1)  # let the pool fill
-                for name, files in functions.items():
-                    found = measure(runner, f"{name}@1", files, args.runs)
-                    rows.append((kind, preload, name, found))
-            finally:
+        # Preload on and off side by side, one function after the other: what else runs on
+        # the machine weighs on both alike.
+        works = {preload: tempfile.mkdtemp(prefix="ng-iw-") for preload in (True, False)}
+        runners = {}
+        try:
+            for preload, work in works.items():
+                os.chmod(work, 0o711)
+                runners[preload] = make_runner(kind, work, preload, len(runners))
+            time.sleep(1)  # let the pools fill
+            for runtime, name, files, gap in functions:
+                for preload, runner in runners.items():
+                    key = f"{runtime}-{name}-{gap}@1"
+                    found = measure(runner, runtime, key, files, args.runs, gap)
+                    rows.append((kind, preload, runtime, name, gap, found))
+        finally:
+            for runner in runners.values():
                 runner.close()
+            for work in works.values():
                 shutil.rmtree(work, ignore_errors=True)
     python = shutil.which("python3.11", path="/usr/bin") or sys.executable
     print(
         f"{platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} cores, "
         f"Linux {platform.release()}; package: {args.modules} modules, "
-        f"import {import_ms(package, python):.0f} ms in a fresh {python}"
+        f"import {import_ms(package, python):.0f} ms in a fresh {python}; node heavy.js: "
+        f"{node_load_ms():.0f} ms to require in a fresh node"
     )
-    print("| runner | preload | function | runs | durationMillis p50 | p99 |")
-    print("|---|---|---|---:|---:|---:|")
-    for kind, preload, name, found in rows:
+    columns = ("runner", "preload", "function", "gap ms", "runs", "durationMillis p50", "p99",
+               "peak MiB p50")
+    print(f"| {' | '.join(columns)} |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    for kind, preload, runtime, name, gap, found in rows:
+        durations = [duration for duration, _ in found]
+        peak = percentile([peak for _, peak in found], 50) / 2**20
         print(
-            f"| {kind} | {str(preload).lower()} | {name} | {len(found)} "
-            f"| {percentile(found, 50):.1f} | {percentile(found, 99):.1f} |"
+            f"| {kind} | {str(preload).lower()} | {runtime} {name} | {gap * 1000:.0f} "
+            f"| {len(found)} | {percentile(durations, 50):.1f} | {percentile(durations, 99):.1f} "
+            f"| {peak:.1f} |"
         )
     return 0
 

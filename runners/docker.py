@@ -62,7 +62,7 @@ from .container_spec import (
 )
 from .isolation import Isolation
 from .pool import PooledRunner
-from .sandbox_server import SERVERS, SandboxClient, log_preload, preload_key, run_in
+from .sandbox_server import SERVERS, SandboxClient, arm_next, log_preload, preload_key, run_in
 
 START_TIMEOUT_S = 20.0
 @dataclass(eq=False)
@@ -188,6 +188,7 @@ class DockerRunner(PooledRunner):
         sandbox.runs += 1
         log_preload(self.marker, sandbox, raw)
         measured, oom_kills = self._measure(sandbox, oom_before)
+        arm_next(sandbox.client)
         killed = exit_code == -signal.SIGKILL and not raw.timed_out
         # Without a cgroup to ask, a SIGKILL that was not our timeout is the memory limit.
         oom = killed and (oom_kills > 0 or memory is None)

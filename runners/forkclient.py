@@ -44,7 +44,8 @@ class RawRun:
     duration_ms: float
     maxrss_bytes: int
     preload: dict | None = None
-    """After a sandbox's first run with preloading: what its server preloaded and left out."""
+    """What the sandbox's server preloaded and left out: after its first run with preloading
+    (fork server), or when that changed (node server)."""
 
     def outcome(self, *, exit_code: int | None, oom_killed: bool, peak: int,
                 source: str) -> RunOutcome:

@@ -8,6 +8,7 @@ travel as frames on one AF_UNIX stream socket (node cannot receive file descript
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -60,9 +61,17 @@ class NodeServerClient:
         stdin: bytes,
         timeout_s: float,
         max_output_bytes: int,
+        preload: str | None = None,
     ) -> RawRun:
-        """Run one function to completion (or timeout) and return what it produced."""
-        request = {"argv": argv, "cwd": cwd, "env": env, "maxOutputBytes": max_output_bytes}
+        """Run one function to completion (or timeout) and return what it produced.
+        ``preload``: the sandbox's code_key, when the server may preload its files."""
+        request = {
+            "argv": argv,
+            "cwd": cwd,
+            "env": env,
+            "maxOutputBytes": max_output_bytes,
+            "preload": preload,
+        }
         try:
             self._sock.sendall(_frame(b"R", json.dumps(request).encode()) + _frame(b"I", stdin))
         except OSError as exc:
@@ -113,6 +122,12 @@ class NodeServerClient:
         except OSError as exc:
             raise SandboxError(f"sandbox node server is gone: {exc}") from None
 
+    def arm(self) -> None:
+        """After the run's peak was read: the server may start (and preload) the next Worker.
+        A server that is gone is found out by the next run."""
+        with contextlib.suppress(OSError):
+            self._sock.sendall(_frame(b"A", b""))
+
 
 def _frame(kind: bytes, body: bytes) -> bytes:
     return _HEADER.pack(kind, len(body)) + body
@@ -131,4 +146,5 @@ def _raw_run(reply: dict, out: Capped, err: Capped, timed_out: bool) -> RawRun:
         stderr_truncated=err.truncated or dropped["stderr"] > 0,
         duration_ms=reply["durationNs"] / 1e6,
         maxrss_bytes=reply["maxrssBytes"],
+        preload=reply.get("preload"),
     )

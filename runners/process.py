@@ -40,7 +40,15 @@ from .forkclient import FORKSERVER_SOURCE
 from .isolation import Isolation
 from .launch import resolve_launches
 from .pool import PooledRunner
-from .sandbox_server import SERVERS, SandboxClient, log_preload, preload_key, run_in, server_for
+from .sandbox_server import (
+    SERVERS,
+    SandboxClient,
+    arm_next,
+    log_preload,
+    preload_key,
+    run_in,
+    server_for,
+)
 from .workdir import check_traversable, check_work_dir, make_dir, remove_stale_dirs
 
 SANDBOX_START_TIMEOUT_S = 10.0
@@ -187,6 +195,7 @@ class ProcessRunner(PooledRunner):
                 logger.debug(f"{self.marker} killed processes left behind in {sandbox.name}")
         elif exit_code != 0 and b"MemoryError" in raw.stderr[-4096:]:
             oom = True
+        arm_next(sandbox.client)
         if raw.timed_out or oom:
             sandbox.healthy = False
         return raw.outcome(exit_code=exit_code, oom_killed=oom, peak=peak, source=source)

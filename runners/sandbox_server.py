@@ -104,7 +104,8 @@ def run_in(
     preload: str | None = None,
 ) -> RawRun:
     """One run through either server; the node server takes no rlimits (see README).
-    ``preload``: the sandbox's code_key when its server may preload the function's imports."""
+    ``preload``: the sandbox's code_key when its server may preload the function's imports.
+    Once the run's peak is read, ``arm_next`` lets the server get ready for the next one."""
     if isinstance(client, NodeServerClient):
         return client.run(
             argv=argv,
@@ -113,6 +114,7 @@ def run_in(
             stdin=stdin,
             timeout_s=timeout_s,
             max_output_bytes=max_output_bytes,
+            preload=preload,
         )
     return client.run(
         argv=argv,
@@ -125,3 +127,11 @@ def run_in(
         rlimits=rlimits,
         preload=preload,
     )
+
+
+def arm_next(client: SandboxClient) -> None:
+    """The run's peak has been read: the node server starts its next Worker only now, so
+    neither that start nor its preloading is ever in a run's peak (a fork server forks per
+    call: nothing to do)."""
+    if isinstance(client, NodeServerClient):
+        client.arm()
