@@ -78,7 +78,7 @@ class Endings:
         if self.status:
             self.status.task_finished(res)
         if res.ok:
-            logger.info(f"[DONE][OK] {res.request_id} in {res.duration_millis:.1f} ms")
+            logger.debug(f"[DONE][OK] {res.request_id} in {res.duration_millis:.1f} ms")
         else:
             logger.warning(f"[FAIL][{res.error_type}] {res.request_id}: {res.error_message}")
 

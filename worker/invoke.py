@@ -77,13 +77,14 @@ def ran(
         oom=outcome.oom_killed,
         history_peaks=peaks,
     )
-    logger.info(f"[AUTO-TUNER] {tip.tip}")
-    # Lambda's REPORT line; Init Duration (cold starts only) is the sandbox's creation.
+    # Lambda's REPORT line (Init Duration, on cold starts only, is the sandbox's creation),
+    # with the auto-tuner's tip: with the run's start, the invocation's two lines.
     init = f" Init Duration: {clock.ms('sandbox'):.2f} ms" if cold else ""
     logger.info(
         f"REPORT RequestId: {t.request_id} Duration: {outcome.duration_ms:.2f} ms "
         f"Memory Size: {t.memory_mb} MB Max Memory Used: "
-        f"{outcome.peak_memory_bytes // MiB} MB{init} ({outcome.peak_source})"
+        f"{outcome.peak_memory_bytes // MiB} MB{init} ({outcome.peak_source}) "
+        f"[AUTO-TUNER] {tip.tip}"
     )
     return result.ran(
         t.ids,

@@ -148,7 +148,8 @@ def test_hello_world_result_follows_the_contract(agent: Agent) -> None:
     assert 0 < agent.redis.ttl(f"result:{task['requestId']}") <= 600
     wait_until(lambda: agent.queue_depth() == 0, timeout=5, what="the message to be deleted")
     log = agent.log.read_text()
-    assert f"REPORT RequestId: {task['requestId']}" in log and "[DONE][OK]" in log
+    report = [line for line in log.splitlines() if f"REPORT RequestId: {task['requestId']}" in line]
+    assert len(report) == 1 and "[AUTO-TUNER]" in report[0] and "32MB" in report[0]
 
 
 def test_timings_show_each_phase_first_call_and_warm_repeat(agent: Agent) -> None:
