@@ -5,9 +5,10 @@ up to ``limit`` (idle + busy + being made): ``acquire`` prefers, in order, an id
 that already ran this function@version and a fresh generic one; else it orders a new one
 (after evicting the least recently used idle sandbox of another function when at ``limit``)
 and takes whichever comes first: its own new sandbox, or one that another run releases in
-the meantime (the new one then stays idle for the next). At most ``max_making`` sandboxes
-are made at once: a few made at a time come out one after another and serve the burst early,
-where many at once would all come out late (a Docker engine shares 2 cores among them).
+the meantime (the new one then stays idle for the next, or is not made if not begun yet).
+At most ``max_making`` sandboxes are made at once: a few at a time come out one after
+another and serve a burst early, where many at once would all come out late (a Docker
+engine shares 2 cores among them).
 Idle sandboxes of a function expire after ``idle_expiry_s``, and so do generic ones beyond
 ``size``: the pool shrinks back to ``size`` generic ones, so the reuse rule (a sandbox
 serves one function only) never starves new functions.
@@ -103,22 +104,24 @@ class WarmPool:
         """Background: make the sandbox ``order`` asked for (a few at a time), and deliver it
         to the order, or to idle if its run was served by another one meanwhile."""
         sandbox: Sandbox | None = None
-        error: BaseException = SandboxError(f"the {self.runtime} pool is closing")
-        try:
-            if not self._closed:
+        error: BaseException | None = None
+        # Not begun by the time its run was served by a released sandbox: no longer wanted (a
+        # burst would otherwise go on making containers long after it was served).
+        if not self._closed and not order.abandoned:
+            try:
                 sandbox = self._create()
-        except BaseException as exc:  # delivered to the run that ordered it
-            error = exc
+            except BaseException as exc:  # delivered to the run that ordered it
+                error = exc
         doomed = None
         with self._lock:
             self._creating -= 1
             if sandbox is None:
-                if order.abandoned and not self._closed:
+                if not order.abandoned:
+                    order.error = error or SandboxError(f"the {self.runtime} pool is closing")
+                elif error is not None and not self._closed:
                     logger.warning(
                         f"{self._marker} could not make a {self.runtime} sandbox: {error}"
                     )
-                else:
-                    order.error = error
             elif self._closed and order.abandoned:
                 doomed = sandbox
             elif order.abandoned:

@@ -245,3 +245,35 @@ def test_close_waits_for_sandboxes_being_made_and_removes_them() -> None:
     made.set()
     pool.close()  # returns once the ordered sandbox is made, and removes it
     assert sorted(factory.destroyed) == ["s0", "s1"]
+
+
+def test_an_order_not_begun_when_its_run_was_served_is_not_made() -> None:
+    factory = Factory()
+    gate = threading.Event()
+
+    def gated_create() -> Sandbox:
+        gate.wait(5)
+        return factory.create()
+
+    pool = WarmPool(
+        "python", 0, gated_create, factory.destroy, idle_expiry_s=60, limit=4, max_making=1
+    )
+    try:
+        gate.set()
+        first = pool.acquire("f@1")
+        gate.clear()
+        first.code_key = "f@1"
+        with ThreadPoolExecutor(2) as threads:
+            making = threads.submit(pool.acquire, "g@1")  # its order holds the one maker
+            time.sleep(0.1)
+            queued = threads.submit(pool.acquire, "f@1")  # its order waits for the maker
+            time.sleep(0.1)
+            pool.release(first)
+            assert queued.result(timeout=2) is first
+            gate.set()
+            assert making.result(timeout=2).cold_start
+        time.sleep(0.2)
+        assert next(factory.seq) == 2  # s0, s1: the queued order was never made
+    finally:
+        gate.set()
+        pool.close()
