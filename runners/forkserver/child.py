@@ -32,9 +32,10 @@ def child(
     keep_closed: list,
     preload: Preload,
     code: types.CodeType | None = None,
+    stdio: tuple | None = None,
 ) -> None:
     """In the forked child: become the function (``code``: its script, compiled by the
-    server). Never returns."""
+    server; ``stdio``: its stdin, stdout and stderr, made by the server). Never returns."""
     status = 127
     try:
         preload.enter(request.get("preload"))
@@ -59,7 +60,7 @@ def child(
         argv = request["argv"]
         if request.get("python"):
             before = set(sys.modules) if preload.pending() else set()
-            status = run_python(argv, request["cwd"], code)
+            status = run_python(argv, request["cwd"], code, stdio or wrap_stdio())
             preload.report(before, request["cwd"])
         else:
             os.execvpe(argv[0], argv, request["env"])
@@ -81,21 +82,66 @@ def adopt_environment(env: dict) -> None:
             environ[key] = value
 
 
-def run_python(argv: list, cwd: str, code: types.CodeType | None = None) -> int:
+def wrap_stdio() -> tuple:
+    """sys.stdin, sys.stdout and sys.stderr over fds 0-2, as ``python3 main.py`` has them
+    with a pipe on each."""
+    return (  # surrogateescape: what python picks for stdin and stdout in a C.UTF-8 locale
+        open(0, encoding="utf-8", errors="surrogateescape", closefd=False),  # noqa: SIM115
+        open(1, "w", encoding="utf-8", errors="surrogateescape", closefd=False),  # noqa: SIM115
+        io.TextIOWrapper(
+            open(2, "wb", buffering=0, closefd=False),  # noqa: SIM115
+            encoding="utf-8",
+            errors="backslashreplace",
+            line_buffering=True,
+        ),
+    )
+
+
+class Stdio:
+    """The run's stdin, stdout and stderr as python objects, made by the server before the
+    fork: made in the child, the three wrappers (and the codec machinery behind them) copied
+    ~60 of the server's pages in every run. For the moment of the fork the run's pipes are
+    the server's fds 0-2 (so each wrapper is made on the kind of file it will read or write);
+    the server's own are kept aside and put back at once after."""
+
+    def __init__(self) -> None:
+        self.saved = [_kept(fd) for fd in range(3)]
+
+    def for_run(self, fds: list) -> tuple | None:
+        """In the server, before the fork: the run's pipes as fds 0-2, and their wrappers."""
+        try:
+            for target, fd in enumerate(fds):
+                os.dup2(fd, target)
+            return wrap_stdio()
+        except OSError:
+            self.restore()
+            return None
+
+    def restore(self) -> None:
+        """In the server, after the fork: its own fds 0-2 again (it keeps no end of a pipe)."""
+        for target, fd in enumerate(self.saved):
+            os.dup2(fd, target)
+
+
+def _kept(fd: int) -> int:
+    """A copy of the server's ``fd`` (/dev/null where it has none)."""
+    try:
+        return os.dup(fd)
+    except OSError:
+        return os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+
+
+def run_python(argv: list, cwd: str, code: types.CodeType | None, stdio: tuple) -> int:
     """Run argv[1] as ``python3 argv[1] argv[2:]`` would, in this (forked) interpreter;
-    ``code`` is argv[1] compiled already (else runpy reads and compiles it)."""
+    ``code`` is argv[1] compiled already (else runpy reads and compiles it), ``stdio`` the
+    wrappers of fds 0-2 (see Stdio)."""
     script = argv[1]
     sys.argv = list(argv[1:])
     if sys.path[:1] != [cwd]:  # a server that preloaded the function's modules has it there
         sys.path.insert(0, cwd)
-    sys.stdin = sys.__stdin__ = open(0, encoding="utf-8", closefd=False)  # noqa: SIM115
-    sys.stdout = sys.__stdout__ = open(1, "w", encoding="utf-8", closefd=False)  # noqa: SIM115
-    sys.stderr = sys.__stderr__ = io.TextIOWrapper(
-        open(2, "wb", buffering=0, closefd=False),  # noqa: SIM115
-        encoding="utf-8",
-        errors="backslashreplace",
-        line_buffering=True,
-    )
+    sys.stdin = sys.__stdin__ = stdio[0]
+    sys.stdout = sys.__stdout__ = stdio[1]
+    sys.stderr = sys.__stderr__ = stdio[2]
     status = 0
     try:
         if code is None:

@@ -29,7 +29,7 @@ import socket
 import sys
 import time
 
-from .child import adopt_environment, child
+from .child import Stdio, adopt_environment, child
 from .preload import Preload
 from .reaping import kill_group, kill_namespace, reap_orphans
 from .sandbox import (
@@ -74,6 +74,7 @@ def serve_run(
     wakeup: tuple | None,
     preload: Preload,
     scripts: Scripts,
+    stdio: Stdio,
 ) -> None:
     """Fork one run and report its end; then preload what it imported, if asked to.
     ``wakeup`` (PID 1 only): the SIGCHLD wake-up pipe, so orphans the run leaves to this
@@ -82,9 +83,13 @@ def serve_run(
     started = time.monotonic_ns()
     code = scripts.code_for(request["cwd"], request["argv"][1]) if request.get("python") else None
     adopt_environment(request["env"])
+    wrapped = stdio.for_run(fds) if request.get("python") else None
     pid = os.fork()
     if pid == 0:
-        child(request, fds, [conn.fileno(), listener.fileno(), *(wakeup or ())], preload, code)
+        keep_closed = [conn.fileno(), listener.fileno(), *(wakeup or ()), *stdio.saved]
+        child(request, fds, keep_closed, preload, code, wrapped)
+    if wrapped is not None:
+        stdio.restore()
     for fd in fds:
         os.close(fd)
     send_packet(conn, {"pid": pid})
@@ -206,7 +211,7 @@ def main(argv: list) -> int:
         line = json.dumps({"pid": host_pid, "holds": holds, "missing": missing}) + "\n"
         os.write(ready, line.encode())
         os.close(ready)
-    preload, scripts = Preload(), Scripts()
+    preload, scripts, stdio = Preload(), Scripts(), Stdio()
     while True:
         conn, _ = listener.accept()
         with conn:
@@ -215,7 +220,7 @@ def main(argv: list) -> int:
                 if request is None:
                     break
                 if request.get("op") == "run" and len(fds) == 3:
-                    serve_run(conn, request, fds, listener, wakeup, preload, scripts)
+                    serve_run(conn, request, fds, listener, wakeup, preload, scripts, stdio)
                 else:
                     for fd in fds:
                         os.close(fd)

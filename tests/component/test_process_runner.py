@@ -340,3 +340,31 @@ def test_each_warm_call_has_its_own_environment_and_nothing_else(runner: Process
         assert (c_request_id, c_memory) == (request_id, str(memory_mb))
         seen.append(sandbox)
     assert seen[0] is seen[1] is seen[2]  # one warm sandbox served all three
+
+
+STDIO_FACTS = """\
+import json, sys
+facts = {}
+for name in ("stdin", "stdout", "stderr"):
+    s = getattr(sys, name)
+    facts[name] = [s.fileno(), s.encoding, s.errors, s.line_buffering, s.seekable(),
+                   s.isatty(), s is getattr(sys, "__" + name + "__")]
+facts["in"] = sys.stdin.read()
+print(json.dumps(facts))
+"""
+
+
+def test_a_warm_call_has_the_stdio_of_python3_main_py(runner: ProcessRunner) -> None:
+    """The server makes the run's stdin/stdout/stderr objects before the fork; each call's
+    are as ``python3 main.py`` with a pipe on each fd makes them (UTF-8, as the sandbox's
+    C.UTF-8 locale gives python)."""
+    with tempfile.TemporaryDirectory() as directory:
+        (Path(directory) / "main.py").write_text(STDIO_FACTS)
+        plain = subprocess.run(
+            [runner._launch["python"].interpreter, "main.py"], cwd=directory, input=b"{}",
+            capture_output=True, env={"LANG": "C.UTF-8"}, check=True,
+        )
+    expected = json.loads(plain.stdout)
+    for _ in range(3):
+        out, _ = run(runner, STDIO_FACTS, key="stdio@1")
+        assert json.loads(out.stdout) == expected
