@@ -7,7 +7,6 @@ time, one run at a time:
     -> {"op": "run", "argv": [...], "cwd": ..., "env": {...}, "python": bool,
         "rlimits": {"as": bytes, "nproc": n} | null,
         "preload": code_key | null}                        + SCM_RIGHTS [stdin, stdout, stderr]
-    <- {"pid": pid}
     -> {"op": "kill"}                                        (optional, e.g. on timeout)
     <- {"status": waitstatus, "maxrss_kb": n, "duration_ns": n, "preloading": bool}
     <- {"preloaded": [module, ...], "left_out": {module: why}}   (only after "preloading")
@@ -92,7 +91,6 @@ def serve_run(
         stdio.restore()
     for fd in fds:
         os.close(fd)
-    send_packet(conn, {"pid": pid})
     pidfd = os.pidfd_open(pid)
     poller = select.poll()  # no fd of its own to make and close per run, unlike epoll
     poller.register(pidfd, select.POLLIN)
