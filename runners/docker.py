@@ -11,7 +11,8 @@ Host layout per container, under ``docker.socket_dir/<container name>/``:
 
     control/         -> /nanogrid/control (the fork server's socket; sealed after start)
     forkserver/      -> /nanogrid/forkserver (read-only; a directory python3 runs)
-    nodeserver.js    -> /nanogrid/nodeserver.js (read-only), for node runtimes instead
+    nodeserver/      -> /nanogrid/nodeserver (read-only; a directory node runs), for node
+                        runtimes instead
     code/function/   == sandbox.code_dir; code/ -> /code (read-only), cwd /code/function
 
 ``code/`` is mounted rather than ``code/function`` itself because the worker replaces

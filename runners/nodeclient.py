@@ -1,9 +1,10 @@
-"""The agent's side of the node server's protocol (see runners/nodeserver.js).
+"""The agent's side of the node server's protocol (see runners/nodeserver/protocol.js).
 
-A node sandbox's long-lived process is ``node nodeserver.js SOCKET``: it keeps a worker
-thread started and waiting, so a call never pays node's start. Stdin, stdout and stderr
-travel as frames on one AF_UNIX stream socket (node cannot receive file descriptors). One
-``run`` is one select loop in the calling thread, as with the fork server.
+A node sandbox's long-lived process is ``node nodeserver SOCKET`` (a directory: node runs
+its ``index.js``): it keeps a worker thread started and waiting, so a call never pays node's
+start. Stdin, stdout and stderr travel as frames on one AF_UNIX stream socket (node cannot
+receive file descriptors). One ``run`` is one select loop in the calling thread, as with the
+fork server.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from common.errors import SandboxError
 
 from .forkclient import Capped, RawRun, connect
 
-NODESERVER_SOURCE = Path(__file__).with_name("nodeserver.js")
+NODESERVER_SOURCE = Path(__file__).with_name("nodeserver")
+"""The node server: a directory, run as ``node NODESERVER_SOURCE SOCKET ...``."""
 NODE_SOCKET_NAME = "nodeserver.sock"
 """As long as the fork server's socket name: docker.socket_dir's length check holds for both."""
 NODE_PROGRAMS = ("node", "nodejs")

@@ -4,8 +4,9 @@
 runtime is run in a fork of the warm interpreter; any other command (``./main``,
 ``node --flag x.js``) is exec'd per call by a fork of it, which inside a container needs a
 python3 in the image.
-``node``: runners/nodeserver.js, for ``node script.js`` runtimes: a worker thread started
-and waiting before the call; a node image needs nothing but node.
+``node``: runners/nodeserver/ (node), a directory node runs, for ``node script.js``
+runtimes: a worker thread started and waiting before the call; a node image needs nothing
+but node.
 """
 
 from __future__ import annotations
@@ -28,32 +29,27 @@ SandboxClient = ForkServerClient | NodeServerClient
 
 @dataclass(frozen=True)
 class ServerKind:
-    """One kind of in-sandbox server: its file (or directory), its socket and how it is
-    started."""
+    """One kind of in-sandbox server: its directory, its socket and how it is started."""
 
     name: str
     source: Path
     socket_name: str
     interpreter_flags: tuple[str, ...]
-    """Flags between the interpreter and the server's file on its command line."""
+    """Flags between the interpreter and the server's directory on its command line."""
     client: type[ForkServerClient] | type[NodeServerClient]
 
     def command(self, interpreter: str, source: str, socket_path: str) -> list[str]:
-        """The server's command line, given where its file and socket are."""
+        """The server's command line, given where its directory and socket are."""
         return [interpreter, *self.interpreter_flags, source, socket_path]
 
     def copy_to(self, directory: Path) -> Path:
-        """Copy the server into ``directory``, readable by any uid (a sandbox runs as its
-        own); returns the copy. A directory keeps its ``__pycache__`` and the files' times:
-        its modules need not compile again in every read-only sandbox."""
+        """Copy the server's directory into ``directory``, readable by any uid (a sandbox runs
+        as its own); returns the copy. It keeps its ``__pycache__`` and the files' times: the
+        fork server's modules need not compile again in every read-only sandbox."""
         target = directory / self.source.name
-        if self.source.is_dir():
-            shutil.copytree(self.source, target)
-            for path in [target, *target.rglob("*")]:
-                path.chmod(0o755 if path.is_dir() else 0o644)
-        else:
-            shutil.copyfile(self.source, target)
-            target.chmod(0o644)
+        shutil.copytree(self.source, target)
+        for path in [target, *target.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
         return target
 
     def connect(self, socket_path: str | os.PathLike[str]) -> SandboxClient:

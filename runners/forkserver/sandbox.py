@@ -11,7 +11,7 @@ in the ready line: ``{"pid": <the server's pid on the host>, "holds": [...],
 "missing": {name: reason}}``. Then it joins the sandbox's cgroups, sets its rlimits and
 drops root.
 
-With ``"exec"`` in its options (another runtime's server, e.g. ``node nodeserver.js``), it
+With ``"exec"`` in its options (another runtime's server, e.g. ``node nodeserver``), it
 sets the same sandbox up and then exec's that server instead of serving: within a PID
 namespace it stays PID 1 (reaping what runs orphan, exiting with the server) and the server
 runs as its child; the exec'd server writes the ready line when it serves.

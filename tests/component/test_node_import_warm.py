@@ -308,3 +308,25 @@ def test_a_server_never_lends_one_keys_files_to_another(
     (code / "shared.js").write_text("exports.who = 'g';\n")
     assert once(client, code, "g@1")[0] == b"g\n"
     assert once(client, code, None)[0] == b"g\n"
+
+
+def test_a_functions_module_named_like_the_servers_is_its_own(
+    client: NodeServerClient, tmp_path: Path
+) -> None:
+    """The Workers run the server's code as source, not from its files: a function's own
+    ``worker.js`` or ``server.js`` is the one it requires, preloaded or not."""
+    code = tmp_path / "code"
+    code.mkdir()
+    names = sorted(path.stem for path in NODESERVER_SOURCE.glob("*.js"))
+    assert {"index", "worker", "server"} <= set(names)
+    for name in names:
+        (code / f"{name}.js").write_text(f"exports.who = 'function {name}';\n")
+    (code / "main.js").write_text(
+        f"const who = {json.dumps(names)}.map((name) => require(`./${{name}}`).who);\n"
+        "const server = Object.keys(require.cache).filter((f) => f.includes('nodeserver'));\n"
+        "console.log(JSON.stringify({ who, server }));\n"
+    )
+    seen = [once(client, code, "f@1") for _ in range(2)]
+    for out, _ in seen:
+        assert json.loads(out) == {"who": [f"function {name}" for name in names], "server": []}
+    assert seen[1][1] == {"preloaded": [f"{name}.js" for name in names], "left_out": {}}

@@ -1,10 +1,15 @@
 """The packages' imports flow one way: devtools -> supervisor -> worker -> runners -> common,
 and no module imports itself back through another (no cycles, TYPE_CHECKING ones included).
-The fork server, run on its own in every sandbox, imports nothing but the stdlib and itself."""
+The fork server and the node server, run on their own in every sandbox, import nothing but
+their language's standard library and themselves."""
 
 from __future__ import annotations
 
 import ast
+import json
+import re
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -89,4 +94,30 @@ def test_the_fork_server_imports_only_the_stdlib_and_itself() -> None:
                 continue
             top = [name.split(".")[0] for name in names]
             wrong += [f"{path.name} imports {n}" for n in top if n not in sys.stdlib_module_names]
+    assert wrong == []
+
+
+def test_the_node_server_requires_only_node_and_itself() -> None:
+    """It runs on its own in every sandbox (``node runners/nodeserver``): a require of a
+    package works only where one is installed. Its Workers run ``boot`` as source, where a
+    relative require would resolve next to the function: ``boot`` requires node's only."""
+    node = shutil.which("node")
+    assert node is not None, "node is not installed: run dev/setup"
+    builtins = set(json.loads(subprocess.run(
+        [node, "-p", "JSON.stringify(require('module').builtinModules)"],
+        capture_output=True, text=True, check=True,
+    ).stdout))
+    directory = ROOT / "runners" / "nodeserver"
+    pattern = re.compile(r"require\('([^']*)'\)")
+    wrong = []
+    for path in sorted(directory.glob("*.js")):
+        for name in pattern.findall(path.read_text()):
+            sibling = name.startswith("./") and (directory / f"{name[2:]}.js").is_file()
+            if name not in builtins and not sibling:
+                wrong.append(f"{path.name} requires {name}")
+    source = (directory / "worker.js").read_text()
+    boot = source[source.index("function boot() {"):]
+    boot = boot[: boot.index("\n}\n")]
+    wrong += [f"boot requires {n}" for n in pattern.findall(boot) if n not in builtins]
+    assert (directory / "index.js").is_file()  # what `node runners/nodeserver` runs
     assert wrong == []

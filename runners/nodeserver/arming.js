@@ -1,0 +1,80 @@
+'use strict';
+// The Worker armed for the next call: started between runs (off the call's path) with the
+// files this sandbox preloads, taken by a call once it has booted, and started again.
+
+const { Worker } = require('worker_threads');
+const { BOOTING, BOOTED, WORKER_SOURCE, sharedState } = require('./worker');
+const { PRELOAD_BUDGET_MS, USES } = require('./preload');
+
+const BOOT_WAIT_MS = 5000;
+
+class NextWorker {
+  // `warmupPath`: the empty module each Worker runs first; `preload`: what they preload.
+  constructor(warmupPath, preload) {
+    this.warmupPath = warmupPath;
+    this.preload = preload;
+    this.armed = null;
+  }
+
+  // Starts the next call's Worker, unless one is armed.
+  arm() {
+    if (this.armed === null) this.armed = this.spawn();
+  }
+
+  // A new Worker that boots and requires `files`; past its budget it is ended.
+  spawn(files = this.preload.files) {
+    const { state, began } = sharedState();
+    const { key, env, main } = this.preload;
+    const uses = Object.keys(USES);
+    const workerData = { warmup: this.warmupPath, state, began, files, env, main, uses };
+    const options = { eval: true, stdout: true, stderr: true, env: {}, workerData };
+    const worker = new Worker(WORKER_SOURCE, options);
+    const deadline = Date.now() + PRELOAD_BUDGET_MS;
+    const armed = { worker, state, began, files, key, deadline, overBudget: false };
+    worker.on('error', () => {}); // before a run: noticed by its exit; in a run: see server.js
+    worker.once('exit', () => {
+      if (this.armed !== armed) return;
+      this.armed = null; // died waiting: re-armed without what killed it, or on demand
+      if (this.preload.judge(armed)) this.armed = this.spawn();
+    });
+    if (files.length > 0) {
+      setTimeout(() => {
+        if (this.armed !== armed || Atomics.load(state, 0) !== BOOTING) return;
+        armed.overBudget = true;
+        worker.terminate();
+      }, PRELOAD_BUDGET_MS).unref();
+    }
+    return armed;
+  }
+
+  // The armed Worker once it booted (one without preloads if it preloaded another key or
+  // failed), and since when the call waited for preloads (null: it did not): that wait is in
+  // the run's time, as the call would have required those files itself; a Worker's plain
+  // start is not.
+  take(key) {
+    const arrived = process.hrtime.bigint();
+    const armed = this.armed || this.spawn();
+    this.armed = null;
+    if (armed.files.length === 0) {
+      // A Worker still booting opens files on its own thread: one could take fd 0 between
+      // stageStdin's close and open (server.js). Wait (at most BOOT_WAIT_MS) until it has
+      // booted.
+      Atomics.wait(armed.state, 0, BOOTING, BOOT_WAIT_MS);
+      return [armed, null];
+    }
+    let waited = null;
+    if (armed.key === key) { // wait until its preloads are over, at most until its budget is
+      Atomics.wait(armed.state, 0, BOOTING, Math.max(0, armed.deadline - Date.now()));
+      const [phase, began] = [Atomics.load(armed.state, 0), Atomics.load(armed.began, 0)];
+      waited = began > arrived ? began : arrived;
+      if (phase === BOOTED) return [armed, waited];
+      armed.overBudget = phase === BOOTING;
+      this.preload.judge(armed);
+    }
+    armed.worker.terminate();
+    this.armed = this.spawn([]);
+    return [this.take(key)[0], waited];
+  }
+}
+
+module.exports = { NextWorker };

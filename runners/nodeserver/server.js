@@ -1,0 +1,159 @@
+'use strict';
+// The server's socket and its calls, one at a time. A Worker's fd 0 is the process's: before
+// each run the input is written to CONTROL/stdin (emptied after it) and reopened as fd 0, so
+// `fs.readFileSync(0)`, `/dev/stdin` and the Worker's `process.stdin` all read the input. Its
+// stdout and stderr come back to the agent as frames; a run ends when its Worker has exited
+// and both streams have ended.
+
+const fs = require('fs');
+const net = require('net');
+const path = require('path');
+const { NextWorker } = require('./arming');
+const { Preload } = require('./preload');
+const { frame, readFrames } = require('./protocol');
+
+function peakRss() {
+  const match = /VmHWM:\s+(\d+) kB/.exec(fs.readFileSync('/proc/self/status', 'latin1'));
+  return match ? Number(match[1]) * 1024 : 0;
+}
+
+function resetPeakRss() {
+  try {
+    fs.writeFileSync('/proc/self/clear_refs', '5');
+  } catch {
+    // an older kernel: the peak stays the server's lifetime peak
+  }
+}
+
+class Server {
+  constructor(socketPath) {
+    this.socketPath = socketPath;
+    this.stdinPath = path.join(path.dirname(socketPath), 'stdin');
+    this.warmupPath = path.join(path.dirname(socketPath), 'warmup.js');
+    this.preload = new Preload();
+    this.next = new NextWorker(this.warmupPath, this.preload);
+    this.run = null;
+  }
+
+  // The input becomes fd 0 of this process: close 0, and open() returns the lowest free fd.
+  stageStdin(data) {
+    fs.writeFileSync(this.stdinPath, data, { mode: 0o600 });
+    fs.closeSync(0);
+    const fd = fs.openSync(this.stdinPath, 'r');
+    if (fd !== 0) throw new Error(`stdin reopened as fd ${fd}, not 0`);
+  }
+
+  start(conn, request, stdin) {
+    process.chdir(request.cwd); // process-wide: a Worker cannot chdir, and inherits this
+    const key = request.preload || null;
+    const [armed, waited] = this.next.take(key);
+    const { worker } = armed;
+    this.stageStdin(stdin);
+    resetPeakRss();
+    const cap = request.maxOutputBytes;
+    const learn = key !== null && this.preload.key === null;
+    const run = {
+      worker, killed: false, ended: null, exitCode: null, pending: 3,
+      sent: { stdout: 0, stderr: 0 }, dropped: { stdout: 0, stderr: 0 },
+      report: this.preload.report(key, armed.files),
+    };
+    this.run = run;
+    const emit = (name, type, chunk) => {
+      const room = Math.max(0, cap - run.sent[name]);
+      if (chunk.length > room) run.dropped[name] += chunk.length - room;
+      if (room > 0) {
+        const part = chunk.subarray(0, room);
+        run.sent[name] += part.length;
+        conn.write(frame(type, part));
+      }
+    };
+    const relay = (name, type) => {
+      const stream = worker[name];
+      stream.on('data', (chunk) => emit(name, type, chunk));
+      stream.once('end', () => this.settle(conn, run));
+    };
+    relay('stdout', 'O');
+    relay('stderr', 'E');
+    worker.removeAllListeners('error');
+    worker.removeAllListeners('exit');
+    const argv = [request.argv[0], path.resolve(request.argv[1]), ...request.argv.slice(2)];
+    worker.on('message', ({ ended, loaded }) => {
+      run.ended = ended;
+      if (learn && loaded) this.preload.learn(key, request.env, loaded, argv[1]);
+    });
+    worker.on('error', (error) => {
+      // What node prints for an uncaught exception (the Worker's own exit code is 1).
+      const text = error && error.stack ? error.stack : `Uncaught ${String(error)}`;
+      emit('stderr', 'E', Buffer.from(`${text}\n\nNode.js ${process.version}\n`));
+    });
+    worker.once('exit', (code) => {
+      run.exitCode = code;
+      this.settle(conn, run);
+    });
+    run.started = waited || process.hrtime.bigint();
+    worker.postMessage({ argv, env: request.env, learn });
+  }
+
+  kill() {
+    if (this.run === null) return;
+    this.run.killed = true;
+    this.run.worker.terminate();
+  }
+
+  // A run is over once the Worker exited and both of its output streams ended.
+  settle(conn, run) {
+    run.pending -= 1;
+    if (run.pending > 0 || this.run !== run) return;
+    this.run = null;
+    fs.truncateSync(this.stdinPath); // what preloads read between runs is no run's input
+    const ended = run.ended === null ? process.hrtime.bigint() : BigInt(run.ended);
+    conn.write(frame('X', {
+      exitCode: run.exitCode,
+      killed: run.killed,
+      durationNs: Number(ended - run.started),
+      maxrssBytes: peakRss(),
+      dropped: run.dropped,
+      preload: run.report,
+    }));
+  }
+
+  serve(conn) {
+    let request = null;
+    readFrames(conn, (type, body) => {
+      if (type === 'R' && this.run === null) {
+        request = JSON.parse(body.toString('utf8'));
+      } else if (type === 'I' && request !== null) {
+        const run = request;
+        request = null;
+        this.start(conn, run, Buffer.from(body));
+      } else if (type === 'K') {
+        this.kill();
+      } else if (type === 'A') {
+        if (this.run === null) this.next.arm();
+      } else {
+        return false;
+      }
+      return true;
+    });
+    conn.on('error', () => {});
+    conn.on('close', () => this.kill()); // the agent went away: do not leave the run behind
+  }
+
+  listen(readyFd, readyLine) {
+    // Both are made while the directory is writable (the Docker runner seals it later).
+    fs.writeFileSync(this.stdinPath, '', { mode: 0o600 });
+    fs.writeFileSync(this.warmupPath, '', { mode: 0o400 });
+    this.next.arm();
+    if (fs.existsSync(this.socketPath)) fs.unlinkSync(this.socketPath);
+    const server = net.createServer({ allowHalfOpen: false }, (conn) => this.serve(conn));
+    server.maxConnections = 1;
+    server.listen(this.socketPath, () => {
+      if (readyFd !== undefined) {
+        fs.writeSync(readyFd, readyLine || 'ready\n');
+        fs.closeSync(readyFd);
+      }
+    });
+  }
+}
+
+module.exports = { Server };
