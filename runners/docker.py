@@ -63,7 +63,7 @@ from .container_spec import (
 )
 from .isolation import Isolation
 from .pool import PooledRunner
-from .sandbox_server import SERVERS, SandboxClient, arm_next, log_preload, preload_key, run_in
+from .sandbox_server import SERVERS, SandboxClient, log_preload, preload_key
 
 START_TIMEOUT_S = 20.0
 @dataclass(eq=False)
@@ -161,8 +161,7 @@ class DockerRunner(PooledRunner):
         env = invocation.environment(CONTAINER_PATH, "/tmp")
         started = time.monotonic()
         try:
-            raw = run_in(
-                sandbox.client,
+            raw = sandbox.client.run(
                 argv=list(launch.argv),
                 cwd=f"{CODE_MOUNT}/{CODE_SUBDIR}",
                 env=env,
@@ -189,7 +188,7 @@ class DockerRunner(PooledRunner):
         sandbox.runs += 1
         log_preload(self.marker, sandbox, raw)
         measured, oom_kills = self._measure(sandbox, oom_before)
-        arm_next(sandbox.client)
+        sandbox.client.arm()
         killed = exit_code == -signal.SIGKILL and not raw.timed_out
         # Without a cgroup to ask, a SIGKILL that was not our timeout is the memory limit.
         oom = killed and (oom_kills > 0 or memory is None)

@@ -8,7 +8,6 @@ the wall-clock timeout and collects the exit status — no helper threads per ca
 from __future__ import annotations
 
 import array
-import contextlib
 import json
 import os
 import selectors
@@ -109,6 +108,10 @@ class ForkServerClient:
     def close(self) -> None:
         self._sock.close()
 
+    def arm(self) -> None:
+        """After the run's peak was read: nothing to get ready, a fork server forks per call
+        (the node server starts its next Worker here)."""
+
     def run(
         self,
         *,
@@ -165,12 +168,10 @@ class ForkServerClient:
         timed_out = False
         os.set_blocking(in_w, False)
         try:
-            if len(stdin) <= _CHUNK:  # fits the pipe: in at once, without a turn of the loop
-                with contextlib.suppress(BrokenPipeError, BlockingIOError):
-                    pending_in = pending_in[os.write(in_w, pending_in) :]
-                if not pending_in:
-                    os.close(in_w)
-                    stdin_open = False
+            pending_in = _feed(in_w, pending_in)  # most stdins fit the pipe: no turn of the loop
+            if not pending_in:
+                os.close(in_w)
+                stdin_open = False
             with selectors.DefaultSelector() as sel:
                 sel.register(self._sock, selectors.EVENT_READ)
                 sel.register(out_r, selectors.EVENT_READ)
@@ -191,10 +192,7 @@ class ForkServerClient:
                     for key, _ in sel.select(wait):
                         fd = key.fd
                         if fd == in_w:
-                            try:
-                                pending_in = pending_in[os.write(in_w, pending_in[:_CHUNK]) :]
-                            except BrokenPipeError:
-                                pending_in = pending_in[:0]
+                            pending_in = _feed(in_w, pending_in)
                             if not pending_in:
                                 sel.unregister(in_w)
                                 os.close(in_w)
@@ -257,3 +255,14 @@ class ForkServerClient:
             self._sock.send(b'{"op": "kill"}')
         except OSError as exc:
             raise SandboxError(f"sandbox fork server is gone: {exc}") from None
+
+
+def _feed(fd: int, pending: memoryview) -> memoryview:
+    """Write what the non-blocking pipe takes of ``pending``; what is left (nothing once the
+    function closed its stdin)."""
+    try:
+        return pending[os.write(fd, pending[:_CHUNK]) :]
+    except BlockingIOError:
+        return pending
+    except BrokenPipeError:
+        return pending[:0]

@@ -60,13 +60,17 @@ class NodeServerClient:
         argv: list[str],
         cwd: str,
         env: dict[str, str],
+        python: bool = False,
         stdin: bytes,
         timeout_s: float,
         max_output_bytes: int,
+        rlimits: dict[str, int] | None = None,
         preload: str | None = None,
     ) -> RawRun:
         """Run one function to completion (or timeout) and return what it produced.
-        ``preload``: the sandbox's code_key, when the server may preload its files."""
+        ``preload``: the sandbox's code_key, when the server may preload its files. The fork
+        server's ``python`` and ``rlimits`` mean nothing here: every call is node, in a Worker
+        of the server's own process, which takes no per-call rlimits (see README)."""
         request = {
             "argv": argv,
             "cwd": cwd,

@@ -43,10 +43,8 @@ from .pool import PooledRunner
 from .sandbox_server import (
     SERVERS,
     SandboxClient,
-    arm_next,
     log_preload,
     preload_key,
-    run_in,
     server_for,
 )
 from .workdir import check_traversable, check_work_dir, make_dir, remove_stale_dirs
@@ -161,8 +159,7 @@ class ProcessRunner(PooledRunner):
         env = invocation.environment(self._config.process.path, home)
         started = time.monotonic()
         try:
-            raw = run_in(
-                sandbox.client,
+            raw = sandbox.client.run(
                 argv=list(launch.argv),
                 cwd=str(sandbox.code_dir),
                 env=env,
@@ -195,7 +192,7 @@ class ProcessRunner(PooledRunner):
                 logger.debug(f"{self.marker} killed processes left behind in {sandbox.name}")
         elif exit_code != 0 and b"MemoryError" in raw.stderr[-4096:]:
             oom = True
-        arm_next(sandbox.client)
+        sandbox.client.arm()
         if raw.timed_out or oom:
             sandbox.healthy = False
         return raw.outcome(exit_code=exit_code, oom_killed=oom, peak=peak, source=source)

@@ -22,9 +22,11 @@ import types
 from .preload import Preload
 from .script import run_compiled
 
-DEFAULT_SIGNALS = tuple(int(sig) for sig in (
-    signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGPIPE
-))
+DEFAULT_SIGNALS = tuple(
+    int(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGPIPE)
+)
+"""What the child resets to the default, as plain ints for ``_signal`` (see child)."""
+
 
 def child(
     request: dict,
@@ -45,8 +47,9 @@ def child(
         # (and so copies) ~80 of the server's pages in every child.
         for sig in DEFAULT_SIGNALS:
             _signal.signal(sig, _signal.SIG_DFL)
-        for target, fd in enumerate(fds):
-            os.dup2(fd, target)
+        if stdio is None:  # else the server made them fds 0-2 already (Stdio.for_run)
+            for target, fd in enumerate(fds):
+                os.dup2(fd, target)
         for fd in fds + keep_closed:
             if fd > 2:
                 os.close(fd)
