@@ -4,7 +4,7 @@ The peers are real programs, never fakes, and the same ones `bin/nanogrid-local`
 `RedisServer`, `PeerProcess`, `free_port` and `wait_until` come from devtools.embedded
 (one copy of each); `MotoServer` adds cached clients and fresh queues/buckets to the
 embedded one. `PidsCgroup` confines the test process to a pids cgroup so hostile code
-cannot fork-bomb the machine.
+cannot fork-bomb the machine. `put_code` puts a function into a sandbox as the worker does.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import time
@@ -255,3 +256,18 @@ def unreached_listener() -> Iterator[int]:
         except BlockingIOError:
             return  # nothing reached the host's listener
         raise AssertionError("a sandbox connected to the host's loopback listener")
+
+
+def put_code(sandbox: Any, files: dict[str, str], key: str) -> None:
+    """Put ``files`` (name -> text) into ``sandbox`` as the worker does, unless it holds
+    ``key`` already: code_dir replaced, directories 0755 and files 0644 (readable by the
+    sandbox's user whatever the umask)."""
+    if sandbox.code_key == key:
+        return
+    shutil.rmtree(sandbox.code_dir, ignore_errors=True)
+    sandbox.code_dir.mkdir(mode=0o755, parents=True)
+    sandbox.code_dir.chmod(0o755)
+    for name, text in files.items():
+        (sandbox.code_dir / name).write_text(text)
+        (sandbox.code_dir / name).chmod(0o644)
+    sandbox.code_key = key

@@ -26,7 +26,7 @@ from typing import Any
 import docker
 import pytest
 from docker.errors import NotFound
-from helpers import wait_until
+from helpers import put_code, wait_until
 
 from common.config import Config, from_dict
 from common.errors import ConfigError, SandboxError
@@ -65,7 +65,9 @@ print(json.dumps({
 """
 
 
-_SCRATCH: list[str] = []
+SCRATCH: list[str] = []
+"""Work directories made by a test, removed by the ``agent`` fixture after it (tests of
+other modules that take that fixture add theirs here too)."""
 
 
 @pytest.fixture(autouse=True)
@@ -74,8 +76,8 @@ def agent(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     name = f"test-{uuid.uuid4().hex[:10]}"
     monkeypatch.setattr(container_cleanup, "agent_id", lambda: name)
     yield name
-    while _SCRATCH:
-        shutil.rmtree(_SCRATCH.pop(), ignore_errors=True)
+    while SCRATCH:
+        shutil.rmtree(SCRATCH.pop(), ignore_errors=True)
 
 
 @pytest.fixture
@@ -94,7 +96,7 @@ def agent_containers(engine: docker.DockerClient, agent: str) -> list:
 
 def make_config(warm: int = 1, pause_grace: float = 60.0, **docker_settings: Any) -> Config:
     work = tempfile.mkdtemp(prefix="ng-docker-")  # short: socket paths have 107 bytes
-    _SCRATCH.append(work)
+    SCRATCH.append(work)
     return from_dict(
         {
             "runner": "docker",
@@ -138,11 +140,7 @@ def acquire(runner: DockerRunner, code: str, key: str) -> DockerSandbox:
     """Take a sandbox and put the code in as the worker does (replacing code_dir)."""
     sandbox = runner.acquire("python", key)
     assert isinstance(sandbox, DockerSandbox)
-    if sandbox.code_key != key:
-        shutil.rmtree(sandbox.code_dir, ignore_errors=True)
-        sandbox.code_dir.mkdir()
-        (sandbox.code_dir / "main.py").write_text(code)
-        sandbox.code_key = key
+    put_code(sandbox, {"main.py": code}, key)
     return sandbox
 
 

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from helpers import RedisServer, unreached_listener, wait_until
+from helpers import RedisServer, put_code, unreached_listener, wait_until
 
 from common.config import Config, from_dict
 from runners import container_cleanup
@@ -69,13 +69,7 @@ class Harness:
     def acquire(self, code: str, key: str) -> Sandbox:
         """Take a sandbox for ``key`` and put the code in as the worker does."""
         sandbox = self.runner.acquire("python", key)
-        if sandbox.code_key != key:
-            shutil.rmtree(sandbox.code_dir, ignore_errors=True)
-            sandbox.code_dir.mkdir(mode=0o755)
-            os.chmod(sandbox.code_dir, 0o755)
-            (sandbox.code_dir / "main.py").write_text(code)
-            os.chmod(sandbox.code_dir / "main.py", 0o644)
-            sandbox.code_key = key
+        put_code(sandbox, {"main.py": code}, key)
         return sandbox
 
     def probe(self, code: str, key: str = "probe", **kw: Any) -> Any:

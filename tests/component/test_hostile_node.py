@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from helpers import RedisServer, unreached_listener, wait_until
+from helpers import RedisServer, put_code, unreached_listener, wait_until
 from test_hostile import CONTRACT_ENV, MAX_OUTPUT, MAX_PIDS, SECRET, MiB, make_config
 
 from common.config import Config, RuntimeConfig
@@ -42,13 +42,7 @@ class NodeHarness:
         """Run a probe that prints one JSON document; return it."""
         sandbox = self.runner.acquire("node", key)
         try:
-            if sandbox.code_key != key:
-                shutil.rmtree(sandbox.code_dir, ignore_errors=True)
-                sandbox.code_dir.mkdir(mode=0o755)
-                os.chmod(sandbox.code_dir, 0o755)
-                (sandbox.code_dir / "main.js").write_text(code)
-                os.chmod(sandbox.code_dir / "main.js", 0o644)
-                sandbox.code_key = key
+            put_code(sandbox, {"main.js": code}, key)
             invocation = Invocation(
                 "req-hostile", "fn", ("node", "main.js"), stdin, kw.get("memory_mb", 128),
                 kw.get("timeout_ms", 5000), MAX_OUTPUT, MAX_PIDS,

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import put_code
 from test_docker_runner import agent, engine  # noqa: F401  fixtures: labels and cleanup
 
 from common.config import from_dict
@@ -132,11 +133,7 @@ def run(runner: Runner, files: dict[str, str], key: str, stdin: bytes) -> RunOut
     """One run as the worker makes it: acquire, code in unless there, run, release."""
     sandbox = runner.acquire("python", key)
     try:
-        if sandbox.code_key != key:
-            for name, text in files.items():
-                (sandbox.code_dir / name).write_text(text)
-                (sandbox.code_dir / name).chmod(0o644)
-            sandbox.code_key = key
+        put_code(sandbox, files, key)
         invocation = Invocation("r", "fn", ("python3", "main.py"), stdin, 256, 10_000, 10_000, 32)
         return runner.run(sandbox, invocation)
     finally:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import put_code
 from test_node_runtime import MAX_PIDS, agent, start  # noqa: F401  agent: a fixture
 
 from runners.base import Invocation, RunOutcome
@@ -90,11 +91,7 @@ def run(runner: PooledRunner, files: dict[str, str], key: str = "f@1", **stdin: 
     """One run as the worker makes it: acquire, code in unless there, run, release."""
     sandbox = runner.acquire("node", key)
     try:
-        if sandbox.code_key != key:
-            for name, text in files.items():
-                (sandbox.code_dir / name).write_text(text)
-                (sandbox.code_dir / name).chmod(0o644)
-            sandbox.code_key = key
+        put_code(sandbox, files, key)
         invocation = Invocation(
             "r", "fn", ("node", "main.js"), json.dumps(stdin).encode(), 256, 10_000, 10_000,
             MAX_PIDS,

@@ -11,16 +11,15 @@ import signal
 import subprocess
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from helpers import wait_until
+from helpers import put_code, wait_until
+from test_docker_runner import SCRATCH, agent  # noqa: F401  agent: the autouse fixture
 
 from common.config import Config, from_dict
 from common.errors import RuntimeUnavailable
-from runners import container_cleanup
 from runners.base import Invocation, RunOutcome, Sandbox
 from runners.docker import DockerRunner, DockerSandbox
 from runners.pool import PooledRunner
@@ -50,23 +49,10 @@ if (input.throw) throw new Error(input.throw);
 if (input.exitCode !== undefined) process.exitCode = input.exitCode;
 """
 
-_SCRATCH: list[str] = []
-
-
-@pytest.fixture(autouse=True)
-def agent(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """A fresh agent id for this test's containers (as in test_docker_runner)."""
-    name = f"test-{uuid.uuid4().hex[:10]}"
-    monkeypatch.setattr(container_cleanup, "agent_id", lambda: name)
-    yield name
-    while _SCRATCH:
-        shutil.rmtree(_SCRATCH.pop(), ignore_errors=True)
-
-
 def make_config(kind: str, runtimes: dict[str, Any]) -> Config:
     work = tempfile.mkdtemp(prefix="ng-node-")  # short: socket paths have 107 bytes
     os.chmod(work, 0o711)  # sandbox users pass through to their directories
-    _SCRATCH.append(work)
+    SCRATCH.append(work)
     return from_dict(
         {
             "runner": kind,
@@ -113,12 +99,7 @@ def runner(kind: str) -> Iterator[PooledRunner]:
 def acquire(runner: PooledRunner, code: str, key: str, runtime: str = "node") -> Sandbox:
     """Take a sandbox and put the code in as the worker does (replacing code_dir)."""
     sandbox = runner.acquire(runtime, key)
-    if sandbox.code_key != key:
-        shutil.rmtree(sandbox.code_dir, ignore_errors=True)
-        sandbox.code_dir.mkdir(mode=0o755)
-        (sandbox.code_dir / "main.js").write_text(code)
-        (sandbox.code_dir / "main.js").chmod(0o644)
-        sandbox.code_key = key
+    put_code(sandbox, {"main.js": code}, key)
     return sandbox
 
 

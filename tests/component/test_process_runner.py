@@ -15,7 +15,7 @@ from typing import Any
 
 import psutil
 import pytest
-from helpers import wait_until
+from helpers import put_code, wait_until
 
 from common.config import Config, from_dict
 from runners import cgroups
@@ -60,10 +60,7 @@ def run(
 ) -> tuple[RunOutcome, ProcessSandbox]:
     sandbox = runner.acquire("python", key)
     assert isinstance(sandbox, ProcessSandbox)
-    if sandbox.code_key != key:
-        (sandbox.code_dir / "main.py").write_text(code)
-        (sandbox.code_dir / "main.py").chmod(0o644)  # as worker.unpack leaves it
-        sandbox.code_key = key
+    put_code(sandbox, {"main.py": code}, key)
     invocation = Invocation(
         "r", "f", ("python3", "main.py"), stdin, memory_mb, timeout_ms, 10_000, 32
     )
@@ -323,10 +320,7 @@ def test_each_warm_call_has_its_own_environment_and_nothing_else(runner: Process
     seen = []
     for request_id, memory_mb in (("first", 128), ("second", 256), ("third", 128)):
         sandbox = runner.acquire("python", "env@1")
-        if sandbox.code_key != "env@1":
-            (sandbox.code_dir / "main.py").write_text(code)
-            (sandbox.code_dir / "main.py").chmod(0o644)
-            sandbox.code_key = "env@1"
+        put_code(sandbox, {"main.py": code}, "env@1")
         invocation = Invocation(
             request_id, "f", ("python3", "main.py"), b"{}", memory_mb, 5000, 10_000, 32
         )
