@@ -29,7 +29,6 @@ import time
 import urllib.request
 import uuid
 import zipfile
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +40,7 @@ import redis  # noqa: E402
 import yaml  # noqa: E402
 
 from devtools.embedded import MotoServer, RedisServer, free_port, wait_until  # noqa: E402
+from devtools.overlap import most_at_once  # noqa: E402
 
 SUPERVISOR = ROOT / "bin" / "nanogrid-supervisor"
 DOCKER_IMAGE = "nanogrid/python:3.11-bookworm"
@@ -215,19 +215,6 @@ class Bench:
         samples = samples[5:]
         p99 = statistics.quantiles(samples, n=100, method="inclusive")[98]
         return {"p50": statistics.median(samples), "p99": p99}
-
-
-def most_at_once(results: list[dict[str, Any]]) -> int:
-    """The most runs that overlapped, from each result's end and duration."""
-    events = []
-    for r in results:
-        end = datetime.fromisoformat(r["finishedAt"].replace("Z", "+00:00")).timestamp()
-        events += [(end - r["durationMillis"] / 1000, 1), (end, -1)]
-    running = peak = 0
-    for _, step in sorted(events, key=lambda e: (e[0], e[1])):
-        running += step
-        peak = max(peak, running)
-    return peak
 
 
 def render(reports: list[dict[str, Any]], args: argparse.Namespace) -> str:

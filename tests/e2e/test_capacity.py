@@ -16,6 +16,8 @@ import pytest
 from helpers import wait_until
 from supervised import Agent
 
+from devtools.overlap import most_at_once
+
 pytestmark = pytest.mark.usefixtures("pids_limited_tests")
 
 BUDGET = {"capacity": {"memory_mb": 1024, "max_concurrent": 16}, "limits": {"max_memory_mb": 1024}}
@@ -23,19 +25,6 @@ BUDGET = {"capacity": {"memory_mb": 1024, "max_concurrent": 16}, "limits": {"max
 
 def sleeper(seconds: float) -> str:
     return f"import time\ntime.sleep({seconds})\nprint('slept')\n"
-
-
-def most_at_once(results: list[dict[str, Any]]) -> int:
-    """The most runs that overlapped, from each result's end and duration."""
-    events = []
-    for r in results:
-        end = datetime.fromisoformat(r["finishedAt"].replace("Z", "+00:00")).timestamp()
-        events += [(end - r["durationMillis"] / 1000, 1), (end, -1)]
-    running = peak = 0
-    for _, step in sorted(events):
-        running += step
-        peak = max(peak, running)
-    return peak
 
 
 def send_all(agent: Agent, tasks: list[dict[str, Any]]) -> None:
