@@ -8,6 +8,12 @@ small tasks behind it (in SQS, or in other workers) cannot starve it. ``room`` i
 messages to ask SQS for: what fits now (at most 10, SQS's limit), none while a message
 waits; that room is held in the ledger until they are in, so two workers never both take
 the same free room. What this host cannot start stays in SQS for other hosts.
+
+A run just started is *getting ready* (claim, code) until it reaches its sandbox. A worker
+that was idle waits for that before its next receive (``wait_ready``): a boto3 call holds
+the interpreter for about a millisecond before it blocks on the network, and a lone run's
+Redis and S3 round trips would each wait behind it (+1.2 ms on a warm hello's latency).
+Under load the loop does not wait: there the next receive matters more.
 """
 
 from __future__ import annotations
@@ -42,6 +48,9 @@ class Inflight:
         self._smallest_mb = smallest_mb
         self._waiting: deque[tuple[Message, int]] = deque()
         self._running = 0
+        self._getting_ready = 0
+        self._own = threading.local()
+        """Per run thread: whether its run still counts as getting ready."""
         self._changed = threading.Condition()
         self._threads = ThreadPoolExecutor(
             max_workers=max(1, ledger.max_concurrent), thread_name_prefix="run"
@@ -67,6 +76,7 @@ class Inflight:
             self._waiting.popleft()
             with self._changed:
                 self._running += 1
+                self._getting_ready += 1
             self._threads.submit(self._run_admitted, message, memory_mb)
         self._ledger.hold(self._slot, 0, 0)
 
@@ -84,6 +94,19 @@ class Inflight:
         with self._changed:
             self._changed.wait(timeout)
 
+    def ready(self) -> None:
+        """Called by a run (on its thread) once it has what it needs to start its sandbox."""
+        if getattr(self._own, "getting_ready", False):
+            self._own.getting_ready = False
+            with self._changed:
+                self._getting_ready -= 1
+                self._changed.notify_all()
+
+    def wait_ready(self, timeout: float) -> None:
+        """Wait until every run started is ready (or has ended), at most ``timeout``."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._getting_ready == 0, timeout)
+
     def take_waiting(self) -> list[Message]:
         """Give up the messages not started yet (they go back to SQS): drain."""
         taken = [message for message, _ in self._waiting]
@@ -96,11 +119,13 @@ class Inflight:
         self._threads.shutdown(wait=True)
 
     def _run_admitted(self, message: Message, memory_mb: int) -> None:
+        self._own.getting_ready = True
         try:
             self._run(message)
         except BaseException as exc:  # noqa: BLE001 - the run's own handler reports; never lose the slot
             logger.opt(exception=exc).error(f"a run thread failed: {exc!r}")
         finally:
+            self.ready()
             self._ledger.release(self._slot, memory_mb)
             with self._changed:
                 self._running -= 1

@@ -67,6 +67,8 @@ DEGRADED_PROBE_S = 1.0
 CLAIM_RETRY_S = 1.0
 FULL_WAIT_S = 1.0
 """While no message could start, the loop wakes at least this often (outbox, Redis)."""
+READY_WAIT_S = 0.02
+"""The longest the loop waits for the runs it started to get ready before it polls again."""
 
 
 class _Interrupted(BaseException):
@@ -132,7 +134,10 @@ class Worker:
                     logger.warning(f"[SQS] {exc}; retrying in {delay}s")
                     self._sleep(delay)
                     continue
+                was_idle = self.inflight.running == 0
                 self.dispatch(messages)
+                if was_idle:  # lone runs: their latency is all there is to win
+                    self.inflight.wait_ready(READY_WAIT_S)
         finally:
             self.shutdown()
         return EXIT_OK
@@ -318,6 +323,7 @@ class Worker:
             try:
                 with clock.phase("fetch"):
                     package = self.codes.fetch(t.s3_bucket, t.s3_key)
+                self.inflight.ready()
                 ran = invoke(
                     self.config, self.runner, self.history, self.worker_id,
                     t, package, message.attempt, clock,
