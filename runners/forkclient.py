@@ -1,16 +1,18 @@
 """The agent's side of the fork-server protocol (see runners/forkserver/server.py).
 
-One ``run`` is one select loop in the calling thread: it writes stdin, drains stdout and
+One ``run`` is one poll loop in the calling thread: it writes stdin, drains stdout and
 stderr with a cap (never an unbounded buffer, never a deadlock on a full pipe), enforces
-the wall-clock timeout and collects the exit status — no helper threads per call.
+the wall-clock timeout and collects the exit status — no helper threads per call, and no
+epoll descriptor to make and close per call either.
 """
 
 from __future__ import annotations
 
 import array
 import json
+import math
 import os
-import selectors
+import select
 import socket
 import time
 from dataclasses import dataclass
@@ -172,44 +174,46 @@ class ForkServerClient:
             if not pending_in:
                 os.close(in_w)
                 stdin_open = False
-            with selectors.DefaultSelector() as sel:
-                sel.register(self._sock, selectors.EVENT_READ)
-                sel.register(out_r, selectors.EVENT_READ)
-                sel.register(err_r, selectors.EVENT_READ)
-                if stdin_open:
-                    sel.register(in_w, selectors.EVENT_WRITE)
-                while reply is None or open_outputs:
-                    wait = deadline - time.monotonic()
-                    if wait <= 0:
-                        if reply is not None:
-                            break  # exited, but something it left behind still holds the pipes
-                        if timed_out:
-                            raise SandboxError("sandbox did not stop its function after a kill")
-                        timed_out = True
-                        self._send_kill()
-                        deadline = time.monotonic() + 5.0
-                        continue
-                    for key, _ in sel.select(wait):
-                        fd = key.fd
-                        if fd == in_w:
-                            pending_in = _feed(in_w, pending_in)
-                            if not pending_in:
-                                sel.unregister(in_w)
-                                os.close(in_w)
-                                stdin_open = False
-                        elif fd in captured:
-                            chunk = os.read(fd, _CHUNK)
-                            if chunk:
-                                captured[fd].add(chunk)
-                            else:
-                                sel.unregister(fd)
-                                open_outputs.discard(fd)
+            sock = self._sock.fileno()
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            poller.register(out_r, select.POLLIN)
+            poller.register(err_r, select.POLLIN)
+            if stdin_open:
+                poller.register(in_w, select.POLLOUT)
+            while reply is None or open_outputs:
+                wait = deadline - time.monotonic()
+                if wait <= 0:
+                    if reply is not None:
+                        break  # exited, but something it left behind still holds the pipes
+                    if timed_out:
+                        raise SandboxError("sandbox did not stop its function after a kill")
+                    timed_out = True
+                    self._send_kill()
+                    deadline = time.monotonic() + 5.0
+                    continue
+                for fd, _ in poller.poll(math.ceil(wait * 1000)):
+                    if fd == in_w:
+                        pending_in = _feed(in_w, pending_in)
+                        if not pending_in:
+                            poller.unregister(in_w)
+                            os.close(in_w)
+                            stdin_open = False
+                    elif fd in captured:
+                        chunk = os.read(fd, _CHUNK)
+                        if chunk:
+                            captured[fd].add(chunk)
                         else:
-                            message = self._receive_reply(sel)
-                            if "status" in message:
-                                reply = message
-                                deadline = time.monotonic() + _LINGER_S
-                                sel.unregister(self._sock)  # what follows is the preload's
+                            poller.unregister(fd)
+                            open_outputs.discard(fd)
+                    else:
+                        message = self._receive_reply()
+                        if message is None:
+                            raise SandboxError("sandbox fork server died during the run")
+                        if "status" in message:
+                            reply = message
+                            deadline = time.monotonic() + _LINGER_S
+                            poller.unregister(sock)  # what follows is the preload's
         finally:
             if stdin_open:
                 os.close(in_w)
@@ -240,15 +244,13 @@ class ForkServerClient:
             raise SandboxError("sandbox fork server died while preloading")
         return json.loads(data)
 
-    def _receive_reply(self, sel: selectors.BaseSelector) -> dict:
+    def _receive_reply(self) -> dict | None:
+        """The server's next message; None when it went away."""
         try:
             data = self._sock.recv(MAX_REPLY)
         except OSError as exc:
             raise SandboxError(f"sandbox fork server failed: {exc}") from None
-        if not data:
-            sel.unregister(self._sock)
-            raise SandboxError("sandbox fork server died during the run")
-        return json.loads(data)
+        return json.loads(data) if data else None
 
     def _send_kill(self) -> None:
         try:
