@@ -183,7 +183,6 @@ def _traced_worker_class() -> type:
                 (self.runner, "acquire", "acquire"),
                 (self.runner, "run", "run"),
                 (self.runner, "release", "release"),
-                (self.history, "add_and_get", "autotuner_history"),
                 (self.store, "publish", "publish"),
                 (self.queue, "delete", "sqs_delete"),
                 (self.metrics, "record", "metrics"),
@@ -794,8 +793,8 @@ def breakdown(report: Report) -> list[tuple[str, list[float]]]:
         add("runner.run", run[1] - run[0])
         add("  of which durationMillis (fork -> exit)", s.duration_ms / 1000)
         add("run ends -> publish starts", publish[0] - run[1])
-        part("release", "autotuner_history")
-        add("publish (SET + PUBLISH in MULTI)", publish[1] - publish[0])
+        part("release")
+        add("publish (one script: SET, PUBLISH, claim, peak)", publish[1] - publish[0])
         add("publish returns -> client has the result", s.end - publish[1])
         add("after publish (not in e2e): delete, metrics, logs", handle_end - publish[1])
         part("sqs_delete", "metrics")

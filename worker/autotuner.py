@@ -2,8 +2,7 @@
 
 ``recommend`` is pure. The basis is the highest peak of this run and the recent history, so
 one light run does not talk a function into an out-of-memory failure. ``PeakHistory`` keeps
-the last ``history_size`` peaks per function in Redis and degrades to "this run only" when
-Redis is unreachable.
+the last ``history_size`` peaks per function in Redis.
 
 Choices worth knowing:
 - the recommendation is the smallest ``step_mb`` entry that holds basis + headroom and is at
@@ -17,18 +16,13 @@ Choices worth knowing:
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import redis
-from loguru import logger
-from redis.commands.core import Script
-
 from common.config import AutotunerConfig, MiB
 
-from .redislink import RedisLink
+from .result import Result
 
 
 @dataclass(frozen=True)
@@ -48,7 +42,7 @@ def recommend(
 ) -> Recommendation:
     """Recommend a memory setting for a function that peaked at ``peak_bytes`` under ``memory_mb``.
 
-    ``history_peaks`` are the recent peaks as ``PeakHistory.add_and_get`` returns them (this
+    ``history_peaks`` are the recent peaks as ``PeakHistory.with_run`` returns them (this
     run included); ``based_on_runs`` is their count (at least 1).
     """
     runs = max(1, len(history_peaks))
@@ -103,67 +97,44 @@ def _fit(basis_bytes: int, cfg: AutotunerConfig) -> int:
     return cfg.step_mb[-1]
 
 
-RECORD = """
-redis.call('LPUSH', KEYS[1], ARGV[1])
-redis.call('LTRIM', KEYS[1], 0, ARGV[2])
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-return redis.call('LRANGE', KEYS[1], 0, -1)
-"""
-"""Record one peak and read the recent ones back, atomically, in one round trip."""
-
-
 class PeakHistory:
-    """Last ``history_size`` peaks per function in the Redis list ``autotuner:peaks:{id}``.
+    """The last ``history_size`` peaks per function, in the Redis list ``autotuner:peaks:{id}``.
 
-    ``client`` is a Redis URL or a zero-argument factory returning a redis-py client (e.g.
-    ``ResultStore.client`` to share its connection pool); either way the client is made on
-    first use, after the worker fork. After a Redis failure the history is skipped for a few
-    seconds, so a dead Redis costs a task at most one connect timeout.
+    It costs no round trip of its own: the task's claim reads it (claim.py) and its result's
+    publish records the run's peak (resultstore.py), each in the same script. Without Redis
+    neither happens (the task goes back to the queue, or its result into the outbox, whose
+    re-send records the peak then).
     """
 
-    def __init__(
-        self,
-        client: str | Callable[[], redis.Redis],
-        cfg: AutotunerConfig,
-        *,
-        retry_after_seconds: float = 5.0,
-    ) -> None:
-        self._factory = client if callable(client) else RedisLink(client).client
-        self._record: Script | None = None
+    def __init__(self, cfg: AutotunerConfig) -> None:
         self._cfg = cfg
-        self._retry_after = retry_after_seconds
-        self._skip_until = 0.0
-        self._failing = False
 
-    def add_and_get(self, function_id: str, peak_bytes: int) -> list[int]:
-        """Record this run's peak and return the recent peaks, newest first (this one included)."""
-        if time.monotonic() < self._skip_until:
-            return [peak_bytes]
-        key = f"autotuner:peaks:{function_id}"
-        try:
-            # Asked each time: after a failover the factory hands out the new pool's client.
-            client = self._factory()
-            if self._record is None:
-                self._record = client.register_script(RECORD)
-            raw = self._record(
-                keys=[key],
-                args=[peak_bytes, self._cfg.history_size - 1, self._cfg.history_ttl_seconds],
-                client=client,
-            )
-        except (redis.RedisError, OSError, ValueError) as exc:  # ValueError: a closed socket
-            self._skip_until = time.monotonic() + self._retry_after
-            if not self._failing:
-                logger.warning(
-                    "[AUTO-TUNER] peak history unavailable ({}); using this run only", exc
-                )
-            self._failing = True
-            return [peak_bytes]
-        if self._failing:
-            logger.info("[AUTO-TUNER] peak history available again")
-            self._failing = False
-        peaks = [p for p in (_as_int(v) for v in raw) if p is not None]
-        logger.debug("[AUTO-TUNER] {}: {} peaks in history", function_id, len(peaks))
-        return peaks or [peak_bytes]
+    @staticmethod
+    def key(function_id: str) -> str:
+        return f"autotuner:peaks:{function_id}"
+
+    @property
+    def depth(self) -> int:
+        """How many recent peaks a run reads: with its own, ``history_size``."""
+        return self._cfg.history_size - 1
+
+    def with_run(self, peak_bytes: int, recent: Sequence[int]) -> list[int]:
+        """This run's peak and the recent ones, newest first (what ``recommend`` takes)."""
+        return [peak_bytes, *recent[: self.depth]]
+
+    def entry(self, result: Result) -> tuple[str, list[int]] | None:
+        """The key and the arguments (peak, last index kept, TTL) that record ``result``'s
+        peak; None for a task that never ran (its result has no recommendation)."""
+        if result.function_id is None or result.recommended_memory_mb is None:
+            return None
+        return self.key(result.function_id), [
+            result.peak_memory_bytes, self.depth, self._cfg.history_ttl_seconds,
+        ]
+
+    @staticmethod
+    def parse(raw: Sequence[Any]) -> tuple[int, ...]:
+        """Peaks as Redis returns them; anything not a number is skipped."""
+        return tuple(p for p in (_as_int(v) for v in raw) if p is not None)
 
 
 def _as_int(value: Any) -> int | None:

@@ -7,8 +7,9 @@ lease keeper extends it while the run lasts, the result's publish deletes it, an
 of a worker that died lapses with its lease. A copy that finds a live claim does not run.
 
 ``acquire`` is one round trip on the hot path, the same one the duplicate check used to be:
-a script that returns the stored result when there is one, else takes the claim, else says
-who holds it and for how long.
+a script that returns the stored result when there is one, else takes the claim (and reads
+the function's recent peaks for the auto-tuner with it), else says who holds it and for how
+long.
 """
 
 from __future__ import annotations
@@ -16,17 +17,21 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from loguru import logger
 
+from .autotuner import PeakHistory
 from .redislink import RedisLink
 from .result import Result
 
 ACQUIRE = """
 local stored = redis.call('GET', KEYS[1])
 if stored then return {'result', stored} end
-if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {'claimed'} end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  if KEYS[3] then return {'claimed', redis.call('LRANGE', KEYS[3], 0, ARGV[3])} end
+  return {'claimed'}
+end
 return {'held', redis.call('GET', KEYS[2]) or '', redis.call('PTTL', KEYS[2])}
 """
 EXTEND = """
@@ -49,6 +54,8 @@ class Claim:
 
     request_id: str
     token: str
+    recent_peaks: tuple[int, ...] = field(default=(), compare=False)
+    """The function's recent peaks (newest first), read with the claim for the auto-tuner."""
 
 
 @dataclass(frozen=True)
@@ -70,9 +77,12 @@ class ClaimStore:
         worker_id: str,
         lease_seconds: float,
         stored: Callable[[str], Result | None],
+        peaks: PeakHistory | None = None,
     ) -> None:
-        """``stored`` reads a stored result (``ResultStore.existing``)."""
+        """``stored`` reads a stored result (``ResultStore.existing``); ``peaks``: whose
+        recent peaks a claim reads."""
         self._link = link
+        self._peaks = peaks
         self._stored = stored
         self._worker_id = worker_id
         self.lease_ms = max(1, int(lease_seconds * 1000))
@@ -83,16 +93,21 @@ class ClaimStore:
             client.register_script(source) for source in (ACQUIRE, EXTEND, RELEASE)
         )
 
-    def acquire(self, request_id: str) -> Acquired:
-        """The stored result of ``request_id``, or our claim on it, or who else holds one.
+    def acquire(self, request_id: str, function_id: str | None = None) -> Acquired:
+        """The stored result of ``request_id``, or our claim on it (with ``function_id``'s
+        recent peaks), or who else holds one.
 
         Raises ResultStoreUnavailable when Redis cannot take the claim.
         """
         token = f"{self._worker_id}:{uuid.uuid4().hex}"
         keys = [f"result:{request_id}", claim_key(request_id)]
+        args: list[object] = [token, self.lease_ms]
+        if self._peaks is not None and function_id is not None and self._peaks.depth > 0:
+            keys.append(self._peaks.key(function_id))
+            args.append(self._peaks.depth - 1)
         reply = self._link.call(
             f"claim {request_id}",
-            lambda c: self._acquire(keys=keys, args=[token, self.lease_ms], client=c),
+            lambda c: self._acquire(keys=keys, args=args, client=c),
         )
         kind = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
         if kind == "result":
@@ -108,7 +123,8 @@ class ClaimStore:
                 return Acquired(holder="?", expires_in=self.lease_ms / 1000)
             return Acquired(claim=Claim(request_id, token))
         if kind == "claimed":
-            return Acquired(claim=Claim(request_id, token))
+            recent = PeakHistory.parse(reply[1]) if len(reply) > 1 else ()
+            return Acquired(claim=Claim(request_id, token, recent))
         holder = reply[1].decode(errors="replace") if isinstance(reply[1], bytes) else ""
         return Acquired(holder=holder.rsplit(":", 1)[0], expires_in=max(0, int(reply[2])) / 1000)
 

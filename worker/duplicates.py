@@ -24,11 +24,11 @@ half the visibility timeout) before it hands its message back."""
 
 
 def claim(claims: ClaimStore, endings: Endings, message: Message, request_id: str,
-          visibility_timeout: float) -> Claim | None:
-    """Our claim on ``request_id``, to run it; None when this copy ended here instead
-    (re-published, handed back)."""
+          function_id: str, visibility_timeout: float) -> Claim | None:
+    """Our claim on ``request_id``, to run it (with ``function_id``'s recent peaks); None
+    when this copy ended here instead (re-published, handed back)."""
     try:
-        acquired = claims.acquire(request_id)
+        acquired = claims.acquire(request_id, function_id)
     except ResultStoreUnavailable as exc:  # this worker takes no new work until Redis can
         logger.warning(f"[REDIS] {exc}; message handed back for a worker that can run it")
         endings.hand_back(message, 0)

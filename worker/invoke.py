@@ -21,13 +21,15 @@ def invoke(
     config: Config,
     runner: Runner,
     history: autotuner.PeakHistory,
+    recent_peaks: tuple[int, ...],
     worker_id: str,
     t: task.Task,
     package: CodePackage,
     attempt: int,
     clock: PhaseClock,
 ) -> Result:
-    """Run ``t`` from ``package`` in a sandbox of ``runner``; its result, whatever its exit."""
+    """Run ``t`` from ``package`` in a sandbox of ``runner``; its result, whatever its exit.
+    ``recent_peaks``: the function's, read with the claim."""
     runtime = config.runtimes[t.runtime]
     with clock.phase("sandbox"):
         sandbox = runner.acquire(t.runtime, package.version_key)
@@ -55,12 +57,15 @@ def invoke(
         outcome = runner.run(sandbox, invocation)
     finally:
         runner.release(sandbox)
-    return ran(config, history, worker_id, t, outcome, sandbox.cold_start, attempt, clock)
+    return ran(
+        config, history, recent_peaks, worker_id, t, outcome, sandbox.cold_start, attempt, clock
+    )
 
 
 def ran(
     config: Config,
     history: autotuner.PeakHistory,
+    recent_peaks: tuple[int, ...],
     worker_id: str,
     t: task.Task,
     outcome: RunOutcome,
@@ -68,8 +73,9 @@ def ran(
     attempt: int,
     clock: PhaseClock,
 ) -> Result:
-    """The result of a run: the peak into the function's history, the tip, the REPORT line."""
-    peaks = history.add_and_get(t.function_id, outcome.peak_memory_bytes)
+    """The result of a run: the tip (from its peak and the recent ones), the REPORT line.
+    The peak goes into the function's history with the result's publish."""
+    peaks = history.with_run(outcome.peak_memory_bytes, recent_peaks)
     tip = autotuner.recommend(
         outcome.peak_memory_bytes,
         t.memory_mb,

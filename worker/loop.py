@@ -149,16 +149,20 @@ class Worker:
         if self.index == 0:  # one worker says it, not every one
             for problem in self.queue.check_dead_letter():
                 logger.warning(f"[SQS] {problem}")
+        self.history = autotuner.PeakHistory(config.autotuner)
         self.store = ResultStore(
             config.redis.url,
             config.redis.result_ttl_seconds,
             Path(config.paths.outbox_dir),
             on_set_aside=lambda message: self.faults.fault(faults.OUTBOX_SET_ASIDE, message),
+            peaks=self.history,
         )
         if not self.store.ping():
             raise ResultStoreUnavailable(f"Redis at {config.redis.url} does not answer")
         lease = config.queue.visibility_timeout_seconds
-        self.claims = ClaimStore(self.store.link, self.worker_id, lease, self.store.existing)
+        self.claims = ClaimStore(
+            self.store.link, self.worker_id, lease, self.store.existing, self.history
+        )
         self.claim_leases = LeaseKeeper("claims", lease / 3, self.claims.extend, CLAIM_RETRY_S)
         self.codes = CodeStore(
             Path(config.paths.code_cache_dir),
@@ -166,7 +170,6 @@ class Worker:
             region=config.aws.region,
         )
         self.metrics = MetricsPublisher(config.cloudwatch, region=config.aws.region)
-        self.history = autotuner.PeakHistory(self.store.client, config.autotuner)
         self.visibility = VisibilityHeartbeat(
             TaskQueue.for_heartbeats(config.queue, config.aws.region)
         )
@@ -287,6 +290,7 @@ class Worker:
             return
         with logger.contextualize(requestId=parsed.request_id):
             claim = duplicates.claim(self.claims, self.endings, message, parsed.request_id,
+                                     parsed.function_id,
                                      self.config.queue.visibility_timeout_seconds)
             if claim is not None:
                 self._run_claimed(message, parsed, claim)
@@ -298,7 +302,7 @@ class Worker:
         self.claim_leases.add(claim)
         ending = None
         try:
-            ending = self._run_task(message, t)
+            ending = self._run_task(message, t, claim.recent_peaks)
         finally:
             self.visibility.discard(message)
             self.claim_leases.discard(claim)
@@ -309,7 +313,9 @@ class Worker:
         if ending is not None:
             self.endings.finish(message, *ending)
 
-    def _run_task(self, message: Message, t: task.Task) -> tuple[Result, bool] | None:
+    def _run_task(
+        self, message: Message, t: task.Task, recent_peaks: tuple[int, ...]
+    ) -> tuple[Result, bool] | None:
         """The result to publish and whether to dead-letter the message too; None when the
         message is kept for a retry."""
         clock = PhaseClock(message.received_mono, message.queued_ms)
@@ -325,7 +331,7 @@ class Worker:
                     package = self.codes.fetch(t.s3_bucket, t.s3_key)
                 self.inflight.ready()
                 ran = invoke(
-                    self.config, self.runner, self.history, self.worker_id,
+                    self.config, self.runner, self.history, recent_peaks, self.worker_id,
                     t, package, message.attempt, clock,
                 )
                 return ran, False

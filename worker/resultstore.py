@@ -9,13 +9,13 @@ process, and claims left by dead processes are taken over.
 The outbox drains oldest first without head-of-line blocking: while Redis is unavailable
 the flush stops (every entry would fail alike), but an entry Redis itself refuses is tried
 ``MAX_ENTRY_TRIES`` times, then set aside as ``.failed-<name>`` and reported, and the
-entries behind it go on. The same publish deletes the task's ``claim:{requestId}``.
+entries behind it go on. The same publish deletes the task's ``claim:{requestId}`` and
+records the run's peak in the auto-tuner's history.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import socket
@@ -25,11 +25,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import redis
 from loguru import logger
 
 from common.errors import ResultRejected, ResultStoreUnavailable
 
+from .autotuner import PeakHistory
 from .claim import claim_key
 from .redislink import RedisLink
 from .result import Result
@@ -42,10 +42,16 @@ PUBLISH = """
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 redis.call('PUBLISH', KEYS[1], ARGV[1])
 redis.call('DEL', KEYS[2])
+if KEYS[3] then
+  redis.call('LPUSH', KEYS[3], ARGV[3])
+  redis.call('LTRIM', KEYS[3], 0, ARGV[4])
+  redis.call('EXPIRE', KEYS[3], ARGV[5])
+end
 return 1
 """
 """One script rather than MULTI: as atomic, half the round trip's replies to parse, and the
-result crosses the wire once instead of twice."""
+result crosses the wire once instead of twice. With a run's result, its peak goes into the
+function's history (``PeakHistory.entry``)."""
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_:-][A-Za-z0-9._:-]{0,127}")
 _CLAIM = re.compile(r"(?P<entry>.+\.json)\.sending-(?P<pid>\d+)")
@@ -71,8 +77,11 @@ class ResultStore:
         rescan_seconds: float = 60.0,
         stale_claim_seconds: float = 300.0,
         on_set_aside: Callable[[str], None] | None = None,
+        peaks: PeakHistory | None = None,
     ) -> None:
+        """``peaks``: where a run's result records its peak (none are recorded without)."""
         self.link = link or RedisLink(redis_url)
+        self._peaks = peaks
         # Runs on whichever client it is given; loads itself again after NOSCRIPT (a new
         # primary that has not seen it yet).
         self._publish = self.link.client().register_script(PUBLISH)
@@ -90,10 +99,6 @@ class ResultStore:
         self._last_scan = 0.0
         self._flush_lock = threading.Lock()
         self._probe_key = f"nanogrid:probe:{socket.gethostname()}:{os.getpid()}"
-
-    def client(self) -> redis.Redis:
-        """The current client (shareable, e.g. by ``autotuner.PeakHistory``)."""
-        return self.link.client()
 
     @property
     def outbox_pending(self) -> bool:
@@ -160,7 +165,7 @@ class ResultStore:
         while True:
             attempts += 1
             try:
-                self._send(request_id, data)
+                self._send(request_id, data, result)
             except ResultStoreUnavailable as exc:
                 error = exc
                 remaining = deadline - time.monotonic()
@@ -223,11 +228,15 @@ class ResultStore:
         """Entries of this process that Redis refused and that wait for another try."""
         return len(self._tries)
 
-    def _send(self, request_id: str, data: bytes) -> None:
-        """SET + PUBLISH + DEL the claim in one script; ResultStoreUnavailable or
-        ResultRejected when Redis did not take it."""
+    def _send(self, request_id: str, data: bytes, result: Result | None) -> None:
+        """SET + PUBLISH + DEL the claim (+ the run's peak into its history) in one script;
+        ResultStoreUnavailable or ResultRejected when Redis did not take it."""
         key = f"result:{request_id}"
         keys, args = [key, claim_key(request_id)], [data, self._ttl]
+        peak = self._peaks.entry(result) if self._peaks and result else None
+        if peak is not None:
+            keys.append(peak[0])
+            args.extend(peak[1])
         self.link.call(
             f"publish {key}", lambda client: self._publish(keys=keys, args=args, client=client)
         )
@@ -305,12 +314,13 @@ class ResultStore:
         entry = base["entry"] if base else name
         data = claimed.read_bytes()
         try:
-            request_id = str(json.loads(data).get("requestId", ""))
-        except (ValueError, AttributeError):
+            result = Result.from_json(data)
+        except (ValueError, TypeError):
             self._set_aside(claimed, f".bad-{entry}", "is not a result")
             return None
+        request_id = str(result.request_id or "")
         try:
-            self._send(request_id, data)
+            self._send(request_id, data, result)
         except ResultRejected as exc:
             tries = self._tries.get(entry, 0) + 1
             if tries >= MAX_ENTRY_TRIES:

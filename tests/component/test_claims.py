@@ -46,7 +46,7 @@ def test_the_stored_result_comes_first_and_its_publish_frees_the_claim(
     assert claims.acquire("r2").claim is not None
     done = Result("r2", "f", "python", "SUCCESS", stdout="once")
     assert results.publish(done)
-    assert not results.client().exists("claim:r2")
+    assert not results.link.client().exists("claim:r2")
     again = claims.acquire("r2")
     assert again.result == done and again.claim is None
     assert claims.wait_for_result("r2", timeout=0.1) == done

@@ -1,9 +1,9 @@
-"""PeakHistory against a real redis-server, and the recommendation it feeds."""
+"""The auto-tuner's peak history against a real redis-server: read with the claim, recorded
+with the result's publish (no round trip of its own), and the recommendation it feeds."""
 
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 from typing import Any
 
@@ -11,48 +11,90 @@ import redis
 
 from common.config import AutotunerConfig
 from worker.autotuner import PeakHistory, recommend
+from worker.claim import ClaimStore
+from worker.result import Result
 from worker.resultstore import ResultStore
 
 MB = 2**20
 CFG = dataclasses.replace(AutotunerConfig(), history_size=5, history_ttl_seconds=600)
 
 
-def test_keeps_the_last_n_peaks_newest_first_with_ttl(redis_url: str) -> None:
-    history = PeakHistory(redis_url, CFG)
-    for i in range(1, 8):
-        peaks = history.add_and_get("hello", i * MB)
-    assert peaks == [7 * MB, 6 * MB, 5 * MB, 4 * MB, 3 * MB]
+def stores(redis_url: str, tmp_path: Path, cfg: AutotunerConfig = CFG) -> tuple[
+    PeakHistory, ResultStore, ClaimStore
+]:
+    history = PeakHistory(cfg)
+    results = ResultStore(redis_url, 60, tmp_path / "outbox", retry_seconds=0, peaks=history)
+    return history, results, ClaimStore(results.link, "host:1", 30, results.existing, history)
+
+
+def ran(request_id: str, function_id: str, peak: int) -> Result:
+    """A run's result (it has a recommendation)."""
+    return Result(request_id, function_id, "python", "SUCCESS", peak_memory_bytes=peak,
+                  memory_mb=256, recommended_memory_mb=128)
+
+
+def run(results: ResultStore, claims: ClaimStore, request_id: str, function_id: str,
+        peak: int) -> tuple[int, ...]:
+    """Claim, then publish a run's result as the worker does; the peaks the claim read."""
+    claim = claims.acquire(request_id, function_id).claim
+    assert claim is not None
+    assert results.publish(ran(request_id, function_id, peak))
+    return claim.recent_peaks
+
+
+def test_keeps_the_last_n_peaks_newest_first_with_ttl(redis_url: str, tmp_path: Path) -> None:
+    history, results, claims = stores(redis_url, tmp_path)
+    seen = [run(results, claims, f"k{i}", "hello", i * MB) for i in range(1, 9)]
+    assert seen[0] == () and seen[1] == (1 * MB,)
+    assert seen[-1] == (7 * MB, 6 * MB, 5 * MB, 4 * MB)  # history_size - 1: its own makes 5
+    assert history.with_run(8 * MB, seen[-1]) == [8 * MB, 7 * MB, 6 * MB, 5 * MB, 4 * MB]
     client = redis.Redis.from_url(redis_url)
     assert client.llen("autotuner:peaks:hello") == 5
     assert 0 < client.ttl("autotuner:peaks:hello") <= 600
-    assert history.add_and_get("other", 1 * MB) == [1 * MB]  # per function
+    assert run(results, claims, "o1", "other", 1 * MB) == ()  # per function
 
 
 def test_one_light_run_does_not_downsize_after_heavy_ones(redis_url: str, tmp_path: Path) -> None:
-    store = ResultStore(redis_url, 60, tmp_path)
-    history = PeakHistory(store.client, CFG)  # shares the store's connection pool
-    for _ in range(3):
-        history.add_and_get("report", 180 * MB)
-    peaks = history.add_and_get("report", 6 * MB)
-    rec = recommend(6 * MB, 256, CFG, oom=False, history_peaks=peaks)
+    history, results, claims = stores(redis_url, tmp_path)
+    for i in range(3):
+        run(results, claims, f"h{i}", "report", 180 * MB)
+    recent = run(results, claims, "light", "report", 6 * MB)
+    rec = recommend(6 * MB, 256, CFG, oom=False, history_peaks=history.with_run(6 * MB, recent))
     assert rec.recommended_mb == 256
     assert rec.based_on_runs == 4
     assert rec.tip == "✅ Memory setting (256MB) fits the peak (180MB) (based on the last 4 runs)"
 
 
-def test_redis_down_returns_this_run_quickly_and_recovers(
-    redis_server: Any, redis_url: str
+def test_a_task_that_never_ran_records_no_peak(redis_url: str, tmp_path: Path) -> None:
+    _, results, claims = stores(redis_url, tmp_path)
+    assert claims.acquire("f1", "broken").claim is not None
+    assert results.publish(Result("f1", "broken", "python", "FAILED", error_type="CODE_NOT_FOUND"))
+    assert not redis.Redis.from_url(redis_url).exists("autotuner:peaks:broken")
+
+
+def test_a_history_of_one_run_reads_nothing(redis_url: str, tmp_path: Path) -> None:
+    cfg = dataclasses.replace(CFG, history_size=1)
+    _, results, claims = stores(redis_url, tmp_path, cfg)
+    assert [run(results, claims, f"s{i}", "single", i * MB) for i in (1, 2)] == [(), ()]
+    assert redis.Redis.from_url(redis_url).lrange("autotuner:peaks:single", 0, -1) == [
+        str(2 * MB).encode()
+    ]
+
+
+def test_a_result_kept_in_the_outbox_records_its_peak_when_re_sent(
+    redis_server: Any, redis_url: str, tmp_path: Path
 ) -> None:
-    history = PeakHistory(redis_url, CFG, retry_after_seconds=0.2)
-    assert history.add_and_get("fn", 10 * MB) == [10 * MB]
+    history, results, claims = stores(redis_url, tmp_path)
+    run(results, claims, "before", "fn", 10 * MB)
+    claim = claims.acquire("during", "fn").claim
+    assert claim is not None and claim.recent_peaks == (10 * MB,)
     redis_server.stop()
     try:
-        started = time.monotonic()
-        assert history.add_and_get("fn", 20 * MB) == [20 * MB]
-        assert history.add_and_get("fn", 30 * MB) == [30 * MB]
-        assert time.monotonic() - started < 1.0
+        assert not results.publish(ran("during", "fn", 20 * MB))  # into the outbox
     finally:
         redis_server.start()
-    time.sleep(0.3)
-    assert history.add_and_get("fn", 40 * MB) == [40 * MB]  # redis restarted empty (no persistence)
-    assert history.add_and_get("fn", 50 * MB) == [50 * MB, 40 * MB]
+    assert results.flush_outbox() == 1
+    # redis restarted empty (no persistence): the re-send recorded the peak it carried
+    assert redis.Redis.from_url(redis_url).lrange("autotuner:peaks:fn", 0, -1) == [
+        str(20 * MB).encode()
+    ]

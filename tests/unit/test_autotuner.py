@@ -5,10 +5,10 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-import redis
 
 from common.config import AutotunerConfig
 from worker.autotuner import PeakHistory, Recommendation, recommend
+from worker.result import Result
 
 MB = 2**20
 CFG = AutotunerConfig()
@@ -195,15 +195,17 @@ def test_recommendation_is_never_below_floor_or_peak() -> None:
             assert rec.recommended_mb * MB >= min(peak_mb * MB, CFG.step_mb[-1] * MB)
 
 
-def test_peak_history_without_redis_uses_this_run_only_and_backs_off() -> None:
-    calls = 0
+def test_peak_history_takes_this_run_and_the_recent_ones_up_to_its_size() -> None:
+    history = PeakHistory(dataclasses.replace(CFG, history_size=3))
+    assert history.depth == 2
+    assert history.with_run(5 * MB, ()) == [5 * MB]
+    assert history.with_run(5 * MB, (7 * MB, 6 * MB, 1 * MB)) == [5 * MB, 7 * MB, 6 * MB]
+    assert history.parse([b"7", b"x", "6", None]) == (7, 6)
 
-    def broken() -> redis.Redis:
-        nonlocal calls
-        calls += 1
-        raise redis.ConnectionError("connection refused")
 
-    history = PeakHistory(broken, CFG)
-    assert history.add_and_get("fn", 5 * MB) == [5 * MB]
-    assert history.add_and_get("fn", 7 * MB) == [7 * MB]
-    assert calls == 1  # the second call did not try Redis again right away
+def test_peak_history_records_runs_only() -> None:
+    history = PeakHistory(dataclasses.replace(CFG, history_size=3, history_ttl_seconds=60))
+    run = Result("r", "fn", "python", "FAILED", peak_memory_bytes=9 * MB, recommended_memory_mb=64)
+    assert history.entry(run) == ("autotuner:peaks:fn", [9 * MB, 2, 60])
+    assert history.entry(Result("r", "fn", "python", "FAILED", error_type="CODE_NOT_FOUND")) is None
+    assert history.entry(Result(None, None, None, "FAILED")) is None

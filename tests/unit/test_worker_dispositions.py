@@ -17,10 +17,12 @@ import pytest
 from common.config import from_dict
 from common.errors import CodeNotFound, QueueUnavailable, ResultStoreUnavailable
 from runners.base import RunOutcome, Sandbox
-from worker.autotuner import Recommendation
+from worker.autotuner import PeakHistory, Recommendation
 from worker.claim import Acquired, Claim
 from worker.endings import Endings
 from worker.faults import FaultBoard
+from worker.inflight import Inflight
+from worker.ledger import Ledger
 from worker.loop import Worker
 from worker.result import Result
 from worker.sqs import Message
@@ -76,7 +78,7 @@ class FakeClaims:
         self.down = False
         self.released: list[str] = []
 
-    def acquire(self, request_id: str) -> Acquired:
+    def acquire(self, request_id: str, function_id: str | None = None) -> Acquired:
         if self.down:
             raise ResultStoreUnavailable("claim r1: Connection refused")
         if request_id in self.stored:
@@ -153,11 +155,6 @@ class FakeRunner:
         return {}
 
 
-class FakeHistory:
-    def add_and_get(self, function_id: str, peak: int) -> list[int]:
-        return [peak]
-
-
 class FakeMetrics:
     def __init__(self) -> None:
         self.records = 0
@@ -187,8 +184,11 @@ def make_worker(codes: FakeCodes | None = None, runner: FakeRunner | None = None
     worker.visibility = FakeLeases()  # type: ignore[assignment]
     worker.codes = codes or FakeCodes()  # type: ignore[assignment]
     worker.runner = runner or FakeRunner()  # type: ignore[assignment]
-    worker.history = FakeHistory()  # type: ignore[assignment]
+    worker.history = PeakHistory(worker.config.autotuner)
     worker.metrics = FakeMetrics()
+    worker.inflight = Inflight(
+        Ledger(1024, 8), 0, worker.handle, lambda m: 128, typical_mb=128, smallest_mb=128
+    )
     worker.endings = Endings(
         worker.config, "host:1", worker.queue, worker.store,  # type: ignore[arg-type]
         worker.queue, worker.metrics, worker.faults,  # type: ignore[arg-type]
