@@ -188,7 +188,9 @@ class ProcessRunner(PooledRunner):
             if measured is not None:
                 peak, source = measured, cgroup.memory.source
             oom = exit_code == -9 and cgroup.memory.oom_kills() > oom_before
-            if cgroup.kill_all(spare=sandbox.server_pid):
+            # As PID 1 of its namespace the server ended and reaped every other process
+            # before it replied; without that namespace, what the run left is killed here.
+            if "pid" not in sandbox.holds and cgroup.kill_all(spare=sandbox.server_pid):
                 logger.debug(f"{self.marker} killed processes left behind in {sandbox.name}")
         elif exit_code != 0 and b"MemoryError" in raw.stderr[-4096:]:
             oom = True

@@ -108,6 +108,25 @@ def test_leftover_background_processes_are_killed(runner: ProcessRunner) -> None
     assert sandbox.cgroup.pids() == [sandbox.server_pid]
 
 
+def test_leftovers_are_killed_by_the_agent_without_a_pid_namespace() -> None:
+    """Without the namespace (whose PID 1 ends them itself) the agent kills what the run left
+    in the sandbox's cgroup: here a process that left the run's process group."""
+    r = ProcessRunner(make_config(warm=0), 0)
+    r._as_root = False  # its sandboxes get no namespaces (and no uid of their own)
+    try:
+        code = (
+            "import os, time\n"
+            "if os.fork() == 0:\n    os.setsid()\n    time.sleep(60)\n"
+            "print(os.getpid())\n"
+        )
+        out, sandbox = run(r, code, key="bg")
+        assert out.exit_code == 0 and "pid" not in sandbox.holds
+        assert sandbox.cgroup is not None
+        assert sandbox.cgroup.pids() == [sandbox.server_pid]
+    finally:
+        r.close()
+
+
 def test_functions_cannot_read_each_others_code(runner: ProcessRunner) -> None:
     assert os.geteuid() == 0, "sandbox users exist only when the agent runs as root (CI does)"
     out_a, a = run(runner, "import os\nprint(os.getcwd())\n", key="a")
