@@ -134,9 +134,9 @@ class Worker:
                     logger.warning(f"[SQS] {exc}; retrying in {delay}s")
                     self._sleep(delay)
                     continue
-                was_idle = self.inflight.running == 0
+                lone = len(messages) == 1 and self.inflight.running == 0
                 self.dispatch(messages)
-                if was_idle:  # lone runs: their latency is all there is to win
+                if lone:  # its latency is all there is to win; a batch means more may wait
                     self.inflight.wait_ready(READY_WAIT_S)
         finally:
             self.shutdown()
