@@ -76,6 +76,7 @@ class SandboxCgroup:
         return killed
 
     def remove(self) -> None:
+        self.memory.close()
         self.kill_all()
         for directory in dict.fromkeys([self.memory_dir, self.pids_dir]):
             for _ in range(50):  # rmdir is refused until the killed processes are gone

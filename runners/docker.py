@@ -382,5 +382,7 @@ class DockerRunner(PooledRunner):
         if sandbox.server_fd >= 0:
             os.close(sandbox.server_fd)
             sandbox.server_fd = -1
+        if sandbox.cgroup is not None:
+            sandbox.cgroup.memory.close()
         container = sandbox.container.id if sandbox.container is not None else None
         self._reaper.later(container, sandbox.root)

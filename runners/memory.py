@@ -2,8 +2,11 @@
 
 A reader is reset before a run and read after it, so the peak belongs to one invocation:
 cgroup v1 resets ``memory.max_usage_in_bytes`` by writing 0 to it; cgroup v2 resets
-``memory.peak`` by writing to it (Linux 6.12+). On an older v2 kernel the peak cannot be
-reset, so the reader reports ``None`` and the runner falls back to the child's rusage.
+``memory.peak`` by writing to it (Linux 6.12+), and that reset holds only for reads through
+the same file descriptor. So the files read and written around every run stay open for
+the cgroup's life (which also spares an open and a close per file and run). On an older v2
+kernel the peak cannot be reset, so the reader reports ``None`` and the runner falls back
+to the child's rusage.
 """
 
 from __future__ import annotations
@@ -24,7 +27,15 @@ class CgroupMemory:
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        self._prefix = f"{directory}/"  # read and written around every run: plain os calls
+        self._prefix = f"{directory}/"
+        self._open: dict[str, int] = {}
+        """The files of every run, by name: open until ``close``."""
+
+    def close(self) -> None:
+        """Close the files kept open (the cgroup goes away)."""
+        for fd in self._open.values():
+            os.close(fd)
+        self._open.clear()
 
     def set_limit(self, limit_bytes: int) -> None:
         raise NotImplementedError
@@ -52,8 +63,20 @@ class CgroupMemory:
         finally:
             os.close(fd)
 
+    def _kept(self, name: str, flags: int) -> int:
+        fd = self._open.get(name)
+        if fd is None:
+            fd = self._open[name] = os.open(self._prefix + name, flags | os.O_CLOEXEC)
+        return fd
+
+    def _read_kept(self, name: str, flags: int = os.O_RDONLY) -> str:
+        return os.pread(self._kept(name, flags), 65536, 0).decode()
+
+    def _write_kept(self, name: str, value: str) -> None:
+        os.pwrite(self._kept(name, os.O_RDWR), value.encode(), 0)
+
     def _stat_field(self, name: str, key: str) -> int:
-        for line in self._read(name).splitlines():
+        for line in self._read_kept(name).splitlines():
             field, _, value = line.partition(" ")
             if field == key:
                 return int(value)
@@ -74,10 +97,10 @@ class CgroupV1Memory(CgroupMemory):
             self._write("memory.memsw.limit_in_bytes", str(limit_bytes))
 
     def reset_peak(self) -> None:
-        self._write("memory.max_usage_in_bytes", "0")
+        self._write_kept("memory.max_usage_in_bytes", "0")
 
     def peak_bytes(self) -> int | None:
-        return int(self._read("memory.max_usage_in_bytes"))
+        return int(self._read_kept("memory.max_usage_in_bytes", os.O_RDWR))
 
     def oom_kills(self) -> int:
         return self._stat_field("memory.oom_control", "oom_kill")
@@ -96,15 +119,17 @@ class CgroupV2Memory(CgroupMemory):
             self._write("memory.swap.max", "0")
 
     def reset_peak(self) -> None:
+        if not self._resettable:
+            return
         try:
-            self._write("memory.peak", "0")
-        except OSError:
+            self._write_kept("memory.peak", "0")
+        except OSError:  # no memory.peak, or one that cannot be written (before Linux 6.12)
             self._resettable = False
 
     def peak_bytes(self) -> int | None:
-        if not self._resettable or not (self.directory / "memory.peak").exists():
+        if not self._resettable or "memory.peak" not in self._open:
             return None
-        return int(self._read("memory.peak"))
+        return int(self._read_kept("memory.peak", os.O_RDWR))
 
     def oom_kills(self) -> int:
         return self._stat_field("memory.events", "oom_kill")

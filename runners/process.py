@@ -188,9 +188,11 @@ class ProcessRunner(PooledRunner):
             if measured is not None:
                 peak, source = measured, cgroup.memory.source
             oom = exit_code == -9 and cgroup.memory.oom_kills() > oom_before
-            # As PID 1 of its namespace the server ended and reaped every other process
-            # before it replied; without that namespace, what the run left is killed here.
-            if "pid" not in sandbox.holds and cgroup.kill_all(spare=sandbox.server_pid):
+            # A fork server, as PID 1 of its namespace, ended and reaped every other process
+            # before it replied; otherwise (no namespace, or the node server, which runs
+            # functions in its own process) what the run left is killed here.
+            ended = launch.server == "fork" and "pid" in sandbox.holds
+            if not ended and cgroup.kill_all(spare=sandbox.server_pid):
                 logger.debug(f"{self.marker} killed processes left behind in {sandbox.name}")
         elif exit_code != 0 and b"MemoryError" in raw.stderr[-4096:]:
             oom = True

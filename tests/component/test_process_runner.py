@@ -80,6 +80,21 @@ def test_sandboxes_have_their_own_cgroup_with_limits(runner: ProcessRunner) -> N
         assert int(limit.read_text()) == 96 * 2**20
 
 
+def test_peak_memory_is_per_invocation_in_one_sandbox(runner: ProcessRunner) -> None:
+    code = (
+        "import sys\n"
+        "if sys.stdin.read() == 'big':\n"
+        "    b = bytearray(100 * 2**20)\n"
+        "    for i in range(0, len(b), 4096): b[i] = 1\n"
+    )
+    out_big, first = run(runner, code, key="peaks", memory_mb=512, stdin=b"big")
+    out_small, second = run(runner, code, key="peaks", memory_mb=512, stdin=b"small")
+    assert first is second  # the same sandbox, its cgroup files kept open between runs
+    assert out_big.exit_code == 0 and out_small.exit_code == 0
+    assert out_big.peak_source.startswith("cgroup") and out_big.peak_memory_bytes >= 100 * 2**20
+    assert out_small.peak_memory_bytes < 32 * 2**20
+
+
 def test_fork_bomb_is_contained(runner: ProcessRunner, pids_limited_tests: int) -> None:
     sandbox = runner.acquire("python", "probe")
     assert sandbox.cgroup is not None
