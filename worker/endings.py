@@ -83,13 +83,14 @@ class Endings:
             logger.warning(f"[FAIL][{res.error_type}] {res.request_id}: {res.error_message}")
 
     def republish(self, message: Message, stored: Result) -> None:
-        if self.publish(stored):
+        if self.publish(stored, again=True):
             self.delete(message)
 
-    def publish(self, res: Result) -> bool:
-        """Publish (or keep in the outbox); False only when the result could not be kept."""
+    def publish(self, res: Result, again: bool = False) -> bool:
+        """Publish (or keep in the outbox); False only when the result could not be kept.
+        ``again``: a stored result published once more (its peak is not recorded twice)."""
         try:
-            self.store.publish(res)
+            self.store.publish(res, record_peak=not again)
             return True
         except ResultStoreUnavailable as exc:  # neither Redis nor the outbox took it
             logger.error(

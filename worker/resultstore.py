@@ -149,8 +149,10 @@ class ResultStore:
             )
             return None
 
-    def publish(self, result: Result) -> bool:
+    def publish(self, result: Result, record_peak: bool = True) -> bool:
         """SET + PUBLISH the result atomically (one script); True when Redis took it.
+        ``record_peak``: False for a result published before (a duplicate's re-publish),
+        whose peak is in the history already.
 
         On Redis trouble it retries for ``retry_seconds``, then writes the result to the outbox
         and returns False. Raises ResultStoreUnavailable only when the outbox cannot be
@@ -159,13 +161,14 @@ class ResultStore:
         request_id = str(result.request_id or "")
         log = logger.bind(requestId=request_id)
         data = encode(result)
+        peak = self._peak_entry(result) if record_peak else None
         deadline = time.monotonic() + self._retry_seconds
         delay = self._first_backoff
         attempts = 0
         while True:
             attempts += 1
             try:
-                self._send(request_id, data, result)
+                self._send(request_id, data, peak)
             except ResultStoreUnavailable as exc:
                 error = exc
                 remaining = deadline - time.monotonic()
@@ -228,12 +231,15 @@ class ResultStore:
         """Entries of this process that Redis refused and that wait for another try."""
         return len(self._tries)
 
-    def _send(self, request_id: str, data: bytes, result: Result | None) -> None:
-        """SET + PUBLISH + DEL the claim (+ the run's peak into its history) in one script;
-        ResultStoreUnavailable or ResultRejected when Redis did not take it."""
+    def _peak_entry(self, result: Result) -> tuple[str, list[int]] | None:
+        return self._peaks.entry(result) if self._peaks is not None else None
+
+    def _send(self, request_id: str, data: bytes, peak: tuple[str, list[int]] | None) -> None:
+        """SET + PUBLISH + DEL the claim (+ ``peak``, a run's peak, into its function's
+        history) in one script; ResultStoreUnavailable or ResultRejected when Redis did not
+        take it."""
         key = f"result:{request_id}"
         keys, args = [key, claim_key(request_id)], [data, self._ttl]
-        peak = self._peaks.entry(result) if self._peaks and result else None
         if peak is not None:
             keys.append(peak[0])
             args.extend(peak[1])
@@ -320,7 +326,7 @@ class ResultStore:
             return None
         request_id = str(result.request_id or "")
         try:
-            self._send(request_id, data, result)
+            self._send(request_id, data, self._peak_entry(result))
         except ResultRejected as exc:
             tries = self._tries.get(entry, 0) + 1
             if tries >= MAX_ENTRY_TRIES:

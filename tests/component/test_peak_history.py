@@ -72,6 +72,13 @@ def test_a_task_that_never_ran_records_no_peak(redis_url: str, tmp_path: Path) -
     assert not redis.Redis.from_url(redis_url).exists("autotuner:peaks:broken")
 
 
+def test_a_re_published_result_records_no_peak_again(redis_url: str, tmp_path: Path) -> None:
+    _, results, claims = stores(redis_url, tmp_path)
+    run(results, claims, "d1", "dup", 5 * MB)
+    assert results.publish(ran("d1", "dup", 5 * MB), record_peak=False)  # a duplicate's copy
+    assert redis.Redis.from_url(redis_url).llen("autotuner:peaks:dup") == 1
+
+
 def test_a_history_of_one_run_reads_nothing(redis_url: str, tmp_path: Path) -> None:
     cfg = dataclasses.replace(CFG, history_size=1)
     _, results, claims = stores(redis_url, tmp_path, cfg)

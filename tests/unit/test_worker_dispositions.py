@@ -57,13 +57,15 @@ class FakeQueue:
 class FakeStore:
     def __init__(self, queue: FakeQueue) -> None:
         self.published: list[dict] = []
+        self.peaks_recorded: list[bool] = []
         self.broken = False
         self._events = queue.events
 
-    def publish(self, result: Result) -> bool:
+    def publish(self, result: Result, record_peak: bool = True) -> bool:
         if self.broken:
             raise ResultStoreUnavailable("no redis, no outbox")
         self.published.append(result.to_dict())
+        self.peaks_recorded.append(record_peak)
         self._events.append("publish")
         return True
 
@@ -215,6 +217,7 @@ def test_ran_is_published_and_deleted(monkeypatch: pytest.MonkeyPatch) -> None:
     )
     worker.handle(message())
     assert [r["status"] for r in worker.store.published] == ["SUCCESS"]
+    assert worker.store.peaks_recorded == [True]
     assert worker.queue.deleted == ["m1"] and worker.metrics.records == 1
 
 
@@ -273,6 +276,7 @@ def test_duplicate_is_republished_not_run() -> None:
     worker.claims.stored["r1"] = stored
     worker.handle(message())
     assert worker.store.published == [stored]
+    assert worker.store.peaks_recorded == [False]  # its run recorded its peak already
     assert worker.queue.deleted == ["m1"] and runner.released == 0
 
 
