@@ -122,6 +122,11 @@ class PeakHistory:
         """This run's peak and the recent ones, newest first (what ``recommend`` takes)."""
         return [peak_bytes, *recent[: self.depth]]
 
+    def reading(self, function_id: str) -> tuple[str, int] | None:
+        """The key and the last index (LRANGE) of the recent peaks a run of ``function_id``
+        reads; None when the history holds the run's own peak only."""
+        return (self.key(function_id), self.depth - 1) if self.depth > 0 else None
+
     def entry(self, result: Result) -> tuple[str, list[int]] | None:
         """The key and the arguments (peak, last index kept, TTL) that record ``result``'s
         peak; None for a task that never ran (its result has no recommendation)."""

@@ -102,9 +102,14 @@ class ClaimStore:
         token = f"{self._worker_id}:{uuid.uuid4().hex}"
         keys = [f"result:{request_id}", claim_key(request_id)]
         args: list[object] = [token, self.lease_ms]
-        if self._peaks is not None and function_id is not None and self._peaks.depth > 0:
-            keys.append(self._peaks.key(function_id))
-            args.append(self._peaks.depth - 1)
+        reading = (
+            self._peaks.reading(function_id)
+            if self._peaks is not None and function_id is not None
+            else None
+        )
+        if reading is not None:
+            keys.append(reading[0])
+            args.append(reading[1])
         reply = self._link.call(
             f"claim {request_id}",
             lambda c: self._acquire(keys=keys, args=args, client=c),

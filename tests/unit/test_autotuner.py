@@ -198,6 +198,8 @@ def test_recommendation_is_never_below_floor_or_peak() -> None:
 def test_peak_history_takes_this_run_and_the_recent_ones_up_to_its_size() -> None:
     history = PeakHistory(dataclasses.replace(CFG, history_size=3))
     assert history.depth == 2
+    assert history.reading("fn") == ("autotuner:peaks:fn", 1)
+    assert PeakHistory(dataclasses.replace(CFG, history_size=1)).reading("fn") is None
     assert history.with_run(5 * MB, ()) == [5 * MB]
     assert history.with_run(5 * MB, (7 * MB, 6 * MB, 1 * MB)) == [5 * MB, 7 * MB, 6 * MB]
     assert history.parse([b"7", b"x", "6", None]) == (7, 6)
