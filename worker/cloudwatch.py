@@ -42,14 +42,10 @@ class _Record:
 
 
 def _default_client(region: str | None = None) -> Any:
-    # Endpoint and credentials come from boto3's chain (AWS_ENDPOINT_URL included).
-    import boto3
-    from botocore.config import Config
+    from common import awsclient
 
-    return boto3.session.Session().client(
-        "cloudwatch",
-        region_name=region,
-        config=Config(connect_timeout=1, read_timeout=3, retries={"max_attempts": 2}),
+    return awsclient.client(
+        "cloudwatch", region, connect_timeout=1, read_timeout=3, retries={"max_attempts": 2}
     )
 
 

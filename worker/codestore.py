@@ -32,12 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import boto3
-import botocore.config
 import urllib3.exceptions
 from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
 from botocore.exceptions import ConnectionError as S3ConnectionError
 
+from common import awsclient
 from common.errors import CodeNotFound, HostFault, InvalidCodePackage, host_fault
 
 GiB = 2**30
@@ -54,8 +53,6 @@ _UNREACHABLE = (S3ConnectionError, HTTPClientError)  # refused, DNS, timeouts, d
 _CUT_OFF = (BotoCoreError, urllib3.exceptions.HTTPError, OSError)
 """What reading a response body raises when the transfer breaks (botocore wraps most as
 ResponseStreamingError or ReadTimeoutError; a reset socket can surface as an OSError)."""
-# Only timeouts: retries and endpoints stay with boto3's own chain (env, config file).
-_CLIENT_CONFIG = botocore.config.Config(connect_timeout=5, read_timeout=30)
 
 
 @dataclass(frozen=True)
@@ -112,7 +109,8 @@ class CodeStore:
         A client this store created is re-created in a forked child; a given one is kept.
         """
         if self._client is None or (self._client_pid and self._client_pid != os.getpid()):
-            self._client = boto3.client("s3", region_name=self.region, config=_CLIENT_CONFIG)
+            # Only timeouts: retries stay with boto3's own chain (env, config file).
+            self._client = awsclient.client("s3", self.region, connect_timeout=5, read_timeout=30)
             self._client_pid = os.getpid()
         return self._client
 

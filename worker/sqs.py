@@ -15,11 +15,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import boto3
-from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 from loguru import logger
 
+from common import awsclient
 from common.config import QueueConfig
 from common.errors import QueueUnavailable
 
@@ -61,14 +60,12 @@ def make_client(
 ) -> Any:
     """An SQS client with these timeouts and at most ``tries`` tries per call (retries
     included)."""
-    return boto3.client(
+    return awsclient.client(
         "sqs",
-        region_name=region,
-        config=BotoConfig(
-            connect_timeout=connect_timeout,
-            read_timeout=read_timeout,
-            retries={"total_max_attempts": tries, "mode": "standard"},
-        ),
+        region,
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
+        retries={"total_max_attempts": tries, "mode": "standard"},
     )
 
 
