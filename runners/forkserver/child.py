@@ -16,7 +16,6 @@ import resource
 import runpy
 import signal
 import sys
-import traceback
 import types
 
 from .preload import Preload
@@ -101,21 +100,29 @@ def wrap_stdio() -> tuple:
 
 
 class Stdio:
-    """The run's stdin, stdout and stderr as python objects, made by the server before the
-    fork: made in the child, the three wrappers (and the codec machinery behind them) copied
-    ~60 of the server's pages in every run. For the moment of the fork the run's pipes are
-    the server's fds 0-2 (so each wrapper is made on the kind of file it will read or write);
-    the server's own are kept aside and put back at once after."""
+    """The run's stdin, stdout and stderr as python objects, made once by the server.
+
+    Made in the child, the three wrappers (and the codec machinery behind them) copied ~60 of
+    the server's pages in every run; made before each fork, they cost the server a dozen
+    objects and ten syscalls a run. They are made at start over a pipe on each of fds 0-2,
+    the kind of file every run's are, and the server never uses them: each child finds them
+    as new. For the moment of the fork the run's pipes are the server's fds 0-2; the
+    server's own are kept aside and put back at once after.
+    """
 
     def __init__(self) -> None:
         self.saved = [_kept(fd) for fd in range(3)]
+        self.wrappers = self._over_a_pipe()
 
     def for_run(self, fds: list) -> tuple | None:
-        """In the server, before the fork: the run's pipes as fds 0-2, and their wrappers."""
+        """In the server, before the fork: the run's pipes as fds 0-2, and their wrappers
+        (None: the child makes its own)."""
+        if self.wrappers is None:
+            return None
         try:
             for target, fd in enumerate(fds):
                 os.dup2(fd, target)
-            return wrap_stdio()
+            return self.wrappers
         except OSError:
             self.restore()
             return None
@@ -124,6 +131,22 @@ class Stdio:
         """In the server, after the fork: its own fds 0-2 again (it keeps no end of a pipe)."""
         for target, fd in enumerate(self.saved):
             os.dup2(fd, target)
+
+    def _over_a_pipe(self) -> tuple | None:
+        try:
+            read, write = os.pipe()
+        except OSError:
+            return None
+        try:
+            for target, fd in enumerate((read, write, write)):
+                os.dup2(fd, target)
+            return wrap_stdio()
+        except OSError:
+            return None
+        finally:
+            os.close(read)
+            os.close(write)
+            self.restore()
 
 
 def _kept(fd: int) -> int:
@@ -157,7 +180,10 @@ def run_python(argv: list, cwd: str, code: types.CodeType | None, stdio: tuple) 
         tb = exc.__traceback__
         while tb is not None and tb.tb_frame.f_code.co_filename != script:
             tb = tb.tb_next
-        traceback.print_exception(type(exc), exc, tb or exc.__traceback__)
+        # Python's own display (C), as ``python3 main.py`` prints it, from the script's frame
+        # on: the server keeps no traceback module (nor its linecache, tokenize, textwrap) in
+        # the memory every fork copies.
+        sys.__excepthook__(type(exc), exc.with_traceback(tb or exc.__traceback__), None)
         status = 1
     # Not imported by the server (its fork hook costs every child ~0.4 ms): only a function
     # that imported it can have threads to wait for, as python waits at exit.

@@ -25,7 +25,7 @@ import resource
 import signal
 import socket
 import struct
-import traceback
+import sys
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWPID = 0x20000000
@@ -217,7 +217,7 @@ def init_for(command: list, options: dict, host_proc: int, report: dict) -> int:
             os.close(host_proc)
             exec_server(command, options, 1, {"pid": host_pid, **report})
         except BaseException:
-            traceback.print_exc()
+            sys.__excepthook__(*sys.exc_info())
         finally:
             os._exit(code)
     os.close(host_proc)
