@@ -24,7 +24,22 @@ from .script import run_compiled
 DEFAULT_SIGNALS = tuple(
     int(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGPIPE)
 )
-"""What the child resets to the default, as plain ints for ``_signal`` (see child)."""
+"""What a run starts with at the default, as plain ints for ``_signal`` (see child)."""
+
+
+class Signals:
+    """What the child must undo of the server's signal set-up, worked out once: each call in
+    the child copies pages of the server."""
+
+    def __init__(self, wakeup: bool) -> None:
+        # The server needs no SIGPIPE ignored: a reply to an agent that went away ends the
+        # server either way (killed, or the uncaught BrokenPipeError; as PID 1 it is immune
+        # and gets the error).
+        _signal.signal(_signal.SIGPIPE, _signal.SIG_DFL)
+        self.wakeup = wakeup
+        self.handled = tuple(
+            sig for sig in DEFAULT_SIGNALS if _signal.getsignal(sig) != _signal.SIG_DFL
+        )
 
 
 def child(
@@ -32,24 +47,28 @@ def child(
     fds: list,
     keep_closed: list,
     preload: Preload,
+    signals: Signals,
     code: types.CodeType | None = None,
     stdio: tuple | None = None,
 ) -> None:
     """In the forked child: become the function (``code``: its script, compiled by the
-    server; ``stdio``: its stdin, stdout and stderr, made by the server). Never returns."""
+    server; ``stdio``: its stdin, stdout and stderr, made by the server and already fds 0-2
+    and sys.stdin, sys.stdout and sys.stderr). Never returns."""
     status = 127
     try:
         preload.enter(request.get("preload"))
         os.setsid()
-        _signal.set_wakeup_fd(-1)  # the function's own handlers must not write into a stale fd
+        if signals.wakeup:
+            _signal.set_wakeup_fd(-1)  # the function's own handlers must not write into it
         # The C module: signal.signal wraps its result in an enum, whose machinery touches
         # (and so copies) ~80 of the server's pages in every child.
-        for sig in DEFAULT_SIGNALS:
+        for sig in signals.handled:
             _signal.signal(sig, _signal.SIG_DFL)
         if stdio is None:  # else the server made them fds 0-2 already (Stdio.for_run)
             for target, fd in enumerate(fds):
                 os.dup2(fd, target)
-        for fd in fds + keep_closed:
+            keep_closed = fds + keep_closed
+        for fd in keep_closed:
             if fd > 2:
                 os.close(fd)
         limits = request.get("rlimits") or {}
@@ -105,27 +124,40 @@ class Stdio:
     Made in the child, the three wrappers (and the codec machinery behind them) copied ~60 of
     the server's pages in every run; made before each fork, they cost the server a dozen
     objects and ten syscalls a run. They are made at start over a pipe on each of fds 0-2,
-    the kind of file every run's are, and the server never uses them: each child finds them
-    as new. For the moment of the fork the run's pipes are the server's fds 0-2; the
-    server's own are kept aside and put back at once after.
+    the kind of file every run's are, and are the server's own sys.stdin, sys.stdout and
+    sys.stderr from then on, so a child has nothing to set; the server writes nothing to
+    them (it has no stdout to write, and what an error of its own writes to stderr goes
+    straight to fd 2), so each child finds them as new. For the moment of the fork the
+    run's pipes are the server's fds 0-2; the server's own are kept aside and put back at
+    once after.
     """
 
     def __init__(self) -> None:
         self.saved = [_kept(fd) for fd in range(3)]
         self.wrappers = self._over_a_pipe()
+        self.own = (sys.stdin, sys.stdout, sys.stderr)
+        """Python's own objects, held: were the child to drop their last reference, their
+        deallocation would touch (copy) pages in every run."""
+        if self.wrappers is not None:
+            sys.stdin = sys.__stdin__ = self.wrappers[0]
+            sys.stdout = sys.__stdout__ = self.wrappers[1]
+            sys.stderr = sys.__stderr__ = self.wrappers[2]
 
     def for_run(self, fds: list) -> tuple | None:
-        """In the server, before the fork: the run's pipes as fds 0-2, and their wrappers
-        (None: the child makes its own)."""
+        """In the server, before the fork: the run's pipes as fds 0-2 (the received ones are
+        closed and ``fds`` emptied) and their wrappers; None: the child makes its own."""
         if self.wrappers is None:
             return None
         try:
             for target, fd in enumerate(fds):
                 os.dup2(fd, target)
-            return self.wrappers
         except OSError:
             self.restore()
             return None
+        for fd in fds:
+            os.close(fd)
+        fds.clear()
+        return self.wrappers
 
     def restore(self) -> None:
         """In the server, after the fork: its own fds 0-2 again (it keeps no end of a pipe)."""
@@ -165,9 +197,10 @@ def run_python(argv: list, cwd: str, code: types.CodeType | None, stdio: tuple) 
     sys.argv = list(argv[1:])
     if sys.path[:1] != [cwd]:  # a server that preloaded the function's modules has it there
         sys.path.insert(0, cwd)
-    sys.stdin = sys.__stdin__ = stdio[0]
-    sys.stdout = sys.__stdout__ = stdio[1]
-    sys.stderr = sys.__stderr__ = stdio[2]
+    if sys.stdout is not stdio[1]:  # the server's own are the run's already (Stdio)
+        sys.stdin = sys.__stdin__ = stdio[0]
+        sys.stdout = sys.__stdout__ = stdio[1]
+        sys.stderr = sys.__stderr__ = stdio[2]
     status = 0
     try:
         if code is None:

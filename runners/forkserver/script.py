@@ -21,6 +21,9 @@ class Scripts:
 
     def __init__(self) -> None:
         self._compiled: dict[str, tuple[tuple[int, int, int], types.CodeType | None]] = {}
+        self._server_main = sys.modules.get("__main__")
+        """Held: a run replaces ``__main__``, and freeing the server's would copy pages in
+        every child."""
 
     def code_for(self, cwd: str, script: str) -> types.CodeType | None:
         """The compiled ``script`` (relative to ``cwd``), or None: run it with runpy."""

@@ -28,7 +28,7 @@ import socket
 import sys
 import time
 
-from .child import Stdio, adopt_environment, child
+from .child import Signals, Stdio, adopt_environment, child
 from .preload import Preload
 from .reaping import kill_group, kill_namespace, reap_orphans
 from .sandbox import (
@@ -74,6 +74,7 @@ def serve_run(
     preload: Preload,
     scripts: Scripts,
     stdio: Stdio,
+    signals: Signals,
 ) -> None:
     """Fork one run and report its end; then preload what it imported, if asked to.
     ``wakeup`` (PID 1 only): the SIGCHLD wake-up pipe, so orphans the run leaves to this
@@ -86,7 +87,7 @@ def serve_run(
     pid = os.fork()
     if pid == 0:
         keep_closed = [conn.fileno(), listener.fileno(), *(wakeup or ()), *stdio.saved]
-        child(request, fds, keep_closed, preload, code, wrapped)
+        child(request, fds, keep_closed, preload, signals, code, wrapped)
     if wrapped is not None:
         stdio.restore()
     for fd in fds:
@@ -210,6 +211,7 @@ def main(argv: list) -> int:
         os.write(ready, line.encode())
         os.close(ready)
     preload, scripts, stdio = Preload(), Scripts(), Stdio()
+    signals = Signals(wakeup is not None)
     while True:
         conn, _ = listener.accept()
         with conn:
@@ -218,7 +220,9 @@ def main(argv: list) -> int:
                 if request is None:
                     break
                 if request.get("op") == "run" and len(fds) == 3:
-                    serve_run(conn, request, fds, listener, wakeup, preload, scripts, stdio)
+                    serve_run(
+                        conn, request, fds, listener, wakeup, preload, scripts, stdio, signals
+                    )
                 else:
                     for fd in fds:
                         os.close(fd)
