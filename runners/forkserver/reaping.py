@@ -28,7 +28,16 @@ def reap_orphans(run_pid: int) -> bool:
 
 
 def kill_namespace() -> None:
-    """As PID 1: SIGKILL every other process of the namespace and reap them all."""
+    """As PID 1: SIGKILL every other process of the namespace and reap them all.
+
+    Orphans come to PID 1, so with no child left there is no one else, and the kill is not
+    sent: ``kill(-1)`` walks every process of the host to find the namespace's own.
+    """
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+            pass
+    except ChildProcessError:
+        return
     while True:
         with contextlib.suppress(OSError):
             os.kill(-1, signal.SIGKILL)  # from PID 1: everyone in the namespace but itself
