@@ -225,12 +225,12 @@ def run_python(argv: list, cwd: str, code: types.CodeType | None, stdio: tuple) 
         for thread in threading.enumerate():
             if thread is not threading.main_thread() and not thread.daemon:
                 thread.join()
-    try:
+    with contextlib.suppress(BaseException):
         atexit._run_exitfuncs()
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except BaseException:
-        pass
+    for stream in (sys.stdout, sys.stderr):  # as python's exit: each one, unless closed
+        with contextlib.suppress(BaseException):
+            if not stream.closed:
+                stream.flush()
     return status
 
 

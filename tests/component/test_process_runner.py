@@ -396,3 +396,31 @@ def test_a_warm_call_has_the_stdio_of_python3_main_py(runner: ProcessRunner) -> 
     for _ in range(3):
         out, _ = run(runner, STDIO_FACTS, key="stdio@1")
         assert json.loads(out.stdout) == expected
+
+
+def test_a_call_that_misuses_its_stdio_leaves_the_next_call_new_ones(
+    runner: ProcessRunner,
+) -> None:
+    """The stdio objects are made once in the server; each call gets them as new, whatever
+    the call before did to its own: read part of stdin, left output unflushed, closed them."""
+    code = (
+        "import sys\n"
+        "if sys.stdin.read(4) == 'mess':\n"
+        "    sys.stdout.write('half a line')\n"
+        "    sys.stderr.write('no newline')\n"
+        "    sys.stdout.close()\n"
+        "    sys.stdin.close()\n"
+        "    raise SystemExit(0)\n"
+        + STDIO_FACTS.replace("facts['in'] = sys.stdin.read()", "")
+    )
+    messy, first = run(runner, code, key="stdio-mess@1", stdin=b"mess and more")
+    assert (messy.exit_code, messy.stdout, messy.stderr) == (0, b"half a line", b"no newline")
+    out, second = run(runner, code, key="stdio-mess@1", stdin=b"calm, and the rest")
+    assert second is first and out.exit_code == 0, out.stderr
+    facts = json.loads(out.stdout)
+    assert facts["in"] == ", and the rest"  # "calm": read by the check above
+    assert [facts[name][1:] for name in ("stdin", "stdout", "stderr")] == [
+        ["utf-8", "surrogateescape", False, False, False, True],
+        ["utf-8", "surrogateescape", False, False, False, True],
+        ["utf-8", "backslashreplace", True, False, False, True],
+    ]
