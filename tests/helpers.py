@@ -271,3 +271,27 @@ def put_code(sandbox: Any, files: dict[str, str], key: str) -> None:
         (sandbox.code_dir / name).write_text(text)
         (sandbox.code_dir / name).chmod(0o644)
     sandbox.code_key = key
+
+
+SIGNAL_FACTS = """\
+import json, signal
+masks = dict(line.split(":") for line in open("/proc/self/status") if line.startswith("Sig"))
+held = {name: int(masks[name], 16) for name in ("SigIgn", "SigCgt", "SigBlk")}
+sigs = (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGPIPE, signal.SIGHUP)
+print(json.dumps({
+    "python": [signal.getsignal(s) == signal.SIG_DFL for s in sigs],
+    "kernel": {name: [bool(mask >> (s - 1) & 1) for s in sigs] for name, mask in held.items()},
+    "wakeup_fd": signal.set_wakeup_fd(-1),
+}))
+"""
+"""A function that reports its signal dispositions (see assert_default_signals)."""
+
+
+def assert_default_signals(out: Any) -> None:
+    """``out`` (a run of SIGNAL_FACTS) started as a process spawned fresh: every signal at
+    the default, none blocked, no wake-up fd, whatever its sandbox's server handles itself."""
+    assert out.exit_code == 0, out.stderr
+    facts = json.loads(out.stdout)
+    assert facts["python"] == [True] * 5
+    assert facts["kernel"] == {name: [False] * 5 for name in ("SigIgn", "SigCgt", "SigBlk")}
+    assert facts["wakeup_fd"] == -1

@@ -26,7 +26,7 @@ from typing import Any
 import docker
 import pytest
 from docker.errors import NotFound
-from helpers import put_code, wait_until
+from helpers import SIGNAL_FACTS, assert_default_signals, put_code, wait_until
 
 from common.config import Config, from_dict
 from common.errors import ConfigError, SandboxError
@@ -204,6 +204,13 @@ def test_a_function_exits_with_its_own_code_and_stderr(runner: DockerRunner) -> 
     out, sandbox = run(runner, "import sys\nsys.stderr.write('bad input')\nsys.exit(3)\n")
     assert (out.exit_code, out.stderr, out.oom_killed) == (3, b"bad input", False)
     assert sandbox.healthy
+
+
+def test_a_call_starts_with_the_default_signal_dispositions(runner: DockerRunner) -> None:
+    """The fork server under docker-init (not PID 1: it handles SIGTERM itself)."""
+    for _ in range(2):
+        out, _ = run(runner, SIGNAL_FACTS, key="signals@1")
+        assert_default_signals(out)
 
 
 def test_idle_container_is_paused_and_unpaused_on_acquire(engine: docker.DockerClient) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import psutil
 import pytest
-from helpers import put_code, wait_until
+from helpers import SIGNAL_FACTS, assert_default_signals, put_code, wait_until
 
 from common.config import Config, from_dict
 from runners import cgroups
@@ -396,6 +396,14 @@ def test_a_warm_call_has_the_stdio_of_python3_main_py(runner: ProcessRunner) -> 
     for _ in range(3):
         out, _ = run(runner, STDIO_FACTS, key="stdio@1")
         assert json.loads(out.stdout) == expected
+
+
+def test_a_call_starts_with_the_default_signal_dispositions(runner: ProcessRunner) -> None:
+    """Whatever the server handles or ignores itself (SIGCHLD as PID 1, SIGINT and SIGPIPE
+    as Python leaves them), a call starts as a process spawned fresh (``signal_facts``)."""
+    for _ in range(2):
+        out, _ = run(runner, SIGNAL_FACTS, key="signals@1")
+        assert_default_signals(out)
 
 
 def test_a_call_that_misuses_its_stdio_leaves_the_next_call_new_ones(
