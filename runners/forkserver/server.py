@@ -20,8 +20,6 @@ import contextlib
 import gc
 import json
 import os
-import pkgutil  # noqa: F401  loaded once here: runpy imports it lazily in every child
-import runpy
 import select
 import signal
 import socket
@@ -130,22 +128,9 @@ def serve_run(
         send_packet(conn, loaded)
 
 
-def warm_up(directory: str) -> None:
-    """Run an empty script once, then freeze the heap, before serving.
-
-    The first run_path loads what runpy needs lazily; freezing keeps the garbage collector of
-    every forked child off the server's objects, so their pages stay shared (less copying,
-    a lower per-invocation peak). Not named main.py: the import system would remember that
-    path as "not a zip" and a real zipped main.py would break.
-    """
-    script = os.path.join(directory, "nanogrid-warmup.py")
-    try:
-        with open(script, "w") as f:
-            f.write("pass\n")
-        runpy.run_path(script)
-        os.unlink(script)
-    except OSError:
-        pass  # an unwritable directory only costs the first run its lazy imports
+def warm_up() -> None:
+    """Freeze the heap before serving: keeps the garbage collector of every forked child off
+    the server's objects, so their pages stay shared (less copying, a lower peak)."""
     gc.collect()
     gc.freeze()
 
@@ -193,7 +178,7 @@ def main(argv: list) -> int:
         signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     join_cgroups(options.get("cgroup_procs", []))
     os.umask(0o077)
-    warm_up(os.path.dirname(path))  # before the socket appears: its existence means ready
+    warm_up()  # before the socket appears: its existence means ready
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     if os.path.exists(path):
         os.unlink(path)

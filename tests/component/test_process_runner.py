@@ -326,6 +326,9 @@ def test_a_warm_call_runs_its_compiled_script_as_python_would(runner: ProcessRun
     warned = [run(runner, "print(1 is 1)\n", key="warn@1")[0] for _ in range(2)]
     for out in warned:  # compile-time warnings stay the call's own
         assert out.stdout == b"True\n" and b"SyntaxWarning" in out.stderr
+    quiet = [run(runner, 'print("\\d")\n', key="escape@1")[0] for _ in range(2)]
+    for out in quiet:  # a DeprecationWarning python3 does not show at all
+        assert (out.stdout, out.stderr) == (b"\\d\n", b"")
     broken = [run(runner, "def (:\n", key="syntax@1")[0] for _ in range(2)]
     for out in broken:
         assert out.exit_code == 1 and b"SyntaxError" in out.stderr
