@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import socket
+import threading
 import time
 import zipfile
 from collections import Counter
@@ -133,6 +134,73 @@ def test_burst_within_head_ttl_makes_no_s3_call(
     time.sleep(0.6)
     store.fetch(bucket, KEY)
     assert s3.calls["HeadObject"] == 2
+
+
+def fetch_at_once(store: CodeStore, bucket: str, key: str, runs: int) -> list[Any]:
+    """``runs`` threads fetching ``key`` at the same moment: each one's package or error."""
+    start = threading.Barrier(runs)
+    outcomes: list[Any] = [None] * runs
+
+    def one(i: int) -> None:
+        start.wait()
+        try:
+            outcomes[i] = store.fetch(bucket, key)
+        except Exception as exc:  # noqa: BLE001 - the outcome under test
+            outcomes[i] = exc
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(runs)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not any(thread.is_alive() for thread in threads)
+    return outcomes
+
+
+def test_a_burst_of_first_runs_makes_one_head_and_one_get(
+    tmp_path: Path, s3: CountedClient, bucket: str
+) -> None:
+    s3.client.put_object(Bucket=bucket, Key=KEY, Body=code_zip())
+    store = make_store(tmp_path, s3, head_ttl_seconds=1.0)
+    packages = fetch_at_once(store, bucket, KEY, 16)
+    assert all(isinstance(p, CodePackage) for p in packages), packages
+    assert len({p.zip_path for p in packages}) == 1
+    assert sum(p.downloaded for p in packages) == 1
+    assert (s3.calls["HeadObject"], s3.calls["GetObject"]) == (1, 1)
+
+
+def test_a_failed_fetch_does_not_hold_up_the_others(
+    tmp_path: Path, s3: CountedClient, bucket: str
+) -> None:
+    """Each run that waited on a fetch that failed tries in turn, and fails on its own."""
+    store = make_store(tmp_path, s3, head_ttl_seconds=1.0)
+    outcomes = fetch_at_once(store, bucket, "functions/missing.zip", 8)
+    assert all(isinstance(o, CodeNotFound) for o in outcomes), outcomes
+    s3.client.put_object(Bucket=bucket, Key="functions/missing.zip", Body=code_zip())
+    assert store.fetch(bucket, "functions/missing.zip").downloaded
+
+
+def test_a_slow_fetch_of_one_key_does_not_hold_up_another(
+    tmp_path: Path, s3: CountedClient, bucket: str
+) -> None:
+    for key in ("functions/slow.zip", "functions/quick.zip"):
+        s3.client.put_object(Bucket=bucket, Key=key, Body=code_zip())
+    slowed = threading.Event()
+
+    def slow_head(params: dict[str, Any], **_: Any) -> None:
+        if params.get("Key") == "functions/slow.zip":
+            slowed.set()
+            time.sleep(1.0)
+
+    s3.client.meta.events.register("provide-client-params.s3.HeadObject", slow_head)
+    store = make_store(tmp_path, s3, head_ttl_seconds=1.0)
+    slow = threading.Thread(target=store.fetch, args=(bucket, "functions/slow.zip"))
+    slow.start()
+    assert slowed.wait(10)
+    started = time.monotonic()
+    store.fetch(bucket, "functions/quick.zip")
+    assert time.monotonic() - started < 0.8
+    slow.join(10)
 
 
 def test_fetched_zip_unpacks(tmp_path: Path, s3: CountedClient, bucket: str) -> None:
