@@ -16,6 +16,7 @@ import shutil
 import signal
 import socket
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -241,6 +242,15 @@ class TaskClient:
             what=f"the result of {request_id}",
         )
         return json.loads(stored)
+
+
+def http_json(port: int, path: str) -> tuple[int, dict[str, Any]]:
+    """(status code, JSON body) of GET http://127.0.0.1:port/path; 503 bodies included."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
 
 
 @contextlib.contextmanager

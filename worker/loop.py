@@ -33,7 +33,6 @@ from common.errors import (
     GaveUp,
     HostFault,
     QueueUnavailable,
-    ResultStoreUnavailable,
     TaskError,
     UnexpectedError,
     as_task_error,
@@ -157,8 +156,9 @@ class Worker:
             on_set_aside=lambda message: self.faults.fault(faults.OUTBOX_SET_ASIDE, message),
             peaks=self.history,
         )
-        if not self.store.ping():
-            raise ResultStoreUnavailable(f"Redis at {config.redis.url} does not answer")
+        # A probe write, not a boot condition: while Redis cannot take results (down, failing
+        # over, or not there yet) the worker is up but DEGRADED, taking no work until it can.
+        self.store.writable()
         lease = config.queue.visibility_timeout_seconds
         self.claims = ClaimStore(
             self.store.link, self.worker_id, lease, self.store.existing, self.history

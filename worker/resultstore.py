@@ -108,12 +108,6 @@ class ResultStore:
     def close(self) -> None:
         self.link.close()
 
-    def ping(self) -> bool:
-        try:
-            return bool(self.link.call("ping", lambda c: c.ping()))
-        except ResultStoreUnavailable:
-            return False
-
     def writable(self) -> bool:
         """True when Redis takes a write now (a read-only replica answers PING, not this)."""
         try:

@@ -102,7 +102,7 @@ def test_redis_down_outbox_then_flush_when_back(
 ) -> None:
     outbox = tmp_path / "outbox"
     store = ResultStore(redis_url, TTL, outbox, retry_seconds=1.5)
-    assert store.ping()
+    assert store.trouble() is None
     redis_server.stop()
     try:
         started = time.monotonic()
@@ -111,7 +111,7 @@ def test_redis_down_outbox_then_flush_when_back(
         assert 1.4 <= fallback < 3.0  # the retry budget, not a hang
         assert [p.name for p in outbox.iterdir()] == ["req-down.json"]
         assert json.loads((outbox / "req-down.json").read_bytes()) == result("req-down").to_dict()
-        assert not store.ping()
+        assert store.trouble() is not None
         with pytest.raises(ResultStoreUnavailable):
             store.existing("req-down")
         assert store.flush_outbox() == 0  # still down: kept

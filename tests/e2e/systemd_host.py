@@ -9,15 +9,11 @@ moto_server on loopback and the tests reach its HTTP port.
 
 from __future__ import annotations
 
-import json
 import shlex
 import subprocess
 import time
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE = "nanogrid/systemd:bookworm"
@@ -121,15 +117,6 @@ class SystemdHost:
     def close(self) -> None:
         if self.started:
             _run(["docker", "rm", "-f", "-v", self.name], check=False, timeout=60)
-
-
-def http_json(port: int, path: str) -> tuple[int, dict[str, Any]]:
-    """(status code, JSON body) of GET http://127.0.0.1:port/path; 503 bodies included."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as reply:
-            return reply.status, json.loads(reply.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"{}")
 
 
 def _run(

@@ -9,19 +9,18 @@ outlived the supervisor, by the test's unique directory in its command line.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import free_port, wait_until
+from helpers import RedisServer, free_port, http_json, wait_until
 from supervised import BIN, DRAIN_TIMEOUT_S, ROOT
 
 HELLO = ROOT / "examples" / "hello-python"
@@ -132,16 +131,48 @@ def test_sigterm_finishes_in_flight_run_and_leaves_no_process(agents: Any) -> No
     assert "received SIGTERM" in log and "SIGKILL" not in log and log.rstrip().endswith("stopped")
 
 
-def test_worker_that_cannot_reach_redis_is_retried_with_backoff(agents: Any) -> None:
-    agent = agents(workers=1, redis={"url": f"redis://127.0.0.1:{free_port()}/0"})
+def test_worker_booting_while_redis_is_down_waits_degraded_then_serves(
+    agents: Any, tmp_path: Path
+) -> None:
+    # A host (re)started during a Redis outage or failover: its workers boot and wait, taking
+    # no work, and serve as soon as Redis is back (no exit, no boot backoff to sit out).
+    store = RedisServer(tmp_path, port=free_port())
+    agent = agents(workers=1, redis={"url": store.url}).start()
+    code, health = wait_until(lambda: _degraded(http_json(agent.port, "/health")), timeout=10,
+                              what="/health saying DEGRADED")
+    assert code == 200
+    (reason,) = health["reasons"]
+    assert reason.startswith("worker 0: redis: results cannot be written (") and str(
+        store.port) in reason, reason
+    request_id = agent.send(agent.task(agent.deploy(HELLO)))
+    time.sleep(2)  # two probes: the task is still not taken
+    assert agent.status()["workers"][0]["tasksDone"] == 0
+    store.start()
+    try:
+        stored = wait_until(lambda: store.client().get(f"result:{request_id}"), timeout=15,
+                            what="the task run once Redis is up")
+        assert json.loads(stored)["stdout"] == "Hello from NanoGrid!\n"
+        assert http_json(agent.port, "/health")[1]["status"] == "UP"
+        assert agent.status()["restartsTotal"] == 0
+        log = agent.log.read_text()
+        assert "could not boot" not in log and "Traceback" not in log
+        assert "[DEGRADED] over: redis works again" in log
+    finally:
+        store.stop()
+
+
+def test_worker_that_cannot_boot_is_retried_with_backoff(agents: Any) -> None:
+    agent = agents(workers=1)
+    gone = agent.aws.new_queue("gone")
+    agent.aws.sqs().delete_queue(QueueUrl=gone)
+    agent.write_config(queue={**agent.settings["queue"], "url": gone})
     agent.start(wait_for_workers=False)
     agent.wait_for_log(r"could not boot .*EXIT_BOOT_ERROR\)\); retry 2 in 2s", timeout=15)
     log = agent.log.read_text()
     assert len(re.findall(r"worker 0 started", log)) == 2  # 1 s apart, not a hot loop
+    assert re.search(r"worker 0 cannot boot: .*NonExistentQueue", log), log
     assert "Traceback" not in log
-    with pytest.raises(urllib.error.HTTPError) as down:
-        urllib.request.urlopen(f"http://127.0.0.1:{agent.port}/health", timeout=5)
-    assert down.value.code == 503
+    assert http_json(agent.port, "/health")[0] == 503
 
 
 def test_bad_config_at_start_is_one_line_naming_the_key(tmp_path: Path) -> None:
@@ -159,3 +190,7 @@ def test_bad_config_at_start_is_one_line_naming_the_key(tmp_path: Path) -> None:
         "nanogrid-supervisor: config error: queue.wait_time_seconds: "
         "must be between 0 and 20, got 30\n"
     )
+
+
+def _degraded(reply: tuple[int, dict[str, Any]]) -> tuple[int, dict[str, Any]] | None:
+    return reply if reply[1]["status"] == "DEGRADED" else None

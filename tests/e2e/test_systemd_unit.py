@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 import yaml
-from helpers import MotoServer, RedisServer, TaskClient, free_port, wait_until
-from systemd_host import CONFIG, IMAGE, UNIT, WHEELHOUSE, HostError, SystemdHost, http_json
+from helpers import MotoServer, RedisServer, TaskClient, free_port, http_json, wait_until
+from systemd_host import CONFIG, IMAGE, UNIT, WHEELHOUSE, HostError, SystemdHost
 
 from devtools.invoke import zip_function
 
