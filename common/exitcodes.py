@@ -6,8 +6,8 @@ EXIT_SUPERVISOR_ERROR = 1
 EXIT_CONFIG = 2
 """The config file is missing or invalid."""
 EXIT_BOOT_ERROR = 3
-"""A worker could not boot: the queue or the runner unusable at start. (Redis down is not
-a boot error: the worker boots DEGRADED and waits for it.)"""
+"""A worker could not boot: SQS refuses the queue, or the runner is unusable. (An outage of
+Redis or SQS is not a boot error: the worker boots DEGRADED and waits for it.)"""
 EXIT_WORKER_CRASH = 4
 """A worker died of an unexpected exception."""
 

@@ -1,10 +1,10 @@
 """What is wrong on this worker now, and what went wrong: told to the arbiter.
 
 ``degrade``/``recover`` keep the reasons this worker takes no new work (Redis cannot take
-results); they ride on every heartbeat, so /health says DEGRADED naming them while they
-last. ``fault`` reports one event (a host fault, a dead-letter copy that failed, an outbox
-entry set aside, a bug while handling a message): counted in /metrics, the last of each
-kind shown in /status.
+results, SQS cannot be reached); they ride on every heartbeat, so /health says DEGRADED
+naming them while they last. ``fault`` reports one event (a host fault, a dead-letter copy
+that failed, an outbox entry set aside, a bug while handling a message): counted in
+/metrics, the last of each kind shown in /status.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 
 REDIS = "redis"
 """Degraded: results cannot be written to Redis."""
+QUEUE = "queue"
+"""Degraded: tasks cannot be received from SQS."""
 
 HOST = "host"
 DEAD_LETTER_COPY = "dead_letter_copy"

@@ -125,14 +125,17 @@ class Worker:
                     continue
                 try:
                     messages = self.receive(wanted)
-                    failures = 0
                 except QueueUnavailable as exc:
                     self.inflight.start_admitted()  # gives back the room held for the receive
                     delay = RECEIVE_ERROR_BACKOFF_S[min(failures, len(RECEIVE_ERROR_BACKOFF_S) - 1)]
                     failures += 1
                     logger.warning(f"[SQS] {exc}; retrying in {delay}s")
+                    self.faults.degrade(faults.QUEUE, f"sqs: tasks cannot be received ({exc})")
                     self._sleep(delay)
                     continue
+                if failures:
+                    failures = 0
+                    self.faults.recover(faults.QUEUE)
                 lone = len(messages) == 1 and self.inflight.running == 0
                 self.dispatch(messages)
                 if lone:  # its latency is all there is to win; a batch means more may wait
@@ -144,8 +147,10 @@ class Worker:
     def boot(self) -> None:
         config = self.config
         self.queue = TaskQueue(config.queue, region=config.aws.region)
-        self.queue.check()
-        if self.index == 0:  # one worker says it, not every one
+        unreachable = self.queue.check()
+        if unreachable is not None:
+            logger.warning(f"[SQS] {unreachable} (booting anyway: the receive loop retries)")
+        elif self.index == 0:  # one worker says it, not every one
             for problem in self.queue.check_dead_letter():
                 logger.warning(f"[SQS] {problem}")
         self.history = autotuner.PeakHistory(config.autotuner)

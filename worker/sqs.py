@@ -15,7 +15,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
+from botocore.exceptions import ConnectionError as BotoConnectionError
 from loguru import logger
 
 from common import awsclient
@@ -81,9 +82,17 @@ class TaskQueue:
         """A queue on a client of its own with short timeouts, for visibility renewals."""
         return cls(config, make_client(*HEARTBEAT_TIMEOUTS_S, tries=2, region=region))
 
-    def check(self) -> None:
-        """Fail fast at boot when the queue cannot be reached."""
-        self._call("get_queue_attributes", QueueUrl=self.config.url, AttributeNames=["QueueArn"])
+    def check(self) -> str | None:
+        """At boot: raise QueueUnavailable when SQS refuses the queue (missing, no access: a
+        config error to fail fast on); return why when SQS cannot be reached now (connection,
+        5xx, throttling: trouble that passes, which the receive loop waits out); else None."""
+        try:
+            self._client.get_queue_attributes(QueueUrl=self.config.url, AttributeNames=["QueueArn"])
+        except (BotoCoreError, ClientError) as exc:
+            if passing(exc):
+                return f"SQS get_queue_attributes failed: {exc}"
+            raise QueueUnavailable(f"SQS get_queue_attributes failed: {exc}") from None
+        return None
 
     def check_dead_letter(self) -> list[str]:
         """What is wrong with the dead-letter set-up, one line each (empty when all is well).
@@ -217,6 +226,16 @@ class TaskQueue:
             return getattr(self._client, operation)(**params)
         except (BotoCoreError, ClientError) as exc:
             raise QueueUnavailable(f"SQS {operation} failed: {exc}") from None
+
+
+def passing(exc: BotoCoreError | ClientError) -> bool:
+    """True for trouble that may pass on its own: no connection, a 5xx, throttling."""
+    if isinstance(exc, BotoConnectionError | HTTPClientError):
+        return True
+    if isinstance(exc, ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        return status >= 500 or "Throttl" in exc.response.get("Error", {}).get("Code", "")
+    return False
 
 
 class VisibilityHeartbeat(LeaseKeeper[Message]):

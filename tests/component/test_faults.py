@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 from faultproxy import Forwarder
-from helpers import RedisServer, wait_until
+from helpers import RedisServer, free_port, wait_until
 from poison import POISON
 from test_worker_pipeline import HELLO, Agent, make_zip
 
@@ -181,6 +181,29 @@ def test_failover_every_result_reaches_the_new_primary_none_stranded(
     assert "read only replica" in agent.log.read_text()  # the old connections met READONLY
     print(f"failover: all {len(ids)} results on the new primary {reached_s:.2f}s after it")
     assert reached_s <= 10
+
+
+# -- SQS out of reach ---------------------------------------------------------------------------
+
+def test_a_worker_booting_while_sqs_is_out_of_reach_waits_degraded_then_serves(
+    aws: Any, redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    proxy = Forwarder(free_port())  # nothing listens there: every connection is dropped
+    agent = Agent(aws, redis_url, tmp_path)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_SQS", f"http://127.0.0.1:{proxy.port}")  # the worker's
+    try:
+        agent.start()
+        log = agent.log.read_text()
+        assert re.search(r"\[SQS\] SQS get_queue_attributes failed: .* \(booting anyway", log), log
+        assert "dead_letter_url" not in log  # not checked: it would only fail the same way
+        wait_until(lambda: "[DEGRADED] sqs: tasks cannot be received (" in agent.log.read_text(),
+                   timeout=10, what="the worker saying it is degraded")
+        proxy.switch(int(aws.endpoint.rsplit(":", 1)[1]))  # SQS is back
+        assert agent.call(agent.task(agent.deploy({"main.py": HELLO})))["status"] == "SUCCESS"
+        assert "[DEGRADED] over: queue works again" in agent.log.read_text()
+    finally:
+        assert agent.stop() == 0
+        proxy.close()
 
 
 # -- duplicates ---------------------------------------------------------------------------------

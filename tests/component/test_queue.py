@@ -66,10 +66,20 @@ def test_dead_letter_copies_body_and_reason(aws: Any) -> None:
     assert attributes["originalMessageId"]["StringValue"] == message.message_id
 
 
-def test_unreachable_queue_is_one_clear_error(aws: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unreachable_queue_is_one_clear_line(aws: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     queue = make_queue(aws)
-    with pytest.raises(QueueUnavailable, match="SQS get_queue_attributes failed"):
+    problem = queue.check()  # an outage: the boot goes on
+    assert problem is not None and problem.startswith("SQS get_queue_attributes failed: ")
+    assert "\n" not in problem and "http://127.0.0.1:9" in problem
+    with pytest.raises(QueueUnavailable, match="SQS receive_message failed: "):
+        queue.receive()
+
+
+def test_a_queue_sqs_does_not_know_fails_the_boot(aws: Any) -> None:
+    queue = make_queue(aws)
+    aws.sqs().delete_queue(QueueUrl=queue.config.url)
+    with pytest.raises(QueueUnavailable, match="get_queue_attributes failed: .*NonExistentQueue"):
         queue.check()
 
 
