@@ -16,6 +16,8 @@ from typing import Any
 
 import boto3
 from botocore.config import Config
+from botocore.exceptions import ConnectionError as BotoConnectionError
+from botocore.exceptions import HTTPClientError
 
 
 def _agent_version() -> str:
@@ -26,6 +28,9 @@ def _agent_version() -> str:
 
 
 USER_AGENT = f"nanogrid-worker/{_agent_version()} python/{platform.python_version()}"
+UNREACHABLE = (BotoConnectionError, HTTPClientError)
+"""What a call raises when the service was not reached or did not answer: refused, DNS,
+timeouts, a dropped connection."""
 
 
 def client(service: str, region: str | None, **config: Any) -> Any:

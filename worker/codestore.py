@@ -37,8 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import urllib3.exceptions
-from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
-from botocore.exceptions import ConnectionError as S3ConnectionError
+from botocore.exceptions import BotoCoreError, ClientError
 
 from common import awsclient
 from common.errors import CodeNotFound, HostFault, InvalidCodePackage, host_fault
@@ -53,7 +52,6 @@ _MAX_HEAD_MEMO = 1024
 _MISSING = {"NoSuchKey", "NoSuchBucket", "NotFound", "404"}
 _DENIED = {"AccessDenied", "403", "Forbidden", "AllAccessDisabled"}
 _CHANGED = {"PreconditionFailed", "412"}
-_UNREACHABLE = (S3ConnectionError, HTTPClientError)  # refused, DNS, timeouts, dropped
 _CUT_OFF = (BotoCoreError, urllib3.exceptions.HTTPError, OSError)
 """What reading a response body raises when the transfer breaks (botocore wraps most as
 ResponseStreamingError or ReadTimeoutError; a reset socket can surface as an OSError)."""
@@ -283,7 +281,7 @@ class CodeStore:
                 return CodeNotFound(f"code {where} changed while it was being fetched")
             message = _line(str(err.get("Message") or ""))
             return CodeNotFound(f"S3 error fetching {where}: {code} {message}".rstrip())
-        if isinstance(exc, _UNREACHABLE):
+        if isinstance(exc, awsclient.UNREACHABLE):
             return CodeNotFound(f"S3 unreachable: {_line(str(exc))}")
         return CodeNotFound(f"S3 request for {where} failed: {_line(str(exc))}")
 

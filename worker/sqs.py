@@ -15,8 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
-from botocore.exceptions import ConnectionError as BotoConnectionError
+from botocore.exceptions import BotoCoreError, ClientError
 from loguru import logger
 
 from common import awsclient
@@ -89,7 +88,7 @@ class TaskQueue:
         try:
             self._client.get_queue_attributes(QueueUrl=self.config.url, AttributeNames=["QueueArn"])
         except (BotoCoreError, ClientError) as exc:
-            if passing(exc):
+            if _passing(exc):
                 return f"SQS get_queue_attributes failed: {exc}"
             raise QueueUnavailable(f"SQS get_queue_attributes failed: {exc}") from None
         return None
@@ -228,9 +227,9 @@ class TaskQueue:
             raise QueueUnavailable(f"SQS {operation} failed: {exc}") from None
 
 
-def passing(exc: BotoCoreError | ClientError) -> bool:
+def _passing(exc: BotoCoreError | ClientError) -> bool:
     """True for trouble that may pass on its own: no connection, a 5xx, throttling."""
-    if isinstance(exc, BotoConnectionError | HTTPClientError):
+    if isinstance(exc, awsclient.UNREACHABLE):
         return True
     if isinstance(exc, ClientError):
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
