@@ -132,7 +132,7 @@ def test_chaos_soak_every_task_ends_with_its_own_result(
         watcher = store.client()
         while len(kills) < KILLS and not stop.wait(0.05):
             if _stored(watcher, tasks) >= (len(kills) + 1) * TASKS // (KILLS + 1):
-                alive = list(agent.alive().values())
+                alive = [pid for pid in agent.alive().values() if pid not in kills]
                 if alive:
                     victim = random.choice(alive)
                     os.kill(victim, signal.SIGKILL)
