@@ -94,6 +94,7 @@ class PathsConfig:
     code_cache_dir: str = "/var/cache/nanogrid/code"
     work_dir: str = "/var/lib/nanogrid/work"
     outbox_dir: str = "/var/lib/nanogrid/outbox"
+    min_free_mb: int = _bounded(256, 0)
 
 
 @dataclass(frozen=True)

@@ -12,14 +12,20 @@ translated into it.
     │   ├── InvalidCodePackage      INVALID_CODE_PACKAGE -> delete
     │   └── InternalError           INTERNAL             -> delete
     │       ├── SandboxError          the sandbox broke; it is destroyed, not reused
-    │       ├── HostFault             disk full, I/O error, a transfer cut off: keep for
-    │       │                         another try (maybe on another host) until max_attempts
+    │       ├── HostFault             I/O error, a transfer cut off: keep for another try
+    │       │   │                     (maybe on another host) until max_attempts
+    │       │   └── DiskFull            this host's disk is full: back to the queue with a
+    │       │                           delay, the try not counted; no new work until space
     │       ├── GaveUp                came back more than max_attempts times -> + dead-letter
     │       └── UnexpectedError       a bug while handling one message -> + dead-letter
     ├── ResultStoreUnavailable    Redis cannot take writes (down, failing over, read-only):
     │   │                         results go to the on-disk outbox, no new work is taken
     │   └── ResultRejected          Redis answered but refused this one write
     └── QueueUnavailable          SQS cannot be reached or refused a call: retried with backoff
+
+A class's attributes say what becomes of the message: ``retryable`` (kept for another try
+until ``queue.max_attempts``), ``dead_letter`` (copied to the dead-letter queue when it
+ends), ``deferred`` (handed back with a delay, never counted as a try).
 
 ``as_task_error`` turns whatever a task's handling raised into a TaskError; the worker then
 decides keep / delete / dead-letter from the class alone, in one place (worker/dispositions.py).
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import errno
 
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 HOST_ERRNOS = frozenset(
     {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.ENOMEM, errno.EMFILE,
      errno.ENFILE}
@@ -50,6 +57,7 @@ class TaskError(NanoGridError):
     error_type = "INTERNAL"
     retryable = False
     dead_letter = False
+    deferred = False
 
 
 class InvalidMessage(TaskError):
@@ -99,6 +107,14 @@ class HostFault(InternalError):
     dead_letter = True
 
 
+class DiskFull(HostFault):
+    """This host's disk (code cache, sandboxes) is full: the task did not get to run, so it
+    goes back to the queue with a delay, this try not counted, and the worker takes no new
+    work until a probe write works."""
+
+    deferred = True
+
+
 class GaveUp(InternalError):
     """The message came back more than ``queue.max_attempts`` times (workers killed on it,
     drains that ran out of time, ...): it ends here."""
@@ -129,7 +145,8 @@ def host_fault(exc: OSError, where: str) -> HostFault | None:
     if exc.errno not in HOST_ERRNOS:
         return None
     detail = exc.strerror or errno.errorcode.get(exc.errno or 0, str(exc))
-    return HostFault(f"{where}: {detail}")
+    fault = DiskFull if exc.errno in DISK_FULL_ERRNOS else HostFault
+    return fault(f"{where}: {detail}")
 
 
 def as_task_error(exc: BaseException) -> TaskError:

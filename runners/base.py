@@ -118,6 +118,10 @@ class Runner:
         """Per runtime: ``warm`` (idle, ready) and ``busy`` sandboxes."""
         raise NotImplementedError
 
+    def shed_idle(self) -> int:
+        """Destroy idle sandboxes that hold a function's code (the disk runs short); how many."""
+        return 0
+
     def unavailable_runtimes(self) -> dict[str, str]:
         """Runtimes this runner cannot start -> why; their tasks fail with RuntimeUnavailable."""
         return {}
@@ -125,6 +129,11 @@ class Runner:
     @classmethod
     def check_config(cls, config: Config) -> None:
         """The runner's own checks of a loaded config (ConfigError, one line)."""
+
+    @classmethod
+    def sandbox_dir(cls, config: Config) -> Path:
+        """Where this runner keeps its sandboxes' code on the host (a disk the worker watches)."""
+        return Path(config.paths.work_dir)
 
     @classmethod
     def isolation(cls, config: Config) -> Isolation:

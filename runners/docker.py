@@ -109,6 +109,10 @@ class DockerRunner(PooledRunner):
         check_engine(config)
 
     @classmethod
+    def sandbox_dir(cls, config: Config) -> Path:
+        return Path(config.docker.socket_dir)
+
+    @classmethod
     def isolation(cls, config: Config) -> Isolation:
         return container_isolation(config)
 

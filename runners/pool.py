@@ -148,6 +148,18 @@ class WarmPool:
             self._safe_destroy(sandbox)
             self._wake.set()
 
+    def shed_idle(self) -> int:
+        """Destroy the idle sandboxes that hold a function's code (the disk runs short: their
+        unpacked code goes with them); generic ones stay. Returns how many went."""
+        with self._lock:
+            doomed = [s for s in self._idle if s.code_key is not None]
+            for sandbox in doomed:
+                self._idle.remove(sandbox)
+                self._fresh.discard(id(sandbox))
+        for sandbox in doomed:
+            self._safe_destroy(sandbox)
+        return len(doomed)
+
     def stats(self) -> dict[str, int]:
         with self._lock:
             return {"warm": len(self._idle), "busy": len(self._busy)}
@@ -331,6 +343,12 @@ class PooledRunner(Runner):
 
     def pool_stats(self) -> dict[str, dict[str, int]]:
         return {name: pool.stats() for name, pool in self.pools.items()}
+
+    def shed_idle(self) -> int:
+        shed = sum(pool.shed_idle() for pool in self.pools.values())
+        if shed:
+            logger.warning(f"{self.marker} removed {shed} idle sandboxes to free disk space")
+        return shed
 
     def unavailable_runtimes(self) -> dict[str, str]:
         return dict(self.unavailable)

@@ -55,7 +55,8 @@ class SupervisorMetrics:
             "nanogrid_worker_faults_total",
             "Faults the workers reported, by kind: host (disk full, I/O error, a download cut "
             "off), dead_letter_copy (a copy the dead-letter queue refused), outbox_set_aside "
-            "(a result Redis kept refusing), unexpected (a bug that ended one message).",
+            "(a result Redis kept refusing), unexpected (a bug that ended one message), "
+            "claim_lost (a running task's claim vanished or another worker took it).",
             ("kind",))
         self.reloads = reg.counter(
             "nanogrid_config_reloads_total", "SIGHUP reloads by result (ok, refused).",

@@ -22,6 +22,7 @@ from typing import Any
 
 from common.config import AutotunerConfig, MiB
 
+from . import rediskeys
 from .result import Result
 
 
@@ -109,9 +110,7 @@ class PeakHistory:
     def __init__(self, cfg: AutotunerConfig) -> None:
         self._cfg = cfg
 
-    @staticmethod
-    def key(function_id: str) -> str:
-        return f"autotuner:peaks:{function_id}"
+    key = staticmethod(rediskeys.peaks)
 
     @property
     def depth(self) -> int:

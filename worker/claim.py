@@ -3,25 +3,35 @@
 SQS delivers at least once, so two workers (on one host or two) can hold copies of one
 message at the same time. Before running, a worker takes ``claim:{requestId}`` with
 ``SET NX PX lease`` (like AWS Lambda Powertools' idempotency INPROGRESS record); the run's
-lease keeper extends it while the run lasts, the result's publish deletes it, and the claim
-of a worker that died lapses with its lease. A copy that finds a live claim does not run.
+lease keeper renews it while the run lasts, the result's publish deletes it (only if it is
+still ours), and the claim of a worker that died lapses with its lease. A copy that finds a
+live claim does not run.
 
-``acquire`` is one round trip on the hot path, the same one the duplicate check used to be:
-a script that returns the stored result when there is one, else takes the claim (and reads
-the function's recent peaks for the auto-tuner with it), else says who holds it and for how
-long.
+A claim can also vanish under a live run: a failover that drops the last writes, a restart
+without persistence, eviction (ElastiCache's default ``volatile-lru`` evicts keys with a
+TTL). The renewal therefore takes a missing claim again, and names one that someone else
+took meanwhile (their run started in the gap: logged and counted by the caller; the first
+result stored is the one that stands, resultstore.py).
+
+``acquire`` is one round trip on the hot path: a script that returns the stored result when
+there is one, else takes the claim, counts the run (``runs:{requestId}``: tries are runs,
+not SQS receives, so a message handed back untried never burns an attempt) and reads the
+function's recent peaks for the auto-tuner, else says who holds it and for how long.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 
 from loguru import logger
 
+from . import rediskeys
 from .autotuner import PeakHistory
+from .leases import LeaseKeeper
 from .redislink import RedisLink
 from .result import Result
 
@@ -29,23 +39,47 @@ ACQUIRE = """
 local stored = redis.call('GET', KEYS[1])
 if stored then return {'result', stored} end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  if KEYS[3] then return {'claimed', redis.call('LRANGE', KEYS[3], 0, ARGV[3])} end
-  return {'claimed'}
+  local run = redis.call('INCR', KEYS[3])
+  redis.call('EXPIRE', KEYS[3], ARGV[3])
+  if KEYS[4] then return {'claimed', run, redis.call('LRANGE', KEYS[4], 0, ARGV[4])} end
+  return {'claimed', run}
 end
 return {'held', redis.call('GET', KEYS[2]) or '', redis.call('PTTL', KEYS[2])}
 """
-EXTEND = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
+"""Takes the claim and counts the run (``runs:{id}``, the result's ``attempt``) in one step."""
+RENEW = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  local token = ARGV[i + 1]
+  local held = redis.call('GET', key)
+  if held == token then
+    redis.call('PEXPIRE', key, ARGV[1])
+    out[i] = 'ok'
+  elseif not held then
+    redis.call('SET', key, token, 'PX', ARGV[1])
+    out[i] = 'retaken'
+  else
+    out[i] = held
+  end
+end
+return out
 """
+"""Renews many claims in one round trip; a claim that is gone is taken again, one someone
+else holds is named (its holder's token)."""
 RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  if ARGV[2] == '1' and redis.call('DECR', KEYS[2]) <= 0 then redis.call('DEL', KEYS[2]) end
+  return 1
+end
 return 0
 """
-
-
-def claim_key(request_id: str) -> str:
-    return f"claim:{request_id}"
+CLAIM_RETRY_S = 1.0
+"""A failed claim renewal is tried again this soon."""
+CLAIM_RENEW_BATCH = 100
+"""Claims renewed by one script call."""
+RUNS_TTL_S = 14 * 24 * 3600
+"""How long a requestId's run count lasts without a result: SQS's longest retention."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +88,8 @@ class Claim:
 
     request_id: str
     token: str
+    run: int = field(default=1, compare=False)
+    """Which try of the requestId this is (1 = first): runs counted in Redis, not receives."""
     recent_peaks: tuple[int, ...] = field(default=(), compare=False)
     """The function's recent peaks (newest first), read with the claim for the auto-tuner."""
 
@@ -68,6 +104,16 @@ class Acquired:
     """Who holds the live claim (``host:pid``) when it is not ours."""
     expires_in: float = 0.0
     """Seconds the other holder's claim has left unless renewed."""
+
+
+class Renewal(Enum):
+    """What renewing one claim found."""
+
+    KEPT = "kept"
+    RETAKEN = "retaken"
+    """It was gone (lapsed, evicted, lost in a failover): taken again."""
+    LOST = "lost"
+    """Someone else holds it now: a copy of the requestId runs elsewhere too."""
 
 
 class ClaimStore:
@@ -89,19 +135,20 @@ class ClaimStore:
         # A Script runs on whichever client it is given and loads itself again after NOSCRIPT
         # (a new primary that has not seen it yet).
         client = link.client()
-        self._acquire, self._extend, self._release = (
-            client.register_script(source) for source in (ACQUIRE, EXTEND, RELEASE)
+        self._acquire, self._renew, self._release = (
+            client.register_script(source) for source in (ACQUIRE, RENEW, RELEASE)
         )
 
     def acquire(self, request_id: str, function_id: str | None = None) -> Acquired:
-        """The stored result of ``request_id``, or our claim on it (with ``function_id``'s
-        recent peaks), or who else holds one.
+        """The stored result of ``request_id``, or our claim on it (with its run number and
+        ``function_id``'s recent peaks), or who else holds one.
 
         Raises ResultStoreUnavailable when Redis cannot take the claim.
         """
         token = f"{self._worker_id}:{uuid.uuid4().hex}"
-        keys = [f"result:{request_id}", claim_key(request_id)]
-        args: list[object] = [token, self.lease_ms]
+        keys = [rediskeys.result(request_id), rediskeys.claim(request_id),
+                rediskeys.runs(request_id)]
+        args: list[object] = [token, self.lease_ms, RUNS_TTL_S]
         reading = (
             self._peaks.reading(function_id)
             if self._peaks is not None and function_id is not None
@@ -110,45 +157,58 @@ class ClaimStore:
         if reading is not None:
             keys.append(reading[0])
             args.append(reading[1])
-        reply = self._link.call(
-            f"claim {request_id}",
-            lambda c: self._acquire(keys=keys, args=args, client=c),
-        )
-        kind = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
-        if kind == "result":
+        for _ in range(2):
+            reply = self._link.call(
+                f"claim {request_id}",
+                lambda c: self._acquire(keys=keys, args=args, client=c),
+            )
+            kind = _text(reply[0])
+            if kind != "result":
+                break
             stored = _stored_result(reply[1])
             if stored is not None:
                 return Acquired(result=stored)
             logger.warning(f"[REDIS] result:{request_id} holds no valid result JSON; running")
-            taken = self._link.call(
-                f"claim {request_id}",
-                lambda c: c.set(keys[1], token, nx=True, px=self.lease_ms),
-            )
-            if not taken:
-                return Acquired(holder="?", expires_in=self.lease_ms / 1000)
-            return Acquired(claim=Claim(request_id, token))
+            self._link.call(f"drop result:{request_id}", lambda c: c.delete(keys[0]))
         if kind == "claimed":
-            recent = PeakHistory.parse(reply[1]) if len(reply) > 1 else ()
-            return Acquired(claim=Claim(request_id, token, recent))
-        holder = reply[1].decode(errors="replace") if isinstance(reply[1], bytes) else ""
+            recent = PeakHistory.parse(reply[2]) if len(reply) > 2 else ()
+            return Acquired(claim=Claim(request_id, token, int(reply[1]), recent))
+        if kind == "result":  # written again at once: another run is storing its result
+            return Acquired(holder="?", expires_in=self.lease_ms / 1000)
+        holder = _text(reply[1])
         return Acquired(holder=holder.rsplit(":", 1)[0], expires_in=max(0, int(reply[2])) / 1000)
 
-    def extend(self, claim: Claim) -> None:
-        """Renew the lease (from the lease keeper); a claim no longer ours is left alone."""
-        self._link.call(
-            f"renew the claim on {claim.request_id}",
-            lambda c: self._extend(
-                keys=[claim_key(claim.request_id)], args=[claim.token, self.lease_ms], client=c
-            ),
-        )
+    def renew(self, claims: Sequence[Claim]) -> dict[Claim, Renewal]:
+        """Renew the leases of ``claims`` in one round trip (from the lease keeper): a claim
+        that is gone is taken again; one that someone else holds now is LOST.
 
-    def release(self, claim: Claim) -> None:
-        """Give the claim up without a result (the message is kept for another try)."""
+        Raises ResultStoreUnavailable when Redis cannot take the renewal.
+        """
+        keys = [rediskeys.claim(claim.request_id) for claim in claims]
+        args = [self.lease_ms, *(claim.token for claim in claims)]
+        reply = self._link.call(
+            f"renew {len(claims)} claims",
+            lambda c: self._renew(keys=keys, args=args, client=c),
+        )
+        found = {}
+        for claim, answer in zip(claims, reply, strict=True):
+            answer = _text(answer)
+            found[claim] = (
+                Renewal.KEPT if answer == "ok"
+                else Renewal.RETAKEN if answer == "retaken"
+                else Renewal.LOST
+            )
+        return found
+
+    def release(self, claim: Claim, *, count_run: bool = True) -> None:
+        """Give the claim up without a result (the message is kept for another try);
+        ``count_run=False``: the task never got to run here (the host could not: its disk),
+        so this try does not count toward ``queue.max_attempts``."""
+        keys = [rediskeys.claim(claim.request_id), rediskeys.runs(claim.request_id)]
+        args = [claim.token, "0" if count_run else "1"]
         self._link.call(
             f"release the claim on {claim.request_id}",
-            lambda c: self._release(
-                keys=[claim_key(claim.request_id)], args=[claim.token], client=c
-            ),
+            lambda c: self._release(keys=keys, args=args, client=c),
         )
 
     def wait_for_result(self, request_id: str, timeout: float) -> Result | None:
@@ -164,8 +224,39 @@ class ClaimStore:
             delay = min(delay * 2, 0.2)
 
 
+def _text(value: object) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
 def _stored_result(raw: bytes) -> Result | None:
     try:
         return Result.from_json(raw)
     except (ValueError, TypeError):
         return None
+
+
+class ClaimLeases(LeaseKeeper[Claim]):
+    """Renews the claims of a worker's runs, many per round trip (leases.py). A claim that
+    was gone is taken again, one that another worker took is given up; both are told to
+    ``on_lost`` (a fault report) and logged."""
+
+    def __init__(self, claims: ClaimStore, on_lost: Callable[[str], None]) -> None:
+        self._claims = claims
+        self._on_lost = on_lost
+        lease = claims.lease_ms / 1000
+        super().__init__("claims", lease / 3, self._renew_batch, CLAIM_RETRY_S,
+                         batch=CLAIM_RENEW_BATCH)
+
+    def _renew_batch(self, batch: list[Claim]) -> None:
+        for claim, found in self._claims.renew(batch).items():
+            if found is Renewal.KEPT:
+                continue
+            if found is Renewal.RETAKEN:
+                text = (f"claim on {claim.request_id} was gone while it ran (lapsed, evicted or "
+                        "lost in a failover); taken again")
+            else:
+                self.discard(claim)
+                text = (f"claim on {claim.request_id} is held by another worker while it runs "
+                        "here: a copy runs twice; the first result stored stands")
+            logger.bind(requestId=claim.request_id).warning(f"[DUPLICATE] {text}")
+            self._on_lost(text)

@@ -38,6 +38,7 @@ from typing import Any
 
 import urllib3.exceptions
 from botocore.exceptions import BotoCoreError, ClientError
+from loguru import logger
 
 from common import awsclient
 from common.errors import CodeNotFound, HostFault, InvalidCodePackage, host_fault
@@ -46,6 +47,8 @@ GiB = 2**30
 CHUNK = 256 * 1024
 EVICT_GRACE_SECONDS = 300.0
 """A cached zip used this recently is kept even over the size budget (it may be unpacking)."""
+TRIM_GRACE_SECONDS = 30.0
+"""When the disk runs short, zips unused this long go whatever the cache's size."""
 STALE_PART_SECONDS = 3600.0
 """Temp files of downloads this old were left by a crashed process and are removed."""
 _MAX_HEAD_MEMO = 1024
@@ -235,8 +238,35 @@ class CodeStore:
                     raise self._too_large(bucket, key)
                 out.write(chunk)
 
+    def trim(self) -> int:
+        """The disk runs short: remove every cached zip not used within the last
+        ``TRIM_GRACE_SECONDS`` (a sandbox holds its code unpacked; a zip is needed again only
+        for a new sandbox, and then downloaded again). Returns the bytes freed."""
+        now = time.time()
+        freed = 0
+        for mtime, size, path in self._zips():
+            if now - mtime >= TRIM_GRACE_SECONDS:
+                path.unlink(missing_ok=True)
+                freed += size
+        if freed:
+            logger.warning(f"[DISK] removed {freed // 2**20} MB of cached code zips to free space")
+        return freed
+
     def _evict(self, keep: Path) -> None:
         """Delete least recently used zips until the cache fits ``max_cache_bytes``."""
+        now = time.time()
+        entries = self._zips()
+        total = sum(size for _, size, _ in entries)
+        for mtime, size, path in sorted(entries):
+            if total <= self.max_cache_bytes:
+                break
+            if path == keep or now - mtime < EVICT_GRACE_SECONDS:
+                continue
+            path.unlink(missing_ok=True)
+            total -= size
+
+    def _zips(self) -> list[tuple[float, int, Path]]:
+        """(mtime, size, path) of each cached zip; stale partial downloads are removed."""
         now = time.time()
         entries = []
         for entry in os.scandir(self.cache_dir):
@@ -250,14 +280,7 @@ class CodeStore:
                 continue
             if entry.name.endswith(".zip"):
                 entries.append((st.st_mtime, st.st_size, Path(entry.path)))
-        total = sum(size for _, size, _ in entries)
-        for mtime, size, path in sorted(entries):
-            if total <= self.max_cache_bytes:
-                break
-            if path == keep or now - mtime < EVICT_GRACE_SECONDS:
-                continue
-            path.unlink(missing_ok=True)
-            total -= size
+        return entries
 
     def _too_large(self, bucket: str, key: str) -> InvalidCodePackage:
         return InvalidCodePackage(

@@ -30,8 +30,7 @@ def claim(claims: ClaimStore, endings: Endings, message: Message, request_id: st
     try:
         acquired = claims.acquire(request_id, function_id)
     except ResultStoreUnavailable as exc:  # this worker takes no new work until Redis can
-        logger.warning(f"[REDIS] {exc}; message handed back for a worker that can run it")
-        endings.hand_back(message, 0)
+        endings.defer(message, f"[REDIS] {exc}: not tried")
         return None
     if acquired.result is not None:
         logger.info("[DUPLICATE] a result exists already; re-publishing it, not running")
@@ -64,9 +63,10 @@ def _defer(claims: ClaimStore, endings: Endings, message: Message, request_id: s
     endings.hand_back(message, delay)
 
 
-def release(claims: ClaimStore, claim: Claim) -> None:
-    """Give the claim up (the message is kept for a retry, which may then run at once)."""
+def release(claims: ClaimStore, claim: Claim, *, count_run: bool = True) -> None:
+    """Give the claim up (the message is kept for a retry, which may then run at once);
+    ``count_run=False``: the task did not get to run, so this try is not counted."""
     try:
-        claims.release(claim)
+        claims.release(claim, count_run=count_run)
     except ResultStoreUnavailable as exc:  # it lapses with its lease
         logger.warning(f"[REDIS] {exc}")

@@ -8,6 +8,7 @@ so several threads may end messages at once.
 
 from __future__ import annotations
 
+import random
 from typing import TYPE_CHECKING
 
 from loguru import logger
@@ -36,6 +37,9 @@ if TYPE_CHECKING:
 
 MAX_VISIBILITY_S = 43200
 """SQS's longest visibility timeout (12 hours)."""
+DEFER_S = (5, 10)
+"""A message this worker could not try (Redis or its disk away) is visible again after this
+many seconds (drawn in the range: a batch does not come back all at once)."""
 
 
 class Endings:
@@ -59,11 +63,14 @@ class Endings:
         self.faults = faults
         self.status = status
 
-    def finish(self, message: Message, res: Result, dead_letter: bool = False) -> None:
-        """Publish the result, then (when asked) copy the message to the dead-letter queue,
-        then delete it. Only a result that could not be kept anywhere keeps the message."""
-        if not self.publish(res):
-            return
+    def finish(
+        self, message: Message, res: Result, dead_letter: bool = False, token: str | None = None
+    ) -> bool:
+        """Publish the result (``token``: the run's claim, freed with it), then (when asked)
+        copy the message to the dead-letter queue, then delete it. Only a result that could
+        not be kept anywhere keeps the message (False)."""
+        if not self.publish(res, token):
+            return False
         if dead_letter:
             self.dead_letter(message, res.error_message or "")
         self.metrics.record(
@@ -81,16 +88,17 @@ class Endings:
             logger.debug(f"[DONE][OK] {res.request_id} in {res.duration_millis:.1f} ms")
         else:
             logger.warning(f"[FAIL][{res.error_type}] {res.request_id}: {res.error_message}")
+        return True
 
     def republish(self, message: Message, stored: Result) -> None:
         if self.publish(stored, again=True):
             self.delete(message)
 
-    def publish(self, res: Result, again: bool = False) -> bool:
+    def publish(self, res: Result, token: str | None = None, again: bool = False) -> bool:
         """Publish (or keep in the outbox); False only when the result could not be kept.
         ``again``: a stored result published once more (its peak is not recorded twice)."""
         try:
-            self.store.publish(res, record_peak=not again)
+            self.store.publish(res, token, again=again)
             return True
         except ResultStoreUnavailable as exc:  # neither Redis nor the outbox took it
             logger.error(
@@ -102,9 +110,7 @@ class Endings:
     def refuse(self, message: Message, exc: TaskError) -> None:
         """A message that can never run: a result when it names a requestId; dead-letter; delete."""
         ids = task.peek_ids(message.body)
-        dead_letter = decide(exc, message.attempt, self.config.queue.max_attempts) is (
-            Disposition.DEAD_LETTER
-        )
+        dead_letter = decide(exc, 1, self.config.queue.max_attempts) is Disposition.DEAD_LETTER
         with logger.contextualize(requestId=ids.request_id or "-"):
             if ids.request_id is not None:
                 # A body that decoded into a task (e.g. an unknown runtime) has timings; one
@@ -114,7 +120,7 @@ class Endings:
                     if isinstance(exc, InvalidMessage)
                     else PhaseClock(message.received_mono, message.queued_ms).timings()
                 )
-                res = self.failed(ids, exc, None, message.attempt, timings)
+                res = self.failed(ids, exc, None, 1, timings)
                 self.finish(message, res, dead_letter)
             else:
                 logger.warning(f"[FAIL][{exc.error_type}] message {message.message_id}: {exc}")
@@ -168,6 +174,13 @@ class Endings:
 
     def delete(self, message: Message) -> None:
         self.deleter.delete(message)
+
+    def defer(self, message: Message, why: str) -> None:
+        """Hand back a message this worker cannot run now (Redis or its disk away), for
+        another worker or a later try: after a delay, so it does not come straight back."""
+        delay = random.randint(*DEFER_S)
+        if self.hand_back(message, delay):
+            logger.warning(f"{why}; message {message.message_id} handed back for {delay}s")
 
     def release(self, message: Message) -> None:
         """Hand an unstarted message back at once (shutdown)."""

@@ -1,10 +1,10 @@
 """What is wrong on this worker now, and what went wrong: told to the arbiter.
 
 ``degrade``/``recover`` keep the reasons this worker takes no new work (Redis cannot take
-results, SQS cannot be reached); they ride on every heartbeat, so /health says DEGRADED
-naming them while they last. ``fault`` reports one event (a host fault, a dead-letter copy
-that failed, an outbox entry set aside, a bug while handling a message): counted in
-/metrics, the last of each kind shown in /status.
+results, SQS cannot be reached, a disk is full); they ride on every heartbeat, so /health
+says DEGRADED naming them while they last. ``fault`` reports one event (a host fault, a
+dead-letter copy that failed, an outbox entry set aside, a bug while handling a message, a
+claim lost): counted in /metrics, the last of each kind shown in /status.
 """
 
 from __future__ import annotations
@@ -21,12 +21,16 @@ REDIS = "redis"
 """Degraded: results cannot be written to Redis."""
 QUEUE = "queue"
 """Degraded: tasks cannot be received from SQS."""
+DISK = "disk"
+"""Degraded: the code cache's or the sandboxes' disk is full."""
 
 HOST = "host"
 DEAD_LETTER_COPY = "dead_letter_copy"
 OUTBOX_SET_ASIDE = "outbox_set_aside"
 UNEXPECTED = "unexpected"
-FAULT_KINDS = (HOST, DEAD_LETTER_COPY, OUTBOX_SET_ASIDE, UNEXPECTED)
+CLAIM_LOST = "claim_lost"
+"""A running task's claim was gone (taken again) or taken by another worker."""
+FAULT_KINDS = (HOST, DEAD_LETTER_COPY, OUTBOX_SET_ASIDE, UNEXPECTED, CLAIM_LOST)
 MAX_TEXT = 300
 """Reasons and fault messages are cut here: a status line stays under PIPE_BUF."""
 

@@ -30,6 +30,7 @@ from loguru import logger
 from common import capacity, logs
 from common.config import Config
 from common.errors import (
+    DiskFull,
     GaveUp,
     HostFault,
     QueueUnavailable,
@@ -42,15 +43,15 @@ from runners import create_runner
 from runners.base import Runner
 
 from . import autotuner, duplicates, faults, task
-from .claim import Claim, ClaimStore
+from .claim import Claim, ClaimLeases, ClaimStore
 from .cloudwatch import MetricsPublisher
 from .codestore import CodeStore
+from .diskspace import DiskGuard
 from .dispositions import Disposition, decide
 from .endings import Endings
 from .faults import FaultBoard
 from .inflight import Inflight
 from .invoke import invoke
-from .leases import LeaseKeeper
 from .ledger import Ledger
 from .phases import PhaseClock
 from .result import Result
@@ -62,8 +63,8 @@ if TYPE_CHECKING:
 
 RECEIVE_ERROR_BACKOFF_S = (0.5, 1, 2, 5, 10)
 DEGRADED_PROBE_S = 1.0
-"""While Redis cannot take results, it is probed this often (and no work is taken)."""
-CLAIM_RETRY_S = 1.0
+"""While Redis cannot take results or the disk is full, they are probed this often (and no
+work is taken)."""
 FULL_WAIT_S = 1.0
 """While no message could start, the loop wakes at least this often (outbox, Redis)."""
 READY_WAIT_S = 0.02
@@ -95,7 +96,8 @@ class Worker:
         self.queue: TaskQueue
         self.store: ResultStore
         self.claims: ClaimStore
-        self.claim_leases: LeaseKeeper[Claim]
+        self.claim_leases: ClaimLeases
+        self.disk: DiskGuard
         self.visibility: VisibilityHeartbeat
         self.endings: Endings
         self.runner: Runner
@@ -114,7 +116,7 @@ class Worker:
         failures = 0
         try:
             while not self.stopping:
-                if not self.results_writable():
+                if not self.results_writable() or not self.disk_has_room():
                     self._sleep(DEGRADED_PROBE_S)
                     continue
                 self.inflight.start_admitted()
@@ -164,11 +166,14 @@ class Worker:
         # A probe write, not a boot condition: while Redis cannot take results (down, failing
         # over, or not there yet) the worker is up but DEGRADED, taking no work until it can.
         self.store.writable()
-        lease = config.queue.visibility_timeout_seconds
+        self.store.start_flushing()
         self.claims = ClaimStore(
-            self.store.link, self.worker_id, lease, self.store.existing, self.history
+            self.store.link, self.worker_id, config.queue.visibility_timeout_seconds,
+            self.store.existing, self.history,
         )
-        self.claim_leases = LeaseKeeper("claims", lease / 3, self.claims.extend, CLAIM_RETRY_S)
+        self.claim_leases = ClaimLeases(
+            self.claims, lambda text: self.faults.fault(faults.CLAIM_LOST, text)
+        )
         self.codes = CodeStore(
             Path(config.paths.code_cache_dir),
             config.limits.max_zip_bytes,
@@ -193,6 +198,12 @@ class Worker:
             self.config = config = capacity.pin(config, capacity.resolve(config))
             self.ledger = Ledger(config.capacity.memory_mb, config.capacity.max_concurrent)
         self.runner = create_runner(config, self.index)  # pools grow up to max_concurrent
+        paths = config.paths
+        self.disk = DiskGuard(
+            [Path(paths.code_cache_dir), self.runner.sandbox_dir(config), Path(paths.outbox_dir)],
+            paths.min_free_mb,
+            (self.codes.trim, self.runner.shed_idle),
+        )
         limits = config.limits
         self.inflight = Inflight(
             self.ledger,
@@ -213,8 +224,8 @@ class Worker:
             self.status.booted()
 
     def results_writable(self) -> bool:
-        """Re-send the outbox; True when Redis takes results, so new work may be taken.
-        Meanwhile the worker is DEGRADED and its messages stay in SQS for other hosts."""
+        """True when Redis takes results, so new work may be taken. Meanwhile the worker is
+        DEGRADED and its messages stay in SQS for other hosts."""
         self._alive_until = time.monotonic() + DEGRADED_PROBE_S + 15
         trouble = self.store.trouble()
         if trouble is None:
@@ -223,6 +234,16 @@ class Worker:
         self.faults.degrade(
             faults.REDIS, f"redis: results cannot be written ({trouble}); taking no new work"
         )
+        return False
+
+    def disk_has_room(self) -> bool:
+        """True when the worker's disks have room (paths.min_free_mb, and a probe write works
+        after one was full); meanwhile it is DEGRADED and takes no new work."""
+        trouble = self.disk.trouble()
+        if trouble is None:
+            self.faults.recover(faults.DISK)
+            return True
+        self.faults.degrade(faults.DISK, f"disk: {trouble}; taking no new work")
         return False
 
     def receive(self, wanted: int = 1) -> list[Message]:
@@ -305,30 +326,27 @@ class Worker:
             self.status.task_started(t.request_id)
         self.visibility.add(message)
         self.claim_leases.add(claim)
-        ending = None
         try:
-            ending = self._run_task(message, t, claim.recent_peaks)
+            ending = self._run_task(message, t, claim)
+        except BaseException:
+            duplicates.release(self.claims, claim)
+            raise
         finally:
             self.visibility.discard(message)
-            self.claim_leases.discard(claim)
-            if ending is None:
-                duplicates.release(self.claims, claim)
-                if self.status:
-                    self.status.task_ended(t.request_id)
-        if ending is not None:
-            self.endings.finish(message, *ending)
+            self.claim_leases.discard(claim)  # before the publish frees it: not taken again
+        finished = ending is not None and self.endings.finish(message, *ending, claim.token)
+        if not finished and self.status:
+            self.status.task_ended(t.request_id)
 
-    def _run_task(
-        self, message: Message, t: task.Task, recent_peaks: tuple[int, ...]
-    ) -> tuple[Result, bool] | None:
+    def _run_task(self, message: Message, t: task.Task, claim: Claim) -> tuple[Result, bool] | None:
         """The result to publish and whether to dead-letter the message too; None when the
-        message is kept for a retry."""
+        message goes back for a later try (its claim released)."""
         clock = PhaseClock(message.received_mono, message.queued_ms)
         max_attempts = self.config.queue.max_attempts
-        if message.attempt > max_attempts:
+        if claim.run > max_attempts:
             error: TaskError = GaveUp(
-                f"gave up after {message.attempt - 1} attempts: the message came back "
-                f"{message.attempt} times (queue.max_attempts is {max_attempts})"
+                f"gave up: tried {claim.run - 1} times already (queue.max_attempts is "
+                f"{max_attempts}; the message came back {message.receives} times)"
             )
         else:
             try:
@@ -336,20 +354,25 @@ class Worker:
                     package = self.codes.fetch(t.s3_bucket, t.s3_key)
                 self.inflight.ready()
                 ran = invoke(
-                    self.config, self.runner, self.history, recent_peaks, self.worker_id,
-                    t, package, message.attempt, clock,
+                    self.config, self.runner, self.history, claim.recent_peaks, self.worker_id,
+                    t, package, claim.run, clock,
                 )
                 return ran, False
             except Exception as exc:  # noqa: BLE001 - translated, then decided by class
                 error = self._translate(exc)
-        disposition = decide(error, message.attempt, max_attempts)
+        disposition = decide(error, claim.run, max_attempts)
+        if disposition is Disposition.DEFER:
+            duplicates.release(self.claims, claim, count_run=False)
+            self.endings.defer(message, f"[RETRY] {error}: not counted as a try")
+            return None
         if disposition is Disposition.RETRY:
             logger.warning(
-                f"[RETRY] {error} (attempt {message.attempt} of {max_attempts}); "
+                f"[RETRY] {error} (attempt {claim.run} of {max_attempts}); "
                 "message kept for another try"
             )
+            duplicates.release(self.claims, claim)
             return None
-        res = self.endings.failed(t.ids, error, t.memory_mb, message.attempt, clock.timings())
+        res = self.endings.failed(t.ids, error, t.memory_mb, claim.run, clock.timings())
         return res, disposition is Disposition.DEAD_LETTER
 
     def _translate(self, exc: Exception) -> TaskError:
@@ -361,6 +384,8 @@ class Worker:
             self.faults.fault(faults.UNEXPECTED, str(error))
         elif isinstance(error, HostFault):
             self.faults.fault(faults.HOST, str(error))
+            if isinstance(error, DiskFull):
+                self.disk.full(str(error))
         return error
 
     # -- signals and liveness -----------------------------------------------------------------

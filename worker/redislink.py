@@ -11,6 +11,7 @@ failover costs one failed round trip, not an outage.
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Callable
 from typing import TypeVar
@@ -34,8 +35,21 @@ FAILOVER_ERRORS = (
     OSError,
 )
 """Errors after which this pool's connections may lead to the wrong server, or nowhere."""
-MASTER_DOWN = ("MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN")
-"""Replies of a server that will take writes again later: unavailable, not a refusal."""
+OUTAGE_CODES = frozenset(
+    {"OOM", "BUSY", "LOADING", "NOREPLICAS", "READONLY", "MISCONF", "MASTERDOWN", "TRYAGAIN",
+     "CLUSTERDOWN"}
+)
+"""Error replies of a server that refuses every write for now (out of memory under
+``noeviction``, a script running too long, loading its data, too few replicas in sync, a
+replica, a failed RDB save, no primary): an outage like a server that is down, not a refusal
+of this one write. Redis forwards them from inside a script with the same code."""
+_OUTAGE_ERRORS = (
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.ClusterDownError,  # MasterDownError included
+)
+_OUTAGE_IN_TEXT = re.compile(r"(?:^|-)(" + "|".join(sorted(OUTAGE_CODES)) + r")\b")
 
 
 def make_client(url: str) -> redis.Redis:
@@ -86,7 +100,7 @@ class RedisLink:
                 if last_try:
                     raise self._unavailable(what, exc) from exc
             except redis.ResponseError as exc:
-                if str(exc).startswith(MASTER_DOWN):
+                if is_outage(exc):
                     raise self._unavailable(what, exc) from exc
                 raise ResultRejected(f"{what}: Redis refused it: {_line(exc)}") from exc
             except redis.RedisError as exc:
@@ -125,8 +139,22 @@ class RedisLink:
             client.close()
 
 
+def is_outage(exc: redis.ResponseError) -> bool:
+    """True for a reply that refuses every write for now (OUTAGE_CODES), however redis-py
+    reports it: as the error code it stripped, or within the text (a script's error)."""
+    if isinstance(exc, _OUTAGE_ERRORS):
+        return True
+    code = getattr(exc, "status_code", None)  # redis-py >= 6 keeps it
+    return code in OUTAGE_CODES or _OUTAGE_IN_TEXT.search(str(exc)) is not None
+
+
 def _line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:200] or type(exc).__name__
+    """One line naming what went wrong, with the error code redis-py took off the reply."""
+    text = " ".join(str(exc).split())
+    code = getattr(exc, "status_code", None)
+    if isinstance(code, str) and not text.startswith(code):
+        text = f"{code} {text}"
+    return text[:200] or type(exc).__name__
 
 
 def _where(url: str) -> str:

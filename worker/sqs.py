@@ -30,6 +30,10 @@ HEARTBEAT_TIMEOUTS_S = (2, 5)
 """Connect and read timeouts of the heartbeat client."""
 HEARTBEAT_RETRY_S = 1.0
 """A failed visibility renewal is tried again this soon."""
+SQS_BATCH_MAX = 10
+"""The most messages one SQS batch call takes."""
+HEARTBEAT_PARALLEL = 4
+"""Visibility batches sent at once: 200 messages in flight are 20 calls, 5 rounds of 4."""
 
 
 @dataclass(frozen=True)
@@ -37,9 +41,10 @@ class Message:
     message_id: str
     receipt_handle: str
     body: str
-    attempt: int
-    """ApproximateReceiveCount: 1 on the first delivery (``max_attempts`` when SQS did not
-    say: a message of unknown history gets no retries)."""
+    receives: int
+    """ApproximateReceiveCount: 1 on the first delivery (0 when SQS did not say). Not the
+    task's attempt: tries are counted in Redis (claim.py), since a receive handed back
+    untried (Redis or the disk away, a duplicate waiting) is no try."""
     received_at: float = field(default_factory=time.time)
     """Epoch seconds when this worker received it."""
     received_mono: float = field(default_factory=time.monotonic)
@@ -148,7 +153,7 @@ class TaskQueue:
                 message_id=m["MessageId"],
                 receipt_handle=m["ReceiptHandle"],
                 body=m.get("Body", ""),
-                attempt=self._attempt(m),
+                receives=self._receives(m),
                 received_at=received_at,
                 received_mono=received_mono,
                 sent_at=_epoch_s(m.get("Attributes", {}).get("SentTimestamp")),
@@ -156,17 +161,14 @@ class TaskQueue:
             for m in reply.get("Messages", [])
         ]
 
-    def _attempt(self, message: dict[str, Any]) -> int:
-        count = message.get("Attributes", {}).get("ApproximateReceiveCount")
+    @staticmethod
+    def _receives(message: dict[str, Any]) -> int:
+        """ApproximateReceiveCount; 0 when SQS did not say (it is only reported: the tries
+        that count are in Redis)."""
         try:
-            return max(1, int(count))
-        except (TypeError, ValueError):
-            logger.warning(
-                f"[SQS] message {message.get('MessageId')} came without a valid "
-                f"ApproximateReceiveCount ({count!r}); treating it as its last attempt "
-                f"({self.config.max_attempts})"
-            )
-            return self.config.max_attempts
+            return max(1, int(message.get("Attributes", {})["ApproximateReceiveCount"]))
+        except (KeyError, TypeError, ValueError):
+            return 0
 
     def delete(self, message: Message) -> None:
         self._call("delete_message", QueueUrl=self.config.url, ReceiptHandle=message.receipt_handle)
@@ -197,6 +199,22 @@ class TaskQueue:
             VisibilityTimeout=seconds,
         )
 
+    def extend_batch(self, messages: list[Message], seconds: int) -> dict[Message, str]:
+        """Change the visibility of up to 10 messages in one call; the ones SQS refused ->
+        why. Raises QueueUnavailable when the call itself failed."""
+        reply = self._call(
+            "change_message_visibility_batch",
+            QueueUrl=self.config.url,
+            Entries=[
+                {"Id": str(i), "ReceiptHandle": m.receipt_handle, "VisibilityTimeout": seconds}
+                for i, m in enumerate(messages)
+            ],
+        )
+        return {
+            messages[int(f["Id"])]: f"{f.get('Code', '')} {f.get('Message', '')}".strip()
+            for f in reply.get("Failed", [])
+        }
+
     def dead_letter(self, message: Message, reason: str) -> bool:
         """Copy the message to the dead-letter queue; False when none is configured.
 
@@ -215,7 +233,7 @@ class TaskQueue:
                     "StringValue": reason[:DEAD_LETTER_REASON_CHARS] or "-",
                 },
                 "originalMessageId": {"DataType": "String", "StringValue": message.message_id},
-                "receiveCount": {"DataType": "Number", "StringValue": str(message.attempt)},
+                "receiveCount": {"DataType": "Number", "StringValue": str(message.receives)},
             },
         )
         return True
@@ -239,20 +257,23 @@ def _passing(exc: BotoCoreError | ClientError) -> bool:
 
 class VisibilityHeartbeat(LeaseKeeper[Message]):
     """Keeps the messages being run invisible while their runs last (ChangeMessageVisibility
-    every third of the visibility timeout, on ``queue``'s client: give it one of its own)."""
+    every third of the visibility timeout, ten messages a call, a few calls at once, on
+    ``queue``'s client: give it one of its own)."""
 
     def __init__(self, queue: TaskQueue) -> None:
         self._queue = queue
         timeout = queue.config.visibility_timeout_seconds
-        super().__init__("SQS visibility", timeout / 3, self._extend, HEARTBEAT_RETRY_S)
+        super().__init__(
+            "SQS visibility", timeout / 3, self._extend, HEARTBEAT_RETRY_S,
+            batch=SQS_BATCH_MAX, parallel=HEARTBEAT_PARALLEL,
+        )
 
-    def _extend(self, message: Message) -> None:
-        self._queue.extend(message, self._queue.config.visibility_timeout_seconds)
-        logger.debug(f"[SQS] visibility of {message.message_id} extended")
+    def _extend(self, messages: list[Message]) -> None:
+        refused = self._queue.extend_batch(messages, self._queue.config.visibility_timeout_seconds)
+        for message, why in refused.items():  # deleted meanwhile, or a stale receipt handle
+            logger.debug(f"[SQS] visibility of {message.message_id} not extended: {why}")
 
 
-SQS_BATCH_MAX = 10
-"""The most messages one SQS batch call takes."""
 MAX_DELETE_LINGER_S = 0.5
 
 

@@ -12,6 +12,7 @@ import multiprocessing
 import os
 import re
 import subprocess
+import tempfile
 import time
 import uuid
 from collections import Counter
@@ -298,27 +299,67 @@ def tiny_disk(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
-def test_a_full_cache_disk_keeps_the_message_for_another_try(
+def test_a_full_cache_disk_hands_the_message_back_untried_until_space_is_back(
     aws: Any, redis_url: str, tmp_path: Path, tiny_disk: Path
 ) -> None:
-    agent = Agent(aws, redis_url, tmp_path, queue={"max_attempts": 3},
-                  paths={"code_cache_dir": str(tiny_disk / "cache")}).start()
+    agent = Agent(aws, redis_url, tmp_path, queue={"max_attempts": 2},
+                  paths={"code_cache_dir": str(tiny_disk / "cache"), "min_free_mb": 0}).start()
     try:
         big = {"main.py": HELLO, "data.bin": os.urandom(200_000)}  # does not compress
         task = agent.task(agent.deploy(big))
         agent.send_raw(json.dumps(task))
-        wait_until(lambda: "[RETRY]" in agent.log.read_text(), timeout=15, what="a retry")
-        # The operator frees space; the message's next try succeeds.
+        wait_until(lambda: "[DEGRADED] disk: " in agent.log.read_text(), timeout=15,
+                   what="the worker degraded for its disk")
+        time.sleep(12)  # longer than a hand-back: it comes back, and is not taken here
+        log = agent.log.read_text()
+        assert log.count("not counted as a try") == 1  # taken once, then no new work
+        # The operator frees space; a probe write works again, and so does the task.
         subprocess.run(["mount", "-o", "remount,size=16m", str(tiny_disk)], check=True)
-        result = agent.result(task["requestId"], timeout=20)
+        result = agent.result(task["requestId"], timeout=30)
     finally:
         assert agent.stop() == 0
-    assert (result["status"], result["attempt"]) == ("SUCCESS", 2)
-    (retry,) = [line for line in agent.log.read_text().splitlines() if "[RETRY]" in line]
-    assert f"code cache {tiny_disk / 'cache'}: No space left on device" in retry
-    assert "WARNING" in retry and "(attempt 1 of 3)" in retry
+    assert (result["status"], result["attempt"]) == ("SUCCESS", 1)  # no attempt burned
+    log = agent.log.read_text()
+    assert "[DEGRADED] over: disk works again" in log and "gave up" not in log
+    (deferred,) = [line for line in log.splitlines() if "not counted as a try" in line]
+    assert f"code cache {tiny_disk / 'cache'}: No space left on device" in deferred
+    assert "WARNING" in deferred and "handed back for " in deferred
 
 
+@pytest.fixture
+def small_work_dir() -> Iterator[Path]:
+    """A 12 MiB tmpfs that sandbox users can reach: the work dir of a host whose disk is
+    small."""
+    mount = Path(tempfile.mkdtemp(prefix="nanogrid-small-"))
+    os.chmod(mount, 0o711)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m,mode=0711", "tmpfs", str(mount)],
+                   check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+        mount.rmdir()
+
+
+def test_idle_sandboxes_code_is_shed_when_the_work_dir_runs_short(
+    aws: Any, redis_url: str, tmp_path: Path, small_work_dir: Path
+) -> None:
+    """Three functions of 4 MB each do not fit beside one another with 4 MB kept free:
+    the idle sandboxes' code goes instead of the worker going DEGRADED."""
+    agent = Agent(aws, redis_url, tmp_path, runtimes={"python": {"warm": 0}},
+                  paths={"work_dir": str(small_work_dir), "min_free_mb": 4}).start()
+    try:
+        results = []
+        for _ in range(3):
+            key = agent.deploy({"main.py": HELLO, "data.bin": os.urandom(4 * 2**20)})
+            results.append(agent.call(agent.task(key), timeout=30))
+            time.sleep(1.5)  # the worker looks at its disks before its next receive
+    finally:
+        assert agent.stop() == 0
+    assert [r["status"] for r in results] == ["SUCCESS"] * 3
+    log = agent.log.read_text()
+    assert "idle sandboxes to free disk space" in log
+    assert "[DEGRADED]" not in log
 def test_a_download_cut_off_mid_body_is_a_host_fault(aws: Any, tmp_path: Path) -> None:
     import boto3
     from botocore.config import Config as BotoConfig

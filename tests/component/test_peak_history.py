@@ -75,7 +75,7 @@ def test_a_task_that_never_ran_records_no_peak(redis_url: str, tmp_path: Path) -
 def test_a_re_published_result_records_no_peak_again(redis_url: str, tmp_path: Path) -> None:
     _, results, claims = stores(redis_url, tmp_path)
     run(results, claims, "d1", "dup", 5 * MB)
-    assert results.publish(ran("d1", "dup", 5 * MB), record_peak=False)  # a duplicate's copy
+    assert results.publish(ran("d1", "dup", 5 * MB), again=True)  # a duplicate's copy
     assert redis.Redis.from_url(redis_url).llen("autotuner:peaks:dup") == 1
 
 

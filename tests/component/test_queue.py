@@ -22,15 +22,15 @@ def make_queue(aws: Any, **changes: Any) -> TaskQueue:
     return TaskQueue(QueueConfig(**settings))
 
 
-def test_attempt_counts_receives_and_release_returns_the_message_at_once(aws: Any) -> None:
+def test_receives_are_counted_and_release_returns_the_message_at_once(aws: Any) -> None:
     queue = make_queue(aws)
     aws.sqs().send_message(QueueUrl=queue.config.url, MessageBody="hello")
     (first,) = queue.receive()
-    assert (first.body, first.attempt) == ("hello", 1)
+    assert (first.body, first.receives) == ("hello", 1)
     assert queue.receive() == []  # invisible for 30 s ...
     queue.release(first)
     (again,) = queue.receive()  # ... unless released
-    assert again.attempt == 2 and again.message_id == first.message_id
+    assert again.receives == 2 and again.message_id == first.message_id
     queue.delete(again)
     assert queue.receive() == []
 
@@ -50,6 +50,20 @@ def test_heartbeat_keeps_a_long_run_invisible(aws: Any) -> None:
         assert back.message_id == message.message_id
     finally:
         heartbeat.stop()
+
+
+def test_visibility_changes_ten_at_a_time_and_names_the_ones_sqs_refused(aws: Any) -> None:
+    queue = make_queue(aws, visibility_timeout_seconds=2)
+    for i in range(10):
+        aws.sqs().send_message(QueueUrl=queue.config.url, MessageBody=str(i))
+    received = []
+    while len(received) < 10:
+        received += queue.receive(10)
+    queue.delete(received[0])  # its receipt handle is stale now
+    refused = queue.extend_batch(received, 30)
+    assert list(refused) in ([], [received[0]])  # SQS refuses it; moto may take it
+    time.sleep(2.5)  # past the 2 s the receive gave them
+    assert queue.receive(wait_seconds=0) == []  # all nine still invisible
 
 
 def test_dead_letter_copies_body_and_reason(aws: Any) -> None:

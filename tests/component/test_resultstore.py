@@ -248,31 +248,100 @@ def test_a_corrupt_outbox_entry_is_set_aside_not_retried_forever(
     assert store.existing("good") == result("good")
 
 
+def refusing_user(redis_server: Any, name: str, **rules: Any) -> str:
+    """A URL as an ACL user made with ``rules``: Redis refuses what they do not allow."""
+    redis_server.client().acl_setuser(name, enabled=True, passwords=["+pw"], **rules)
+    return f"redis://{name}:pw@127.0.0.1:{redis_server.port}/0"
+
+
+def outbox_of(tmp_path: Path, request_ids: list[str]) -> Path:
+    """An outbox holding ``request_ids``' results, the first one the oldest."""
+    outbox = tmp_path / "outbox"
+    down = ResultStore("redis://127.0.0.1:1/0", TTL, outbox, retry_seconds=0)
+    for age, request_id in enumerate(request_ids):
+        down.publish(result(request_id))
+        os.utime(outbox / f"{request_id}.json", ns=(age * 10**9, age * 10**9))
+    return outbox
+
+
 def test_an_entry_redis_keeps_refusing_is_set_aside_without_blocking_the_rest(
     redis_server: Any, redis_url: str, tmp_path: Path
 ) -> None:
     # An ACL user that may not write result:refused-*: Redis refuses that one entry (NOPERM)
     # while it takes every other.
-    admin = redis_server.client()
     user = f"outbox-{os.getpid()}"
-    admin.acl_setuser(user, enabled=True, passwords=["+pw"], categories=["+@all"],
-                      keys=["result:ok-*", "claim:*", "nanogrid:*"], channels=["*"])
-    url = f"redis://{user}:pw@127.0.0.1:{redis_server.port}/0"
-    outbox = tmp_path / "outbox"
-    down = ResultStore("redis://127.0.0.1:1/0", TTL, outbox, retry_seconds=0)
-    for age, request_id in enumerate(["refused-1", "ok-1", "ok-2"]):  # the refused one first
-        down.publish(result(request_id))
-        os.utime(outbox / f"{request_id}.json", ns=(age * 10**9, age * 10**9))
+    url = refusing_user(redis_server, user, categories=["+@all"], channels=["*"],
+                        keys=["result:ok-*", "claim:*", "runs:*", "nanogrid:*"])
+    outbox = outbox_of(tmp_path, ["refused-1", "ok-1", "ok-2"])  # the refused one first
+    admin = redis_server.client()
     reported: list[str] = []
     try:
-        store = ResultStore(url, TTL, outbox, on_set_aside=reported.append)
+        store = ResultStore(url, TTL, outbox, on_set_aside=reported.append,
+                            entry_backoff_seconds=(0.2, 0.2))
         assert store.flush_outbox() == 2  # the two behind it went out
         assert admin.exists("result:ok-1", "result:ok-2") == 2
-        for _ in range(10):
+        store.flush_outbox()
+        assert store.pending_entries == 1  # within its backoff: not sent again yet
+        deadline = time.monotonic() + 5
+        while store.pending_entries and time.monotonic() < deadline:
             store.flush_outbox()
+            time.sleep(0.05)
     finally:
         admin.acl_deluser(user)
     assert [p.name for p in outbox.iterdir()] == [".failed-refused-1.json"]
     (message,) = reported
     assert "refused-1.json refused 5 times" in message and "no permissions" in message
     assert not store.outbox_pending
+
+
+def test_an_entry_is_not_set_aside_while_redis_refuses_every_write(
+    redis_server: Any, tmp_path: Path
+) -> None:
+    user = f"readonly-{os.getpid()}"
+    url = refusing_user(redis_server, user, categories=["+@all", "-@write"], keys=["*"],
+                        channels=["*"])
+    outbox = outbox_of(tmp_path, ["kept-1"])
+    reported: list[str] = []
+    try:
+        store = ResultStore(url, TTL, outbox, on_set_aside=reported.append,
+                            entry_backoff_seconds=(0, 0))
+        for _ in range(10):
+            store.flush_outbox()
+    finally:
+        redis_server.client().acl_deluser(user)
+    assert [p.name for p in outbox.iterdir()] == ["kept-1.json"] and reported == []
+    assert store.outbox_pending
+
+
+def test_set_aside_entries_are_tried_again_from_time_to_time(
+    redis_server: Any, redis_url: str, tmp_path: Path
+) -> None:
+    outbox = outbox_of(tmp_path, ["late"])
+    (outbox / "late.json").rename(outbox / ".failed-late.json")  # refused by an earlier flush
+    store = ResultStore(redis_url, TTL, outbox, revive_seconds=0.1)
+    assert store.flush_outbox() == 0
+    time.sleep(0.15)
+    assert store.flush_outbox() == 1  # what Redis refused then (an ACL, ...) it takes now
+    assert store.existing("late") == result("late") and list(outbox.iterdir()) == []
+
+
+def test_the_flusher_thread_sends_the_outbox_once_redis_is_back(
+    redis_server: Any, redis_url: str, tmp_path: Path
+) -> None:
+    outbox = tmp_path / "outbox"
+    store = ResultStore(redis_url, TTL, outbox, retry_seconds=0.2)
+    store.start_flushing()
+    try:
+        redis_server.stop()
+        try:
+            assert store.publish(result("while-down")) is False
+            time.sleep(1)
+            assert (outbox / "while-down.json").exists()
+        finally:
+            redis_server.start()
+        deadline = time.monotonic() + 10
+        while (outbox / "while-down.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert store.existing("while-down") == result("while-down")  # no flush_outbox call
+    finally:
+        store.close()

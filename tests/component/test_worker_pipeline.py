@@ -60,6 +60,7 @@ class Agent(TaskClient):
                 "code_cache_dir": str(tmp / "cache"),
                 "work_dir": work_dir,
                 "outbox_dir": str(tmp / "outbox"),
+                "min_free_mb": 16,  # a CI disk may be nearly full; tests/faults set their own
             },
             "cloudwatch": {"flush_seconds": 0.2},
             "log": {"level": "DEBUG", "file": str(tmp / "agent.log")},

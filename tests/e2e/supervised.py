@@ -57,6 +57,7 @@ class Agent(TaskClient):
                 "code_cache_dir": str(self.base / "cache"),
                 "work_dir": str(self.base / "work"),
                 "outbox_dir": str(self.base / "outbox"),
+                "min_free_mb": 16,  # a CI disk may be nearly full
             },
             "cloudwatch": {"enabled": False},
             "log": {"level": "INFO", "file": str(self.log)},

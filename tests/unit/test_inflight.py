@@ -11,7 +11,7 @@ from worker.sqs import Message
 
 
 def _message(n: int) -> Message:
-    return Message(message_id=f"m{n}", receipt_handle=f"r{n}", body="{}", attempt=1)
+    return Message(message_id=f"m{n}", receipt_handle=f"r{n}", body="{}", receives=1)
 
 
 def _inflight(run, memory_mb: int = 1024) -> Inflight:

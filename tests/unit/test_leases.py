@@ -1,37 +1,69 @@
-"""LeaseKeeper: renewals every period, a failed one retried soon, several items at once."""
+"""LeaseKeeper: renewals every period in batches, most urgent first, a failed batch retried
+soon, many items renewed within a lease even when each call is slow."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 from common.errors import QueueUnavailable
 from worker.leases import LeaseKeeper
 
 
+class Recorder:
+    def __init__(self, delay: float = 0.0) -> None:
+        self.calls: list[tuple[float, list[str]]] = []
+        self.delay = delay
+        self._lock = threading.Lock()
+
+    def __call__(self, batch: list[str]) -> None:
+        time.sleep(self.delay)
+        with self._lock:
+            self.calls.append((time.monotonic(), list(batch)))
+
+    def count(self, item: str) -> int:
+        return sum(batch.count(item) for _, batch in self.calls)
+
+
 def test_items_are_renewed_every_period_until_discarded() -> None:
-    renewed: list[tuple[str, float]] = []
-    keeper = LeaseKeeper("test", 0.1, lambda item: renewed.append((item, time.monotonic())))
+    renewed = Recorder()
+    keeper = LeaseKeeper("test", 0.1, renewed)
     try:
         keeper.add("a")
         keeper.add("b")
         time.sleep(0.35)
         keeper.discard("a")
-        count_a = sum(1 for item, _ in renewed if item == "a")
+        count_a = renewed.count("a")
         time.sleep(0.25)
     finally:
         keeper.stop()
     assert 2 <= count_a <= 4
-    assert sum(1 for item, _ in renewed if item == "a") == count_a  # none after discard
-    assert sum(1 for item, _ in renewed if item == "b") >= 4
+    assert renewed.count("a") == count_a  # none after discard
+    assert renewed.count("b") >= 4
+
+
+def test_items_due_close_together_share_one_call_of_at_most_batch_items() -> None:
+    renewed = Recorder()
+    keeper = LeaseKeeper("test", 0.2, renewed, batch=3)
+    try:
+        for name in "abcdefg":  # added over ~70 ms: all within half a period of the first
+            keeper.add(name)
+            time.sleep(0.01)
+        time.sleep(0.25)
+    finally:
+        keeper.stop()
+    first_round = [batch for at, batch in renewed.calls if at < renewed.calls[0][0] + 0.05]
+    assert [len(batch) for batch in first_round] == [3, 3, 1]
+    assert [name for batch in first_round for name in batch] == list("abcdefg")  # most urgent first
 
 
 def test_a_failed_renewal_is_retried_soon_not_a_period_later() -> None:
     calls: list[float] = []
 
-    def renew(item: str) -> None:
+    def renew(batch: list[str]) -> None:
         calls.append(time.monotonic())
         if len(calls) == 1:
-            raise QueueUnavailable("SQS change_message_visibility failed: read timeout")
+            raise QueueUnavailable("SQS change_message_visibility_batch failed: read timeout")
 
     keeper = LeaseKeeper("test", 1.0, renew, retry=0.1)
     try:
@@ -41,3 +73,23 @@ def test_a_failed_renewal_is_retried_soon_not_a_period_later() -> None:
         keeper.stop()
     assert len(calls) == 2
     assert 0.08 <= calls[1] - calls[0] < 0.5  # the retry, not the next period
+
+
+def test_two_hundred_leases_renew_within_a_lease_against_a_slow_peer() -> None:
+    """A lease of 3 s renewed every 1 s; each call takes 0.2 s (a peer answering slowly)
+    and carries 10 items (SQS's batch size): 20 calls, 4 at a time, take about 1 s."""
+    renewed = Recorder(delay=0.2)
+    keeper = LeaseKeeper("test", 1.0, renewed, batch=10, parallel=4)
+    added = time.monotonic()
+    try:
+        for n in range(200):
+            keeper.add(f"m{n}")
+        time.sleep(2.5)
+    finally:
+        keeper.stop()
+    last_renewal: dict[str, float] = {}
+    for at, batch in renewed.calls:
+        for item in batch:
+            last_renewal.setdefault(item, at)
+    assert len(last_renewal) == 200
+    assert max(last_renewal.values()) - added < 3.0  # every one before its lease ran out

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from loguru import logger
 
 from common.config import QueueConfig
 from worker.sqs import TaskQueue
@@ -23,24 +22,16 @@ class Reply:
                               "Attributes": self.attributes}]}
 
 
-@pytest.mark.parametrize(("attributes", "attempt"), [
+@pytest.mark.parametrize(("attributes", "receives"), [
     ({"ApproximateReceiveCount": "2"}, 2),
-    ({}, 4),  # unknown history: its last attempt, no retries
-    ({"ApproximateReceiveCount": "many"}, 4),
+    ({}, 0),  # SQS did not say: reported as unknown (tries are counted in Redis)
+    ({"ApproximateReceiveCount": "many"}, 0),
 ])
-def test_a_missing_receive_count_is_the_last_attempt_and_logged(
-    attributes: dict[str, str], attempt: int
+def test_the_receive_count_is_read_and_an_unknown_one_is_zero(
+    attributes: dict[str, str], receives: int
 ) -> None:
-    lines: list[str] = []
-    sink = logger.add(lines.append, format="{level} {message}")
-    try:
-        (message,) = TaskQueue(CONFIG, client=Reply(attributes)).receive()
-    finally:
-        logger.remove(sink)
-    assert message.attempt == attempt
-    warned = [line for line in lines if "without a valid ApproximateReceiveCount" in line]
-    assert len(warned) == (attempt == 4)
-    assert all(line.startswith("WARNING") for line in warned)
+    (message,) = TaskQueue(CONFIG, client=Reply(attributes)).receive()
+    assert message.receives == receives
 
 
 def test_heartbeats_have_a_client_of_their_own_with_short_timeouts(

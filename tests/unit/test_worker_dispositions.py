@@ -19,6 +19,7 @@ from common.errors import CodeNotFound, QueueUnavailable, ResultStoreUnavailable
 from runners.base import RunOutcome, Sandbox
 from worker.autotuner import PeakHistory, Recommendation
 from worker.claim import Acquired, Claim
+from worker.diskspace import DiskGuard
 from worker.endings import Endings
 from worker.faults import FaultBoard
 from worker.inflight import Inflight
@@ -61,19 +62,21 @@ class FakeStore:
         self.broken = False
         self._events = queue.events
 
-    def publish(self, result: Result, record_peak: bool = True) -> bool:
+    def publish(self, result: Result, token: str | None = None, again: bool = False) -> bool:
         if self.broken:
             raise ResultStoreUnavailable("no redis, no outbox")
         self.published.append(result.to_dict())
-        self.peaks_recorded.append(record_peak)
+        self.peaks_recorded.append(not again)
         self._events.append("publish")
         return True
 
 
 class FakeClaims:
-    """Redis claims: results stored by requestId, claims held by others, or Redis down."""
+    """Redis claims: results stored by requestId, claims held by others, or Redis down; the
+    tries of each requestId counted."""
 
     def __init__(self) -> None:
+        self.runs: dict[str, int] = {}
         self.stored: dict[str, dict] = {}
         self.held_by: dict[str, str] = {}
         self.appears_while_waiting: dict[str, dict] = {}
@@ -87,14 +90,17 @@ class FakeClaims:
             return Acquired(result=Result.from_dict(self.stored[request_id]))
         if request_id in self.held_by:
             return Acquired(holder=self.held_by[request_id], expires_in=2.5)
-        return Acquired(claim=Claim(request_id, "token"))
+        self.runs[request_id] = self.runs.get(request_id, 0) + 1
+        return Acquired(claim=Claim(request_id, "token", self.runs[request_id]))
 
     def wait_for_result(self, request_id: str, timeout: float) -> Result | None:
         stored = self.appears_while_waiting.get(request_id)
         return None if stored is None else Result.from_dict(stored)
 
-    def release(self, claim: Claim) -> None:
+    def release(self, claim: Claim, *, count_run: bool = True) -> None:
         self.released.append(claim.request_id)
+        if not count_run:
+            self.runs[claim.request_id] -= 1
 
 
 class FakeLeases:
@@ -111,6 +117,7 @@ class FakeLeases:
 class FakeStatus:
     def __init__(self) -> None:
         self.faults: list[tuple[str, str]] = []
+        self.running: set[str] = set()
 
     def fault(self, kind: str, message: str) -> None:
         self.faults.append((kind, message))
@@ -119,10 +126,13 @@ class FakeStatus:
         pass
 
     def task_started(self, request_id: str) -> None:
-        pass
+        self.running.add(request_id)
 
     def task_finished(self, result: Result) -> None:
-        pass
+        self.running.discard(str(result.request_id))
+
+    def task_ended(self, request_id: str) -> None:
+        self.running.discard(request_id)
 
 
 class FakeCodes:
@@ -187,6 +197,7 @@ def make_worker(codes: FakeCodes | None = None, runner: FakeRunner | None = None
     worker.codes = codes or FakeCodes()  # type: ignore[assignment]
     worker.runner = runner or FakeRunner()  # type: ignore[assignment]
     worker.history = PeakHistory(worker.config.autotuner)
+    worker.disk = DiskGuard([], 0)
     worker.metrics = FakeMetrics()
     worker.inflight = Inflight(
         Ledger(1024, 8), 0, worker.handle, lambda m: 128, typical_mb=128, smallest_mb=128
@@ -198,7 +209,7 @@ def make_worker(codes: FakeCodes | None = None, runner: FakeRunner | None = None
     return worker
 
 
-def message(attempt: int = 1, **changes: Any) -> Message:
+def message(**changes: Any) -> Message:
     body = {
         "requestId": "r1",
         "functionId": "f",
@@ -207,7 +218,7 @@ def message(attempt: int = 1, **changes: Any) -> Message:
         "s3Key": "k",
         **changes,
     }
-    return Message("m1", "rh", json.dumps(body), attempt)
+    return Message("m1", "rh", json.dumps(body), 1)
 
 
 def test_ran_is_published_and_deleted(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -224,7 +235,8 @@ def test_ran_is_published_and_deleted(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize(("attempt", "kept"), [(1, True), (2, True), (3, False)])
 def test_missing_code_is_kept_until_max_attempts(attempt: int, kept: bool) -> None:
     worker = make_worker(codes=FakeCodes(CodeNotFound("code s3://b/k not found")))
-    worker.handle(message(attempt=attempt))
+    worker.claims.runs["r1"] = attempt - 1
+    worker.handle(message())
     assert (worker.queue.deleted == []) is kept
     assert (worker.store.published == []) is kept
     assert (worker.queue.dead == []) is kept
@@ -249,6 +261,14 @@ def test_result_that_cannot_be_kept_leaves_the_message_on_the_queue() -> None:
     assert worker.queue.deleted == []
 
 
+def test_a_run_whose_result_cannot_be_kept_leaves_the_running_list() -> None:
+    worker = make_worker()
+    worker.status = worker.fake_status  # type: ignore[assignment]
+    worker.store.broken = True
+    worker.handle(message())
+    assert worker.queue.deleted == [] and worker.fake_status.running == set()
+
+
 @pytest.mark.parametrize(
     ("codes", "changes"),
     [(None, {"runtime": "cobol"}), (FakeCodes(CodeNotFound("gone")), {})],
@@ -258,7 +278,8 @@ def test_a_refused_dead_letter_copy_is_counted_and_does_not_keep_the_message(
 ) -> None:
     worker = make_worker(codes=codes)
     worker.queue.dlq_down = True
-    worker.handle(message(attempt=3, **changes))
+    worker.claims.runs["r1"] = 2
+    worker.handle(message(**changes))
     assert worker.queue.events == ["publish", "delete"]  # the result is out all the same
     assert [kind for kind, _ in worker.fake_status.faults] == ["dead_letter_copy"]
 
@@ -292,47 +313,64 @@ def test_a_copy_whose_twin_runs_elsewhere_republishes_the_twins_result() -> None
 def test_a_copy_whose_twin_still_runs_is_handed_back_until_the_claim_lapses() -> None:
     worker = make_worker(runner=FakeRunner(error=AssertionError("must not run")))
     worker.claims.held_by["r1"] = "other-host:7"
-    worker.handle(message(attempt=9))  # attempts beyond the limit: the twin still runs it
+    worker.claims.runs["r1"] = 9  # tries beyond the limit: the twin still runs it
+    worker.handle(message())
     assert worker.queue.handed_back == [("m1", 4)]  # ceil(2.5 s left) + 1
     assert worker.store.published == [] and worker.queue.deleted == []
 
 
-def test_redis_down_hands_the_message_back_instead_of_running_it() -> None:
+def test_redis_down_hands_the_message_back_with_a_delay_instead_of_running_it() -> None:
     worker = make_worker(runner=FakeRunner(error=AssertionError("must not run")))
     worker.claims.down = True
     worker.handle(message())
-    assert worker.queue.released == ["m1"] and worker.store.published == []
+    ((handed, delay),) = worker.queue.handed_back
+    assert handed == "m1" and 5 <= delay <= 10  # never straight back (no hot loop)
+    assert worker.queue.released == [] and worker.store.published == []
 
 
 def test_a_message_back_too_often_gives_up_failed_internal_and_is_dead_lettered() -> None:
     worker = make_worker(runner=FakeRunner(error=AssertionError("must not run")))
-    worker.handle(message(attempt=4))
+    worker.claims.runs["r1"] = 3
+    worker.handle(message())
     (result,) = worker.store.published
-    assert (result["status"], result["errorType"]) == ("FAILED", "INTERNAL")
-    assert result["errorMessage"].startswith("gave up after 3 attempts")
+    assert (result["status"], result["errorType"], result["attempt"]) == ("FAILED", "INTERNAL", 4)
+    assert result["errorMessage"].startswith("gave up: tried 3 times already")
     assert worker.queue.events == ["publish", "dead-letter", "delete"]
 
 
 def test_a_claim_is_held_while_running_and_released_when_the_message_is_kept() -> None:
     worker = make_worker(codes=FakeCodes(CodeNotFound("gone")))
-    worker.handle(message(attempt=1))
+    worker.handle(message())
     assert worker.claims.released == ["r1"]  # the retry may run at once
     assert not worker.claim_leases.held and not worker.visibility.held  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EIO])
-def test_a_host_fault_keeps_the_message_for_another_try(code: int) -> None:
-    runner = FakeRunner(error=OSError(code, "disk trouble", "/var/cache/x"))
+def test_a_host_fault_keeps_the_message_for_another_try() -> None:
+    runner = FakeRunner(error=OSError(errno.EIO, "disk trouble", "/var/cache/x"))
     worker = make_worker(runner=runner)
-    worker.handle(message(attempt=1))
+    worker.handle(message())
     assert worker.queue.events == [] and worker.claims.released == ["r1"]
+    assert worker.claims.runs["r1"] == 1  # a try
     (kind, text), = worker.fake_status.faults
     assert kind == "host" and "/var/cache/x" in text
 
 
+def test_a_full_disk_hands_the_message_back_untried_and_stops_new_work() -> None:
+    runner = FakeRunner(error=OSError(errno.ENOSPC, "No space left on device", "/var/cache/x"))
+    worker = make_worker(runner=runner)
+    worker.claims.runs["r1"] = 2  # even on what would be its last try
+    worker.handle(message())
+    assert worker.queue.events == [] and worker.claims.released == ["r1"]
+    assert worker.claims.runs["r1"] == 2  # not counted
+    ((handed, delay),) = worker.queue.handed_back
+    assert handed == "m1" and 5 <= delay <= 10
+    assert worker.disk._suspect is not None  # the loop takes no work until a probe write works
+
+
 def test_a_host_fault_on_the_last_attempt_ends_failed_internal() -> None:
-    worker = make_worker(runner=FakeRunner(error=OSError(errno.ENOSPC, "full", "/w")))
-    worker.handle(message(attempt=3))
+    worker = make_worker(runner=FakeRunner(error=OSError(errno.EIO, "I/O error", "/w")))
+    worker.claims.runs["r1"] = 2
+    worker.handle(message())
     assert worker.store.published[0]["errorType"] == "INTERNAL"
     assert worker.queue.events == ["publish", "dead-letter", "delete"]
 
@@ -381,6 +419,7 @@ def test_messages_received_after_sigterm_are_released_not_run() -> None:
         ("CodeNotFound", 3, "dead-letter"),
         ("HostFault", 1, "retry"),
         ("HostFault", 3, "dead-letter"),
+        ("DiskFull", 3, "defer"),
         ("InvalidCodePackage", 1, "fail"),
         ("SandboxError", 1, "fail"),
         ("GaveUp", 4, "dead-letter"),
@@ -395,8 +434,9 @@ def test_the_disposition_follows_the_error_class(name: str, attempt: int, expect
 
 
 def test_os_errors_of_the_host_become_host_faults_and_others_bugs() -> None:
-    from common.errors import HostFault, UnexpectedError, as_task_error
+    from common.errors import DiskFull, HostFault, UnexpectedError, as_task_error
 
     full = as_task_error(OSError(errno.ENOSPC, "No space left on device", "/cache/x.zip"))
-    assert isinstance(full, HostFault) and "/cache/x.zip: No space left on device" in str(full)
+    assert isinstance(full, DiskFull) and "/cache/x.zip: No space left on device" in str(full)
+    assert type(as_task_error(OSError(errno.EIO, "I/O error", "/w"))) is HostFault
     assert isinstance(as_task_error(OSError(errno.EACCES, "denied")), UnexpectedError)

@@ -1,0 +1,35 @@
+"""Every Redis key and channel name the agent uses, in one place.
+
+``result:{requestId}`` (a key and a channel of the same name) is a contract with the
+controller; the others are the agent's own.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+
+def result(request_id: str) -> str:
+    """The stored result (a key) and the channel it is published on (contract)."""
+    return f"result:{request_id}"
+
+
+def claim(request_id: str) -> str:
+    """Who runs ``request_id`` now: ``host:pid:token`` with a lease (claim.py)."""
+    return f"claim:{request_id}"
+
+
+def runs(request_id: str) -> str:
+    """How many times ``request_id`` was tried (its result's ``attempt``; claim.py)."""
+    return f"runs:{request_id}"
+
+
+def peaks(function_id: str) -> str:
+    """The function's recent peak memory, newest first (autotuner.py)."""
+    return f"autotuner:peaks:{function_id}"
+
+
+def probe() -> str:
+    """This worker process's probe-write key (does Redis take writes now?)."""
+    return f"nanogrid:probe:{socket.gethostname()}:{os.getpid()}"
