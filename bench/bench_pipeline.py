@@ -129,7 +129,11 @@ def _agent_main(settings: dict[str, Any], log_path: str, trace_path: str) -> Non
 
     config = from_dict(settings)
     logs.setup(config.log, "worker-0")
-    os._exit(_traced_worker_class()(config, 0, trace_path).run())
+    try:
+        import worker.hooks  # noqa: F401
+    except ImportError:  # a revision from before the worker's hooks (--before REF)
+        os._exit(_traced_worker_class()(config, 0, trace_path).run())
+    os._exit(_serve_traced(config, trace_path))
 
 
 def _bare_main(settings: dict[str, Any], log_path: str) -> None:
@@ -138,7 +142,7 @@ def _bare_main(settings: dict[str, Any], log_path: str) -> None:
     _child_setup(log_path)
     from common import logs
     from common.config import from_dict
-    from worker.loop import Worker
+    from worker.loop import serve
 
     config = from_dict(settings)
     pids = []
@@ -147,7 +151,7 @@ def _bare_main(settings: dict[str, Any], log_path: str) -> None:
         if pid == 0:
             _die_with_parent()
             logs.setup(config.log, f"worker-{index}")
-            os._exit(Worker(config, index).run())
+            os._exit(serve(config, index))
         pids.append(pid)
 
     def forward(signum: int, frame: Any) -> None:
@@ -160,9 +164,56 @@ def _bare_main(settings: dict[str, Any], log_path: str) -> None:
     os._exit(max(codes, key=abs))
 
 
+STAGE_LABELS = {"claim": "claim", "fetch": "code_fetch", "sandbox": "acquire",
+                "unpack": "extract", "run": "run", "end": "publish"}
+"""The worker's stages (worker/hooks.py) as the breakdown names them; ``end`` holds the
+publish, the delete and the metrics."""
+
+
+def _serve_traced(config: Any, trace_path: str) -> int:
+    """worker.loop.serve with a hook that times each receive and each message's stages
+    (time.monotonic and perf_counter are both CLOCK_MONOTONIC here: comparable across
+    processes); the spans go to a JSON-lines file at the end."""
+    from worker.hooks import Hook
+    from worker.loop import serve
+
+    records: list[dict[str, Any]] = []
+    last_receive = [(0.0, 0.0)]
+
+    class Spans(Hook):
+        def received(self, messages: Any, started: float) -> None:
+            last_receive[0] = (started, time.perf_counter())
+
+        def before(self, stage: str, run: Any) -> None:
+            if stage == "message":
+                task = run.task
+                run.notes["bench"] = {
+                    "requestId": task.request_id if task is not None else None,
+                    "receive": last_receive[0],
+                    "spans": [],
+                }
+            run.notes[f"bench.{stage}"] = time.perf_counter()
+
+        def after(self, stage: str, run: Any, error: BaseException | None) -> None:
+            started, ended = run.notes.pop(f"bench.{stage}"), time.perf_counter()
+            record = run.notes["bench"]
+            if stage == "message":
+                record["handle"] = (started, ended)
+                records.append(record)
+            elif stage in STAGE_LABELS:
+                record["spans"].append((STAGE_LABELS[stage], started, ended))
+
+    code = serve(config, 0, hooks=(Spans(),))
+    with open(trace_path, "w") as out:
+        for record in records:
+            out.write(json.dumps(record) + "\n")
+    return code
+
+
 def _traced_worker_class() -> type:
-    """A Worker whose stages are timed (perf_counter, CLOCK_MONOTONIC: comparable across
-    processes); the spans of each handled message go to a JSON-lines file at shutdown."""
+    """For revisions before the worker's hooks: a Worker whose stages are timed
+    (perf_counter, CLOCK_MONOTONIC: comparable across processes); the spans of each handled
+    message go to a JSON-lines file at shutdown."""
     import worker.invoke as invoke_module
     import worker.loop as worker_module
 

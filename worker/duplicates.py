@@ -17,18 +17,19 @@ from common.errors import ResultStoreUnavailable
 from .claim import Acquired, Claim, ClaimStore
 from .endings import Endings
 from .sqs import Message
+from .task import Task
 
 DUPLICATE_WAIT_S = 2.0
 """How long a copy whose requestId another worker runs waits for that run's result (at most
 half the visibility timeout) before it hands its message back."""
 
 
-def claim(claims: ClaimStore, endings: Endings, message: Message, request_id: str,
-          function_id: str, visibility_timeout: float) -> Claim | None:
-    """Our claim on ``request_id``, to run it (with ``function_id``'s recent peaks); None
+def claim(claims: ClaimStore, endings: Endings, message: Message, t: Task,
+          visibility_timeout: float) -> Claim | None:
+    """Our claim on ``t``'s requestId, to run it (with its function's recent peaks); None
     when this copy ended here instead (re-published, handed back)."""
     try:
-        acquired = claims.acquire(request_id, function_id)
+        acquired = claims.acquire(t.request_id, t.function_id)
     except ResultStoreUnavailable as exc:  # this worker takes no new work until Redis can
         endings.defer(message, f"[REDIS] {exc}: not tried")
         return None
@@ -37,7 +38,7 @@ def claim(claims: ClaimStore, endings: Endings, message: Message, request_id: st
         endings.republish(message, acquired.result)
         return None
     if acquired.claim is None:
-        _defer(claims, endings, message, request_id, acquired, visibility_timeout)
+        _defer(claims, endings, message, t.request_id, acquired, visibility_timeout)
     return acquired.claim
 
 

@@ -1,39 +1,25 @@
 """How a message ends: its result published (or kept in the outbox), then a dead-letter copy
-when its error's class asks for one, then the delete; or it is handed back to the queue.
+when asked for, then the delete; or it is handed back to the queue.
 
-Results come before dead letters: a copy that fails is logged and counted and does not
-keep the message, whose FAILED result is out already. Nothing here keeps per-message state,
-so several threads may end messages at once.
+What happens is decided by the message's run (pipeline.py, from the error class); this
+module only carries it out. Results come before dead letters: a copy that fails is logged
+and counted and does not keep the message, whose FAILED result is out already. Nothing here
+keeps per-message state, so several threads may end messages at once.
 """
 
 from __future__ import annotations
 
 import random
-from typing import TYPE_CHECKING
 
 from loguru import logger
 
-from common.config import Config
-from common.errors import (
-    InvalidMessage,
-    QueueUnavailable,
-    ResultStoreUnavailable,
-    TaskError,
-    as_task_error,
-)
+from common.errors import QueueUnavailable, ResultStoreUnavailable, TaskError
 
 from . import faults as kinds
-from . import result, task
-from .cloudwatch import MetricsPublisher
-from .dispositions import Disposition, decide
-from .faults import FaultBoard
-from .phases import PhaseClock
+from . import result
 from .result import Result, TaskIds, Timings
-from .resultstore import ResultStore
-from .sqs import BatchDeleter, Message, TaskQueue
-
-if TYPE_CHECKING:
-    from .status import StatusReporter
+from .services import Services
+from .sqs import Message
 
 MAX_VISIBILITY_S = 43200
 """SQS's longest visibility timeout (12 hours)."""
@@ -43,25 +29,8 @@ many seconds (drawn in the range: a batch does not come back all at once)."""
 
 
 class Endings:
-    def __init__(
-        self,
-        config: Config,
-        worker_id: str,
-        queue: TaskQueue,
-        store: ResultStore,
-        deleter: BatchDeleter,
-        metrics: MetricsPublisher,
-        faults: FaultBoard,
-        status: StatusReporter | None = None,
-    ) -> None:
-        self.config = config
-        self.worker_id = worker_id
-        self.queue = queue
-        self.store = store
-        self.deleter = deleter
-        self.metrics = metrics
-        self.faults = faults
-        self.status = status
+    def __init__(self, services: Services) -> None:
+        self._services = services
 
     def finish(
         self, message: Message, res: Result, dead_letter: bool = False, token: str | None = None
@@ -73,7 +42,7 @@ class Endings:
             return False
         if dead_letter:
             self.dead_letter(message, res.error_message or "")
-        self.metrics.record(
+        self._services.metrics.record(
             res.function_id or "unknown",
             duration_ms=res.duration_millis,
             peak_memory_bytes=res.peak_memory_bytes,
@@ -82,8 +51,8 @@ class Endings:
             cold_start=res.cold_start,
         )
         self.delete(message)
-        if self.status:
-            self.status.task_finished(res)
+        if self._services.status:
+            self._services.status.task_finished(res)
         if res.ok:
             logger.debug(f"[DONE][OK] {res.request_id} in {res.duration_millis:.1f} ms")
         else:
@@ -98,7 +67,7 @@ class Endings:
         """Publish (or keep in the outbox); False only when the result could not be kept.
         ``again``: a stored result published once more (its peak is not recorded twice)."""
         try:
-            self.store.publish(res, token, again=again)
+            self._services.store.publish(res, token, again=again)
             return True
         except ResultStoreUnavailable as exc:  # neither Redis nor the outbox took it
             logger.error(
@@ -107,41 +76,21 @@ class Endings:
             )
             return False
 
-    def refuse(self, message: Message, exc: TaskError) -> None:
-        """A message that can never run: a result when it names a requestId; dead-letter; delete."""
-        ids = task.peek_ids(message.body)
-        dead_letter = decide(exc, 1, self.config.queue.max_attempts) is Disposition.DEAD_LETTER
-        with logger.contextualize(requestId=ids.request_id or "-"):
-            if ids.request_id is not None:
-                # A body that decoded into a task (e.g. an unknown runtime) has timings; one
-                # that never parsed has none.
-                timings = (
-                    None
-                    if isinstance(exc, InvalidMessage)
-                    else PhaseClock(message.received_mono, message.queued_ms).timings()
-                )
-                res = self.failed(ids, exc, None, 1, timings)
-                self.finish(message, res, dead_letter)
-            else:
-                logger.warning(f"[FAIL][{exc.error_type}] message {message.message_id}: {exc}")
-                if dead_letter:
-                    self.dead_letter(message, str(exc))
-                self.delete(message)
-
-    def after_bug(self, message: Message, exc: Exception) -> None:
-        """End a message whose handling hit a bug: FAILED INTERNAL when its requestId can be
-        read, a dead-letter copy, delete. The traceback goes to the debug log."""
-        error = as_task_error(exc)
-        logger.opt(exception=exc).debug("traceback of the error below")
-        logger.error(f"[UNEXPECTED] handling message {message.message_id} failed: {error}")
-        self.faults.fault(kinds.UNEXPECTED, str(error))
-        try:
-            self.refuse(message, error)
-        except Exception as again:  # noqa: BLE001 - it comes back; the attempt limit ends it
-            logger.error(
-                f"[SQS] could not end message {message.message_id} ({type(again).__name__}: "
-                f"{again}); it comes back after its visibility timeout"
-            )
+    def refuse(
+        self, message: Message, exc: TaskError, ids: TaskIds, dead_letter: bool,
+        timings: Timings | None,
+    ) -> None:
+        """A message that can never run: a result when it names a requestId; dead-letter (when
+        asked); delete."""
+        if ids.request_id is not None:
+            res = self.failed(ids, exc, None, 1, timings)
+            if not self.finish(message, res, dead_letter) and self._services.status:
+                self._services.status.task_ended(ids.request_id)
+            return
+        logger.warning(f"[FAIL][{exc.error_type}] message {message.message_id}: {exc}")
+        if dead_letter:
+            self.dead_letter(message, str(exc))
+        self.delete(message)
 
     def failed(
         self,
@@ -157,7 +106,7 @@ class Endings:
             str(exc),
             memory_mb=memory_mb,
             attempt=attempt,
-            worker_id=self.worker_id,
+            worker_id=self._services.worker_id,
             timings=timings,
         )
 
@@ -165,15 +114,16 @@ class Endings:
         """Copy to the dead-letter queue; a copy that fails is logged and counted, and does
         not keep the message (its result, if it has one, is published already)."""
         try:
-            if self.queue.dead_letter(message, reason):
+            if self._services.queue.dead_letter(message, reason):
                 logger.info(f"[SQS] message {message.message_id} copied to the dead-letter queue")
         except QueueUnavailable as exc:
             text = f"dead-letter copy of message {message.message_id} failed: {exc}"
             logger.error(f"[SQS] {text}; the message is deleted all the same")
-            self.faults.fault(kinds.DEAD_LETTER_COPY, text)
+            self._services.faults.fault(kinds.DEAD_LETTER_COPY, text)
 
     def delete(self, message: Message) -> None:
-        self.deleter.delete(message)
+        self._services.visibility.discard(message)
+        self._services.deleter.delete(message)
 
     def defer(self, message: Message, why: str) -> None:
         """Hand back a message this worker cannot run now (Redis or its disk away), for
@@ -188,9 +138,11 @@ class Endings:
             logger.info(f"[SQS] released unstarted message {message.message_id}")
 
     def hand_back(self, message: Message, seconds: int) -> bool:
-        """Make the message visible again in ``seconds``; False when SQS refused."""
+        """Make the message visible again in ``seconds`` (its renewals stop first, so none
+        overrides this); False when SQS refused."""
+        self._services.visibility.discard(message)
         try:
-            self.queue.extend(message, min(seconds, MAX_VISIBILITY_S))
+            self._services.queue.extend(message, min(seconds, MAX_VISIBILITY_S))
             return True
         except QueueUnavailable as exc:
             logger.warning(f"[SQS] could not hand back {message.message_id}: {exc}")

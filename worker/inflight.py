@@ -23,20 +23,23 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Generic, TypeVar
 
 from loguru import logger
 
 from .ledger import Ledger
-from .sqs import SQS_BATCH_MAX, Message
+from .sqs import SQS_BATCH_MAX
+
+T = TypeVar("T")
 
 
-class Inflight:
+class Inflight(Generic[T]):
     def __init__(
         self,
         ledger: Ledger,
         slot: int,
-        run: Callable[[Message], None],
-        memory_of: Callable[[Message], int],
+        run: Callable[[T], None],
+        memory_of: Callable[[T], int],
         *,
         typical_mb: int,
         smallest_mb: int,
@@ -47,7 +50,7 @@ class Inflight:
         self._memory_of = memory_of
         self._typical_mb = typical_mb
         self._smallest_mb = smallest_mb
-        self._waiting: deque[tuple[Message, int]] = deque()
+        self._waiting: deque[tuple[T, int]] = deque()
         self._running = 0
         self._getting_ready = 0
         self._own = threading.local()
@@ -61,7 +64,7 @@ class Inflight:
     def running(self) -> int:
         return self._running
 
-    def accept(self, messages: list[Message]) -> None:
+    def accept(self, messages: list[T]) -> None:
         """Queue received messages for admission, in order, and start what fits."""
         self._waiting.extend((m, self._memory_of(m)) for m in messages)
         self.start_admitted()
@@ -108,7 +111,7 @@ class Inflight:
         with self._changed:
             self._changed.wait_for(lambda: self._getting_ready == 0, timeout)
 
-    def take_waiting(self) -> list[Message]:
+    def take_waiting(self) -> list[T]:
         """Give up the messages not started yet (they go back to SQS): drain."""
         taken = [message for message, _ in self._waiting]
         self._waiting.clear()
@@ -119,7 +122,7 @@ class Inflight:
         """Wait for every run in flight to end."""
         self._threads.shutdown(wait=True)
 
-    def _run_admitted(self, message: Message, memory_mb: int) -> None:
+    def _run_admitted(self, message: T, memory_mb: int) -> None:
         self._own.getting_ready = True
         try:
             self._run(message)

@@ -4,38 +4,38 @@ and turn the outcome into its result (auto-tuner tip, Lambda's REPORT line, timi
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 from loguru import logger
 
-from common.config import Config
-from runners.base import Invocation, Runner, RunOutcome
+from runners.base import Invocation, RunOutcome
 
 from . import autotuner, result, task
+from .claim import Claim
 from .codestore import CodePackage
 from .phases import PhaseClock
 from .result import MiB, Result
+from .services import Services
 from .unpack import extract
+
+Stage = Callable[[str], AbstractContextManager[None]]
+"""The run's stage context (pipeline.py): hooks see each stage's start and end."""
 
 
 def invoke(
-    config: Config,
-    runner: Runner,
-    history: autotuner.PeakHistory,
-    recent_peaks: tuple[int, ...],
-    worker_id: str,
-    t: task.Task,
-    package: CodePackage,
-    attempt: int,
-    clock: PhaseClock,
+    services: Services, t: task.Task, package: CodePackage, claim: Claim, clock: PhaseClock,
+    stage: Stage,
 ) -> Result:
-    """Run ``t`` from ``package`` in a sandbox of ``runner``; its result, whatever its exit.
-    ``recent_peaks``: the function's, read with the claim."""
+    """Run ``t`` from ``package`` in a sandbox of the services' runner; its result, whatever
+    its exit. ``claim``: the run's, with its number and the function's recent peaks."""
+    config, runner = services.config, services.runner
     runtime = config.runtimes[t.runtime]
-    with clock.phase("sandbox"):
+    with stage("sandbox"):
         sandbox = runner.acquire(t.runtime, package.version_key)
     try:
         if sandbox.code_key != package.version_key:
-            with clock.phase("unpack"):
+            with stage("unpack"):
                 shutil.rmtree(sandbox.code_dir, ignore_errors=True)
                 sandbox.code_key = None
                 extract(package.zip_path, sandbox.code_dir, config.limits)
@@ -54,28 +54,25 @@ def invoke(
             f"{runner.marker} running {t.function_id} in {sandbox.name} "
             f"(cold={sandbox.cold_start}, memory={t.memory_mb}MB, timeout={t.timeout_ms}ms)"
         )
-        outcome = runner.run(sandbox, invocation)
+        with stage("run"):
+            outcome = runner.run(sandbox, invocation)
     finally:
         runner.release(sandbox)
-    return ran(
-        config, history, recent_peaks, worker_id, t, outcome, sandbox.cold_start, attempt, clock
-    )
+    return ran(services, t, outcome, sandbox.cold_start, claim, clock)
 
 
 def ran(
-    config: Config,
-    history: autotuner.PeakHistory,
-    recent_peaks: tuple[int, ...],
-    worker_id: str,
+    services: Services,
     t: task.Task,
     outcome: RunOutcome,
     cold: bool,
-    attempt: int,
+    claim: Claim,
     clock: PhaseClock,
 ) -> Result:
     """The result of a run: the tip (from its peak and the recent ones), the REPORT line.
     The peak goes into the function's history with the result's publish."""
-    peaks = history.with_run(outcome.peak_memory_bytes, recent_peaks)
+    config = services.config
+    peaks = services.history.with_run(outcome.peak_memory_bytes, claim.recent_peaks)
     tip = autotuner.recommend(
         outcome.peak_memory_bytes,
         t.memory_mb,
@@ -99,7 +96,7 @@ def ran(
         recommended_mb=tip.recommended_mb,
         tip=tip.tip,
         cold_start=cold,
-        attempt=attempt,
-        worker_id=worker_id,
+        attempt=claim.run,
+        worker_id=services.worker_id,
         timings=clock.timings(run_ms=outcome.duration_ms),
     )

@@ -67,6 +67,14 @@ class LeaseKeeper(Generic[T]):
         with self._cond:
             self._due.pop(item, None)
 
+    def __contains__(self, item: object) -> bool:
+        with self._cond:
+            return item in self._due
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._due)
+
     def stop(self) -> None:
         with self._cond:
             self._closed = True

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 from .result import Timings
+
+PHASES = ("fetch", "unpack", "sandbox")
 
 
 class PhaseClock:
@@ -15,19 +15,18 @@ class PhaseClock:
     def __init__(self, received_mono: float, queued_ms: float) -> None:
         self._received = received_mono
         self._queued_ms = queued_ms
-        self._ms = {"fetch": 0.0, "unpack": 0.0, "sandbox": 0.0}
+        self._ms = dict.fromkeys(PHASES, 0.0)
+        self._started: dict[str, float] = {}
 
-    @contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        """Add the time spent in the ``with`` block to phase ``name``."""
-        started = time.monotonic()
-        try:
-            yield
-        finally:
-            self._ms[name] += (time.monotonic() - started) * 1000
+    def start(self, phase: str) -> None:
+        self._started[phase] = time.monotonic()
 
-    def ms(self, name: str) -> float:
-        return self._ms[name]
+    def stop(self, phase: str) -> None:
+        """Add the time since ``start(phase)`` to ``phase``."""
+        self._ms[phase] += (time.monotonic() - self._started.pop(phase)) * 1000
+
+    def ms(self, phase: str) -> float:
+        return self._ms[phase]
 
     def timings(self, run_ms: float = 0.0) -> Timings:
         """The timings so far; ``total_ms`` ends now."""

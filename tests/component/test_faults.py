@@ -39,10 +39,10 @@ def fork_worker(config: Config, index: int) -> Any:
 
     def run() -> None:
         from common import logs
-        from worker.loop import Worker
+        from worker.loop import serve
 
         logs.setup(config.log, f"worker-{index}")
-        os._exit(Worker(config, index).run())
+        os._exit(serve(config, index))
 
     process = multiprocessing.get_context("fork").Process(target=run, daemon=True)
     process.start()

@@ -73,10 +73,10 @@ class Agent(TaskClient):
 
     def _run(self) -> None:
         from common import logs
-        from worker.loop import Worker
+        from worker.loop import serve
 
         logs.setup(self.config.log, "worker-0")
-        os._exit(Worker(self.config, 0).run())
+        os._exit(serve(self.config, 0))
 
     def start(self) -> Agent:
         self.process.start()

@@ -49,7 +49,8 @@ def graph() -> dict[str, set[str]]:
 
 def test_the_graph_sees_the_imports() -> None:
     edges = graph()
-    assert {"worker.result", "runners", "common.config"} <= edges["worker.loop"]
+    assert {"worker.pipeline", "common.config"} <= edges["worker.loop"]
+    assert {"runners", "worker.claim"} <= edges["worker.services"]
     assert "runners.base" in edges["runners.pool"]
 
 

@@ -1,0 +1,135 @@
+"""What a worker talks to, made once after the fork: ``connect`` is the worker's boot.
+
+``Services`` is the seam between a worker's loop and the world (dramatiq's ``Worker(broker)``):
+the worker and each message's run use only what is here, so a test or a benchmark builds a
+worker from other services (worker/stubs.py ships small in-memory ones) instead of
+rewiring one after it booted.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from loguru import logger
+
+from common import capacity
+from common.config import Config
+from runners import create_runner
+from runners.base import Runner
+
+from . import faults
+from .autotuner import PeakHistory
+from .claim import ClaimLeases, ClaimStore
+from .cloudwatch import MetricsPublisher
+from .codestore import CodeStore
+from .diskspace import DiskGuard
+from .faults import FaultBoard
+from .ledger import Ledger
+from .resultstore import ResultStore
+from .sqs import BatchDeleter, TaskQueue, VisibilityHeartbeat
+
+if TYPE_CHECKING:
+    from .status import StatusReporter
+
+
+@dataclass(frozen=True)
+class Services:
+    config: Config
+    """The config the services were made for (``capacity`` pinned when the worker is alone)."""
+    worker_id: str
+    """``host:pid``: who ran a task (results, claims)."""
+    queue: TaskQueue
+    visibility: VisibilityHeartbeat
+    """Keeps received messages invisible until they end."""
+    deleter: BatchDeleter
+    store: ResultStore
+    claims: ClaimStore
+    claim_leases: ClaimLeases
+    history: PeakHistory
+    codes: CodeStore
+    runner: Runner
+    metrics: MetricsPublisher
+    faults: FaultBoard
+    disk: DiskGuard
+    ledger: Ledger
+    """The host's capacity budget (shared by the workers of an agent)."""
+    status: StatusReporter | None = None
+    """The pipe to the arbiter (None for a worker on its own)."""
+
+    def close(self) -> None:
+        """Stop the background threads, flush what is pending, remove the sandboxes."""
+        self.visibility.stop()
+        self.claim_leases.stop()
+        self.deleter.close()
+        self.runner.close()
+        self.metrics.close()
+        self.store.close()
+
+
+def connect(
+    config: Config,
+    index: int,
+    board: FaultBoard,
+    status: StatusReporter | None = None,
+    ledger: Ledger | None = None,
+) -> Services:
+    """Make worker ``index``'s clients, stores and sandbox runner (after the fork). Peers
+    that are away (Redis, SQS) are not a boot error: the loop waits for them DEGRADED.
+    Raises on what cannot work (a queue SQS refuses, a runner that cannot start)."""
+    queue = TaskQueue(config.queue, region=config.aws.region)
+    unreachable = queue.check()
+    if unreachable is not None:
+        logger.warning(f"[SQS] {unreachable} (booting anyway: the receive loop retries)")
+    elif index == 0:  # one worker says it, not every one
+        for problem in queue.check_dead_letter():
+            logger.warning(f"[SQS] {problem}")
+    history = PeakHistory(config.autotuner)
+    store = ResultStore(
+        config.redis.url,
+        config.redis.result_ttl_seconds,
+        Path(config.paths.outbox_dir),
+        on_set_aside=lambda message: board.fault(faults.OUTBOX_SET_ASIDE, message),
+        peaks=history,
+    )
+    # A probe write, not a boot condition: while Redis cannot take results (down, failing
+    # over, or not there yet) the worker is up but DEGRADED, taking no work until it can.
+    store.writable()
+    store.start_flushing()
+    worker_id = f"{socket.gethostname()}:{os.getpid()}"
+    claims = ClaimStore(
+        store.link, worker_id, config.queue.visibility_timeout_seconds, store.existing, history
+    )
+    codes = CodeStore(
+        Path(config.paths.code_cache_dir), config.limits.max_zip_bytes, region=config.aws.region
+    )
+    if ledger is None:  # a worker on its own (tests, benchmarks): the whole host's
+        config = capacity.pin(config, capacity.resolve(config))
+        ledger = Ledger(config.capacity.memory_mb, config.capacity.max_concurrent)
+    runner = create_runner(config, index)  # pools grow up to max_concurrent
+    paths = config.paths
+    return Services(
+        config=config,
+        worker_id=worker_id,
+        queue=queue,
+        visibility=VisibilityHeartbeat(TaskQueue.for_heartbeats(config.queue, config.aws.region)),
+        deleter=BatchDeleter(queue),
+        store=store,
+        claims=claims,
+        claim_leases=ClaimLeases(claims, lambda text: board.fault(faults.CLAIM_LOST, text)),
+        history=history,
+        codes=codes,
+        runner=runner,
+        metrics=MetricsPublisher(config.cloudwatch, region=config.aws.region),
+        faults=board,
+        disk=DiskGuard(
+            [Path(paths.code_cache_dir), runner.sandbox_dir(config), Path(paths.outbox_dir)],
+            paths.min_free_mb,
+            (codes.trim, runner.shed_idle),
+        ),
+        ledger=ledger,
+        status=status,
+    )
