@@ -125,6 +125,13 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class ConcurrencyConfig:
+    default_cap: int | None = _bounded(None, 0)
+    """Runs of one function at once across all hosts, for a function with no entry in the
+    ``nanogrid:concurrency`` hash; None: uncapped."""
+
+
+@dataclass(frozen=True)
 class PoolConfig:
     idle_expiry_seconds: float = _bounded(600.0, 1)
     """A sandbox that served a function and sat idle this long is replaced by a fresh one."""
@@ -196,6 +203,7 @@ class Config:
     docker: DockerRunnerConfig = DockerRunnerConfig()
     aws: AwsConfig = AwsConfig()
     capacity: CapacityConfig = CapacityConfig()
+    concurrency: ConcurrencyConfig = ConcurrencyConfig()
     path: str | None = field(default=None, metadata={"internal": True})
     loaded_at: str | None = field(default=None, metadata={"internal": True})
 

@@ -33,6 +33,7 @@ from worker.ledger import Ledger
 from worker.status import FAULT, StatusReader
 
 from . import hostcheck, sdnotify, snapshot
+from .caps import FunctionCaps
 from .child import HANDLED_SIGNALS, WorkerMain, run_child
 from .configcheck import load_checked
 from .health import HealthServer
@@ -74,6 +75,8 @@ class Arbiter:
         """The host's capacity budget, shared by every worker (worker/ledger.py)."""
         self.isolation: dict[str, Any] = {}
         """The configured runner's isolation on this host, probed at start and on reload."""
+        self.caps = FunctionCaps()
+        """The per-function caps the workers met (/status, /metrics)."""
         self.runtimes: dict[str, dict[str, Any]] = {}
         """Per runtime: ``available`` and, when not, the ``problem`` (for /status)."""
 
@@ -298,6 +301,8 @@ class Arbiter:
                 self.metrics.task_finished(finished)
             elif message.get("type") == FAULT:
                 self.metrics.faults.inc(kind=str(message.get("kind")))
+            elif (deferred := self.caps.apply(message)) is not None:
+                self.metrics.deferrals.inc(function_id=deferred)
         return len(messages)
 
     def publish_status(self) -> None:
@@ -305,8 +310,8 @@ class Arbiter:
         now = time.monotonic()
         self._snapshot = snapshot.build(
             self.config, self.slots, self.workers, self.ledger, pid=self.pid,
-            isolation=self.isolation, runtimes=self.runtimes, stopping=self.stopping,
-            uptime=now - self.started_at, now=now)
+            isolation=self.isolation, runtimes=self.runtimes, caps=self.caps.status(),
+            stopping=self.stopping, uptime=now - self.started_at, now=now)
         alive = sum(1 for w in self._snapshot["workers"] if w["alive"])
         self.metrics.update(alive, self._snapshot["pools"], self._snapshot["capacity"])
         self.systemd.status(f"{alive}/{self.config.workers} workers alive")

@@ -58,6 +58,11 @@ class SupervisorMetrics:
             "(a result Redis kept refusing), unexpected (a bug that ended one message), "
             "claim_lost (a running task's claim vanished or another worker took it).",
             ("kind",))
+        self.deferrals = reg.counter(
+            "nanogrid_function_deferrals_total",
+            "Messages handed back to SQS untried because their function was at its cap "
+            "across all hosts (never an attempt).",
+            ("function_id",))
         self.reloads = reg.counter(
             "nanogrid_config_reloads_total", "SIGHUP reloads by result (ok, refused).",
             ("result",))

@@ -13,8 +13,8 @@ from .workerstate import Slot, WorkerProcess
 
 def build(config: Config, slots: dict[int, Slot], workers: dict[int, WorkerProcess],
           ledger: Ledger, *, pid: int, isolation: dict[str, Any],
-          runtimes: dict[str, dict[str, Any]], stopping: bool, uptime: float,
-          now: float) -> dict[str, Any]:
+          runtimes: dict[str, dict[str, Any]], caps: dict[str, dict[str, int]],
+          stopping: bool, uptime: float, now: float) -> dict[str, Any]:
     """The whole /status document."""
     by_slot = {w.index: w for w in workers.values()}
     return {
@@ -25,6 +25,7 @@ def build(config: Config, slots: dict[int, Slot], workers: dict[int, WorkerProce
         "runner": config.runner,
         "pools": pool_totals(list(workers.values())),
         "capacity": capacity_status(ledger),
+        "concurrency": {"defaultCap": config.concurrency.default_cap, "functions": caps},
         "isolation": isolation,
         "runtimes": runtimes,
         "restartsTotal": sum(s.restarts for s in slots.values()),

@@ -35,38 +35,63 @@ from .leases import LeaseKeeper
 from .redislink import RedisLink
 from .result import Result
 
-ACQUIRE = """
+NOW_MS = """
+local now = redis.call('TIME')
+local now_ms = now[1] * 1000 + math.floor(now[2] / 1000)
+"""
+"""The server's clock: hosts' clocks disagree, the leases' scores must not."""
+ACQUIRE = NOW_MS + """
 local stored = redis.call('GET', KEYS[1])
 if stored then return {'result', stored} end
-if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  local run = redis.call('INCR', KEYS[3])
-  redis.call('EXPIRE', KEYS[3], ARGV[3])
-  if KEYS[4] then return {'claimed', run, redis.call('LRANGE', KEYS[4], 0, ARGV[4])} end
-  return {'claimed', run}
+local holder = redis.call('GET', KEYS[2])
+if holder then return {'held', holder, redis.call('PTTL', KEYS[2])} end
+local cap = tonumber(redis.call('HGET', KEYS[5], ARGV[4]) or ARGV[5])
+local running = 0
+if cap then
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now_ms)
+  running = redis.call('ZCARD', KEYS[4])
+  if running >= cap then return {'capped', cap, running} end
+  redis.call('ZADD', KEYS[4], now_ms + ARGV[2], ARGV[1])
+  redis.call('PEXPIRE', KEYS[4], ARGV[2] + 60000)
+  running = running + 1
 end
-return {'held', redis.call('GET', KEYS[2]) or '', redis.call('PTTL', KEYS[2])}
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+local run = redis.call('INCR', KEYS[3])
+redis.call('EXPIRE', KEYS[3], ARGV[3])
+local peaks = {}
+if KEYS[6] then peaks = redis.call('LRANGE', KEYS[6], 0, ARGV[6]) end
+return {'claimed', run, peaks, cap or -1, running}
 """
-"""Takes the claim and counts the run (``runs:{id}``, the result's ``attempt``) in one step."""
-RENEW = """
+"""In one step: the stored result, or who holds the claim, or (the function at its cap
+across all hosts) 'capped', or the claim taken with a slot of the function's cap, the run
+counted (``runs:{id}``, the result's ``attempt``) and the function's recent peaks read."""
+RENEW = NOW_MS + """
 local out = {}
-for i, key in ipairs(KEYS) do
-  local token = ARGV[i + 1]
-  local held = redis.call('GET', key)
+for n = 1, #KEYS / 2 do
+  local claim, slots = KEYS[2 * n - 1], KEYS[2 * n]
+  local token = ARGV[2 * n]
+  local held = redis.call('GET', claim)
   if held == token then
-    redis.call('PEXPIRE', key, ARGV[1])
-    out[i] = 'ok'
+    redis.call('PEXPIRE', claim, ARGV[1])
+    out[n] = 'ok'
   elseif not held then
-    redis.call('SET', key, token, 'PX', ARGV[1])
-    out[i] = 'retaken'
+    redis.call('SET', claim, token, 'PX', ARGV[1])
+    out[n] = 'retaken'
   else
-    out[i] = held
+    out[n] = held
+  end
+  if ARGV[2 * n + 1] == '1' then
+    redis.call('ZADD', slots, now_ms + ARGV[1], token)
+    redis.call('PEXPIRE', slots, ARGV[1] + 60000)
   end
 end
 return out
 """
-"""Renews many claims in one round trip; a claim that is gone is taken again, one someone
-else holds is named (its holder's token)."""
+"""Renews many claims (and their slots) in one round trip; a claim that is gone is taken
+again, one someone else holds is named (its holder's token). A run keeps its slot as long as
+it runs, even one whose lease lapsed: counted once (by its token), truthfully."""
 RELEASE = """
+if ARGV[3] == '1' then redis.call('ZREM', KEYS[3], ARGV[1]) end
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])
   if ARGV[2] == '1' and redis.call('DECR', KEYS[2]) <= 0 then redis.call('DEL', KEYS[2]) end
@@ -90,6 +115,8 @@ class Claim:
     token: str
     run: int = field(default=1, compare=False)
     """Which try of the requestId this is (1 = first): runs counted in Redis, not receives."""
+    slots: str | None = field(default=None, compare=False)
+    """The function's running set when the run took a slot of its cap (else None)."""
     recent_peaks: tuple[int, ...] = field(default=(), compare=False)
     """The function's recent peaks (newest first), read with the claim for the auto-tuner."""
 
@@ -104,6 +131,11 @@ class Acquired:
     """Who holds the live claim (``host:pid``) when it is not ours."""
     expires_in: float = 0.0
     """Seconds the other holder's claim has left unless renewed."""
+    cap: int | None = None
+    """The function's cap across all hosts (None: uncapped); with ``claim`` None and no
+    holder, the function is at it."""
+    running: int = 0
+    """The function's runs in flight on all hosts, with this one when it took a slot."""
 
 
 class Renewal(Enum):
@@ -124,10 +156,13 @@ class ClaimStore:
         lease_seconds: float,
         stored: Callable[[str], Result | None],
         peaks: PeakHistory | None = None,
+        default_cap: int | None = None,
     ) -> None:
         """``stored`` reads a stored result (``ResultStore.existing``); ``peaks``: whose
-        recent peaks a claim reads."""
+        recent peaks a claim reads; ``default_cap``: the cap of a function with no entry in
+        ``nanogrid:concurrency`` (None: uncapped)."""
         self._link = link
+        self._default_cap = default_cap
         self._peaks = peaks
         self._stored = stored
         self._worker_id = worker_id
@@ -139,21 +174,20 @@ class ClaimStore:
             client.register_script(source) for source in (ACQUIRE, RENEW, RELEASE)
         )
 
-    def acquire(self, request_id: str, function_id: str | None = None) -> Acquired:
-        """The stored result of ``request_id``, or our claim on it (with its run number and
-        ``function_id``'s recent peaks), or who else holds one.
+    def acquire(self, request_id: str, function_id: str) -> Acquired:
+        """The stored result of ``request_id``, or who else holds its claim, or (the function
+        at its cap) neither, or our claim on it, with its run number, a slot of the
+        function's cap and the function's recent peaks.
 
         Raises ResultStoreUnavailable when Redis cannot take the claim.
         """
         token = f"{self._worker_id}:{uuid.uuid4().hex}"
+        slots = rediskeys.running(function_id)
         keys = [rediskeys.result(request_id), rediskeys.claim(request_id),
-                rediskeys.runs(request_id)]
-        args: list[object] = [token, self.lease_ms, RUNS_TTL_S]
-        reading = (
-            self._peaks.reading(function_id)
-            if self._peaks is not None and function_id is not None
-            else None
-        )
+                rediskeys.runs(request_id), slots, rediskeys.CONCURRENCY]
+        default_cap = "" if self._default_cap is None else self._default_cap
+        args: list[object] = [token, self.lease_ms, RUNS_TTL_S, function_id, default_cap]
+        reading = self._peaks.reading(function_id) if self._peaks is not None else None
         if reading is not None:
             keys.append(reading[0])
             args.append(reading[1])
@@ -171,21 +205,29 @@ class ClaimStore:
             logger.warning(f"[REDIS] result:{request_id} holds no valid result JSON; running")
             self._link.call(f"drop result:{request_id}", lambda c: c.delete(keys[0]))
         if kind == "claimed":
-            recent = PeakHistory.parse(reply[2]) if len(reply) > 2 else ()
-            return Acquired(claim=Claim(request_id, token, int(reply[1]), recent))
+            cap = int(reply[3])
+            claim = Claim(request_id, token, int(reply[1]), slots if cap >= 0 else None,
+                          PeakHistory.parse(reply[2]))
+            return Acquired(claim=claim, cap=cap if cap >= 0 else None, running=int(reply[4]))
+        if kind == "capped":
+            return Acquired(cap=int(reply[1]), running=int(reply[2]))
         if kind == "result":  # written again at once: another run is storing its result
             return Acquired(holder="?", expires_in=self.lease_ms / 1000)
         holder = _text(reply[1])
         return Acquired(holder=holder.rsplit(":", 1)[0], expires_in=max(0, int(reply[2])) / 1000)
 
     def renew(self, claims: Sequence[Claim]) -> dict[Claim, Renewal]:
-        """Renew the leases of ``claims`` in one round trip (from the lease keeper): a claim
-        that is gone is taken again; one that someone else holds now is LOST.
+        """Renew the leases of ``claims`` and of their slots in one round trip (from the
+        lease keeper): a claim that is gone is taken again; one that someone else holds now
+        is LOST.
 
         Raises ResultStoreUnavailable when Redis cannot take the renewal.
         """
-        keys = [rediskeys.claim(claim.request_id) for claim in claims]
-        args = [self.lease_ms, *(claim.token for claim in claims)]
+        keys: list[str] = []
+        args: list[object] = [self.lease_ms]
+        for claim in claims:
+            keys += [rediskeys.claim(claim.request_id), claim.slots or rediskeys.CONCURRENCY]
+            args += [claim.token, "1" if claim.slots else "0"]
         reply = self._link.call(
             f"renew {len(claims)} claims",
             lambda c: self._renew(keys=keys, args=args, client=c),
@@ -201,11 +243,12 @@ class ClaimStore:
         return found
 
     def release(self, claim: Claim, *, count_run: bool = True) -> None:
-        """Give the claim up without a result (the message is kept for another try);
-        ``count_run=False``: the task never got to run here (the host could not: its disk),
-        so this try does not count toward ``queue.max_attempts``."""
-        keys = [rediskeys.claim(claim.request_id), rediskeys.runs(claim.request_id)]
-        args = [claim.token, "0" if count_run else "1"]
+        """Give the claim and its slot up without a result (the message is kept for another
+        try); ``count_run=False``: the task never got to run here (the host could not: its
+        disk), so this try does not count toward ``queue.max_attempts``."""
+        keys = [rediskeys.claim(claim.request_id), rediskeys.runs(claim.request_id),
+                claim.slots or rediskeys.CONCURRENCY]
+        args = [claim.token, "0" if count_run else "1", "1" if claim.slots else "0"]
         self._link.call(
             f"release the claim on {claim.request_id}",
             lambda c: self._release(keys=keys, args=args, client=c),

@@ -2,8 +2,9 @@
 
 At-least-once delivery hands the same task to several workers. The copy that finds a stored
 result re-publishes it; the copy whose requestId another worker runs waits briefly for that
-run's result, else goes back to the queue until the other's claim would have lapsed. The
-claims themselves live in Redis (claim.py).
+run's result, else goes back to the queue until the other's claim would have lapsed. A
+message whose function is at its cap across all hosts goes back to SQS untried (caps.py).
+The claims themselves live in Redis (claim.py).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from loguru import logger
 
 from common.errors import ResultStoreUnavailable
 
+from .caps import CapGate, delay_for
 from .claim import Acquired, Claim, ClaimStore
 from .endings import Endings
 from .sqs import Message
@@ -24,10 +26,18 @@ DUPLICATE_WAIT_S = 2.0
 half the visibility timeout) before it hands its message back."""
 
 
-def claim(claims: ClaimStore, endings: Endings, message: Message, t: Task,
+def claim(claims: ClaimStore, endings: Endings, caps: CapGate, message: Message, t: Task,
           visibility_timeout: float) -> Claim | None:
     """Our claim on ``t``'s requestId, to run it (with its function's recent peaks); None
-    when this copy ended here instead (re-published, handed back)."""
+    when this copy ended here instead (re-published, handed back: a copy's twin runs, or the
+    function is at its cap)."""
+    if caps.known_at_cap(t.function_id):
+        delay = delay_for(message.receives)
+        logger.debug(f"[CAP] {t.function_id} was at its cap a moment ago; message handed "
+                     f"back for {delay}s, untried")
+        caps.deferred(t.function_id)
+        endings.hand_back(message, delay)
+        return None
     try:
         acquired = claims.acquire(t.request_id, t.function_id)
     except ResultStoreUnavailable as exc:  # this worker takes no new work until Redis can
@@ -37,9 +47,20 @@ def claim(claims: ClaimStore, endings: Endings, message: Message, t: Task,
         logger.info("[DUPLICATE] a result exists already; re-publishing it, not running")
         endings.republish(message, acquired.result)
         return None
-    if acquired.claim is None:
-        _defer(claims, endings, message, t.request_id, acquired, visibility_timeout)
-    return acquired.claim
+    if acquired.claim is not None:
+        caps.took_slot(t.function_id, acquired.cap, acquired.running)
+        return acquired.claim
+    if acquired.holder is None:
+        assert acquired.cap is not None
+        caps.at_cap(t.function_id, acquired.cap, acquired.running)
+        delay = delay_for(message.receives)
+        logger.info(f"[CAP] {t.function_id} is at its cap ({acquired.running} of "
+                    f"{acquired.cap} running on all hosts); message handed back for {delay}s, "
+                    "untried")
+        endings.hand_back(message, delay)
+        return None
+    _defer(claims, endings, message, t.request_id, acquired, visibility_timeout)
+    return None
 
 
 def _defer(claims: ClaimStore, endings: Endings, message: Message, request_id: str,

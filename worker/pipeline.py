@@ -3,7 +3,9 @@
 ``MessageRun.run`` reads top to bottom, one stage each:
 
     parse   (at receive: admission needs the task's memory) ........ task.py
-    claim   one run per requestId, the try counted .................. duplicates.py, claim.py
+    claim   one run per requestId, the try counted, a slot of the
+            function's cap across hosts ............................. duplicates.py, claim.py,
+                                                                      caps.py
     hold    claim lease and status while it runs (the message's
             visibility is held from its receive to its end) ......... leases.py, status.py
     fetch   the code zip, from the cache or S3 ...................... codestore.py
@@ -106,7 +108,7 @@ class MessageRun:
     def _run(self, t: task.Task) -> None:
         with self.stage("claim"):
             claim = duplicates.claim(
-                self.services.claims, self._endings, self.message, t,
+                self.services.claims, self._endings, self.services.caps, self.message, t,
                 self.services.config.queue.visibility_timeout_seconds,
             )
         if claim is None:  # ended there: re-published, or handed back

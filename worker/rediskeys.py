@@ -33,3 +33,14 @@ def peaks(function_id: str) -> str:
 def probe() -> str:
     """This worker process's probe-write key (does Redis take writes now?)."""
     return f"nanogrid:probe:{socket.gethostname()}:{os.getpid()}"
+
+
+CONCURRENCY = "nanogrid:concurrency"
+"""The per-function caps across all hosts: a hash of functionId -> cap (contract; written by
+the controller or ``nanogrid-limits``)."""
+
+
+def running(function_id: str) -> str:
+    """The function's runs in flight on every host: a sorted set of claim tokens scored by
+    when each one's lease ends (caps.py)."""
+    return f"nanogrid:running:{function_id}"

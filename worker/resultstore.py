@@ -11,8 +11,9 @@ entries behind it go on; set-aside entries are tried again every ``revive_second
 
 The publish is one script: the first result stored for a requestId stands (a later one, of
 a copy that ran beside it after a claim was lost, is not stored over it), the task's
-``claim:{requestId}`` is deleted only while it is still this run's, its run count goes, and
-the run's peak goes into the auto-tuner's history.
+``claim:{requestId}`` is deleted only while it is still this run's, the run's slot of its
+function's cap is freed, its run count goes, and the run's peak goes into the auto-tuner's
+history.
 """
 
 from __future__ import annotations
@@ -47,12 +48,15 @@ if stored then
 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 redis.call('PUBLISH', KEYS[1], ARGV[1])
-if ARGV[3] ~= '' and redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('DEL', KEYS[2]) end
+if ARGV[3] ~= '' then
+  if redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('DEL', KEYS[2]) end
+  redis.call('ZREM', KEYS[4], ARGV[3])
+end
 redis.call('DEL', KEYS[3])
-if KEYS[4] then
-  redis.call('LPUSH', KEYS[4], ARGV[5])
-  redis.call('LTRIM', KEYS[4], 0, ARGV[6])
-  redis.call('EXPIRE', KEYS[4], ARGV[7])
+if KEYS[5] then
+  redis.call('LPUSH', KEYS[5], ARGV[5])
+  redis.call('LTRIM', KEYS[5], 0, ARGV[6])
+  redis.call('EXPIRE', KEYS[5], ARGV[7])
 end
 return 1
 """
@@ -279,7 +283,8 @@ class ResultStore:
         """The publish script; False when a result was stored already. Raises
         ResultStoreUnavailable or ResultRejected when Redis did not take it."""
         key = rediskeys.result(request_id)
-        keys = [key, rediskeys.claim(request_id), rediskeys.runs(request_id)]
+        keys = [key, rediskeys.claim(request_id), rediskeys.runs(request_id),
+                rediskeys.running(result.function_id or "")]
         args: list[object] = [data, self._ttl, token or "", "1" if again else "0"]
         peak = self._peaks.entry(result) if self._peaks is not None and not again else None
         if peak is not None:

@@ -23,6 +23,7 @@ from runners.base import Runner
 
 from . import faults
 from .autotuner import PeakHistory
+from .caps import CapGate
 from .claim import ClaimLeases, ClaimStore
 from .cloudwatch import MetricsPublisher
 from .codestore import CodeStore
@@ -49,6 +50,8 @@ class Services:
     store: ResultStore
     claims: ClaimStore
     claim_leases: ClaimLeases
+    caps: CapGate
+    """What this worker does with a function at its cap across hosts."""
     history: PeakHistory
     codes: CodeStore
     runner: Runner
@@ -101,7 +104,8 @@ def connect(
     store.start_flushing()
     worker_id = f"{socket.gethostname()}:{os.getpid()}"
     claims = ClaimStore(
-        store.link, worker_id, config.queue.visibility_timeout_seconds, store.existing, history
+        store.link, worker_id, config.queue.visibility_timeout_seconds, store.existing, history,
+        config.concurrency.default_cap,
     )
     codes = CodeStore(
         Path(config.paths.code_cache_dir), config.limits.max_zip_bytes, region=config.aws.region
@@ -120,6 +124,7 @@ def connect(
         store=store,
         claims=claims,
         claim_leases=ClaimLeases(claims, lambda text: board.fault(faults.CLAIM_LOST, text)),
+        caps=CapGate(status),
         history=history,
         codes=codes,
         runner=runner,

@@ -22,6 +22,10 @@ ENDED = "ended"
 """A run that ended without a result to report (its message kept for a retry)."""
 POOLS = "pools"
 FAULT = "fault"
+DEFERRED = "deferred"
+"""A message handed back untried: its function was at its cap across hosts."""
+SLOT = "slot"
+"""A run of a capped function took a slot."""
 
 RESULT_FIELDS = (
     "requestId", "functionId", "status", "errorType", "durationMillis", "peakMemoryBytes",
@@ -61,6 +65,15 @@ class StatusReporter:
 
     def pools(self, stats: dict[str, dict[str, int]]) -> None:
         self._send({"type": POOLS, "pools": stats})
+
+    def deferred(self, function_id: str, cap: int | None, running: int | None) -> None:
+        """A message of ``function_id`` went back: the function is at ``cap`` with
+        ``running`` in flight on all hosts (None: known from a moment ago)."""
+        self._send({"type": DEFERRED, "functionId": function_id, "cap": cap,
+                    "running": running})
+
+    def slot(self, function_id: str, cap: int, running: int) -> None:
+        self._send({"type": SLOT, "functionId": function_id, "cap": cap, "running": running})
 
     def _send(self, message: dict[str, Any]) -> None:
         line = json.dumps(message, separators=(",", ":")).encode() + b"\n"

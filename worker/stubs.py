@@ -15,6 +15,7 @@ from common.errors import QueueUnavailable, ResultStoreUnavailable
 from runners.base import Invocation, Runner, RunOutcome, Sandbox
 
 from .autotuner import PeakHistory
+from .caps import CapGate
 from .claim import Acquired, Claim, ClaimLeases, ClaimStore, Renewal
 from .cloudwatch import MetricsPublisher
 from .codestore import CodePackage, CodeStore
@@ -115,16 +116,20 @@ class StubClaims(ClaimStore):
         self.stored: dict[str, dict[str, Any]] = {}
         self.held_by: dict[str, str] = {}
         self.appears_while_waiting: dict[str, dict[str, Any]] = {}
+        self.at_cap: dict[str, int] = {}
+        """functionId -> its cap, for functions at it."""
         self.down = False
         self.released: list[str] = []
 
-    def acquire(self, request_id: str, function_id: str | None = None) -> Acquired:
+    def acquire(self, request_id: str, function_id: str) -> Acquired:
         if self.down:
             raise ResultStoreUnavailable(f"claim {request_id}: Connection refused")
         if request_id in self.stored:
             return Acquired(result=Result.from_dict(self.stored[request_id]))
         if request_id in self.held_by:
             return Acquired(holder=self.held_by[request_id], expires_in=2.5)
+        if function_id in self.at_cap:
+            return Acquired(cap=self.at_cap[function_id], running=self.at_cap[function_id])
         self.runs[request_id] = self.runs.get(request_id, 0) + 1
         return Acquired(claim=Claim(request_id, "token", self.runs[request_id]))
 
@@ -199,11 +204,13 @@ class StubMetrics(MetricsPublisher):
 
 
 class StubStatus(StatusReporter):
-    """The pipe to the arbiter: faults reported and the requestIds it would show running."""
+    """The pipe to the arbiter: faults reported, the requestIds it would show running, and
+    the functions whose messages were deferred at their cap."""
 
     def __init__(self) -> None:
         self.faults: list[tuple[str, str]] = []
         self.running: set[str] = set()
+        self.deferrals: list[str] = []
 
     def heartbeat(self, degraded: list[str] | None = None) -> None:
         pass
@@ -224,6 +231,12 @@ class StubStatus(StatusReporter):
         self.running.discard(request_id)
 
     def pools(self, stats: dict[str, dict[str, int]]) -> None:
+        pass
+
+    def deferred(self, function_id: str, cap: int | None, running: int | None) -> None:
+        self.deferrals.append(function_id)
+
+    def slot(self, function_id: str, cap: int, running: int) -> None:
         pass
 
 
@@ -252,6 +265,7 @@ class Stubs:
             store=self.store,
             claims=self.claims,
             claim_leases=ClaimLeases(self.claims, lambda text: None),
+            caps=CapGate(self.status),
             history=PeakHistory(self.config.autotuner),
             codes=self.codes,
             runner=self.runner,

@@ -32,9 +32,15 @@ DRAIN_TIMEOUT_S = 10
 class Agent(TaskClient):
     """One supervisor on a fresh queue, bucket and Redis database, in a directory of its own."""
 
-    def __init__(self, aws: Any, redis_url: str, **settings: Any) -> None:
+    def __init__(
+        self, aws: Any, redis_url: str, beside: Agent | None = None, **settings: Any
+    ) -> None:
+        """``beside``: another agent whose queue and bucket this one shares (a second host)."""
         super().__init__(
-            aws, redis_url, aws.new_queue("e2e", visibility_timeout=2), aws.new_bucket("e2e")
+            aws,
+            redis_url,
+            beside.queue_url if beside else aws.new_queue("e2e", visibility_timeout=2),
+            beside.bucket if beside else aws.new_bucket("e2e"),
         )
         # Sandbox users must be able to reach work_dir: not under pytest's 0700 tmp_path.
         self.base = Path(tempfile.mkdtemp(prefix="nanogrid-e2e-"))

@@ -1,7 +1,7 @@
-"""The packages' imports flow one way: devtools -> supervisor -> worker -> runners -> common,
-and no module imports itself back through another (no cycles, TYPE_CHECKING ones included).
-The fork server and the node server, run on their own in every sandbox, import nothing but
-their language's standard library and themselves."""
+"""The packages' imports flow one way: devtools -> admin -> supervisor -> worker -> runners
+-> common, and no module imports itself back through another (no cycles, TYPE_CHECKING ones
+included). The fork server and the node server, run on their own in every sandbox, import
+nothing but their language's standard library and themselves."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-ORDER = ("common", "runners", "worker", "supervisor", "devtools")
+ORDER = ("common", "runners", "worker", "supervisor", "admin", "devtools")
 """Each package may import only the ones before it (and itself)."""
 
 

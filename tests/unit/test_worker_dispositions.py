@@ -292,3 +292,14 @@ def test_os_errors_of_the_host_become_host_faults_and_others_bugs() -> None:
     assert isinstance(full, DiskFull) and "/cache/x.zip: No space left on device" in str(full)
     assert type(as_task_error(OSError(errno.EIO, "I/O error", "/w"))) is HostFault
     assert isinstance(as_task_error(OSError(errno.EACCES, "denied")), UnexpectedError)
+
+
+def test_a_function_at_its_cap_goes_back_untried_with_a_delay(make_stubs: MakeStubs) -> None:
+    stubs = make_stubs(runner=StubRunner(error=AssertionError("must not run")))
+    stubs.claims.at_cap["f"] = 3
+    handle(stubs, message())
+    handle(stubs, message(requestId="r2"))  # a moment later: no Redis round trip of its own
+    assert [m for m, _ in stubs.queue.handed_back] == ["m1", "m1"]
+    assert all(1 <= delay <= 2 for _, delay in stubs.queue.handed_back)  # first receives
+    assert stubs.claims.runs == {} and stubs.store.published == []  # no try, no result
+    assert stubs.status.deferrals == ["f", "f"] and stubs.queue.dead == []

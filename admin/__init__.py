@@ -1,0 +1,1 @@
+"""Commands for operators of a fleet of agents (per-function caps), beside the agent."""
