@@ -18,7 +18,7 @@ from .isolation import Isolation
 
 ENGINE_CHECK_TIMEOUT_S = 10
 CONTAINER_ISOLATION = (
-    "uid", "capabilities", "read-only-root", "tmpfs", "cgroup", "rlimits", "pid", "mount",
+    "uid", "capabilities", "read-only-root", "tmpfs", "cgroup", "rlimits", "pid", "mount", "ipc",
 )
 """What every sandbox container has by its spec (runners/container_spec.py)."""
 

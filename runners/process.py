@@ -118,7 +118,7 @@ class ProcessRunner(PooledRunner):
                     "a node run leaves behind lives until its sandbox goes"
                 )
         if os.geteuid() != 0:
-            for name in ("uid", "mount", "network", "pid"):
+            for name in ("uid", "mount", "ipc", "network", "pid"):
                 missing[name] = "the agent does not run as root"
             return Isolation(tuple(holds), missing)
         holds.append("uid")
@@ -340,5 +340,5 @@ def probe_namespaces(config: Config) -> Isolation:
         report = json.loads(done.stdout)
     except (OSError, subprocess.TimeoutExpired, ValueError) as exc:
         why = f"the namespace probe failed: {exc}"
-        return Isolation((), dict.fromkeys(("mount", "network", "pid"), why))
+        return Isolation((), dict.fromkeys(("mount", "ipc", "network", "pid"), why))
     return Isolation(tuple(report["holds"]), report["missing"])

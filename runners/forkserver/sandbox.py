@@ -3,6 +3,7 @@ a call costs nothing more).
 
 Started by a root agent with ``"isolate"`` in its options, the server gets its own mount
 namespace (private /tmp and /dev/shm tmpfs, /var/tmp and the sandbox directory read-only),
+IPC namespace (SysV objects and POSIX message queues of its own, gone with the sandbox),
 network namespace (loopback only) and PID namespace, whose PID 1 it becomes: it forks once,
 the original process stays outside as the namespace's keeper (it waits for the server and
 dies with the agent), and the server mounts a fresh /proc, reaps orphans during a run and
@@ -28,6 +29,7 @@ import struct
 import sys
 
 CLONE_NEWNS = 0x00020000
+CLONE_NEWIPC = 0x08000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
@@ -95,8 +97,8 @@ def loopback_up() -> None:
 
 
 def isolate(settings: dict) -> tuple[list, dict]:
-    """As root: new mount, network and PID namespaces for this server (the PID namespace is
-    for its children). Returns (what holds, {what is missing: why})."""
+    """As root: new mount, IPC, network and PID namespaces for this server (the PID namespace
+    is for its children). Returns (what holds, {what is missing: why})."""
     holds: list = []
     missing: dict = {}
     host_mounts = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
@@ -109,6 +111,8 @@ def isolate(settings: dict) -> tuple[list, dict]:
             _check(_libc.setns(host_mounts, CLONE_NEWNS), "back to the host's mounts")
             missing["mount"] = f"cannot mount in its namespace: {exc.strerror}"
     os.close(host_mounts)
+    if unshare(CLONE_NEWIPC, missing, "ipc"):
+        holds.append("ipc")
     if not settings["network"]:
         missing["network"] = "process.network is host"
     elif unshare(CLONE_NEWNET, missing, "network"):

@@ -54,7 +54,7 @@ def test_status_health_and_metrics_follow_the_contract(agent: FakeAgent) -> None
     assert done["uptimeSeconds"] >= RUN_S
     isolation = done["isolation"]["process"]  # as root (CI): every namespace holds
     assert set(isolation) == {"holds", "missing"} and isolation["missing"] == {}
-    assert set(isolation["holds"]) == {"rlimits", "cgroup", "uid", "mount", "network", "pid"}
+    assert set(isolation["holds"]) == {"rlimits", "cgroup", "uid", "mount", "ipc", "network", "pid"}
 
     code, body = agent.get("/health")
     assert code == 200 and json.loads(body)["status"] == "UP"
