@@ -134,7 +134,7 @@ class ProcessRunnerConfig:
     path: str = "/usr/local/bin:/usr/bin:/bin"
     """PATH of the functions, also where the runtime command is resolved."""
     sandbox_uid_base: int = _bounded(61000, 1000, 2**31 - 100000)
-    """Sandbox k of worker w runs as uid base + w*1000 + k when the agent runs as root."""
+    """Worker w's sandboxes run as uids base + w*1000 .. + 999 (one each) when root."""
     network: str = _bounded("none", choices=("none", "host"))
     """none: each sandbox has its own network namespace (loopback only); host: the host's."""
     tmpfs_mb: int = _bounded(64, 1)

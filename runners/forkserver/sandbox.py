@@ -15,7 +15,8 @@ drops root.
 With ``"exec"`` in its options (another runtime's server, e.g. ``node nodeserver``), it
 sets the same sandbox up and then exec's that server instead of serving: within a PID
 namespace it stays PID 1 (reaping what runs orphan, exiting with the server) and the server
-runs as its child; the exec'd server writes the ready line when it serves.
+runs as its child; the exec'd server writes the ready line when it serves (with ``"init"``:
+PID 1's pid on the host).
 """
 
 import ctypes

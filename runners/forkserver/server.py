@@ -168,8 +168,8 @@ def main(argv: list) -> int:
     if "pid" in holds:
         host_pid = become_init(parent if options.get("pdeathsig") else 0, uid, gid)
         parent = 0  # the keeper lies outside this namespace: getppid() is 0 from now on
-        if command:
-            report = {"holds": holds, "missing": missing}
+        if command:  # its ready line names this PID 1 too: the namespace ends with it
+            report = {"holds": holds, "missing": missing, "init": host_pid}
             return init_for(command, options, host_proc, report)
         wakeup = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wakeup[1], warn_on_full_buffer=False)

@@ -1,0 +1,189 @@
+"""What keeps process sandboxes apart from each other beyond their namespaces: a uid no
+other live sandbox has.
+
+The work dirs here lie below /var/lib, not /tmp: a sandbox's private /tmp would hide
+everything below /tmp anyway, and production work dirs are not there either.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import put_code
+
+from common.config import Config, from_dict
+from runners import cgroups
+from runners.base import Invocation, RunOutcome
+from runners.process import ProcessRunner, ProcessSandbox
+from runners.sandbox_uids import SandboxUids
+
+PROBE_PATHS = r"""
+import json, os, sys
+found = {}
+for name, path in json.load(sys.stdin).items():
+    try:
+        found[name] = sorted(os.listdir(path)) if os.path.isdir(path) else open(path).read()
+    except OSError as exc:
+        found[name] = type(exc).__name__
+print(json.dumps(found))
+"""
+MAIN = {"python": ("python3", "main.py"), "node": ("node", "main.js")}
+STUCK = {
+    "python": "import os, time\nif os.fork() == 0:\n    os.setsid()\ntime.sleep(30)\n",
+    "node": "const { spawn } = require('child_process');\n"
+            "spawn('sleep', ['30'], { detached: true, stdio: 'ignore' }).unref();\n"
+            "setTimeout(() => {}, 30000);\n",
+}
+"""A function that starts a process of its own, out of its process group, and hangs."""
+
+
+@pytest.fixture(autouse=True)
+def as_root() -> None:
+    assert os.geteuid() == 0, "sandbox uids and namespaces need root (CI runs as root)"
+
+
+@pytest.fixture
+def base() -> Iterator[Path]:
+    """A directory below /var/lib that sandbox users may pass through."""
+    path = Path(tempfile.mkdtemp(prefix="ng-iso-", dir="/var/lib"))
+    os.chmod(path, 0o711)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def make_config(base: Path, runtime: str = "python", **process: Any) -> Config:
+    """One worker, no warm sandboxes, and sandbox uids no other agent or test run on this
+    host uses (they share the default range; what is checked here is the uid's own)."""
+    uid_base = 1_000_000_000 + 1000 * int(uuid.uuid4().hex[:5], 16)
+    return from_dict({
+        "runner": "process",
+        "workers": 1,
+        "runtimes": {runtime: {"warm": 0}},
+        "process": {"sandbox_uid_base": uid_base, **process},
+        "paths": {
+            "work_dir": str(base / "work"),
+            "code_cache_dir": str(base / "cache"),
+            "outbox_dir": str(base / "outbox"),
+        },
+    })
+
+
+@pytest.fixture
+def runner(base: Path) -> Iterator[ProcessRunner]:
+    r = ProcessRunner(make_config(base), 0)
+    yield r
+    r.close()
+
+
+def hold(runner: ProcessRunner, key: str, code: str = "print('hi')",
+         runtime: str = "python") -> ProcessSandbox:
+    """A sandbox of ``key`` with its code in, busy (not released) until the test ends."""
+    sandbox = runner.acquire(runtime, key)
+    assert isinstance(sandbox, ProcessSandbox)
+    put_code(sandbox, {MAIN[runtime][1]: code}, key)
+    return sandbox
+
+
+def run_in(runner: ProcessRunner, sandbox: ProcessSandbox, stdin: bytes) -> RunOutcome:
+    invocation = Invocation("r", "f", ("python3", "main.py"), stdin, 128, 5000, 100_000, 32)
+    out = runner.run(sandbox, invocation)
+    assert out.exit_code == 0, out.stderr.decode()
+    return out
+
+
+# -- uids -------------------------------------------------------------------------------------
+
+
+def test_live_sandboxes_never_share_a_uid_past_a_workers_1000th(runner: ProcessRunner) -> None:
+    """Sandbox 1000 of a worker used to get sandbox 0's uid (base + seq % 1000) while 0 was
+    still live, and with it 0's code, control directory and (node) staged stdin."""
+    a = hold(runner, "a@1", "print('the code of a')\n")
+    runner._seq = itertools.count(1000)  # as after 1000 sandboxes made on timeouts and expiry
+    b = hold(runner, "b@1", PROBE_PATHS)
+    try:
+        assert a.uid != b.uid and a.uid >= 0 and b.uid >= 0
+        (a.root / "control" / "stdin").write_text("the input of a")
+        os.chown(a.root / "control" / "stdin", a.uid, a.uid)
+        paths = {"code": str(a.code_dir / "main.py"), "control": str(a.root / "control"),
+                 "stdin": str(a.root / "control" / "stdin")}
+        seen = json.loads(run_in(runner, b, json.dumps(paths).encode()).stdout)
+        assert set(seen.values()) <= {"FileNotFoundError", "PermissionError"}, seen
+    finally:
+        runner.release(b)
+        runner.release(a)
+
+
+def test_a_destroyed_sandboxs_uid_comes_back_last(runner: ProcessRunner) -> None:
+    """A uid goes back to the end of the worker's free uids: the next sandboxes get others."""
+    a = hold(runner, "a@1")
+    a.healthy = False  # released unhealthy: destroyed
+    runner.release(a)
+    fresh = [hold(runner, f"f{i}@1") for i in range(3)]
+    try:
+        assert a.uid not in {s.uid for s in fresh} and len({s.uid for s in fresh}) == 3
+    finally:
+        for sandbox in fresh:
+            runner.release(sandbox)
+
+
+def test_a_uid_whose_sandbox_had_no_cgroup_comes_back_only_with_its_processes_ended() -> None:
+    """Without a cgroup to tell, every process of the uid is killed before it is free again
+    (here one started outside any sandbox, as a leftover would be)."""
+    uid = 3_900_000 + int(uuid.uuid4().hex[:4], 16)  # a range no agent or test here uses
+    uids = SandboxUids(range(uid, uid + 1), worker=0)
+    assert uids.take() == uid
+    leftover = subprocess.Popen(["sleep", "60"], user=uid, group=uid, extra_groups=[],
+                                start_new_session=True)
+    try:
+        uids.give_back(uid, ended=False)
+        assert leftover.wait(timeout=10) == -signal.SIGKILL
+        assert uids.take() == uid
+    finally:
+        leftover.kill()
+        leftover.wait()
+
+
+def running_as(uid: int) -> list[int]:
+    """Pids of the processes (zombies aside) whose real uid is ``uid``."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            text = Path(f"/proc/{pid}/status").read_text()
+            fields = dict(line.split(":", 1) for line in text.splitlines())
+        except OSError:
+            continue
+        if fields["Uid"].split()[0] == str(uid) and fields["State"].split()[0] not in "ZX":
+            found.append(int(pid))
+    return found
+
+
+@pytest.mark.parametrize("runtime", ["python", "node"])
+def test_a_destroyed_sandbox_without_a_cgroup_leaves_nothing_of_its_uid_running(
+    base: Path, monkeypatch: pytest.MonkeyPatch, runtime: str
+) -> None:
+    """No cgroup to kill and count them: the sandbox's uid is free again once its PID 1,
+    and so every process of its namespace, is gone (here a run and its child on a timeout)."""
+    monkeypatch.setattr(cgroups.SandboxCgroups, "_prepare", lambda self: False)
+    r = ProcessRunner(make_config(base, runtime), 0)
+    try:
+        sandbox = hold(r, "stuck@1", STUCK[runtime], runtime)
+        assert sandbox.cgroup is None and "pid" in sandbox.holds
+        invocation = Invocation("r", "f", MAIN[runtime], b"", 128, 500, 1000, 32)
+        out = r.run(sandbox, invocation)
+        assert out.timed_out and len(running_as(sandbox.uid)) >= 2  # the server, the child
+        r.release(sandbox)  # timed out: destroyed
+        assert running_as(sandbox.uid) == []
+    finally:
+        r.close()
+
