@@ -36,6 +36,7 @@ from . import cgroups
 from .base import Invocation, RunOutcome, Sandbox, server_oom_outcome
 from .cgroups import SandboxCgroup, SandboxCgroups, owner_group
 from .forkclient import FORKSERVER_SOURCE
+from .hostpaths import world_writable
 from .isolation import Isolation
 from .launch import resolve_launches
 from .pool import PooledRunner
@@ -94,11 +95,14 @@ class ProcessRunner(PooledRunner):
         self._cgroups = SandboxCgroups(group)
         make_dir(self._base_dir, 0o711)
         self._uids: SandboxUids | None = None
+        self._cover: tuple[str, ...] = ()
+        """World-writable host paths each sandbox's mount namespace hides (hostpaths.py)."""
         if self._as_root:
             check_traversable(self._base_dir)
             self._uids = SandboxUids(
                 uid_range(config.process.sandbox_uid_base, worker_index), worker_index
             )
+            self._cover = world_writable()
         self._launch, unavailable = resolve_launches(config)
         self.make_pools(config, worker_index, unavailable=unavailable)
 
@@ -243,6 +247,8 @@ class ProcessRunner(PooledRunner):
                 "network": self._config.process.network == "none",
                 "tmpfs_mb": self._config.process.tmpfs_mb,
                 "root": str(root),
+                "work_dir": os.path.abspath(self._config.paths.work_dir),
+                "cover": self._cover,
             }
         launch = self._launch[runtime]
         server = SERVERS[launch.server]
@@ -334,7 +340,12 @@ class ProcessRunner(PooledRunner):
 
 def probe_namespaces(config: Config) -> Isolation:
     """Ask a throw-away fork server (``--probe``) which namespaces the kernel grants here."""
-    settings = {"network": config.process.network == "none", "tmpfs_mb": 1}
+    settings = {
+        "network": config.process.network == "none",
+        "tmpfs_mb": 1,
+        "work_dir": os.path.abspath(config.paths.work_dir),
+        "cover": world_writable(),
+    }
     try:
         done = subprocess.run(
             [sys.executable, "-I", "-S", str(FORKSERVER_SOURCE), "--probe", json.dumps(settings)],

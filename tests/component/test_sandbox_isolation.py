@@ -1,5 +1,6 @@
-"""What keeps process sandboxes apart from each other beyond their namespaces: a uid no
-other live sandbox has.
+"""What keeps process sandboxes apart from each other and from the host beyond their
+namespaces: a uid no other live sandbox has, only their own directory of the work dir, no
+world-writable host path.
 
 The work dirs here lie below /var/lib, not /tmp: a sandbox's private /tmp would hide
 everything below /tmp anyway, and production work dirs are not there either.
@@ -186,4 +187,117 @@ def test_a_destroyed_sandbox_without_a_cgroup_leaves_nothing_of_its_uid_running(
         assert running_as(sandbox.uid) == []
     finally:
         r.close()
+
+
+# -- the work dir -----------------------------------------------------------------------------
+
+
+WORK_DIR_VIEW = r"""
+import json, os, sys
+paths = json.load(sys.stdin)
+def mkdir(path):
+    try:
+        os.mkdir(path)
+        return "made"
+    except OSError as exc:
+        return type(exc).__name__
+print(json.dumps({"exists": {name: os.path.exists(path) for name, path in paths.items()},
+                  "mkdir": mkdir(paths["work"] + "/new"), "cwd": os.getcwd()}))
+"""
+
+
+def test_a_sandbox_sees_only_its_own_directory_of_the_work_dir(runner: ProcessRunner) -> None:
+    """With the mount namespace: an empty read-only tmpfs over paths.work_dir, the sandbox's
+    own directory bound back below it; another live sandbox's directory is not there."""
+    a = hold(runner, "a@1")
+    b = hold(runner, "b@1", WORK_DIR_VIEW)
+    try:
+        assert "mount" in b.holds
+        paths = {"work": runner._config.paths.work_dir, "group": str(a.root.parent),
+                 "a": str(a.root), "a_code": str(a.code_dir), "own": str(b.root)}
+        seen = json.loads(run_in(runner, b, json.dumps(paths).encode()).stdout)
+        assert seen["exists"] == {"work": True, "group": True, "a": False, "a_code": False,
+                                  "own": True}
+        assert seen["mkdir"] in ("OSError", "PermissionError")  # read-only tmpfs (EROFS)
+        assert seen["cwd"] == str(b.code_dir)
+        assert (a.code_dir / "main.py").exists()  # still there, outside
+    finally:
+        runner.release(b)
+        runner.release(a)
+
+
+def test_without_a_mount_namespace_other_sandbox_uids_are_kept_out(
+    runner: ProcessRunner,
+) -> None:
+    """Where the kernel refuses the mount namespace, the permissions alone keep a sandbox's
+    uid out of another's directory: a process of b's uid on the host's own mounts."""
+    a = hold(runner, "a@1")
+    b = hold(runner, "b@1")
+    try:
+        (a.root / "control" / "stdin").write_text("the input of a")
+        os.chown(a.root / "control" / "stdin", a.uid, a.uid)
+        paths = {"code": str(a.code_dir / "main.py"), "listing": str(a.code_dir),
+                 "control": str(a.root / "control"), "stdin": str(a.root / "control" / "stdin"),
+                 "home": str(a.home)}
+        python = shutil.which("python3", path="/usr/bin:/bin")
+        assert python is not None
+        done = subprocess.run(
+            [python, "-c", PROBE_PATHS], input=json.dumps(paths), capture_output=True,
+            text=True, timeout=30, user=b.uid, group=b.uid, extra_groups=[], cwd="/",
+        )
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout) == dict.fromkeys(paths, "PermissionError")
+    finally:
+        runner.release(b)
+        runner.release(a)
+
+
+# -- world-writable host paths ----------------------------------------------------------------
+
+WRITE_HOST = r"""
+import json, os, sys
+def attempt(action):
+    try:
+        action()
+        return "written"
+    except OSError as exc:
+        return exc.strerror
+paths = json.load(sys.stdin)
+print(json.dumps({
+    "lock": attempt(lambda: open(paths["lock"], "w").write("x")),
+    "dir": attempt(lambda: open(paths["dir"] + "/new", "w").write("x")),
+    "file": attempt(lambda: open(paths["file"], "a").write("x")),
+    "listing": os.listdir(paths["dir"]),
+}))
+"""
+
+
+def test_world_writable_host_paths_are_read_only_to_a_sandbox(base: Path) -> None:
+    """/run/lock, and a world-writable directory and file made here before the runner
+    starts: a function writes to none of them, sees nothing in the directory, and the
+    host's paths are unchanged."""
+    shared = base / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)
+    (shared / "host-file").write_text("the host's")
+    loose = base / "loose.log"
+    loose.write_text("the host's log\n")
+    os.chmod(loose, 0o666)
+    lock = Path(f"/run/lock/ng-{uuid.uuid4().hex[:8]}")
+    assert Path("/run/lock").stat().st_mode & 0o002, "this host's /run/lock is world-writable"
+    r = ProcessRunner(make_config(base), 0)
+    try:
+        sandbox = hold(r, "w@1", WRITE_HOST)
+        try:
+            paths = {"lock": str(lock), "dir": str(shared), "file": str(loose)}
+            seen = json.loads(run_in(r, sandbox, json.dumps(paths).encode()).stdout)
+        finally:
+            r.release(sandbox)
+    finally:
+        r.close()
+    assert seen == {"lock": "Read-only file system", "dir": "Read-only file system",
+                    "file": "Read-only file system", "listing": []}
+    assert not lock.exists()
+    assert os.listdir(shared) == ["host-file"]
+    assert loose.read_text() == "the host's log\n"
 
