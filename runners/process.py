@@ -37,7 +37,7 @@ from .base import Invocation, RunOutcome, Sandbox, server_oom_outcome
 from .cgroups import SandboxCgroup, SandboxCgroups, owner_group
 from .forkclient import FORKSERVER_SOURCE
 from .hostpaths import world_writable
-from .isolation import Isolation
+from .isolation import Isolation, check_metadata_service, metadata_exposure
 from .launch import resolve_launches
 from .pool import PooledRunner
 from .sandbox_server import (
@@ -112,6 +112,7 @@ class ProcessRunner(PooledRunner):
 
     @classmethod
     def check_config(cls, config: Config) -> None:
+        check_metadata_service("process", config.process.network, config.process.metadata_service)
         check_work_dir(Path(config.paths.work_dir), as_root=os.geteuid() == 0)
         if os.geteuid() == 0:
             check_sandbox_uids(config)
@@ -133,10 +134,17 @@ class ProcessRunner(PooledRunner):
         if os.geteuid() != 0:
             for name in ("uid", "mount", "ipc", "network", "pid"):
                 missing[name] = "the agent does not run as root"
-            return Isolation(tuple(holds), missing)
-        holds.append("uid")
-        probed = probe_namespaces(config)
-        return Isolation((*holds, *probed.holds), {**missing, **probed.missing})
+        else:
+            holds.append("uid")
+            probed = probe_namespaces(config)
+            holds.extend(probed.holds)
+            missing.update(probed.missing)
+        if "network" not in holds:
+            missing.update(metadata_exposure(
+                "process", config.process.metadata_service,
+                f"sandboxes share the host's network ({missing.get('network', 'no namespace')})",
+            ))
+        return Isolation(tuple(holds), missing)
 
     @classmethod
     def remove_stale(cls) -> int:

@@ -288,7 +288,7 @@ def test_a_fork_server_the_kernel_refuses_namespaces_still_serves() -> None:
 def test_not_root_every_namespace_is_named_missing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     found = ProcessRunner.isolation(make_config())
-    assert set(found.missing) >= {"uid", "mount", "ipc", "network", "pid"}
+    assert set(found.missing) >= {"uid", "mount", "ipc", "network", "pid", "metadata service"}
     assert "rlimits" in found.holds
     warning = found.warning("process")
     assert warning is not None and "\n" not in warning

@@ -1,6 +1,6 @@
 """What keeps process sandboxes apart from each other and from the host beyond their
 namespaces: a uid no other live sandbox has, only their own directory of the work dir, no
-world-writable host path.
+world-writable host path, and the instance metadata service named where it is reachable.
 
 The work dirs here lie below /var/lib, not /tmp: a sandbox's private /tmp would hide
 everything below /tmp anyway, and production work dirs are not there either.
@@ -300,4 +300,24 @@ def test_world_writable_host_paths_are_read_only_to_a_sandbox(base: Path) -> Non
     assert not lock.exists()
     assert os.listdir(shared) == ["host-file"]
     assert loose.read_text() == "the host's log\n"
+
+
+# -- the instance metadata service ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("network", "setting", "named"), [
+    ("none", None, False),
+    ("host", "blocked", False),
+    ("host", "allowed", True),
+])
+def test_the_metadata_service_is_named_missing_where_sandboxes_reach_it(
+    base: Path, network: str, setting: str | None, named: bool
+) -> None:
+    found = ProcessRunner.isolation(make_config(base, network=network, metadata_service=setting))
+    assert ("metadata service" in found.missing) is named
+    if named:
+        assert found.missing["metadata service"] == (
+            "functions can reach 169.254.169.254: process.metadata_service is allowed")
+        warning = found.warning("process")
+        assert warning is not None and "metadata service (functions can reach" in warning
 
