@@ -142,9 +142,12 @@ class ProcessRunnerConfig:
     path: str = "/usr/local/bin:/usr/bin:/bin"
     """PATH of the functions, also where the runtime command is resolved."""
     sandbox_uid_base: int = _bounded(61000, 1000, 2**31 - 100000)
-    """Sandbox k of worker w runs as uid base + w*1000 + k when the agent runs as root."""
+    """Worker w's sandboxes run as uids base + w*1000 .. + 999 (one each) when root."""
     network: str = _bounded("none", choices=("none", "host"))
     """none: each sandbox has its own network namespace (loopback only); host: the host's."""
+    metadata_service: str | None = _bounded(None, choices=("blocked", "allowed"))
+    """With network host: the operator's word that the instance metadata service is blocked
+    for the sandbox uids, or allowed on purpose (unset: the agent refuses to start)."""
     tmpfs_mb: int = _bounded(64, 1)
     """Size of each sandbox's private /tmp (a tmpfs in its own mount namespace)."""
 
@@ -152,6 +155,8 @@ class ProcessRunnerConfig:
 @dataclass(frozen=True)
 class DockerRunnerConfig:
     network: str = "none"
+    metadata_service: str | None = _bounded(None, choices=("blocked", "allowed"))
+    """With a network other than none: as ``process.metadata_service``."""
     user: str = "65534:65534"
     """``uid[:gid]`` numbers (the image may not know names); root is refused."""
     cpus: float = _bounded(1.0, 0.01, 256)

@@ -75,9 +75,12 @@ class SandboxCgroup:
             time.sleep(0.001)
         return killed
 
-    def remove(self) -> None:
+    def remove(self) -> bool:
+        """Kill what runs in it and remove it; True once it is gone: then nothing of the
+        sandbox runs any more (the kernel removes only an empty cgroup)."""
         self.memory.close()
         self.kill_all()
+        gone = True
         for directory in dict.fromkeys([self.memory_dir, self.pids_dir]):
             for _ in range(50):  # rmdir is refused until the killed processes are gone
                 try:
@@ -87,6 +90,9 @@ class SandboxCgroup:
                     break
                 except OSError:
                     time.sleep(0.01)
+            else:
+                gone = False
+        return gone
 
 
 def owner_group(index: int) -> str:

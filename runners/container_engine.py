@@ -14,11 +14,11 @@ from common.config import Config
 from common.errors import ConfigError, SandboxError
 
 from .container_cleanup import UNREACHABLE, describe
-from .isolation import Isolation
+from .isolation import Isolation, metadata_exposure
 
 ENGINE_CHECK_TIMEOUT_S = 10
 CONTAINER_ISOLATION = (
-    "uid", "capabilities", "read-only-root", "tmpfs", "cgroup", "rlimits", "pid", "mount",
+    "uid", "capabilities", "read-only-root", "tmpfs", "cgroup", "rlimits", "pid", "mount", "ipc",
 )
 """What every sandbox container has by its spec (runners/container_spec.py)."""
 
@@ -61,6 +61,10 @@ def container_isolation(config: Config) -> Isolation:
         holds.append("network")
     else:
         missing["network"] = f"docker.network is {config.docker.network}"
+        missing.update(metadata_exposure(
+            "docker", config.docker.metadata_service,
+            f"containers reach the host's network (docker.network is {config.docker.network})",
+        ))
     info = engine_info()
     if info is None:
         missing["seccomp"] = "the Docker engine does not answer: cannot tell"

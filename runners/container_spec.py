@@ -29,6 +29,9 @@ SEQUENCE_MAX = 9_999_999
 """Container names hold a per-worker sequence number; the socket path check allows this many."""
 EXTRA_PIDS = 2
 """docker-init and the fork server count against the container's pids limit too."""
+SERVER_OPTIONS = {"fork": ('{"own_ipc": true}',)}
+"""The fork server's options in a container: its IPC namespace (``ipc_mode="private"``) is
+the sandbox's own, so it removes the SysV objects each run leaves there."""
 
 
 def container_launch(command: tuple[str, ...]) -> Launch:
@@ -78,9 +81,12 @@ def container_spec(
     server_mount = f"{SERVER_DIR}/{server.source.name}"
     return dict(
         image=config.runtimes[runtime].image,
-        command=server.command(
-            launch.interpreter, server_mount, f"{CONTROL_MOUNT}/{server.socket_name}"
-        ),
+        command=[
+            *server.command(
+                launch.interpreter, server_mount, f"{CONTROL_MOUNT}/{server.socket_name}"
+            ),
+            *SERVER_OPTIONS.get(launch.server, ()),
+        ],
         name=name,
         init=True,  # docker-init reaps what functions orphan
         user="{}:{}".format(*docker_user_ids(config.docker.user)),

@@ -61,7 +61,7 @@ from .container_spec import (
     container_name,
     container_spec,
 )
-from .isolation import Isolation
+from .isolation import Isolation, check_metadata_service
 from .pool import PooledRunner
 from .sandbox_server import SERVERS, SandboxClient, log_preload, preload_key
 
@@ -105,6 +105,7 @@ class DockerRunner(PooledRunner):
 
     @classmethod
     def check_config(cls, config: Config) -> None:
+        check_metadata_service("docker", config.docker.network, config.docker.metadata_service)
         check_config(config)
         check_engine(config)
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import pwd
 import select
 import shutil
 import subprocess
@@ -31,13 +30,14 @@ from pathlib import Path
 from loguru import logger
 
 from common.config import Config, MiB
-from common.errors import ConfigError, SandboxError
+from common.errors import SandboxError
 
 from . import cgroups
 from .base import Invocation, RunOutcome, Sandbox, server_oom_outcome
 from .cgroups import SandboxCgroup, SandboxCgroups, owner_group
 from .forkclient import FORKSERVER_SOURCE
-from .isolation import Isolation
+from .hostpaths import world_writable
+from .isolation import Isolation, check_metadata_service, metadata_exposure
 from .launch import resolve_launches
 from .pool import PooledRunner
 from .sandbox_server import (
@@ -47,9 +47,11 @@ from .sandbox_server import (
     preload_key,
     server_for,
 )
+from .sandbox_uids import SandboxUids, check_sandbox_uids, uid_range
 from .workdir import check_traversable, check_work_dir, make_dir, remove_stale_dirs
 
 SANDBOX_START_TIMEOUT_S = 10.0
+SANDBOX_END_TIMEOUT_S = 5.0
 PROBE_TIMEOUT_S = 30.0
 PRIVATE_HOME = "/tmp"
 """HOME of a sandbox with a mount namespace: its private /tmp, as in a Docker sandbox."""
@@ -66,6 +68,10 @@ class ProcessSandbox(Sandbox):
     """The process started: the server itself, or its keeper outside its PID namespace."""
     server_pid: int = -1
     """The sandbox server's pid on the host."""
+    init_fd: int = -1
+    """A pidfd of PID 1 of its PID namespace (the fork server, or the one that exec'd the
+    node server): readable once it is gone, and with it every process of the namespace (the
+    kernel ends them before PID 1 exits)."""
     holds: tuple[str, ...] = ()
     """The isolations its server set up (forkserver/sandbox.py's isolate)."""
     client: SandboxClient | None = None
@@ -88,8 +94,15 @@ class ProcessRunner(PooledRunner):
         self._base_dir = Path(config.paths.work_dir) / group
         self._cgroups = SandboxCgroups(group)
         make_dir(self._base_dir, 0o711)
+        self._uids: SandboxUids | None = None
+        self._cover: tuple[str, ...] = ()
+        """World-writable host paths each sandbox's mount namespace hides (hostpaths.py)."""
         if self._as_root:
             check_traversable(self._base_dir)
+            self._uids = SandboxUids(
+                uid_range(config.process.sandbox_uid_base, worker_index), worker_index
+            )
+            self._cover = world_writable()
         self._launch, unavailable = resolve_launches(config)
         self.make_pools(config, worker_index, unavailable=unavailable)
 
@@ -99,6 +112,7 @@ class ProcessRunner(PooledRunner):
 
     @classmethod
     def check_config(cls, config: Config) -> None:
+        check_metadata_service("process", config.process.network, config.process.metadata_service)
         check_work_dir(Path(config.paths.work_dir), as_root=os.geteuid() == 0)
         if os.geteuid() == 0:
             check_sandbox_uids(config)
@@ -118,12 +132,19 @@ class ProcessRunner(PooledRunner):
                     "a node run leaves behind lives until its sandbox goes"
                 )
         if os.geteuid() != 0:
-            for name in ("uid", "mount", "network", "pid"):
+            for name in ("uid", "mount", "ipc", "network", "pid"):
                 missing[name] = "the agent does not run as root"
-            return Isolation(tuple(holds), missing)
-        holds.append("uid")
-        probed = probe_namespaces(config)
-        return Isolation((*holds, *probed.holds), {**missing, **probed.missing})
+        else:
+            holds.append("uid")
+            probed = probe_namespaces(config)
+            holds.extend(probed.holds)
+            missing.update(probed.missing)
+        if "network" not in holds:
+            missing.update(metadata_exposure(
+                "process", config.process.metadata_service,
+                f"sandboxes share the host's network ({missing.get('network', 'no namespace')})",
+            ))
+        return Isolation(tuple(holds), missing)
 
     @classmethod
     def remove_stale(cls) -> int:
@@ -203,39 +224,22 @@ class ProcessRunner(PooledRunner):
 
     def create(self, runtime: str) -> ProcessSandbox:
         started = time.monotonic()
-        seq = next(self._seq)
-        name = f"{runtime}-w{self._worker}-{seq}"
+        name = f"{runtime}-w{self._worker}-{next(self._seq)}"
         root = self._base_dir / name
-        code_dir, home, control = root / "code", root / "home", root / "control"
-        uid = (
-            self._config.process.sandbox_uid_base + self._worker * 1000 + seq % 1000
-            if self._as_root
-            else -1
-        )
-        make_dir(root, 0o750)
-        make_dir(code_dir, 0o755)
-        make_dir(home, 0o700)
-        make_dir(control, 0o700)
-        if uid >= 0:
-            os.chown(root, 0, uid)
-            os.chown(home, uid, uid)
-            os.chown(control, uid, uid)
-        cgroup = None
-        if self._cgroups.available:
-            try:
-                cgroup = self._cgroups.create(name)
-                cgroup.set_pids_limit(self._config.limits.max_pids + 1)
-            except OSError as exc:
-                raise SandboxError(f"cannot create the sandbox cgroup: {exc}") from None
         sandbox = ProcessSandbox(
             runtime=runtime,
             name=name,
-            code_dir=code_dir,
+            code_dir=root / "code",
             root=root,
-            home=home,
-            uid=uid,
-            cgroup=cgroup,
+            home=root / "home",
+            uid=self._uids.take() if self._uids is not None else -1,
         )
+        try:
+            self._prepare(sandbox)
+        except BaseException:
+            self.destroy(sandbox)
+            raise
+        uid, cgroup, control = sandbox.uid, sandbox.cgroup, root / "control"
         ready_r, ready_w = os.pipe()
         limits = self._config.limits
         options: dict[str, object] = {
@@ -251,6 +255,8 @@ class ProcessRunner(PooledRunner):
                 "network": self._config.process.network == "none",
                 "tmpfs_mb": self._config.process.tmpfs_mb,
                 "root": str(root),
+                "work_dir": os.path.abspath(self._config.paths.work_dir),
+                "cover": self._cover,
             }
         launch = self._launch[runtime]
         server = SERVERS[launch.server]
@@ -286,6 +292,8 @@ class ProcessRunner(PooledRunner):
             report = json.loads(line)
             sandbox.server_pid = report["pid"]
             sandbox.holds = tuple(report["holds"])
+            if "pid" in sandbox.holds:
+                sandbox.init_fd = os.pidfd_open(report.get("init", sandbox.server_pid))
             sandbox.client = server.connect(socket_path)
             if launch.server != "fork" and uid >= 0:
                 # As Docker does: the server runs the functions in its own process, so its
@@ -301,34 +309,51 @@ class ProcessRunner(PooledRunner):
         )
         return sandbox
 
+    def _prepare(self, sandbox: ProcessSandbox) -> None:
+        """The sandbox's directories (its own uid's: no other sandbox has it) and cgroup."""
+        root, uid, control = sandbox.root, sandbox.uid, sandbox.root / "control"
+        make_dir(root, 0o750)
+        make_dir(sandbox.code_dir, 0o755)
+        make_dir(sandbox.home, 0o700)
+        make_dir(control, 0o700)
+        if uid >= 0:
+            os.chown(root, 0, uid)
+            os.chown(sandbox.home, uid, uid)
+            os.chown(control, uid, uid)
+        if self._cgroups.available:
+            try:
+                sandbox.cgroup = self._cgroups.create(sandbox.name)
+                sandbox.cgroup.set_pids_limit(self._config.limits.max_pids + 1)
+            except OSError as exc:
+                raise SandboxError(f"cannot create the sandbox cgroup: {exc}") from None
+
     def destroy(self, sandbox: Sandbox) -> None:
         assert isinstance(sandbox, ProcessSandbox)
         if sandbox.client is not None:
             sandbox.client.close()
+        ended = sandbox.process is None  # nothing ever ran as its uid
         if sandbox.process is not None:
             sandbox.process.kill()
             sandbox.process.wait()
+        if sandbox.init_fd >= 0:  # PID 1 dies with its keeper
+            ended = bool(select.select([sandbox.init_fd], [], [], SANDBOX_END_TIMEOUT_S)[0])
+            os.close(sandbox.init_fd)
+            sandbox.init_fd = -1
         if sandbox.cgroup is not None:
-            sandbox.cgroup.remove()
+            ended = sandbox.cgroup.remove() or ended
         shutil.rmtree(sandbox.root, ignore_errors=True)
-
-
-def check_sandbox_uids(config: Config) -> None:
-    """Sandbox uids must belong to no account: a sandbox would get that account's files."""
-    base = config.process.sandbox_uid_base
-    used = range(base, base + config.workers * 1000)
-    taken = sorted(user.pw_uid for user in pwd.getpwall() if user.pw_uid in used)
-    if taken:
-        name = pwd.getpwuid(taken[0]).pw_name
-        raise ConfigError(
-            f"process.sandbox_uid_base: the sandbox uids {used.start}-{used.stop - 1} include "
-            f"uid {taken[0]} of the account {name!r}; pick a free range"
-        )
+        if self._uids is not None and sandbox.uid >= 0:
+            self._uids.give_back(sandbox.uid, ended=ended)
 
 
 def probe_namespaces(config: Config) -> Isolation:
     """Ask a throw-away fork server (``--probe``) which namespaces the kernel grants here."""
-    settings = {"network": config.process.network == "none", "tmpfs_mb": 1}
+    settings = {
+        "network": config.process.network == "none",
+        "tmpfs_mb": 1,
+        "work_dir": os.path.abspath(config.paths.work_dir),
+        "cover": world_writable(),
+    }
     try:
         done = subprocess.run(
             [sys.executable, "-I", "-S", str(FORKSERVER_SOURCE), "--probe", json.dumps(settings)],
@@ -340,5 +365,5 @@ def probe_namespaces(config: Config) -> Isolation:
         report = json.loads(done.stdout)
     except (OSError, subprocess.TimeoutExpired, ValueError) as exc:
         why = f"the namespace probe failed: {exc}"
-        return Isolation((), dict.fromkeys(("mount", "network", "pid"), why))
+        return Isolation((), dict.fromkeys(("mount", "ipc", "network", "pid"), why))
     return Isolation(tuple(report["holds"]), report["missing"])

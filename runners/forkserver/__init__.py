@@ -16,4 +16,5 @@ that started it (a pyenv in /root).
     preload.py  import-warm: holds a function's imports after vetting them
     sandbox.py  namespaces, mounts, cgroups, rlimits, uid; PID 1 and its keeper; --probe
     reaping.py  ending what a run leaves behind
+    sysvipc.py  removing the SysV objects a run leaves in the sandbox's IPC namespace
 """

@@ -2,8 +2,11 @@
 a call costs nothing more).
 
 Started by a root agent with ``"isolate"`` in its options, the server gets its own mount
-namespace (private /tmp and /dev/shm tmpfs, /var/tmp and the sandbox directory read-only),
-network namespace (loopback only) and PID namespace, whose PID 1 it becomes: it forks once,
+namespace (private /tmp and /dev/shm tmpfs; of the work dir only the sandbox's own directory,
+read-only; an empty read-only tmpfs over each world-writable host directory the agent found,
+a read-only bind over each such file), IPC namespace (SysV objects and POSIX message queues
+of its own, gone with the sandbox), network namespace (loopback only) and PID namespace,
+whose PID 1 it becomes: it forks once,
 the original process stays outside as the namespace's keeper (it waits for the server and
 dies with the agent), and the server mounts a fresh /proc, reaps orphans during a run and
 kills what a run left behind after it. A namespace the kernel refuses is left out and named
@@ -14,7 +17,8 @@ drops root.
 With ``"exec"`` in its options (another runtime's server, e.g. ``node nodeserver``), it
 sets the same sandbox up and then exec's that server instead of serving: within a PID
 namespace it stays PID 1 (reaping what runs orphan, exiting with the server) and the server
-runs as its child; the exec'd server writes the ready line when it serves.
+runs as its child; the exec'd server writes the ready line when it serves (with ``"init"``:
+PID 1's pid on the host).
 """
 
 import ctypes
@@ -24,10 +28,12 @@ import os
 import resource
 import signal
 import socket
+import stat
 import struct
 import sys
 
 CLONE_NEWNS = 0x00020000
+CLONE_NEWIPC = 0x08000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
@@ -95,20 +101,24 @@ def loopback_up() -> None:
 
 
 def isolate(settings: dict) -> tuple[list, dict]:
-    """As root: new mount, network and PID namespaces for this server (the PID namespace is
-    for its children). Returns (what holds, {what is missing: why})."""
+    """As root: new mount, IPC, network and PID namespaces for this server (the PID namespace
+    is for its children). Returns (what holds, {what is missing: why})."""
     holds: list = []
     missing: dict = {}
     host_mounts = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
     if unshare(CLONE_NEWNS, missing, "mount"):
         try:
             mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing mounted here reaches the host
-            private_mounts(settings["tmpfs_mb"], settings.get("root"))
+            uncovered = private_mounts(settings)
             holds.append("mount")
+            if uncovered:
+                missing["writable host paths"] = "cannot mount over " + ", ".join(uncovered)
         except OSError as exc:  # e.g. in a container that may unshare but not mount
             _check(_libc.setns(host_mounts, CLONE_NEWNS), "back to the host's mounts")
             missing["mount"] = f"cannot mount in its namespace: {exc.strerror}"
     os.close(host_mounts)
+    if unshare(CLONE_NEWIPC, missing, "ipc"):
+        holds.append("ipc")
     if not settings["network"]:
         missing["network"] = "process.network is host"
     elif unshare(CLONE_NEWNET, missing, "network"):
@@ -124,17 +134,28 @@ def isolate(settings: dict) -> tuple[list, dict]:
     return holds, missing
 
 
-def private_mounts(tmpfs_mb: int, root: str | None) -> None:
-    """Private /tmp and /dev/shm, read-only /var/tmp; ``root`` (the sandbox's directory) bound
-    at its own path again, which the new /tmp hides when it lies below /tmp."""
+def private_mounts(settings: dict) -> list:
+    """Private /tmp and /dev/shm; an empty tmpfs over each world-writable host path of
+    ``settings["cover"]`` (a read-only bind over a file) and over ``settings["work_dir"]``;
+    ``settings["root"]`` (the sandbox's directory) bound at its own path again, below
+    whichever of them hides it. Then the tmpfs over each is made read-only. Returns the
+    paths it could not mount over, each with why."""
+    root = settings.get("root")
     root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY) if root else None
-    options = f"size={tmpfs_mb}m,mode=1777"
+    options = f"size={settings['tmpfs_mb']}m,mode=1777"
     for target in ("/tmp", "/dev/shm"):
         if os.path.isdir(target):
             mount("tmpfs", target, "tmpfs", MS_NOSUID | MS_NODEV, options)
-    if os.path.isdir("/var/tmp"):
-        mount("/var/tmp", "/var/tmp", None, MS_BIND)
-        mount(None, "/var/tmp", None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    targets = [(path, 0o755) for path in settings.get("cover") or ()]
+    if settings.get("work_dir"):
+        targets.append((settings["work_dir"], 0o711))
+    covered: list = []
+    uncovered = []
+    for path, mode in targets:
+        try:
+            cover(path, mode, covered)
+        except OSError as exc:
+            uncovered.append(f"{path} ({exc.strerror})")
     if root_fd is not None:
         missing = [p for p in [root, *parents(root)] if not os.path.exists(p)]
         for path in reversed(missing):
@@ -142,6 +163,26 @@ def private_mounts(tmpfs_mb: int, root: str | None) -> None:
             os.chmod(path, 0o711)  # the umask must not lock the sandbox out of its own path
         mount(f"/proc/self/fd/{root_fd}", root, None, MS_BIND)
         os.close(root_fd)
+    for path, flags in covered:
+        mount(None, path, None, flags | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    return uncovered
+
+
+def cover(path: str, mode: int, covered: list) -> None:
+    """Hide a directory at ``path`` under an empty tmpfs of ``mode``, or bind a file on itself
+    (both made read-only once the sandbox's own directory is bound below them); notes what it
+    mounted in ``covered``. A path gone (below one covered before) is left alone."""
+    try:
+        kind = stat.S_IFMT(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return
+    if kind == stat.S_IFDIR:
+        mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+              f"size=64k,nr_inodes=64,mode={mode:o}")
+        covered.append((path, MS_NOEXEC))
+    elif kind == stat.S_IFREG:
+        mount(path, path, None, MS_BIND)
+        covered.append((path, MS_BIND | MS_NOEXEC))
 
 
 def parents(path: str) -> list:

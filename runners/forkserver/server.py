@@ -12,7 +12,9 @@ time, one run at a time:
     <- {"preloaded": [module, ...], "left_out": {module: why}}   (only after "preloading")
 
 What the forked child does is in child.py; ``"preload"`` (import-warm) in preload.py; the
-sandbox made before serving (namespaces, cgroups, rlimits, uid) in sandbox.py.
+sandbox made before serving (namespaces, cgroups, rlimits, uid) in sandbox.py. Options
+(``OPTIONS``, JSON): what ``ProcessRunner.create`` passes; a container's server gets only
+``{"own_ipc": true}`` (its IPC namespace is the container's own: see sysvipc.py).
 """
 
 import array
@@ -26,6 +28,7 @@ import socket
 import sys
 import time
 
+from . import sysvipc
 from .child import Signals, Stdio, adopt_environment, child
 from .preload import Preload
 from .reaping import kill_group, kill_namespace, reap_orphans
@@ -120,6 +123,7 @@ def serve_run(
         kill_namespace()
     else:
         kill_group(pid)
+    sysvipc.remove_left()
     preloading = preload.pending()
     send_packet(conn, {"status": status, "maxrss_kb": usage.ru_maxrss, "duration_ns": duration,
                        "preloading": preloading})
@@ -157,13 +161,15 @@ def main(argv: list) -> int:
     except OSError as exc:
         print(f"nanogrid fork server: cannot set up the sandbox: {exc}", file=sys.stderr)
         return 1
+    if "ipc" in holds or options.get("own_ipc"):
+        sysvipc.own_namespace()
     host_pid = os.getpid()
     wakeup = None
     if "pid" in holds:
         host_pid = become_init(parent if options.get("pdeathsig") else 0, uid, gid)
         parent = 0  # the keeper lies outside this namespace: getppid() is 0 from now on
-        if command:
-            report = {"holds": holds, "missing": missing}
+        if command:  # its ready line names this PID 1 too: the namespace ends with it
+            report = {"holds": holds, "missing": missing, "init": host_pid}
             return init_for(command, options, host_proc, report)
         wakeup = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wakeup[1], warn_on_full_buffer=False)

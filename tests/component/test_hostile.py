@@ -562,3 +562,72 @@ def test_a_function_cannot_change_its_own_cgroup_limits(hostile: Harness) -> Non
     assert seen and "written" not in seen.values(), seen
     assert hostile.limits(sandbox) == before == (before[0], 64 * MiB)
 
+
+
+# -- SysV IPC ---------------------------------------------------------------------------------
+
+SYSV = r"""
+import ctypes, json, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.shmget.argtypes = [ctypes.c_int, ctypes.c_size_t, ctypes.c_int]
+libc.shmat.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+libc.shmat.restype = ctypes.c_void_p
+seen = {kind: len(open(f"/proc/sysvipc/{kind}").readlines()) - 1 for kind in ("shm", "sem", "msg")}
+key = int(sys.stdin.read())
+flags = 0o1000 | 0o2000 | 0o600  # IPC_CREAT | IPC_EXCL, rw for its owner
+size = 48 * 2**20
+made = [libc.shmget(key, size, flags), libc.semget(key, 1, flags), libc.msgget(key, flags)]
+address = libc.shmat(made[0], None, 0)
+if min(made) < 0 or address in (None, 2**64 - 1):
+    sys.exit(f"errno {ctypes.get_errno()}")
+ctypes.memset(address, 1, size)  # 48 MB charged to the sandbox's memory
+print(json.dumps({"before": seen, "made": made}))
+"""
+
+IN_NAMESPACE = r"""
+import ctypes, json, os, sys
+fd = os.open(f"/proc/{sys.argv[1]}/ns/ipc", os.O_RDONLY)
+if ctypes.CDLL(None, use_errno=True).setns(fd, 0x08000000) != 0:  # CLONE_NEWIPC
+    sys.exit(f"setns: errno {ctypes.get_errno()}")
+print(json.dumps({kind: open(f"/proc/sysvipc/{kind}").readlines()[1:]
+                  for kind in ("shm", "sem", "msg")}))
+"""
+"""The SysV objects of the IPC namespace of the process ``argv[1]``, read from the host."""
+
+
+def host_ipc_keys() -> set[int]:
+    """The keys of the SysV objects in the host's own IPC namespace (this test's)."""
+    return {
+        int(line.split()[0])
+        for kind in ("shm", "sem", "msg")
+        for line in open(f"/proc/sysvipc/{kind}").readlines()[1:]
+    }
+
+
+def test_sysv_ipc_a_run_leaves_is_gone_after_it(hostile: Harness) -> None:
+    """A run's SysV shared memory (48 MB, touched), semaphores and message queues do not
+    outlive it: the next run in the same sandbox finds none and has its whole memory limit
+    (3 runs of 48 MB at 96 MB), none is left in the sandbox's namespace, and the host's own
+    namespace never sees them."""
+    first_key = 0x4E470000 + int(uuid.uuid4().hex[:4], 16)
+    keys = set(range(first_key, first_key + 3))
+    first = None
+    for key in sorted(keys):
+        out, sandbox = hostile.run(SYSV, key="sysv", memory_mb=96, stdin=str(key).encode())
+        assert out.exit_code == 0 and not out.oom_killed, out.stderr.decode()
+        seen = json.loads(out.stdout)
+        assert seen["before"] == {"shm": 0, "sem": 0, "msg": 0}  # nothing of the run before
+        assert out.peak_memory_bytes >= 48 * MiB
+        first = first or sandbox
+        assert sandbox is first and sandbox.healthy  # one warm sandbox ran all three
+    if isinstance(sandbox, ProcessSandbox):
+        pid = sandbox.server_pid
+    else:
+        assert isinstance(sandbox, DockerSandbox) and sandbox.container is not None
+        pid = sandbox.container.attrs["State"]["Pid"]
+    assert os.readlink(f"/proc/{pid}/ns/ipc") != os.readlink("/proc/self/ns/ipc")
+    looked = subprocess.run(["python3", "-c", IN_NAMESPACE, str(pid)], capture_output=True,
+                            text=True, timeout=30)
+    assert looked.returncode == 0, looked.stderr
+    assert json.loads(looked.stdout) == {"shm": [], "sem": [], "msg": []}
+    assert not keys & host_ipc_keys()

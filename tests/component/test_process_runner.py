@@ -272,7 +272,8 @@ def test_a_fork_server_the_kernel_refuses_namespaces_still_serves() -> None:
         assert report["holds"] == []
         refused = "the kernel refused the namespace: Operation not permitted"
         assert report["missing"] == {
-            "mount": refused, "network": refused, "pid": "needs the mount namespace"}
+            "mount": refused, "ipc": refused, "network": refused,
+            "pid": "needs the mount namespace"}
         client = ForkServerClient(socket_path)
         raw = client.run(argv=[python, "-c", "print('served')"], cwd=str(directory),
                          env={}, python=False, stdin=b"", timeout_s=10, max_output_bytes=100)
@@ -287,7 +288,7 @@ def test_a_fork_server_the_kernel_refuses_namespaces_still_serves() -> None:
 def test_not_root_every_namespace_is_named_missing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     found = ProcessRunner.isolation(make_config())
-    assert set(found.missing) >= {"uid", "mount", "network", "pid"}
+    assert set(found.missing) >= {"uid", "mount", "ipc", "network", "pid", "metadata service"}
     assert "rlimits" in found.holds
     warning = found.warning("process")
     assert warning is not None and "\n" not in warning

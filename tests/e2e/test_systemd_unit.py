@@ -153,10 +153,10 @@ def test_a_task_runs(unit: UnitUnderTest) -> None:
     assert result["peakMemoryBytes"] > 0
     # Delegate=yes holds in the container (cgroup v1): sandboxes get cgroups, not rlimits.
     assert "no cgroups for sandboxes" not in unit.host.journal()
-    # RestrictNamespaces=net mnt pid lets the sandboxes have theirs; the container gives the
-    # agent no CAP_NET_ADMIN, so their network namespace has no interface up at all.
+    # RestrictNamespaces=net mnt pid ipc lets the sandboxes have theirs; the container gives
+    # the agent no CAP_NET_ADMIN, so their network namespace has no interface up at all.
     isolation = http_json(unit.port, "/status")[1]["isolation"]["process"]
-    assert {"mount", "network", "pid", "uid", "cgroup"} <= set(isolation["holds"])
+    assert {"mount", "ipc", "network", "pid", "uid", "cgroup"} <= set(isolation["holds"])
     assert set(isolation["missing"]) == {"loopback"}
 
 

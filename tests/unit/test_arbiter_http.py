@@ -54,7 +54,7 @@ def test_status_health_and_metrics_follow_the_contract(agent: FakeAgent) -> None
     assert done["uptimeSeconds"] >= RUN_S
     isolation = done["isolation"]["process"]  # as root (CI): every namespace holds
     assert set(isolation) == {"holds", "missing"} and isolation["missing"] == {}
-    assert set(isolation["holds"]) == {"rlimits", "cgroup", "uid", "mount", "network", "pid"}
+    assert set(isolation["holds"]) == {"rlimits", "cgroup", "uid", "mount", "ipc", "network", "pid"}
 
     code, body = agent.get("/health")
     assert code == 200 and json.loads(body)["status"] == "UP"
@@ -128,13 +128,15 @@ def test_port_in_use_is_one_line_and_exit_1(agent: FakeAgent) -> None:
 
 
 def test_a_missing_isolation_is_one_warning_line_and_in_status(tmp_path: Path) -> None:
-    with FakeAgent(tmp_path, process={"network": "host"}) as agent:
+    with FakeAgent(tmp_path, process={"network": "host", "metadata_service": "allowed"}) as agent:
         agent.start()
         agent.wait_for_workers(2)
         isolation = agent.status()["isolation"]["process"]
-    assert isolation["missing"] == {"network": "process.network is host"}
+    metadata = "functions can reach 169.254.169.254: process.metadata_service is allowed"
+    assert isolation["missing"] == {"network": "process.network is host",
+                                    "metadata service": metadata}
     assert "network" not in isolation["holds"] and "pid" in isolation["holds"]
     lines = [line for line in agent.log.read_text().splitlines() if "[ISOLATION]" in line]
     assert len(lines) == 1 and "WARNING" in lines[0]
     assert lines[0].endswith("the process runner's sandboxes run without: "
-                             "network (process.network is host)")
+                             f"network (process.network is host), metadata service ({metadata})")

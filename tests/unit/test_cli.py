@@ -39,6 +39,11 @@ def test_check_accepts_the_shipped_configs(name: str) -> None:
     ("queue: {url: 'http://127.0.0.1:5000/1/q'}\n", "aws.region: no AWS region: set aws.region"),
     (f"runner: docker\ndocker: {{socket_dir: /var/lib/{'x' * 40}}}\n",
      "docker.socket_dir: '/var/lib/xxxxxxxx"),
+    ("runner: docker\ndocker: {network: bridge}\n",
+     "docker.metadata_service: must be blocked or allowed when docker.network is bridge: "
+     "functions could reach the instance metadata service (169.254.169.254)"),
+    ("process: {metadata_service: open}\n",
+     "process.metadata_service: must be one of blocked, allowed, got 'open'"),
 ])
 @pytest.mark.parametrize("check", [True, False])
 def test_bad_config_is_one_line_naming_the_key(tmp_path: Path, text: str, line: str,
@@ -88,6 +93,9 @@ def test_check_takes_the_region_from_the_environment(tmp_path: Path, aws: dict[s
     ("workers: 1\nprocess: {{sandbox_uid_base: 65000}}\n",
      "process.sandbox_uid_base: the sandbox uids 65000-65999 include uid 65534 of the account "
      "'nobody'"),
+    ("process: {{network: host}}\n",
+     "process.metadata_service: must be blocked or allowed when process.network is host: "
+     "functions could reach the instance metadata service (169.254.169.254)"),
 ])
 @pytest.mark.parametrize("check", [True, False])
 def test_a_setting_the_workers_can_never_boot_on_is_a_config_error(
@@ -98,3 +106,16 @@ def test_a_setting_the_workers_can_never_boot_on_is_a_config_error(
     done = supervisor(*(["--check"] if check else []), "-c", str(path))
     assert done.returncode == 2, done.stderr
     assert done.stderr.count("\n") == 1 and line.format(tmp=tmp_path) in done.stderr
+
+
+@pytest.mark.parametrize("setting", ["blocked", "allowed"])
+def test_the_hosts_network_is_accepted_once_the_metadata_service_is_decided(
+    tmp_path: Path, setting: str
+) -> None:
+    path = tmp_path / "host.yaml"
+    path.write_text(
+        "runner: process\nqueue: {url: 'https://sqs.ap-northeast-2.amazonaws.com/1/q'}\n"
+        f"process: {{network: host, metadata_service: {setting}}}\n"
+    )
+    done = supervisor("--check", "-c", str(path))
+    assert done.returncode == 0, done.stderr

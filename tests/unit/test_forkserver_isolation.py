@@ -77,3 +77,29 @@ def test_lo_that_cannot_come_up_keeps_the_network_namespace(
     report = in_child(check)
     assert report["own_network"] is True and "network" in report["holds"]
     assert report["missing"] == {"loopback": "cannot bring up lo: Operation not permitted"}
+
+
+
+def test_a_host_path_that_cannot_be_covered_is_named_and_the_rest_holds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One world-writable path the server cannot mount over (here refused, as a FUSE mount
+    may) must not cost the sandbox its mount namespace: it is named, the rest holds."""
+    real_mount = sandbox.mount
+
+    def refuse_var(source: object, target: str, *args: object) -> None:
+        if target == "/var":
+            raise OSError(13, "Permission denied")
+        real_mount(source, target, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sandbox, "mount", refuse_var)
+
+    def check() -> dict:
+        holds, missing = sandbox.isolate({**SETTINGS, "cover": ["/var", "/run/lock"]})
+        return {"holds": holds, "missing": missing, "lock": os.statvfs("/run/lock").f_flag & 1}
+
+    report = in_child(check)
+    assert {"mount", "ipc", "network", "pid"} <= set(report["holds"])
+    assert report["missing"] == {
+        "writable host paths": "cannot mount over /var (Permission denied)"}
+    assert report["lock"] == 1  # ST_RDONLY: the other one is covered, read-only
