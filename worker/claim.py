@@ -139,9 +139,11 @@ class ClaimStore:
             client.register_script(source) for source in (ACQUIRE, RENEW, RELEASE)
         )
 
-    def acquire(self, request_id: str, function_id: str | None = None) -> Acquired:
+    def acquire(
+        self, request_id: str, function_id: str | None = None, runtime: str | None = None
+    ) -> Acquired:
         """The stored result of ``request_id``, or our claim on it (with its run number and
-        ``function_id``'s recent peaks), or who else holds one.
+        the recent peaks of ``function_id`` on ``runtime``), or who else holds one.
 
         Raises ResultStoreUnavailable when Redis cannot take the claim.
         """
@@ -150,8 +152,8 @@ class ClaimStore:
                 rediskeys.runs(request_id)]
         args: list[object] = [token, self.lease_ms, RUNS_TTL_S]
         reading = (
-            self._peaks.reading(function_id)
-            if self._peaks is not None and function_id is not None
+            self._peaks.reading(function_id, runtime)
+            if self._peaks is not None and function_id is not None and runtime is not None
             else None
         )
         if reading is not None:

@@ -29,7 +29,7 @@ def claim(claims: ClaimStore, endings: Endings, message: Message, t: Task,
     """Our claim on ``t``'s requestId, to run it (with its function's recent peaks); None
     when this copy ended here instead (re-published, handed back)."""
     try:
-        acquired = claims.acquire(t.request_id, t.function_id)
+        acquired = claims.acquire(t.request_id, t.function_id, t.runtime)
     except ResultStoreUnavailable as exc:  # this worker takes no new work until Redis can
         endings.defer(message, f"[REDIS] {exc}: not tried")
         return None

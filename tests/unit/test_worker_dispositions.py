@@ -61,9 +61,8 @@ def test_ran_is_published_and_deleted(
     make_stubs: MakeStubs, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     stubs = make_stubs()
-    monkeypatch.setattr(
-        "worker.autotuner.recommend", lambda *a, **k: Recommendation(32, "tip", 1)
-    )
+    tip = Recommendation(32, "tip", 1, "RIGHT_SIZED", {})
+    monkeypatch.setattr("worker.autotuner.recommend", lambda *a, **k: tip)
     handle(stubs, message())
     assert [r["status"] for r in stubs.store.published] == ["SUCCESS"]
     assert stubs.store.peaks_recorded == [True]
