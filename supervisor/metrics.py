@@ -12,6 +12,7 @@ from typing import Any
 from common.config import MiB
 from worker.result import Result, Timings
 
+from .hostmetrics import HostMetrics
 from .prometheus import Registry
 
 DURATION_BUCKETS_S = (
@@ -109,6 +110,7 @@ class SupervisorMetrics:
         self.reloads = reg.counter(
             "nanogrid_config_reloads_total", "SIGHUP reloads by result (ok, refused).",
             ("result",))
+        self.host = HostMetrics(reg)
         self._counts: dict[int, dict[str, int]] = {}
         """Per worker pid, the running totals it last reported (deltas become increments)."""
 
