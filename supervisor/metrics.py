@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from common.config import MiB
+from worker.faults import FAULT_KINDS
 from worker.result import Result, Timings
 
 from .hostmetrics import HostMetrics
@@ -99,6 +100,8 @@ class SupervisorMetrics:
             "(a result Redis kept refusing), unexpected (a bug that ended one message), "
             "claim_lost (a running task's claim vanished or another worker took it).",
             ("kind",))
+        for kind in FAULT_KINDS:  # every series there from the start: rules see a 0, not none
+            self.faults.inc(0, kind=kind)
         self.dependency_errors = reg.counter(
             "nanogrid_dependency_errors_total",
             "Calls to a peer that failed (after the client's own retries), by dependency: "
