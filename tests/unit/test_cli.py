@@ -98,3 +98,21 @@ def test_a_setting_the_workers_can_never_boot_on_is_a_config_error(
     done = supervisor(*(["--check"] if check else []), "-c", str(path))
     assert done.returncode == 2, done.stderr
     assert done.stderr.count("\n") == 1 and line.format(tmp=tmp_path) in done.stderr
+
+
+def test_an_otlp_endpoint_without_the_sdk_is_a_config_error(tmp_path: Path) -> None:
+    """Spans asked for, the OpenTelemetry SDK missing: refused at start, not a worker that
+    crashes on boot. The SDK is hidden from the supervisor's interpreter (``-c`` prelude)."""
+    path = tmp_path / "traced.yaml"
+    path.write_text("queue: {url: 'https://sqs.ap-northeast-2.amazonaws.com/1/q'}\n"
+                    "tracing: {otlp_endpoint: 'http://127.0.0.1:4318'}\n")
+    hide = ("import sys; sys.modules['opentelemetry.sdk.trace'] = None; "
+            f"sys.argv = ['{BIN}', '--check', '-c', '{path}']; "
+            f"exec(compile(open('{BIN}').read(), '{BIN}', 'exec'), "
+            f"{{'__file__': '{BIN}', '__name__': '__main__'}})")
+    env = {name: value for name, value in os.environ.items() if not name.startswith("AWS_")}
+    done = subprocess.run([sys.executable, "-c", hide], capture_output=True, text=True,
+                          timeout=30, cwd="/", env=env)
+    assert done.returncode == 2
+    assert "tracing.otlp_endpoint is set but the OpenTelemetry SDK is not installed" in done.stderr
+    assert supervisor("--check", "-c", str(path)).returncode == 0  # with it installed
