@@ -38,7 +38,7 @@ class MessageRun(Protocol):
     trace: TraceContext | None
     """The trace context the function is given; a hook may put a span of its own there."""
     result: Result | None
-    """The result, once the run has one (set before its ``end``)."""
+    """The result, once the run has one (set as its ``end`` starts)."""
 
 
 class Hook:
