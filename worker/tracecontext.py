@@ -41,10 +41,6 @@ class TraceContext:
             return None
         return f"00-{self.trace_id}-{self.span_id}-{'01' if self.sampled else '00'}"
 
-    def child(self, span_id: str) -> TraceContext:
-        """The same trace, with ``span_id`` (one of ours) as the parent."""
-        return TraceContext(self.trace_id, span_id, self.sampled, self.tracestate)
-
 
 def parse_traceparent(value: Any, tracestate: Any = None) -> TraceContext | None:
     """A W3C ``traceparent`` (version 00, or a later one read as 00); None when invalid."""
@@ -54,9 +50,9 @@ def parse_traceparent(value: Any, tracestate: Any = None) -> TraceContext | None
     if match is None:
         return None
     version, trace_id, span_id, flags, rest = match.groups()
-    if version == "ff" or (version == "00" and rest) or _ZERO_TRACE in (trace_id,):
+    if version == "ff" or (version == "00" and rest):
         return None
-    if span_id == _ZERO_SPAN:
+    if trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN:
         return None
     state = tracestate.strip()[:MAX_TRACESTATE] if isinstance(tracestate, str) else None
     return TraceContext(trace_id, span_id, bool(int(flags, 16) & 1), state or None)
