@@ -106,6 +106,8 @@ class AutotunerConfig:
     history_ttl_seconds: int = _bounded(7 * 86400, 60)
     near_limit_percent: int = _bounded(90, 1, 100)
     """A peak at or above this share of the limit recommends the next step up."""
+    language: str = _bounded("en", choices=("en", "ko"))
+    """The language of ``optimizationTip`` (``tipCode`` is language-free)."""
 
 
 @dataclass(frozen=True)
@@ -188,6 +190,13 @@ class AwsConfig:
 
 
 @dataclass(frozen=True)
+class TracingConfig:
+    otlp_endpoint: str | None = None
+    """OTLP/HTTP collector (e.g. http://127.0.0.1:4318) spans go to; None: trace ids are
+    propagated (result, logs, the function's TRACEPARENT), no spans are made."""
+
+
+@dataclass(frozen=True)
 class Config:
     workers: int = _bounded(2, 1, 256, auto=True)
     runner: str = "docker"
@@ -209,6 +218,7 @@ class Config:
     aws: AwsConfig = AwsConfig()
     capacity: CapacityConfig = CapacityConfig()
     concurrency: ConcurrencyConfig = ConcurrencyConfig()
+    tracing: TracingConfig = TracingConfig()
     path: str | None = field(default=None, metadata={"internal": True})
     loaded_at: str | None = field(default=None, metadata={"internal": True})
 
@@ -328,6 +338,11 @@ def _check_cross_fields(config: Config) -> None:
     if not re.fullmatch(r"(redis|rediss|unix)://.+", config.redis.url):
         raise ConfigError(
             f"redis.url: must start with redis://, rediss:// or unix://, got {config.redis.url!r}"
+        )
+    endpoint = config.tracing.otlp_endpoint
+    if endpoint is not None and not re.fullmatch(r"https?://[^/\s]+(/\S*)?", endpoint):
+        raise ConfigError(
+            f"tracing.otlp_endpoint: must be an http[s]://host:port URL, got {endpoint!r}"
         )
     for key, url in (
         ("queue.url", config.queue.url),

@@ -28,10 +28,14 @@ class Invocation:
     timeout_ms: int
     max_output_bytes: int
     max_pids: int
+    traceparent: str | None = None
+    """The W3C trace context a span of the function's own would be a child of."""
+    tracestate: str | None = None
 
     def environment(self, path: str, home: str) -> dict[str, str]:
-        """The function's whole environment (the contract): nothing of the host's."""
-        return {
+        """The function's whole environment (the contract): nothing of the host's, and the
+        trace context as OpenTelemetry's environment carrier names it, when there is one."""
+        env = {
             "NANOGRID_REQUEST_ID": self.request_id,
             "NANOGRID_FUNCTION_ID": self.function_id,
             "NANOGRID_MEMORY_MB": str(self.memory_mb),
@@ -39,6 +43,11 @@ class Invocation:
             "HOME": home,
             "LANG": "C.UTF-8",
         }
+        if self.traceparent is not None:
+            env["TRACEPARENT"] = self.traceparent
+            if self.tracestate is not None:
+                env["TRACESTATE"] = self.tracestate
+        return env
 
 
 @dataclass

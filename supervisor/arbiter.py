@@ -30,7 +30,7 @@ from common.exitcodes import (
     EXIT_SUPERVISOR_ERROR,
 )
 from worker.ledger import Ledger
-from worker.status import FAULT, StatusReader
+from worker.status import FAULT, HEARTBEAT, StatusReader
 
 from . import hostcheck, sdnotify, snapshot
 from .caps import FunctionCaps
@@ -122,7 +122,7 @@ class Arbiter:
         self.runtimes = hostcheck.runtimes(self.config)
         self.publish_status()  # before the HTTP server can ask for it
         self.health = HealthServer(self.config.http.host, self.config.http.port,
-                                   self.status_snapshot, self.metrics.render)
+                                   self.status_snapshot, self.render_metrics)
         self.manage_workers()
         self.publish_status()
 
@@ -237,6 +237,7 @@ class Arbiter:
             worker = self.workers.pop(pid, None)
             if worker is not None:
                 self.read_status(worker)  # its last lines: a task it finished as it exited
+                self.metrics.worker_gone(pid)
                 self.wakeup.forget(worker)
                 worker.reader.close()
                 self._exited(worker, os.waitstatus_to_exitcode(wait_status))
@@ -301,6 +302,8 @@ class Arbiter:
                 self.metrics.task_finished(finished)
             elif message.get("type") == FAULT:
                 self.metrics.faults.inc(kind=str(message.get("kind")))
+            elif message.get("type") == HEARTBEAT:
+                self.metrics.worker_counts(worker.pid, message.get("counts"))
             elif (deferred := self.caps.apply(message)) is not None:
                 self.metrics.deferrals.inc(function_id=deferred)
         return len(messages)
@@ -313,12 +316,19 @@ class Arbiter:
             isolation=self.isolation, runtimes=self.runtimes, caps=self.caps.status(),
             stopping=self.stopping, uptime=now - self.started_at, now=now)
         alive = sum(1 for w in self._snapshot["workers"] if w["alive"])
-        self.metrics.update(alive, self._snapshot["pools"], self._snapshot["capacity"])
+        self.metrics.update(self._snapshot)
         self.systemd.status(f"{alive}/{self.config.workers} workers alive")
 
     def status_snapshot(self) -> dict[str, Any]:
         """The latest snapshot; called from the HTTP thread."""
         return self._snapshot
+
+    def render_metrics(self) -> str:
+        """/metrics, with the host read now; called from the HTTP thread (the snapshot, not
+        the loop's own dicts, names the workers)."""
+        workers = [(w["id"], w["pid"]) for w in self._snapshot.get("workers", ()) if w["pid"]]
+        self.metrics.host.sample(self.config.paths.outbox_dir, workers)
+        return self.metrics.render()
 
     def notify_ready(self) -> None:
         """READY=1, once, when every slot's first worker booted or failed: `systemctl start`

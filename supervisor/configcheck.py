@@ -7,6 +7,8 @@ from __future__ import annotations
 import runners
 from common import awsregion, capacity
 from common.config import Config, load
+from common.errors import ConfigError
+from worker import tracing
 
 
 def load_checked(path: str) -> tuple[Config, awsregion.Region]:
@@ -14,6 +16,8 @@ def load_checked(path: str) -> tuple[Config, awsregion.Region]:
     line) if not."""
     config = load(path)
     runners.check_config(config)
+    if config.tracing.otlp_endpoint is not None and not tracing.sdk_installed():
+        raise ConfigError(tracing.SDK_MISSING)
     region = awsregion.resolve(config)
     config = capacity.pin(config, capacity.resolve(config))
     return awsregion.pin(config, region), region

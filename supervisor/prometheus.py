@@ -65,6 +65,17 @@ class Counter(_Metric):
         with self._lock:
             self._values[key] = self._values.get(key, 0.0) + amount
 
+    def set(self, value: float, **labels: str) -> None:
+        """A gauge's value, or a counter kept elsewhere (a process's CPU time) mirrored."""
+        key = self._key(labels)
+        with self._lock:
+            self._values[key] = value
+
+    def replace(self, values: dict[LabelValues, float]) -> None:
+        """Set every labelled value at once; label sets not given disappear."""
+        with self._lock:
+            self._values = dict(values)
+
     def samples(self) -> Iterable[str]:
         if not self._values and not self.label_names:
             yield f"{self.name} 0"
@@ -74,16 +85,6 @@ class Counter(_Metric):
 
 class Gauge(Counter):
     kind = "gauge"
-
-    def set(self, value: float, **labels: str) -> None:
-        key = self._key(labels)
-        with self._lock:
-            self._values[key] = value
-
-    def replace(self, values: dict[LabelValues, float]) -> None:
-        """Set every labelled value at once; label sets not given disappear."""
-        with self._lock:
-            self._values = dict(values)
 
 
 class Histogram(_Metric):

@@ -2,7 +2,8 @@
 
 ``recommend`` is pure. The basis is the highest peak of this run and the recent history, so
 one light run does not talk a function into an out-of-memory failure. ``PeakHistory`` keeps
-the last ``history_size`` peaks per function in Redis.
+the last ``history_size`` peaks per function and runtime in Redis. The tip is a code and its
+numbers, with the sentence in ``autotuner.language`` (tips.py).
 
 Choices worth knowing:
 - the recommendation is the smallest ``step_mb`` entry that holds basis + headroom and is at
@@ -11,18 +12,21 @@ Choices worth knowing:
 - after an OOM, or a peak at/above ``near_limit_percent`` of the limit, it is at least the
   next step strictly above the current setting; at the largest step the tip says so;
 - the cost saving shown is rounded down (256MB -> 32MB is 87.5%, shown as 87%), so a tip
-  never overstates it.
+  never overstates it;
+- a run that timed out or was killed never gets a smaller setting (its peak is of a part of
+  the run only), but a peak near the limit still recommends more;
+- the history is per function and runtime: a function moved to another runtime starts anew.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from common.config import AutotunerConfig, MiB
 
-from . import rediskeys
+from . import rediskeys, tips
 from .result import Result
 
 
@@ -31,6 +35,9 @@ class Recommendation:
     recommended_mb: int
     tip: str
     based_on_runs: int
+    code: str
+    """The tip's code (tips.py); ``params`` its numbers."""
+    params: Mapping[str, int]
 
 
 def recommend(
@@ -40,53 +47,42 @@ def recommend(
     *,
     oom: bool,
     history_peaks: list[int],
+    unfinished: bool = False,
 ) -> Recommendation:
     """Recommend a memory setting for a function that peaked at ``peak_bytes`` under ``memory_mb``.
 
     ``history_peaks`` are the recent peaks as ``PeakHistory.with_run`` returns them (this
-    run included); ``based_on_runs`` is their count (at least 1).
+    run included); ``based_on_runs`` is their count (at least 1). ``unfinished``: the run
+    timed out or was killed, so it may say to raise memory, never to cut it.
     """
     runs = max(1, len(history_peaks))
     basis = max([peak_bytes, *history_peaks])
-    basis_mb = basis // MiB
-    suffix = f" (based on the last {runs} runs)" if runs > 1 else ""
     fitted = _fit(basis, cfg)
     near_limit = peak_bytes * 100 >= cfg.near_limit_percent * memory_mb * MiB
+    numbers = {"currentMb": memory_mb, "peakMb": basis // MiB, "runs": runs}
+
+    def tip(code: str, recommended_mb: int, **more: int) -> Recommendation:
+        params = {**numbers, **more}
+        text = tips.render(code, params, cfg.language)
+        return Recommendation(recommended_mb, text, runs, code, params)
 
     if oom or near_limit or fitted > memory_mb:
         above = [s for s in cfg.step_mb if s > memory_mb]
         if not above:
-            tip = (
-                f"⚠️ Tip: the function ran out of memory at {memory_mb}MB, the largest setting; "
-                "reduce its memory use"
-                if oom
-                else f"⚠️ Tip: the peak ({basis_mb}MB) is near the current limit ({memory_mb}MB), "
-                f"the largest setting; reduce the function's memory use to avoid out-of-memory "
-                f"failures{suffix}"
-            )
-            return Recommendation(memory_mb, tip, runs)
+            if oom:
+                return tip(tips.OUT_OF_MEMORY_AT_MAX, memory_mb)
+            return tip(tips.NEAR_LIMIT_AT_MAX, memory_mb)
         rec = max(fitted, above[0])
         if oom:
-            tip = f"⚠️ Tip: the function ran out of memory at {memory_mb}MB; raise memory to {rec}MB"
-        else:
-            where = "above" if basis > memory_mb * MiB else "near"
-            tip = (
-                f"⚠️ Tip: the peak ({basis_mb}MB) is {where} the current limit ({memory_mb}MB); "
-                f"raise memory to {rec}MB to avoid out-of-memory failures{suffix}"
-            )
-        return Recommendation(rec, tip, runs)
-
+            return tip(tips.OUT_OF_MEMORY, rec, recommendedMb=rec)
+        code = tips.ABOVE_LIMIT if basis > memory_mb * MiB else tips.NEAR_LIMIT
+        return tip(code, rec, recommendedMb=rec)
+    if unfinished:
+        return tip(tips.UNFINISHED_RUN, memory_mb)
     if fitted < memory_mb:
         saving = int((1 - fitted / memory_mb) * 100)
-        tip = (
-            f"💡 Tip: current memory setting ({memory_mb}MB) is far above the peak ({basis_mb}MB); "
-            f"{fitted}MB would cut cost by {saving}%{suffix}"
-        )
-        return Recommendation(fitted, tip, runs)
-
-    return Recommendation(
-        memory_mb, f"✅ Memory setting ({memory_mb}MB) fits the peak ({basis_mb}MB){suffix}", runs
-    )
+        return tip(tips.OVER_PROVISIONED, fitted, recommendedMb=fitted, savingPercent=saving)
+    return tip(tips.RIGHT_SIZED, memory_mb)
 
 
 def _fit(basis_bytes: int, cfg: AutotunerConfig) -> int:
@@ -99,7 +95,8 @@ def _fit(basis_bytes: int, cfg: AutotunerConfig) -> int:
 
 
 class PeakHistory:
-    """The last ``history_size`` peaks per function, in the Redis list ``autotuner:peaks:{id}``.
+    """The last ``history_size`` peaks per function and runtime, in the Redis list
+    ``autotuner:peaks:{functionId}:{runtime}``.
 
     It costs no round trip of its own: the task's claim reads it (claim.py) and its result's
     publish records the run's peak (resultstore.py), each in the same script. Without Redis
@@ -121,17 +118,21 @@ class PeakHistory:
         """This run's peak and the recent ones, newest first (what ``recommend`` takes)."""
         return [peak_bytes, *recent[: self.depth]]
 
-    def reading(self, function_id: str) -> tuple[str, int] | None:
+    def reading(self, function_id: str, runtime: str) -> tuple[str, int] | None:
         """The key and the last index (LRANGE) of the recent peaks a run of ``function_id``
-        reads; None when the history holds the run's own peak only."""
-        return (self.key(function_id), self.depth - 1) if self.depth > 0 else None
+        on ``runtime`` reads; None when the history holds the run's own peak only."""
+        return (self.key(function_id, runtime), self.depth - 1) if self.depth > 0 else None
 
     def entry(self, result: Result) -> tuple[str, list[int]] | None:
         """The key and the arguments (peak, last index kept, TTL) that record ``result``'s
         peak; None for a task that never ran (its result has no recommendation)."""
-        if result.function_id is None or result.recommended_memory_mb is None:
+        if (
+            result.function_id is None
+            or result.runtime is None
+            or result.recommended_memory_mb is None
+        ):
             return None
-        return self.key(result.function_id), [
+        return self.key(result.function_id, result.runtime), [
             result.peak_memory_bytes, self.depth, self._cfg.history_ttl_seconds,
         ]
 

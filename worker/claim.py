@@ -174,10 +174,11 @@ class ClaimStore:
             client.register_script(source) for source in (ACQUIRE, RENEW, RELEASE)
         )
 
-    def acquire(self, request_id: str, function_id: str) -> Acquired:
+    def acquire(self, request_id: str, function_id: str, runtime: str | None = None
+                ) -> Acquired:
         """The stored result of ``request_id``, or who else holds its claim, or (the function
         at its cap) neither, or our claim on it, with its run number, a slot of the
-        function's cap and the function's recent peaks.
+        function's cap and the recent peaks of ``function_id`` on ``runtime``.
 
         Raises ResultStoreUnavailable when Redis cannot take the claim.
         """
@@ -187,7 +188,11 @@ class ClaimStore:
                 rediskeys.runs(request_id), slots, rediskeys.CONCURRENCY]
         default_cap = "" if self._default_cap is None else self._default_cap
         args: list[object] = [token, self.lease_ms, RUNS_TTL_S, function_id, default_cap]
-        reading = self._peaks.reading(function_id) if self._peaks is not None else None
+        reading = (
+            self._peaks.reading(function_id, runtime)
+            if self._peaks is not None and runtime is not None
+            else None
+        )
         if reading is not None:
             keys.append(reading[0])
             args.append(reading[1])

@@ -71,6 +71,8 @@ class MetricsPublisher:
         self._pid = os.getpid()
         self._failing = False
         self.sent_datums = 0
+        self.errors = 0
+        """PutMetricData calls that failed: /metrics."""
         self.dropped_datums = 0
         self.dropped_records = 0
         """Records pushed out of a full buffer (oldest first)."""
@@ -109,6 +111,10 @@ class MetricsPublisher:
                     self._buffer.popleft()
                     self.dropped_records += 1
                 self._buffer.append(rec)
+            logger.debug(
+                "[CLOUDWATCH] Publishing metric: {} {} queued for the next PutMetricData",
+                rec.function_id, status,
+            )
             if self._thread is None and not self._stop.is_set():
                 self._thread = threading.Thread(
                     target=self._run, name="cloudwatch-metrics", daemon=True
@@ -147,6 +153,7 @@ class MetricsPublisher:
                     self._client = self._client_factory()
                 self._client.put_metric_data(Namespace=self._config.namespace, MetricData=batch)
             except Exception as exc:
+                self.errors += 1
                 lost = len(datums) - start
                 self.dropped_datums += lost
                 if not self._failing:

@@ -106,6 +106,8 @@ class CodeStore:
         self._under_way: dict[tuple[str, str], threading.Event] = {}
         """Fetches that are making their S3 calls, by (bucket, key): set when done."""
         self._under_way_lock = threading.Lock()
+        self.errors = 0
+        """S3 calls that failed for S3's sake (not a missing or forbidden object): /metrics."""
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         # Every function's zip is here: no sandbox user may list or read it.
         os.chmod(self.cache_dir, 0o700)
@@ -164,7 +166,7 @@ class CodeStore:
         try:
             head = self.s3.head_object(Bucket=bucket, Key=key)
         except (ClientError, BotoCoreError) as exc:
-            raise self._translate(exc, bucket, key) from None
+            raise self._failed(exc, bucket, key) from None
         quoted = head.get("ETag") or ""
         return quoted.strip('"'), quoted, int(head.get("ContentLength") or 0)
 
@@ -221,7 +223,7 @@ class CodeStore:
         try:
             body = self.s3.get_object(Bucket=bucket, Key=key, **kwargs)["Body"]
         except (ClientError, BotoCoreError) as exc:
-            raise self._translate(exc, bucket, key) from None
+            raise self._failed(exc, bucket, key) from None
         with contextlib.closing(body):
             while True:
                 try:
@@ -286,6 +288,13 @@ class CodeStore:
         return InvalidCodePackage(
             f"code zip s3://{bucket}/{key} is larger than {self.max_zip_bytes} bytes"
         )
+
+    def _failed(self, exc: ClientError | BotoCoreError, bucket: str, key: str) -> CodeNotFound:
+        """``exc`` translated; counted when it was S3's trouble, not the object's."""
+        code = exc.response.get("Error", {}).get("Code") if isinstance(exc, ClientError) else None
+        if str(code) not in _MISSING | _DENIED | _CHANGED:
+            self.errors += 1
+        return self._translate(exc, bucket, key)
 
     @staticmethod
     def _translate(exc: Exception, bucket: str, key: str) -> CodeNotFound:

@@ -39,7 +39,7 @@ def claim(claims: ClaimStore, endings: Endings, caps: CapGate, message: Message,
         endings.hand_back(message, delay)
         return None
     try:
-        acquired = claims.acquire(t.request_id, t.function_id)
+        acquired = claims.acquire(t.request_id, t.function_id, t.runtime)
     except ResultStoreUnavailable as exc:  # this worker takes no new work until Redis can
         endings.defer(message, f"[REDIS] {exc}: not tried")
         return None

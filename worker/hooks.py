@@ -18,8 +18,10 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from .phases import PHASES, PhaseClock
+from .result import Result
 from .sqs import Message
 from .task import Task
+from .tracecontext import TraceContext
 
 STAGES = ("message", "claim", "fetch", "sandbox", "unpack", "run", "end")
 
@@ -33,6 +35,10 @@ class MessageRun(Protocol):
     clock: PhaseClock
     notes: dict[str, Any]
     """Per-message state of hooks, by a key of each hook's own."""
+    trace: TraceContext | None
+    """The trace context the function is given; a hook may put a span of its own there."""
+    result: Result | None
+    """The result, once the run has one (set as its ``end`` starts)."""
 
 
 class Hook:
@@ -46,6 +52,9 @@ class Hook:
 
     def after(self, stage: str, run: MessageRun, error: BaseException | None) -> None:
         """``stage`` of ``run`` ended (``error``: what it raised, None when it did not)."""
+
+    def close(self) -> None:
+        """The worker stops (after its runs ended): flush what the hook holds."""
 
 
 class PhaseTimer(Hook):

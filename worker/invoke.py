@@ -17,6 +17,7 @@ from .codestore import CodePackage
 from .phases import PhaseClock
 from .result import MiB, Result
 from .services import Services
+from .tracecontext import TraceContext
 from .unpack import extract
 
 Stage = Callable[[str], AbstractContextManager[None]]
@@ -25,10 +26,11 @@ Stage = Callable[[str], AbstractContextManager[None]]
 
 def invoke(
     services: Services, t: task.Task, package: CodePackage, claim: Claim, clock: PhaseClock,
-    stage: Stage,
+    stage: Stage, trace: TraceContext | None = None,
 ) -> Result:
     """Run ``t`` from ``package`` in a sandbox of the services' runner; its result, whatever
-    its exit. ``claim``: the run's, with its number and the function's recent peaks."""
+    its exit. ``claim``: the run's, with its number and the function's recent peaks;
+    ``trace``: the context the function's own spans would be children of."""
     config, runner = services.config, services.runner
     runtime = config.runtimes[t.runtime]
     with stage("sandbox"):
@@ -49,6 +51,8 @@ def invoke(
             timeout_ms=t.timeout_ms,
             max_output_bytes=config.limits.max_output_bytes,
             max_pids=config.limits.max_pids,
+            traceparent=trace.traceparent if trace is not None else None,
+            tracestate=trace.tracestate if trace is not None else None,
         )
         logger.info(
             f"{runner.marker} running {t.function_id} in {sandbox.name} "
@@ -73,30 +77,43 @@ def ran(
     The peak goes into the function's history with the result's publish."""
     config = services.config
     peaks = services.history.with_run(outcome.peak_memory_bytes, claim.recent_peaks)
+    killed = outcome.exit_code is None or (outcome.exit_code < 0 and not outcome.oom_killed)
     tip = autotuner.recommend(
         outcome.peak_memory_bytes,
         t.memory_mb,
         config.autotuner,
         oom=outcome.oom_killed,
         history_peaks=peaks,
+        unfinished=outcome.timed_out or killed,
     )
-    # Lambda's REPORT line (Init Duration, on cold starts only, is the sandbox's creation),
-    # with the auto-tuner's tip: with the run's start, the invocation's two lines.
-    init = f" Init Duration: {clock.ms('sandbox'):.2f} ms" if cold else ""
-    logger.info(
-        f"REPORT RequestId: {t.request_id} Duration: {outcome.duration_ms:.2f} ms "
-        f"Memory Size: {t.memory_mb} MB Max Memory Used: "
-        f"{outcome.peak_memory_bytes // MiB} MB{init} ({outcome.peak_source}) "
-        f"[AUTO-TUNER] {tip.tip}"
+    logger.debug(
+        "[AUTO-TUNER] Measured peak memory {} bytes ({}), recent peaks {}: {} {}",
+        outcome.peak_memory_bytes, outcome.peak_source, peaks[1:], tip.code, tip.params,
     )
-    return result.ran(
+    res = result.ran(
         t.ids,
         outcome,
         memory_mb=t.memory_mb,
         recommended_mb=tip.recommended_mb,
         tip=tip.tip,
+        tip_code=tip.code,
+        tip_params=dict(tip.params),
         cold_start=cold,
         attempt=claim.run,
         worker_id=services.worker_id,
         timings=clock.timings(run_ms=outcome.duration_ms),
     )
+    # Lambda's REPORT line (Init Duration, on cold starts only, is the sandbox's creation),
+    # with the auto-tuner's tip: with the run's start, the invocation's two lines. Its
+    # numbers are fields of its own in JSON logs (common/logs.py).
+    init = f" Init Duration: {clock.ms('sandbox'):.2f} ms" if cold else ""
+    logger.bind(
+        durationMs=res.duration_millis, maxMemoryBytes=res.peak_memory_bytes, coldStart=cold,
+        status=res.status, errorType=res.error_type,
+    ).info(
+        f"REPORT RequestId: {t.request_id} Duration: {outcome.duration_ms:.2f} ms "
+        f"Memory Size: {t.memory_mb} MB Max Memory Used: "
+        f"{outcome.peak_memory_bytes // MiB} MB{init} ({outcome.peak_source}) "
+        f"[AUTO-TUNER] {tip.tip}"
+    )
+    return res

@@ -4,7 +4,8 @@ Each blocking step of the main thread (a long poll, a wait for room, a drain) fi
 the deadline past its own bound (``until``); a thread of its own beats once a second while
 the deadline has not passed. A main thread stuck beyond its step's bound stops the beats,
 and the arbiter kills and replaces the worker. The beats carry why the worker takes no new
-work (the fault board's reasons) and, once it has them, its pools' counts.
+work (the fault board's reasons) and, once it has them, its pools' counts and its running
+totals of errors per peer.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class Liveness:
         self._board = board
         self._alive_until = time.monotonic() + BOOT_BOUND_S
         self._pools: Callable[[], dict[str, dict[str, int]]] | None = None
+        self._counts: Callable[[], dict[str, int]] | None = None
 
     def start(self) -> None:
         """Beat from now on (nothing to beat to without an arbiter)."""
@@ -49,11 +51,16 @@ class Liveness:
         """Send the pools' counts with each beat (they refill in the background)."""
         self._pools = pools
 
+    def report_counts(self, counts: Callable[[], dict[str, int]]) -> None:
+        """Send the worker's running totals (errors per peer, dead letters) with each beat."""
+        self._counts = counts
+
     def _beat(self) -> None:
         assert self._status is not None
         while True:
             if time.monotonic() < self._alive_until:
-                self._status.heartbeat(self._board.reasons)
+                counts = self._counts() if self._counts is not None else None
+                self._status.heartbeat(self._board.reasons, counts)
                 if self._pools is not None:
                     self._status.pools(self._pools())
             time.sleep(BEAT_S)

@@ -23,7 +23,7 @@ from common.config import Config
 from common.errors import QueueUnavailable
 from common.exitcodes import EXIT_BOOT_ERROR, EXIT_OK
 
-from . import faults
+from . import faults, tracing
 from .endings import Endings
 from .faults import FaultBoard
 from .hooks import Hook, PhaseTimer
@@ -107,6 +107,7 @@ class Worker:
     def run(self) -> int:
         services = self.services
         self.liveness.report_pools(services.runner.pool_stats)
+        self.liveness.report_counts(services.counts)
         logger.info(
             f"worker {self.index} ready: runner={services.runner.name}, "
             f"pools={services.runner.pool_stats()}"
@@ -224,6 +225,8 @@ class Worker:
             run.release()
         self.liveness.forever()  # the arbiter's drain deadline bounds this
         self.inflight.drain()
+        for hook in self.hooks:
+            hook.close()
         self.services.close()
 
     def _sleep(self, seconds: float) -> None:
@@ -261,5 +264,5 @@ def main(config: Config, index: int, status_fd: int, ledger: Ledger) -> int:
     logs.setup(config.log, f"worker-{index}")
     # A ledger of its own over the inherited page: fresh locks in this process.
     own = Ledger(ledger.memory_mb, ledger.max_concurrent, ledger.fd)
-    return serve(config, index, StatusReporter(status_fd), own)
+    return serve(config, index, StatusReporter(status_fd), own, tracing.configured_hooks(config))
 

@@ -108,6 +108,14 @@ class Outbox:
         except FileNotFoundError:
             return 0
 
+    def set_aside_count(self) -> int:
+        """Entries set aside (refused for good, or unreadable) for now."""
+        try:
+            return sum(1 for name in os.listdir(self.directory)
+                       if name.startswith((FAILED_PREFIX, ".bad-")))
+        except FileNotFoundError:
+            return 0
+
     def _is_pending(self, name: str, changed_at: float) -> bool:
         if name.startswith("."):
             return False  # temp files and set-aside entries

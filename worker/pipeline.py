@@ -22,6 +22,7 @@ itself, never on the worker.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -68,10 +69,14 @@ class MessageRun:
         self._hooks = hooks
         self._on_ready = on_ready
         self.task: task.Task | None = None
+        self.trace = message.trace
+        """The trace context the function is given (a tracing hook puts its span there)."""
+        self.result: Result | None = None
+        """The result published (or kept in the outbox), once there is one."""
         self._refusal: TaskError | None = None
         self._bug: Exception | None = None
         try:
-            self.task = task.parse(message.body, services.config)
+            self.task = task.parse(message.body, services.config, message.trace_id)
         except TaskError as exc:
             self._refusal = exc
         except Exception as exc:  # noqa: BLE001 - a bug ends its message, when it runs
@@ -94,8 +99,16 @@ class MessageRun:
                 if self._refusal is not None:
                     self.refuse(self._refusal)
                 elif self.task is not None:
-                    with logger.contextualize(requestId=self.task.request_id):
-                        self._run(self.task)
+                    t = self.task
+                    with logger.contextualize(
+                        requestId=t.request_id, functionId=t.function_id, traceId=t.trace_id
+                    ):
+                        logger.debug(
+                            "[SQS] Received task {} ({}, message {}, receive {})",
+                            t.request_id, t.runtime, self.message.message_id,
+                            self.message.receives,
+                        )
+                        self._run(t)
         except Exception as exc:  # noqa: BLE001 - a bug ends its message, not the worker
             self.after_bug(exc)
         finally:
@@ -150,13 +163,14 @@ class MessageRun:
             with self.stage("fetch"):
                 package = self.services.codes.fetch(t.s3_bucket, t.s3_key)
             self._on_ready()
-            return invoke(self.services, t, package, claim, self.clock, self.stage)
+            return invoke(self.services, t, package, claim, self.clock, self.stage, self.trace)
         except Exception as exc:  # noqa: BLE001 - translated, then decided by class
             return self._translate(exc)
 
     def _end(self, t: task.Task, claim: Claim, outcome: Result | TaskError) -> bool:
         """What becomes of the message; True when a result was published (or kept)."""
         if isinstance(outcome, Result):
+            self.result = outcome
             return self._endings.finish(self.message, outcome, token=claim.token)
         max_attempts = self.services.config.queue.max_attempts
         disposition = decide(outcome, claim.run, max_attempts)
@@ -172,6 +186,7 @@ class MessageRun:
             duplicates.release(self.services.claims, claim)
             return False
         res = self._endings.failed(t.ids, outcome, t.memory_mb, claim.run, self.clock.timings())
+        self.result = res
         return self._endings.finish(
             self.message, res, disposition is Disposition.DEAD_LETTER, claim.token
         )
@@ -179,13 +194,13 @@ class MessageRun:
     def refuse(self, error: TaskError) -> None:
         """A message that can never run: a FAILED result when it names a requestId, a
         dead-letter copy when its class asks for one, delete."""
-        ids = task.peek_ids(self.message.body)
+        ids = dataclasses.replace(task.peek_ids(self.message.body), trace_id=self.message.trace_id)
         max_attempts = self.services.config.queue.max_attempts
         dead_letter = decide(error, 1, max_attempts) is Disposition.DEAD_LETTER
         # A body that decoded into a task (e.g. an unknown runtime) has timings; one that
         # never parsed has none.
         timings = None if isinstance(error, InvalidMessage) else self.clock.timings()
-        with logger.contextualize(requestId=ids.request_id or "-"):
+        with logger.contextualize(requestId=ids.request_id or "-", traceId=ids.trace_id):
             self._endings.refuse(self.message, error, ids, dead_letter, timings)
 
     def after_bug(self, exc: Exception) -> None:

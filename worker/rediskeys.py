@@ -25,9 +25,10 @@ def runs(request_id: str) -> str:
     return f"runs:{request_id}"
 
 
-def peaks(function_id: str) -> str:
-    """The function's recent peak memory, newest first (autotuner.py)."""
-    return f"autotuner:peaks:{function_id}"
+def peaks(function_id: str, runtime: str) -> str:
+    """The function's recent peak memory on ``runtime``, newest first (autotuner.py). Neither
+    name holds a ``:`` (task.py, config.py), so the key is unambiguous."""
+    return f"autotuner:peaks:{function_id}:{runtime}"
 
 
 def probe() -> str:

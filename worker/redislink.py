@@ -72,6 +72,8 @@ class RedisLink:
         self._working = False
         """The last call succeeded: the next reset is news (a warning), not an outage's echo."""
         self.resets = 0
+        self.errors = 0
+        """Calls Redis failed or refused: /metrics."""
         self.trouble: str | None = None
         """Why the last call found Redis unavailable; None once a call succeeds."""
 
@@ -102,6 +104,7 @@ class RedisLink:
             except redis.ResponseError as exc:
                 if is_outage(exc):
                     raise self._unavailable(what, exc) from exc
+                self.errors += 1
                 raise ResultRejected(f"{what}: Redis refused it: {_line(exc)}") from exc
             except redis.RedisError as exc:
                 raise self._unavailable(what, exc) from exc
@@ -112,6 +115,7 @@ class RedisLink:
         raise AssertionError("unreachable")
 
     def _unavailable(self, what: str, exc: BaseException) -> ResultStoreUnavailable:
+        self.errors += 1
         self.trouble = f"{_line(exc)} (at {_where(self.url)})"
         return ResultStoreUnavailable(f"{what}: {_line(exc)}")
 

@@ -94,6 +94,11 @@ class Result:
     attempt: int = 1
     worker_id: str = ""
     finished_at: str = ""
+    trace_id: str | None = None
+    """The W3C trace id the task arrived with (tracecontext.py), None when none."""
+    tip_code: str | None = None
+    tip_params: dict[str, Any] | None = None
+    """The tip as a code and its numbers (autotuner.py), for a controller to render."""
     timings: Timings | None = None
     """Absent only on results of messages that never parsed."""
 
@@ -151,6 +156,8 @@ class TaskIds:
     request_id: str | None
     function_id: str | None = None
     runtime: str | None = None
+    trace_id: str | None = None
+    """Of the message, not of the body: the result echoes it all the same."""
 
 
 def ran(
@@ -160,6 +167,8 @@ def ran(
     memory_mb: int,
     recommended_mb: int,
     tip: str,
+    tip_code: str,
+    tip_params: dict[str, Any],
     cold_start: bool,
     attempt: int,
     worker_id: str,
@@ -199,6 +208,9 @@ def ran(
         attempt=attempt,
         worker_id=worker_id,
         finished_at=_now(),
+        trace_id=ids.trace_id,
+        tip_code=tip_code,
+        tip_params=tip_params,
         timings=timings,
     )
 
@@ -225,6 +237,7 @@ def failed(
         attempt=attempt,
         worker_id=worker_id,
         finished_at=_now(),
+        trace_id=ids.trace_id,
         timings=timings,
     )
 

@@ -118,6 +118,11 @@ class ResultStore:
         self._probe_key = rediskeys.probe()
 
     @property
+    def errors(self) -> int:
+        """Redis calls that failed or were refused (results, claims, history): /metrics."""
+        return self.link.errors
+
+    @property
     def outbox_pending(self) -> bool:
         """True while results may be waiting in the outbox (e.g. to shorten the SQS wait)."""
         return self._outbox_maybe_nonempty
@@ -194,7 +199,8 @@ class ResultStore:
                 delay *= 2
                 continue
             if stored:
-                log.debug("[REDIS] published result:{} ({} bytes)", request_id, len(data))
+                log.debug("[REDIS] Publishing result: published result:{} ({} bytes)",
+                          request_id, len(data))
             elif not again:
                 log.warning("[DUPLICATE] result:{} was stored by another run of it first; "
                             "that one stands, this one is not stored", request_id)

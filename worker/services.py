@@ -63,6 +63,17 @@ class Services:
     status: StatusReporter | None = None
     """The pipe to the arbiter (None for a worker on its own)."""
 
+    def counts(self) -> dict[str, int]:
+        """What went wrong with each peer and how many messages were dead-lettered, since
+        the worker booted: the arbiter turns them into /metrics counters (status.py)."""
+        return {
+            "sqs": self.queue.errors + self.visibility.queue.errors,
+            "s3": self.codes.errors,
+            "redis": self.store.errors,
+            "cloudwatch": self.metrics.errors,
+            "deadLettered": self.queue.dead_lettered,
+        }
+
     def close(self) -> None:
         """Stop the background threads, flush what is pending, remove the sandboxes."""
         self.visibility.stop()

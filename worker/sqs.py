@@ -22,7 +22,9 @@ from common import awsclient
 from common.config import QueueConfig
 from common.errors import QueueUnavailable
 
+from . import tracecontext
 from .leases import LeaseKeeper
+from .tracecontext import TraceContext
 
 DEAD_LETTER_REASON_CHARS = 256
 """The reason a dead-letter copy carries is cut here: attributes count against the size limit."""
@@ -34,6 +36,11 @@ SQS_BATCH_MAX = 10
 """The most messages one SQS batch call takes."""
 HEARTBEAT_PARALLEL = 4
 """Visibility batches sent at once: 200 messages in flight are 20 calls, 5 rounds of 4."""
+RECEIVE_SYSTEM_ATTRIBUTES = [
+    "ApproximateReceiveCount", "SentTimestamp", tracecontext.AWS_TRACE_HEADER,
+]
+RECEIVE_MESSAGE_ATTRIBUTES = [tracecontext.TRACEPARENT, tracecontext.TRACESTATE]
+"""Only the trace context: other attributes a producer sets are not the agent's business."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,12 @@ class Message:
     """The same moment on the monotonic clock the task's timings use."""
     sent_at: float | None = None
     """Epoch seconds of the SentTimestamp SQS gave it (None when SQS did not say)."""
+    trace: TraceContext | None = None
+    """The trace context it was sent with (tracecontext.py), None when none."""
+
+    @property
+    def trace_id(self) -> str | None:
+        return self.trace.trace_id if self.trace is not None else None
 
     @property
     def queued_ms(self) -> float:
@@ -80,6 +93,9 @@ class TaskQueue:
         self._client = client or make_client(
             2, config.wait_time_seconds + 10, tries=3, region=region
         )
+        self.errors = 0
+        """Calls SQS failed (after boto3's retries): /metrics."""
+        self.dead_lettered = 0
 
     @classmethod
     def for_heartbeats(cls, config: QueueConfig, region: str | None = None) -> TaskQueue:
@@ -145,7 +161,8 @@ class TaskQueue:
             MaxNumberOfMessages=max_messages,
             WaitTimeSeconds=wait,
             VisibilityTimeout=self.config.visibility_timeout_seconds,
-            MessageSystemAttributeNames=["ApproximateReceiveCount", "SentTimestamp"],
+            MessageSystemAttributeNames=RECEIVE_SYSTEM_ATTRIBUTES,
+            MessageAttributeNames=RECEIVE_MESSAGE_ATTRIBUTES,
         )
         received_at, received_mono = time.time(), time.monotonic()
         return [
@@ -157,6 +174,7 @@ class TaskQueue:
                 received_at=received_at,
                 received_mono=received_mono,
                 sent_at=_epoch_s(m.get("Attributes", {}).get("SentTimestamp")),
+                trace=tracecontext.from_sqs(m),
             )
             for m in reply.get("Messages", [])
         ]
@@ -236,12 +254,14 @@ class TaskQueue:
                 "receiveCount": {"DataType": "Number", "StringValue": str(message.receives)},
             },
         )
+        self.dead_lettered += 1
         return True
 
     def _call(self, operation: str, **params: Any) -> Any:
         try:
             return getattr(self._client, operation)(**params)
         except (BotoCoreError, ClientError) as exc:
+            self.errors += 1
             raise QueueUnavailable(f"SQS {operation} failed: {exc}") from None
 
 
@@ -261,7 +281,7 @@ class VisibilityHeartbeat(LeaseKeeper[Message]):
     ``queue``'s client: give it one of its own)."""
 
     def __init__(self, queue: TaskQueue) -> None:
-        self._queue = queue
+        self.queue = queue
         timeout = queue.config.visibility_timeout_seconds
         super().__init__(
             "SQS visibility", timeout / 3, self._extend, HEARTBEAT_RETRY_S,
@@ -269,7 +289,7 @@ class VisibilityHeartbeat(LeaseKeeper[Message]):
         )
 
     def _extend(self, messages: list[Message]) -> None:
-        refused = self._queue.extend_batch(messages, self._queue.config.visibility_timeout_seconds)
+        refused = self.queue.extend_batch(messages, self.queue.config.visibility_timeout_seconds)
         for message, why in refused.items():  # deleted meanwhile, or a stale receipt handle
             logger.debug(f"[SQS] visibility of {message.message_id} not extended: {why}")
 

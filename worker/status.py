@@ -28,8 +28,8 @@ SLOT = "slot"
 """A run of a capped function took a slot."""
 
 RESULT_FIELDS = (
-    "requestId", "functionId", "status", "errorType", "durationMillis", "peakMemoryBytes",
-    "coldStart", "timings",
+    "requestId", "functionId", "runtime", "status", "errorType", "durationMillis",
+    "peakMemoryBytes", "memoryMb", "recommendedMemoryMb", "tipCode", "coldStart", "timings",
 )
 """The part of a Result the arbiter needs for /status and /metrics (a line stays < PIPE_BUF)."""
 MAX_LINE = 4096
@@ -44,9 +44,17 @@ class StatusReporter:
         self.dropped = 0
         os.set_blocking(fd, False)
 
-    def heartbeat(self, degraded: list[str] | None = None) -> None:
-        """Alive; ``degraded`` is why no new work is taken (empty when all is well)."""
-        self._send({"type": HEARTBEAT, "dropped": self.dropped, "degraded": degraded or []})
+    def heartbeat(
+        self, degraded: list[str] | None = None, counts: dict[str, int] | None = None
+    ) -> None:
+        """Alive; ``degraded`` is why no new work is taken (empty when all is well);
+        ``counts``: the worker's running totals (Services.counts), for /metrics."""
+        message: dict[str, Any] = {
+            "type": HEARTBEAT, "dropped": self.dropped, "degraded": degraded or [],
+        }
+        if counts is not None:
+            message["counts"] = counts
+        self._send(message)
 
     def fault(self, kind: str, message: str) -> None:
         self._send({"type": FAULT, "kind": kind, "message": message})

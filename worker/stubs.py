@@ -34,6 +34,7 @@ class StubQueue(TaskQueue):
 
     def __init__(self, config: QueueConfig) -> None:
         self.config = config
+        self.errors = self.dead_lettered = 0
         self.events: list[str] = []
         self.deleted: list[str] = []
         self.dead: list[str] = []
@@ -62,6 +63,7 @@ class StubQueue(TaskQueue):
             raise QueueUnavailable("SQS send_message failed: the dead-letter queue is down")
         self.dead.append(reason)
         self.events.append("dead-letter")
+        self.dead_lettered += 1
         return True
 
 
@@ -80,6 +82,8 @@ class StubDeleter(BatchDeleter):
 
 class StubStore(ResultStore):
     """Redis results: what was published (``broken``: neither Redis nor the outbox takes it)."""
+
+    errors = 0
 
     def __init__(self, events: list[str]) -> None:
         self.published: list[dict[str, Any]] = []
@@ -121,7 +125,8 @@ class StubClaims(ClaimStore):
         self.down = False
         self.released: list[str] = []
 
-    def acquire(self, request_id: str, function_id: str) -> Acquired:
+    def acquire(self, request_id: str, function_id: str, runtime: str | None = None
+                ) -> Acquired:
         if self.down:
             raise ResultStoreUnavailable(f"claim {request_id}: Connection refused")
         if request_id in self.stored:
@@ -151,6 +156,7 @@ class StubCodes(CodeStore):
 
     def __init__(self, error: Exception | None = None) -> None:
         self.error = error
+        self.errors = 0
 
     def fetch(self, bucket: str, key: str) -> CodePackage:
         if self.error is not None:
@@ -195,6 +201,7 @@ class StubMetrics(MetricsPublisher):
 
     def __init__(self) -> None:
         self.records = 0
+        self.errors = 0
 
     def record(self, *args: Any, **kwargs: Any) -> None:
         self.records += 1
@@ -212,7 +219,9 @@ class StubStatus(StatusReporter):
         self.running: set[str] = set()
         self.deferrals: list[str] = []
 
-    def heartbeat(self, degraded: list[str] | None = None) -> None:
+    def heartbeat(
+        self, degraded: list[str] | None = None, counts: dict[str, int] | None = None
+    ) -> None:
         pass
 
     def fault(self, kind: str, message: str) -> None:

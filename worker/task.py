@@ -39,15 +39,18 @@ class Task:
     timeout_ms: int
     input_json: bytes
     """inputData as the JSON the function reads on stdin."""
+    trace_id: str | None = None
+    """The message's trace id (its attributes, not its body): results echo it."""
 
     @property
     def ids(self) -> TaskIds:
-        return TaskIds(self.request_id, self.function_id, self.runtime)
+        return TaskIds(self.request_id, self.function_id, self.runtime, self.trace_id)
 
 
-def parse(body: str, config: Config) -> Task:
+def parse(body: str, config: Config, trace_id: str | None = None) -> Task:
     """Check a message body against the contract; raise InvalidMessage naming the problem
-    (RuntimeNotSupported for a runtime this host does not have)."""
+    (RuntimeNotSupported for a runtime this host does not have). ``trace_id``: the
+    message's, carried along."""
     data = _decode(body)
     fail = InvalidMessage
     request_id = data.get("requestId")
@@ -87,6 +90,7 @@ def parse(body: str, config: Config) -> Task:
         memory_mb=memory_mb,
         timeout_ms=timeout_ms,
         input_json=input_json,
+        trace_id=trace_id,
     )
 
 

@@ -36,7 +36,7 @@ def ran(request_id: str, function_id: str, peak: int) -> Result:
 def run(results: ResultStore, claims: ClaimStore, request_id: str, function_id: str,
         peak: int) -> tuple[int, ...]:
     """Claim, then publish a run's result as the worker does; the peaks the claim read."""
-    claim = claims.acquire(request_id, function_id).claim
+    claim = claims.acquire(request_id, function_id, "python").claim
     assert claim is not None
     assert results.publish(ran(request_id, function_id, peak))
     return claim.recent_peaks
@@ -49,9 +49,22 @@ def test_keeps_the_last_n_peaks_newest_first_with_ttl(redis_url: str, tmp_path: 
     assert seen[-1] == (7 * MB, 6 * MB, 5 * MB, 4 * MB)  # history_size - 1: its own makes 5
     assert history.with_run(8 * MB, seen[-1]) == [8 * MB, 7 * MB, 6 * MB, 5 * MB, 4 * MB]
     client = redis.Redis.from_url(redis_url)
-    assert client.llen("autotuner:peaks:hello") == 5
-    assert 0 < client.ttl("autotuner:peaks:hello") <= 600
+    assert client.llen("autotuner:peaks:hello:python") == 5
+    assert 0 < client.ttl("autotuner:peaks:hello:python") <= 600
     assert run(results, claims, "o1", "other", 1 * MB) == ()  # per function
+
+
+def test_the_history_is_per_function_and_runtime(redis_url: str, tmp_path: Path) -> None:
+    """A function moved to node does not inherit its python peaks (nor the reverse)."""
+    _, results, claims = stores(redis_url, tmp_path)
+    run(results, claims, "p1", "moved", 180 * MB)
+    claim = claims.acquire("n1", "moved", "node").claim
+    assert claim is not None and claim.recent_peaks == ()
+    assert results.publish(dataclasses.replace(ran("n1", "moved", 40 * MB), runtime="node"))
+    python = claims.acquire("p2", "moved", "python").claim
+    node = claims.acquire("n2", "moved", "node").claim
+    assert python is not None and python.recent_peaks == (180 * MB,)
+    assert node is not None and node.recent_peaks == (40 * MB,)
 
 
 def test_one_light_run_does_not_downsize_after_heavy_ones(redis_url: str, tmp_path: Path) -> None:
@@ -67,23 +80,23 @@ def test_one_light_run_does_not_downsize_after_heavy_ones(redis_url: str, tmp_pa
 
 def test_a_task_that_never_ran_records_no_peak(redis_url: str, tmp_path: Path) -> None:
     _, results, claims = stores(redis_url, tmp_path)
-    assert claims.acquire("f1", "broken").claim is not None
+    assert claims.acquire("f1", "broken", "python").claim is not None
     assert results.publish(Result("f1", "broken", "python", "FAILED", error_type="CODE_NOT_FOUND"))
-    assert not redis.Redis.from_url(redis_url).exists("autotuner:peaks:broken")
+    assert not redis.Redis.from_url(redis_url).exists("autotuner:peaks:broken:python")
 
 
 def test_a_re_published_result_records_no_peak_again(redis_url: str, tmp_path: Path) -> None:
     _, results, claims = stores(redis_url, tmp_path)
     run(results, claims, "d1", "dup", 5 * MB)
     assert results.publish(ran("d1", "dup", 5 * MB), again=True)  # a duplicate's copy
-    assert redis.Redis.from_url(redis_url).llen("autotuner:peaks:dup") == 1
+    assert redis.Redis.from_url(redis_url).llen("autotuner:peaks:dup:python") == 1
 
 
 def test_a_history_of_one_run_reads_nothing(redis_url: str, tmp_path: Path) -> None:
     cfg = dataclasses.replace(CFG, history_size=1)
     _, results, claims = stores(redis_url, tmp_path, cfg)
     assert [run(results, claims, f"s{i}", "single", i * MB) for i in (1, 2)] == [(), ()]
-    assert redis.Redis.from_url(redis_url).lrange("autotuner:peaks:single", 0, -1) == [
+    assert redis.Redis.from_url(redis_url).lrange("autotuner:peaks:single:python", 0, -1) == [
         str(2 * MB).encode()
     ]
 
@@ -93,7 +106,7 @@ def test_a_result_kept_in_the_outbox_records_its_peak_when_re_sent(
 ) -> None:
     history, results, claims = stores(redis_url, tmp_path)
     run(results, claims, "before", "fn", 10 * MB)
-    claim = claims.acquire("during", "fn").claim
+    claim = claims.acquire("during", "fn", "python").claim
     assert claim is not None and claim.recent_peaks == (10 * MB,)
     redis_server.stop()
     try:
@@ -102,6 +115,6 @@ def test_a_result_kept_in_the_outbox_records_its_peak_when_re_sent(
         redis_server.start()
     assert results.flush_outbox() == 1
     # redis restarted empty (no persistence): the re-send recorded the peak it carried
-    assert redis.Redis.from_url(redis_url).lrange("autotuner:peaks:fn", 0, -1) == [
+    assert redis.Redis.from_url(redis_url).lrange("autotuner:peaks:fn:python", 0, -1) == [
         str(20 * MB).encode()
     ]

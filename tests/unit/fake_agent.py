@@ -45,6 +45,8 @@ BEAT_S = 0.05
 RUN_S = 1.0
 """How long a fake task of the ``busy`` behaviour runs."""
 REDIS_DOWN = "READONLY You can't write against a read only replica."
+DEGRADED_REDIS_ERRORS = 5
+"""Redis errors a ``degraded`` worker counts up to, one per beat."""
 
 
 def record(directory: Path, event: str, index: int) -> None:
@@ -78,14 +80,17 @@ def fake_worker(directory: Path):  # noqa: ANN201 - returns the worker main
         if behaviour == "busy":
             run_task(status, index)
             record(directory, "finished", index)
-        degraded = []
+        degraded, counts = [], None
         if behaviour == "degraded":
             status.fault("dead_letter_copy", "dead-letter copy of message m1 failed: no queue")
             degraded = [f"redis: results cannot be written ({REDIS_DOWN}); taking no new work"]
+            counts = {"sqs": 0, "s3": 0, "redis": 0, "cloudwatch": 0, "deadLettered": 1}
         started = time.monotonic()
         while not stopping:
+            if counts is not None:  # running totals: Redis fails once per beat
+                counts["redis"] = min(counts["redis"] + 1, DEGRADED_REDIS_ERRORS)
             if behaviour != "hang" or time.monotonic() - started < 0.3:
-                status.heartbeat(degraded)
+                status.heartbeat(degraded, counts)
             time.sleep(BEAT_S)
         record(directory, "exit", index)
         return 0
@@ -105,6 +110,7 @@ def run_task(status: StatusReporter, index: int) -> None:
     status.task_finished(Result(
         request_id=request_id, function_id="fn", runtime="python", status="SUCCESS",
         duration_millis=RUN_S * 1000, peak_memory_bytes=6 * 2**20, cold_start=True,
+        memory_mb=256, recommended_memory_mb=32, tip_code="OVER_PROVISIONED",
         stdout="not sent to the arbiter",
         timings=Timings(queued_ms=1.5, fetch_ms=0.4, run_ms=RUN_S * 1000,
                         total_ms=RUN_S * 1000 + 3),

@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import re
 import socket
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fake_agent import REDIS_DOWN, RUN_S, FakeAgent
+from fake_agent import DEGRADED_REDIS_ERRORS, REDIS_DOWN, RUN_S, FakeAgent
 from helpers import wait_until
+from prometheus_client.parser import text_string_to_metric_families
 
 WORKER_FIELDS = {
     "id", "pid", "alive", "restarts", "tasksDone", "running", "currentRequestIds",
@@ -60,20 +62,69 @@ def test_status_health_and_metrics_follow_the_contract(agent: FakeAgent) -> None
     assert code == 200 and json.loads(body)["status"] == "UP"
 
     metrics = agent.get("/metrics")[1]
-    assert 'nanogrid_invocations_total{status="SUCCESS",error_type=""} 2' in metrics
-    assert "nanogrid_invocation_duration_seconds_count 2" in metrics
-    assert 'nanogrid_invocation_duration_seconds_bucket{le="1"} 2' in metrics
-    assert 'nanogrid_invocation_peak_memory_bytes_bucket{le="8388608"} 2' in metrics
-    assert 'nanogrid_invocation_peak_memory_bytes_bucket{le="4194304"} 0' in metrics
+    families = {f.name: f for f in text_string_to_metric_families(metrics)}
+    invocations = 'nanogrid_invocations_total{runtime="python",status="SUCCESS",error_type=""}'
+    assert f"{invocations} 2" in metrics
+    assert 'nanogrid_invocation_duration_seconds_count{runtime="python"} 2' in metrics
+    assert 'nanogrid_invocation_duration_seconds_bucket{runtime="python",le="1"} 2' in metrics
+    peak = "nanogrid_invocation_peak_memory_bytes_bucket"
+    assert f'{peak}{{runtime="python",le="8388608"}} 2' in metrics
+    assert f'{peak}{{runtime="python",le="4194304"}} 0' in metrics
     assert 'nanogrid_sandboxes{runtime="python",state="warm"} 2' in metrics
-    assert "nanogrid_cold_starts_total 2" in metrics
+    assert 'nanogrid_invocation_starts_total{runtime="python",start="cold"} 2' in metrics
+    assert 'nanogrid_tips_total{runtime="python",tip_code="OVER_PROVISIONED"} 2' in metrics
+    # 256 MiB for 1 s each, of which 224 MiB would have been saved at 32 MiB
+    assert value(families, "nanogrid_memory_allocated_byte_seconds_total") == 2 * 256 * 2**20
+    assert value(families, "nanogrid_tip_savable_byte_seconds_total") == 2 * 224 * 2**20
     assert "nanogrid_worker_restarts_total 0" in metrics
     assert "nanogrid_workers_alive 2" in metrics
-    assert f"nanogrid_capacity_memory_mb {done['capacity']['memoryMb']}" in metrics
+    memory_bytes = done["capacity"]["memoryMb"] * 2**20
+    assert f"nanogrid_capacity_memory_bytes {memory_bytes}" in metrics
     assert "nanogrid_capacity_running 0" in metrics
     assert 'nanogrid_task_phase_seconds_bucket{phase="fetch",le="0.0005"} 2' in metrics
     assert 'nanogrid_task_phase_seconds_count{phase="queued"} 2' in metrics
     assert 'nanogrid_task_phase_seconds_sum{phase="total"} ' in metrics
+    assert "nanogrid_degraded 0" in metrics and "nanogrid_outbox_results 0" in metrics
+    pids = {str(w["id"]): w["pid"] for w in done["workers"]}
+    worker_cpu = {s.labels["worker"] for s in families["nanogrid_worker_cpu_seconds"].samples}
+    assert worker_cpu == set(pids)
+    assert value(families, "process_resident_memory_bytes") > 10 * 2**20
+    assert value(families, "process_start_time_seconds") > 1.7e9
+    (build,) = families["nanogrid_build_info"].samples
+    assert build.value == 1 and build.labels["version"]
+
+
+def value(families: dict, name: str) -> float:
+    """The one sample of an unlabelled (or single-series) family, as the parser reads it."""
+    family = name.removesuffix("_total")
+    (sample,) = [s for s in families[family].samples if s.name == name]
+    return sample.value
+
+
+def test_the_exposition_parses_with_prometheus_client(agent: FakeAgent) -> None:
+    """Every line of /metrics is valid text exposition (prometheus_client's own parser), each
+    histogram's buckets rise to its count, and the duration buckets resolve 1-5 ms."""
+    agent.behave("busy")
+    agent.start()
+    wait_until(lambda: [w["tasksDone"] for w in agent.status()["workers"]] == [1, 1], timeout=5)
+    families = list(text_string_to_metric_families(agent.get("/metrics")[1]))
+    assert len(families) >= 25
+    for family in families:
+        assert family.name.startswith(("nanogrid_", "process_")), family.name
+        assert family.documentation, family.name
+        if family.type != "histogram":
+            continue
+        series: dict = {}
+        for sample in family.samples:
+            labels = tuple(sorted((k, v) for k, v in sample.labels.items() if k != "le"))
+            series.setdefault(labels, []).append(sample)
+        for samples in series.values():
+            buckets = [s.value for s in samples if s.name.endswith("_bucket")]
+            count = next(s.value for s in samples if s.name.endswith("_count"))
+            assert buckets == sorted(buckets) and buckets[-1] == count
+    duration = next(f for f in families if f.name == "nanogrid_invocation_duration_seconds")
+    bounds = {s.labels["le"] for s in duration.samples if s.name.endswith("_bucket")}
+    assert {"0.001", "0.002", "0.003", "0.004", "0.005"} <= bounds
 
 
 def test_metrics_content_type_and_unknown_paths(agent: FakeAgent) -> None:
@@ -102,6 +153,17 @@ def test_health_is_degraded_naming_redis_while_workers_cannot_write_results(
     assert "no queue" in workers[0]["faults"]["dead_letter_copy"]["last"]
     _, metrics = agent.get("/metrics")
     assert 'nanogrid_worker_faults_total{kind="dead_letter_copy"} 2' in metrics
+    assert "nanogrid_degraded 1" in metrics and "nanogrid_workers_degraded 2" in metrics
+    # running totals from the beats: each worker's 5 Redis errors counted once, not per beat
+    metrics = wait_until(
+        lambda: (m := agent.get("/metrics")[1])
+        and f'nanogrid_dependency_errors_total{{dependency="redis"}} {2 * DEGRADED_REDIS_ERRORS}'
+        in m and m, timeout=5)
+    time.sleep(0.3)  # more beats, the same totals
+    metrics = agent.get("/metrics")[1]
+    assert f'dependency_errors_total{{dependency="redis"}} {2 * DEGRADED_REDIS_ERRORS}' in metrics
+    assert 'nanogrid_dependency_errors_total{dependency="sqs"} 0' in metrics
+    assert "nanogrid_dead_lettered_total 2" in metrics
 
 
 def test_health_is_down_while_no_worker_could_boot(agent: FakeAgent) -> None:

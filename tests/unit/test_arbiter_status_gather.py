@@ -51,7 +51,8 @@ def test_lines_are_read_at_once_when_idle_then_gathered(
     waited = timed(arb)
     assert STATUS_GATHER_S * 0.8 <= waited < STATUS_GATHER_S + 0.5, waited
     assert list(worker.running) == ["b"]
-    assert 'nanogrid_invocations_total{status="SUCCESS",error_type=""} 1' in arb.metrics.render()
+    invocations = 'nanogrid_invocations_total{runtime="python",status="SUCCESS",error_type=""}'
+    assert f"{invocations} 1" in arb.metrics.render()
 
 
 def test_a_signal_wakes_the_arbiter_while_lines_gather(

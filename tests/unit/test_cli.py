@@ -119,3 +119,21 @@ def test_the_hosts_network_is_accepted_once_the_metadata_service_is_decided(
     )
     done = supervisor("--check", "-c", str(path))
     assert done.returncode == 0, done.stderr
+
+
+def test_an_otlp_endpoint_without_the_sdk_is_a_config_error(tmp_path: Path) -> None:
+    """Spans asked for, the OpenTelemetry SDK missing: refused at start, not a worker that
+    crashes on boot. The SDK is hidden from the supervisor's interpreter (``-c`` prelude)."""
+    path = tmp_path / "traced.yaml"
+    path.write_text("queue: {url: 'https://sqs.ap-northeast-2.amazonaws.com/1/q'}\n"
+                    "tracing: {otlp_endpoint: 'http://127.0.0.1:4318'}\n")
+    hide = ("import sys; sys.modules['opentelemetry.sdk.trace'] = None; "
+            f"sys.argv = ['{BIN}', '--check', '-c', '{path}']; "
+            f"exec(compile(open('{BIN}').read(), '{BIN}', 'exec'), "
+            f"{{'__file__': '{BIN}', '__name__': '__main__'}})")
+    env = {name: value for name, value in os.environ.items() if not name.startswith("AWS_")}
+    done = subprocess.run([sys.executable, "-c", hide], capture_output=True, text=True,
+                          timeout=30, cwd="/", env=env)
+    assert done.returncode == 2
+    assert "tracing.otlp_endpoint is set but the OpenTelemetry SDK is not installed" in done.stderr
+    assert supervisor("--check", "-c", str(path)).returncode == 0  # with it installed

@@ -32,6 +32,9 @@ def test_defaults_hold_the_contract_keys() -> None:
     node = cfg.runtimes["node"]
     assert (node.image, node.command, node.warm) == ("node:20-slim", ("node", "main.js"), 2)
     assert cfg.cloudwatch.namespace == "NanoGrid"
+    assert cfg.autotuner.language == "en" and cfg.tracing.otlp_endpoint is None
+    traced = config.from_dict({"tracing": {"otlp_endpoint": "http://127.0.0.1:4318"}})
+    assert traced.tracing.otlp_endpoint == "http://127.0.0.1:4318"
 
 
 def test_a_named_runtime_starts_from_its_own_defaults() -> None:
@@ -76,6 +79,9 @@ def test_config_is_frozen() -> None:
         ({"cloudwatch": {"enabled": "yes"}}, "cloudwatch.enabled: must be true or false"),
         ({"log": {"level": "LOUD"}}, "log.level: must be one of"),
         ({"autotuner": {"step_mb": [64, 32]}}, "autotuner.step_mb: must be strictly increasing"),
+        ({"autotuner": {"language": "de"}}, "autotuner.language: must be one of en, ko, got 'de'"),
+        ({"tracing": {"otlp_endpoint": "localhost:4318"}}, "tracing.otlp_endpoint: must be an"),
+        ({"tracing": {"endpoint": "x"}}, "tracing.endpoint: unknown key"),
     ],
 )
 def test_bad_values_name_the_key(data: dict, message: str) -> None:

@@ -7,7 +7,7 @@ import pytest
 from runners.base import RunOutcome
 from worker import result
 
-IDS = result.TaskIds("r", "f", "python")
+IDS = result.TaskIds("r", "f", "python", "4bf92f3577b34da6a3ce929d0e0e4736")
 TIMINGS = result.Timings(
     queued_ms=12.5, fetch_ms=0.5, unpack_ms=1.25, sandbox_ms=0.25, run_ms=3.25, total_ms=6
 )
@@ -33,8 +33,12 @@ FIELDS = {
     "attempt",
     "workerId",
     "finishedAt",
+    "traceId",
+    "tipCode",
+    "tipParams",
     "timings",
 }
+TIP = {"currentMb": 256, "peakMb": 6, "recommendedMb": 32, "savingPercent": 87, "runs": 1}
 TIMING_FIELDS = {"queuedMs", "fetchMs", "unpackMs", "sandboxMs", "runMs", "totalMs"}
 
 
@@ -61,6 +65,8 @@ def ran(o: RunOutcome) -> dict:
         memory_mb=256,
         recommended_mb=32,
         tip="t",
+        tip_code="OVER_PROVISIONED",
+        tip_params=TIP,
         cold_start=True,
         attempt=1,
         worker_id="h:1",
@@ -84,6 +90,8 @@ def test_status_and_error_type(changes: dict, status: str, error_type: str | Non
     assert (r["errorMessage"] is None) == (status == "SUCCESS")
     assert r["peakMemoryMB"] == 6 and r["peakMemoryBytes"] == 6 * 2**20 + 5
     assert set(r["timings"]) == TIMING_FIELDS and r["timings"]["runMs"] == 3.25
+    assert r["traceId"] == "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert (r["tipCode"], r["tipParams"]) == ("OVER_PROVISIONED", TIP)
 
 
 def test_function_error_message_quotes_the_last_stderr_line() -> None:
@@ -108,6 +116,7 @@ def test_failed_result_has_every_field_and_null_exit_code() -> None:
         "CODE_NOT_FOUND",
         3,
     )
+    assert r["traceId"] == IDS.trace_id and r["tipCode"] is None and r["tipParams"] is None
 
 
 def test_a_message_that_never_parsed_has_no_timings() -> None:
@@ -116,13 +125,14 @@ def test_a_message_that_never_parsed_has_no_timings() -> None:
         worker_id="h:1", timings=None,
     ).to_dict()
     assert set(r) == FIELDS - {"timings"}
-    assert r["functionId"] is None
+    assert r["functionId"] is None and r["traceId"] is None
 
 
 def test_json_round_trip_keeps_every_field() -> None:
     original = result.ran(
-        IDS, outcome(), memory_mb=256, recommended_mb=32, tip="💡 t", cold_start=False,
-        attempt=2, worker_id="h:1", timings=TIMINGS,
+        IDS, outcome(), memory_mb=256, recommended_mb=32, tip="💡 t", tip_code="RIGHT_SIZED",
+        tip_params={"currentMb": 256, "peakMb": 6, "runs": 1}, cold_start=False, attempt=2,
+        worker_id="h:1", timings=TIMINGS,
     )
     again = result.Result.from_json(original.to_json())
     assert again == original

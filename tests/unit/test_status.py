@@ -35,7 +35,8 @@ def test_every_event_arrives_in_order(pipe: tuple[StatusReporter, StatusReader])
     reporter.task_finished(Result(
         request_id="req-1", function_id="fn", runtime="python", status="FAILED",
         error_type="TIMEOUT", duration_millis=30000.5, peak_memory_bytes=123,
-        stdout="x" * 100_000, optimization_tip="💡",
+        stdout="x" * 100_000, optimization_tip="💡", memory_mb=256, recommended_memory_mb=256,
+        tip_code="UNFINISHED_RUN", tip_params={"currentMb": 256, "peakMb": 0, "runs": 1},
         timings=Timings(queued_ms=2, fetch_ms=1, run_ms=30000.5, total_ms=30004),
     ))
     reporter.pools({"python": {"warm": 3, "busy": 1}})
@@ -45,8 +46,10 @@ def test_every_event_arrives_in_order(pipe: tuple[StatusReporter, StatusReader])
     assert messages[1]["dropped"] == 0
     assert messages[2]["requestId"] == "req-1"
     assert messages[3]["result"] == {
-        "requestId": "req-1", "functionId": "fn", "status": "FAILED", "errorType": "TIMEOUT",
-        "durationMillis": 30000.5, "peakMemoryBytes": 123, "coldStart": False,
+        "requestId": "req-1", "functionId": "fn", "runtime": "python", "status": "FAILED",
+        "errorType": "TIMEOUT", "durationMillis": 30000.5, "peakMemoryBytes": 123,
+        "memoryMb": 256, "recommendedMemoryMb": 256, "tipCode": "UNFINISHED_RUN",
+        "coldStart": False,
         "timings": {"queuedMs": 2, "fetchMs": 1, "unpackMs": 0, "sandboxMs": 0,
                     "runMs": 30000.5, "totalMs": 30004},
     }

@@ -17,6 +17,7 @@ import pytest
 
 from common.config import from_dict
 from common.errors import CodeNotFound
+from runners.base import RunOutcome
 from worker.autotuner import Recommendation
 from worker.loop import Worker
 from worker.result import Result
@@ -61,9 +62,8 @@ def test_ran_is_published_and_deleted(
     make_stubs: MakeStubs, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     stubs = make_stubs()
-    monkeypatch.setattr(
-        "worker.autotuner.recommend", lambda *a, **k: Recommendation(32, "tip", 1)
-    )
+    tip = Recommendation(32, "tip", 1, "RIGHT_SIZED", {})
+    monkeypatch.setattr("worker.autotuner.recommend", lambda *a, **k: tip)
     handle(stubs, message())
     assert [r["status"] for r in stubs.store.published] == ["SUCCESS"]
     assert stubs.store.peaks_recorded == [True]
@@ -303,3 +303,37 @@ def test_a_function_at_its_cap_goes_back_untried_with_a_delay(make_stubs: MakeSt
     assert all(1 <= delay <= 2 for _, delay in stubs.queue.handed_back)  # first receives
     assert stubs.claims.runs == {} and stubs.store.published == []  # no try, no result
     assert stubs.status.deferrals == ["f", "f"] and stubs.queue.dead == []
+
+
+class _Outcome(StubRunner):
+    """Every run ends as given (a timeout, a kill, an exit)."""
+
+    def __init__(self, **changes: Any) -> None:
+        super().__init__()
+        self.changes = changes
+
+    def run(self, sandbox: Any, invocation: Any) -> RunOutcome:
+        values = dict(exit_code=0, timed_out=False, oom_killed=False, stdout=b"", stderr=b"",
+                      stdout_truncated=False, stderr_truncated=False, duration_ms=5.0,
+                      peak_memory_bytes=6 * 2**20, peak_source="stub")
+        return RunOutcome(**{**values, **self.changes})
+
+
+@pytest.mark.parametrize(("changes", "code"), [
+    ({}, "OVER_PROVISIONED"),
+    ({"exit_code": 1}, "OVER_PROVISIONED"),  # it finished: its peak counts
+    ({"exit_code": -9, "timed_out": True}, "UNFINISHED_RUN"),
+    ({"exit_code": -9}, "UNFINISHED_RUN"),  # killed by a signal
+])
+def test_no_cut_memory_tip_after_a_run_that_did_not_finish(
+    make_stubs: MakeStubs, changes: dict, code: str
+) -> None:
+    stubs = make_stubs(runner=_Outcome(**changes))
+    handle(stubs, message(memoryMb=256))
+    (published,) = stubs.store.published
+    assert published["tipCode"] == code
+    assert published["tipParams"]["currentMb"] == 256 and published["tipParams"]["peakMb"] == 6
+    if code == "UNFINISHED_RUN":
+        assert published["recommendedMemoryMb"] == 256 and "cut" not in published["optimizationTip"]
+    else:
+        assert published["recommendedMemoryMb"] == 32
