@@ -17,6 +17,7 @@ import redis
 from common.config import from_dict, load
 from common.errors import ConfigError
 from common.exitcodes import EXIT_CONFIG, EXIT_OK
+from common.version import version_line
 from worker import rediskeys
 from worker.task import FUNCTION_ID
 
@@ -27,6 +28,7 @@ EXIT_ERROR = 1
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Per-function concurrency caps across all hosts.")
+    parser.add_argument("--version", action="version", version=version_line(PROG))
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--redis-url", help="default: $NANOGRID_REDIS_URL, else redis.url of "
                        "the config file")

@@ -23,6 +23,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from common import awsregion
 from common import config as config_module
 from common.errors import ConfigError
+from common.version import version_line
 from worker.result import Result
 
 EXIT_FAILED = 1
@@ -105,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout-ms", type=int)
     parser.add_argument("--request-id", help="default: a new UUID")
     parser.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the result")
+    parser.add_argument("--version", action="version", version=version_line("nanogrid-invoke"))
     args = parser.parse_args(argv)
     try:
         cfg = config_module.load(args.config)
