@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import re
 import socket
+import tomllib
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +15,7 @@ import pytest
 from fake_agent import REDIS_DOWN, RUN_S, FakeAgent
 from helpers import wait_until
 
+ROOT = Path(__file__).resolve().parents[2]
 WORKER_FIELDS = {
     "id", "pid", "alive", "restarts", "tasksDone", "running", "currentRequestIds",
     "currentRequestId",
@@ -140,3 +143,21 @@ def test_a_missing_isolation_is_one_warning_line_and_in_status(tmp_path: Path) -
     assert len(lines) == 1 and "WARNING" in lines[0]
     assert lines[0].endswith("the process runner's sandboxes run without: "
                              f"network (process.network is host), metadata service ({metadata})")
+
+
+def test_head_is_answered_like_get_without_a_body(agent: FakeAgent) -> None:
+    agent.start()
+    agent.wait_for_workers(2)
+    for path in ("/health", "/status", "/metrics", "/nowhere"):
+        request = urllib.request.Request(f"http://127.0.0.1:{agent.port}{path}", method="HEAD")
+        try:
+            with urllib.request.urlopen(request, timeout=5) as reply:
+                code, length, body = reply.status, reply.headers["Content-Length"], reply.read()
+        except urllib.error.HTTPError as exc:
+            code, length, body = exc.code, exc.headers["Content-Length"], exc.read()
+        got = agent.get(path)
+        assert (code, body) == (got[0], b"")
+        assert int(length) > 0
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert agent.status()["version"] == version
+    agent.wait_for_log(rf"supervisor \d+ starting: nanogrid {re.escape(version)}, 2 workers")
