@@ -26,9 +26,8 @@ def check_dir(key: str, path: Path) -> None:
     try:
         fd, probe = tempfile.mkstemp(prefix=".nanogrid-check-", dir=nearest)
     except OSError as exc:
-        raise ConfigError(
-            f"{key}: {nearest} is not writable by the agent ({exc.strerror})"
-        ) from None
+        raise ConfigError(f"{key}: the agent cannot create files in {nearest} ({exc.strerror})") \
+            from None
     os.close(fd)
     os.unlink(probe)
 

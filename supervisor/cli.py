@@ -36,7 +36,11 @@ def main(argv: list[str] | None = None) -> int:
               f"AWS region {region.name} from {region.source}; capacity "
               f"{config.capacity.memory_mb} MB, {config.capacity.max_concurrent} at once: "
               f"{config.capacity.source})")
-        for name, problem in runners.runtime_problems(config).items():
+        try:
+            problems = runners.runtime_problems(config)
+        except Exception as exc:  # noqa: BLE001 - a warning's check must not fail --check
+            problems = {"(all)": f"could not check the runtimes: {exc}"}
+        for name, problem in problems.items():
             print(f"{PROG}: warning: runtime {name!r} cannot start on this host: {problem} "
                   "(not a config error: the other runtimes serve, its tasks fail)")
         return EXIT_OK

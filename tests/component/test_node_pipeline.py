@@ -176,6 +176,15 @@ def test_a_handler_that_nothing_calls_gets_a_hint(agent: Agent) -> None:
 
 
 def test_sandboxes_are_named_by_runtime_and_function_in_ps(agent: Agent) -> None:
+    # The warm pools' generic sandboxes first (named by runtime, their socket under this
+    # agent's directory), then each as the function it ran.
+    sockets = (agent.config.paths.work_dir, agent.config.docker.socket_dir, "/nanogrid/")
+    for runtime in ("python", "node"):
+        wait_until(lambda runtime=runtime: [
+            t for t in process_titles()
+            if re.fullmatch(rf"nanogrid: sandbox {runtime} /\S+", t) and any(
+                t.split(" ")[-1].startswith(str(s)) for s in sockets)],
+            timeout=20, what=f"a generic {runtime} sandbox named as one")
     titles = {}
     unique = uuid.uuid4().hex[:8]  # other agents on this host run sandboxes too
     for runtime, example in (("python", "hello-python"), ("node", "hello-node")):
@@ -192,10 +201,7 @@ def test_sandboxes_are_named_by_runtime_and_function_in_ps(agent: Agent) -> None
         assert re.fullmatch(
             rf"nanogrid: sandbox {runtime} titled-{runtime}-{unique}@[0-9a-f]{{8}} \S+", title
         ), title
-    # The pools replace the two sandboxes that became the functions' with generic ones.
-    wait_until(lambda: [t for t in process_titles()
-                        if re.fullmatch(r"nanogrid: sandbox (python|node) /\S+", t)],
-               timeout=10, what="a generic warm sandbox named as one")
+
 
 
 def process_titles() -> list[str]:

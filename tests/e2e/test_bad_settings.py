@@ -123,11 +123,12 @@ def test_check_fails_whatever_start_or_reload_fails_on(agents: Any) -> None:
     assert "Traceback" not in agent.log.read_text()
     table = render(rows)
     documented = DOCS.read_text()
-    block = documented[documented.index(BEGIN) + len(BEGIN):documented.index(END)]
+    start, end = documented.index(BEGIN) + len(BEGIN), documented.index(END)
     if os.environ.get("NANOGRID_WRITE_DOCS") == "1":
-        DOCS.write_text(documented.replace(block, table))
+        DOCS.write_text(documented[:start] + table + documented[end:])
     else:
-        assert block == table, "docs/operations.md is out of date: NANOGRID_WRITE_DOCS=1"
+        assert documented[start:end] == table, "docs/operations.md is out of date: " \
+            "run this test with NANOGRID_WRITE_DOCS=1"
 
 
 def reload_answer(agent: Agent, number: int) -> str:

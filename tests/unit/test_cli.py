@@ -130,7 +130,7 @@ def test_a_log_sink_that_cannot_be_made_is_a_config_error(tmp_path: Path, check:
         (f"{{rotation: 'every tuesday-ish', file: {tmp_path}/agent.log}}",
          "log.rotation: cannot read 'every tuesday-ish': use a size ('50 MB')"),
         (f"{{file: {tmp_path}}}", f"log.file: {tmp_path} is a directory, not a file"),
-        ("{file: /proc/nanogrid/agent.log}", "log.file: /proc is not writable by the agent"),
+        ("{file: /proc/nanogrid/agent.log}", "log.file: the agent cannot create files in /proc"),
     ]:
         path = tmp_path / "bad.yaml"
         path.write_text(SEOUL + "runner: process\nhttp: {port: 0}\nlog: " + log + "\n")
