@@ -1,1 +1,2 @@
-"""Commands for operators of a fleet of agents (per-function caps), beside the agent."""
+"""Commands for operators of a fleet of agents (per-function caps, dead letters, outboxes),
+beside the agent."""

@@ -14,9 +14,11 @@ import sys
 
 import redis
 
+from common import environ
 from common.config import from_dict, load
 from common.errors import ConfigError
 from common.exitcodes import EXIT_CONFIG, EXIT_OK
+from common.version import version_line
 from worker import rediskeys
 from worker.task import FUNCTION_ID
 
@@ -27,6 +29,7 @@ EXIT_ERROR = 1
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Per-function concurrency caps across all hosts.")
+    parser.add_argument("--version", action="version", version=version_line(PROG))
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--redis-url", help="default: $NANOGRID_REDIS_URL, else redis.url of "
                        "the config file")
@@ -85,8 +88,8 @@ def _redis_url(args: argparse.Namespace) -> str:
     if args.redis_url:
         return str(args.redis_url)
     if args.config is None and os.environ.get("NANOGRID_REDIS_URL"):
-        return os.environ["NANOGRID_REDIS_URL"]
+        return environ.with_redis_password(os.environ["NANOGRID_REDIS_URL"], os.environ)
     path = args.config or os.environ.get("NANOGRID_CONFIG") or "/etc/nanogrid/worker.yaml"
     if args.config is None and not os.path.exists(path):
-        return from_dict({}).redis.url
+        return environ.with_redis_password(from_dict({}).redis.url, os.environ)
     return load(path).redis.url

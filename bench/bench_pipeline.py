@@ -528,7 +528,7 @@ class Bench:
                 config.write_text(yaml.safe_dump(settings))
                 c.child = Program([sys.executable, str(SUPERVISOR), "-c", str(config)], c.log)
             _wait_for(
-                lambda: _read(c.log).count(" ready: runner=") >= workers,
+                lambda: _read(c.log).count(" ready (pid ") >= workers,
                 f"{workers} workers to boot",
                 c,
             )

@@ -76,7 +76,7 @@ def resolve(config: Config) -> Region:
     found = _boto_chain()
     if found:
         return _valid(found)
-    name = region_from_url(config.queue.url)
+    name = region_from_url(config.queue.url or "")
     if name:
         return Region(name, "queue.url")
     raise ConfigError(NOT_FOUND)

@@ -10,6 +10,9 @@ slack is what keeps the host out of the OOM killer when every run uses its whole
 at ``limits.min_memory_mb`` each. Functions mostly wait on I/O, so a core serves many at
 once; past about 16 per core the agent's own work per run (fork, pipes, results, SQS and
 Redis round trips) starts to crowd out the functions on a busy host.
+
+``limits.max_memory_mb`` left to its default (3008, Lambda's largest) is lowered to the
+budget when the budget is smaller; only a value the operator set that cannot fit is an error.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ class Capacity:
     max_concurrent: int
     source: str
     """How the values were found, for the start-up line and /status."""
+    max_memory_mb: int
+    """``limits.max_memory_mb``, the budget's when it was left to its default."""
 
 
 def host_memory_mb() -> tuple[int, str]:
@@ -61,20 +66,34 @@ def resolve(config: Config) -> Capacity:
         cpus = len(os.sched_getaffinity(0))
         max_concurrent = max(1, min(RUNS_PER_CPU * cpus, memory_mb // config.limits.min_memory_mb))
         sources.append(f"max_concurrent auto: {RUNS_PER_CPU} per CPU x {cpus}")
-    if config.limits.max_memory_mb > memory_mb:
+    limits = config.limits
+    max_memory_mb = limits.max_memory_mb
+    if max_memory_mb > memory_mb:
+        if "limits.max_memory_mb" in config.given:
+            raise ConfigError(
+                f"limits.max_memory_mb: {max_memory_mb} MB does not fit "
+                f"capacity.memory_mb ({memory_mb} MB"
+                + (", auto" if wanted.memory_mb == AUTO else "")
+                + "): lower limits.max_memory_mb or raise capacity.memory_mb"
+            )
+        max_memory_mb = memory_mb
+        sources.append(f"limits.max_memory_mb {memory_mb}: the budget's")
+    if limits.default_memory_mb > max_memory_mb:
         raise ConfigError(
-            f"limits.max_memory_mb: {config.limits.max_memory_mb} MB does not fit "
-            f"capacity.memory_mb ({memory_mb} MB"
-            + (", auto" if wanted.memory_mb == AUTO else "")
-            + "): lower limits.max_memory_mb or raise capacity.memory_mb"
+            f"capacity.memory_mb: {memory_mb} MB cannot hold one run of "
+            f"limits.default_memory_mb ({limits.default_memory_mb} MB): raise "
+            "capacity.memory_mb or lower limits.default_memory_mb"
         )
-    return Capacity(memory_mb, max_concurrent, "; ".join(sources) or "as configured")
+    return Capacity(
+        memory_mb, max_concurrent, "; ".join(sources) or "as configured", max_memory_mb
+    )
 
 
 def pin(config: Config, capacity: Capacity) -> Config:
     """``config`` with its capacity values computed: every worker then uses the same."""
     return dataclasses.replace(
         config,
+        limits=dataclasses.replace(config.limits, max_memory_mb=capacity.max_memory_mb),
         capacity=dataclasses.replace(
             config.capacity,
             memory_mb=capacity.memory_mb,

@@ -2,7 +2,8 @@
 
 Every section is a dataclass whose fields carry their defaults and bounds; ``load`` walks
 the YAML against them, so an unknown key or a bad value is refused with one line naming
-the key (``ConfigError("workers: must be an integer >= 1 or 'auto', got 0")``).
+the key (``ConfigError("workers: must be an integer >= 1 or 'auto', got 0")``). The
+``NANOGRID_*`` variables of common/environ.py override the file's values before that.
 """
 
 from __future__ import annotations
@@ -20,9 +21,13 @@ from typing import Any
 
 import yaml
 
+from . import environ
 from .errors import ConfigError
 
 MiB = 2**20
+PROFILES = ("production", "local")
+"""``profile``: ``local`` (the embedded emulator, conf/local.yaml) gives ``queue.url`` a default."""
+LOCAL_QUEUE_URL = "http://127.0.0.1:5000/123456789012/nanogrid-task-queue"
 
 
 def _bounded(default: Any, lo: float | None = None, hi: float | None = None, **kw: Any) -> Any:
@@ -31,7 +36,8 @@ def _bounded(default: Any, lo: float | None = None, hi: float | None = None, **k
 
 @dataclass(frozen=True)
 class QueueConfig:
-    url: str = "http://127.0.0.1:5000/123456789012/nanogrid-task-queue"
+    url: str | None = None
+    """The task queue: required in a config file (``load``), unless ``profile: local``."""
     wait_time_seconds: int = _bounded(20, 0, 20)
     max_attempts: int = _bounded(3, 1)
     dead_letter_url: str | None = None
@@ -119,7 +125,9 @@ class CloudWatchConfig:
 
 @dataclass(frozen=True)
 class LogConfig:
-    level: str = _bounded("INFO", choices=("TRACE", "DEBUG", "INFO", "WARNING", "ERROR"))
+    level: str = _bounded(
+        "INFO", choices=("TRACE", "DEBUG", "INFO", "WARNING", "ERROR"), upper=True
+    )
     file: str | None = None
     json: bool = False
     rotation: str = "50 MB"
@@ -198,6 +206,7 @@ class TracingConfig:
 
 @dataclass(frozen=True)
 class Config:
+    profile: str = _bounded("production", choices=PROFILES)
     workers: int = _bounded(2, 1, 256, auto=True)
     runner: str = "docker"
     """A name in ``runners.RUNNERS``; checked there (runners.check_config), the one registry."""
@@ -221,10 +230,14 @@ class Config:
     tracing: TracingConfig = TracingConfig()
     path: str | None = field(default=None, metadata={"internal": True})
     loaded_at: str | None = field(default=None, metadata={"internal": True})
+    given: frozenset[str] = field(default=frozenset(), metadata={"internal": True})
+    """The keys the file (or the environment) set, dotted: a default may adapt to the host
+    where an explicit value may not (``limits.max_memory_mb``, common/capacity.py)."""
 
 
 def load(path: str | os.PathLike[str]) -> Config:
-    """Read and validate a config file; raise ConfigError with one line on any problem."""
+    """Read and validate a config file, the environment's ``NANOGRID_*`` overrides applied;
+    raise ConfigError with one line on any problem."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
@@ -237,17 +250,43 @@ def load(path: str | os.PathLike[str]) -> Config:
         raise ConfigError(
             f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}"
         ) from None
-    config = from_dict({} if data is None else data)
+    data, sources = environ.apply({} if data is None else data, os.environ)
+    try:
+        config = from_dict(data)
+    except ConfigError as exc:
+        key = str(exc).split(":", 1)[0]
+        raise (ConfigError(f"{sources[key]}: {exc}") if key in sources else exc) from None
+    url = environ.with_redis_password(config.redis.url, os.environ)
+    config = dataclasses.replace(config, redis=dataclasses.replace(config.redis, url=url))
+    if config.queue.url is None:
+        raise ConfigError(
+            "queue.url: required: the task queue's URL (https://sqs.REGION.amazonaws.com/"
+            f"ACCOUNT/QUEUE), in the file or ${environ.QUEUE_URL}; only profile: local has one"
+        )
     return dataclasses.replace(
         config, path=str(Path(path).resolve()), loaded_at=datetime.now(UTC).isoformat()
     )
 
 
 def from_dict(data: Any) -> Config:
-    """Validate a parsed mapping into a Config (used by ``load`` and by tests)."""
+    """Validate a parsed mapping into a Config (used by ``load`` and by tests, which may
+    leave ``queue.url`` out)."""
     config = _build(Config, data, "")
+    if config.profile == "local" and config.queue.url is None:
+        config = dataclasses.replace(
+            config, queue=dataclasses.replace(config.queue, url=LOCAL_QUEUE_URL)
+        )
     _check_cross_fields(config)
-    return config
+    return dataclasses.replace(config, given=frozenset(_given(data)))
+
+
+def _given(data: Mapping[str, Any]) -> list[str]:
+    """The dotted keys of ``data``, two levels deep (a section's own keys)."""
+    keys = list(data)
+    for section, sub in data.items():
+        if isinstance(sub, Mapping):
+            keys += [f"{section}.{key}" for key in sub]
+    return keys
 
 
 def _build(cls: type, data: Any, prefix: str, base: Any = None) -> Any:
@@ -310,6 +349,8 @@ def _scalar(hint: type, value: Any, key: str, meta: Mapping[str, Any]) -> Any:
         value = float(value)
     if hint is str and (not isinstance(value, str) or not value):
         raise ConfigError(f"{key}: must be a non-empty string, got {_show(value)}")
+    if meta.get("upper"):
+        value = value.upper()
     lo, hi, choices = meta.get("min"), meta.get("max"), meta.get("choices")
     if lo is not None and value < lo or hi is not None and value > hi:
         bounds = f">= {lo}" if hi is None else f"between {lo} and {hi}"
@@ -337,7 +378,8 @@ def _check_cross_fields(config: Config) -> None:
     docker_user_ids(config.docker.user)
     if not re.fullmatch(r"(redis|rediss|unix)://.+", config.redis.url):
         raise ConfigError(
-            f"redis.url: must start with redis://, rediss:// or unix://, got {config.redis.url!r}"
+            "redis.url: must start with redis://, rediss:// or unix://, "
+            f"got {environ.redacted(config.redis.url)!r}"
         )
     endpoint = config.tracing.otlp_endpoint
     if endpoint is not None and not re.fullmatch(r"https?://[^/\s]+(/\S*)?", endpoint):

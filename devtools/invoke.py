@@ -23,6 +23,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from common import awsregion
 from common import config as config_module
 from common.errors import ConfigError
+from common.version import version_line
 from worker.result import Result
 
 EXIT_FAILED = 1
@@ -39,6 +40,26 @@ def zip_function(source: Path) -> bytes:
             if path.is_file() and "__pycache__" not in path.parts:
                 archive.write(path, path.relative_to(source).as_posix())
     return buffer.getvalue()
+
+
+def entry_files(source: Path) -> set[str]:
+    """The file names at the root of a function directory or zip."""
+    if source.is_file():
+        with zipfile.ZipFile(source) as archive:
+            return {name for name in archive.namelist() if "/" not in name.rstrip("/")}
+    return {path.name for path in source.iterdir() if path.is_file()}
+
+
+def infer_runtime(source: Path, runtimes: dict[str, tuple[str, ...]]) -> str:
+    """The configured runtime whose command's file is at the function's root (``main.py``:
+    python, ``main.js``: node); ValueError naming the choices when none or several are."""
+    files = entry_files(source)
+    found = [name for name, command in runtimes.items() if any(a in files for a in command[1:])]
+    if len(found) == 1:
+        return found[0]
+    wanted = ", ".join(f"{name} ({' '.join(command)})" for name, command in runtimes.items())
+    what = f"holds files for {' and '.join(found)}" if found else "has none of their files"
+    raise ValueError(f"{source}: {what}; pass --runtime (configured: {wanted})")
 
 
 def deploy(s3: Any, bucket: str, function_id: str, code: bytes) -> str:
@@ -90,7 +111,8 @@ def invoke(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nanogrid-invoke", description=__doc__.splitlines()[0])
-    parser.add_argument("source", type=Path, help="function directory (with main.py) or zip")
+    parser.add_argument("source", type=Path,
+                        help="function directory (with main.py or main.js) or zip")
     parser.add_argument(
         "-c",
         "--config",
@@ -99,12 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--function-id", help="default: the directory or zip name")
     parser.add_argument("--bucket", default="nanogrid-functions")
-    parser.add_argument("--runtime", default="python")
+    parser.add_argument("--runtime",
+                        help="default: the runtime whose file is there (main.py, main.js)")
     parser.add_argument("--input", default="{}", help="inputData as JSON")
     parser.add_argument("--memory-mb", type=int)
     parser.add_argument("--timeout-ms", type=int)
     parser.add_argument("--request-id", help="default: a new UUID")
     parser.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the result")
+    parser.add_argument("--version", action="version", version=version_line("nanogrid-invoke"))
     args = parser.parse_args(argv)
     try:
         cfg = config_module.load(args.config)
@@ -120,10 +144,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nanogrid-invoke: {args.source}: no such file or directory", file=sys.stderr)
         return EXIT_USAGE
     function_id = args.function_id or args.source.name.removesuffix(".zip")
+    try:
+        runtime = args.runtime or infer_runtime(
+            args.source, {name: rt.command for name, rt in cfg.runtimes.items()})
+    except (ValueError, zipfile.BadZipFile) as exc:
+        print(f"nanogrid-invoke: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     task: dict[str, Any] = {
         "requestId": args.request_id or str(uuid.uuid4()),
         "functionId": function_id,
-        "runtime": args.runtime,
+        "runtime": runtime,
         "s3Bucket": args.bucket,
         "inputData": input_data,
     }

@@ -25,6 +25,8 @@ import tempfile
 from pathlib import Path
 from typing import NoReturn
 
+from common.version import version_line
+
 from .demo import run_demo
 from .embedded import (
     aws_environ,
@@ -111,6 +113,7 @@ def _usage_error(message: str) -> NoReturn:
 
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    top.add_argument("--version", action="version", version=version_line(PROG))
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "-c",

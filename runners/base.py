@@ -119,6 +119,11 @@ class Runner:
         """Give the sandbox back; an unhealthy one is destroyed and replaced."""
         raise NotImplementedError
 
+    def code_path(self, sandbox: Sandbox) -> str:
+        """Where the function sees its code (its working directory): what its stack traces
+        name, and the agent shows as /var/task (worker/diagnose.py)."""
+        return str(sandbox.code_dir)
+
     def close(self) -> None:
         """Destroy every sandbox of this runner."""
         raise NotImplementedError

@@ -113,6 +113,9 @@ class DockerRunner(PooledRunner):
     def sandbox_dir(cls, config: Config) -> Path:
         return Path(config.docker.socket_dir)
 
+    def code_path(self, sandbox: Sandbox) -> str:
+        return f"{CODE_MOUNT}/{CODE_SUBDIR}"
+
     @classmethod
     def isolation(cls, config: Config) -> Isolation:
         return container_isolation(config)

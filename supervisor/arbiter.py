@@ -16,19 +16,22 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import time
 from typing import Any
 
 from loguru import logger
 
-from common import logs
+from common import logsink, proctitle
 from common.config import Config
 from common.errors import ConfigError
 from common.exitcodes import (
     EXIT_BOOT_ERROR,
+    EXIT_CONFIG,
     EXIT_OK,
     EXIT_SUPERVISOR_ERROR,
 )
+from common.version import VERSION
 from worker.ledger import Ledger
 from worker.status import FAULT, HEARTBEAT, StatusReader
 
@@ -86,6 +89,9 @@ class Arbiter:
         """Supervise until SIGTERM or SIGINT; returns the process exit code."""
         try:
             self.start()
+        except ConfigError as exc:  # a log sink that the check let through and fails now
+            print(f"nanogrid-supervisor: config error: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
         except OSError as exc:
             http = self.config.http
             logger.error(f"http: cannot listen on {http.host}:{http.port}: {exc.strerror or exc}")
@@ -107,10 +113,11 @@ class Arbiter:
         return EXIT_OK
 
     def start(self) -> None:
-        logs.setup(self.config.log, "arbiter")
-        logger.info(f"supervisor {self.pid} starting: {self.config.workers} workers, "
-                    f"runner {self.config.runner}, AWS region {self.config.aws.region}, "
-                    f"config {self.config.path}")
+        proctitle.set_title("supervisor", self.config.path)
+        logsink.install(self.config.log, "arbiter")
+        logger.info(f"supervisor {self.pid} starting: nanogrid {VERSION}, "
+                    f"{self.config.workers} workers, runner {self.config.runner}, "
+                    f"AWS region {self.config.aws.region}, config {self.config.path}")
         cap = self.config.capacity
         logger.info(f"capacity: {cap.memory_mb} MB, {cap.max_concurrent} invocations at once "
                     f"on this host ({cap.source})")
@@ -349,13 +356,13 @@ class Arbiter:
         sdnotify.reloading()
         try:
             config, _ = load_checked(self.config.path)
+            logsink.swap(config.log, self.config.log, "arbiter")
         except ConfigError as exc:
             logger.error(f"reload refused, still running on the config loaded at "
                          f"{self.config.loaded_at}: {exc}")
             self.metrics.reloads.inc(result="refused")
             self.systemd.ready()
             return
-        logs.setup(config.log, "arbiter")
         old_http = self.config.http
         if self.health is not None and (config.http.host, config.http.port) != (
                 old_http.host, old_http.port):

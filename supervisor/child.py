@@ -11,6 +11,7 @@ from typing import NoReturn
 
 from loguru import logger
 
+from common import proctitle
 from common.config import Config
 from common.exitcodes import EXIT_OK, EXIT_WORKER_CRASH
 from worker.ledger import Ledger
@@ -43,6 +44,7 @@ def run_child(
     code = EXIT_WORKER_CRASH
     try:
         die_with_parent(parent)
+        proctitle.set_title(f"worker {index}", config.path)
         signal.set_wakeup_fd(-1)
         for signum in HANDLED_SIGNALS:
             signal.signal(signum, signal.SIG_IGN if signum == signal.SIGINT else signal.SIG_DFL)

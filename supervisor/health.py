@@ -67,6 +67,8 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._json(404, {"error": f"no such path {path}; try /health, /status or /metrics"})
 
+    do_HEAD = do_GET  # noqa: N815 - answered like GET, without the body (_send)
+
     def _json(self, code: int, body: dict[str, Any]) -> None:
         self._send(code, "application/json", json.dumps(body).encode() + b"\n")
 
@@ -75,7 +77,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
-        self.wfile.write(data)
+        if self.command != "HEAD":
+            self.wfile.write(data)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base's name
         logger.debug(f"[HTTP] {self.address_string()} {format % args}")

@@ -5,7 +5,6 @@ thread: nothing between scrapes."""
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 import platform
 from collections.abc import Iterable
@@ -13,19 +12,10 @@ from pathlib import Path
 
 import psutil
 
+from common.version import VERSION
 from worker.outbox import Outbox
 
 from .prometheus import Registry
-
-PACKAGE = "nanogrid-worker"
-
-
-def version() -> str:
-    """The installed package's version; ``0+unknown`` when run from a checkout."""
-    try:
-        return importlib.metadata.version(PACKAGE)
-    except importlib.metadata.PackageNotFoundError:
-        return "0+unknown"
 
 
 class HostMetrics:
@@ -33,7 +23,7 @@ class HostMetrics:
         reg = registry
         build = reg.gauge("nanogrid_build_info", "The agent's version and Python, as labels.",
                           ("version", "python"))
-        build.set(1, version=version(), python=platform.python_version())
+        build.set(1, version=VERSION, python=platform.python_version())
         self.cpu = reg.counter("process_cpu_seconds_total",
                                "User and system CPU time of the supervisor (arbiter) process.")
         self.rss = reg.gauge("process_resident_memory_bytes", "Resident memory of the arbiter.")

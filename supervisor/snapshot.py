@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from common.config import Config
+from common.version import VERSION
 from worker.ledger import Ledger
 
 from .workerstate import Slot, WorkerProcess
@@ -18,6 +19,7 @@ def build(config: Config, slots: dict[int, Slot], workers: dict[int, WorkerProce
     """The whole /status document."""
     by_slot = {w.index: w for w in workers.values()}
     return {
+        "version": VERSION,
         "pid": pid,
         "workers": [worker_status(slot, by_slot.get(slot.index), now)
                     for slot in sorted(slots.values(), key=lambda s: s.index)],

@@ -11,7 +11,7 @@ from loguru import logger
 
 from runners.base import Invocation, RunOutcome
 
-from . import autotuner, result, task
+from . import autotuner, diagnose, result, task
 from .claim import Claim
 from .codestore import CodePackage
 from .phases import PhaseClock
@@ -60,9 +60,14 @@ def invoke(
         )
         with stage("run"):
             outcome = runner.run(sandbox, invocation)
+        outcome = diagnose.hide_paths(
+            outcome, runner.code_path(sandbox), config.limits.max_output_bytes
+        )
+        silent = outcome.exit_code == 0 and not outcome.timed_out and not outcome.stdout.strip()
+        hint = diagnose.handler_hint(sandbox.code_dir, runtime.command) if silent else None
     finally:
         runner.release(sandbox)
-    return ran(services, t, outcome, sandbox.cold_start, claim, clock)
+    return ran(services, t, outcome, sandbox.cold_start, claim, clock, hint)
 
 
 def ran(
@@ -72,6 +77,7 @@ def ran(
     cold: bool,
     claim: Claim,
     clock: PhaseClock,
+    hint: str | None = None,
 ) -> Result:
     """The result of a run: the tip (from its peak and the recent ones), the REPORT line.
     The peak goes into the function's history with the result's publish."""
@@ -102,6 +108,7 @@ def ran(
         attempt=claim.run,
         worker_id=services.worker_id,
         timings=clock.timings(run_ms=outcome.duration_ms),
+        hint=hint,
     )
     # Lambda's REPORT line (Init Duration, on cold starts only, is the sandbox's creation),
     # with the auto-tuner's tip: with the run's start, the invocation's two lines. Its

@@ -11,6 +11,7 @@ What happens to each message is its run's business (pipeline.py).
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from collections.abc import Sequence
@@ -22,6 +23,7 @@ from common import logs
 from common.config import Config
 from common.errors import QueueUnavailable
 from common.exitcodes import EXIT_BOOT_ERROR, EXIT_OK
+from runners.pool import warm_share
 
 from . import faults, tracing
 from .endings import Endings
@@ -108,10 +110,7 @@ class Worker:
         services = self.services
         self.liveness.report_pools(services.runner.pool_stats)
         self.liveness.report_counts(services.counts)
-        logger.info(
-            f"worker {self.index} ready: runner={services.runner.name}, "
-            f"pools={services.runner.pool_stats()}"
-        )
+        logger.info(f"worker {self.index} ready (pid {os.getpid()}): {self.warming()}")
         for name, problem in services.runner.unavailable_runtimes().items():
             logger.warning(f"runtime {name!r} cannot start here ({problem}): its tasks fail")
         if services.status:
@@ -153,6 +152,18 @@ class Worker:
         finally:
             self.shutdown()
         return EXIT_OK
+
+    def warming(self) -> str:
+        """The ready line's words: the runner, and the warm sandboxes this worker is making."""
+        config, runner = self.config, self.services.runner
+        shares = [
+            f"{share} {name}"
+            for name, rt in config.runtimes.items()
+            if name not in runner.unavailable_runtimes()
+            and (share := warm_share(rt.warm, config.workers, self.index))
+        ]
+        making = " and ".join(shares) + " sandboxes" if shares else "no warm sandboxes"
+        return f"{runner.name} runner, making {making} in the background"
 
     def results_writable(self) -> bool:
         """True when Redis takes results, so new work may be taken. Meanwhile the worker is

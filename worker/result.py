@@ -16,6 +16,8 @@ from typing import Any
 
 from runners.base import RunOutcome
 
+from .diagnose import error_line
+
 MiB = 2**20
 
 SUCCESS, FAILED, TIMEOUT = "SUCCESS", "FAILED", "TIMEOUT"
@@ -91,6 +93,9 @@ class Result:
     cold_start: bool = False
     error_type: str | None = None
     error_message: str | None = None
+    hint: str | None = None
+    """For the function's author, when the run looks wrong though it succeeded (a handler
+    nothing called: docs/functions.md); null otherwise. Not in the contract yet."""
     attempt: int = 1
     worker_id: str = ""
     finished_at: str = ""
@@ -173,6 +178,7 @@ def ran(
     attempt: int,
     worker_id: str,
     timings: Timings,
+    hint: str | None = None,
 ) -> Result:
     """The result of a function that ran (whatever its exit)."""
     if outcome.timed_out:
@@ -205,6 +211,7 @@ def ran(
         cold_start=cold_start,
         error_type=error_type,
         error_message=message,
+        hint=hint,
         attempt=attempt,
         worker_id=worker_id,
         finished_at=_now(),
@@ -245,8 +252,8 @@ def failed(
 def _exit_message(outcome: RunOutcome) -> str:
     if outcome.exit_code is not None and outcome.exit_code < 0:
         return f"function was killed by signal {-outcome.exit_code}"
-    last = outcome.stderr.decode("utf-8", "replace").strip().splitlines()
-    detail = f": {last[-1][:200]}" if last else ""
+    line = error_line(outcome.stderr.decode("utf-8", "replace"))
+    detail = f": {line[:200]}" if line else ""
     return f"function exited with code {outcome.exit_code}{detail}"
 
 

@@ -203,6 +203,11 @@ def run_python(argv: list, cwd: str, code: types.CodeType | None, stdio: tuple) 
         sys.stderr = sys.__stderr__ = stdio[2]
     status = 0
     try:
+        if code is None and not os.path.isfile(script):
+            # What python3 says, not runpy's traceback through this server's own files.
+            print(f"python3: can't open file {os.path.abspath(script)!r}: "
+                  "[Errno 2] No such file or directory", file=sys.stderr)
+            return 2
         if code is None:
             runpy.run_path(script, run_name="__main__")
         else:
@@ -215,8 +220,9 @@ def run_python(argv: list, cwd: str, code: types.CodeType | None, stdio: tuple) 
             tb = tb.tb_next
         # Python's own display (C), as ``python3 main.py`` prints it, from the script's frame
         # on: the server keeps no traceback module (nor its linecache, tokenize, textwrap) in
-        # the memory every fork copies.
-        sys.__excepthook__(type(exc), exc.with_traceback(tb or exc.__traceback__), None)
+        # the memory every fork copies. No frame of the script (it does not compile): no
+        # traceback, only the error, as python3 shows a SyntaxError of its script.
+        sys.__excepthook__(type(exc), exc.with_traceback(tb), None)
         status = 1
     # Not imported by the server (its fork hook costs every child ~0.4 ms): only a function
     # that imported it can have threads to wait for, as python waits at exit.

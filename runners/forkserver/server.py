@@ -46,6 +46,7 @@ from .sandbox import (
     set_rlimits,
 )
 from .script import Scripts
+from .title import set_title, title_for
 
 MAX_PACKET = 1 << 20
 
@@ -81,6 +82,7 @@ def serve_run(
     ``wakeup`` (PID 1 only): the SIGCHLD wake-up pipe, so orphans the run leaves to this
     server are reaped while it lasts."""
     preload.expect(request)
+    set_title(title_for(request, listener.getsockname()))
     started = time.monotonic_ns()
     code = scripts.code_for(request["cwd"], request["argv"][1]) if request.get("python") else None
     adopt_environment(request["env"])
@@ -203,6 +205,7 @@ def main(argv: list) -> int:
         os.close(ready)
     preload, scripts, stdio = Preload(), Scripts(), Stdio()
     signals = Signals(wakeup is not None)
+    set_title(title_for({}, path))
     while True:
         conn, _ = listener.accept()
         with conn:

@@ -43,8 +43,18 @@ class Server {
     if (fd !== 0) throw new Error(`stdin reopened as fd ${fd}, not 0`);
   }
 
+  // `ps` shows `nanogrid: sandbox node F@V SOCKET` (V: the first 8 hex of the code key) once
+  // it serves function F, `nanogrid: sandbox node SOCKET` before (as the fork server's title.py).
+  setTitle(request) {
+    const fn = (request.env || {}).NANOGRID_FUNCTION_ID;
+    const version = request.preload ? `@${request.preload.slice(0, 8)}` : '';
+    const title = `nanogrid: sandbox node ${fn ? `${fn}${version} ` : ''}${this.socketPath}`;
+    if (process.title !== title) process.title = title;
+  }
+
   start(conn, request, stdin) {
     process.chdir(request.cwd); // process-wide: a Worker cannot chdir, and inherits this
+    this.setTitle(request);
     const key = request.preload || null;
     const [armed, waited] = this.next.take(key);
     const { worker } = armed;
@@ -140,6 +150,7 @@ class Server {
   }
 
   listen(readyFd, readyLine) {
+    this.setTitle({});
     // Both are made while the directory is writable (the Docker runner seals it later).
     fs.writeFileSync(this.stdinPath, '', { mode: 0o600 });
     fs.writeFileSync(this.warmupPath, '', { mode: 0o400 });

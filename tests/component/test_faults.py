@@ -217,7 +217,7 @@ def test_concurrent_duplicates_run_once_per_request_id(
     second = fork_worker(agent.config, 1)
     try:
         key = agent.deploy({"main.py": HELLO})
-        wait_until(lambda: agent.log.read_text().count(" ready: runner=") == 2, timeout=20,
+        wait_until(lambda: agent.log.read_text().count(" ready (pid ") == 2, timeout=20,
                    what="two workers")
         tasks = [agent.task(key) for _ in range(100)]
         sqs = agent.aws.sqs()

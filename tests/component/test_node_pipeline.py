@@ -3,9 +3,12 @@ sandbox -> Redis, and a runtime that cannot start failing its tasks with a clear
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import re
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -131,3 +134,81 @@ def test_a_runtime_that_cannot_start_fails_its_tasks_clearly(
     assert [json.loads(m["Body"])["requestId"] for m in letters] == [result["requestId"]]
     assert python["status"] == "SUCCESS"
     wait_until(lambda: agent.queue_depth() == 0, timeout=5, what="the messages to be deleted")
+
+
+def test_an_error_reads_the_same_on_every_runner_without_host_paths(agent: Agent) -> None:
+    # issue 24: node's errorMessage was its version banner, and host paths (the work dir,
+    # the agent's own forkserver/child.py) reached the caller's stderr.
+    host = [str(agent.config.paths.work_dir), agent.config.docker.socket_dir,
+            str(Path(__file__).resolve().parents[2])]
+    node = agent.call(agent.task(agent.upload(make_zip({"main.js": (
+        "const x = null;\nfunction go() { return x.y; }\ngo();\n")})), runtime="node"))
+    assert node["errorMessage"] == (
+        "function exited with code 1: TypeError: Cannot read properties of null (reading 'y')")
+    assert "at go (/var/task/main.js:2:" in node["stderr"], node["stderr"]
+    helper = agent.call(agent.task(agent.upload(make_zip({
+        "main.py": "import helper\nhelper.boom()\n",
+        "helper.py": "def boom():\n    raise ValueError('bad input')\n"}))))
+    assert helper["errorMessage"] == "function exited with code 1: ValueError: bad input"
+    assert 'File "/var/task/helper.py", line 2, in boom' in helper["stderr"], helper["stderr"]
+    syntax = agent.call(agent.task(agent.upload(make_zip({"main.py": "def (:\n"}))))
+    assert syntax["errorMessage"] == "function exited with code 1: SyntaxError: invalid syntax"
+    assert syntax["stderr"].startswith('  File "main.py", line 1\n'), syntax["stderr"]
+    missing = agent.call(agent.task(agent.upload(make_zip({"other.py": ""}))))
+    assert (missing["exitCode"], missing["stderr"]) == (2, (
+        "python3: can't open file '/var/task/main.py': [Errno 2] No such file or directory\n"))
+    for result in (node, helper, syntax, missing):
+        assert not any(path in result["stderr"] for path in host), result["stderr"]
+        assert "forkserver" not in result["stderr"] and "Node.js v" not in result["errorMessage"]
+
+
+def test_a_handler_that_nothing_calls_gets_a_hint(agent: Agent) -> None:
+    python = agent.call(agent.task(agent.upload(make_zip({
+        "main.py": "def handler(event, context):\n    return {'ok': True}\n"}))))
+    node = agent.call(agent.task(agent.upload(make_zip({
+        "main.js": "exports.handler = async (event) => ({ ok: true });\n"})), runtime="node"))
+    for result, name in ((python, "main.py"), (node, "main.js")):
+        assert (result["status"], result["stdout"], result["errorMessage"]) == ("SUCCESS", "", None)
+        assert result["hint"].startswith(f"{name} defines handler() but printed nothing"), result
+    hello = agent.call(agent.task(agent.upload(zip_function(EXAMPLES / "hello-node")),
+                                  runtime="node"))
+    assert hello["hint"] is None
+
+
+def test_sandboxes_are_named_by_runtime_and_function_in_ps(agent: Agent) -> None:
+    # The warm pools' generic sandboxes first (named by runtime, their socket under this
+    # agent's directory), then each as the function it ran.
+    sockets = (agent.config.paths.work_dir, agent.config.docker.socket_dir, "/nanogrid/")
+    for runtime in ("python", "node"):
+        wait_until(lambda runtime=runtime: [
+            t for t in process_titles()
+            if re.fullmatch(rf"nanogrid: sandbox {runtime} /\S+", t) and any(
+                t.split(" ")[-1].startswith(str(s)) for s in sockets)],
+            timeout=20, what=f"a generic {runtime} sandbox named as one")
+    titles = {}
+    unique = uuid.uuid4().hex[:8]  # other agents on this host run sandboxes too
+    for runtime, example in (("python", "hello-python"), ("node", "hello-node")):
+        function_id = f"titled-{runtime}-{unique}"
+        task = agent.task(agent.upload(zip_function(EXAMPLES / example)), runtime=runtime,
+                          functionId=function_id)
+        assert agent.call(task)["status"] == "SUCCESS"
+        prefix = f"nanogrid: sandbox {runtime} {function_id}@"
+        titles[runtime] = wait_until(
+            lambda prefix=prefix: [t for t in process_titles() if t.startswith(prefix)],
+            timeout=5, what=f"a process titled {prefix}...")
+    for runtime, found in titles.items():
+        (title,) = set(found)  # the server, and a fork of it (a run, a preload trial) at times
+        assert re.fullmatch(
+            rf"nanogrid: sandbox {runtime} titled-{runtime}-{unique}@[0-9a-f]{{8}} \S+", title
+        ), title
+
+
+
+def process_titles() -> list[str]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if proc.name.isdigit():
+                cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+                found.append(cmdline[0].decode(errors="replace").strip())
+    return found

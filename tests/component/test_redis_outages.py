@@ -34,7 +34,7 @@ def test_a_redis_out_of_memory_loses_no_task_and_no_result(
     sent: list[tuple[float, str]] = []
     try:
         key = agent.deploy({"main.py": "import time\ntime.sleep(0.2)\nprint('ran')\n"})
-        wait_until(lambda: agent.log.read_text().count(" ready: runner=") == 2, timeout=20,
+        wait_until(lambda: agent.log.read_text().count(" ready (pid ") == 2, timeout=20,
                    what="two workers")
         oom: dict[str, float] = {}
 
@@ -88,7 +88,7 @@ def test_a_claim_deleted_under_a_live_run_is_taken_again_and_a_copy_does_not_run
     agent = Agent(aws, redis_url, tmp_path).start()  # visibility (= lease) 2 s, renewed every 0.67
     second = fork_worker(agent.config, 1)
     try:
-        wait_until(lambda: agent.log.read_text().count(" ready: runner=") == 2, timeout=20,
+        wait_until(lambda: agent.log.read_text().count(" ready (pid ") == 2, timeout=20,
                    what="two workers")
         task = agent.task(agent.deploy({"main.py": "import time\ntime.sleep(3)\nprint('once')\n"}))
         agent.send(task)

@@ -104,7 +104,8 @@ def test_sighup_with_a_broken_file_keeps_serving_on_the_old_config(agents: Any) 
     agent = agents().start()
     hello = agent.deploy(HELLO)
     before = agent.alive()
-    agent.config_path.write_text("workers: 3\nrunner: podman\n")
+    queue = f"queue: {{url: '{agent.queue_url}'}}\n"  # a file without one is refused for that
+    agent.config_path.write_text(f"workers: 3\nrunner: podman\n{queue}")
     agent.signal(signal.SIGHUP)
     agent.wait_for_log(
         r"reload refused, still running on the config loaded at .*: "

@@ -136,7 +136,7 @@ class FakeAgent:
             "runner": "process",
             "drain_timeout_seconds": 3,
             "heartbeat_timeout_seconds": 1,
-            "queue": {"wait_time_seconds": 0},
+            "queue": {"url": "http://127.0.0.1:1/000000000000/q", "wait_time_seconds": 0},
             "http": {"host": "127.0.0.1", "port": 0},
             "log": {"level": "INFO", "file": str(self.log)},
             "aws": {"region": "ap-northeast-2"},  # a reload refuses a config naming none

@@ -6,6 +6,8 @@ import json
 import re
 import socket
 import time
+import tomllib
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +17,7 @@ from fake_agent import DEGRADED_REDIS_ERRORS, REDIS_DOWN, RUN_S, FakeAgent
 from helpers import wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
+ROOT = Path(__file__).resolve().parents[2]
 WORKER_FIELDS = {
     "id", "pid", "alive", "restarts", "tasksDone", "running", "currentRequestIds",
     "currentRequestId",
@@ -202,3 +205,21 @@ def test_a_missing_isolation_is_one_warning_line_and_in_status(tmp_path: Path) -
     assert len(lines) == 1 and "WARNING" in lines[0]
     assert lines[0].endswith("the process runner's sandboxes run without: "
                              f"network (process.network is host), metadata service ({metadata})")
+
+
+def test_head_is_answered_like_get_without_a_body(agent: FakeAgent) -> None:
+    agent.start()
+    agent.wait_for_workers(2)
+    for path in ("/health", "/status", "/metrics", "/nowhere"):
+        request = urllib.request.Request(f"http://127.0.0.1:{agent.port}{path}", method="HEAD")
+        try:
+            with urllib.request.urlopen(request, timeout=5) as reply:
+                code, length, body = reply.status, reply.headers["Content-Length"], reply.read()
+        except urllib.error.HTTPError as exc:
+            code, length, body = exc.code, exc.headers["Content-Length"], exc.read()
+        got = agent.get(path)
+        assert (code, body) == (got[0], b"")
+        assert int(length) > 0
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert agent.status()["version"] == version
+    agent.wait_for_log(rf"supervisor \d+ starting: nanogrid {re.escape(version)}, 2 workers")

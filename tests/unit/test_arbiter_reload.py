@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import signal
 import socket
@@ -136,3 +137,37 @@ def test_systemd_hears_ready_reloading_stopping_and_watchdog(agent: FakeAgent) -
     assert "WATCHDOG=1" in datagrams
     assert any(d.startswith("STATUS=2/2 workers alive") for d in datagrams)
     assert json.dumps(datagrams)  # all text
+
+
+def test_a_log_sink_that_fails_at_the_swap_keeps_the_old_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A sink can pass the check and still fail when it is made (the file's directory went
+    # away in between; here a "directory" that is a device): the reload is refused, and the
+    # old config and its log file stay, instead of the loop dying on it.
+    from loguru import logger
+
+    from common import logsink
+    from common.config import load
+    from supervisor import arbiter as arbiter_module
+
+    old_log = tmp_path / "old.log"
+    path = tmp_path / "agent.yaml"
+    path.write_text(f"queue: {{url: 'http://127.0.0.1:1/0/q'}}\nrunner: process\n"
+                    f"log: {{file: {old_log}}}\n")
+    old = load(path)
+    logsink.install(old.log, "arbiter")
+    broken = dataclasses.replace(old, log=dataclasses.replace(old.log, file="/dev/null/x.log"))
+    monkeypatch.setattr(arbiter_module, "load_checked", lambda _: (broken, None))
+    agent = arbiter_module.Arbiter(old, worker_main=lambda *a: 0)
+    try:
+        agent.reload()
+        assert agent.config is old
+        logger.info("after the refused reload")
+        text = old_log.read_text()
+        assert "reload refused, still running on the config loaded at" in text
+        assert "log.file: cannot log to /dev/null/x.log" in text
+        assert "after the refused reload" in text
+        assert 'nanogrid_config_reloads_total{result="refused"} 1' in agent.metrics.render()
+    finally:
+        logger.remove()

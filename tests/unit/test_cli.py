@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = ROOT / "bin" / "nanogrid-supervisor"
+SEOUL = "queue: {url: 'https://sqs.ap-northeast-2.amazonaws.com/1/q'}\n"
 
 
 def supervisor(*args: str, **aws: str) -> subprocess.CompletedProcess[str]:
@@ -49,7 +51,7 @@ def test_check_accepts_the_shipped_configs(name: str) -> None:
 def test_bad_config_is_one_line_naming_the_key(tmp_path: Path, text: str, line: str,
                                                check: bool) -> None:
     path = tmp_path / "bad.yaml"
-    path.write_text(text)
+    path.write_text(text if "queue:" in text else SEOUL + text)
     done = supervisor(*(["--check"] if check else []), "-c", str(path))
     assert done.returncode == 2
     assert done.stdout == ""
@@ -102,7 +104,7 @@ def test_a_setting_the_workers_can_never_boot_on_is_a_config_error(
     tmp_path: Path, settings: str, line: str, check: bool
 ) -> None:
     path = tmp_path / "bad.yaml"
-    path.write_text("runner: process\n" + settings.format(tmp=tmp_path))
+    path.write_text(SEOUL + "runner: process\n" + settings.format(tmp=tmp_path))
     done = supervisor(*(["--check"] if check else []), "-c", str(path))
     assert done.returncode == 2, done.stderr
     assert done.stderr.count("\n") == 1 and line.format(tmp=tmp_path) in done.stderr
@@ -137,3 +139,81 @@ def test_an_otlp_endpoint_without_the_sdk_is_a_config_error(tmp_path: Path) -> N
     assert done.returncode == 2
     assert "tracing.otlp_endpoint is set but the OpenTelemetry SDK is not installed" in done.stderr
     assert supervisor("--check", "-c", str(path)).returncode == 0  # with it installed
+
+
+@pytest.mark.parametrize("check", [True, False])
+def test_a_log_sink_that_cannot_be_made_is_a_config_error(tmp_path: Path, check: bool) -> None:
+    # Both passed --check and then killed the agent at start or on SIGHUP (issue 24).
+    for log, line in [
+        (f"{{rotation: 'every tuesday-ish', file: {tmp_path}/agent.log}}",
+         "log.rotation: cannot read 'every tuesday-ish': use a size ('50 MB')"),
+        (f"{{file: {tmp_path}}}", f"log.file: {tmp_path} is a directory, not a file"),
+        ("{file: /proc/nanogrid/agent.log}", "log.file: the agent cannot create files in /proc"),
+    ]:
+        path = tmp_path / "bad.yaml"
+        path.write_text(SEOUL + "runner: process\nhttp: {port: 0}\nlog: " + log + "\n")
+        done = supervisor(*(["--check"] if check else []), "-c", str(path))
+        assert (done.returncode, done.stdout) == (2, ""), done.stderr
+        assert done.stderr.startswith(f"nanogrid-supervisor: config error: {line}")
+        assert done.stderr.count("\n") == 1, done.stderr
+    assert not (tmp_path / "agent.log").exists()  # checking makes no file
+
+
+def test_log_levels_in_lower_case_pass(tmp_path: Path) -> None:
+    path = tmp_path / "ok.yaml"
+    path.write_text(SEOUL + "runner: process\nlog: {level: info}\n")
+    done = supervisor("--check", "-c", str(path))
+    assert done.returncode == 0, done.stderr
+
+
+def test_queue_url_is_required_unless_the_local_profile_gives_it(tmp_path: Path) -> None:
+    path = tmp_path / "empty.yaml"
+    path.write_text("")
+    done = supervisor("--check", "-c", str(path), AWS_REGION="eu-west-1")
+    assert done.returncode == 2
+    assert done.stderr.startswith("nanogrid-supervisor: config error: queue.url: required")
+    from_env = supervisor("--check", "-c", str(path), AWS_REGION="eu-west-1",
+                          NANOGRID_QUEUE_URL="https://sqs.eu-west-1.amazonaws.com/1/q")
+    assert from_env.returncode == 0, from_env.stderr
+    path.write_text("profile: local\nrunner: process\n")
+    local = supervisor("--check", "-c", str(path), AWS_REGION="eu-west-1")
+    assert local.returncode == 0, local.stderr
+
+
+def test_the_config_file_comes_from_the_environment_when_not_given(tmp_path: Path) -> None:
+    path = tmp_path / "agent.yaml"
+    path.write_text(SEOUL + "runner: process\n")
+    done = supervisor("--check", NANOGRID_CONFIG=str(path))
+    assert done.returncode == 0, done.stderr
+    assert f"{path}: OK" in done.stdout
+    default = supervisor("--check")  # /etc/nanogrid/worker.yaml is not on this machine
+    assert "/etc/nanogrid/worker.yaml: cannot read config file" in default.stderr
+
+
+def test_a_budget_alone_lowers_the_default_largest_task_to_it(tmp_path: Path) -> None:
+    path = tmp_path / "small.yaml"
+    path.write_text(SEOUL + "runner: process\ncapacity: {memory_mb: 1024}\n")
+    done = supervisor("--check", "-c", str(path))
+    assert done.returncode == 0, done.stderr
+    assert "limits.max_memory_mb 1024: the budget's" in done.stdout
+    path.write_text(SEOUL + "runner: process\ncapacity: {memory_mb: 1024}\n"
+                    "limits: {max_memory_mb: 3008}\n")
+    done = supervisor("--check", "-c", str(path))
+    assert done.returncode == 2
+    assert "limits.max_memory_mb: 3008 MB does not fit capacity.memory_mb (1024 MB)" in done.stderr
+    path.write_text(SEOUL + "runner: process\ncapacity: {memory_mb: 128}\n")
+    done = supervisor("--check", "-c", str(path))
+    assert done.returncode == 2
+    assert ("capacity.memory_mb: 128 MB cannot hold one run of limits.default_memory_mb "
+            "(256 MB)") in done.stderr
+
+
+@pytest.mark.parametrize("script", ["nanogrid-supervisor", "nanogrid-invoke", "nanogrid-local",
+                                    "nanogrid-limits", "nanogrid-build-images", "nanogrid-dlq",
+                                    "nanogrid-outbox"])
+def test_every_script_tells_its_version(script: str) -> None:
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    done = subprocess.run([sys.executable, str(ROOT / "bin" / script), "--version"],
+                          capture_output=True, text=True, timeout=30, cwd="/")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"{script} {version} (nanogrid-worker)\n"

@@ -6,8 +6,9 @@ import os
 from pathlib import Path
 
 import pytest
+import redis
 
-from common import config
+from common import config, environ
 from common.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -100,7 +101,64 @@ def test_unreadable_and_invalid_yaml_files(tmp_path: Path) -> None:
         config.load(broken)
 
 
-def test_empty_file_means_defaults(tmp_path: Path) -> None:
+def test_an_empty_file_is_refused_for_want_of_a_queue(tmp_path: Path) -> None:
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
-    assert config.load(empty).workers == 2
+    with pytest.raises(ConfigError, match=r"^queue.url: required: the task queue's URL"):
+        config.load(empty)
+
+
+def test_the_local_profile_gives_the_emulators_queue(tmp_path: Path) -> None:
+    local = tmp_path / "local.yaml"
+    local.write_text("profile: local\n")
+    cfg = config.load(local)
+    assert cfg.queue.url == "http://127.0.0.1:5000/123456789012/nanogrid-task-queue"
+    assert cfg.workers == 2  # every other key keeps its default
+    with pytest.raises(ConfigError, match="profile: must be one of production, local"):
+        config.from_dict({"profile": "dev"})
+
+
+@pytest.mark.parametrize("level", ["info", "Debug", "WARNING", "error"])
+def test_log_levels_are_read_in_any_case(level: str) -> None:
+    assert config.from_dict({"log": {"level": level}}).log.level == level.upper()
+
+
+def test_the_environment_overrides_per_host_values_and_secrets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "fleet.yaml"
+    path.write_text("workers: 2\nredis: {url: 'redis://cache.internal:6379/1'}\n")
+    monkeypatch.setenv("NANOGRID_QUEUE_URL", "https://sqs.eu-west-1.amazonaws.com/1/q")
+    monkeypatch.setenv("NANOGRID_WORKERS", "auto")
+    monkeypatch.setenv("NANOGRID_HTTP_PORT", "9090")
+    monkeypatch.setenv("NANOGRID_LOG_LEVEL", "debug")
+    monkeypatch.setenv("NANOGRID_REDIS_PASSWORD", "s3cr@t/pw")
+    cfg = config.load(path)
+    assert cfg.queue.url == "https://sqs.eu-west-1.amazonaws.com/1/q"
+    assert cfg.workers == (os.cpu_count() or 1) and cfg.http.port == 9090
+    assert cfg.log.level == "DEBUG"
+    assert cfg.redis.url == "redis://:s3cr%40t%2Fpw@cache.internal:6379/1"
+    assert redis.Redis.from_url(cfg.redis.url).connection_pool.connection_kwargs["password"] \
+        == "s3cr@t/pw"
+    assert environ.redacted(cfg.redis.url) == "redis://:***@cache.internal:6379/1"
+    assert {"workers", "http.port", "queue.url"} <= cfg.given
+
+    monkeypatch.setenv("NANOGRID_REDIS_URL", "http://:hunter2@cache.internal")
+    with pytest.raises(ConfigError) as caught:
+        config.load(path)
+    assert str(caught.value).startswith("NANOGRID_REDIS_URL: redis.url: must start with redis://")
+    assert "hunter2" not in str(caught.value)
+    monkeypatch.setenv("NANOGRID_REDIS_URL", "")  # empty: unset
+    monkeypatch.setenv("NANOGRID_HTTP_PORT", "eighty")
+    with pytest.raises(ConfigError, match=r"^NANOGRID_HTTP_PORT: http.port: must be an integer"):
+        config.load(path)
+
+
+def test_the_config_file_is_found_by_flag_then_environment_then_etc(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("NANOGRID_CONFIG", raising=False)
+    assert environ.config_path(None) == "/etc/nanogrid/worker.yaml"
+    monkeypatch.setenv("NANOGRID_CONFIG", "/srv/agent.yaml")
+    assert environ.config_path(None) == "/srv/agent.yaml"
+    assert environ.config_path("here.yaml") == "here.yaml"

@@ -30,6 +30,7 @@ FIELDS = {
     "coldStart",
     "errorType",
     "errorMessage",
+    "hint",
     "attempt",
     "workerId",
     "finishedAt",
