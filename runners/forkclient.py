@@ -207,50 +207,59 @@ class ForkServerClient:
                             poller.unregister(fd)
                             open_outputs.discard(fd)
                     else:
-                        message = self._receive_reply()
-                        if message is None:
-                            raise SandboxError("sandbox fork server died during the run")
-                        if "status" in message:
-                            reply = message
-                            deadline = time.monotonic() + _LINGER_S
-                            poller.unregister(sock)  # what follows is the preload's
+                        reply = self._receive_reply()
+                        deadline = time.monotonic() + _LINGER_S
+                        poller.unregister(sock)  # what follows is the preload's
         finally:
             if stdin_open:
                 os.close(in_w)
         out, err = captured[out_r], captured[err_r]
         preloaded = self._receive_preload() if reply.get("preloading") else None
-        return RawRun(
-            status=reply["status"],
-            timed_out=timed_out,
-            stdout=bytes(out.data),
-            stderr=bytes(err.data),
-            stdout_truncated=out.truncated,
-            stderr_truncated=err.truncated,
-            duration_ms=reply["duration_ns"] / 1e6,
-            maxrss_bytes=reply["maxrss_kb"] * 1024,
-            preload=preloaded,
-        )
+        try:
+            status = int(reply["status"])
+            os.waitstatus_to_exitcode(status)  # one a process can end with
+            return RawRun(
+                status=status,
+                timed_out=timed_out,
+                stdout=bytes(out.data),
+                stderr=bytes(err.data),
+                stdout_truncated=out.truncated,
+                stderr_truncated=err.truncated,
+                duration_ms=reply["duration_ns"] / 1e6,
+                maxrss_bytes=int(reply["maxrss_kb"]) * 1024,
+                preload=preloaded,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SandboxError(f"sandbox fork server sent a malformed reply: {exc!r}") from None
 
     def _receive_preload(self) -> dict:
         """The server's account of the imports it preloaded after this run."""
         self._sock.settimeout(_PRELOAD_WAIT_S)
         try:
-            data = self._sock.recv(MAX_REPLY)
-        except OSError as exc:
-            raise SandboxError(f"sandbox fork server failed while preloading: {exc}") from None
+            return self._receive("preloaded", "while preloading")
         finally:
             self._sock.settimeout(None)
-        if not data:
-            raise SandboxError("sandbox fork server died while preloading")
-        return json.loads(data)
 
-    def _receive_reply(self) -> dict | None:
-        """The server's next message; None when it went away."""
+    def _receive_reply(self) -> dict:
+        """The run's end, the one message the server sends during a run."""
+        return self._receive("status", "during the run")
+
+    def _receive(self, key: str, when: str) -> dict:
+        """The server's next packet, which must be a JSON object with ``key``: one packet of
+        at most MAX_REPLY bytes, so a sandbox cannot make the agent buffer more than that."""
         try:
-            data = self._sock.recv(MAX_REPLY)
+            data, _, flags, _ = self._sock.recvmsg(MAX_REPLY)
         except OSError as exc:
-            raise SandboxError(f"sandbox fork server failed: {exc}") from None
-        return json.loads(data) if data else None
+            raise SandboxError(f"sandbox fork server failed {when}: {exc}") from None
+        if not data:
+            raise SandboxError(f"sandbox fork server died {when}")
+        try:
+            message = json.loads(data) if not flags & socket.MSG_TRUNC else None
+        except ValueError:
+            message = None
+        if not isinstance(message, dict) or key not in message:
+            raise SandboxError(f"sandbox fork server sent a message it never sends {when}")
+        return message
 
     def _send_kill(self) -> None:
         try:

@@ -4,7 +4,7 @@
 //
 //   -> 'R' {"argv": [...], "cwd": ..., "env": {...}, "maxOutputBytes": n, "preload": key},
 //      then 'I' stdin
-//   <- 'O' stdout bytes, 'E' stderr bytes (each at most maxOutputBytes in all)
+//   <- 'O' stdout bytes, 'E' stderr bytes (never empty; each at most maxOutputBytes in all)
 //   -> 'K' (optional: kill, e.g. on timeout)
 //   <- 'X' {"exitCode": n, "killed": bool, "durationNs": n, "maxrssBytes": n,
 //          "dropped": {"stdout": n, "stderr": n},

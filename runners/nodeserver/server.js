@@ -61,7 +61,7 @@ class Server {
     const emit = (name, type, chunk) => {
       const room = Math.max(0, cap - run.sent[name]);
       if (chunk.length > room) run.dropped[name] += chunk.length - room;
-      if (room > 0) {
+      if (room > 0 && chunk.length > 0) { // the agent takes an empty frame for a forged one
         const part = chunk.subarray(0, room);
         run.sent[name] += part.length;
         conn.write(frame(type, part));
