@@ -1,9 +1,11 @@
-"""Cgroups for process-runner sandboxes: memory limit, pids limit, peak memory, kill-all.
+"""Cgroups for process-runner sandboxes: memory limit, pids limit, peak memory, kill-all,
+and the freezer that stops an idle sandbox (runners/freezer.py).
 
 Sandbox cgroups are made below the agent's own cgroup (``…/nanogrid/<sandbox>``), so an agent
 under systemd with ``Delegate=yes`` manages only its own subtree. Works on cgroup v1
-(memory + pids hierarchies) and v2 (one unified tree). Where neither can be written (an
-unprivileged agent), ``SandboxCgroups.available`` is False and the runner uses rlimits.
+(memory + pids hierarchies, and freezer where it is mounted) and v2 (one unified tree). Where
+neither can be written (an unprivileged agent), ``SandboxCgroups.available`` is False and the
+runner uses rlimits.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 
 from loguru import logger
 
+from .freezer import Freezer
 from .memory import CGROUP_ROOT, CgroupMemory, CgroupV1Memory, CgroupV2Memory
 
 SUBTREE = "nanogrid"
@@ -35,15 +38,23 @@ def _own_paths() -> dict[str, str]:
 class SandboxCgroup:
     """The cgroup(s) of one sandbox."""
 
-    def __init__(self, memory_dir: Path, pids_dir: Path, memory: CgroupMemory) -> None:
+    def __init__(
+        self, memory_dir: Path, pids_dir: Path, memory: CgroupMemory,
+        freezer: Freezer | None = None,
+    ) -> None:
         self.memory_dir = memory_dir
         self.pids_dir = pids_dir
         self.memory = memory
+        self.freezer = freezer
+
+    @property
+    def _dirs(self) -> list[Path]:
+        freezer = [self.freezer.directory] if self.freezer is not None else []
+        return list(dict.fromkeys([self.memory_dir, self.pids_dir, *freezer]))
 
     @property
     def procs_files(self) -> list[str]:
-        dirs = dict.fromkeys([self.memory_dir, self.pids_dir])
-        return [str(d / "cgroup.procs") for d in dirs]
+        return [str(d / "cgroup.procs") for d in self._dirs]
 
     def set_pids_limit(self, limit: int) -> None:
         (self.pids_dir / "pids.max").write_text(str(limit))
@@ -75,10 +86,24 @@ class SandboxCgroup:
             time.sleep(0.001)
         return killed
 
+    def kill_frozen(self) -> None:
+        """SIGKILL every process in the sandbox, then thaw it: a frozen process dies without
+        running again (on v1 even a killed one stays frozen, and would never exit)."""
+        if self.freezer is None:
+            return
+        for pid in self.freezer.pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(OSError):
+            self.freezer.thaw()
+
     def remove(self) -> None:
         self.memory.close()
+        self.kill_frozen()
         self.kill_all()
-        for directory in dict.fromkeys([self.memory_dir, self.pids_dir]):
+        if self.freezer is not None:
+            self.freezer.close()
+        for directory in self._dirs:
             for _ in range(50):  # rmdir is refused until the killed processes are gone
                 try:
                     directory.rmdir()
@@ -108,25 +133,43 @@ def owner_gone(name: str) -> bool:
     return False
 
 
-def _subtree_roots() -> tuple[Path, Path]:
-    """The ``nanogrid`` directories below this process's memory and pids cgroups."""
+def _subtree_roots() -> tuple[Path, Path, Path | None]:
+    """The ``nanogrid`` directories below this process's memory, pids and (v1, where that
+    hierarchy is mounted) freezer cgroups; v2 has one for all three."""
     own = _own_paths()
     if (CGROUP_ROOT / "cgroup.controllers").exists():
         root = CGROUP_ROOT / own.get("", "/").lstrip("/") / SUBTREE
-        return root, root
+        return root, root, root
+    freezer = None
+    if (CGROUP_ROOT / "freezer" / "cgroup.procs").exists():
+        freezer = CGROUP_ROOT / "freezer" / own.get("freezer", "/").lstrip("/") / SUBTREE
     return (
         CGROUP_ROOT / "memory" / own.get("memory", "/").lstrip("/") / SUBTREE,
         CGROUP_ROOT / "pids" / own.get("pids", "/").lstrip("/") / SUBTREE,
+        freezer,
     )
+
+
+def freezer_root() -> Path | None:
+    """cgroup v1: this process's ``nanogrid`` directory in the freezer hierarchy, if mounted
+    (where runners/freezer.py's anchor goes); None on v2 (no anchor needed) or without."""
+    if (CGROUP_ROOT / "cgroup.controllers").exists():
+        return None
+    return _subtree_roots()[2]
 
 
 def writable() -> bool:
     """Whether sandbox cgroups can be made below this process's cgroup (without making any)."""
-    for root in dict.fromkeys(_subtree_roots()):
+    for root in dict.fromkeys(_subtree_roots()[:2]):
         nearest = root if root.exists() else root.parent
         if not os.access(nearest, os.W_OK):
             return False
     return True
+
+
+def can_freeze() -> bool:
+    """Whether sandbox cgroups made here can be frozen (v2, or v1 with a freezer hierarchy)."""
+    return writable() and _subtree_roots()[2] is not None
 
 
 class SandboxCgroups:
@@ -135,9 +178,10 @@ class SandboxCgroups:
     def __init__(self, group: str) -> None:
         self.group = group
         self.v2 = (CGROUP_ROOT / "cgroup.controllers").exists()
-        memory_root, pids_root = _subtree_roots()
+        memory_root, pids_root, freezer_root = _subtree_roots()
         self._memory_base = memory_root / group
         self._pids_base = pids_root / group
+        self._freezer_base = freezer_root / group if freezer_root is not None else None
         self.available = self._prepare()
 
     @staticmethod
@@ -150,11 +194,16 @@ class SandboxCgroups:
         groups = {
             child.name
             for root in dict.fromkeys(_subtree_roots())
-            if root.is_dir()
+            if root is not None and root.is_dir()
             for child in root.iterdir()
             if child.is_dir() and owner_gone(child.name)
         }
         return sum(SandboxCgroups(group).remove_all() for group in sorted(groups))
+
+    @property
+    def _bases(self) -> list[Path]:
+        freezer = [self._freezer_base] if self._freezer_base is not None else []
+        return list(dict.fromkeys([self._memory_base, self._pids_base, *freezer]))
 
     def _prepare(self) -> bool:
         try:
@@ -162,10 +211,16 @@ class SandboxCgroups:
                 base.mkdir(parents=True, exist_ok=True)
             if self.v2:
                 self._enable_v2_controllers()
-            return True
         except OSError as exc:
             logger.warning(f"[PROCESS] no cgroups for sandboxes ({exc}); falling back to rlimits")
             return False
+        if self._freezer_base is not None and not self.v2:
+            try:
+                self._freezer_base.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                logger.warning(f"[PROCESS] no freezer for sandboxes ({exc}): import-warm is off")
+                self._freezer_base = None
+        return True
 
     def _enable_v2_controllers(self) -> None:
         top = self._memory_base.parent
@@ -175,21 +230,27 @@ class SandboxCgroups:
     def create(self, name: str) -> SandboxCgroup:
         memory_dir = self._memory_base / name
         pids_dir = self._pids_base / name
-        for directory in dict.fromkeys([memory_dir, pids_dir]):
+        freezer_dir = self._freezer_base / name if self._freezer_base is not None else None
+        for directory in dict.fromkeys(d for d in (memory_dir, pids_dir, freezer_dir) if d):
             directory.mkdir(exist_ok=True)
         memory = CgroupV2Memory(memory_dir) if self.v2 else CgroupV1Memory(memory_dir)
-        return SandboxCgroup(memory_dir, pids_dir, memory)
+        freezer = Freezer(freezer_dir, self.v2) if freezer_dir is not None else None
+        return SandboxCgroup(memory_dir, pids_dir, memory, freezer)
 
     def remove_all(self) -> int:
         """Remove every sandbox cgroup of this group (leftovers of an earlier agent too)."""
-        removed = 0
-        for base in dict.fromkeys([self._memory_base, self._pids_base]):
-            if not base.is_dir():
-                continue
-            for child in base.iterdir():
-                if child.is_dir():
-                    SandboxCgroup(child, child, CgroupV1Memory(child)).remove()
-                    removed += 1
+        names = sorted(
+            {child.name for base in self._bases if base.is_dir() for child in base.iterdir()
+             if child.is_dir()}
+        )
+        for name in names:
+            freezer = None
+            if self._freezer_base is not None:
+                freezer = Freezer(self._freezer_base / name, self.v2)
+            memory_dir = self._memory_base / name
+            SandboxCgroup(memory_dir, self._pids_base / name, CgroupV1Memory(memory_dir),
+                          freezer).remove()
+        for base in self._bases:
             with contextlib.suppress(OSError):
                 base.rmdir()
-        return removed
+        return len(names)

@@ -107,12 +107,21 @@ class ForkServerClient:
             self.socket_path, socket.SOCK_SEQPACKET, connect_timeout_s, "fork server"
         )
 
+    ready_at_reply = True
+    """The server waits for the next request once it replied (runners/freezer.py)."""
+
     def close(self) -> None:
         self._sock.close()
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
 
     def arm(self) -> None:
         """After the run's peak was read: nothing to get ready, a fork server forks per call
         (the node server starts its next Worker here)."""
+
+    def take_ready(self) -> None:
+        """Nothing to take: the server is ready once it replied (``ready_at_reply``)."""
 
     def run(
         self,

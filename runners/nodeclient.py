@@ -34,6 +34,7 @@ NODE_SOCKET_NAME = "nodeserver.sock"
 """As long as the fork server's socket name: docker.socket_dir's length check holds for both."""
 NODE_PROGRAMS = ("node", "nodejs")
 _HEADER = struct.Struct(">cI")
+_READY = _HEADER.pack(b"W", 0)
 _CHUNK = 65536
 _KILL_GRACE_S = 5.0
 
@@ -56,8 +57,15 @@ class NodeServerClient:
         self.socket_path = str(socket_path)
         self._sock = connect(self.socket_path, socket.SOCK_STREAM, connect_timeout_s, "node server")
 
+    ready_at_reply = False
+    """After a run (frame 'A') the server starts the next call's Worker, then says it is ready
+    with a frame 'W' (runners/freezer.py)."""
+
     def close(self) -> None:
         self._sock.close()
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
 
     def run(
         self,
@@ -120,6 +128,13 @@ class NodeServerClient:
         with contextlib.suppress(OSError):
             self._sock.sendall(_frame(b"A", b""))
 
+    def take_ready(self) -> None:
+        """Between runs, once the socket is readable: take the server's 'W' frame off it, if
+        that is what waits there; anything else is left to the next run, which refuses it."""
+        with contextlib.suppress(OSError):
+            if self._sock.recv(_HEADER.size, socket.MSG_PEEK | socket.MSG_DONTWAIT) == _READY:
+                self._sock.recv(_HEADER.size)
+
 
 def _frame(kind: bytes, body: bytes) -> bytes:
     return _HEADER.pack(kind, len(body)) + body
@@ -128,15 +143,16 @@ def _frame(kind: bytes, body: bytes) -> bytes:
 class FrameReader:
     """The frames of one run, as they arrive, each checked at its header against what the
     server sends (protocol.js): stdout and stderr frames that are not empty and stay within
-    the output cap in all (the server drops the rest and says how much), and one 'X' of at
-    most MAX_REPLY bytes. Anything else ends the run as a SandboxError, so a frame announcing
-    a gigabyte costs its five header bytes, and a flood of small frames at most the cap. The
-    buffer grows linearly: appended to, consumed from the front (a bytearray's ``del b[:n]``
-    moves no bytes)."""
+    the output cap in all (the server drops the rest and says how much), one 'X' of at most
+    MAX_REPLY bytes, and at most one 'W' left from before the run. Anything else ends the run
+    as a SandboxError, so a frame announcing a gigabyte costs its five header bytes, and a
+    flood of small frames at most the cap. The buffer grows linearly: appended to, consumed
+    from the front (a bytearray's ``del b[:n]`` moves no bytes)."""
 
     def __init__(self, cap: int) -> None:
         self.out, self.err = Capped(cap), Capped(cap)
         self._buffer = bytearray()
+        self._settled = False
 
     def receive(self, sock: socket.socket) -> dict | None:
         """Read what ``sock`` has (one recv) and take the whole frames in it; the run's reply
@@ -180,6 +196,8 @@ class FrameReader:
         elif kind == b"X":
             if length > MAX_REPLY:
                 raise SandboxError(f"sandbox node server sent a reply of {length} bytes")
+        elif kind == b"W" and length == 0 and not self._settled:
+            self._settled = True  # said of the Worker armed before this run, which took it
         else:
             raise SandboxError(
                 f"sandbox node server sent a frame it never sends ({kind!r}, {length} bytes)"

@@ -37,6 +37,7 @@ from . import cgroups
 from .base import Invocation, RunOutcome, Sandbox, server_oom_outcome
 from .cgroups import SandboxCgroup, SandboxCgroups, owner_group
 from .forkclient import FORKSERVER_SOURCE
+from .freezer import IdleFreezer, anchor
 from .isolation import Isolation
 from .launch import resolve_launches
 from .pool import PooledRunner
@@ -87,6 +88,9 @@ class ProcessRunner(PooledRunner):
         remove_stale_dirs(Path(config.paths.work_dir))
         self._base_dir = Path(config.paths.work_dir) / group
         self._cgroups = SandboxCgroups(group)
+        self._idle = IdleFreezer()
+        if (freezer_root := cgroups.freezer_root()) is not None:
+            anchor(freezer_root)
         make_dir(self._base_dir, 0o711)
         if self._as_root:
             check_traversable(self._base_dir)
@@ -109,6 +113,11 @@ class ProcessRunner(PooledRunner):
         missing: dict[str, str] = {}
         if cgroups.writable():
             holds.append("cgroup")
+            if not cgroups.can_freeze():
+                missing["freezer"] = (
+                    "no cgroup freezer hierarchy: idle sandboxes are not frozen, so import-warm "
+                    "is off"
+                )
         else:
             missing["cgroup"] = "cgroups not writable: memory and pids limits by rlimits only"
             if any(server_for(rt.command) == "node" for rt in config.runtimes.values()):
@@ -131,6 +140,7 @@ class ProcessRunner(PooledRunner):
 
     def close(self) -> None:
         self.close_pools()
+        self._idle.close()
         if self._cgroups.available:
             self._cgroups.remove_all()
         shutil.rmtree(self._base_dir, ignore_errors=True)
@@ -139,9 +149,12 @@ class ProcessRunner(PooledRunner):
         assert isinstance(sandbox, ProcessSandbox) and sandbox.client is not None
         launch = self._launch[sandbox.runtime]
         cgroup = sandbox.cgroup
+        freezer = cgroup.freezer if cgroup is not None else None
         rlimits = None
         oom_before = 0
         try:
+            if freezer is not None:
+                self._idle.wake(sandbox, freezer)
             if cgroup is not None:
                 if sandbox.limit_mb != invocation.memory_mb:
                     cgroup.memory.set_limit(invocation.memory_mb * MiB)
@@ -168,7 +181,8 @@ class ProcessRunner(PooledRunner):
                 timeout_s=invocation.timeout_ms / 1000,
                 max_output_bytes=invocation.max_output_bytes,
                 rlimits=rlimits,
-                preload=preload_key(self._config, sandbox),
+                # Only a sandbox frozen between its runs may hold its function's code.
+                preload=preload_key(self._config, sandbox) if freezer is not None else None,
             )
         except SandboxError:
             sandbox.healthy = False
@@ -199,6 +213,8 @@ class ProcessRunner(PooledRunner):
         sandbox.client.arm()
         if raw.timed_out or oom:
             sandbox.healthy = False
+        elif freezer is not None:
+            sandbox.healthy = self._idle.rest(sandbox, freezer, sandbox.client)
         return raw.outcome(exit_code=exit_code, oom_killed=oom, peak=peak, source=source)
 
     def create(self, runtime: str) -> ProcessSandbox:
@@ -303,8 +319,11 @@ class ProcessRunner(PooledRunner):
 
     def destroy(self, sandbox: Sandbox) -> None:
         assert isinstance(sandbox, ProcessSandbox)
+        self._idle.forget(sandbox)
         if sandbox.client is not None:
             sandbox.client.close()
+        if sandbox.cgroup is not None:
+            sandbox.cgroup.kill_frozen()  # else a frozen server would never exit
         if sandbox.process is not None:
             sandbox.process.kill()
             sandbox.process.wait()

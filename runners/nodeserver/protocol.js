@@ -11,6 +11,8 @@
 //          "preload": {"preloaded": [file, ...], "left_out": {file: why}} (when it changed)}
 //   -> 'A' (the run's peak is read: start the next Worker now, so that neither its start
 //          nor its preloading is in a run's peak; without it, the next run starts one)
+//   <- 'W' (empty: that Worker has booted with its preloads, or none is armed; the agent
+//          freezes the sandbox until its next call. Not sent when a call comes first)
 //
 // argv is [interpreter, script, ...args]: the script runs as `node script args` would
 // (require.main, process.argv, exit codes, uncaught errors on stderr with exit code 1).

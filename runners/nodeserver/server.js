@@ -129,7 +129,10 @@ class Server {
       } else if (type === 'K') {
         this.kill();
       } else if (type === 'A') {
-        if (this.run === null) this.next.arm();
+        if (this.run === null) {
+          this.next.arm();
+          this.next.whenSettled(() => conn.write(frame('W', Buffer.alloc(0))));
+        }
       } else {
         return false;
       }
