@@ -14,12 +14,13 @@ import contextlib
 import os
 import re
 import signal
+import subprocess
 import time
 from pathlib import Path
 
 from loguru import logger
 
-from .freezer import Freezer
+from .freezer import Freezer, freezer_of, thaw_guard
 from .memory import CGROUP_ROOT, CgroupMemory, CgroupV1Memory, CgroupV2Memory
 
 SUBTREE = "nanogrid"
@@ -133,16 +134,15 @@ def owner_gone(name: str) -> bool:
     return False
 
 
-def _subtree_roots() -> tuple[Path, Path, Path | None]:
-    """The ``nanogrid`` directories below this process's memory, pids and (v1, where that
-    hierarchy is mounted) freezer cgroups; v2 has one for all three."""
+def _subtree_roots() -> tuple[Path, Path, tuple[Path, bool] | None]:
+    """The ``nanogrid`` directories below this process's memory and pids cgroups (v2: one for
+    both), and below its freezer's with whether that is v2's (runners.freezer.freezer_of)."""
     own = _own_paths()
+    found = freezer_of(own)
+    freezer = (found[0] / SUBTREE, found[1]) if found is not None else None
     if (CGROUP_ROOT / "cgroup.controllers").exists():
         root = CGROUP_ROOT / own.get("", "/").lstrip("/") / SUBTREE
-        return root, root, root
-    freezer = None
-    if (CGROUP_ROOT / "freezer" / "cgroup.procs").exists():
-        freezer = CGROUP_ROOT / "freezer" / own.get("freezer", "/").lstrip("/") / SUBTREE
+        return root, root, freezer
     return (
         CGROUP_ROOT / "memory" / own.get("memory", "/").lstrip("/") / SUBTREE,
         CGROUP_ROOT / "pids" / own.get("pids", "/").lstrip("/") / SUBTREE,
@@ -151,11 +151,10 @@ def _subtree_roots() -> tuple[Path, Path, Path | None]:
 
 
 def freezer_root() -> Path | None:
-    """cgroup v1: this process's ``nanogrid`` directory in the freezer hierarchy, if mounted
-    (where runners/freezer.py's anchor goes); None on v2 (no anchor needed) or without."""
-    if (CGROUP_ROOT / "cgroup.controllers").exists():
-        return None
-    return _subtree_roots()[2]
+    """This process's ``nanogrid`` directory in v1's freezer hierarchy when that is where
+    sandboxes are frozen (runners/freezer.py's anchor goes there), else None."""
+    freezer = _subtree_roots()[2]
+    return freezer[0] if freezer is not None and not freezer[1] else None
 
 
 def writable() -> bool:
@@ -168,7 +167,7 @@ def writable() -> bool:
 
 
 def can_freeze() -> bool:
-    """Whether sandbox cgroups made here can be frozen (v2, or v1 with a freezer hierarchy)."""
+    """Whether sandbox cgroups made here can be frozen (a cgroup2 tree or v1's freezer)."""
     return writable() and _subtree_roots()[2] is not None
 
 
@@ -178,10 +177,12 @@ class SandboxCgroups:
     def __init__(self, group: str) -> None:
         self.group = group
         self.v2 = (CGROUP_ROOT / "cgroup.controllers").exists()
-        memory_root, pids_root, freezer_root = _subtree_roots()
+        memory_root, pids_root, freezer = _subtree_roots()
         self._memory_base = memory_root / group
         self._pids_base = pids_root / group
-        self._freezer_base = freezer_root / group if freezer_root is not None else None
+        self._freezer_base = freezer[0] / group if freezer is not None else None
+        self._freezer_v2 = freezer is not None and freezer[1]
+        self._guard: subprocess.Popen | None = None
         self.available = self._prepare()
 
     @staticmethod
@@ -191,10 +192,11 @@ class SandboxCgroups:
         Groups are named after their worker's pid (``owner_group``), so the sandboxes of a
         live agent or test run that shares this cgroup are left alone.
         """
+        memory_root, pids_root, freezer = _subtree_roots()
         groups = {
             child.name
-            for root in dict.fromkeys(_subtree_roots())
-            if root is not None and root.is_dir()
+            for root in dict.fromkeys([memory_root, pids_root, *(freezer or ())[:1]])
+            if root.is_dir()
             for child in root.iterdir()
             if child.is_dir() and owner_gone(child.name)
         }
@@ -214,7 +216,7 @@ class SandboxCgroups:
         except OSError as exc:
             logger.warning(f"[PROCESS] no cgroups for sandboxes ({exc}); falling back to rlimits")
             return False
-        if self._freezer_base is not None and not self.v2:
+        if self._freezer_base is not None:
             try:
                 self._freezer_base.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
@@ -234,7 +236,11 @@ class SandboxCgroups:
         for directory in dict.fromkeys(d for d in (memory_dir, pids_dir, freezer_dir) if d):
             directory.mkdir(exist_ok=True)
         memory = CgroupV2Memory(memory_dir) if self.v2 else CgroupV1Memory(memory_dir)
-        freezer = Freezer(freezer_dir, self.v2) if freezer_dir is not None else None
+        freezer = None
+        if freezer_dir is not None:
+            freezer = Freezer(freezer_dir, self._freezer_v2)
+            if not self._freezer_v2 and self._guard is None:
+                self._guard = thaw_guard(freezer_dir.parent)
         return SandboxCgroup(memory_dir, pids_dir, memory, freezer)
 
     def remove_all(self) -> int:
@@ -246,11 +252,14 @@ class SandboxCgroups:
         for name in names:
             freezer = None
             if self._freezer_base is not None:
-                freezer = Freezer(self._freezer_base / name, self.v2)
+                freezer = Freezer(self._freezer_base / name, self._freezer_v2)
             memory_dir = self._memory_base / name
             SandboxCgroup(memory_dir, self._pids_base / name, CgroupV1Memory(memory_dir),
                           freezer).remove()
         for base in self._bases:
             with contextlib.suppress(OSError):
                 base.rmdir()
+        if self._guard is not None and self._guard.stdin is not None:
+            self._guard.stdin.close()  # nothing left to guard
+            self._guard.wait()
         return len(names)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psutil
 
-from .freezer import Freezer
+from .freezer import Freezer, freezer_of
 from .memory import CGROUP_ROOT, CgroupMemory, CgroupV1Memory, CgroupV2Memory
 
 KILL_ROUNDS = 20
@@ -96,16 +96,13 @@ def find_cgroup(pid: int) -> ContainerCgroup | None:
         directory = CGROUP_ROOT / paths.get("", "")
         memory: CgroupMemory = CgroupV2Memory(directory)
         pids_dir, probe = directory, "memory.current"
-        freezer = Freezer(directory, v2=True)
     elif "memory" in paths and "pids" in paths:
         memory = CgroupV1Memory(CGROUP_ROOT / "memory" / paths["memory"])
         pids_dir, probe = CGROUP_ROOT / "pids" / paths["pids"], "memory.max_usage_in_bytes"
-        freezer_dir = CGROUP_ROOT / "freezer" / paths.get("freezer", "")
-        freezer = Freezer(freezer_dir, v2=False) if "freezer" in paths else None
     else:
         return None
     if not (memory.directory / probe).exists() or not (pids_dir / "pids.max").exists():
         return None  # e.g. an agent in another cgroup namespace: paths are not ours to read
-    if freezer is not None and not freezer.exists():
-        freezer = None
-    return ContainerCgroup(memory, pids_dir, freezer)
+    found = freezer_of(paths)
+    freezer = Freezer(*found) if found is not None else None
+    return ContainerCgroup(memory, pids_dir, freezer if freezer and freezer.exists() else None)

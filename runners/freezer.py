@@ -15,6 +15,11 @@ then). A node sandbox starts the next call's Worker after the run, off the call'
 it is frozen once its server says that Worker is ready (frame 'W': booted, its files
 preloaded, within their 2 s budget), by the runner's watcher thread, or ``SETTLE_WAIT_S``
 after the run at the latest (the next call then waits for the rest).
+
+Which freezer: a cgroup2 tree's wherever one is mounted, v1's freezer hierarchy only without
+one (``freezer_of``). A process frozen by v1 does not die of SIGKILL until it is thawed, so
+there the agent kills and thaws what it removes, ``thaw_guard`` does it for a worker that
+died, and ``anchor`` keeps v1's freezing cheap.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from __future__ import annotations
 import contextlib
 import os
 import select
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -29,6 +36,8 @@ from pathlib import Path
 from typing import Protocol
 
 from loguru import logger
+
+from .memory import CGROUP_ROOT
 
 SETTLE_WAIT_S = 3.0
 """How long a node sandbox may take after its run to say its next Worker is ready."""
@@ -73,6 +82,51 @@ class Freezer:
         os.pwrite(self._fd, value, 0)
 
 
+def freezer_of(paths: dict[str, str]) -> tuple[Path, bool] | None:
+    """Where the freezer of a process's cgroup is, and whether it is v2's (``paths``: as
+    /proc/PID/cgroup lists them, controller -> path, "" for v2). In a cgroup2 tree where one
+    is mounted (a v2 host's, or a hybrid host's unified one): a frozen v2 process still dies
+    of SIGKILL, as a sandbox must when its agent dies (its death signal); else in v1's
+    freezer hierarchy, where a killed process stays frozen until thawed."""
+    for root in (CGROUP_ROOT, CGROUP_ROOT / "unified"):
+        if "" in paths and (root / "cgroup.controllers").exists():
+            return root / paths[""].lstrip("/"), True
+    if "freezer" in paths and (CGROUP_ROOT / "freezer" / "cgroup.procs").exists():
+        return CGROUP_ROOT / "freezer" / paths["freezer"].lstrip("/"), False
+    return None
+
+
+THAW_GUARD = """import os, signal, sys
+os.read(0, 1)  # returns once the worker that started it is gone: the pipe's only writer
+try:
+    names = os.listdir(sys.argv[1])
+except OSError:
+    names = []
+for name in names:
+    directory = os.path.join(sys.argv[1], name)
+    try:
+        with open(os.path.join(directory, "cgroup.procs")) as procs:
+            for pid in procs.read().split():
+                os.kill(int(pid), signal.SIGKILL)
+        with open(os.path.join(directory, "freezer.state"), "w") as state:
+            state.write("THAWED")
+    except OSError:
+        pass
+"""
+
+
+def thaw_guard(base: Path) -> subprocess.Popen:
+    """cgroup v1: a process that outlives the worker calling this only to end the sandboxes
+    it left frozen below ``base``. A v1-frozen process does not die of SIGKILL, nor of the
+    death signal that ends a sandbox with its worker, until it is thawed; the guard, in a
+    session of its own, kills and thaws them once the worker is gone (its stdin's end)."""
+    return subprocess.Popen(
+        [sys.executable, "-I", "-S", "-c", THAW_GUARD, str(base)],
+        stdin=subprocess.PIPE,
+        start_new_session=True,
+    )
+
+
 def anchor(parent: Path) -> None:
     """cgroup v1: keep an empty cgroup frozen in ``parent`` (made once, left in place).
 
@@ -104,6 +158,8 @@ class SettlingClient(Protocol):
 class _Settling:
     freezer: Freezer
     client: SettlingClient
+    fd: int
+    """The client's socket, taken while it is open (a sandbox destroyed meanwhile closes it)."""
     deadline: float
 
 
@@ -130,7 +186,7 @@ class IdleFreezer:
             return True
         with self._lock:
             self._settling[id(sandbox)] = _Settling(
-                freezer, client, time.monotonic() + SETTLE_WAIT_S
+                freezer, client, client.fileno(), time.monotonic() + SETTLE_WAIT_S
             )
             if self._thread is None:
                 self._thread = threading.Thread(target=self._watch, name="freezer", daemon=True)
@@ -173,7 +229,7 @@ class IdleFreezer:
             poller = select.poll()
             poller.register(self._wake_r, select.POLLIN)
             for entry in settling.values():
-                poller.register(entry.client.fileno(), select.POLLIN)
+                poller.register(entry.fd, select.POLLIN)
             deadline = min((entry.deadline for entry in settling.values()), default=None)
             wait = None if deadline is None else max(0, (deadline - time.monotonic()) * 1000)
             ready = {fd for fd, _ in poller.poll(wait)}
@@ -184,7 +240,7 @@ class IdleFreezer:
                 for key, entry in settling.items():
                     if self._settling.get(key) is not entry:
                         continue  # a run took it, or it was destroyed
-                    said = entry.client.fileno() in ready
+                    said = entry.fd in ready
                     if not said and now < entry.deadline:
                         continue
                     del self._settling[key]

@@ -115,11 +115,14 @@ class ProcessRunner(PooledRunner):
             holds.append("cgroup")
             if not cgroups.can_freeze():
                 missing["freezer"] = (
-                    "no cgroup freezer hierarchy: idle sandboxes are not frozen, so import-warm "
-                    "is off"
+                    "no cgroup2 tree and no v1 freezer hierarchy: idle sandboxes are not "
+                    "frozen, so import-warm is off"
                 )
         else:
-            missing["cgroup"] = "cgroups not writable: memory and pids limits by rlimits only"
+            missing["cgroup"] = (
+                "cgroups not writable: memory and pids limits by rlimits only, and no freezer "
+                "for idle sandboxes, so import-warm is off"
+            )
             if any(server_for(rt.command) == "node" for rt in config.runtimes.values()):
                 # The node server runs functions in its own process: no per-run rlimits.
                 missing["node limits"] = (

@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import idle_cpu_seconds, put_code
+from helpers import idle_cpu_seconds, put_code, wait_until
 from test_docker_runner import agent, engine  # noqa: F401  fixtures: labels and cleanup
 
 from common.config import from_dict
 from common.errors import SandboxError
+from runners import cgroups, container_cgroup, freezer
 from runners.base import Invocation, Runner, RunOutcome
+from runners.cgroups import SandboxCgroups
 from runners.docker import DockerRunner
 from runners.forkclient import FORKSERVER_SOURCE, ForkServerClient
 from runners.process import ProcessRunner
@@ -223,29 +225,99 @@ SPINNING = {
 }
 
 
+FREEZERS = ["default", *(["v1"] if Path("/sys/fs/cgroup/freezer/cgroup.procs").exists() else [])]
+"""Which freezer sandboxes get: the host's choice (a cgroup2 tree where one is mounted), and
+v1's freezer hierarchy where this host mounts it beside one (a host without cgroup2 uses it)."""
+
+
+@pytest.fixture(params=FREEZERS)
+def freezing(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    if request.param == "v1":
+        def v1_only(paths: dict[str, str]) -> tuple[Path, bool] | None:
+            return freezer.freezer_of({name: path for name, path in paths.items() if name})
+
+        monkeypatch.setattr(cgroups, "freezer_of", v1_only)
+        monkeypatch.setattr(container_cgroup, "freezer_of", v1_only)
+    return request.param
+
+
 def test_a_module_that_spins_only_in_the_server_uses_no_cpu_while_idle(
-    kind: str, runner: Runner
+    freezing: str, kind: str
 ) -> None:
     """Its thread runs only while a run of its function is in flight: the sandbox is frozen
     between runs, and its later calls are still right."""
     in_server = "os.getpid() == 1" if kind == "process" else "os.getppid() == 1"
     files = {**SPINNING, "spinner.py": SPINNER.format(in_server=in_server)}
     seen = []
-    for times in (1, 2, 3):
-        sandbox = runner.acquire("python", "spin@1")
-        try:
-            put_code(sandbox, files, "spin@1")
-            stdin = json.dumps({"times": times}).encode()
-            invocation = Invocation("r", "fn", ("python3", "main.py"), stdin, 256, 10_000,
-                                    10_000, 32)
-            out = runner.run(sandbox, invocation)
-        finally:
-            runner.release(sandbox)
-        assert out.exit_code == 0, out.stderr.decode()
-        seen.append(json.loads(out.stdout))
-        assert idle_cpu_seconds(sandbox) < 0.05, "the sandbox ran while idle"
+    for runner in make_runner(kind):  # made after ``freezing`` chose the freezer
+        for times in (1, 2, 3):
+            sandbox = runner.acquire("python", "spin@1")
+            try:
+                put_code(sandbox, files, "spin@1")
+                stdin = json.dumps({"times": times}).encode()
+                invocation = Invocation("r", "fn", ("python3", "main.py"), stdin, 256, 10_000,
+                                        10_000, 32)
+                out = runner.run(sandbox, invocation)
+            finally:
+                runner.release(sandbox)
+            assert out.exit_code == 0, out.stderr.decode()
+            seen.append(json.loads(out.stdout))
+            assert idle_cpu_seconds(sandbox) < 0.05, "the sandbox ran while idle"
     # The first call imported it itself; the server then did, and started the thread there.
     assert seen == [{"answer": 42 * n, "in_server": n > 1} for n in (1, 2, 3)]
+
+
+AGENT = """import json, os, sys, tempfile
+from pathlib import Path
+sys.path.insert(0, os.getcwd())
+from loguru import logger
+logger.remove()
+from common.config import from_dict
+from runners import cgroups, freezer
+from runners.base import Invocation
+from runners.process import ProcessRunner
+work = sys.argv[1]
+if sys.argv[3] == "v1":  # as the freezing fixture does
+    cgroups.freezer_of = lambda paths: freezer.freezer_of({k: v for k, v in paths.items() if k})
+config = from_dict({"runner": "process", "workers": 1, "runtimes": {"python": {"warm": 1}},
+    "paths": {"work_dir": f"{work}/w", "code_cache_dir": f"{work}/c", "outbox_dir": f"{work}/o"}})
+runner = ProcessRunner(config, 0)
+sandbox = runner.acquire("python", "spin@1")
+for name, text in json.loads(sys.argv[2]).items():
+    (sandbox.code_dir / name).write_text(text)
+sandbox.code_key = "spin@1"
+invocation = Invocation("r", "fn", ("python3", "main.py"), b'{"times": 1}', 256, 10_000, 10_000, 32)
+assert runner.run(sandbox, invocation).exit_code == 0
+runner.release(sandbox)
+print(json.dumps(sandbox.cgroup.pids()), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_frozen_sandbox_dies_with_its_agent(freezing: str) -> None:
+    """A worker killed with SIGKILL leaves no sandbox behind, frozen ones included: each dies
+    of its death signal (v2's freezer lets a SIGKILL through), or, frozen by v1's, is killed
+    and thawed by the guard the worker left (runners.freezer.thaw_guard)."""
+    files = {**SPINNING, "spinner.py": SPINNER.format(in_server="os.getpid() == 1")}
+    work = tempfile.mkdtemp(prefix="ng-iw-")  # sandbox users traverse it
+    os.chmod(work, 0o711)
+    worker = subprocess.Popen(
+        [sys.executable, "-c", AGENT, work, json.dumps(files), freezing],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=Path(__file__).parents[2],
+    )
+    try:
+        assert worker.stdout is not None
+        pids = json.loads(worker.stdout.readline())
+        assert pids and all(Path(f"/proc/{pid}").exists() for pid in pids)
+    finally:
+        worker.kill()
+        worker.wait()
+    try:
+        wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in pids), timeout=5,
+                   what="the frozen sandbox to die with its agent")
+    finally:
+        SandboxCgroups.remove_stale()  # its cgroups, made by a worker that is gone
+        shutil.rmtree(work, ignore_errors=True)
 
 
 FORGER = """import os, socket, threading, time
