@@ -225,19 +225,29 @@ SPINNING = {
 }
 
 
-FREEZERS = ["default", *(["v1"] if Path("/sys/fs/cgroup/freezer/cgroup.procs").exists() else [])]
-"""Which freezer sandboxes get: the host's choice (a cgroup2 tree where one is mounted), and
-v1's freezer hierarchy where this host mounts it beside one (a host without cgroup2 uses it)."""
+CGROUP = Path("/sys/fs/cgroup")
+FREEZERS = [
+    version
+    for version, mounted in (
+        ("v1", (CGROUP / "freezer" / "cgroup.procs").exists()),
+        ("v2", any((t / "cgroup.controllers").exists() for t in (CGROUP, CGROUP / "unified"))),
+    )
+    if mounted
+]
+"""The freezers this host has: v1's freezer hierarchy (what a host that mounts it uses) and a
+cgroup2 tree (what a v2 host uses); a hybrid host has both."""
 
 
 @pytest.fixture(params=FREEZERS)
 def freezing(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    if request.param == "v1":
-        def v1_only(paths: dict[str, str]) -> tuple[Path, bool] | None:
-            return freezer.freezer_of({name: path for name, path in paths.items() if name})
+    """Sandboxes made from now on get this freezer (as on a host that has only it)."""
+    v2 = request.param == "v2"
 
-        monkeypatch.setattr(cgroups, "freezer_of", v1_only)
-        monkeypatch.setattr(container_cgroup, "freezer_of", v1_only)
+    def only(paths: dict[str, str]) -> tuple[Path, bool] | None:
+        return freezer.freezer_of({name: path for name, path in paths.items() if v2 == (not name)})
+
+    monkeypatch.setattr(cgroups, "freezer_of", only)
+    monkeypatch.setattr(container_cgroup, "freezer_of", only)
     return request.param
 
 
@@ -277,8 +287,9 @@ from runners import cgroups, freezer
 from runners.base import Invocation
 from runners.process import ProcessRunner
 work = sys.argv[1]
-if sys.argv[3] == "v1":  # as the freezing fixture does
-    cgroups.freezer_of = lambda paths: freezer.freezer_of({k: v for k, v in paths.items() if k})
+v2 = sys.argv[3] == "v2"  # as the freezing fixture does
+cgroups.freezer_of = lambda paths: freezer.freezer_of(
+    {name: path for name, path in paths.items() if v2 == (not name)})
 config = from_dict({"runner": "process", "workers": 1, "runtimes": {"python": {"warm": 1}},
     "paths": {"work_dir": f"{work}/w", "code_cache_dir": f"{work}/c", "outbox_dir": f"{work}/o"}})
 runner = ProcessRunner(config, 0)
