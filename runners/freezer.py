@@ -136,9 +136,9 @@ def anchor(parent: Path) -> None:
     The v1 freezer turns a kernel-wide static key on when a cgroup starts freezing and off
     when the last one thaws, patching kernel text each time. With no other cgroup of the host
     frozen, a sandbox frozen after each run and thawed before the next switched it twice a
-    run: ~105 us a write and a slower wake-up of the frozen server, 245 us of the agent's CPU
-    per run, against 21 us with the key held on by an empty frozen cgroup (as a host's paused
-    containers hold it)."""
+    run: ~130 us a write, 318 us of the agent's CPU per run, against 3-6 us and 40 us with
+    the key held on by an empty frozen cgroup, as a host's paused containers hold it
+    (bench/bench_freezer.py)."""
     directory = parent / ANCHOR
     with contextlib.suppress(OSError):  # without it freezing only costs more
         directory.mkdir(parents=True, exist_ok=True)
