@@ -5,10 +5,11 @@ the fork server of runners/forkserver/. The agent talks to it from the host over
 AF_UNIX socket in a bind-mounted directory, so a warm call is a fork inside the container:
 no ``docker exec`` (about 50 ms) and no Docker API call at all on the hot path. Limits are
 written to, and the per-invocation peak read from, the container's cgroup files directly.
-An idle container is frozen as soon as its run is over, through the same files
-(runners/freezer.py), and thawed when its next run starts; the engine sees it running. Where
-its freezer cannot be reached, it is paused through the engine after
-``docker.pause_grace_seconds`` instead, and unpaused on acquire.
+A container whose function has code of its own is frozen as soon as its run is over,
+through the same files (runners/freezer.py), and thawed when its next run starts; the engine
+sees it running. Where its freezer cannot be reached, nothing is preloaded and an idle
+container is paused through the engine after ``docker.pause_grace_seconds``, and unpaused on
+acquire.
 
 Host layout per container, under ``docker.socket_dir/<container name>/``:
 
@@ -171,6 +172,8 @@ class DockerRunner(PooledRunner):
             sandbox.healthy = False
             raise SandboxError(f"cannot set the container's limits: {describe(exc)}") from None
         env = invocation.environment(CONTAINER_PATH, "/tmp")
+        # Only a sandbox that can be frozen between its runs may hold its function's code.
+        preload = preload_key(self._config, sandbox) if freezer and launch.script else None
         started = time.monotonic()
         try:
             raw = sandbox.client.run(
@@ -181,8 +184,7 @@ class DockerRunner(PooledRunner):
                 stdin=invocation.stdin,
                 timeout_s=invocation.timeout_ms / 1000,
                 max_output_bytes=invocation.max_output_bytes,
-                # Only a sandbox frozen between its runs may hold its function's code.
-                preload=preload_key(self._config, sandbox) if freezer is not None else None,
+                preload=preload,
             )
             exit_code = os.waitstatus_to_exitcode(raw.status)
         except SandboxError:
@@ -209,8 +211,8 @@ class DockerRunner(PooledRunner):
             sandbox.healthy = False
         elif sandbox.processes is not None:
             sandbox.healthy = sandbox.processes.kill_strays()
-        if sandbox.healthy and freezer is not None:
-            sandbox.healthy = self._idle.rest(sandbox, freezer, sandbox.client)
+        if sandbox.healthy and freezer and preload is not None and launch.script is not None:
+            sandbox.healthy = self._idle.rest(sandbox, freezer, sandbox.client, launch.script)
         peak, source = raw.maxrss_bytes, "rusage"  # v2 without a resettable peak, or no cgroup
         if measured is not None and memory is not None:
             peak, source = measured, memory.source

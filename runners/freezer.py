@@ -3,10 +3,13 @@
 Import-warm puts a function's own code where it outlives a run: its modules in the python
 fork server, its files in the node Worker that waits for the next call. What that code
 leaves behind (a thread, a hook the server calls, a process it spawned, an unref'd interval)
-would run with no run in flight: no timeout, no CPU limit. So a sandbox is frozen with the
-cgroup freezer (v1 ``freezer.state``, v2 ``cgroup.freeze``) once its run is over, and thawed
-when its next run starts: whatever is in it stops where it is and goes on only while a run
-of its function lasts, within that run's limits. The freezer's files are on the host (a
+would run with no run in flight: no timeout, no CPU limit. So a sandbox whose function has
+code of its own besides its main script (``holds_code``) is frozen with the cgroup freezer
+(v1 ``freezer.state``, v2 ``cgroup.freeze``) once its run is over, and thawed when its next
+run starts: whatever is in it stops where it is and goes on only while a run of its function
+lasts, within that run's limits. A main script alone is never preloaded, and what the
+standard library's modules do at import is not the function's: such a sandbox holds nothing
+of its function between runs and is left as it is. The freezer's files are on the host (a
 process sandbox's own cgroup, a container's as Docker made it): a write takes microseconds,
 where ``docker pause`` goes through the engine in tens of milliseconds.
 
@@ -16,11 +19,10 @@ it is frozen once its server says that Worker is ready (frame 'W': booted, its f
 preloaded, within their 2 s budget), by the runner's watcher thread, or ``SETTLE_WAIT_S``
 after the run at the latest (the next call then waits for the rest).
 
-Which freezer: v1's freezer hierarchy where it is mounted, else a cgroup2 tree's
-(``freezer_of``). A process frozen by v1 does not die of SIGKILL until it is thawed, so the
-agent kills and thaws what it removes, ``thaw_guard`` does it for a worker that died (the
-sandboxes' death signal cannot), and ``anchor`` keeps v1's freezing cheap. A frozen v2
-process dies of SIGKILL.
+Which freezer: a cgroup2 tree's wherever one is mounted, v1's freezer hierarchy only without
+one (``freezer_of``). A process frozen by v1 does not die of SIGKILL until it is thawed, so
+there the agent kills and thaws what it removes, ``thaw_guard`` does it for a worker that
+died (the sandboxes' death signal cannot), and ``anchor`` keeps v1's freezing cheap.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from typing import Protocol
 
 from loguru import logger
 
+from .base import Sandbox
 from .memory import CGROUP_ROOT
 
 SETTLE_WAIT_S = 3.0
@@ -85,18 +88,33 @@ class Freezer:
 
 def freezer_of(paths: dict[str, str]) -> tuple[Path, bool] | None:
     """Where the freezer of a process's cgroup is, and whether it is v2's (``paths``: as
-    /proc/PID/cgroup lists them, controller -> path, "" for v2): in v1's freezer hierarchy
-    where it is mounted, else in a cgroup2 tree (a v2 host's, or a hybrid host's unified
-    one). A v1 write takes the freezer's own lock; v2's ``cgroup.freeze`` takes the kernel's
-    cgroup-wide mutex, which every cgroup made, removed or joined on the host holds: on
-    this shared host a thaw before a run took 1.5 ms (median, within the pipeline bench)
-    through v2 and 60 us through v1."""
-    if "freezer" in paths and (CGROUP_ROOT / "freezer" / "cgroup.procs").exists():
-        return CGROUP_ROOT / "freezer" / paths["freezer"].lstrip("/"), False
+    /proc/PID/cgroup lists them, controller -> path, "" for v2). In a cgroup2 tree where one
+    is mounted (a v2 host's, or a hybrid host's unified one): a frozen v2 process still dies
+    of SIGKILL, so a sandbox still dies with its worker (its death signal) and systemd can
+    still end a unit's leftovers; else in v1's freezer hierarchy."""
     for root in (CGROUP_ROOT, CGROUP_ROOT / "unified"):
         if "" in paths and (root / "cgroup.controllers").exists():
             return root / paths[""].lstrip("/"), True
+    if "freezer" in paths and (CGROUP_ROOT / "freezer" / "cgroup.procs").exists():
+        return CGROUP_ROOT / "freezer" / paths["freezer"].lstrip("/"), False
     return None
+
+
+CODE_SUFFIXES = frozenset({".py", ".pyc", ".pyw", ".so", ".js", ".cjs", ".mjs", ".node"})
+
+
+def holds_code(code_dir: Path, main: str) -> bool:
+    """Whether a function has code of its own besides its main script ``main``, which its
+    sandbox may hold between runs once preloaded: a directory (a package, node_modules), or
+    a file python or node loads code from."""
+    try:
+        entries = list(os.scandir(code_dir))
+    except OSError:
+        return True
+    return any(
+        entry.name != main and (entry.is_dir() or Path(entry.name).suffix in CODE_SUFFIXES)
+        for entry in entries
+    )
 
 
 THAW_GUARD = """import os, signal, sys
@@ -173,21 +191,37 @@ class IdleFreezer:
         self._lock = threading.Lock()
         self._settling: dict[int, _Settling] = {}
         """Node sandboxes (by id) to freeze once their server's next Worker is ready."""
+        self._frozen: set[int] = set()
+        """Sandboxes (by id) frozen, or to be frozen once settled: thawed before a run."""
+        self._holds: dict[int, tuple[str | None, bool]] = {}
+        """Per sandbox: the code_key it was told of, and whether that function holds code."""
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._thread: threading.Thread | None = None
         self._closed = False
 
-    def rest(self, sandbox: object, freezer: Freezer, client: SettlingClient) -> bool:
-        """After a run: freeze ``sandbox`` now, or once its server says it is ready. False
-        when it cannot be frozen (its cgroup is gone): it must not be kept."""
+    def rest(
+        self, sandbox: Sandbox, freezer: Freezer, client: SettlingClient, main: str
+    ) -> bool:
+        """After a run of ``main``: freeze ``sandbox`` now, or once its server says it is
+        ready, if its function holds code of its own (else leave it). False when it cannot be
+        frozen (its cgroup is gone): it must not be kept."""
+        held = self._holds.get(id(sandbox))
+        if held is None or held[0] != sandbox.code_key:
+            held = self._holds[id(sandbox)] = (
+                sandbox.code_key, holds_code(sandbox.code_dir, main)
+            )
+        if not held[1]:
+            return True
         if client.ready_at_reply:
             try:
                 freezer.freeze()
             except OSError as exc:
                 logger.warning(f"cannot freeze sandbox {freezer.directory.name}: {exc}")
                 return False
+            self._frozen.add(id(sandbox))
             return True
         with self._lock:
+            self._frozen.add(id(sandbox))
             self._settling[id(sandbox)] = _Settling(
                 freezer, client, client.fileno(), time.monotonic() + SETTLE_WAIT_S
             )
@@ -197,16 +231,20 @@ class IdleFreezer:
         self._poke()
         return True
 
-    def wake(self, sandbox: object, freezer: Freezer) -> None:
-        """Before a run: thaw ``sandbox``; it is no longer waited on to settle."""
+    def wake(self, sandbox: Sandbox, freezer: Freezer) -> None:
+        """Before a run: thaw ``sandbox`` if it was frozen; it is no longer waited on."""
         with self._lock:  # a freeze decided by the watcher cannot land after this thaw
             self._settling.pop(id(sandbox), None)
-            freezer.thaw()
+            if id(sandbox) in self._frozen:
+                self._frozen.discard(id(sandbox))
+                freezer.thaw()
 
-    def forget(self, sandbox: object) -> None:
+    def forget(self, sandbox: Sandbox) -> None:
         """Before ``sandbox`` is destroyed (its client closed): stop waiting on it."""
         with self._lock:
             self._settling.pop(id(sandbox), None)
+            self._frozen.discard(id(sandbox))
+            self._holds.pop(id(sandbox), None)
 
     def close(self) -> None:
         with self._lock:

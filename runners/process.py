@@ -173,6 +173,8 @@ class ProcessRunner(PooledRunner):
             raise SandboxError(f"cannot set the sandbox limits: {exc}") from None
         home = PRIVATE_HOME if "mount" in sandbox.holds else str(sandbox.home)
         env = invocation.environment(self._config.process.path, home)
+        # Only a sandbox that can be frozen between its runs may hold its function's code.
+        preload = preload_key(self._config, sandbox) if freezer and launch.script else None
         started = time.monotonic()
         try:
             raw = sandbox.client.run(
@@ -184,8 +186,7 @@ class ProcessRunner(PooledRunner):
                 timeout_s=invocation.timeout_ms / 1000,
                 max_output_bytes=invocation.max_output_bytes,
                 rlimits=rlimits,
-                # Only a sandbox frozen between its runs may hold its function's code.
-                preload=preload_key(self._config, sandbox) if freezer is not None else None,
+                preload=preload,
             )
         except SandboxError:
             sandbox.healthy = False
@@ -216,8 +217,8 @@ class ProcessRunner(PooledRunner):
         sandbox.client.arm()
         if raw.timed_out or oom:
             sandbox.healthy = False
-        elif freezer is not None:
-            sandbox.healthy = self._idle.rest(sandbox, freezer, sandbox.client)
+        elif freezer is not None and preload is not None and launch.script is not None:
+            sandbox.healthy = self._idle.rest(sandbox, freezer, sandbox.client, launch.script)
         return raw.outcome(exit_code=exit_code, oom_killed=oom, peak=peak, source=source)
 
     def create(self, runtime: str) -> ProcessSandbox:

@@ -214,20 +214,33 @@ def test_a_call_starts_with_the_default_signal_dispositions(runner: DockerRunner
 
 
 def test_an_idle_container_is_frozen_until_its_next_run(engine: docker.DockerClient) -> None:
-    """Frozen through its cgroup's files on the host as its run ends, with no engine call:
-    nothing in it runs until the next run thaws it (see test_import_warm.py)."""
+    """A container whose function has code of its own (preloaded into its server) is frozen
+    through its cgroup's files on the host as its run ends, with no engine call: nothing in
+    it runs until the next run thaws it (see test_import_warm.py). One whose function is its
+    main script alone holds nothing of it between runs, and is left running."""
+    files = {"main.py": "import helper\nprint(helper.WORD)\n", "helper.py": "WORD = 'hi'\n"}
     with warm_runner(pause_grace=0.2) as r:
-        _, sandbox = run(r, "print('hi')")
-        assert sandbox.cgroup is not None and sandbox.cgroup.freezer is not None
-        # FREEZING until each of its processes was scheduled once
-        wait_until(lambda: frozen(sandbox), timeout=2, what="the idle container to be frozen")
-        time.sleep(0.5)  # past the pause grace: the engine is not asked to pause it
-        started = time.monotonic()
-        out, again = run(r, "print('hi')")
-        assert again is sandbox and not again.cold_start and out.stdout == b"hi\n"
-        assert time.monotonic() - started < 1
-        wait_until(lambda: frozen(sandbox), timeout=2, what="it to be frozen again")
-        assert engine.containers.get(sandbox.container.id).status == "running"
+        used = []
+        for _ in range(2):
+            started = time.monotonic()
+            sandbox = r.acquire("python", "own@1")
+            try:
+                put_code(sandbox, files, "own@1")
+                out = r.run(sandbox, invocation())
+            finally:
+                r.release(sandbox)
+            assert out.stdout == b"hi\n" and time.monotonic() - started < 1
+            assert isinstance(sandbox, DockerSandbox) and sandbox.container is not None
+            # FREEZING until each of its processes was scheduled once
+            wait_until(lambda s=sandbox: frozen(s), timeout=2, what="the container to freeze")
+            time.sleep(0.5)  # past the pause grace: the engine is not asked to pause it
+            assert engine.containers.get(sandbox.container.id).status == "running"
+            used.append(sandbox)
+        assert used[0] is used[1]  # thawed for its second run
+        _, alone = run(r, "print('hi')")
+        time.sleep(0.5)
+        assert not frozen(alone)
+        assert engine.containers.get(alone.container.id).status == "running"
 
 
 # -- per-invocation memory --------------------------------------------------------------------
