@@ -161,8 +161,6 @@ class DockerRunner(PooledRunner):
         freezer = sandbox.cgroup.freezer if sandbox.cgroup else None
         oom_before = 0
         try:
-            if freezer is not None:
-                self._idle.wake(sandbox, freezer)
             if sandbox.limit_mb != invocation.memory_mb:
                 self._set_memory_limit(sandbox, invocation.memory_mb)
             if memory is not None:
@@ -185,6 +183,7 @@ class DockerRunner(PooledRunner):
                 timeout_s=invocation.timeout_ms / 1000,
                 max_output_bytes=invocation.max_output_bytes,
                 preload=preload,
+                on_sent=(lambda: self._idle.wake(sandbox, freezer)) if freezer else None,
             )
             exit_code = os.waitstatus_to_exitcode(raw.status)
         except SandboxError:

@@ -15,6 +15,7 @@ import os
 import select
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,9 +136,12 @@ class ForkServerClient:
         max_output_bytes: int,
         rlimits: dict[str, int] | None = None,
         preload: str | None = None,
+        on_sent: Callable[[], None] | None = None,
     ) -> RawRun:
         """Run one function to completion (or timeout) and return what it produced.
-        ``preload``: the sandbox's code_key, when the server may preload its imports."""
+        ``preload``: the sandbox's code_key, when the server may preload its imports;
+        ``on_sent``: called once the request is sent (the runner thaws the sandbox then, so
+        its server finds the request as it wakes)."""
         in_r, in_w = os.pipe2(os.O_CLOEXEC)
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
@@ -162,13 +166,16 @@ class ForkServerClient:
         for fd in (in_r, out_w, err_w):
             os.close(fd)
         try:
-            return self._collect(in_w, out_r, err_r, stdin, timeout_s, max_output_bytes)
+            return self._collect(
+                in_w, out_r, err_r, stdin, timeout_s, max_output_bytes, on_sent
+            )
         finally:
             os.close(out_r)
             os.close(err_r)
 
     def _collect(
-        self, in_w: int, out_r: int, err_r: int, stdin: bytes, timeout_s: float, cap: int
+        self, in_w: int, out_r: int, err_r: int, stdin: bytes, timeout_s: float, cap: int,
+        on_sent: Callable[[], None] | None,
     ) -> RawRun:
         deadline = time.monotonic() + timeout_s
         captured = {out_r: Capped(cap), err_r: Capped(cap)}
@@ -179,6 +186,8 @@ class ForkServerClient:
         timed_out = False
         os.set_blocking(in_w, False)
         try:
+            if on_sent is not None:
+                on_sent()
             pending_in = _feed(in_w, pending_in)  # most stdins fit the pipe: no turn of the loop
             if not pending_in:
                 os.close(in_w)

@@ -40,6 +40,8 @@ from typing import Protocol
 
 from loguru import logger
 
+from common.errors import SandboxError
+
 from .base import Sandbox
 from .memory import CGROUP_ROOT
 
@@ -232,12 +234,17 @@ class IdleFreezer:
         return True
 
     def wake(self, sandbox: Sandbox, freezer: Freezer) -> None:
-        """Before a run: thaw ``sandbox`` if it was frozen; it is no longer waited on."""
+        """As a run's request is sent: thaw ``sandbox`` if it was frozen (its server wakes to
+        the request, while this thread may wait for the interpreter lock, which a longer
+        syscall hands to another thread); it is no longer waited on."""
         with self._lock:  # a freeze decided by the watcher cannot land after this thaw
             self._settling.pop(id(sandbox), None)
             if id(sandbox) in self._frozen:
                 self._frozen.discard(id(sandbox))
-                freezer.thaw()
+                try:
+                    freezer.thaw()
+                except OSError as exc:
+                    raise SandboxError(f"cannot thaw the sandbox: {exc}") from None
 
     def forget(self, sandbox: Sandbox) -> None:
         """Before ``sandbox`` is destroyed (its client closed): stop waiting on it."""

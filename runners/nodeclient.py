@@ -22,6 +22,7 @@ import signal
 import socket
 import struct
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from common.errors import SandboxError
@@ -79,9 +80,11 @@ class NodeServerClient:
         max_output_bytes: int,
         rlimits: dict[str, int] | None = None,
         preload: str | None = None,
+        on_sent: Callable[[], None] | None = None,
     ) -> RawRun:
         """Run one function to completion (or timeout) and return what it produced.
-        ``preload``: the sandbox's code_key, when the server may preload its files. The fork
+        ``preload``: the sandbox's code_key, when the server may preload its files;
+        ``on_sent``: called once the request is sent (see ForkServerClient.run). The fork
         server's ``python`` and ``rlimits`` mean nothing here: every call is node, in a Worker
         of the server's own process, which takes no per-call rlimits (see README)."""
         request = {
@@ -95,6 +98,8 @@ class NodeServerClient:
             self._sock.sendall(_frame(b"R", json.dumps(request).encode()) + _frame(b"I", stdin))
         except OSError as exc:
             raise SandboxError(f"sandbox node server is gone: {exc}") from None
+        if on_sent is not None:
+            on_sent()
         return self._collect(timeout_s, max_output_bytes)
 
     def _collect(self, timeout_s: float, cap: int) -> RawRun:

@@ -156,8 +156,6 @@ class ProcessRunner(PooledRunner):
         rlimits = None
         oom_before = 0
         try:
-            if freezer is not None:
-                self._idle.wake(sandbox, freezer)
             if cgroup is not None:
                 if sandbox.limit_mb != invocation.memory_mb:
                     cgroup.memory.set_limit(invocation.memory_mb * MiB)
@@ -187,6 +185,7 @@ class ProcessRunner(PooledRunner):
                 max_output_bytes=invocation.max_output_bytes,
                 rlimits=rlimits,
                 preload=preload,
+                on_sent=(lambda: self._idle.wake(sandbox, freezer)) if freezer else None,
             )
         except SandboxError:
             sandbox.healthy = False
