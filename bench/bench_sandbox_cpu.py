@@ -14,13 +14,14 @@ numbers move by 30% between minutes on this machine.
 
 Needs root (``dev/setup``'s machine); ~1 min for the defaults.
 
-    python bench/bench_sandbox_cpu.py --before REF [-n 2000] [--rounds 3]
+    python bench/bench_sandbox_cpu.py --before REF [-n 2000] [--rounds 3] [--own-module]
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import shutil
 import statistics
@@ -33,9 +34,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 DRIVER = r"""
-import sys
+import json, sys
 from pathlib import Path
-tree, work, index = sys.argv[1], sys.argv[2], int(sys.argv[3])
+tree, work, index, files = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
 sys.path.insert(0, tree)
 from loguru import logger
 logger.remove()
@@ -43,7 +44,6 @@ from common.config import from_dict
 from runners.base import Invocation
 from runners.process import ProcessRunner
 
-HELLO = 'print("Hello from NanoGrid!")\n'
 INVOCATION = Invocation("bench", "fn", ("python3", "main.py"), b"{}", 128, 10_000, 65536, 64)
 config = from_dict({
     "runner": "process",
@@ -58,7 +58,8 @@ def call():
     sandbox = runner.acquire("python", "hello")
     try:
         if sandbox.code_key != "hello":
-            (Path(sandbox.code_dir) / "main.py").write_text(HELLO)
+            for name, text in files.items():
+                (Path(sandbox.code_dir) / name).write_text(text)
             sandbox.code_key = "hello"
         out = runner.run(sandbox, INVOCATION)
     finally:
@@ -78,13 +79,20 @@ finally:
 """
 
 
+HELLO = {"main.py": 'print("Hello from NanoGrid!")\n'}
+HELLO_MODULE = {  # --own-module: its sandbox holds function code between runs (frozen then)
+    "main.py": "import greeting\nprint(greeting.TEXT)\n",
+    "greeting.py": 'TEXT = "Hello from NanoGrid!"\n',
+}
+
+
 class Driver:
     """One tree's agent side, in a process of its own, making one run per request."""
 
-    def __init__(self, tree: Path, work: Path, index: int) -> None:
+    def __init__(self, tree: Path, work: Path, index: int, files: dict[str, str]) -> None:
         self.tree = tree
         self.process = subprocess.Popen(
-            [sys.executable, "-c", DRIVER, str(tree), str(work), str(index)],
+            [sys.executable, "-c", DRIVER, str(tree), str(work), str(index), json.dumps(files)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -145,6 +153,8 @@ def main() -> int:
     parser.add_argument("--before", metavar="REF", required=True, help="git revision to compare")
     parser.add_argument("-n", type=int, default=2000, help="runs per sandbox per round")
     parser.add_argument("--rounds", type=int, default=3, help="rounds (default 3)")
+    parser.add_argument("--own-module", action="store_true",
+                        help="the hello's greeting in a module of its own (its sandbox is frozen)")
     args = parser.parse_args()
     if os.geteuid() != 0:
         parser.error("needs root: the sandboxes' namespaces, cgroups and uids")
@@ -155,7 +165,7 @@ def main() -> int:
     try:
         trees = {"this tree": ROOT, args.before: export(args.before, work / "before")}
         for index, (name, tree) in enumerate(trees.items()):
-            drivers[name] = Driver(tree, work, index)
+            drivers[name] = Driver(tree, work, index, HELLO_MODULE if args.own_module else HELLO)
             rows[name] = []
         for _ in range(args.rounds):
             start = {n: (usage(d.sandbox), usage([d.process.pid])) for n, d in drivers.items()}
