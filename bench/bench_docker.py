@@ -5,9 +5,10 @@ Measures, in one run on the same engine and image:
 
 ``warm``        DockerRunner, the function's container already warm (fork server inside):
                 acquire -> run -> release, as the worker does for a repeat call.
-``idle``        the same, each call after the container idled (frozen through its cgroup as
-                its run ended; paused through the engine, pause grace 0, where its
-                freezer is out of reach): the run thaws (or acquire unpauses) it first.
+``idle``        the same hello with its greeting in a module of its own, each call after the
+                container idled 0.5 s: frozen through its cgroup as its run ended (paused
+                through the engine, pause grace 0, where its freezer is out of reach), so
+                the run thaws it (or acquire unpauses it) first.
 ``cold``        DockerRunner with an empty pool: acquire makes a container, the code goes in,
                 run, release (which removes it, the pool having no room).
 ``docker exec`` ``docker exec -i`` of the same function into one running container.
@@ -41,7 +42,11 @@ from common.config import Config, from_dict  # noqa: E402
 from runners.base import Invocation  # noqa: E402
 from runners.docker import DockerRunner, DockerSandbox  # noqa: E402
 
-HELLO = "import json, sys\nprint('Hello', json.load(sys.stdin)['name'])\n"
+HELLO = {"main.py": "import json, sys\nprint('Hello', json.load(sys.stdin)['name'])\n"}
+HELLO_MODULE = {  # a function with code of its own: its container holds it between runs
+    "main.py": "import json, sys, greeting\nprint(greeting.WORD, json.load(sys.stdin)['name'])\n",
+    "greeting.py": "WORD = 'Hello'\n",
+}
 STDIN = b'{"name": "NanoGrid"}'
 INVOCATION = Invocation("bench", "hello", ("python3", "main.py"), STDIN, 128, 10_000, 65536, 64)
 
@@ -68,7 +73,9 @@ def make_config(work: str, image: str, warm: int, pause_grace: float) -> Config:
     )
 
 
-def invoke(runner: DockerRunner, keep: bool = True) -> tuple[float, float, DockerSandbox]:
+def invoke(
+    runner: DockerRunner, keep: bool = True, files: dict[str, str] = HELLO
+) -> tuple[float, float, DockerSandbox]:
     """One invocation as the worker makes it: (durationMillis, end to end ms, sandbox).
     ``keep=False``: the container is removed after the run (the pool would keep it idle),
     so the next one is cold again."""
@@ -79,7 +86,8 @@ def invoke(runner: DockerRunner, keep: bool = True) -> tuple[float, float, Docke
         if sandbox.code_key != "hello@1":
             shutil.rmtree(sandbox.code_dir, ignore_errors=True)
             sandbox.code_dir.mkdir()
-            (sandbox.code_dir / "main.py").write_text(HELLO)
+            for name, text in files.items():
+                (sandbox.code_dir / name).write_text(text)
             sandbox.code_key = "hello@1"
         out = runner.run(sandbox, INVOCATION)
     finally:
@@ -103,12 +111,14 @@ def bench_runner(
         sandbox = None
         if warm:
             for _ in range(5):  # the first call puts the code in; a few more settle the caches
-                _, _, sandbox = invoke(runner)
+                _, _, sandbox = invoke(runner, files=HELLO_MODULE if pause else HELLO)
         durations, totals = [], []
         for _ in range(runs):
             if pause and not wait_idle(sandbox):
                 raise SystemExit("the idle container was neither frozen nor paused")
-            duration, total, sandbox = invoke(runner, keep=warm > 0)
+            duration, total, sandbox = invoke(
+                runner, keep=warm > 0, files=HELLO_MODULE if pause else HELLO
+            )
             if sandbox.cold_start != (warm == 0):
                 raise SystemExit(f"expected cold={warm == 0}, got cold={sandbox.cold_start}")
             durations.append(duration)
@@ -143,7 +153,8 @@ def timed(cmd: list[str]) -> float:
 
 
 def bench_docker_run(image: str, runs: int) -> list[float]:
-    cmd = ["docker", "run", "--rm", "-i", "--network", "none", image, "python3", "-c", HELLO]
+    cmd = ["docker", "run", "--rm", "-i", "--network", "none", image, "python3", "-c",
+           HELLO["main.py"]]
     timed(cmd)  # warm-up
     return [timed(cmd) for _ in range(runs)]
 
@@ -157,7 +168,7 @@ def bench_docker_exec(image: str, runs: int) -> list[float]:
         capture_output=True,
     )
     try:
-        cmd = ["docker", "exec", "-i", name, "python3", "-c", HELLO]
+        cmd = ["docker", "exec", "-i", name, "python3", "-c", HELLO["main.py"]]
         timed(cmd)
         return [timed(cmd) for _ in range(runs)]
     finally:
