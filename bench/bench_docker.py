@@ -5,8 +5,10 @@ Measures, in one run on the same engine and image:
 
 ``warm``        DockerRunner, the function's container already warm (fork server inside):
                 acquire -> run -> release, as the worker does for a repeat call.
-``paused``      the same, but the container was paused while idle (pause grace 0): acquire
-                unpauses it first.
+``idle``        the same hello with its greeting in a module of its own, each call after the
+                container idled 0.5 s: frozen through its cgroup as its run ended (paused
+                through the engine, pause grace 0, where its freezer is out of reach), so
+                the run thaws it (or acquire unpauses it) first.
 ``cold``        DockerRunner with an empty pool: acquire makes a container, the code goes in,
                 run, release (which removes it, the pool having no room).
 ``docker exec`` ``docker exec -i`` of the same function into one running container.
@@ -16,7 +18,7 @@ Measures, in one run on the same engine and image:
 ``end to end`` is what the worker waits for (acquire + code + run + release), or the whole
 ``docker`` command for the CLI rows. Needs root and a running engine (``dev/setup``).
 
-    python bench/bench_docker.py [--warm 200] [--paused 20] [--cold 20] [--baseline 20]
+    python bench/bench_docker.py [--warm 200] [--idle 20] [--cold 20] [--baseline 20]
 """
 
 from __future__ import annotations
@@ -40,7 +42,11 @@ from common.config import Config, from_dict  # noqa: E402
 from runners.base import Invocation  # noqa: E402
 from runners.docker import DockerRunner, DockerSandbox  # noqa: E402
 
-HELLO = "import json, sys\nprint('Hello', json.load(sys.stdin)['name'])\n"
+HELLO = {"main.py": "import json, sys\nprint('Hello', json.load(sys.stdin)['name'])\n"}
+HELLO_MODULE = {  # a function with code of its own: its container holds it between runs
+    "main.py": "import json, sys, greeting\nprint(greeting.WORD, json.load(sys.stdin)['name'])\n",
+    "greeting.py": "WORD = 'Hello'\n",
+}
 STDIN = b'{"name": "NanoGrid"}'
 INVOCATION = Invocation("bench", "hello", ("python3", "main.py"), STDIN, 128, 10_000, 65536, 64)
 
@@ -67,7 +73,9 @@ def make_config(work: str, image: str, warm: int, pause_grace: float) -> Config:
     )
 
 
-def invoke(runner: DockerRunner, keep: bool = True) -> tuple[float, float, DockerSandbox]:
+def invoke(
+    runner: DockerRunner, keep: bool = True, files: dict[str, str] = HELLO
+) -> tuple[float, float, DockerSandbox]:
     """One invocation as the worker makes it: (durationMillis, end to end ms, sandbox).
     ``keep=False``: the container is removed after the run (the pool would keep it idle),
     so the next one is cold again."""
@@ -78,7 +86,8 @@ def invoke(runner: DockerRunner, keep: bool = True) -> tuple[float, float, Docke
         if sandbox.code_key != "hello@1":
             shutil.rmtree(sandbox.code_dir, ignore_errors=True)
             sandbox.code_dir.mkdir()
-            (sandbox.code_dir / "main.py").write_text(HELLO)
+            for name, text in files.items():
+                (sandbox.code_dir / name).write_text(text)
             sandbox.code_key = "hello@1"
         out = runner.run(sandbox, INVOCATION)
     finally:
@@ -102,12 +111,14 @@ def bench_runner(
         sandbox = None
         if warm:
             for _ in range(5):  # the first call puts the code in; a few more settle the caches
-                _, _, sandbox = invoke(runner)
+                _, _, sandbox = invoke(runner, files=HELLO_MODULE if pause else HELLO)
         durations, totals = [], []
         for _ in range(runs):
-            if pause and not wait_paused(sandbox):
-                raise SystemExit("the idle container was not paused")
-            duration, total, sandbox = invoke(runner, keep=warm > 0)
+            if pause and not wait_idle(sandbox):
+                raise SystemExit("the idle container was neither frozen nor paused")
+            duration, total, sandbox = invoke(
+                runner, keep=warm > 0, files=HELLO_MODULE if pause else HELLO
+            )
             if sandbox.cold_start != (warm == 0):
                 raise SystemExit(f"expected cold={warm == 0}, got cold={sandbox.cold_start}")
             durations.append(duration)
@@ -118,12 +129,18 @@ def bench_runner(
         shutil.rmtree(work, ignore_errors=True)
 
 
-def wait_paused(sandbox: DockerSandbox | None) -> bool:
-    """Wait for the pool to pause the idle container (it looks on a 0.25 s tick)."""
-    deadline = time.monotonic() + 2
-    while sandbox is not None and not sandbox.paused and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return sandbox is not None and sandbox.paused
+def wait_idle(sandbox: DockerSandbox | None) -> bool:
+    """Let the container idle 0.5 s; whether it was then frozen, or paused by the pool (it
+    looks on a 0.25 s tick)."""
+    time.sleep(0.5)
+    if sandbox is None:
+        return False
+    if sandbox.cgroup is not None and sandbox.cgroup.freezer is not None:
+        directory = sandbox.cgroup.freezer.directory
+        if (directory / "freezer.state").exists():
+            return (directory / "freezer.state").read_text().strip() == "FROZEN"
+        return "frozen 1" in (directory / "cgroup.events").read_text()
+    return sandbox.paused
 
 
 def timed(cmd: list[str]) -> float:
@@ -136,7 +153,8 @@ def timed(cmd: list[str]) -> float:
 
 
 def bench_docker_run(image: str, runs: int) -> list[float]:
-    cmd = ["docker", "run", "--rm", "-i", "--network", "none", image, "python3", "-c", HELLO]
+    cmd = ["docker", "run", "--rm", "-i", "--network", "none", image, "python3", "-c",
+           HELLO["main.py"]]
     timed(cmd)  # warm-up
     return [timed(cmd) for _ in range(runs)]
 
@@ -150,7 +168,7 @@ def bench_docker_exec(image: str, runs: int) -> list[float]:
         capture_output=True,
     )
     try:
-        cmd = ["docker", "exec", "-i", name, "python3", "-c", HELLO]
+        cmd = ["docker", "exec", "-i", name, "python3", "-c", HELLO["main.py"]]
         timed(cmd)
         return [timed(cmd) for _ in range(runs)]
     finally:
@@ -191,7 +209,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--image", default="nanogrid/python:3.11-bookworm")
     parser.add_argument("--warm", type=int, default=200, help="warm invocations")
-    parser.add_argument("--paused", type=int, default=20, help="invocations after a pause")
+    parser.add_argument("--idle", type=int, default=20, help="invocations after 0.5 s idle")
     parser.add_argument("--cold", type=int, default=20, help="cold invocations")
     parser.add_argument("--baseline", type=int, default=20, help="docker run / exec invocations")
     args = parser.parse_args()
@@ -199,7 +217,7 @@ def main() -> int:
     logger.add(sys.stderr, level="WARNING")
 
     warm_fn, warm_total = bench_runner(args.image, 1, args.warm)
-    paused_fn, paused_total = bench_runner(args.image, 1, args.paused, pause=True)
+    idle_fn, idle_total = bench_runner(args.image, 1, args.idle, pause=True)
     cold_fn, cold_total = bench_runner(args.image, 0, args.cold)
     exec_total = bench_docker_exec(args.image, args.baseline)
     run_total = bench_docker_run(args.image, args.baseline)
@@ -207,7 +225,7 @@ def main() -> int:
     print(machine())
     print(f"{'ms':<26} {'runs':>5} {'fn p50':>8} {'fn p99':>8} {'e2e p50':>8} {'e2e p99':>8}")
     print(row("warm (DockerRunner)", warm_fn, warm_total))
-    print(row("warm, was paused", paused_fn, paused_total))
+    print(row("warm, after 0.5 s idle", idle_fn, idle_total))
     print(row("cold (DockerRunner)", cold_fn, cold_total))
     print(row("docker exec -i", None, exec_total))
     print(row("docker run --rm (baseline)", None, run_total))

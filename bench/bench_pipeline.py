@@ -79,6 +79,14 @@ except ImportError:  # older trees kept them with the tests
 
 HELLO = 'print("Hello from NanoGrid!")\n'
 HELLO_NODE = 'console.log("Hello from NanoGrid!");\n'
+HELLO_MODULE = {  # the same hello, its greeting in a module of its own (--own-module)
+    "main.py": "import greeting\nprint(greeting.TEXT)\n",
+    "greeting.py": 'TEXT = "Hello from NanoGrid!"\n',
+}
+HELLO_NODE_MODULE = {
+    "main.js": "console.log(require('./greeting').text);\n",
+    "greeting.js": 'exports.text = "Hello from NanoGrid!";\n',
+}
 FUNCTIONS_PATH = "/usr/local/bin:/usr/bin:/bin"
 """The agent's default ``process.path``: the baseline resolves python3 on it as the agent does."""
 SUPERVISOR = ROOT / "bin" / "nanogrid-supervisor"
@@ -475,11 +483,12 @@ class Bench:
                 CreateBucketConfiguration={"LocationConstraint": os.environ["AWS_REGION"]},
             )
             self.key = "functions/hello-python/v1.zip"
-            self.s3.put_object(Bucket=self.bucket, Key=self.key, Body=_zip({"main.py": HELLO}))
+            own = self.args.own_module
+            python = HELLO_MODULE if own else {"main.py": HELLO}
+            node = HELLO_NODE_MODULE if own else {"main.js": HELLO_NODE}
+            self.s3.put_object(Bucket=self.bucket, Key=self.key, Body=_zip(python))
             self.node_key = "functions/hello-node/v1.zip"
-            self.s3.put_object(
-                Bucket=self.bucket, Key=self.node_key, Body=_zip({"main.js": HELLO_NODE})
-            )
+            self.s3.put_object(Bucket=self.bucket, Key=self.node_key, Body=_zip(node))
             yield
         finally:
             # The clean-up runs to its end: signals now would leave processes behind.
@@ -1057,6 +1066,12 @@ def main(argv: list[str] | None = None) -> int:
         "--before",
         metavar="REF",
         help="also measure the agent of git revision REF (agent-before), in the same run",
+    )
+    parser.add_argument(
+        "--own-module",
+        action="store_true",
+        help="hello with its greeting in a module of its own: the agents' import-warm sandboxes "
+        "hold function code between runs (and are frozen then)",
     )
     parser.add_argument("--json", type=Path, help="also write the raw numbers to this file")
     parser.add_argument(

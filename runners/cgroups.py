@@ -1,9 +1,11 @@
-"""Cgroups for process-runner sandboxes: memory limit, pids limit, peak memory, kill-all.
+"""Cgroups for process-runner sandboxes: memory limit, pids limit, peak memory, kill-all,
+and the freezer that stops an idle sandbox (runners/freezer.py).
 
 Sandbox cgroups are made below the agent's own cgroup (``…/nanogrid/<sandbox>``), so an agent
 under systemd with ``Delegate=yes`` manages only its own subtree. Works on cgroup v1
-(memory + pids hierarchies) and v2 (one unified tree). Where neither can be written (an
-unprivileged agent), ``SandboxCgroups.available`` is False and the runner uses rlimits.
+(memory + pids hierarchies, and freezer where it is mounted) and v2 (one unified tree). Where
+neither can be written (an unprivileged agent), ``SandboxCgroups.available`` is False and the
+runner uses rlimits.
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ import contextlib
 import os
 import re
 import signal
+import subprocess
 import time
 from pathlib import Path
 
 from loguru import logger
 
+from .freezer import Freezer, freezer_of, thaw_guard
 from .memory import CGROUP_ROOT, CgroupMemory, CgroupV1Memory, CgroupV2Memory
 
 SUBTREE = "nanogrid"
@@ -35,15 +39,23 @@ def _own_paths() -> dict[str, str]:
 class SandboxCgroup:
     """The cgroup(s) of one sandbox."""
 
-    def __init__(self, memory_dir: Path, pids_dir: Path, memory: CgroupMemory) -> None:
+    def __init__(
+        self, memory_dir: Path, pids_dir: Path, memory: CgroupMemory,
+        freezer: Freezer | None = None,
+    ) -> None:
         self.memory_dir = memory_dir
         self.pids_dir = pids_dir
         self.memory = memory
+        self.freezer = freezer
+
+    @property
+    def _dirs(self) -> list[Path]:
+        freezer = [self.freezer.directory] if self.freezer is not None else []
+        return list(dict.fromkeys([self.memory_dir, self.pids_dir, *freezer]))
 
     @property
     def procs_files(self) -> list[str]:
-        dirs = dict.fromkeys([self.memory_dir, self.pids_dir])
-        return [str(d / "cgroup.procs") for d in dirs]
+        return [str(d / "cgroup.procs") for d in self._dirs]
 
     def set_pids_limit(self, limit: int) -> None:
         (self.pids_dir / "pids.max").write_text(str(limit))
@@ -75,13 +87,27 @@ class SandboxCgroup:
             time.sleep(0.001)
         return killed
 
+    def kill_frozen(self) -> None:
+        """SIGKILL every process in the sandbox, then thaw it: a frozen process dies without
+        running again (on v1 even a killed one stays frozen, and would never exit)."""
+        if self.freezer is None:
+            return
+        for pid in self.freezer.pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(OSError):
+            self.freezer.thaw()
+
     def remove(self) -> bool:
         """Kill what runs in it and remove it; True once it is gone: then nothing of the
         sandbox runs any more (the kernel removes only an empty cgroup)."""
         self.memory.close()
+        self.kill_frozen()
         self.kill_all()
+        if self.freezer is not None:
+            self.freezer.close()
         gone = True
-        for directory in dict.fromkeys([self.memory_dir, self.pids_dir]):
+        for directory in self._dirs:
             for _ in range(50):  # rmdir is refused until the killed processes are gone
                 try:
                     directory.rmdir()
@@ -114,25 +140,41 @@ def owner_gone(name: str) -> bool:
     return False
 
 
-def _subtree_roots() -> tuple[Path, Path]:
-    """The ``nanogrid`` directories below this process's memory and pids cgroups."""
+def _subtree_roots() -> tuple[Path, Path, tuple[Path, bool] | None]:
+    """The ``nanogrid`` directories below this process's memory and pids cgroups (v2: one for
+    both), and below its freezer's with whether that is v2's (runners.freezer.freezer_of)."""
     own = _own_paths()
+    found = freezer_of(own)
+    freezer = (found[0] / SUBTREE, found[1]) if found is not None else None
     if (CGROUP_ROOT / "cgroup.controllers").exists():
         root = CGROUP_ROOT / own.get("", "/").lstrip("/") / SUBTREE
-        return root, root
+        return root, root, freezer
     return (
         CGROUP_ROOT / "memory" / own.get("memory", "/").lstrip("/") / SUBTREE,
         CGROUP_ROOT / "pids" / own.get("pids", "/").lstrip("/") / SUBTREE,
+        freezer,
     )
+
+
+def freezer_root() -> Path | None:
+    """This process's ``nanogrid`` directory in v1's freezer hierarchy when that is where
+    sandboxes are frozen (runners/freezer.py's anchor goes there), else None."""
+    freezer = _subtree_roots()[2]
+    return freezer[0] if freezer is not None and not freezer[1] else None
 
 
 def writable() -> bool:
     """Whether sandbox cgroups can be made below this process's cgroup (without making any)."""
-    for root in dict.fromkeys(_subtree_roots()):
+    for root in dict.fromkeys(_subtree_roots()[:2]):
         nearest = root if root.exists() else root.parent
         if not os.access(nearest, os.W_OK):
             return False
     return True
+
+
+def can_freeze() -> bool:
+    """Whether sandbox cgroups made here can be frozen (a cgroup2 tree or v1's freezer)."""
+    return writable() and _subtree_roots()[2] is not None
 
 
 class SandboxCgroups:
@@ -141,9 +183,12 @@ class SandboxCgroups:
     def __init__(self, group: str) -> None:
         self.group = group
         self.v2 = (CGROUP_ROOT / "cgroup.controllers").exists()
-        memory_root, pids_root = _subtree_roots()
+        memory_root, pids_root, freezer = _subtree_roots()
         self._memory_base = memory_root / group
         self._pids_base = pids_root / group
+        self._freezer_base = freezer[0] / group if freezer is not None else None
+        self._freezer_v2 = freezer is not None and freezer[1]
+        self._guard: subprocess.Popen | None = None
         self.available = self._prepare()
 
     @staticmethod
@@ -153,14 +198,20 @@ class SandboxCgroups:
         Groups are named after their worker's pid (``owner_group``), so the sandboxes of a
         live agent or test run that shares this cgroup are left alone.
         """
+        memory_root, pids_root, freezer = _subtree_roots()
         groups = {
             child.name
-            for root in dict.fromkeys(_subtree_roots())
+            for root in dict.fromkeys([memory_root, pids_root, *(freezer or ())[:1]])
             if root.is_dir()
             for child in root.iterdir()
             if child.is_dir() and owner_gone(child.name)
         }
         return sum(SandboxCgroups(group).remove_all() for group in sorted(groups))
+
+    @property
+    def _bases(self) -> list[Path]:
+        freezer = [self._freezer_base] if self._freezer_base is not None else []
+        return list(dict.fromkeys([self._memory_base, self._pids_base, *freezer]))
 
     def _prepare(self) -> bool:
         try:
@@ -168,10 +219,16 @@ class SandboxCgroups:
                 base.mkdir(parents=True, exist_ok=True)
             if self.v2:
                 self._enable_v2_controllers()
-            return True
         except OSError as exc:
             logger.warning(f"[PROCESS] no cgroups for sandboxes ({exc}); falling back to rlimits")
             return False
+        if self._freezer_base is not None:
+            try:
+                self._freezer_base.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                logger.warning(f"[PROCESS] no freezer for sandboxes ({exc}): import-warm is off")
+                self._freezer_base = None
+        return True
 
     def _enable_v2_controllers(self) -> None:
         top = self._memory_base.parent
@@ -181,21 +238,34 @@ class SandboxCgroups:
     def create(self, name: str) -> SandboxCgroup:
         memory_dir = self._memory_base / name
         pids_dir = self._pids_base / name
-        for directory in dict.fromkeys([memory_dir, pids_dir]):
+        freezer_dir = self._freezer_base / name if self._freezer_base is not None else None
+        for directory in dict.fromkeys(d for d in (memory_dir, pids_dir, freezer_dir) if d):
             directory.mkdir(exist_ok=True)
         memory = CgroupV2Memory(memory_dir) if self.v2 else CgroupV1Memory(memory_dir)
-        return SandboxCgroup(memory_dir, pids_dir, memory)
+        freezer = None
+        if freezer_dir is not None:
+            freezer = Freezer(freezer_dir, self._freezer_v2)
+            if not self._freezer_v2 and self._guard is None:
+                self._guard = thaw_guard(freezer_dir.parent)
+        return SandboxCgroup(memory_dir, pids_dir, memory, freezer)
 
     def remove_all(self) -> int:
         """Remove every sandbox cgroup of this group (leftovers of an earlier agent too)."""
-        removed = 0
-        for base in dict.fromkeys([self._memory_base, self._pids_base]):
-            if not base.is_dir():
-                continue
-            for child in base.iterdir():
-                if child.is_dir():
-                    SandboxCgroup(child, child, CgroupV1Memory(child)).remove()
-                    removed += 1
+        names = sorted(
+            {child.name for base in self._bases if base.is_dir() for child in base.iterdir()
+             if child.is_dir()}
+        )
+        for name in names:
+            freezer = None
+            if self._freezer_base is not None:
+                freezer = Freezer(self._freezer_base / name, self._freezer_v2)
+            memory_dir = self._memory_base / name
+            SandboxCgroup(memory_dir, self._pids_base / name, CgroupV1Memory(memory_dir),
+                          freezer).remove()
+        for base in self._bases:
             with contextlib.suppress(OSError):
                 base.rmdir()
-        return removed
+        if self._guard is not None and self._guard.stdin is not None:
+            self._guard.stdin.close()  # nothing left to guard
+            self._guard.wait()
+        return len(names)

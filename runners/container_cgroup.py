@@ -1,5 +1,6 @@
-"""A Docker sandbox's processes and cgroup as the host sees them: for per-run peaks, limits
-and killing what a run left behind, without a Docker API call on the hot path."""
+"""A Docker sandbox's processes and cgroup as the host sees them: for per-run peaks, limits,
+freezing it between runs and killing what a run left behind, without a Docker API call on
+the hot path."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import psutil
 
+from .freezer import Freezer, freezer_of
 from .memory import CGROUP_ROOT, CgroupMemory, CgroupV1Memory, CgroupV2Memory
 
 KILL_ROUNDS = 20
@@ -51,6 +53,19 @@ class ContainerProcesses:
             time.sleep(0.001)
         return not self.strays()
 
+    def kill_frozen(self, freezer: Freezer | None) -> None:
+        """The container is being removed: if it can be frozen, SIGKILL all of its processes,
+        docker-init too, then thaw it, so that they end without running again (on v1 a
+        killed process stays frozen). The engine removes the rest."""
+        if freezer is None:
+            return
+        for pid in [*self.strays(), self.server_pid, self.init_pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(OSError):
+            freezer.thaw()
+        freezer.close()
+
 
 @dataclass(frozen=True)
 class ContainerCgroup:
@@ -58,6 +73,8 @@ class ContainerCgroup:
 
     memory: CgroupMemory
     pids_dir: Path
+    freezer: Freezer | None = None
+    """None where its freezer is out of reach (v1 without a freezer hierarchy)."""
 
     @property
     def procs_file(self) -> Path:
@@ -86,4 +103,6 @@ def find_cgroup(pid: int) -> ContainerCgroup | None:
         return None
     if not (memory.directory / probe).exists() or not (pids_dir / "pids.max").exists():
         return None  # e.g. an agent in another cgroup namespace: paths are not ours to read
-    return ContainerCgroup(memory, pids_dir)
+    found = freezer_of(paths)
+    freezer = Freezer(*found) if found is not None else None
+    return ContainerCgroup(memory, pids_dir, freezer if freezer and freezer.exists() else None)

@@ -5,7 +5,11 @@ the fork server of runners/forkserver/. The agent talks to it from the host over
 AF_UNIX socket in a bind-mounted directory, so a warm call is a fork inside the container:
 no ``docker exec`` (about 50 ms) and no Docker API call at all on the hot path. Limits are
 written to, and the per-invocation peak read from, the container's cgroup files directly.
-An idle container is paused after ``docker.pause_grace_seconds`` and unpaused on acquire.
+A container whose function has code of its own is frozen as soon as its run is over,
+through the same files (runners/freezer.py), and thawed when its next run starts; the engine
+sees it running. Where its freezer cannot be reached, nothing is preloaded and an idle
+container is paused through the engine after ``docker.pause_grace_seconds``, and unpaused on
+acquire.
 
 Host layout per container, under ``docker.socket_dir/<container name>/``:
 
@@ -43,6 +47,7 @@ from common.config import Config, MiB, docker_user_ids
 from common.errors import RuntimeUnavailable, SandboxError
 
 from .base import Invocation, RunOutcome, Sandbox, server_oom_outcome
+from .cgroups import freezer_root
 from .container_cgroup import ContainerCgroup, ContainerProcesses, find_cgroup
 from .container_cleanup import (
     DOCKER_TIMEOUT_S,
@@ -61,6 +66,7 @@ from .container_spec import (
     container_name,
     container_spec,
 )
+from .freezer import IdleFreezer, anchor
 from .isolation import Isolation, check_metadata_service
 from .pool import PooledRunner
 from .sandbox_server import SERVERS, SandboxClient, log_preload, preload_key
@@ -96,6 +102,9 @@ class DockerRunner(PooledRunner):
         self._docker: docker.DockerClient | None = None
         self._docker_lock = threading.Lock()
         self._reaper = Reaper(self._api)
+        self._idle = IdleFreezer()
+        if (root := freezer_root()) is not None:
+            anchor(root)
         with contextlib.suppress(SandboxError):  # an engine that is away now is retried later
             self._reaper.remove_dead_workers_containers()
         unavailable = {}
@@ -148,6 +157,7 @@ class DockerRunner(PooledRunner):
 
     def close(self) -> None:
         self.close_pools()
+        self._idle.close()
         self._reaper.close()
         if self._docker is not None:
             self._docker.close()
@@ -156,6 +166,7 @@ class DockerRunner(PooledRunner):
         assert isinstance(sandbox, DockerSandbox) and sandbox.client is not None
         launch = self._launch[sandbox.runtime]
         memory = sandbox.cgroup.memory if sandbox.cgroup else None
+        freezer = sandbox.cgroup.freezer if sandbox.cgroup else None
         oom_before = 0
         try:
             if sandbox.limit_mb != invocation.memory_mb:
@@ -167,6 +178,8 @@ class DockerRunner(PooledRunner):
             sandbox.healthy = False
             raise SandboxError(f"cannot set the container's limits: {describe(exc)}") from None
         env = invocation.environment(CONTAINER_PATH, "/tmp")
+        # Only a sandbox that can be frozen between its runs may hold its function's code.
+        preload = preload_key(self._config, sandbox) if freezer and launch.script else None
         started = time.monotonic()
         try:
             raw = sandbox.client.run(
@@ -177,7 +190,8 @@ class DockerRunner(PooledRunner):
                 stdin=invocation.stdin,
                 timeout_s=invocation.timeout_ms / 1000,
                 max_output_bytes=invocation.max_output_bytes,
-                preload=preload_key(self._config, sandbox),
+                preload=preload,
+                on_sent=(lambda: self._idle.wake(sandbox, freezer)) if freezer else None,
             )
             exit_code = os.waitstatus_to_exitcode(raw.status)
         except SandboxError:
@@ -204,6 +218,8 @@ class DockerRunner(PooledRunner):
             sandbox.healthy = False
         elif sandbox.processes is not None:
             sandbox.healthy = sandbox.processes.kill_strays()
+        if sandbox.healthy and freezer and preload is not None and launch.script is not None:
+            sandbox.healthy = self._idle.rest(sandbox, freezer, sandbox.client, launch.script)
         peak, source = raw.maxrss_bytes, "rusage"  # v2 without a resettable peak, or no cgroup
         if measured is not None and memory is not None:
             peak, source = measured, memory.source
@@ -363,9 +379,11 @@ class DockerRunner(PooledRunner):
         return True
 
     def _on_idle(self, sandbox: Sandbox, idle_s: float) -> None:
-        """Pause a container idle past the grace (a busy function is not paused per call)."""
+        """Pause a container idle past the grace (a busy function is not paused per call),
+        unless the agent freezes it between runs itself."""
         assert isinstance(sandbox, DockerSandbox)
-        if sandbox.paused or idle_s < self._config.docker.pause_grace_seconds:
+        frozen = sandbox.cgroup is not None and sandbox.cgroup.freezer is not None
+        if frozen or sandbox.paused or idle_s < self._config.docker.pause_grace_seconds:
             return
         assert sandbox.container is not None
         try:
@@ -385,8 +403,11 @@ class DockerRunner(PooledRunner):
     def destroy(self, sandbox: Sandbox) -> None:
         """Disconnect now; remove in the background."""
         assert isinstance(sandbox, DockerSandbox)
+        self._idle.forget(sandbox)
         if sandbox.client is not None:
             sandbox.client.close()
+        if sandbox.cgroup is not None and sandbox.processes is not None:
+            sandbox.processes.kill_frozen(sandbox.cgroup.freezer)
         if sandbox.server_fd >= 0:
             os.close(sandbox.server_fd)
             sandbox.server_fd = -1

@@ -15,6 +15,7 @@ import os
 import select
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,12 +108,21 @@ class ForkServerClient:
             self.socket_path, socket.SOCK_SEQPACKET, connect_timeout_s, "fork server"
         )
 
+    ready_at_reply = True
+    """The server waits for the next request once it replied (runners/freezer.py)."""
+
     def close(self) -> None:
         self._sock.close()
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
 
     def arm(self) -> None:
         """After the run's peak was read: nothing to get ready, a fork server forks per call
         (the node server starts its next Worker here)."""
+
+    def take_ready(self) -> None:
+        """Nothing to take: the server is ready once it replied (``ready_at_reply``)."""
 
     def run(
         self,
@@ -126,9 +136,12 @@ class ForkServerClient:
         max_output_bytes: int,
         rlimits: dict[str, int] | None = None,
         preload: str | None = None,
+        on_sent: Callable[[], None] | None = None,
     ) -> RawRun:
         """Run one function to completion (or timeout) and return what it produced.
-        ``preload``: the sandbox's code_key, when the server may preload its imports."""
+        ``preload``: the sandbox's code_key, when the server may preload its imports;
+        ``on_sent``: called once the request is sent (the runner thaws the sandbox then, so
+        its server finds the request as it wakes)."""
         in_r, in_w = os.pipe2(os.O_CLOEXEC)
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
@@ -153,13 +166,16 @@ class ForkServerClient:
         for fd in (in_r, out_w, err_w):
             os.close(fd)
         try:
-            return self._collect(in_w, out_r, err_r, stdin, timeout_s, max_output_bytes)
+            return self._collect(
+                in_w, out_r, err_r, stdin, timeout_s, max_output_bytes, on_sent
+            )
         finally:
             os.close(out_r)
             os.close(err_r)
 
     def _collect(
-        self, in_w: int, out_r: int, err_r: int, stdin: bytes, timeout_s: float, cap: int
+        self, in_w: int, out_r: int, err_r: int, stdin: bytes, timeout_s: float, cap: int,
+        on_sent: Callable[[], None] | None,
     ) -> RawRun:
         deadline = time.monotonic() + timeout_s
         captured = {out_r: Capped(cap), err_r: Capped(cap)}
@@ -170,6 +186,8 @@ class ForkServerClient:
         timed_out = False
         os.set_blocking(in_w, False)
         try:
+            if on_sent is not None:
+                on_sent()
             pending_in = _feed(in_w, pending_in)  # most stdins fit the pipe: no turn of the loop
             if not pending_in:
                 os.close(in_w)
@@ -207,50 +225,59 @@ class ForkServerClient:
                             poller.unregister(fd)
                             open_outputs.discard(fd)
                     else:
-                        message = self._receive_reply()
-                        if message is None:
-                            raise SandboxError("sandbox fork server died during the run")
-                        if "status" in message:
-                            reply = message
-                            deadline = time.monotonic() + _LINGER_S
-                            poller.unregister(sock)  # what follows is the preload's
+                        reply = self._receive_reply()
+                        deadline = time.monotonic() + _LINGER_S
+                        poller.unregister(sock)  # what follows is the preload's
         finally:
             if stdin_open:
                 os.close(in_w)
         out, err = captured[out_r], captured[err_r]
         preloaded = self._receive_preload() if reply.get("preloading") else None
-        return RawRun(
-            status=reply["status"],
-            timed_out=timed_out,
-            stdout=bytes(out.data),
-            stderr=bytes(err.data),
-            stdout_truncated=out.truncated,
-            stderr_truncated=err.truncated,
-            duration_ms=reply["duration_ns"] / 1e6,
-            maxrss_bytes=reply["maxrss_kb"] * 1024,
-            preload=preloaded,
-        )
+        try:
+            status = int(reply["status"])
+            os.waitstatus_to_exitcode(status)  # one a process can end with
+            return RawRun(
+                status=status,
+                timed_out=timed_out,
+                stdout=bytes(out.data),
+                stderr=bytes(err.data),
+                stdout_truncated=out.truncated,
+                stderr_truncated=err.truncated,
+                duration_ms=reply["duration_ns"] / 1e6,
+                maxrss_bytes=int(reply["maxrss_kb"]) * 1024,
+                preload=preloaded,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SandboxError(f"sandbox fork server sent a malformed reply: {exc!r}") from None
 
     def _receive_preload(self) -> dict:
         """The server's account of the imports it preloaded after this run."""
         self._sock.settimeout(_PRELOAD_WAIT_S)
         try:
-            data = self._sock.recv(MAX_REPLY)
-        except OSError as exc:
-            raise SandboxError(f"sandbox fork server failed while preloading: {exc}") from None
+            return self._receive("preloaded", "while preloading")
         finally:
             self._sock.settimeout(None)
-        if not data:
-            raise SandboxError("sandbox fork server died while preloading")
-        return json.loads(data)
 
-    def _receive_reply(self) -> dict | None:
-        """The server's next message; None when it went away."""
+    def _receive_reply(self) -> dict:
+        """The run's end, the one message the server sends during a run."""
+        return self._receive("status", "during the run")
+
+    def _receive(self, key: str, when: str) -> dict:
+        """The server's next packet, which must be a JSON object with ``key``: one packet of
+        at most MAX_REPLY bytes, so a sandbox cannot make the agent buffer more than that."""
         try:
-            data = self._sock.recv(MAX_REPLY)
+            data, _, flags, _ = self._sock.recvmsg(MAX_REPLY)
         except OSError as exc:
-            raise SandboxError(f"sandbox fork server failed: {exc}") from None
-        return json.loads(data) if data else None
+            raise SandboxError(f"sandbox fork server failed {when}: {exc}") from None
+        if not data:
+            raise SandboxError(f"sandbox fork server died {when}")
+        try:
+            message = json.loads(data) if not flags & socket.MSG_TRUNC else None
+        except ValueError:
+            message = None
+        if not isinstance(message, dict) or key not in message:
+            raise SandboxError(f"sandbox fork server sent a message it never sends {when}")
+        return message
 
     def _send_kill(self) -> None:
         try:

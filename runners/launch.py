@@ -27,6 +27,13 @@ class Launch:
     server: str = "fork"
     """The in-sandbox server (runners.sandbox_server.SERVERS) that runs the command."""
 
+    @property
+    def script(self) -> str | None:
+        """The main script whose imports its server preloads (import-warm): a python script
+        the fork server runs, a node script the node server runs; None for a command exec'd
+        per call."""
+        return os.path.basename(self.argv[1]) if self.python or self.server == "node" else None
+
 
 def resolve_launch(runtime: RuntimeConfig, path: str) -> Launch:
     """Find the runtime's program on the functions' PATH; see through interpreter shims."""

@@ -5,6 +5,11 @@ its ``index.js``): it keeps a worker thread started and waiting, so a call never
 start. Stdin, stdout and stderr travel as frames on one AF_UNIX stream socket (node cannot
 receive file descriptors). One ``run`` is one select loop in the calling thread, as with the
 fork server.
+
+A function runs in a Worker of the server's own process, so it can write on that socket
+too: what comes back is read as untrusted. Every frame is checked at its header against
+what the server may send (``FrameReader``), so a forged one ends the run as a SandboxError
+before its body is read, and the agent never holds more than one frame of it.
 """
 
 from __future__ import annotations
@@ -17,11 +22,12 @@ import signal
 import socket
 import struct
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from common.errors import SandboxError
 
-from .forkclient import Capped, RawRun, connect
+from .forkclient import MAX_REPLY, Capped, RawRun, connect
 
 NODESERVER_SOURCE = Path(__file__).with_name("nodeserver")
 """The node server: a directory, run as ``node NODESERVER_SOURCE SOCKET ...``."""
@@ -29,6 +35,7 @@ NODE_SOCKET_NAME = "nodeserver.sock"
 """As long as the fork server's socket name: docker.socket_dir's length check holds for both."""
 NODE_PROGRAMS = ("node", "nodejs")
 _HEADER = struct.Struct(">cI")
+_READY = _HEADER.pack(b"W", 0)
 _CHUNK = 65536
 _KILL_GRACE_S = 5.0
 
@@ -51,8 +58,15 @@ class NodeServerClient:
         self.socket_path = str(socket_path)
         self._sock = connect(self.socket_path, socket.SOCK_STREAM, connect_timeout_s, "node server")
 
+    ready_at_reply = False
+    """After a run (frame 'A') the server starts the next call's Worker, then says it is ready
+    with a frame 'W' (runners/freezer.py)."""
+
     def close(self) -> None:
         self._sock.close()
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
 
     def run(
         self,
@@ -66,9 +80,11 @@ class NodeServerClient:
         max_output_bytes: int,
         rlimits: dict[str, int] | None = None,
         preload: str | None = None,
+        on_sent: Callable[[], None] | None = None,
     ) -> RawRun:
         """Run one function to completion (or timeout) and return what it produced.
-        ``preload``: the sandbox's code_key, when the server may preload its files. The fork
+        ``preload``: the sandbox's code_key, when the server may preload its files;
+        ``on_sent``: called once the request is sent (see ForkServerClient.run). The fork
         server's ``python`` and ``rlimits`` mean nothing here: every call is node, in a Worker
         of the server's own process, which takes no per-call rlimits (see README)."""
         request = {
@@ -82,12 +98,13 @@ class NodeServerClient:
             self._sock.sendall(_frame(b"R", json.dumps(request).encode()) + _frame(b"I", stdin))
         except OSError as exc:
             raise SandboxError(f"sandbox node server is gone: {exc}") from None
+        if on_sent is not None:
+            on_sent()
         return self._collect(timeout_s, max_output_bytes)
 
     def _collect(self, timeout_s: float, cap: int) -> RawRun:
         deadline = time.monotonic() + timeout_s
-        out, err = Capped(cap), Capped(cap)
-        pending = b""
+        frames = FrameReader(cap)
         timed_out = False
         while True:
             wait = deadline - time.monotonic()
@@ -100,27 +117,9 @@ class NodeServerClient:
                 continue
             if not select.select([self._sock], [], [], wait)[0]:
                 continue
-            try:
-                chunk = self._sock.recv(_CHUNK)
-            except OSError as exc:
-                raise SandboxError(f"sandbox node server failed: {exc}") from None
-            if not chunk:
-                raise SandboxError("sandbox node server died during the run")
-            pending += chunk
-            while len(pending) >= _HEADER.size:
-                kind, length = _HEADER.unpack_from(pending)
-                if len(pending) < _HEADER.size + length:
-                    break
-                body = pending[_HEADER.size : _HEADER.size + length]
-                pending = pending[_HEADER.size + length :]
-                if kind == b"O":
-                    out.add(body)
-                elif kind == b"E":
-                    err.add(body)
-                elif kind == b"X":
-                    return _raw_run(json.loads(body), out, err, timed_out)
-                else:
-                    raise SandboxError(f"sandbox node server sent an unknown frame {kind!r}")
+            reply = frames.receive(self._sock)
+            if reply is not None:
+                return _raw_run(reply, frames.out, frames.err, timed_out)
 
     def _send_kill(self) -> None:
         try:
@@ -134,23 +133,107 @@ class NodeServerClient:
         with contextlib.suppress(OSError):
             self._sock.sendall(_frame(b"A", b""))
 
+    def take_ready(self) -> None:
+        """Between runs, once the socket is readable: take the server's 'W' frame off it, if
+        that is what waits there; anything else is left to the next run, which refuses it."""
+        with contextlib.suppress(OSError):
+            if self._sock.recv(_HEADER.size, socket.MSG_PEEK | socket.MSG_DONTWAIT) == _READY:
+                self._sock.recv(_HEADER.size)
+
 
 def _frame(kind: bytes, body: bytes) -> bytes:
     return _HEADER.pack(kind, len(body)) + body
 
 
+class FrameReader:
+    """The frames of one run, as they arrive, each checked at its header against what the
+    server sends (protocol.js): stdout and stderr frames that are not empty and stay within
+    the output cap in all (the server drops the rest and says how much), one 'X' of at most
+    MAX_REPLY bytes, and at most one 'W' left from before the run. Anything else ends the run
+    as a SandboxError, so a frame announcing a gigabyte costs its five header bytes, and a
+    flood of small frames at most the cap. The buffer grows linearly: appended to, consumed
+    from the front (a bytearray's ``del b[:n]`` moves no bytes)."""
+
+    def __init__(self, cap: int) -> None:
+        self.out, self.err = Capped(cap), Capped(cap)
+        self._buffer = bytearray()
+        self._settled = False
+
+    def receive(self, sock: socket.socket) -> dict | None:
+        """Read what ``sock`` has (one recv) and take the whole frames in it; the run's reply
+        once its 'X' frame came."""
+        try:
+            chunk = sock.recv(_CHUNK)
+        except OSError as exc:
+            raise SandboxError(f"sandbox node server failed: {exc}") from None
+        if not chunk:
+            raise SandboxError("sandbox node server died during the run")
+        buffer = self._buffer
+        buffer += chunk
+        at = 0
+        try:
+            while len(buffer) - at >= _HEADER.size:
+                kind, length = _HEADER.unpack_from(buffer, at)
+                self._check(kind, length)
+                end = at + _HEADER.size + length
+                if len(buffer) < end:
+                    break
+                body = bytes(buffer[at + _HEADER.size : end])
+                at = end
+                if kind == b"O":
+                    self.out.add(body)
+                elif kind == b"E":
+                    self.err.add(body)
+                elif kind == b"X":
+                    return _reply(body)
+        finally:
+            del buffer[:at]
+        return None
+
+    def _check(self, kind: bytes, length: int) -> None:
+        if kind in (b"O", b"E"):
+            stream = self.out if kind == b"O" else self.err
+            if length == 0 or len(stream.data) + length > stream.limit:
+                raise SandboxError(
+                    f"sandbox node server sent a {kind.decode()} frame of {length} bytes "
+                    f"after {len(stream.data)}, past the output cap ({stream.limit})"
+                )
+        elif kind == b"X":
+            if length > MAX_REPLY:
+                raise SandboxError(f"sandbox node server sent a reply of {length} bytes")
+        elif kind == b"W" and length == 0 and not self._settled:
+            self._settled = True  # said of the Worker armed before this run, which took it
+        else:
+            raise SandboxError(
+                f"sandbox node server sent a frame it never sends ({kind!r}, {length} bytes)"
+            )
+
+
+def _reply(body: bytes) -> dict:
+    try:
+        reply = json.loads(body)
+    except ValueError:
+        reply = None
+    if not isinstance(reply, dict):
+        raise SandboxError("sandbox node server sent a malformed reply")
+    return reply
+
+
 def _raw_run(reply: dict, out: Capped, err: Capped, timed_out: bool) -> RawRun:
-    # As a wait status, so both servers' runs read the same: a killed run is a SIGKILL.
-    status = signal.SIGKILL if reply["killed"] else (reply["exitCode"] & 0xFF) << 8
-    dropped = reply["dropped"]
-    return RawRun(
-        status=status,
-        timed_out=timed_out,
-        stdout=bytes(out.data),
-        stderr=bytes(err.data),
-        stdout_truncated=out.truncated or dropped["stdout"] > 0,
-        stderr_truncated=err.truncated or dropped["stderr"] > 0,
-        duration_ms=reply["durationNs"] / 1e6,
-        maxrss_bytes=reply["maxrssBytes"],
-        preload=reply.get("preload"),
-    )
+    try:
+        # As a wait status, so both servers' runs read the same: a killed run is a SIGKILL.
+        status = signal.SIGKILL if reply["killed"] else (int(reply["exitCode"]) & 0xFF) << 8
+        dropped = reply["dropped"]
+        return RawRun(
+            status=status,
+            timed_out=timed_out,
+            stdout=bytes(out.data),
+            stderr=bytes(err.data),
+            stdout_truncated=out.truncated or dropped["stdout"] > 0,
+            stderr_truncated=err.truncated or dropped["stderr"] > 0,
+            duration_ms=reply["durationNs"] / 1e6,
+            maxrss_bytes=int(reply["maxrssBytes"]),
+            preload=reply.get("preload"),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SandboxError(f"sandbox node server sent a malformed reply: {exc!r}") from None

@@ -36,6 +36,7 @@ from . import cgroups
 from .base import Invocation, RunOutcome, Sandbox, server_oom_outcome
 from .cgroups import SandboxCgroup, SandboxCgroups, owner_group
 from .forkclient import FORKSERVER_SOURCE
+from .freezer import IdleFreezer, anchor
 from .hostpaths import world_writable
 from .isolation import Isolation, check_metadata_service, metadata_exposure
 from .launch import resolve_launches
@@ -93,6 +94,9 @@ class ProcessRunner(PooledRunner):
         remove_stale_dirs(Path(config.paths.work_dir))
         self._base_dir = Path(config.paths.work_dir) / group
         self._cgroups = SandboxCgroups(group)
+        self._idle = IdleFreezer()
+        if (freezer_root := cgroups.freezer_root()) is not None:
+            anchor(freezer_root)
         make_dir(self._base_dir, 0o711)
         self._uids: SandboxUids | None = None
         self._cover: tuple[str, ...] = ()
@@ -123,8 +127,16 @@ class ProcessRunner(PooledRunner):
         missing: dict[str, str] = {}
         if cgroups.writable():
             holds.append("cgroup")
+            if not cgroups.can_freeze():
+                missing["freezer"] = (
+                    "no cgroup2 tree and no v1 freezer hierarchy: idle sandboxes are not "
+                    "frozen, so import-warm is off"
+                )
         else:
-            missing["cgroup"] = "cgroups not writable: memory and pids limits by rlimits only"
+            missing["cgroup"] = (
+                "cgroups not writable: memory and pids limits by rlimits only, and no freezer "
+                "for idle sandboxes, so import-warm is off"
+            )
             if any(server_for(rt.command) == "node" for rt in config.runtimes.values()):
                 # The node server runs functions in its own process: no per-run rlimits.
                 missing["node limits"] = (
@@ -152,6 +164,7 @@ class ProcessRunner(PooledRunner):
 
     def close(self) -> None:
         self.close_pools()
+        self._idle.close()
         if self._cgroups.available:
             self._cgroups.remove_all()
         shutil.rmtree(self._base_dir, ignore_errors=True)
@@ -160,6 +173,7 @@ class ProcessRunner(PooledRunner):
         assert isinstance(sandbox, ProcessSandbox) and sandbox.client is not None
         launch = self._launch[sandbox.runtime]
         cgroup = sandbox.cgroup
+        freezer = cgroup.freezer if cgroup is not None else None
         rlimits = None
         oom_before = 0
         try:
@@ -178,6 +192,8 @@ class ProcessRunner(PooledRunner):
             raise SandboxError(f"cannot set the sandbox limits: {exc}") from None
         home = PRIVATE_HOME if "mount" in sandbox.holds else str(sandbox.home)
         env = invocation.environment(self._config.process.path, home)
+        # Only a sandbox that can be frozen between its runs may hold its function's code.
+        preload = preload_key(self._config, sandbox) if freezer and launch.script else None
         started = time.monotonic()
         try:
             raw = sandbox.client.run(
@@ -189,7 +205,8 @@ class ProcessRunner(PooledRunner):
                 timeout_s=invocation.timeout_ms / 1000,
                 max_output_bytes=invocation.max_output_bytes,
                 rlimits=rlimits,
-                preload=preload_key(self._config, sandbox),
+                preload=preload,
+                on_sent=(lambda: self._idle.wake(sandbox, freezer)) if freezer else None,
             )
         except SandboxError:
             sandbox.healthy = False
@@ -220,6 +237,8 @@ class ProcessRunner(PooledRunner):
         sandbox.client.arm()
         if raw.timed_out or oom:
             sandbox.healthy = False
+        elif freezer is not None and preload is not None and launch.script is not None:
+            sandbox.healthy = self._idle.rest(sandbox, freezer, sandbox.client, launch.script)
         return raw.outcome(exit_code=exit_code, oom_killed=oom, peak=peak, source=source)
 
     def create(self, runtime: str) -> ProcessSandbox:
@@ -329,9 +348,12 @@ class ProcessRunner(PooledRunner):
 
     def destroy(self, sandbox: Sandbox) -> None:
         assert isinstance(sandbox, ProcessSandbox)
+        self._idle.forget(sandbox)
         if sandbox.client is not None:
             sandbox.client.close()
         ended = sandbox.process is None  # nothing ever ran as its uid
+        if sandbox.cgroup is not None:
+            sandbox.cgroup.kill_frozen()  # else a frozen server would never exit
         if sandbox.process is not None:
             sandbox.process.kill()
             sandbox.process.wait()

@@ -290,6 +290,47 @@ def put_code(sandbox: Any, files: dict[str, str], key: str) -> None:
     sandbox.code_key = key
 
 
+def sandbox_pids(sandbox: Any) -> list[int]:
+    """Every process of a process sandbox (its cgroup's) or of a Docker sandbox's container."""
+    processes = getattr(sandbox, "processes", None)
+    if processes is not None:
+        return [processes.init_pid, processes.server_pid, *processes.strays()]
+    return list(sandbox.cgroup.pids())
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU the processes ``pids`` (all their threads) used so far, from /proc."""
+    ticks = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def idle_cpu_seconds(sandbox: Any, seconds: float = 2.0) -> float:
+    """The CPU a sandbox's processes use over ``seconds`` of doing nothing."""
+    pids = sandbox_pids(sandbox)
+    before = cpu_seconds(pids)
+    time.sleep(seconds)
+    return cpu_seconds(pids) - before
+
+
+def frozen(sandbox: Any) -> bool:
+    """Whether a sandbox's cgroup freezer has stopped it."""
+    return cgroup_frozen(sandbox.cgroup.freezer.directory)
+
+
+def cgroup_frozen(directory: Path) -> bool:
+    """Whether the cgroup ``directory`` is frozen (v1 freezer.state, v2 cgroup.events): v1
+    says FREEZING, v2 ``frozen 0``, until each of its processes has stopped."""
+    if (directory / "freezer.state").exists():
+        return (directory / "freezer.state").read_text().strip() == "FROZEN"
+    return "frozen 1" in (directory / "cgroup.events").read_text()
+
+
 SIGNAL_FACTS = """\
 import json, signal
 masks = dict(line.split(":") for line in open("/proc/self/status") if line.startswith("Sig"))

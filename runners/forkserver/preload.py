@@ -10,6 +10,11 @@ that pass itself, with the function's directory on sys.path. Every later fork st
 them in memory, as copies: what a run changes in a module never reaches the next run. A
 sandbox serves one function@version (the agent's ``code_key``), so this happens once per
 sandbox; a run for another key gets none of the function's modules.
+
+The vetting cannot see everything a module may leave in the server (a thread started later,
+a hook the server calls, a process it spawned), so the agent asks for preloading only of a
+sandbox it freezes between runs (runners/freezer.py): what the function's modules left runs
+only while a run of that function lasts.
 """
 
 import _thread

@@ -14,11 +14,28 @@ class NextWorker {
     this.warmupPath = warmupPath;
     this.preload = preload;
     this.armed = null;
+    this.settled = null;
   }
 
   // Starts the next call's Worker, unless one is armed.
   arm() {
     if (this.armed === null) this.armed = this.spawn();
+  }
+
+  // Calls `done` once nothing in this process runs but what waits for a call: the armed
+  // Worker has booted with its preloads (the function's files), or none is armed. The agent
+  // freezes the sandbox then, until its next call (runners/freezer.py); a call taken first
+  // calls it off (`take`).
+  whenSettled(done) {
+    this.settled = done;
+    this.check();
+  }
+
+  check() {
+    const { armed, settled } = this;
+    if (settled === null || (armed !== null && Atomics.load(armed.state, 0) !== BOOTED)) return;
+    this.settled = null;
+    settled();
   }
 
   // A new Worker that boots and requires `files`; past its budget it is ended.
@@ -36,7 +53,10 @@ class NextWorker {
       if (this.armed !== armed) return;
       this.armed = null; // died waiting: re-armed without what killed it, or on demand
       if (this.preload.judge(armed)) this.armed = this.spawn();
+      this.check();
     });
+    const boot = Atomics.waitAsync(state, 0, BOOTING, PRELOAD_BUDGET_MS + BOOT_WAIT_MS);
+    if (boot.async) boot.value.then(() => this.check());
     if (files.length > 0) {
       setTimeout(() => {
         if (this.armed !== armed || Atomics.load(state, 0) !== BOOTING) return;
@@ -53,6 +73,7 @@ class NextWorker {
   // start is not.
   take(key) {
     const arrived = process.hrtime.bigint();
+    this.settled = null;
     const armed = this.armed || this.spawn();
     this.armed = null;
     if (armed.files.length === 0) {

@@ -7,7 +7,9 @@
 // a timer, leaves a handle open or ends its Worker, or that does not load within
 // PRELOAD_BUDGET_MS (with those before it), is left out for good: its Worker is discarded and
 // every call requires it itself, as without preloading. The stand-ins that notice those are
-// in worker.js; this file keeps the verdicts.
+// in worker.js; this file keeps the verdicts. What they cannot notice (an interval set through
+// another reference, a Worker or a process of its own) stops when the Worker is ready: the
+// agent freezes the sandbox then, until its next call (frame 'W', runners/freezer.py).
 
 const path = require('path');
 const { BOOTED } = require('./worker');

@@ -4,13 +4,15 @@
 //
 //   -> 'R' {"argv": [...], "cwd": ..., "env": {...}, "maxOutputBytes": n, "preload": key},
 //      then 'I' stdin
-//   <- 'O' stdout bytes, 'E' stderr bytes (each at most maxOutputBytes in all)
+//   <- 'O' stdout bytes, 'E' stderr bytes (never empty; each at most maxOutputBytes in all)
 //   -> 'K' (optional: kill, e.g. on timeout)
 //   <- 'X' {"exitCode": n, "killed": bool, "durationNs": n, "maxrssBytes": n,
 //          "dropped": {"stdout": n, "stderr": n},
 //          "preload": {"preloaded": [file, ...], "left_out": {file: why}} (when it changed)}
 //   -> 'A' (the run's peak is read: start the next Worker now, so that neither its start
 //          nor its preloading is in a run's peak; without it, the next run starts one)
+//   <- 'W' (empty: that Worker has booted with its preloads, or none is armed; the agent
+//          freezes the sandbox until its next call. Not sent when a call comes first)
 //
 // argv is [interpreter, script, ...args]: the script runs as `node script args` would
 // (require.main, process.argv, exit codes, uncaught errors on stderr with exit code 1).

@@ -71,7 +71,7 @@ class Server {
     const emit = (name, type, chunk) => {
       const room = Math.max(0, cap - run.sent[name]);
       if (chunk.length > room) run.dropped[name] += chunk.length - room;
-      if (room > 0) {
+      if (room > 0 && chunk.length > 0) { // the agent takes an empty frame for a forged one
         const part = chunk.subarray(0, room);
         run.sent[name] += part.length;
         conn.write(frame(type, part));
@@ -139,7 +139,10 @@ class Server {
       } else if (type === 'K') {
         this.kill();
       } else if (type === 'A') {
-        if (this.run === null) this.next.arm();
+        if (this.run === null) {
+          this.next.arm();
+          this.next.whenSettled(() => conn.write(frame('W', Buffer.alloc(0))));
+        }
       } else {
         return false;
       }

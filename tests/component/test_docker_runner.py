@@ -26,7 +26,7 @@ from typing import Any
 import docker
 import pytest
 from docker.errors import NotFound
-from helpers import SIGNAL_FACTS, assert_default_signals, put_code, wait_until
+from helpers import SIGNAL_FACTS, assert_default_signals, frozen, put_code, wait_until
 
 from common.config import Config, from_dict
 from common.errors import ConfigError, SandboxError
@@ -213,20 +213,34 @@ def test_a_call_starts_with_the_default_signal_dispositions(runner: DockerRunner
         assert_default_signals(out)
 
 
-def test_idle_container_is_paused_and_unpaused_on_acquire(engine: docker.DockerClient) -> None:
+def test_an_idle_container_is_frozen_until_its_next_run(engine: docker.DockerClient) -> None:
+    """A container whose function has code of its own (preloaded into its server) is frozen
+    through its cgroup's files on the host as its run ends, with no engine call: nothing in
+    it runs until the next run thaws it (see test_import_warm.py). One whose function is its
+    main script alone holds nothing of it between runs, and is left running."""
+    files = {"main.py": "import helper\nprint(helper.WORD)\n", "helper.py": "WORD = 'hi'\n"}
     with warm_runner(pause_grace=0.2) as r:
-        _, sandbox = run(r, "print('hi')")
-        assert sandbox.container is not None
-        wait_until(
-            lambda: engine.containers.get(sandbox.container.id).status == "paused",
-            timeout=5,
-            what="the idle container to be paused",
-        )
-        started = time.monotonic()
-        out, again = run(r, "print('hi')")
-        assert again is sandbox and not again.cold_start and out.stdout == b"hi\n"
-        assert engine.containers.get(sandbox.container.id).status == "running"
-        assert time.monotonic() - started < 1
+        used = []
+        for _ in range(2):
+            started = time.monotonic()
+            sandbox = r.acquire("python", "own@1")
+            try:
+                put_code(sandbox, files, "own@1")
+                out = r.run(sandbox, invocation())
+            finally:
+                r.release(sandbox)
+            assert out.stdout == b"hi\n" and time.monotonic() - started < 1
+            assert isinstance(sandbox, DockerSandbox) and sandbox.container is not None
+            # FREEZING until each of its processes was scheduled once
+            wait_until(lambda s=sandbox: frozen(s), timeout=2, what="the container to freeze")
+            time.sleep(0.5)  # past the pause grace: the engine is not asked to pause it
+            assert engine.containers.get(sandbox.container.id).status == "running"
+            used.append(sandbox)
+        assert used[0] is used[1]  # thawed for its second run
+        _, alone = run(r, "print('hi')")
+        time.sleep(0.5)
+        assert not frozen(alone)
+        assert engine.containers.get(alone.container.id).status == "running"
 
 
 # -- per-invocation memory --------------------------------------------------------------------
@@ -460,10 +474,15 @@ def test_a_function_that_kills_its_fork_server_fails_and_is_replaced(
     assert out.stdout == b"ok\n"
 
 
-def test_a_dead_idle_container_is_replaced_at_acquire(runner: DockerRunner) -> None:
+def test_a_dead_idle_container_is_replaced_at_acquire(
+    runner: DockerRunner, engine: docker.DockerClient
+) -> None:
+    """Killed through the engine, as an idle container dies (docker kill, an engine restart;
+    the OOM killer also ends a frozen one); a bare SIGKILL to its frozen server would wait for
+    the thaw of its next run, which then fails as a sandbox error."""
     _, sandbox = run(runner, "print(1)")
-    assert sandbox.processes is not None
-    os.kill(sandbox.processes.server_pid, signal.SIGKILL)
+    assert sandbox.container is not None
+    engine.containers.get(sandbox.container.id).kill()
     wait_until(lambda: select.select([sandbox.server_fd], [], [], 0)[0], timeout=5)
     out, fresh = run(runner, "print(1)")
     assert fresh is not sandbox and fresh.cold_start and out.stdout == b"1\n"

@@ -13,6 +13,8 @@ import json
 import os
 import shutil
 import tempfile
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -22,6 +24,7 @@ from helpers import RedisServer, put_code, unreached_listener, wait_until
 from test_hostile import CONTRACT_ENV, MAX_OUTPUT, MAX_PIDS, SECRET, MiB, make_config
 
 from common.config import Config, RuntimeConfig
+from common.errors import SandboxError
 from runners import container_cleanup
 from runners.base import Invocation, Runner
 from runners.docker import DockerRunner
@@ -174,3 +177,81 @@ def test_node_cannot_write_its_code_and_tmp_stops_at_its_cap(hostile_node: NodeH
     for name in ("overwrite", "create", "mkdir"):
         assert seen[name] in ("EROFS", "EACCES", "EPERM"), seen
     assert seen["error"] == "ENOSPC" and seen["written"] <= hostile_node.tmpfs_mb * MiB
+
+
+FLOOD = r"""
+const fs = require('fs');
+// The agent's connection is a socket of this process (the node server's): write on every one.
+const link = (fd) => {
+  try { return fs.readlinkSync(`/proc/self/fd/${fd}`); } catch { return ''; }
+};
+const fds = fs.readdirSync('/proc/self/fd');
+const sockets = fds.filter((fd) => link(fd).startsWith('socket:')).map(Number);
+const frame = (type, length, body) => {
+  const header = Buffer.alloc(5);
+  header.write(type, 0, 'latin1');
+  header.writeUInt32BE(length, 1);
+  return Buffer.concat([header, body]);
+};
+const huge = JSON.parse(fs.readFileSync(0, 'utf8')).huge;
+const first = huge ? frame('O', 2 ** 30, Buffer.alloc(0)) : Buffer.alloc(0);
+const chunk = huge ? Buffer.alloc(2 ** 20, 120) : frame('O', 16, Buffer.alloc(16, 120));
+const until = Date.now() + 8000;
+for (const fd of sockets) try { fs.writeSync(fd, first); } catch {}
+while (Date.now() < until) for (const fd of sockets) try { fs.writeSync(fd, chunk); } catch {}
+"""
+HELLO = "console.log('hello');\n"
+
+
+def rss_bytes() -> int:
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.parametrize("huge", [True, False], ids=["a 1 GiB frame", "small frames"])
+def test_a_frame_flood_ends_its_run_and_costs_the_agent_no_memory(
+    hostile_node: NodeHarness, huge: bool
+) -> None:
+    """Frames forged on the server's socket end the run as a sandbox error at once, the agent
+    holds no more than a frame of them, and a hello in another sandbox goes on as before."""
+    runner = hostile_node.runner
+    neighbour = runner.acquire("node", "hello")
+    put_code(neighbour, {"main.js": HELLO}, "hello")
+    flooder = runner.acquire("node", "flood")
+    put_code(flooder, {"main.js": FLOOD}, "flood")
+    hellos: list[float] = []
+    peak = baseline = rss_bytes()
+    outcome: list[BaseException | float] = []
+
+    def flood() -> None:
+        started = time.monotonic()
+        try:
+            runner.run(flooder, node_invocation(json.dumps({"huge": huge}).encode(), 10_000))
+        except BaseException as exc:  # noqa: BLE001  examined below
+            outcome.append(exc)
+        outcome.append(time.monotonic() - started)
+
+    thread = threading.Thread(target=flood)
+    thread.start()
+    while thread.is_alive() or len(hellos) < 3:
+        started = time.monotonic()
+        out = runner.run(neighbour, node_invocation(b"{}", 5000))
+        hellos.append(time.monotonic() - started)
+        assert (out.exit_code, out.stdout) == (0, b"hello\n"), out.stderr
+        peak = max(peak, rss_bytes())
+    thread.join()
+    runner.release(neighbour)
+    runner.release(flooder)
+    error, took = outcome
+    assert took < 2, f"the flood's run lasted {took:.1f} s"
+    assert peak - baseline < 5 * MiB, f"the agent grew by {(peak - baseline) / MiB:.1f} MiB"
+    assert isinstance(error, SandboxError) and "past the output cap" in str(error), error
+    assert not flooder.healthy
+    assert max(hellos) < 0.5, hellos
+    wait_until(lambda: runner.pool_stats()["node"]["warm"] >= 1, timeout=30, what="a new sandbox")
+    assert hostile_node.probe("console.log(JSON.stringify(1));\n", key="after") == 1
+
+
+def node_invocation(stdin: bytes, timeout_ms: int) -> Invocation:
+    return Invocation(
+        "req-hostile", "fn", ("node", "main.js"), stdin, 128, timeout_ms, MAX_OUTPUT, MAX_PIDS
+    )

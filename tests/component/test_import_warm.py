@@ -10,16 +10,20 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import put_code
+from helpers import idle_cpu_seconds, put_code, wait_until
 from test_docker_runner import agent, engine  # noqa: F401  fixtures: labels and cleanup
 
 from common.config import from_dict
+from common.errors import SandboxError
+from runners import cgroups, container_cgroup, freezer
 from runners.base import Invocation, Runner, RunOutcome
+from runners.cgroups import SandboxCgroups
 from runners.docker import DockerRunner
 from runners.forkclient import FORKSERVER_SOURCE, ForkServerClient
 from runners.process import ProcessRunner
@@ -202,6 +206,173 @@ def test_a_functions_module_named_like_the_servers_is_its_own(runner: Runner) ->
         assert [entry for entry in seen["path"] if "forkserver" in entry] == []
         assert seen["named"] == {
             "_nanogrid_forkserver": os.path.join(seen["cwd"], "_nanogrid_forkserver.py")}
+
+SPINNER = """import os, threading
+def spin():
+    while True:
+        pass
+# What the vetting helper never sees: it is neither PID 1 of its namespace (process runner)
+# nor docker-init's child (Docker); the server is.
+IN_SERVER = {in_server}
+if IN_SERVER:
+    threading.Thread(target=spin, daemon=True).start()
+ANSWER = 42
+"""
+SPINNING = {
+    "main.py": "import json, sys, spinner\n"
+    "print(json.dumps({'answer': spinner.ANSWER * json.load(sys.stdin)['times'],"
+    " 'in_server': spinner.IN_SERVER}))\n",
+}
+
+
+CGROUP = Path("/sys/fs/cgroup")
+FREEZERS = [
+    version
+    for version, mounted in (
+        ("v1", (CGROUP / "freezer" / "cgroup.procs").exists()),
+        ("v2", any((t / "cgroup.controllers").exists() for t in (CGROUP, CGROUP / "unified"))),
+    )
+    if mounted
+]
+"""The freezers this host has: v1's freezer hierarchy (what a host that mounts it uses) and a
+cgroup2 tree (what a v2 host uses); a hybrid host has both."""
+
+
+@pytest.fixture(params=FREEZERS)
+def freezing(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Sandboxes made from now on get this freezer (as on a host that has only it)."""
+    v2 = request.param == "v2"
+
+    def only(paths: dict[str, str]) -> tuple[Path, bool] | None:
+        return freezer.freezer_of({name: path for name, path in paths.items() if v2 == (not name)})
+
+    monkeypatch.setattr(cgroups, "freezer_of", only)
+    monkeypatch.setattr(container_cgroup, "freezer_of", only)
+    return request.param
+
+
+def test_a_module_that_spins_only_in_the_server_uses_no_cpu_while_idle(
+    freezing: str, kind: str
+) -> None:
+    """Its thread runs only while a run of its function is in flight: the sandbox is frozen
+    between runs, and its later calls are still right."""
+    in_server = "os.getpid() == 1" if kind == "process" else "os.getppid() == 1"
+    files = {**SPINNING, "spinner.py": SPINNER.format(in_server=in_server)}
+    seen = []
+    for runner in make_runner(kind):  # made after ``freezing`` chose the freezer
+        for times in (1, 2, 3):
+            sandbox = runner.acquire("python", "spin@1")
+            try:
+                put_code(sandbox, files, "spin@1")
+                stdin = json.dumps({"times": times}).encode()
+                invocation = Invocation("r", "fn", ("python3", "main.py"), stdin, 256, 10_000,
+                                        10_000, 32)
+                out = runner.run(sandbox, invocation)
+            finally:
+                runner.release(sandbox)
+            assert out.exit_code == 0, out.stderr.decode()
+            seen.append(json.loads(out.stdout))
+            assert idle_cpu_seconds(sandbox) < 0.05, "the sandbox ran while idle"
+    # The first call imported it itself; the server then did, and started the thread there.
+    assert seen == [{"answer": 42 * n, "in_server": n > 1} for n in (1, 2, 3)]
+
+
+AGENT = """import json, os, sys, tempfile
+from pathlib import Path
+sys.path.insert(0, os.getcwd())
+from loguru import logger
+logger.remove()
+from common.config import from_dict
+from runners import cgroups, freezer
+from runners.base import Invocation
+from runners.process import ProcessRunner
+work = sys.argv[1]
+v2 = sys.argv[3] == "v2"  # as the freezing fixture does
+cgroups.freezer_of = lambda paths: freezer.freezer_of(
+    {name: path for name, path in paths.items() if v2 == (not name)})
+config = from_dict({"runner": "process", "workers": 1, "runtimes": {"python": {"warm": 1}},
+    "paths": {"work_dir": f"{work}/w", "code_cache_dir": f"{work}/c", "outbox_dir": f"{work}/o"}})
+runner = ProcessRunner(config, 0)
+sandbox = runner.acquire("python", "spin@1")
+for name, text in json.loads(sys.argv[2]).items():
+    (sandbox.code_dir / name).write_text(text)
+sandbox.code_key = "spin@1"
+invocation = Invocation("r", "fn", ("python3", "main.py"), b'{"times": 1}', 256, 10_000, 10_000, 32)
+assert runner.run(sandbox, invocation).exit_code == 0
+runner.release(sandbox)
+print(json.dumps(sandbox.cgroup.pids()), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_frozen_sandbox_dies_with_its_agent(freezing: str) -> None:
+    """A worker killed with SIGKILL leaves no sandbox behind, frozen ones included: each dies
+    of its death signal (v2's freezer lets a SIGKILL through), or, frozen by v1's, is killed
+    and thawed by the guard the worker left (runners.freezer.thaw_guard)."""
+    files = {**SPINNING, "spinner.py": SPINNER.format(in_server="os.getpid() == 1")}
+    work = tempfile.mkdtemp(prefix="ng-iw-")  # sandbox users traverse it
+    os.chmod(work, 0o711)
+    worker = subprocess.Popen(
+        [sys.executable, "-c", AGENT, work, json.dumps(files), freezing],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=Path(__file__).parents[2],
+    )
+    try:
+        assert worker.stdout is not None
+        pids = json.loads(worker.stdout.readline())
+        assert pids and all(Path(f"/proc/{pid}").exists() for pid in pids)
+    finally:
+        worker.kill()
+        worker.wait()
+    try:
+        wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in pids), timeout=5,
+                   what="the frozen sandbox to die with its agent")
+    finally:
+        SandboxCgroups.remove_stale()  # its cgroups, made by a worker that is gone
+        shutil.rmtree(work, ignore_errors=True)
+
+
+FORGER = """import os, socket, threading, time
+def forge():
+    time.sleep(0.5)  # past the first call, which then ends as it should
+    while True:  # on every socket of the server: the agent's connection is one
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                if os.readlink(f"/proc/self/fd/{{fd}}").startswith("socket:"):
+                    with socket.socket(fileno=os.dup(int(fd))) as sock:
+                        sock.send({packet!r})
+            except OSError:
+                pass
+        time.sleep(0.001)
+if {in_server}:
+    threading.Thread(target=forge, daemon=True).start()
+"""
+
+
+@pytest.mark.parametrize("packet", [b"\xff" * 100, b'{"forged": true}'], ids=["junk", "json"])
+def test_a_reply_forged_by_a_preloaded_module_ends_its_run_as_a_sandbox_error(
+    kind: str, runner: Runner, packet: bytes
+) -> None:
+    """A module in the server may write on the agent's connection while a run of its function
+    is in flight: any packet but the run's reply ends that run, and the sandbox is replaced."""
+    in_server = "os.getpid() == 1" if kind == "process" else "os.getppid() == 1"
+    files = {
+        "main.py": "import time, forger\ntime.sleep(0.2)\nprint('done')\n",
+        "forger.py": FORGER.format(in_server=in_server, packet=packet),
+    }
+    assert call_text(runner, files, "forge@1") == "done"  # then the server imports forger
+    time.sleep(0.6)  # its thread's sleep is over by the next run
+    sandbox = runner.acquire("python", "forge@1")
+    try:
+        invocation = Invocation("r", "fn", ("python3", "main.py"), b"", 256, 10_000, 10_000, 32)
+        started = time.monotonic()
+        with pytest.raises(SandboxError, match="a message it never sends"):
+            runner.run(sandbox, invocation)
+        assert time.monotonic() - started < 5
+    finally:
+        runner.release(sandbox)
+    assert not sandbox.healthy
+    assert call_text(runner, files, "forge@1") == "done"  # in a new sandbox
+
 
 def call_text(runner: Runner, files: dict[str, str], key: str) -> str:
     out = run(runner, files, key, b"{}")

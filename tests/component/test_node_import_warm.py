@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import put_code
+from helpers import frozen, idle_cpu_seconds, put_code
 from test_node_runtime import MAX_PIDS, agent, start  # noqa: F401  agent: a fixture
 
 from runners.base import Invocation, RunOutcome
@@ -92,13 +92,13 @@ def run(runner: PooledRunner, files: dict[str, str], key: str = "f@1", **stdin: 
     sandbox = runner.acquire("node", key)
     try:
         put_code(sandbox, files, key)
-        invocation = Invocation(
-            "r", "fn", ("node", "main.js"), json.dumps(stdin).encode(), 256, 10_000, 10_000,
-            MAX_PIDS,
-        )
-        return runner.run(sandbox, invocation)
+        return runner.run(sandbox, node_invocation(json.dumps(stdin).encode()))
     finally:
         runner.release(sandbox)
+
+
+def node_invocation(stdin: bytes) -> Invocation:
+    return Invocation("r", "fn", ("node", "main.js"), stdin, 256, 10_000, 10_000, MAX_PIDS)
 
 
 def call(
@@ -202,6 +202,48 @@ def test_peak_memory_stays_per_invocation(kind: str) -> None:
     # to the first sandbox that reads them back after they were evicted (~40 MiB in Docker).
     first_off, warm_off = peaks[False][:2]
     assert abs((warm - first) - (warm_off - first_off)) < 8 * MiB, peaks
+
+
+LINGERING = {  # files that pass the vetting but leave code running in the waiting Worker
+    "main.js": "global.IN_CALL = true;\n"
+    "const started = performance.timeOrigin + performance.now();\n"
+    "const deps = ['interval', 'nested', 'spin'].map((name) => require(`./${name}`));\n"
+    "console.log(JSON.stringify(deps.map((dep) => [dep.answer, dep.loadedAt < started])));\n",
+    # an unref'd interval through the timers module (not the global the vetting watches)
+    "interval.js": "if (!global.IN_CALL) require('timers').setInterval(() => {\n"
+    "  const until = Date.now() + 20; while (Date.now() < until);\n}, 25).unref();\n"
+    "exports.answer = 42;\n" + LOADED_AT,
+    # a Worker of its own that spins
+    "nested.js": "const { Worker } = require('worker_threads');\n"
+    "if (!global.IN_CALL) new Worker('for (;;);', { eval: true }).unref();\n"
+    "exports.answer = 43;\n" + LOADED_AT,
+    # spins at require time outside a call: cut at the preload budget (2 s), then left out
+    "spin.js": "while (!global.IN_CALL);\nexports.answer = 44;\n" + LOADED_AT,
+}
+
+
+def test_files_that_leave_code_running_use_no_cpu_while_the_sandbox_is_idle(
+    runner: PooledRunner,
+) -> None:
+    """What a preloaded file left running in the Worker that waits for the next call stops
+    once that Worker is ready: the sandbox is frozen until its next call. A file that spins
+    while it loads runs for the preload budget once, and is then left to the calls."""
+    for n in range(3):
+        sandbox = runner.acquire("node", "f@1")
+        try:
+            put_code(sandbox, LINGERING, "f@1")
+            out = runner.run(sandbox, node_invocation(b"{}"))
+        finally:
+            runner.release(sandbox)
+        assert out.exit_code == 0, out.stderr.decode()
+        # Preloaded from the second call on: they ran in the Worker that waited for it.
+        assert json.loads(out.stdout) == [[42, n > 0], [43, n > 0], [44, False]]
+        # Frozen once the next Worker is ready (its server says so): after the first call,
+        # once spin.js was cut at the budget and a Worker booted without it; later, well
+        # before the agent's deadline of 3 s, which these 2 s of idling cover.
+        time.sleep(SETTLE_S if n else 2 + SETTLE_S)
+        assert idle_cpu_seconds(sandbox) < 0.05, f"the sandbox ran while idle (call {n + 1})"
+        assert frozen(sandbox)
 
 
 def node_client(tmp_path: Path) -> Iterator[NodeServerClient]:
