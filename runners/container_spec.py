@@ -14,7 +14,7 @@ from common.errors import ConfigError
 
 from .container_cleanup import labels
 from .launch import Launch
-from .sandbox_server import SERVERS, server_for
+from .sandbox_server import FORK, SERVERS, server_for
 
 CONTROL_MOUNT = "/nanogrid/control"
 SERVER_DIR = "/nanogrid"
@@ -29,15 +29,16 @@ SEQUENCE_MAX = 9_999_999
 """Container names hold a per-worker sequence number; the socket path check allows this many."""
 EXTRA_PIDS = 2
 """docker-init and the fork server count against the container's pids limit too."""
-SERVER_OPTIONS = {"fork": ('{"own_ipc": true}',)}
+SERVER_OPTIONS = {FORK.name: ('{"own_ipc": true}',)}
 """The fork server's options in a container: its IPC namespace (``ipc_mode="private"``) is
 the sandbox's own, so it removes the SysV objects each run leaves there."""
 
 
 def container_launch(command: tuple[str, ...]) -> Launch:
     """How a runtime's command runs from its server inside the image."""
-    if server_for(command) == "node":  # the node server: the image needs only node
-        return Launch(interpreter=command[0], python=False, argv=command, server="node")
+    server = server_for(command)
+    if server.runs_functions_itself:  # the node server: the image needs only node
+        return Launch(interpreter=command[0], python=False, argv=command, server=server)
     python = (
         os.path.basename(command[0]).startswith("python")
         and len(command) >= 2
@@ -77,7 +78,7 @@ def container_spec(
     """The keyword arguments of ``containers.create`` for one sandbox of ``runtime``."""
     limits = config.limits
     memory = limits.default_memory_mb * MiB
-    server = SERVERS[launch.server]
+    server = launch.server
     server_mount = f"{SERVER_DIR}/{server.source.name}"
     return dict(
         image=config.runtimes[runtime].image,
@@ -85,7 +86,7 @@ def container_spec(
             *server.command(
                 launch.interpreter, server_mount, f"{CONTROL_MOUNT}/{server.socket_name}"
             ),
-            *SERVER_OPTIONS.get(launch.server, ()),
+            *SERVER_OPTIONS.get(launch.server.name, ()),
         ],
         name=name,
         init=True,  # docker-init reaps what functions orphan

@@ -46,7 +46,7 @@ from loguru import logger
 from common.config import Config, MiB, docker_user_ids
 from common.errors import RuntimeUnavailable, SandboxError
 
-from .base import Invocation, RunOutcome, Sandbox, server_oom_outcome
+from .base import Invocation, Sandbox
 from .cgroups import freezer_root
 from .container_cgroup import ContainerCgroup, ContainerProcesses, find_cgroup
 from .container_cleanup import (
@@ -66,22 +66,21 @@ from .container_spec import (
     container_name,
     container_spec,
 )
-from .freezer import IdleFreezer, anchor
+from .freezer import Freezer, IdleFreezer, anchor
 from .isolation import Isolation, check_metadata_service
-from .pool import PooledRunner
-from .sandbox_server import SERVERS, SandboxClient, log_preload, preload_key
+from .launch import Launch
+from .pooled import Meter, PooledRunner, ServerSandbox
+from .sandboxclient import RawRun
 
 START_TIMEOUT_S = 20.0
 @dataclass(eq=False)
-class DockerSandbox(Sandbox):
+class DockerSandbox(ServerSandbox):
     root: Path = field(default_factory=Path)
     container: Container | None = None
-    client: SandboxClient | None = None
     cgroup: ContainerCgroup | None = None
     processes: ContainerProcesses | None = None
     server_fd: int = -1
     """A pidfd of the fork server: readable once it is gone (container killed, engine gone)."""
-    limit_mb: int = 0
     paused: bool = False
 
 
@@ -89,20 +88,21 @@ class DockerRunner(PooledRunner):
     name = "docker"
     marker = "[DOCKER]"
     made_at_once = 2
+    limit_errors = (OSError, *UNREACHABLE)
 
     def __init__(self, config: Config, worker_index: int) -> None:
-        self._config = config
+        self.config = config
         self._worker = worker_index
         self._uid, self._gid = docker_user_ids(config.docker.user)
         self._seq = itertools.count()
         check_config(config)
         self._base_dir = Path(config.docker.socket_dir)
         self._base_dir.mkdir(mode=0o711, parents=True, exist_ok=True)
-        self._launch = {name: container_launch(rt.command) for name, rt in config.runtimes.items()}
+        self.launches = {name: container_launch(rt.command) for name, rt in config.runtimes.items()}
         self._docker: docker.DockerClient | None = None
         self._docker_lock = threading.Lock()
         self._reaper = Reaper(self._api)
-        self._idle = IdleFreezer()
+        self.idle = IdleFreezer()
         if (root := freezer_root()) is not None:
             anchor(root)
         with contextlib.suppress(SandboxError):  # an engine that is away now is retried later
@@ -157,85 +157,42 @@ class DockerRunner(PooledRunner):
 
     def close(self) -> None:
         self.close_pools()
-        self._idle.close()
+        self.idle.close()
         self._reaper.close()
         if self._docker is not None:
             self._docker.close()
 
-    def run(self, sandbox: Sandbox, invocation: Invocation) -> RunOutcome:
-        assert isinstance(sandbox, DockerSandbox) and sandbox.client is not None
-        launch = self._launch[sandbox.runtime]
-        memory = sandbox.cgroup.memory if sandbox.cgroup else None
-        freezer = sandbox.cgroup.freezer if sandbox.cgroup else None
-        oom_before = 0
-        try:
-            if sandbox.limit_mb != invocation.memory_mb:
-                self._set_memory_limit(sandbox, invocation.memory_mb)
-            if memory is not None:
-                oom_before = memory.oom_kills()
-                memory.reset_peak()
-        except (OSError, *UNREACHABLE) as exc:
-            sandbox.healthy = False
-            raise SandboxError(f"cannot set the container's limits: {describe(exc)}") from None
-        env = invocation.environment(CONTAINER_PATH, "/tmp")
-        # Only a sandbox that can be frozen between its runs may hold its function's code.
-        preload = preload_key(self._config, sandbox) if freezer and launch.script else None
-        started = time.monotonic()
-        try:
-            raw = sandbox.client.run(
-                argv=list(launch.argv),
-                cwd=f"{CODE_MOUNT}/{CODE_SUBDIR}",
-                env=env,
-                python=launch.python,
-                stdin=invocation.stdin,
-                timeout_s=invocation.timeout_ms / 1000,
-                max_output_bytes=invocation.max_output_bytes,
-                preload=preload,
-                on_sent=(lambda: self._idle.wake(sandbox, freezer)) if freezer else None,
-            )
-            exit_code = os.waitstatus_to_exitcode(raw.status)
-        except SandboxError:
-            sandbox.healthy = False
-            peak, oom_kills = self._measure(sandbox, oom_before)
-            if not oom_kills:
-                raise
-            return server_oom_outcome(
-                (time.monotonic() - started) * 1000,
-                invocation.memory_mb * MiB if peak is None else peak,
-                memory.source if memory else "rusage",
-            )
-        except (KeyError, TypeError, ValueError) as exc:  # the reply is not what ours sends
-            sandbox.healthy = False
-            raise SandboxError(f"sandbox fork server misbehaved: {exc!r}") from None
-        sandbox.runs += 1
-        log_preload(self.marker, sandbox, raw)
-        measured, oom_kills = self._measure(sandbox, oom_before)
-        sandbox.client.arm()
-        killed = exit_code == -signal.SIGKILL and not raw.timed_out
-        # Without a cgroup to ask, a SIGKILL that was not our timeout is the memory limit.
-        oom = killed and (oom_kills > 0 or memory is None)
-        if raw.timed_out or oom or oom_kills:
-            sandbox.healthy = False
-        elif sandbox.processes is not None:
-            sandbox.healthy = sandbox.processes.kill_strays()
-        if sandbox.healthy and freezer and preload is not None and launch.script is not None:
-            sandbox.healthy = self._idle.rest(sandbox, freezer, sandbox.client, launch.script)
-        peak, source = raw.maxrss_bytes, "rusage"  # v2 without a resettable peak, or no cgroup
-        if measured is not None and memory is not None:
-            peak, source = measured, memory.source
-        return raw.outcome(exit_code=exit_code, oom_killed=oom, peak=peak, source=source)
+    # -- the run's hooks (pooled.py) ---------------------------------------------------------
 
-    @staticmethod
-    def _measure(sandbox: DockerSandbox, oom_before: int) -> tuple[int | None, int]:
-        """The run's cgroup peak (None when unknown) and the OOM kills during the run."""
-        if sandbox.cgroup is None:
-            return None, 0
-        try:
-            memory = sandbox.cgroup.memory
-            return memory.peak_bytes(), memory.oom_kills() - oom_before
-        except OSError:  # the container went away under the run
-            sandbox.healthy = False
-            return None, 0
+    def limit(self, sandbox: ServerSandbox, invocation: Invocation) -> Meter:
+        assert isinstance(sandbox, DockerSandbox)
+        if sandbox.limit_mb != invocation.memory_mb:
+            self._set_memory_limit(sandbox, invocation.memory_mb)
+        memory = sandbox.cgroup.memory if sandbox.cgroup else None
+        if memory is None:
+            return Meter(None)
+        meter = Meter(memory, memory.oom_kills())
+        memory.reset_peak()
+        return meter
+
+    def placement(self, sandbox: ServerSandbox, invocation: Invocation
+                  ) -> tuple[str, dict[str, str]]:
+        return f"{CODE_MOUNT}/{CODE_SUBDIR}", invocation.environment(CONTAINER_PATH, "/tmp")
+
+    def leftovers(self, sandbox: ServerSandbox, launch: Launch) -> bool:
+        assert isinstance(sandbox, DockerSandbox)
+        return sandbox.processes is None or sandbox.processes.kill_strays()
+
+    def oom_without_cgroup(self, exit_code: int, raw: RawRun) -> bool:
+        # No cgroup to ask: a SIGKILL that was not our timeout is the memory limit.
+        return exit_code == -signal.SIGKILL and not raw.timed_out
+
+    def freezer(self, sandbox: ServerSandbox) -> Freezer | None:
+        assert isinstance(sandbox, DockerSandbox)
+        return sandbox.cgroup.freezer if sandbox.cgroup else None
+
+    def describe(self, exc: BaseException) -> str:
+        return describe(exc)
 
     # -- containers ---------------------------------------------------------------------------
 
@@ -260,7 +217,7 @@ class DockerRunner(PooledRunner):
             name=name,
             code_dir=root / "code" / CODE_SUBDIR,
             root=root,
-            limit_mb=self._config.limits.default_memory_mb,
+            limit_mb=self.config.limits.default_memory_mb,
         )
         try:
             self._make_host_dir(sandbox)
@@ -284,15 +241,15 @@ class DockerRunner(PooledRunner):
         control = sandbox.root / "control"
         control.mkdir(mode=0o700)
         os.chown(control, self._uid, self._gid)  # the server binds its socket here
-        SERVERS[self._launch[sandbox.runtime].server].copy_to(sandbox.root)
+        self.launches[sandbox.runtime].server.copy_to(sandbox.root)
 
     def _start_container(
         self, api: docker.DockerClient, runtime: str, name: str, root: Path
     ) -> Container:
-        config = self._config
+        config = self.config
         image = config.runtimes[runtime].image
         try:
-            spec = container_spec(config, runtime, self._launch[runtime], name, root, self._worker)
+            spec = container_spec(config, runtime, self.launches[runtime], name, root, self._worker)
             container = api.containers.create(**spec)
         except ImageNotFound:
             raise self.mark_unavailable(runtime, image_missing(image)) from None
@@ -314,7 +271,7 @@ class DockerRunner(PooledRunner):
         init_pid = sandbox.container.attrs["State"]["Pid"]
         if not init_pid:
             raise self._server_failed(sandbox, "container exited at once")
-        server = SERVERS[self._launch[sandbox.runtime].server]
+        server = self.launches[sandbox.runtime].server
         path = sandbox.root / "control" / server.socket_name
         try:
             init_fd = os.pidfd_open(init_pid)
@@ -346,8 +303,8 @@ class DockerRunner(PooledRunner):
         assert sandbox.container is not None
         log = self._last_log(sandbox.container)
         if re.search(r"exec .* failed: No such file or directory", log):  # docker-init's words
-            interpreter = self._launch[sandbox.runtime].interpreter
-            image = self._config.runtimes[sandbox.runtime].image
+            interpreter = self.launches[sandbox.runtime].interpreter
+            image = self.config.runtimes[sandbox.runtime].image
             return self.mark_unavailable(
                 sandbox.runtime, f"image {image} has no {interpreter} ({log})"
             )
@@ -383,7 +340,7 @@ class DockerRunner(PooledRunner):
         unless the agent freezes it between runs itself."""
         assert isinstance(sandbox, DockerSandbox)
         frozen = sandbox.cgroup is not None and sandbox.cgroup.freezer is not None
-        if frozen or sandbox.paused or idle_s < self._config.docker.pause_grace_seconds:
+        if frozen or sandbox.paused or idle_s < self.config.docker.pause_grace_seconds:
             return
         assert sandbox.container is not None
         try:
@@ -403,7 +360,7 @@ class DockerRunner(PooledRunner):
     def destroy(self, sandbox: Sandbox) -> None:
         """Disconnect now; remove in the background."""
         assert isinstance(sandbox, DockerSandbox)
-        self._idle.forget(sandbox)
+        self.idle.forget(sandbox)
         if sandbox.client is not None:
             sandbox.client.close()
         if sandbox.cgroup is not None and sandbox.processes is not None:

@@ -16,85 +16,19 @@ import select
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import SandboxError
 
-from .base import RunOutcome
+from .sandboxclient import MAX_REPLY, Capped, RawRun, connect
 
 FORKSERVER_SOURCE = Path(__file__).with_name("forkserver")
 """The fork server: a directory, run as ``python3 -I -S FORKSERVER_SOURCE SOCKET ...``."""
 _CHUNK = 65536
-MAX_REPLY = 1 << 20
 _LINGER_S = 0.1
 """How long output may still arrive after the function exited (background writers)."""
 _PRELOAD_WAIT_S = 30.0
 """How long a server may take to preload a function's imports (it bounds its own vetting)."""
-
-
-@dataclass
-class RawRun:
-    """What one fork-server run produced, before the runner interprets it."""
-
-    status: int
-    timed_out: bool
-    stdout: bytes
-    stderr: bytes
-    stdout_truncated: bool
-    stderr_truncated: bool
-    duration_ms: float
-    maxrss_bytes: int
-    preload: dict | None = None
-    """What the sandbox's server preloaded and left out: after its first run with preloading
-    (fork server), or when that changed (node server)."""
-
-    def outcome(self, *, exit_code: int | None, oom_killed: bool, peak: int,
-                source: str) -> RunOutcome:
-        """This run as the worker sees it, with the runner's verdict and measurement."""
-        return RunOutcome(
-            exit_code=exit_code,
-            timed_out=self.timed_out,
-            oom_killed=oom_killed,
-            stdout=self.stdout,
-            stderr=self.stderr,
-            stdout_truncated=self.stdout_truncated,
-            stderr_truncated=self.stderr_truncated,
-            duration_ms=self.duration_ms,
-            peak_memory_bytes=peak,
-            peak_source=source,
-        )
-
-
-class Capped:
-    """A byte buffer that keeps the first ``limit`` bytes and notes whether more came."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.data = bytearray()
-        self.truncated = False
-
-    def add(self, chunk: bytes) -> None:
-        room = self.limit - len(self.data)
-        if len(chunk) > room:
-            self.truncated = True
-            chunk = chunk[: max(room, 0)]
-        self.data += chunk
-
-
-def connect(path: str, kind: int, timeout_s: float, server: str) -> socket.socket:
-    """A connection to a sandbox's server socket, waiting up to ``timeout_s`` for it."""
-    sock = socket.socket(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC)
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            sock.connect(path)
-            return sock
-        except (FileNotFoundError, ConnectionRefusedError) as exc:
-            if time.monotonic() > deadline:
-                sock.close()
-                raise SandboxError(f"sandbox {server} did not come up: {exc}") from None
-            time.sleep(0.002)
 
 
 class ForkServerClient:

@@ -36,7 +36,6 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 from loguru import logger
 
@@ -44,6 +43,7 @@ from common.errors import SandboxError
 
 from .base import Sandbox
 from .memory import CGROUP_ROOT
+from .sandboxclient import SandboxClient
 
 SETTLE_WAIT_S = 3.0
 """How long a node sandbox may take after its run to say its next Worker is ready."""
@@ -165,22 +165,10 @@ def anchor(parent: Path) -> None:
         (directory / "freezer.state").write_text("FROZEN")
 
 
-class SettlingClient(Protocol):
-    """What freezing needs of a sandbox's client (runners/forkclient.py, nodeclient.py)."""
-
-    ready_at_reply: bool
-    """Its server waits for the next call once the run's reply is in; else it says so with a
-    'W' frame later."""
-
-    def fileno(self) -> int: ...
-
-    def take_ready(self) -> None: ...
-
-
 @dataclass(frozen=True)
 class _Settling:
     freezer: Freezer
-    client: SettlingClient
+    client: SandboxClient
     fd: int
     """The client's socket, taken while it is open (a sandbox destroyed meanwhile closes it)."""
     deadline: float
@@ -202,7 +190,7 @@ class IdleFreezer:
         self._closed = False
 
     def rest(
-        self, sandbox: Sandbox, freezer: Freezer, client: SettlingClient, main: str
+        self, sandbox: Sandbox, freezer: Freezer, client: SandboxClient, main: str
     ) -> bool:
         """After a run of ``main``: freeze ``sandbox`` now, or once its server says it is
         ready, if its function holds code of its own (else leave it). False when it cannot be

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from common.config import Config, RuntimeConfig
 from common.errors import ConfigError
 
-from .sandbox_server import server_for
+from .sandbox_server import FORK, ServerKind, server_for
 
 
 @dataclass(frozen=True)
@@ -24,15 +24,16 @@ class Launch:
     python: bool
     """The command is ``python3 script.py ...``: run it in the forked interpreter."""
     argv: tuple[str, ...]
-    server: str = "fork"
-    """The in-sandbox server (runners.sandbox_server.SERVERS) that runs the command."""
+    server: ServerKind = FORK
+    """The in-sandbox server that runs the command."""
 
     @property
     def script(self) -> str | None:
         """The main script whose imports its server preloads (import-warm): a python script
-        the fork server runs, a node script the node server runs; None for a command exec'd
-        per call."""
-        return os.path.basename(self.argv[1]) if self.python or self.server == "node" else None
+        the fork server runs, a script a server runs itself; None for a command exec'd per
+        call."""
+        runs_it = self.python or self.server.runs_functions_itself
+        return os.path.basename(self.argv[1]) if runs_it else None
 
 
 def resolve_launch(runtime: RuntimeConfig, path: str) -> Launch:
@@ -57,7 +58,8 @@ def resolve_launch(runtime: RuntimeConfig, path: str) -> Launch:
         if probe.returncode != 0 or not real:
             raise ConfigError(f"runtime command {program} does not start: {probe.stderr.strip()}")
         return Launch(interpreter=real, python=True, argv=(real, *runtime.command[1:]))
-    if server_for(runtime.command) == "node":
+    server = server_for(runtime.command)
+    if server.runs_functions_itself:
         probe = subprocess.run(
             [program, "-e", "require('worker_threads')"],
             capture_output=True,
@@ -69,7 +71,7 @@ def resolve_launch(runtime: RuntimeConfig, path: str) -> Launch:
             raise ConfigError(f"runtime command {program} does not start: {probe.stderr.strip()}")
         real = os.path.realpath(program)
         return Launch(
-            interpreter=real, python=False, argv=(real, *runtime.command[1:]), server="node"
+            interpreter=real, python=False, argv=(real, *runtime.command[1:]), server=server
         )
     return Launch(interpreter=sys.executable, python=False, argv=(program, *runtime.command[1:]))
 

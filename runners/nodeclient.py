@@ -27,7 +27,7 @@ from pathlib import Path
 
 from common.errors import SandboxError
 
-from .forkclient import MAX_REPLY, Capped, RawRun, connect
+from .sandboxclient import MAX_REPLY, Capped, RawRun, connect
 
 NODESERVER_SOURCE = Path(__file__).with_name("nodeserver")
 """The node server: a directory, run as ``node NODESERVER_SOURCE SOCKET ...``."""

@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from loguru import logger
 
-from common.config import Config
-from common.errors import RuntimeUnavailable, SandboxError
+from common.errors import SandboxError
 
-from .base import Runner, Sandbox
+from .base import Sandbox
 
 _TICK_S = 0.25
 
@@ -274,93 +273,6 @@ class _Order:
         self.error: BaseException | None = None
         self.abandoned = False
         """Its run took a released sandbox instead; the new one goes to idle."""
-
-
-class PooledRunner(Runner):
-    """A runner whose sandboxes come from one WarmPool per runtime (``self.pools``)."""
-
-    pools: dict[str, WarmPool]
-    unavailable: dict[str, str]
-    """Runtimes that cannot start on this host -> why; they get no pool."""
-    marker = "[POOL]"
-    made_at_once: int | None = None
-    """Most sandboxes one pool makes at once (None: up to its limit)."""
-
-    def make_pools(
-        self,
-        config: Config,
-        worker_index: int,
-        on_idle: Callable[[Sandbox, float], None] | None = None,
-        unavailable: Mapping[str, str] | None = None,
-    ) -> None:
-        """One pool per runtime that can start, sized to this worker's share of its ``warm``
-        count, growing on demand up to ``capacity.max_concurrent`` (what the host may run at
-        once)."""
-        self.unavailable = dict(unavailable or {})
-        self.pools = {
-            name: WarmPool(
-                name,
-                warm_share(rt.warm, config.workers, worker_index),
-                lambda name=name: self.create(name),
-                self.destroy,
-                idle_expiry_s=config.pool.idle_expiry_seconds,
-                on_idle=on_idle,
-                marker=self.marker,
-                limit=config.capacity.max_concurrent,
-                max_making=self.made_at_once,
-            )
-            for name, rt in config.runtimes.items()
-            if name not in self.unavailable
-        }
-
-    def create(self, runtime: str) -> Sandbox:
-        """A new generic sandbox of ``runtime`` (called by the pool)."""
-        raise NotImplementedError
-
-    def destroy(self, sandbox: Sandbox) -> None:
-        """Remove a sandbox for good (called by the pool)."""
-        raise NotImplementedError
-
-    def pool(self, runtime: str) -> WarmPool:
-        """The runtime's pool; RuntimeUnavailable (with the reason) when it cannot start."""
-        if runtime in self.unavailable:
-            raise RuntimeUnavailable(unavailable_message(runtime, self.unavailable[runtime]))
-        return self.pools[runtime]
-
-    def acquire(self, runtime: str, code_key: str) -> Sandbox:
-        return self.pool(runtime).acquire(code_key)
-
-    def mark_unavailable(self, runtime: str, reason: str) -> RuntimeUnavailable:
-        """Found out while making a sandbox: stop filling its pool; the error to raise."""
-        if runtime not in self.unavailable:
-            logger.error(f"{self.marker} {unavailable_message(runtime, reason)}")
-        self.unavailable[runtime] = reason
-        self.pools[runtime].size = 0
-        return RuntimeUnavailable(unavailable_message(runtime, reason))
-
-    def release(self, sandbox: Sandbox) -> None:
-        self.pools[sandbox.runtime].release(sandbox)
-
-    def pool_stats(self) -> dict[str, dict[str, int]]:
-        return {name: pool.stats() for name, pool in self.pools.items()}
-
-    def shed_idle(self) -> int:
-        shed = sum(pool.shed_idle() for pool in self.pools.values())
-        if shed:
-            logger.warning(f"{self.marker} removed {shed} idle sandboxes to free disk space")
-        return shed
-
-    def unavailable_runtimes(self) -> dict[str, str]:
-        return dict(self.unavailable)
-
-    def close_pools(self) -> None:
-        for pool in self.pools.values():
-            pool.close()
-
-
-def unavailable_message(runtime: str, reason: str) -> str:
-    """One line naming a runtime that cannot start here, and why."""
-    return f"runtime {runtime!r} cannot start on this host: {reason}"
 
 
 def warm_share(warm: int, workers: int, index: int) -> int:

@@ -33,22 +33,17 @@ from common.config import Config, MiB
 from common.errors import SandboxError
 
 from . import cgroups
-from .base import Invocation, RunOutcome, Sandbox, server_oom_outcome
+from .base import Invocation, Sandbox
 from .cgroups import SandboxCgroup, SandboxCgroups, owner_group
 from .forkclient import FORKSERVER_SOURCE
-from .freezer import IdleFreezer, anchor
+from .freezer import Freezer, IdleFreezer, anchor
 from .hostpaths import world_writable
 from .isolation import Isolation, check_metadata_service, metadata_exposure
-from .launch import resolve_launches
-from .pool import PooledRunner
-from .sandbox_server import (
-    SERVERS,
-    SandboxClient,
-    log_preload,
-    preload_key,
-    server_for,
-)
+from .launch import Launch, resolve_launches
+from .pooled import Meter, PooledRunner, ServerSandbox
+from .sandbox_server import FORK, server_for
 from .sandbox_uids import SandboxUids, check_sandbox_uids, uid_range
+from .sandboxclient import RawRun
 from .workdir import check_traversable, check_work_dir, make_dir, remove_stale_dirs
 
 SANDBOX_START_TIMEOUT_S = 10.0
@@ -61,7 +56,7 @@ RLIMIT_AS_HEADROOM = 64 * MiB
 
 
 @dataclass(eq=False)
-class ProcessSandbox(Sandbox):
+class ProcessSandbox(ServerSandbox):
     root: Path = field(default_factory=Path)
     home: Path = field(default_factory=Path)
     uid: int = -1
@@ -75,9 +70,7 @@ class ProcessSandbox(Sandbox):
     kernel ends them before PID 1 exits)."""
     holds: tuple[str, ...] = ()
     """The isolations its server set up (forkserver/sandbox.py's isolate)."""
-    client: SandboxClient | None = None
     cgroup: SandboxCgroup | None = None
-    limit_mb: int = 0
 
 
 class ProcessRunner(PooledRunner):
@@ -85,7 +78,7 @@ class ProcessRunner(PooledRunner):
     marker = "[PROCESS]"
 
     def __init__(self, config: Config, worker_index: int) -> None:
-        self._config = config
+        self.config = config
         self._worker = worker_index
         self._as_root = os.geteuid() == 0
         self._seq = itertools.count()
@@ -94,7 +87,7 @@ class ProcessRunner(PooledRunner):
         remove_stale_dirs(Path(config.paths.work_dir))
         self._base_dir = Path(config.paths.work_dir) / group
         self._cgroups = SandboxCgroups(group)
-        self._idle = IdleFreezer()
+        self.idle = IdleFreezer()
         if (freezer_root := cgroups.freezer_root()) is not None:
             anchor(freezer_root)
         make_dir(self._base_dir, 0o711)
@@ -107,7 +100,7 @@ class ProcessRunner(PooledRunner):
                 uid_range(config.process.sandbox_uid_base, worker_index), worker_index
             )
             self._cover = world_writable()
-        self._launch, unavailable = resolve_launches(config)
+        self.launches, unavailable = resolve_launches(config)
         self.make_pools(config, worker_index, unavailable=unavailable)
 
     @classmethod
@@ -137,7 +130,7 @@ class ProcessRunner(PooledRunner):
                 "cgroups not writable: memory and pids limits by rlimits only, and no freezer "
                 "for idle sandboxes, so import-warm is off"
             )
-            if any(server_for(rt.command) == "node" for rt in config.runtimes.values()):
+            if any(server_for(rt.command).runs_functions_itself for rt in config.runtimes.values()):
                 # The node server runs functions in its own process: no per-run rlimits.
                 missing["node limits"] = (
                     "without cgroups node sandboxes have no memory or pids limit, and what "
@@ -164,82 +157,51 @@ class ProcessRunner(PooledRunner):
 
     def close(self) -> None:
         self.close_pools()
-        self._idle.close()
+        self.idle.close()
         if self._cgroups.available:
             self._cgroups.remove_all()
         shutil.rmtree(self._base_dir, ignore_errors=True)
 
-    def run(self, sandbox: Sandbox, invocation: Invocation) -> RunOutcome:
-        assert isinstance(sandbox, ProcessSandbox) and sandbox.client is not None
-        launch = self._launch[sandbox.runtime]
+    # -- the run's hooks (pooled.py) ---------------------------------------------------------
+
+    def limit(self, sandbox: ServerSandbox, invocation: Invocation) -> Meter:
+        assert isinstance(sandbox, ProcessSandbox)
         cgroup = sandbox.cgroup
-        freezer = cgroup.freezer if cgroup is not None else None
-        rlimits = None
-        oom_before = 0
-        try:
-            if cgroup is not None:
-                if sandbox.limit_mb != invocation.memory_mb:
-                    cgroup.memory.set_limit(invocation.memory_mb * MiB)
-                    sandbox.limit_mb = invocation.memory_mb
-                oom_before = cgroup.memory.oom_kills()
-                cgroup.memory.reset_peak()
-            else:
-                rlimits = {"as": invocation.memory_mb * MiB + RLIMIT_AS_HEADROOM}
-                if sandbox.uid >= 0:
-                    rlimits["nproc"] = invocation.max_pids
-        except OSError as exc:
-            sandbox.healthy = False
-            raise SandboxError(f"cannot set the sandbox limits: {exc}") from None
+        if cgroup is None:  # rlimits instead, set in the run's child
+            rlimits = {"as": invocation.memory_mb * MiB + RLIMIT_AS_HEADROOM}
+            if sandbox.uid >= 0:
+                rlimits["nproc"] = invocation.max_pids
+            return Meter(None, rlimits=rlimits)
+        if sandbox.limit_mb != invocation.memory_mb:
+            cgroup.memory.set_limit(invocation.memory_mb * MiB)
+            sandbox.limit_mb = invocation.memory_mb
+        meter = Meter(cgroup.memory, cgroup.memory.oom_kills())
+        cgroup.memory.reset_peak()
+        return meter
+
+    def placement(self, sandbox: ServerSandbox, invocation: Invocation
+                  ) -> tuple[str, dict[str, str]]:
+        assert isinstance(sandbox, ProcessSandbox)
         home = PRIVATE_HOME if "mount" in sandbox.holds else str(sandbox.home)
-        env = invocation.environment(self._config.process.path, home)
-        # Only a sandbox that can be frozen between its runs may hold its function's code.
-        preload = preload_key(self._config, sandbox) if freezer and launch.script else None
-        started = time.monotonic()
-        try:
-            raw = sandbox.client.run(
-                argv=list(launch.argv),
-                cwd=str(sandbox.code_dir),
-                env=env,
-                python=launch.python,
-                stdin=invocation.stdin,
-                timeout_s=invocation.timeout_ms / 1000,
-                max_output_bytes=invocation.max_output_bytes,
-                rlimits=rlimits,
-                preload=preload,
-                on_sent=(lambda: self._idle.wake(sandbox, freezer)) if freezer else None,
-            )
-        except SandboxError:
-            sandbox.healthy = False
-            if cgroup is None or cgroup.memory.oom_kills() <= oom_before:
-                raise
-            return server_oom_outcome(
-                (time.monotonic() - started) * 1000,
-                cgroup.memory.peak_bytes() or invocation.memory_mb * MiB,
-                cgroup.memory.source,
-            )
-        sandbox.runs += 1
-        log_preload(self.marker, sandbox, raw)
-        exit_code = os.waitstatus_to_exitcode(raw.status)
-        peak, source, oom = raw.maxrss_bytes, "rusage", False
-        if cgroup is not None:
-            measured = cgroup.memory.peak_bytes()
-            if measured is not None:
-                peak, source = measured, cgroup.memory.source
-            oom = exit_code == -9 and cgroup.memory.oom_kills() > oom_before
-            # A fork server, as PID 1 of its namespace, ended and reaped every other process
-            # before it replied; otherwise (no namespace, or the node server, which runs
-            # functions in its own process) what the run left is killed here.
-            ended = launch.server == "fork" and "pid" in sandbox.holds
-            if not ended and cgroup.kill_all(spare=sandbox.server_pid):
-                logger.debug(f"{self.marker} killed processes left behind in {sandbox.name}")
-        elif exit_code != 0 and b"MemoryError" in raw.stderr[-4096:]:
-            oom = True
-        sandbox.client.arm()
-        if raw.timed_out or oom:
-            sandbox.healthy = False
-        elif freezer is not None and preload is not None and launch.script is not None:
-            sandbox.healthy = self._idle.rest(sandbox, freezer, sandbox.client, launch.script)
-        return raw.outcome(exit_code=exit_code, oom_killed=oom, peak=peak, source=source)
+        return str(sandbox.code_dir), invocation.environment(self.config.process.path, home)
+
+    def leftovers(self, sandbox: ServerSandbox, launch: Launch) -> bool:
+        assert isinstance(sandbox, ProcessSandbox)
+        # A fork server, as PID 1 of its namespace, ended and reaped every other process
+        # before it replied; otherwise (no namespace, or a server that runs functions in its
+        # own process) what the run left is killed here.
+        ended = not launch.server.runs_functions_itself and "pid" in sandbox.holds
+        cgroup = sandbox.cgroup
+        if cgroup is not None and not ended and cgroup.kill_all(spare=sandbox.server_pid):
+            logger.debug(f"{self.marker} killed processes left behind in {sandbox.name}")
+        return True
+
+    def oom_without_cgroup(self, exit_code: int, raw: RawRun) -> bool:
+        return exit_code != 0 and b"MemoryError" in raw.stderr[-4096:]
+
+    def freezer(self, sandbox: ServerSandbox) -> Freezer | None:
+        assert isinstance(sandbox, ProcessSandbox)
+        return sandbox.cgroup.freezer if sandbox.cgroup is not None else None
 
     def create(self, runtime: str) -> ProcessSandbox:
         started = time.monotonic()
@@ -260,7 +222,7 @@ class ProcessRunner(PooledRunner):
             raise
         uid, cgroup, control = sandbox.uid, sandbox.cgroup, root / "control"
         ready_r, ready_w = os.pipe()
-        limits = self._config.limits
+        limits = self.config.limits
         options: dict[str, object] = {
             "uid": uid,
             "gid": uid,
@@ -271,31 +233,30 @@ class ProcessRunner(PooledRunner):
         }
         if self._as_root:
             options["isolate"] = {
-                "network": self._config.process.network == "none",
-                "tmpfs_mb": self._config.process.tmpfs_mb,
+                "network": self.config.process.network == "none",
+                "tmpfs_mb": self.config.process.tmpfs_mb,
                 "root": str(root),
-                "work_dir": os.path.abspath(self._config.paths.work_dir),
+                "work_dir": os.path.abspath(self.config.paths.work_dir),
                 "cover": self._cover,
             }
-        launch = self._launch[runtime]
-        server = SERVERS[launch.server]
+        launch = self.launches[runtime]
+        server = launch.server
         socket_path = control / server.socket_name
-        fork = SERVERS["fork"]
-        if launch.server == "fork":
-            command = fork.command(launch.interpreter, str(fork.source), str(socket_path))
+        if not server.started_by_fork_server:
+            command = server.command(launch.interpreter, str(server.source), str(socket_path))
         else:
             # The fork server's start-up makes the sandbox (namespaces, cgroups, rlimits, uid,
             # death signal), then exec's this runtime's own server, which says when it is ready.
             source = server.copy_to(root)
             options["exec"] = server.command(launch.interpreter, str(source), str(socket_path))
-            command = fork.command(sys.executable, str(fork.source), str(socket_path))
+            command = FORK.command(sys.executable, str(FORK.source), str(socket_path))
         try:
             with os.fdopen(ready_r, "rb") as ready:
                 try:
                     sandbox.process = subprocess.Popen(
                         [*command, json.dumps(options)],
                         cwd=root,
-                        env={"PATH": self._config.process.path, "LANG": "C.UTF-8"},
+                        env={"PATH": self.config.process.path, "LANG": "C.UTF-8"},
                         stdin=subprocess.DEVNULL,
                         stdout=subprocess.DEVNULL,
                         start_new_session=True,
@@ -304,17 +265,17 @@ class ProcessRunner(PooledRunner):
                 finally:
                     os.close(ready_w)
                 if not select.select([ready], [], [], SANDBOX_START_TIMEOUT_S)[0]:
-                    raise SandboxError(f"{launch.server} server did not come up")
+                    raise SandboxError(f"{server.name} server did not come up")
                 line = ready.readline()
             if not line:
-                raise SandboxError(f"{launch.server} server exited before it was ready")
+                raise SandboxError(f"{server.name} server exited before it was ready")
             report = json.loads(line)
             sandbox.server_pid = report["pid"]
             sandbox.holds = tuple(report["holds"])
             if "pid" in sandbox.holds:
                 sandbox.init_fd = os.pidfd_open(report.get("init", sandbox.server_pid))
             sandbox.client = server.connect(socket_path)
-            if launch.server != "fork" and uid >= 0:
+            if server.runs_functions_itself and uid >= 0:
                 # As Docker does: the server runs the functions in its own process, so its
                 # socket's directory cannot be sealed; from now on it may write only the files
                 # it made there (its stdin), not add any to the host's disk.
@@ -342,13 +303,13 @@ class ProcessRunner(PooledRunner):
         if self._cgroups.available:
             try:
                 sandbox.cgroup = self._cgroups.create(sandbox.name)
-                sandbox.cgroup.set_pids_limit(self._config.limits.max_pids + 1)
+                sandbox.cgroup.set_pids_limit(self.config.limits.max_pids + 1)
             except OSError as exc:
                 raise SandboxError(f"cannot create the sandbox cgroup: {exc}") from None
 
     def destroy(self, sandbox: Sandbox) -> None:
         assert isinstance(sandbox, ProcessSandbox)
-        self._idle.forget(sandbox)
+        self.idle.forget(sandbox)
         if sandbox.client is not None:
             sandbox.client.close()
         ended = sandbox.process is None  # nothing ever ran as its uid

@@ -1,4 +1,5 @@
-"""Which long-lived server runs inside a sandbox, chosen by the runtime's command.
+"""Which long-lived server runs inside a sandbox, chosen by the runtime's command: the
+registry of server kinds, each saying what it means for a runner as attributes.
 
 ``fork``: runners/forkserver/ (python), a directory python runs. A ``python3 main.py``
 runtime is run in a fork of the warm interpreter; any other command (``./main``,
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,22 +23,29 @@ from loguru import logger
 from common.config import Config
 
 from .base import Sandbox
-from .forkclient import FORKSERVER_SOURCE, ForkServerClient, RawRun
+from .forkclient import FORKSERVER_SOURCE, ForkServerClient
 from .nodeclient import NODE_SOCKET_NAME, NODESERVER_SOURCE, NodeServerClient, is_node_command
-
-SandboxClient = ForkServerClient | NodeServerClient
+from .sandboxclient import RawRun, SandboxClient
 
 
 @dataclass(frozen=True)
 class ServerKind:
-    """One kind of in-sandbox server: its directory, its socket and how it is started."""
+    """One kind of in-sandbox server: its directory, its socket, how it is started and what it
+    does with a run."""
 
     name: str
     source: Path
     socket_name: str
     interpreter_flags: tuple[str, ...]
     """Flags between the interpreter and the server's directory on its command line."""
-    client: type[ForkServerClient] | type[NodeServerClient]
+    client: Callable[[str | os.PathLike[str]], SandboxClient]
+    runs_functions_itself: bool
+    """The function runs inside the server's own process (a node Worker thread), not in a
+    forked child: no per-run rlimits, what a run leaves lives in the server's process group,
+    and the server writes into its control directory during runs (its staged stdin)."""
+    started_by_fork_server: bool
+    """A process sandbox's fork server sets the sandbox up (namespaces, cgroups, rlimits,
+    uid) and then exec's this server; the fork server itself serves otherwise."""
 
     def command(self, interpreter: str, source: str, socket_path: str) -> list[str]:
         """The server's command line, given where its directory and socket are."""
@@ -57,17 +66,20 @@ class ServerKind:
         return self.client(socket_path)
 
 
-SERVERS = {
-    "fork": ServerKind(
-        "fork", FORKSERVER_SOURCE, "forkserver.sock", ("-I", "-S"), ForkServerClient
-    ),
-    "node": ServerKind("node", NODESERVER_SOURCE, NODE_SOCKET_NAME, (), NodeServerClient),
-}
+FORK = ServerKind(
+    "fork", FORKSERVER_SOURCE, "forkserver.sock", ("-I", "-S"), ForkServerClient,
+    runs_functions_itself=False, started_by_fork_server=False,
+)
+NODE = ServerKind(
+    "node", NODESERVER_SOURCE, NODE_SOCKET_NAME, (), NodeServerClient,
+    runs_functions_itself=True, started_by_fork_server=True,
+)
+SERVERS = {server.name: server for server in (FORK, NODE)}
 
 
-def server_for(command: tuple[str, ...]) -> str:
-    """The name in ``SERVERS`` of the server that runs ``command``."""
-    return "node" if is_node_command(command) else "fork"
+def server_for(command: tuple[str, ...]) -> ServerKind:
+    """The server that runs ``command``."""
+    return NODE if is_node_command(command) else FORK
 
 
 def preload_key(config: Config, sandbox: Sandbox) -> str | None:

@@ -19,7 +19,7 @@ from test_node_runtime import MAX_PIDS, agent, start  # noqa: F401  agent: a fix
 
 from runners.base import Invocation, RunOutcome
 from runners.nodeclient import NODESERVER_SOURCE, NodeServerClient
-from runners.pool import PooledRunner
+from runners.pooled import PooledRunner
 
 MiB = 2**20
 SETTLE_S = 1.0

@@ -22,7 +22,7 @@ from common.config import Config, from_dict
 from common.errors import RuntimeUnavailable
 from runners.base import Invocation, RunOutcome, Sandbox
 from runners.docker import DockerRunner, DockerSandbox
-from runners.pool import PooledRunner
+from runners.pooled import PooledRunner
 from runners.process import ProcessRunner, ProcessSandbox
 
 MiB = 2**20

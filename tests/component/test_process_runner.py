@@ -393,7 +393,7 @@ def test_a_warm_call_has_the_stdio_of_python3_main_py(runner: ProcessRunner) -> 
     with tempfile.TemporaryDirectory() as directory:
         (Path(directory) / "main.py").write_text(STDIO_FACTS)
         plain = subprocess.run(
-            [runner._launch["python"].interpreter, "main.py"], cwd=directory, input=b"{}",
+            [runner.launches["python"].interpreter, "main.py"], cwd=directory, input=b"{}",
             capture_output=True, env={"LANG": "C.UTF-8"}, check=True,
         )
     expected = json.loads(plain.stdout)

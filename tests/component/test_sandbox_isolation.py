@@ -213,7 +213,7 @@ def test_a_sandbox_sees_only_its_own_directory_of_the_work_dir(runner: ProcessRu
     b = hold(runner, "b@1", WORK_DIR_VIEW)
     try:
         assert "mount" in b.holds
-        paths = {"work": runner._config.paths.work_dir, "group": str(a.root.parent),
+        paths = {"work": runner.config.paths.work_dir, "group": str(a.root.parent),
                  "a": str(a.root), "a_code": str(a.code_dir), "own": str(b.root)}
         seen = json.loads(run_in(runner, b, json.dumps(paths).encode()).stdout)
         assert seen["exists"] == {"work": True, "group": True, "a": False, "a_code": False,
