@@ -40,7 +40,7 @@ from loguru import logger  # noqa: E402
 
 from common.config import Config, from_dict  # noqa: E402
 from runners.base import Invocation  # noqa: E402
-from runners.docker import DockerRunner, DockerSandbox  # noqa: E402
+from runners.docker.runner import DockerRunner, DockerSandbox  # noqa: E402
 
 HELLO = {"main.py": "import json, sys\nprint('Hello', json.load(sys.stdin)['name'])\n"}
 HELLO_MODULE = {  # a function with code of its own: its container holds it between runs

@@ -33,7 +33,7 @@ FUNCTIONS_PATH = "/usr/local/bin:/usr/bin:/bin"
 UID = 61999
 """A sandbox uid of the default range that no test or agent here uses."""
 sys.path.insert(0, str(ROOT))
-from runners.hostpaths import world_writable  # noqa: E402
+from runners.process.hostpaths import world_writable  # noqa: E402
 
 
 def start_once(python: str, base: Path, n: int, isolate: bool, cover: tuple[str, ...],

@@ -32,7 +32,8 @@ from common.config import Config, from_dict
 from common.errors import ConfigError, SandboxError
 from runners import container_cleanup
 from runners.base import Invocation, RunOutcome
-from runners.docker import DockerRunner, DockerSandbox, remove_agent_containers
+from runners.docker.cleanup import remove_agent_containers
+from runners.docker.runner import DockerRunner, DockerSandbox
 
 pytestmark = pytest.mark.docker
 

@@ -26,8 +26,8 @@ from helpers import RedisServer, put_code, unreached_listener, wait_until
 from common.config import Config, from_dict
 from runners import container_cleanup
 from runners.base import Invocation, Runner, RunOutcome, Sandbox
-from runners.docker import DockerRunner, DockerSandbox
-from runners.process import ProcessRunner, ProcessSandbox
+from runners.docker.runner import DockerRunner, DockerSandbox
+from runners.process.runner import ProcessRunner, ProcessSandbox
 
 MiB = 2**20
 MAX_PIDS = 32

@@ -21,9 +21,9 @@ from test_docker_runner import SCRATCH, agent  # noqa: F401  agent: the autouse 
 from common.config import Config, from_dict
 from common.errors import RuntimeUnavailable
 from runners.base import Invocation, RunOutcome, Sandbox
-from runners.docker import DockerRunner, DockerSandbox
+from runners.docker.runner import DockerRunner, DockerSandbox
 from runners.pooled import PooledRunner
-from runners.process import ProcessRunner, ProcessSandbox
+from runners.process.runner import ProcessRunner, ProcessSandbox
 
 MiB = 2**20
 MAX_PIDS = 32

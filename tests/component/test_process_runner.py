@@ -21,7 +21,7 @@ from common.config import Config, from_dict
 from runners import cgroups
 from runners.base import Invocation, RunOutcome
 from runners.forkclient import FORKSERVER_SOURCE, ForkServerClient
-from runners.process import ProcessRunner, ProcessSandbox
+from runners.process.runner import ProcessRunner, ProcessSandbox
 
 
 def make_config(warm: int = 1, max_pids: int = 32, **process: Any) -> Config:

@@ -26,8 +26,8 @@ from helpers import put_code
 from common.config import Config, from_dict
 from runners import cgroups
 from runners.base import Invocation, RunOutcome
-from runners.process import ProcessRunner, ProcessSandbox
-from runners.sandbox_uids import SandboxUids
+from runners.process.runner import ProcessRunner, ProcessSandbox
+from runners.process.uids import SandboxUids
 
 PROBE_PATHS = r"""
 import json, os, sys

@@ -18,16 +18,26 @@ ORDER = ("common", "runners", "worker", "supervisor", "admin", "devtools")
 """Each package may import only the ones before it (and itself)."""
 
 
+def module_name(path: Path) -> str:
+    """``runners/docker/runner.py`` -> ``runners.docker.runner`` (a package: its name)."""
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def sources() -> list[Path]:
+    return sorted(path for package in ORDER for path in (ROOT / package).rglob("*.py"))
+
+
 def imports_of(path: Path) -> set[str]:
     """Dotted modules of this project that ``path`` imports, anywhere in the file."""
-    package = path.parent.name
+    package = path.relative_to(ROOT).parent.parts
     found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             if node.level:
-                base = package if node.level == 1 else ""
+                base = ".".join(package[: len(package) - node.level + 1])
                 module = f"{base}.{node.module}" if node.module else base
                 found.update(
                     [module] if node.module else [f"{base}.{alias.name}" for alias in node.names]
@@ -35,16 +45,12 @@ def imports_of(path: Path) -> set[str]:
             elif node.module:
                 found.add(node.module)
                 found.update(f"{node.module}.{alias.name}" for alias in node.names)
-    modules = {f"{p.parent.name}.{p.stem}" for pkg in ORDER for p in (ROOT / pkg).glob("*.py")}
-    return {name for name in found if name in modules or name in ORDER}
+    modules = {module_name(p) for p in sources()}
+    return {name for name in found if name in modules}
 
 
 def graph() -> dict[str, set[str]]:
-    return {
-        f"{path.parent.name}.{path.stem}": imports_of(path)
-        for package in ORDER
-        for path in sorted((ROOT / package).glob("*.py"))
-    }
+    return {module_name(path): imports_of(path) for path in sources()}
 
 
 def test_the_graph_sees_the_imports() -> None:
@@ -52,6 +58,7 @@ def test_the_graph_sees_the_imports() -> None:
     assert {"worker.pipeline", "common.config"} <= edges["worker.loop"]
     assert {"runners", "worker.claim"} <= edges["worker.services"]
     assert "runners.base" in edges["runners.pool"]
+    assert {"runners.pooled", "runners.docker.spec"} <= edges["runners.docker.runner"]
 
 
 def test_packages_import_only_the_ones_below_them() -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from common.errors import SandboxError
-from runners.sandbox_uids import UIDS_PER_WORKER, SandboxUids, uid_range
+from runners.process.uids import UIDS_PER_WORKER, SandboxUids, uid_range
 
 
 def test_each_worker_has_a_range_of_its_own() -> None:

@@ -32,18 +32,18 @@ from loguru import logger
 from common.config import Config, MiB
 from common.errors import SandboxError
 
-from . import cgroups
-from .base import Invocation, Sandbox
-from .cgroups import SandboxCgroup, SandboxCgroups, owner_group
-from .forkclient import FORKSERVER_SOURCE
-from .freezer import Freezer, IdleFreezer, anchor
+from .. import cgroups
+from ..base import Invocation, Sandbox
+from ..cgroups import SandboxCgroup, SandboxCgroups, owner_group
+from ..forkclient import FORKSERVER_SOURCE
+from ..freezer import Freezer, IdleFreezer, anchor
+from ..isolation import Isolation, check_metadata_service, metadata_exposure
+from ..launch import Launch, resolve_launches
+from ..pooled import Meter, PooledRunner, ServerSandbox
+from ..sandbox_server import FORK, server_for
+from ..sandboxclient import RawRun
 from .hostpaths import world_writable
-from .isolation import Isolation, check_metadata_service, metadata_exposure
-from .launch import Launch, resolve_launches
-from .pooled import Meter, PooledRunner, ServerSandbox
-from .sandbox_server import FORK, server_for
-from .sandbox_uids import SandboxUids, check_sandbox_uids, uid_range
-from .sandboxclient import RawRun
+from .uids import SandboxUids, check_sandbox_uids, uid_range
 from .workdir import check_traversable, check_work_dir, make_dir, remove_stale_dirs
 
 SANDBOX_START_TIMEOUT_S = 10.0

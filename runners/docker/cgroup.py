@@ -13,8 +13,8 @@ from pathlib import Path
 
 import psutil
 
-from .freezer import Freezer, freezer_of
-from .memory import CGROUP_ROOT, CgroupMemory, CgroupV1Memory, CgroupV2Memory
+from ..freezer import Freezer, freezer_of
+from ..memory import CGROUP_ROOT, CgroupMemory, CgroupV1Memory, CgroupV2Memory
 
 KILL_ROUNDS = 20
 

@@ -15,7 +15,7 @@ from loguru import logger
 
 from common.errors import SandboxError
 
-from .container_cleanup import UNREACHABLE, describe, remove_orphans
+from .cleanup import UNREACHABLE, describe, remove_orphans
 
 MARKER = "[DOCKER]"
 

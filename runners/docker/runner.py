@@ -46,18 +46,23 @@ from loguru import logger
 from common.config import Config, MiB, docker_user_ids
 from common.errors import RuntimeUnavailable, SandboxError
 
-from .base import Invocation, Sandbox
-from .cgroups import freezer_root
-from .container_cgroup import ContainerCgroup, ContainerProcesses, find_cgroup
-from .container_cleanup import (
+from ..base import Invocation, Sandbox
+from ..cgroups import freezer_root
+from ..freezer import Freezer, IdleFreezer, anchor
+from ..isolation import Isolation, check_metadata_service
+from ..launch import Launch
+from ..pooled import Meter, PooledRunner, ServerSandbox
+from ..sandboxclient import RawRun
+from .cgroup import ContainerCgroup, ContainerProcesses, find_cgroup
+from .cleanup import (
     DOCKER_TIMEOUT_S,
     UNREACHABLE,
     describe,
     remove_agent_containers,
 )
-from .container_engine import check_engine, container_isolation, image_missing, missing_images
-from .container_reaper import Reaper
-from .container_spec import (
+from .engine import check_engine, container_isolation, image_missing, missing_images
+from .reaper import Reaper
+from .spec import (
     CODE_MOUNT,
     CODE_SUBDIR,
     CONTAINER_PATH,
@@ -66,11 +71,6 @@ from .container_spec import (
     container_name,
     container_spec,
 )
-from .freezer import Freezer, IdleFreezer, anchor
-from .isolation import Isolation, check_metadata_service
-from .launch import Launch
-from .pooled import Meter, PooledRunner, ServerSandbox
-from .sandboxclient import RawRun
 
 START_TIMEOUT_S = 20.0
 @dataclass(eq=False)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from common.errors import ConfigError
 
-from .cgroups import owner_gone
+from ..cgroups import owner_gone
 
 
 def make_dir(path: Path, mode: int) -> None:

@@ -13,14 +13,14 @@ from docker.errors import ImageNotFound
 from common.config import Config
 from common.errors import ConfigError, SandboxError
 
-from .container_cleanup import UNREACHABLE, describe
-from .isolation import Isolation, metadata_exposure
+from ..isolation import Isolation, metadata_exposure
+from .cleanup import UNREACHABLE, describe
 
 ENGINE_CHECK_TIMEOUT_S = 10
 CONTAINER_ISOLATION = (
     "uid", "capabilities", "read-only-root", "tmpfs", "cgroup", "rlimits", "pid", "mount", "ipc",
 )
-"""What every sandbox container has by its spec (runners/container_spec.py)."""
+"""What every sandbox container has by its spec (spec.py)."""
 
 
 def engine_info() -> dict[str, Any] | None:

@@ -12,9 +12,9 @@ from docker.types import LogConfig, Mount, Ulimit
 from common.config import Config, MiB, docker_user_ids
 from common.errors import ConfigError
 
-from .container_cleanup import labels
-from .launch import Launch
-from .sandbox_server import FORK, SERVERS, server_for
+from ..launch import Launch
+from ..sandbox_server import FORK, SERVERS, server_for
+from .cleanup import labels
 
 CONTROL_MOUNT = "/nanogrid/control"
 SERVER_DIR = "/nanogrid"
