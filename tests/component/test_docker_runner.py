@@ -30,8 +30,8 @@ from helpers import SIGNAL_FACTS, assert_default_signals, frozen, put_code, wait
 
 from common.config import Config, from_dict
 from common.errors import ConfigError, SandboxError
-from runners import container_cleanup
 from runners.base import Invocation, RunOutcome
+from runners.docker import cleanup as container_cleanup
 from runners.docker.cleanup import remove_agent_containers
 from runners.docker.runner import DockerRunner, DockerSandbox
 

@@ -24,8 +24,8 @@ import pytest
 from helpers import RedisServer, put_code, unreached_listener, wait_until
 
 from common.config import Config, from_dict
-from runners import container_cleanup
 from runners.base import Invocation, Runner, RunOutcome, Sandbox
+from runners.docker import cleanup as container_cleanup
 from runners.docker.runner import DockerRunner, DockerSandbox
 from runners.process.runner import ProcessRunner, ProcessSandbox
 

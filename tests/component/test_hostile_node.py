@@ -25,9 +25,9 @@ from test_hostile import CONTRACT_ENV, MAX_OUTPUT, MAX_PIDS, SECRET, MiB, make_c
 
 from common.config import Config, RuntimeConfig
 from common.errors import SandboxError
-from runners import container_cleanup
 from runners.base import Invocation, Runner
 from runners.docker import DockerRunner
+from runners.docker import cleanup as container_cleanup
 from runners.process import ProcessRunner
 
 pytestmark = pytest.mark.usefixtures("pids_limited_tests")

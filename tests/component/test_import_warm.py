@@ -21,10 +21,11 @@ from test_docker_runner import agent, engine  # noqa: F401  fixtures: labels and
 
 from common.config import from_dict
 from common.errors import SandboxError
-from runners import cgroups, container_cgroup, freezer
+from runners import cgroups, freezer
 from runners.base import Invocation, Runner, RunOutcome
 from runners.cgroups import SandboxCgroups
 from runners.docker import DockerRunner
+from runners.docker import cgroup as container_cgroup
 from runners.forkclient import FORKSERVER_SOURCE, ForkServerClient
 from runners.process import ProcessRunner
 
