@@ -199,9 +199,10 @@ class SandboxCgroups:
         live agent or test run that shares this cgroup are left alone.
         """
         memory_root, pids_root, freezer = _subtree_roots()
+        roots = [memory_root, pids_root, *([freezer[0]] if freezer is not None else [])]
         groups = {
             child.name
-            for root in dict.fromkeys([memory_root, pids_root, *(freezer or ())[:1]])
+            for root in dict.fromkeys(roots)
             if root.is_dir()
             for child in root.iterdir()
             if child.is_dir() and owner_gone(child.name)

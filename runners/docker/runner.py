@@ -337,10 +337,11 @@ class DockerRunner(PooledRunner):
 
     def _on_idle(self, sandbox: Sandbox, idle_s: float) -> None:
         """Pause a container idle past the grace (a busy function is not paused per call),
-        unless the agent freezes it between runs itself."""
+        unless the agent can freeze it (it does, between runs, when it holds its function's
+        code; else it has nothing to stop)."""
         assert isinstance(sandbox, DockerSandbox)
-        frozen = sandbox.cgroup is not None and sandbox.cgroup.freezer is not None
-        if frozen or sandbox.paused or idle_s < self.config.docker.pause_grace_seconds:
+        freezable = sandbox.cgroup is not None and sandbox.cgroup.freezer is not None
+        if freezable or sandbox.paused or idle_s < self.config.docker.pause_grace_seconds:
             return
         assert sandbox.container is not None
         try:
