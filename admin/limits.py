@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(client: redis.Redis, args: argparse.Namespace) -> int:
     if args.command == "ls":
-        caps = client.hgetall(rediskeys.CONCURRENCY)
+        caps = {_text(k): _text(v) for k, v in client.hgetall(rediskeys.CONCURRENCY).items()}
         for function_id in sorted(caps):
             print(f"{function_id}\t{caps[function_id]}\t{_running(client, function_id)} running")
         return EXIT_OK
@@ -70,12 +70,16 @@ def _run(client: redis.Redis, args: argparse.Namespace) -> int:
         print(f"{function_id}: at most {args.cap} at once on all hosts")
     elif args.command == "get":
         cap = client.hget(rediskeys.CONCURRENCY, function_id)
-        print(f"{function_id}: {'no cap of its own' if cap is None else cap}")
+        print(f"{function_id}: {'no cap of its own' if cap is None else _text(cap)}")
         return EXIT_OK if cap is not None else EXIT_ERROR
     else:
         removed = client.hdel(rediskeys.CONCURRENCY, function_id)
         print(f"{function_id}: {'cap removed' if removed else 'had no cap of its own'}")
     return EXIT_OK
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _running(client: redis.Redis, function_id: str) -> int:

@@ -307,7 +307,7 @@ def _build(cls: type, data: Any, prefix: str, base: Any = None) -> Any:
 
 def _convert(hint: Any, value: Any, key: str, meta: Mapping[str, Any]) -> Any:
     origin = typing.get_origin(hint)
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return _build(hint, value, f"{key}.")
     if origin in (types.UnionType, typing.Union):
         if value is None:

@@ -107,6 +107,9 @@ class Runner:
     name = "runner"
     marker = "[RUNNER]"
 
+    def __init__(self, config: Config, worker_index: int) -> None:
+        """One worker's runner, made after its fork (its slice of the warm pools)."""
+
     def acquire(self, runtime: str, code_key: str) -> Sandbox:
         """A sandbox for ``code_key``: warm for it, else fresh warm, else a cold one."""
         raise NotImplementedError

@@ -194,9 +194,9 @@ class SandboxBoard:
                 over_bytes = max_idle_bytes and total > max_idle_bytes
                 if not (over_count or over_bytes):
                     break
-                head = self._head(entry.index)
-                self._write(entry.index, DOOMED, *head[1:6], head[6], entry.runtime,
-                            entry.code_key or "")
+                self._write(entry.index, DOOMED, entry.owner, entry.owner_pid,
+                            entry.taker_pid, entry.generation, entry.idle_since_ns,
+                            entry.memory_bytes, entry.runtime, entry.code_key or "")
                 count -= 1
                 total -= entry.memory_bytes
                 doomed += 1

@@ -193,7 +193,7 @@ class PooledRunner(Runner):
             name: WarmPool(
                 name,
                 warm_share(rt.warm, config.workers, worker_index),
-                lambda name=name: self.create(name),
+                self._maker(name),
                 self.destroy,
                 idle_expiry_s=config.pool.idle_expiry_seconds,
                 on_idle=on_idle,
@@ -204,6 +204,9 @@ class PooledRunner(Runner):
             for name, rt in config.runtimes.items()
             if name not in self.unavailable
         }
+
+    def _maker(self, runtime: str) -> Callable[[], Sandbox]:
+        return lambda: self.create(runtime)
 
     def pool(self, runtime: str) -> WarmPool:
         """The runtime's pool; RuntimeUnavailable (with the reason) when it cannot start."""

@@ -59,9 +59,11 @@ class Arbiter:
     def __init__(self, config: Config, worker_main: WorkerMain | None = None) -> None:
         if worker_main is None:
             # Imported before any fork, so each child starts with boto3 & co. loaded.
-            from worker.loop import main as worker_main
+            from worker.loop import main as loop_main
+
+            worker_main = loop_main
         self.config = config
-        self.worker_main = worker_main
+        self.worker_main: WorkerMain = worker_main
         self.pid = os.getpid()
         self.slots: dict[int, Slot] = {}
         self.workers: dict[int, WorkerProcess] = {}

@@ -58,7 +58,8 @@ class HostMetrics:
             self.fds.set(me.num_fds())
             self.start.set(me.create_time())
         self.max_fds.set(os.sysconf("SC_OPEN_MAX"))
-        cpu, rss = {}, {}
+        cpu: dict[tuple[str, ...], float] = {}
+        rss: dict[tuple[str, ...], float] = {}
         for index, pid in workers:
             try:
                 worker = psutil.Process(pid)

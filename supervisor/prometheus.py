@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TypeVar
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -71,7 +71,7 @@ class Counter(_Metric):
         with self._lock:
             self._values[key] = value
 
-    def replace(self, values: dict[LabelValues, float]) -> None:
+    def replace(self, values: Mapping[LabelValues, float]) -> None:
         """Set every labelled value at once; label sets not given disappear."""
         with self._lock:
             self._values = dict(values)

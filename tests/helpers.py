@@ -19,6 +19,7 @@ import os
 import shutil
 import signal
 import socket
+import tempfile
 import threading
 import time
 import urllib.error
@@ -63,6 +64,57 @@ __all__ = [
 
 RUNTIME_IMAGE = "nanogrid/python:3.11-bookworm"
 NODE_IMAGE = "nanogrid/node:18-bookworm"
+
+
+def scratch_dir(prefix: str, parent: str | None = None) -> Path:
+    """A new directory sandbox users can reach (pytest's tmp_path is 0700) with a short path
+    (a Docker sandbox's socket path has 107 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    os.chmod(path, 0o711)
+    return path
+
+
+def agent_settings(base: str | os.PathLike[str], runner: str = "process", **changes: Any
+                   ) -> dict[str, Any]:
+    """The settings every tier's agents and runners start from, the tests' one config
+    builder: one worker of ``runner``, the local runtime images, its directories under
+    ``base``, and a low free-space floor (a CI disk may be nearly full; the disk tests set
+    their own). ``changes`` replace top-level keys, except that a section given as a mapping
+    is merged into the one here (``paths={"min_free_mb": 0}`` keeps the other paths)."""
+    settings: dict[str, Any] = {
+        "workers": 1,
+        "runner": runner,
+        "runtimes": {"python": {"image": RUNTIME_IMAGE, "warm": 1}},
+        "paths": {
+            "work_dir": f"{base}/w",
+            "code_cache_dir": f"{base}/c",
+            "outbox_dir": f"{base}/o",
+            "min_free_mb": 16,
+        },
+        "docker": {"socket_dir": f"{base}/s"},
+    }
+    return merged(settings, changes)
+
+
+def merged(settings: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` with ``changes``: top-level keys replaced, except that a section given
+    as a mapping is merged into the one there (``runtimes`` is replaced whole, as the agent
+    reads it)."""
+    out = dict(settings)
+    for key, value in changes.items():
+        current = out.get(key)
+        if isinstance(value, dict) and isinstance(current, dict) and key != "runtimes":
+            out[key] = {**current, **value}
+        else:
+            out[key] = value
+    return out
+
+
+def agent_config(base: str | os.PathLike[str], runner: str = "process", **changes: Any) -> Any:
+    """``agent_settings`` as the agent's Config."""
+    from common.config import from_dict
+
+    return from_dict(agent_settings(base, runner, **changes))
 
 
 class MotoServer(embedded.MotoServer):

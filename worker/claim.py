@@ -32,7 +32,7 @@ from loguru import logger
 from . import rediskeys
 from .autotuner import PeakHistory
 from .leases import LeaseKeeper
-from .redislink import RedisLink
+from .redislink import RedisLink, ScriptArg
 from .result import Result
 
 NOW_MS = """
@@ -187,7 +187,7 @@ class ClaimStore:
         keys = [rediskeys.result(request_id), rediskeys.claim(request_id),
                 rediskeys.runs(request_id), slots, rediskeys.CONCURRENCY]
         default_cap = "" if self._default_cap is None else self._default_cap
-        args: list[object] = [token, self.lease_ms, RUNS_TTL_S, function_id, default_cap]
+        args: list[ScriptArg] = [token, self.lease_ms, RUNS_TTL_S, function_id, default_cap]
         reading = (
             self._peaks.reading(function_id, runtime)
             if self._peaks is not None and runtime is not None
@@ -229,7 +229,7 @@ class ClaimStore:
         Raises ResultStoreUnavailable when Redis cannot take the renewal.
         """
         keys: list[str] = []
-        args: list[object] = [self.lease_ms]
+        args: list[ScriptArg] = [self.lease_ms]
         for claim in claims:
             keys += [rediskeys.claim(claim.request_id), claim.slots or rediskeys.CONCURRENCY]
             args += [claim.token, "1" if claim.slots else "0"]

@@ -24,6 +24,8 @@ from redis.retry import Retry
 from common.errors import ResultRejected, ResultStoreUnavailable
 
 T = TypeVar("T")
+ScriptArg = str | int | float | bytes
+"""What a Lua script's ARGV takes."""
 
 CONNECT_TIMEOUT_SECONDS = 1.0
 OPERATION_TIMEOUT_SECONDS = 2.0

@@ -8,7 +8,6 @@ sends its arbiter, or a result stored by an older agent, fills the rest with def
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -32,11 +31,16 @@ def _json_name(f: dataclasses.Field[Any]) -> str:
     return str(f.metadata.get("json") or _camel(f.name))
 
 
-@functools.cache
+_NAMES: dict[type, tuple[tuple[str, str], ...]] = {}
+
+
 def _names(cls: type) -> tuple[tuple[str, str], ...]:
     """(attribute, JSON name) of each field of a result dataclass, in order: worked out once,
     not for every result written."""
-    return tuple((f.name, _json_name(f)) for f in dataclasses.fields(cls))
+    names = _NAMES.get(cls)
+    if names is None:
+        names = _NAMES[cls] = tuple((f.name, _json_name(f)) for f in dataclasses.fields(cls))
+    return names
 
 
 @dataclass(frozen=True)

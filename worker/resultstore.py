@@ -30,7 +30,7 @@ from common.errors import ResultRejected, ResultStoreUnavailable
 from . import rediskeys
 from .autotuner import PeakHistory
 from .outbox import Outbox
-from .redislink import RedisLink
+from .redislink import RedisLink, ScriptArg
 from .result import Result
 
 MAX_ENTRY_TRIES = 5
@@ -291,7 +291,7 @@ class ResultStore:
         key = rediskeys.result(request_id)
         keys = [key, rediskeys.claim(request_id), rediskeys.runs(request_id),
                 rediskeys.running(result.function_id or "")]
-        args: list[object] = [data, self._ttl, token or "", "1" if again else "0"]
+        args: list[ScriptArg] = [data, self._ttl, token or "", "1" if again else "0"]
         peak = self._peaks.entry(result) if self._peaks is not None and not again else None
         if peak is not None:
             keys.append(peak[0])

@@ -206,7 +206,7 @@ class StubMetrics(MetricsPublisher):
     def record(self, *args: Any, **kwargs: Any) -> None:
         self.records += 1
 
-    def close(self) -> None:
+    def close(self, timeout: float = 0.0) -> None:
         pass
 
 

@@ -36,7 +36,7 @@ def configured_hooks(config: Config) -> list[Hook]:
         return []
     from .spans import SpanHook
 
-    return [SpanHook.exporting(endpoint, queue_name(config.queue.url))]
+    return [SpanHook.exporting(endpoint, queue_name(config.queue.url or ""))]
 
 
 def queue_name(url: str) -> str:

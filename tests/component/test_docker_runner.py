@@ -18,7 +18,6 @@ import subprocess
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,16 +25,24 @@ from typing import Any
 import docker
 import pytest
 from docker.errors import NotFound
-from helpers import SIGNAL_FACTS, assert_default_signals, frozen, put_code, wait_until
+from harness import agent_containers, scratch
+from helpers import (
+    RUNTIME_IMAGE,
+    SIGNAL_FACTS,
+    agent_config,
+    assert_default_signals,
+    frozen,
+    put_code,
+    wait_until,
+)
 
-from common.config import Config, from_dict
+from common.config import Config
 from common.errors import ConfigError, SandboxError
 from runners.base import Invocation, RunOutcome
-from runners.docker import cleanup as container_cleanup
 from runners.docker.cleanup import remove_agent_containers
 from runners.docker.runner import DockerRunner, DockerSandbox
 
-pytestmark = pytest.mark.docker
+pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("containers_agent")]
 
 MiB = 2**20
 MAX_PIDS = 32
@@ -66,55 +73,12 @@ print(json.dumps({
 """
 
 
-SCRATCH: list[str] = []
-"""Work directories made by a test, removed by the ``agent`` fixture after it (tests of
-other modules that take that fixture add theirs here too)."""
-
-
-@pytest.fixture(autouse=True)
-def agent(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """A fresh agent id for this test's containers (forked children inherit it)."""
-    name = f"test-{uuid.uuid4().hex[:10]}"
-    monkeypatch.setattr(container_cleanup, "agent_id", lambda: name)
-    yield name
-    while SCRATCH:
-        shutil.rmtree(SCRATCH.pop(), ignore_errors=True)
-
-
-@pytest.fixture
-def engine(docker_engine: docker.DockerClient, runtime_image: str, agent: str) -> Iterator:
-    """The engine; on teardown no container of this test's agent may be left."""
-    yield docker_engine
-    left = agent_containers(docker_engine, agent)
-    for container in left:
-        container.remove(force=True)
-    assert not left, f"containers left behind: {[c.name for c in left]}"
-
-
-def agent_containers(engine: docker.DockerClient, agent: str) -> list:
-    return engine.containers.list(all=True, filters={"label": f"nanogrid.agent={agent}"})
-
-
 def make_config(warm: int = 1, pause_grace: float = 60.0, **docker_settings: Any) -> Config:
-    work = tempfile.mkdtemp(prefix="ng-docker-")  # short: socket paths have 107 bytes
-    SCRATCH.append(work)
-    return from_dict(
-        {
-            "runner": "docker",
-            "workers": 1,
-            "runtimes": {"python": {"image": "nanogrid/python:3.11-bookworm", "warm": warm}},
-            "limits": {"max_pids": MAX_PIDS},
-            "paths": {
-                "work_dir": f"{work}/work",
-                "code_cache_dir": f"{work}/cache",
-                "outbox_dir": f"{work}/outbox",
-            },
-            "docker": {
-                "socket_dir": f"{work}/s",
-                "pause_grace_seconds": pause_grace,
-                **docker_settings,
-            },
-        }
+    return agent_config(
+        scratch("ng-docker-"), "docker",
+        runtimes={"python": {"image": RUNTIME_IMAGE, "warm": warm}},
+        limits={"max_pids": MAX_PIDS},
+        docker={"pause_grace_seconds": pause_grace, **docker_settings},
     )
 
 
@@ -492,29 +456,31 @@ def test_a_dead_idle_container_is_replaced_at_acquire(
 # -- lifecycle --------------------------------------------------------------------------------
 
 
-def test_close_removes_containers_and_host_dirs(engine: docker.DockerClient, agent: str) -> None:
+def test_close_removes_containers_and_host_dirs(
+    engine: docker.DockerClient, containers_agent: str
+) -> None:
     config = make_config(warm=2)
     r = DockerRunner(config, 0)
     wait_until(lambda: r.pool_stats()["python"]["warm"] == 2, timeout=20)
-    assert len(agent_containers(engine, agent)) == 2
+    assert len(agent_containers(engine, containers_agent)) == 2
     r.close()
-    assert agent_containers(engine, agent) == []
+    assert agent_containers(engine, containers_agent) == []
     assert list(Path(config.docker.socket_dir).iterdir()) == []
 
 
 def test_agent_cleanup_spares_a_live_workers_containers(
-    engine: docker.DockerClient, agent: str
+    engine: docker.DockerClient, containers_agent: str
 ) -> None:
     r = DockerRunner(make_config(warm=2), 0)
     try:
         wait_until(lambda: r.pool_stats()["python"]["warm"] == 2, timeout=20)
-        dirs = [c.labels["nanogrid.dir"] for c in agent_containers(engine, agent)]
+        dirs = [c.labels["nanogrid.dir"] for c in agent_containers(engine, containers_agent)]
         assert remove_agent_containers() == 0  # another agent's cleanup must not break us
-        assert len(agent_containers(engine, agent)) == 2
+        assert len(agent_containers(engine, containers_agent)) == 2
         assert all(os.path.exists(d) for d in dirs)
     finally:
         r.close()
-    assert agent_containers(engine, agent) == []
+    assert agent_containers(engine, containers_agent) == []
 
 
 def _start_worker_process(config: Config) -> tuple[int, int]:
@@ -550,31 +516,33 @@ def _sigkill_when_warm(config: Config) -> None:
 
 
 def test_a_sigkilled_workers_containers_are_removed(
-    engine: docker.DockerClient, agent: str
+    engine: docker.DockerClient, containers_agent: str
 ) -> None:
     config = make_config(warm=2)
     _sigkill_when_warm(config)
-    assert len(agent_containers(engine, agent)) == 2  # nothing ran to remove them
+    assert len(agent_containers(engine, containers_agent)) == 2  # nothing ran to remove them
     replacement = DockerRunner(make_config(warm=0), 0)  # a new worker removes dead ones'
     replacement.close()
-    assert agent_containers(engine, agent) == []
+    assert agent_containers(engine, containers_agent) == []
     assert list(Path(config.docker.socket_dir).iterdir()) == []
     _sigkill_when_warm(config)
     assert remove_agent_containers() == 2  # and so does the agent at start
-    assert agent_containers(engine, agent) == []
+    assert agent_containers(engine, containers_agent) == []
 
 
-def test_a_sigtermed_worker_removes_its_containers(engine: docker.DockerClient, agent: str) -> None:
+def test_a_sigtermed_worker_removes_its_containers(
+    engine: docker.DockerClient, containers_agent: str
+) -> None:
     pid, ready = _start_worker_process(make_config(warm=2))
     try:
         assert os.read(ready, 1) == b"1"
-        assert len(agent_containers(engine, agent)) == 2
+        assert len(agent_containers(engine, containers_agent)) == 2
         os.kill(pid, signal.SIGTERM)
         _, status = os.waitpid(pid, 0)
     finally:
         os.close(ready)
     assert os.waitstatus_to_exitcode(status) == 0
-    assert agent_containers(engine, agent) == []
+    assert agent_containers(engine, containers_agent) == []
 
 
 # -- the engine going away --------------------------------------------------------------------

@@ -8,60 +8,27 @@ through SQS, S3 and Redis, and read their logs.
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import re
 import subprocess
 import tempfile
 import time
 import uuid
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from faultproxy import Forwarder
+from harness import HELLO, Agent, fork_worker, make_zip, runs_per_request, stop
 from helpers import RedisServer, free_port, wait_until
 from poison import POISON
-from test_worker_pipeline import HELLO, Agent, make_zip
 
-from common.config import Config
 from common.errors import HostFault
 from worker.codestore import CodeStore
 
 VISIBILITY_S = 2
 """The Agent's visibility timeout: a message that ends within it never came back."""
-
-
-def fork_worker(config: Config, index: int) -> Any:
-    """Another worker process on the same config (and so the same queue), as worker ``index``."""
-
-    def run() -> None:
-        from common import logs
-        from worker.loop import serve
-
-        logs.setup(config.log, f"worker-{index}")
-        os._exit(serve(config, index))
-
-    process = multiprocessing.get_context("fork").Process(target=run, daemon=True)
-    process.start()
-    return process
-
-
-def stop(process: Any) -> int | None:
-    if process.is_alive():
-        os.kill(process.pid, 15)
-    process.join(20)
-    if process.is_alive():
-        process.kill()
-        process.join()
-    return process.exitcode
-
-
-def runs_per_request(log: str) -> Counter[str]:
-    """How many times each requestId's function started, from the workers' log lines."""
-    return Counter(re.findall(r"\| (\S+) \| \[PROCESS\] running ", log))
 
 
 # -- poison -----------------------------------------------------------------------------------

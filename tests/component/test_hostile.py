@@ -21,25 +21,23 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from harness import (
+    CONTRACT_ENV,
+    MAX_FILE_BYTES,
+    MAX_OPEN_FILES,
+    MAX_OUTPUT,
+    MAX_PIDS,
+    SECRET,
+    MiB,
+    hostile_config,
+)
 from helpers import RedisServer, put_code, unreached_listener, wait_until
 
-from common.config import Config, from_dict
+from common.config import Config
 from runners.base import Invocation, Runner, RunOutcome, Sandbox
 from runners.docker import cleanup as container_cleanup
 from runners.docker.runner import DockerRunner, DockerSandbox
 from runners.process.runner import ProcessRunner, ProcessSandbox
-
-MiB = 2**20
-MAX_PIDS = 32
-TMPFS_MB = 16
-MAX_FILE_BYTES = 8 * MiB
-"""Below the tmpfs size, so that a huge file meets RLIMIT_FSIZE before /tmp is full."""
-MAX_OPEN_FILES = 256
-MAX_OUTPUT = 100_000
-SECRET = "nanogrid-hostile-FAKE-aws-secret"
-CONTRACT_ENV = {
-    "NANOGRID_REQUEST_ID", "NANOGRID_FUNCTION_ID", "NANOGRID_MEMORY_MB", "PATH", "HOME", "LANG",
-}
 
 pytestmark = pytest.mark.usefixtures("pids_limited_tests")
 
@@ -116,35 +114,13 @@ def invocation(memory_mb: int, timeout_ms: int, stdin: bytes) -> Invocation:
     )
 
 
-def make_config(kind: str, base: str) -> Config:
-    return from_dict(
-        {
-            "runner": kind,
-            "workers": 1,
-            "runtimes": {"python": {"image": "nanogrid/python:3.11-bookworm", "warm": 2}},
-            "limits": {
-                "max_pids": MAX_PIDS,
-                "max_open_files": MAX_OPEN_FILES,
-                "max_file_bytes": MAX_FILE_BYTES,
-            },
-            "paths": {
-                "work_dir": f"{base}/w",
-                "code_cache_dir": f"{base}/c",
-                "outbox_dir": f"{base}/o",
-            },
-            "process": {"tmpfs_mb": TMPFS_MB},
-            "docker": {"socket_dir": f"{base}/s", "tmpfs_mb": TMPFS_MB},
-        }
-    )
-
-
 @pytest.fixture(params=["process", "docker"])
 def hostile(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[Harness]:
     """A warm runner of each kind, started by an agent whose environment holds AWS secrets."""
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
     base = tempfile.mkdtemp(prefix="ng-hostile-")  # short: Docker socket paths have 107 bytes
     os.chmod(base, 0o711)  # sandbox users must reach work_dir
-    config = make_config(request.param, base)
+    config = hostile_config(request.param, base)
     runner: Runner
     if request.param == "docker":
         request.getfixturevalue("runtime_image")

@@ -20,8 +20,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from harness import CONTRACT_ENV, MAX_OUTPUT, MAX_PIDS, SECRET, MiB
+from harness import hostile_config as make_config
 from helpers import RedisServer, put_code, unreached_listener, wait_until
-from test_hostile import CONTRACT_ENV, MAX_OUTPUT, MAX_PIDS, SECRET, MiB, make_config
 
 from common.config import Config, RuntimeConfig
 from common.errors import SandboxError

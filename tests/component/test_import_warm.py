@@ -16,10 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import idle_cpu_seconds, put_code, wait_until
-from test_docker_runner import agent, engine  # noqa: F401  fixtures: labels and cleanup
+from helpers import RUNTIME_IMAGE, agent_config, idle_cpu_seconds, put_code, wait_until
 
-from common.config import from_dict
 from common.errors import SandboxError
 from runners import cgroups, freezer
 from runners.base import Invocation, Runner, RunOutcome
@@ -28,6 +26,8 @@ from runners.docker import DockerRunner
 from runners.docker import cgroup as container_cgroup
 from runners.forkclient import FORKSERVER_SOURCE, ForkServerClient
 from runners.process import ProcessRunner
+
+pytestmark = pytest.mark.usefixtures("containers_agent")
 
 MiB = 2**20
 
@@ -83,22 +83,10 @@ print(json.dumps({{
 }
 
 def config_for(kind: str, work: str, preload: bool) -> Any:
-    python: dict[str, Any] = {"warm": 1, "preload": preload}
-    settings: dict[str, Any] = {
-        "runner": kind,
-        "workers": 1,
-        "runtimes": {"python": python},
-        "limits": {"max_pids": 32},
-        "paths": {
-            "work_dir": f"{work}/work",
-            "code_cache_dir": f"{work}/cache",
-            "outbox_dir": f"{work}/outbox",
-        },
-    }
-    if kind == "docker":
-        python["image"] = "nanogrid/python:3.11-bookworm"
-        settings["docker"] = {"socket_dir": f"{work}/s"}
-    return from_dict(settings)
+    return agent_config(
+        work, kind, runtimes={"python": {"image": RUNTIME_IMAGE, "warm": 1, "preload": preload}},
+        limits={"max_pids": 32},
+    )
 
 
 @pytest.fixture(params=["process", pytest.param("docker", marks=pytest.mark.docker)])

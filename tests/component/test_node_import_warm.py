@@ -14,12 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from harness import MAX_PIDS
+from harness import start_runner as start
 from helpers import frozen, idle_cpu_seconds, put_code
-from test_node_runtime import MAX_PIDS, agent, start  # noqa: F401  agent: a fixture
 
 from runners.base import Invocation, RunOutcome
 from runners.nodeclient import NODESERVER_SOURCE, NodeServerClient
 from runners.pooled import PooledRunner
+
+pytestmark = pytest.mark.usefixtures("containers_agent")
 
 MiB = 2**20
 SETTLE_S = 1.0

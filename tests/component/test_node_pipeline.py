@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from harness import Agent, make_zip
 from helpers import NODE_IMAGE, RUNTIME_IMAGE, wait_until
-from test_worker_pipeline import Agent, make_zip
 
 from devtools.invoke import zip_function
 

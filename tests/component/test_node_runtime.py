@@ -5,20 +5,19 @@ hardening, a node image without python, and runtimes that cannot start."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from helpers import put_code, wait_until
-from test_docker_runner import SCRATCH, agent  # noqa: F401  agent: the autouse fixture
+from harness import MAX_PIDS
+from harness import runner_config as make_config
+from harness import start_runner as start
+from helpers import put_code
 
-from common.config import Config, from_dict
 from common.errors import RuntimeUnavailable
 from runners.base import Invocation, RunOutcome, Sandbox
 from runners.docker.runner import DockerRunner, DockerSandbox
@@ -26,7 +25,7 @@ from runners.pooled import PooledRunner
 from runners.process.runner import ProcessRunner, ProcessSandbox
 
 MiB = 2**20
-MAX_PIDS = 32
+pytestmark = pytest.mark.usefixtures("containers_agent")
 CONTRACT_ENV = {
     "NANOGRID_REQUEST_ID",
     "NANOGRID_FUNCTION_ID",
@@ -48,39 +47,6 @@ if (input.exit !== undefined) process.exit(input.exit);
 if (input.throw) throw new Error(input.throw);
 if (input.exitCode !== undefined) process.exitCode = input.exitCode;
 """
-
-def make_config(kind: str, runtimes: dict[str, Any]) -> Config:
-    work = tempfile.mkdtemp(prefix="ng-node-")  # short: socket paths have 107 bytes
-    os.chmod(work, 0o711)  # sandbox users pass through to their directories
-    SCRATCH.append(work)
-    return from_dict(
-        {
-            "runner": kind,
-            "workers": 1,
-            "runtimes": runtimes,
-            "limits": {"max_pids": MAX_PIDS},
-            "paths": {
-                "work_dir": f"{work}/work",
-                "code_cache_dir": f"{work}/cache",
-                "outbox_dir": f"{work}/outbox",
-            },
-            "docker": {"socket_dir": f"{work}/s", "pause_grace_seconds": 60},
-        }
-    )
-
-
-def start(kind: str, runtimes: dict[str, Any]) -> PooledRunner:
-    config = make_config(kind, runtimes)
-    runner: PooledRunner = (ProcessRunner if kind == "process" else DockerRunner)(config, 0)
-    for name, runtime in config.runtimes.items():
-        if name not in runner.unavailable_runtimes():
-            wait_until(
-                lambda name=name, warm=runtime.warm: runner.pool_stats()[name]["warm"] == warm,
-                timeout=30,
-                what=f"the warm {name} pool",
-            )
-    return runner
-
 
 @pytest.fixture(params=["process", pytest.param("docker", marks=pytest.mark.docker)])
 def kind(request: pytest.FixtureRequest) -> str:

@@ -15,7 +15,14 @@ from typing import Any
 
 import psutil
 import pytest
-from helpers import SIGNAL_FACTS, assert_default_signals, put_code, wait_until
+from helpers import (
+    SIGNAL_FACTS,
+    agent_config,
+    assert_default_signals,
+    put_code,
+    scratch_dir,
+    wait_until,
+)
 
 from common.config import Config, from_dict
 from runners import cgroups
@@ -25,21 +32,9 @@ from runners.process.runner import ProcessRunner, ProcessSandbox
 
 
 def make_config(warm: int = 1, max_pids: int = 32, **process: Any) -> Config:
-    work = tempfile.mkdtemp(prefix="nanogrid-work-")
-    os.chmod(work, 0o711)
-    return from_dict(
-        {
-            "runner": "process",
-            "workers": 1,
-            "runtimes": {"python": {"warm": warm}},
-            "limits": {"max_pids": max_pids},
-            "process": process,
-            "paths": {
-                "work_dir": work,
-                "code_cache_dir": f"{work}/cache",
-                "outbox_dir": f"{work}/o",
-            },
-        }
+    return agent_config(
+        scratch_dir("nanogrid-work-"), runtimes={"python": {"warm": warm}},
+        limits={"max_pids": max_pids}, process=process,
     )
 
 

@@ -11,9 +11,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from harness import Agent, fork_worker, runs_per_request, stop
 from helpers import RedisServer, wait_until
-from test_faults import fork_worker, runs_per_request, stop
-from test_worker_pipeline import Agent
 
 OOM_S = 10.0
 

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import put_code
+from helpers import agent_config, put_code
 
-from common.config import Config, from_dict
+from common.config import Config
 from runners import cgroups
 from runners.base import Invocation, RunOutcome
 from runners.process.runner import ProcessRunner, ProcessSandbox
@@ -67,17 +67,10 @@ def make_config(base: Path, runtime: str = "python", **process: Any) -> Config:
     """One worker, no warm sandboxes, and sandbox uids no other agent or test run on this
     host uses (they share the default range; what is checked here is the uid's own)."""
     uid_base = 1_000_000_000 + 1000 * int(uuid.uuid4().hex[:5], 16)
-    return from_dict({
-        "runner": "process",
-        "workers": 1,
-        "runtimes": {runtime: {"warm": 0}},
-        "process": {"sandbox_uid_base": uid_base, **process},
-        "paths": {
-            "work_dir": str(base / "work"),
-            "code_cache_dir": str(base / "cache"),
-            "outbox_dir": str(base / "outbox"),
-        },
-    })
+    return agent_config(
+        base, runtimes={runtime: {"warm": 0}},
+        process={"sandbox_uid_base": uid_base, **process},
+    )
 
 
 @pytest.fixture

@@ -6,124 +6,15 @@ child, as under the supervisor; the tests talk to it only through SQS, S3 and Re
 
 from __future__ import annotations
 
-import io
 import json
-import multiprocessing
 import os
-import signal
-import tempfile
 import time
-import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import TaskClient, wait_until
-
-from common.config import Config, from_dict
-
-HELLO = 'print("Hello from NanoGrid!")\n'
-
-
-def make_zip(files: dict[str, str | bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        for name, content in files.items():
-            archive.writestr(name, content)
-    return buffer.getvalue()
-
-
-class Agent(TaskClient):
-    """A worker process on a fresh queue, bucket and Redis database."""
-
-    def __init__(self, aws: Any, redis_url: str, tmp: Path, **overrides: Any) -> None:
-        super().__init__(
-            aws, redis_url, aws.new_queue("tasks", visibility_timeout=2), aws.new_bucket("code")
-        )
-        self.dlq_url = aws.new_queue("dlq")
-        work_dir = tempfile.mkdtemp(prefix="nanogrid-work-")  # sandbox users must reach it
-        os.chmod(work_dir, 0o711)
-        settings: dict[str, Any] = {
-            "workers": 1,
-            "runner": "process",
-            "queue": {
-                "url": self.queue_url,
-                "wait_time_seconds": 1,
-                "max_attempts": 2,
-                "dead_letter_url": self.dlq_url,
-                "visibility_timeout_seconds": 2,
-            },
-            "redis": {"url": redis_url, "result_ttl_seconds": 600},
-            "runtimes": {"python": {"warm": 1}},
-            "paths": {
-                "code_cache_dir": str(tmp / "cache"),
-                "work_dir": work_dir,
-                "outbox_dir": str(tmp / "outbox"),
-                "min_free_mb": 16,  # a CI disk may be nearly full; tests/faults set their own
-            },
-            "cloudwatch": {"flush_seconds": 0.2},
-            "log": {"level": "DEBUG", "file": str(tmp / "agent.log")},
-        }
-        for section, values in overrides.items():
-            settings[section] = {**settings.get(section, {}), **values}
-        self.config: Config = from_dict(settings)
-        self.log = tmp / "agent.log"
-        self.process = multiprocessing.get_context("fork").Process(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        from common import logs
-        from worker.loop import serve
-
-        logs.setup(self.config.log, "worker-0")
-        os._exit(serve(self.config, 0))
-
-    def start(self) -> Agent:
-        self.process.start()
-        wait_until(
-            lambda: self.log.exists() and "ready" in self.log.read_text(),
-            timeout=20,
-            what="the worker to boot",
-        )
-        return self
-
-    def stop(self) -> int | None:
-        if self.process.is_alive():
-            os.kill(self.process.pid, signal.SIGTERM)
-        self.process.join(20)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join()
-        return self.process.exitcode
-
-    def deploy(self, files: dict[str, str | bytes], key: str | None = None) -> str:
-        return self.upload(make_zip(files), key)
-
-    def send_raw(self, body: str) -> None:
-        self.aws.sqs().send_message(QueueUrl=self.queue_url, MessageBody=body)
-
-    def queue_depth(self, url: str | None = None) -> int:
-        attrs = self.aws.sqs().get_queue_attributes(
-            QueueUrl=url or self.queue_url,
-            AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
-        )["Attributes"]
-        return sum(int(v) for v in attrs.values())
-
-    def dead_letters(self) -> list[dict[str, Any]]:
-        reply = self.aws.sqs().receive_message(
-            QueueUrl=self.dlq_url,
-            MaxNumberOfMessages=10,
-            WaitTimeSeconds=1,
-            MessageAttributeNames=["All"],
-        )
-        return reply.get("Messages", [])
-
-
-@pytest.fixture
-def agent(aws: Any, redis_url: str, tmp_path: Path) -> Iterator[Agent]:
-    running = Agent(aws, redis_url, tmp_path).start()
-    yield running
-    assert running.stop() == 0
+from harness import HELLO, Agent
+from helpers import wait_until
 
 
 def test_hello_world_result_follows_the_contract(agent: Agent) -> None:

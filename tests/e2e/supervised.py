@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from helpers import TaskClient, wait_until
+from helpers import TaskClient, agent_settings, merged, scratch_dir, wait_until
 
 from devtools.invoke import zip_function
 
@@ -43,32 +43,26 @@ class Agent(TaskClient):
             beside.bucket if beside else aws.new_bucket("e2e"),
         )
         # Sandbox users must be able to reach work_dir: not under pytest's 0700 tmp_path.
-        self.base = Path(tempfile.mkdtemp(prefix="nanogrid-e2e-"))
-        os.chmod(self.base, 0o711)
+        self.base = scratch_dir("nanogrid-e2e-")
         self.config_path = self.base / "agent.yaml"
         self.log = self.base / "agent.log"
-        self.settings: dict[str, Any] = {
-            "workers": 2,
-            "runner": "process",
-            "drain_timeout_seconds": DRAIN_TIMEOUT_S,
-            "queue": {
-                "url": self.queue_url,
-                "wait_time_seconds": 1,
-                "visibility_timeout_seconds": 2,
-            },
-            "redis": {"url": redis_url},
-            "http": {"host": "127.0.0.1", "port": 0},
-            "runtimes": {"python": {"warm": 2}},
-            "paths": {
-                "code_cache_dir": str(self.base / "cache"),
-                "work_dir": str(self.base / "work"),
-                "outbox_dir": str(self.base / "outbox"),
-                "min_free_mb": 16,  # a CI disk may be nearly full
-            },
-            "cloudwatch": {"enabled": False},
-            "log": {"level": "INFO", "file": str(self.log)},
-            **settings,
-        }
+        self.settings: dict[str, Any] = agent_settings(
+            self.base,
+            **merged({
+                "workers": 2,
+                "drain_timeout_seconds": DRAIN_TIMEOUT_S,
+                "queue": {
+                    "url": self.queue_url,
+                    "wait_time_seconds": 1,
+                    "visibility_timeout_seconds": 2,
+                },
+                "redis": {"url": redis_url},
+                "http": {"host": "127.0.0.1", "port": 0},
+                "runtimes": {"python": {"warm": 2}},
+                "cloudwatch": {"enabled": False},
+                "log": {"level": "INFO", "file": str(self.log)},
+            }, settings),
+        )
         self.write_config()
         self.process: subprocess.Popen[bytes] | None = None
         self.port = 0

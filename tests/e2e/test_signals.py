@@ -130,7 +130,7 @@ def test_sigterm_finishes_in_flight_run_and_leaves_no_process(agents: Any) -> No
     assert time.monotonic() - started < DRAIN_TIMEOUT_S
     assert agent.result(request_id, timeout=1)["status"] == "SUCCESS"  # finished, not cut
     assert agent.leftovers() == []
-    assert list((agent.base / "work").glob("w*/*")) == []  # sandboxes removed
+    assert list(Path(agent.settings["paths"]["work_dir"]).glob("p*/*")) == []  # sandboxes removed
     log = agent.log.read_text()
     assert "received SIGTERM" in log and "SIGKILL" not in log and log.rstrip().endswith("stopped")
 

@@ -4,14 +4,13 @@ link), the stages are its children, and the function is given the process span a
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from common.config import from_dict
 from runners.base import Invocation, RunOutcome, Sandbox
 from worker.loop import Worker
 from worker.spans import SpanHook
@@ -36,16 +35,13 @@ class SeeingRunner(StubRunner):
 
 
 @pytest.fixture
-def traced() -> Iterator[Any]:
+def traced(make_stubs: Callable[..., Stubs]) -> Callable[..., Any]:
     """(stubs, a worker with the span hook, its finished spans once it stops, the runner)."""
-    made: list[Stubs] = []
 
     def make(exit_code: int = 0) -> tuple[Stubs, Worker, Callable[[], Any], SeeingRunner]:
         exporter, runner = InMemorySpanExporter(), SeeingRunner(exit_code)
-        stubs = Stubs.make(from_dict({"queue": {"url": "http://127.0.0.1:1/0/tasks"}}),
-                           runner=runner)
+        stubs = make_stubs(runner=runner)
         hook = SpanHook.exporting("http://127.0.0.1:4318", "tasks", exporter)
-        made.append(stubs)
 
         def finished() -> Any:
             hook.close()  # as the worker's drain does: the batch goes out
@@ -53,9 +49,7 @@ def traced() -> Iterator[Any]:
 
         return stubs, Worker(stubs.services, 0, hooks=[hook]), finished, runner
 
-    yield make
-    for stubs in made:
-        stubs.services.close()
+    return make
 
 
 def message(trace: TraceContext | None) -> Message:

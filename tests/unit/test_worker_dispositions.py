@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import errno
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from common.config import from_dict
 from common.errors import CodeNotFound
 from runners.base import RunOutcome
 from worker.autotuner import Recommendation
@@ -25,21 +24,7 @@ from worker.sqs import Message
 from worker.stubs import StubCodes, StubRunner, Stubs
 
 MakeStubs = Callable[..., Stubs]
-
-
-@pytest.fixture
-def make_stubs() -> Iterator[MakeStubs]:
-    """Makes a worker's stubs (max_attempts 3); closes their threads after the test."""
-    made: list[Stubs] = []
-
-    def make(codes: StubCodes | None = None, runner: StubRunner | None = None) -> Stubs:
-        config = from_dict({"queue": {"max_attempts": 3, "visibility_timeout_seconds": 4}})
-        made.append(Stubs.make(config, codes=codes, runner=runner))
-        return made[-1]
-
-    yield make
-    for stubs in made:
-        stubs.services.close()
+"""The unit tier's ``make_stubs`` fixture (conftest.py)."""
 
 
 def handle(stubs: Stubs, body: Message) -> None:
