@@ -135,7 +135,7 @@ class Bench:
         )
         try:
             wait_until(lambda: self._warm(port), timeout=90, what=f"{name}'s pools warm")
-            tag = f"{name}-{runner}-{uuid.uuid4().hex[:6]}"
+            tag = f"{name.split()[0]}-{runner}-{uuid.uuid4().hex[:6]}"
             return {
                 "runner": runner,
                 "system": name,
@@ -215,6 +215,8 @@ class Bench:
                 cold_again += result["functionId"] in seen
             seen.add(result["functionId"])
         e2e = [ms for _, ms in done]
+        for result, ms in sorted(done, key=lambda d: -d[1])[:3]:  # where the tail's time went
+            print(f"[bench] slow: {ms:.0f} ms, timings {result['timings']}", file=sys.stderr)
         return {
             "coldAgainPercent": 100 * cold_again / len(done),
             "coldPercent": 100 * cold / len(done),

@@ -3,8 +3,11 @@
 ``capacity.memory_mb: auto`` is the memory this agent may use (the host's, or its cgroup's
 limit when lower) less a reserve for the system, the agent itself, the page cache and the
 sandboxes' own overhead: 20% of it, at least 1 GiB, but never more than half. The budget
-counts what functions asked for (``memoryMb``), and idle sandboxes are not in it, so some
-slack is what keeps the host out of the OOM killer when every run uses its whole limit.
+counts what functions asked for (``memoryMb``); idle sandboxes are not in it but in the
+reserve: ``pool.max_idle_mb: auto`` is half of it (of what ``memory_mb`` leaves of the host,
+when set; at least 256 MB), so the rest is slack that keeps the host out of the OOM killer
+when every run uses its whole limit. ``pool.max_idle: auto`` is ``max_concurrent``: the host
+keeps idle at most as many sandboxes as it runs at once.
 
 ``capacity.max_concurrent: auto`` is 16 runs per CPU, at most what the memory budget holds
 at ``limits.min_memory_mb`` each. Functions mostly wait on I/O, so a core serves many at
@@ -28,6 +31,7 @@ from .errors import ConfigError
 RUNS_PER_CPU = 16
 RESERVE_SHARE = 0.2
 RESERVE_MIN_MB = 1024
+IDLE_MIN_MB = 256
 _NO_LIMIT = 2**62  # what cgroup v1 reports as "no memory limit" is about this large
 
 
@@ -39,6 +43,9 @@ class Capacity:
     """How the values were found, for the start-up line and /status."""
     max_memory_mb: int
     """``limits.max_memory_mb``, the budget's when it was left to its default."""
+    max_idle: int
+    max_idle_mb: int
+    """``pool.max_idle`` and ``pool.max_idle_mb``: the host's bound on idle sandboxes."""
 
 
 def host_memory_mb() -> tuple[int, str]:
@@ -56,16 +63,24 @@ def resolve(config: Config) -> Capacity:
     wanted = config.capacity
     sources = []
     memory_mb = wanted.memory_mb
+    usable, where = host_memory_mb()
     if memory_mb == AUTO:
-        usable, where = host_memory_mb()
         reserve = min(max(RESERVE_MIN_MB, int(usable * RESERVE_SHARE)), usable // 2)
         memory_mb = usable - reserve
         sources.append(f"memory_mb auto: {where} less {reserve} MB reserve")
+    else:
+        reserve = max(0, usable - memory_mb)
     max_concurrent = wanted.max_concurrent
     if max_concurrent == AUTO:
         cpus = len(os.sched_getaffinity(0))
         max_concurrent = max(1, min(RUNS_PER_CPU * cpus, memory_mb // config.limits.min_memory_mb))
         sources.append(f"max_concurrent auto: {RUNS_PER_CPU} per CPU x {cpus}")
+    pool = config.pool
+    max_idle = max_concurrent if pool.max_idle == AUTO else pool.max_idle
+    max_idle_mb = pool.max_idle_mb
+    if max_idle_mb == AUTO:
+        max_idle_mb = max(IDLE_MIN_MB, reserve // 2)
+        sources.append(f"pool.max_idle_mb auto: half the {reserve} MB reserve")
     limits = config.limits
     max_memory_mb = limits.max_memory_mb
     if max_memory_mb > memory_mb:
@@ -85,7 +100,8 @@ def resolve(config: Config) -> Capacity:
             "capacity.memory_mb or lower limits.default_memory_mb"
         )
     return Capacity(
-        memory_mb, max_concurrent, "; ".join(sources) or "as configured", max_memory_mb
+        memory_mb, max_concurrent, "; ".join(sources) or "as configured", max_memory_mb,
+        max_idle, max_idle_mb,
     )
 
 
@@ -94,6 +110,9 @@ def pin(config: Config, capacity: Capacity) -> Config:
     return dataclasses.replace(
         config,
         limits=dataclasses.replace(config.limits, max_memory_mb=capacity.max_memory_mb),
+        pool=dataclasses.replace(
+            config.pool, max_idle=capacity.max_idle, max_idle_mb=capacity.max_idle_mb
+        ),
         capacity=dataclasses.replace(
             config.capacity,
             memory_mb=capacity.memory_mb,

@@ -34,6 +34,10 @@ def _bounded(default: Any, lo: float | None = None, hi: float | None = None, **k
     return field(default=default, metadata={"min": lo, "max": hi, **kw})
 
 
+AUTO = 0
+"""A ``capacity`` or ``pool`` value still to be computed from the host (common/capacity.py)."""
+
+
 @dataclass(frozen=True)
 class QueueConfig:
     url: str | None = None
@@ -145,6 +149,14 @@ class ConcurrencyConfig:
 class PoolConfig:
     idle_expiry_seconds: float = _bounded(600.0, 1)
     """A sandbox that served a function and sat idle this long is replaced by a fresh one."""
+    max_idle: int = _bounded(AUTO, 1, 100_000, auto=AUTO)
+    """Idle sandboxes on this host, every runtime and worker together (auto: the host's
+    ``capacity.max_concurrent``); past it the least recently used specialized ones go."""
+    max_idle_mb: int = _bounded(AUTO, 1, auto=AUTO)
+    """Their memory, in MB (auto: half the reserve ``capacity.memory_mb`` leaves)."""
+    warm_timeout_seconds: float = _bounded(30.0, 0, 600)
+    """At start and reload, READY and /health UP wait at most this long for each runtime's
+    ``warm`` generic sandboxes."""
 
 
 @dataclass(frozen=True)
@@ -175,10 +187,6 @@ class DockerRunnerConfig:
     socket_dir: str = "/var/lib/nanogrid/sandboxes"
     runtime: str | None = None
     """The engine's OCI runtime for the containers (e.g. runsc); None: the engine's default."""
-
-
-AUTO = 0
-"""A ``capacity`` value still to be computed from the host (common/capacity.py)."""
 
 
 @dataclass(frozen=True)

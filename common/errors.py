@@ -14,8 +14,10 @@ translated into it.
     │       ├── SandboxError          the sandbox broke; it is destroyed, not reused
     │       ├── HostFault             I/O error, a transfer cut off: keep for another try
     │       │   │                     (maybe on another host) until max_attempts
-    │       │   └── DiskFull            this host's disk is full: back to the queue with a
-    │       │                           delay, the try not counted; no new work until space
+    │       │   ├── DiskFull            this host's disk is full: back to the queue with a
+    │       │   │                       delay, the try not counted; no new work until space
+    │       │   └── SandboxLost         the worker that owns a lent sandbox died under the
+    │       │                           run: back to the queue with a delay, to run again
     │       ├── GaveUp                came back more than max_attempts times -> + dead-letter
     │       └── UnexpectedError       a bug while handling one message -> + dead-letter
     ├── ResultStoreUnavailable    Redis cannot take writes (down, failing over, read-only):
@@ -25,7 +27,8 @@ translated into it.
 
 A class's attributes say what becomes of the message: ``retryable`` (kept for another try
 until ``queue.max_attempts``), ``dead_letter`` (copied to the dead-letter queue when it
-ends), ``deferred`` (handed back with a delay, never counted as a try).
+ends), ``deferred`` (handed back with a delay, not counted as a try unless ``ran``: the
+function had begun, so the run counts in ``attempt``).
 
 ``as_task_error`` turns whatever a task's handling raised into a TaskError; the worker then
 decides keep / delete / dead-letter from the class alone, in one place (worker/dispositions.py).
@@ -58,6 +61,7 @@ class TaskError(NanoGridError):
     retryable = False
     dead_letter = False
     deferred = False
+    ran = False
 
 
 class InvalidMessage(TaskError):
@@ -113,6 +117,16 @@ class DiskFull(HostFault):
     work until a probe write works."""
 
     deferred = True
+
+
+class SandboxLost(HostFault):
+    """A call ran in an idle sandbox another worker of this host lent it, and that worker
+    died during the run, taking the sandbox along: not the function's fault, so the message
+    goes back with a delay and runs again (on any host), never FAILED for it. The function
+    had begun, so the run counts in ``attempt`` (as a worker killed during a run does)."""
+
+    deferred = True
+    ran = True
 
 
 class GaveUp(InternalError):

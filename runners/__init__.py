@@ -13,6 +13,7 @@ from common.errors import ConfigError
 
 from .base import Runner
 from .isolation import Isolation
+from .lending import SandboxBoard
 
 RUNNERS = {
     "docker": "runners.docker:DockerRunner",
@@ -33,9 +34,11 @@ def runner_class(name: str) -> type[Runner]:
     return runner
 
 
-def create_runner(config: Config, worker_index: int) -> Runner:
-    """The runner the config names, for one worker (its slice of the warm pools)."""
-    return runner_class(config.runner)(config, worker_index)
+def create_runner(config: Config, worker_index: int, board: SandboxBoard | None = None
+                  ) -> Runner:
+    """The runner the config names, for one worker: its slice of the warm pools, their idle
+    sandboxes on the host's ``board`` (None: a board of its own, for a worker alone)."""
+    return runner_class(config.runner)(config, worker_index, board)
 
 
 def check_config(config: Config) -> None:

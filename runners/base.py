@@ -14,6 +14,7 @@ from pathlib import Path
 from common.config import Config
 
 from .isolation import Isolation
+from .lending import SandboxBoard, Ticket
 
 
 @dataclass(frozen=True)
@@ -97,8 +98,19 @@ class Sandbox:
     code_key: str | None = None
     """The function@version whose code is in ``code_dir``; it serves only that one."""
     runs: int = 0
-    idle_since: float = 0.0
+    limit_mb: int = 0
+    """The memory limit its cgroup has now (written only when a call asks for another; on
+    the board, so whichever worker runs its next call knows it)."""
     healthy: bool = field(default=True)
+    ticket: Ticket | None = None
+    """Its record on the host's board (lending.py) while a call has it."""
+    borrowed: bool = False
+    """Another worker's sandbox, as this worker's call runs in it (a view of it)."""
+    frozen: bool = False
+    """Left frozen after its last run: the next run thaws it."""
+    settling: bool = False
+    """Its server gets its next call ready after the run; it is frozen, and goes back to the
+    board, once the server says it is (runners/freezer.py)."""
 
 
 class Runner:
@@ -107,8 +119,11 @@ class Runner:
     name = "runner"
     marker = "[RUNNER]"
 
-    def __init__(self, config: Config, worker_index: int) -> None:
-        """One worker's runner, made after its fork (its slice of the warm pools)."""
+    def __init__(
+        self, config: Config, worker_index: int, board: SandboxBoard | None = None
+    ) -> None:
+        """One worker's runner, made after its fork: its slice of the warm pools, their idle
+        sandboxes on the host's ``board`` (lending.py; None: a board of its own)."""
 
     def acquire(self, runtime: str, code_key: str) -> Sandbox:
         """A sandbox for ``code_key``: warm for it, else fresh warm, else a cold one."""

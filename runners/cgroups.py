@@ -17,6 +17,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 from loguru import logger
 
@@ -47,6 +48,16 @@ class SandboxCgroup:
         self.pids_dir = pids_dir
         self.memory = memory
         self.freezer = freezer
+
+    def describe(self) -> dict[str, Any]:
+        """What another worker needs to use this cgroup (``of``)."""
+        return describe_cgroup(self.memory, self.pids_dir, self.freezer)
+
+    @classmethod
+    def of(cls, described: dict[str, Any]) -> SandboxCgroup:
+        """Another worker's sandbox's cgroup, from its ``describe``."""
+        memory, pids_dir, freezer = described_cgroup(described)
+        return cls(memory.directory, pids_dir, memory, freezer)
 
     @property
     def _dirs(self) -> list[Path]:
@@ -119,6 +130,26 @@ class SandboxCgroup:
             else:
                 gone = False
         return gone
+
+
+def describe_cgroup(memory: CgroupMemory, pids_dir: Path, freezer: Freezer | None
+                    ) -> dict[str, Any]:
+    """A sandbox's cgroup as a board descriptor holds it (JSON), for another worker."""
+    return {
+        "memory": str(memory.directory),
+        "pids": str(pids_dir),
+        "v2": isinstance(memory, CgroupV2Memory),
+        "freezer": [str(freezer.directory), freezer.v2] if freezer is not None else None,
+    }
+
+
+def described_cgroup(described: dict[str, Any]) -> tuple[CgroupMemory, Path, Freezer | None]:
+    """The memory reader, pids directory and freezer of a ``describe_cgroup``."""
+    directory = Path(described["memory"])
+    memory = CgroupV2Memory(directory) if described["v2"] else CgroupV1Memory(directory)
+    found = described["freezer"]
+    freezer = Freezer(Path(found[0]), bool(found[1])) if found else None
+    return memory, Path(described["pids"]), freezer
 
 
 def owner_group(index: int) -> str:

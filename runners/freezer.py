@@ -34,6 +34,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +56,7 @@ class Freezer:
 
     def __init__(self, directory: Path, v2: bool) -> None:
         self.directory = directory
+        self.v2 = v2
         name, self._frozen, self._thawed = (
             ("cgroup.freeze", b"1", b"0") if v2 else ("freezer.state", b"FROZEN", b"THAWED")
         )
@@ -167,22 +169,27 @@ def anchor(parent: Path) -> None:
 
 @dataclass(frozen=True)
 class _Settling:
+    sandbox: Sandbox
     freezer: Freezer
     client: SandboxClient
     fd: int
-    """The client's socket, taken while it is open (a sandbox destroyed meanwhile closes it)."""
+    """The client's socket, taken while it is open."""
     deadline: float
 
 
 class IdleFreezer:
-    """Freezes one runner's sandboxes between their runs (see the module docstring)."""
+    """Freezes one runner's sandboxes between their runs (see the module docstring).
 
-    def __init__(self) -> None:
+    Whether a sandbox is frozen is on the sandbox (``frozen``), and with it on the host's
+    board when the sandbox goes back there: its next run thaws it, whichever worker's it is.
+    A sandbox whose server says later that it is ready (node) is ``settling`` until then:
+    the runner keeps it out of the board, and ``on_settled`` gives it back once frozen."""
+
+    def __init__(self, on_settled: Callable[[Sandbox], None] = lambda sandbox: None) -> None:
+        self._on_settled = on_settled
         self._lock = threading.Lock()
         self._settling: dict[int, _Settling] = {}
         """Node sandboxes (by id) to freeze once their server's next Worker is ready."""
-        self._frozen: set[int] = set()
-        """Sandboxes (by id) frozen, or to be frozen once settled: thawed before a run."""
         self._holds: dict[int, tuple[str | None, bool]] = {}
         """Per sandbox: the code_key it was told of, and whether that function holds code."""
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -193,8 +200,8 @@ class IdleFreezer:
         self, sandbox: Sandbox, freezer: Freezer, client: SandboxClient, main: str
     ) -> bool:
         """After a run of ``main``: freeze ``sandbox`` now, or once its server says it is
-        ready, if its function holds code of its own (else leave it). False when it cannot be
-        frozen (its cgroup is gone): it must not be kept."""
+        ready (``settling`` until then), if its function holds code of its own (else leave
+        it). False when it cannot be frozen (its cgroup is gone): it must not be kept."""
         held = self._holds.get(id(sandbox))
         if held is None or held[0] != sandbox.code_key:
             held = self._holds[id(sandbox)] = (
@@ -208,12 +215,12 @@ class IdleFreezer:
             except OSError as exc:
                 logger.warning(f"cannot freeze sandbox {freezer.directory.name}: {exc}")
                 return False
-            self._frozen.add(id(sandbox))
+            sandbox.frozen = True
             return True
         with self._lock:
-            self._frozen.add(id(sandbox))
+            sandbox.settling = True
             self._settling[id(sandbox)] = _Settling(
-                freezer, client, client.fileno(), time.monotonic() + SETTLE_WAIT_S
+                sandbox, freezer, client, client.fileno(), time.monotonic() + SETTLE_WAIT_S
             )
             if self._thread is None:
                 self._thread = threading.Thread(target=self._watch, name="freezer", daemon=True)
@@ -222,23 +229,20 @@ class IdleFreezer:
         return True
 
     def wake(self, sandbox: Sandbox, freezer: Freezer) -> None:
-        """As a run's request is sent: thaw ``sandbox`` if it was frozen (its server wakes to
-        the request, while this thread may wait for the interpreter lock, which a longer
-        syscall hands to another thread); it is no longer waited on."""
-        with self._lock:  # a freeze decided by the watcher cannot land after this thaw
-            self._settling.pop(id(sandbox), None)
-            if id(sandbox) in self._frozen:
-                self._frozen.discard(id(sandbox))
-                try:
-                    freezer.thaw()
-                except OSError as exc:
-                    raise SandboxError(f"cannot thaw the sandbox: {exc}") from None
+        """As a run's request is sent: thaw ``sandbox`` if it was left frozen (its server
+        wakes to the request, while this thread may wait for the interpreter lock, which a
+        longer syscall hands to another thread)."""
+        if sandbox.frozen:
+            sandbox.frozen = False
+            try:
+                freezer.thaw()
+            except OSError as exc:
+                raise SandboxError(f"cannot thaw the sandbox: {exc}") from None
 
     def forget(self, sandbox: Sandbox) -> None:
         """Before ``sandbox`` is destroyed (its client closed): stop waiting on it."""
         with self._lock:
             self._settling.pop(id(sandbox), None)
-            self._frozen.discard(id(sandbox))
             self._holds.pop(id(sandbox), None)
 
     def close(self) -> None:
@@ -272,15 +276,21 @@ class IdleFreezer:
             with contextlib.suppress(BlockingIOError):
                 os.read(self._wake_r, 4096)
             now = time.monotonic()
+            settled: list[_Settling] = []
             with self._lock:
                 for key, entry in settling.items():
                     if self._settling.get(key) is not entry:
-                        continue  # a run took it, or it was destroyed
+                        continue  # it was destroyed
                     said = entry.fd in ready
                     if not said and now < entry.deadline:
                         continue
                     del self._settling[key]
+                    settled.append(entry)
                     with contextlib.suppress(OSError):  # gone: nothing left to freeze
                         if said:
                             entry.client.take_ready()
                         entry.freezer.freeze()
+                        entry.sandbox.frozen = True
+            for entry in settled:  # back to the board, outside the lock
+                entry.sandbox.settling = False
+                self._on_settled(entry.sandbox)

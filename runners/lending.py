@@ -7,12 +7,13 @@ it, read and changed under one POSIX record lock (``lockf``: the kernel drops th
 process that dies, so a SIGKILLed worker cannot wedge the others), like the capacity ledger.
 
 A record says whose sandbox it is (worker slot and pid), its runtime and the function@version
-whose code it holds (empty: generic), since when it is idle, its memory, and a descriptor:
-what another worker needs to run in it (its socket, cgroup, ...; the runner's own JSON).
-States: IDLE (any call may take it), TAKEN (a call runs in it, its taker's pid noted),
-DOOMED (its owner is to destroy it: it broke, expired, or went over the host's idle bound).
-A taker gets the record's generation with it and gives the sandbox back with it: a record
-that was cleared and reused meanwhile (its owner died) is not touched by a stale give-back.
+whose code it holds (empty: generic), since when it is idle, its memory then, whether it was
+left frozen, and a descriptor: what another worker needs to run in it (its socket, cgroup,
+...; the runner's own JSON). States: IDLE (any call may take it), TAKEN (a call runs in it,
+its taker's pid noted), DOOMED (its owner is to destroy it: it broke, expired, or went over
+the host's idle bound). A taker gets the record's generation with it and gives the sandbox
+back with it: a record that was cleared and reused meanwhile (its owner died) is not touched
+by a stale give-back.
 """
 
 from __future__ import annotations
@@ -32,10 +33,11 @@ from typing import Any
 RECORDS = 2048
 """Sandboxes the board has room for, idle and taken, host-wide."""
 EMPTY, IDLE, TAKEN, DOOMED = 0, 1, 2, 3
-STATE_NAMES = {IDLE: "idle", TAKEN: "taken", DOOMED: "doomed"}
-_HEAD = struct.Struct("=BxHIIIQQ64s64s")
-"""state, owner slot, owner pid, taker pid, generation, idle since (CLOCK_MONOTONIC ns),
-idle memory (bytes), runtime, code key."""
+FROZEN = 1
+"""A flag: the sandbox was left frozen (its next taker thaws it)."""
+_HEAD = struct.Struct("=BBHIIIQQI64s64s")
+"""state, flags, owner slot, owner pid, taker pid, generation, idle since (CLOCK_MONOTONIC
+ns), idle memory (bytes), memory limit (MB, as its last call set it), runtime, code key."""
 DESCRIPTOR_BYTES = 1024
 _RECORD_SIZE = _HEAD.size + 2 + DESCRIPTOR_BYTES
 _DESCRIPTOR = struct.Struct("=H")
@@ -52,6 +54,7 @@ class Entry:
 
     index: int
     state: int
+    frozen: bool
     owner: int
     owner_pid: int
     taker_pid: int
@@ -60,17 +63,30 @@ class Entry:
     memory_bytes: int
     runtime: str
     code_key: str | None
-    descriptor: dict[str, Any]
+
+    @property
+    def taker_gone(self) -> bool:
+        """Taken by a process that is gone: its call died with it, the sandbox is unknown."""
+        return self.state == TAKEN and not alive(self.taker_pid)
 
 
 @dataclass(frozen=True)
 class Ticket:
-    """A sandbox taken from the board: give it back with the same ticket."""
+    """A sandbox taken from (or put on) the board: give it back with the same ticket."""
 
     index: int
     generation: int
     owner: int
+    owner_pid: int
     descriptor: dict[str, Any]
+    limit_mb: int = 0
+    """The memory limit its last call set (0: none yet)."""
+    frozen: bool = False
+
+    @property
+    def owner_gone(self) -> bool:
+        """The sandbox's owner is gone: it died with it (a call in it failed for that)."""
+        return not alive(self.owner_pid)
 
 
 class SandboxBoard:
@@ -89,40 +105,57 @@ class SandboxBoard:
     # -- an owner's side ----------------------------------------------------------------------
 
     def put(self, owner: int, runtime: str, code_key: str | None, descriptor: dict[str, Any],
-            memory_bytes: int = 0) -> Ticket | None:
-        """Put an idle sandbox of ``owner`` on the board; None when the board is full."""
-        blob = json.dumps(descriptor, separators=(",", ":")).encode()
-        if len(blob) > DESCRIPTOR_BYTES:
-            raise ValueError(f"sandbox descriptor of {len(blob)} bytes")
+            memory_bytes: int = 0, limit_mb: int = 0, *, taken: bool = False
+            ) -> Ticket | None:
+        """Put a new sandbox of ``owner`` on the board, idle or taken by this process (a call
+        that made it runs in it first); None when the board is full."""
+        blob = _blob(descriptor)
         with self._locked():
             for index in range(RECORDS):
-                if self._head(index)[0] == EMPTY:
-                    if index >= self._top():
-                        _TOP.pack_into(self._page, 0, index + 1)
-                    generation = self._head(index)[4] + 1
-                    self._write(index, IDLE, owner, os.getpid(), 0, generation,
-                                time.monotonic_ns(), memory_bytes, runtime, code_key or "")
-                    offset = _BASE + index * _RECORD_SIZE + _HEAD.size
-                    _DESCRIPTOR.pack_into(self._page, offset, len(blob))
-                    self._page[offset + 2 : offset + 2 + len(blob)] = blob
-                    return Ticket(index, generation, owner, descriptor)
+                head = self._head(index)
+                if head[0] != EMPTY:
+                    continue
+                if index >= self._top():
+                    _TOP.pack_into(self._page, 0, index + 1)
+                generation = head[5] + 1
+                self._write(index, TAKEN if taken else IDLE, 0, owner, os.getpid(),
+                            os.getpid() if taken else 0, generation, time.monotonic_ns(),
+                            memory_bytes, limit_mb, runtime, code_key or "")
+                self._set_descriptor(index, blob)
+                return Ticket(index, generation, owner, os.getpid(), descriptor, limit_mb)
         return None
 
-    def withdraw(self, ticket: Ticket, *, doomed_only: bool = False) -> bool:
-        """Take the owner's idle (or doomed) sandbox off the board, to destroy it: False when
-        a call has it now (or the record is another one by now)."""
+    def withdraw(self, entry: Entry) -> bool:
+        """Take the owner's idle sandbox off the board, to destroy it: False when a call has
+        it now (or the record is another one by now)."""
         with self._locked():
-            head = self._head(ticket.index)
-            allowed = (DOOMED,) if doomed_only else (IDLE, DOOMED)
-            if head[4] != ticket.generation or head[0] not in allowed:
+            head = self._head(entry.index)
+            if head[5] != entry.generation or head[0] != IDLE:
                 return False
-            self._write(ticket.index, EMPTY, 0, 0, 0, head[4], 0, 0, "", "")
+            self._clear(entry.index, head)
+            return True
+
+    def doom(self, entry: Entry) -> None:
+        """Mark the owner's sandbox to be destroyed (unless the record is another by now)."""
+        with self._locked():
+            head = self._head(entry.index)
+            if head[5] == entry.generation and head[0] != EMPTY:
+                self._restate(entry.index, head, DOOMED)
+
+    def clear_doomed(self, owner: int, index: int) -> bool:
+        """Free ``owner``'s doomed record ``index``: True when it was, the sandbox is the
+        owner's to destroy now."""
+        with self._locked():
+            head = self._head(index)
+            if head[0] != DOOMED or head[2] != owner:
+                return False
+            self._clear(index, head)
             return True
 
     def owned(self, owner: int) -> list[Entry]:
         """The records of ``owner``'s sandboxes."""
         with self._locked():
-            return [e for e in self._entries() if e.owner == owner and e.state != EMPTY]
+            return [e for e in self._entries() if e.owner == owner]
 
     def clear(self, owner: int) -> int:
         """Forget ``owner``'s records: its worker is gone, and its sandboxes with it. A call
@@ -131,8 +164,8 @@ class SandboxBoard:
             cleared = 0
             for index in range(self._top()):
                 head = self._head(index)
-                if head[0] != EMPTY and head[1] == owner:
-                    self._write(index, EMPTY, 0, 0, 0, head[4], 0, 0, "", "")
+                if head[0] != EMPTY and head[2] == owner:
+                    self._clear(index, head)
                     cleared += 1
             return cleared
 
@@ -144,67 +177,87 @@ class SandboxBoard:
         (the caller's own) among equals; None when the host has none idle."""
         wanted_runtime = _padded(runtime)
         wanted_key, generic = _padded(code_key), _padded("")
+        me = os.getpid()
         with self._locked():
-            best: tuple[tuple[bool, bool, int], int] | None = None
-            for index in range(self._top()):
-                head = _HEAD.unpack_from(self._page, _BASE + index * _RECORD_SIZE)
-                if head[0] != IDLE or head[7] != wanted_runtime:
+            while True:
+                best: tuple[tuple[bool, bool, int], int] | None = None
+                for index in range(self._top()):
+                    head = _HEAD.unpack_from(self._page, _BASE + index * _RECORD_SIZE)
+                    if head[0] != IDLE or head[9] != wanted_runtime:
+                        continue
+                    holds = head[10] == wanted_key
+                    if not holds and head[10] != generic:
+                        continue
+                    rank = (holds, head[2] == prefer, head[6])
+                    if best is None or rank > best[0]:
+                        best = (rank, index)
+                if best is None:
+                    return None
+                index = best[1]
+                head = self._head(index)
+                if head[3] != me and not alive(head[3]):
+                    # Its owner died and took it along; the arbiter has not reaped it yet.
+                    self._clear(index, head)
                     continue
-                holds = head[8] == wanted_key
-                if not holds and head[8] != generic:
-                    continue
-                rank = (holds, head[1] == prefer, head[5])
-                if best is None or rank > best[0]:
-                    best = (rank, index)
-            if best is None:
-                return None
-            index = best[1]
-            head = self._head(index)
-            self._write(index, TAKEN, head[1], head[2], os.getpid(), head[4], head[5], head[6],
-                        _text(head[7]), _text(head[8]))
-            key = _text(head[8]) or None
-            return Ticket(index, head[4], head[1], self._descriptor(index)), key
+                self._restate(index, head, TAKEN, taker=me)
+                key = _text(head[10]) or None
+                ticket = Ticket(index, head[5], head[2], head[3], self._descriptor(index),
+                                head[8], frozen=bool(head[1] & FROZEN))
+                return ticket, key
 
     def give_back(self, ticket: Ticket, code_key: str | None, *, healthy: bool,
-                  memory_bytes: int | None = None) -> bool:
-        """The call is over: the sandbox is idle again (holding ``code_key``), or doomed when
-        it is no longer healthy. False when the record is another one by now."""
+                  frozen: bool = False, memory_bytes: int | None = None,
+                  limit_mb: int | None = None, descriptor: dict[str, Any] | None = None
+                  ) -> bool:
+        """The call is over: the sandbox is idle again (holding ``code_key``; ``frozen``:
+        left frozen; ``limit_mb``: the memory limit the call set), or doomed when it is no
+        longer healthy; ``descriptor``: what changed about it (its owner's). False when the
+        record is another one by now."""
+        blob = _blob(descriptor) if descriptor is not None else None
         with self._locked():
             head = self._head(ticket.index)
-            if head[4] != ticket.generation or head[0] != TAKEN:
+            if head[5] != ticket.generation or head[0] != TAKEN:
                 return False
-            memory = head[6] if memory_bytes is None else memory_bytes
+            memory = head[7] if memory_bytes is None else memory_bytes
+            limit = head[8] if limit_mb is None else limit_mb
             state = IDLE if healthy else DOOMED
-            self._write(ticket.index, state, head[1], head[2], 0, head[4], time.monotonic_ns(),
-                        memory, _text(head[7]), code_key or "")
+            self._write(ticket.index, state, FROZEN if frozen else 0, head[2], head[3], 0,
+                        head[5], time.monotonic_ns(), memory, limit, _text(head[9]),
+                        code_key or "")
+            if blob is not None:
+                self._set_descriptor(ticket.index, blob)
             return True
 
     # -- the host's bound ---------------------------------------------------------------------
 
     def doom_beyond(self, max_idle: int, max_idle_bytes: int) -> int:
-        """Doom the least recently used idle sandboxes beyond the host's bound (a count and a
-        memory total; 0: no bound of that kind); returns how many."""
+        """Doom the least recently used idle sandboxes that hold a function's code while the
+        host has more idle than ``max_idle`` or their memory is over ``max_idle_bytes``;
+        returns how many. Generic ones count but stay: they are the runtimes' ``warm``."""
         with self._locked():
-            idle = sorted((e for e in self._entries() if e.state == IDLE),
-                          key=lambda e: e.idle_since_ns)
+            idle = [e for e in self._entries() if e.state == IDLE]
             count, total = len(idle), sum(e.memory_bytes for e in idle)
             doomed = 0
-            for entry in idle:
-                over_count = max_idle and count > max_idle
-                over_bytes = max_idle_bytes and total > max_idle_bytes
-                if not (over_count or over_bytes):
+            for entry in sorted((e for e in idle if e.code_key is not None),
+                                key=lambda e: e.idle_since_ns):
+                if count <= max_idle and total <= max_idle_bytes:
                     break
-                self._write(entry.index, DOOMED, entry.owner, entry.owner_pid,
-                            entry.taker_pid, entry.generation, entry.idle_since_ns,
-                            entry.memory_bytes, entry.runtime, entry.code_key or "")
+                self._restate(entry.index, self._head(entry.index), DOOMED)
                 count -= 1
                 total -= entry.memory_bytes
                 doomed += 1
             return doomed
 
+    def holds(self, ticket: Ticket) -> bool:
+        """Whether this process still has the sandbox ``ticket`` took (its owner did not
+        take it back, nor was its record cleared meanwhile)."""
+        with self._locked():
+            head = self._head(ticket.index)
+            return head[0] == TAKEN and head[5] == ticket.generation and head[4] == os.getpid()
+
     def entries(self) -> list[Entry]:
         with self._locked():
-            return [e for e in self._entries() if e.state != EMPTY]
+            return list(self._entries())
 
     def close(self) -> None:
         self._page.close()
@@ -220,20 +273,39 @@ class SandboxBoard:
     def _descriptor(self, index: int) -> dict[str, Any]:
         offset = _BASE + index * _RECORD_SIZE + _HEAD.size
         (length,) = _DESCRIPTOR.unpack_from(self._page, offset)
-        return json.loads(bytes(self._page[offset + 2 : offset + 2 + length]))
+        return dict(json.loads(bytes(self._page[offset + 2 : offset + 2 + length])))
+
+    def _set_descriptor(self, index: int, blob: bytes) -> None:
+        offset = _BASE + index * _RECORD_SIZE + _HEAD.size
+        _DESCRIPTOR.pack_into(self._page, offset, len(blob))
+        self._page[offset + 2 : offset + 2 + len(blob)] = blob
 
     def _entries(self) -> Iterator[Entry]:
         for index in range(self._top()):
-            state, owner, pid, taker, generation, since, memory, runtime, key = self._head(index)
+            state, flags, owner, pid, taker, generation, since, memory, _, runtime, key = (
+                self._head(index)
+            )
             if state == EMPTY:
                 continue
-            yield Entry(index, state, owner, pid, taker, generation, since, memory,
-                        _text(runtime), _text(key) or None, self._descriptor(index))
+            yield Entry(index, state, bool(flags & FROZEN), owner, pid, taker, generation,
+                        since, memory, _text(runtime), _text(key) or None)
 
-    def _write(self, index: int, state: int, owner: int, pid: int, taker: int,
-               generation: int, since: int, memory: int, runtime: str, key: str) -> None:
-        _HEAD.pack_into(self._page, _BASE + index * _RECORD_SIZE, state, owner, pid, taker,
-                        generation, since, memory, runtime.encode(), key.encode())
+    def _restate(self, index: int, head: tuple[Any, ...], state: int, taker: int | None = None
+                 ) -> None:
+        """Record ``index`` (read as ``head``) in ``state``, its other fields as they were."""
+        _, flags, owner, pid, old_taker, generation, since, memory, limit, runtime, key = head
+        self._write(index, state, flags, owner, pid, old_taker if taker is None else taker,
+                    generation, since, memory, limit, _text(runtime), _text(key))
+
+    def _clear(self, index: int, head: tuple[Any, ...]) -> None:
+        self._write(index, EMPTY, 0, 0, 0, 0, head[5], 0, 0, 0, "", "")
+
+    def _write(self, index: int, state: int, flags: int, owner: int, pid: int, taker: int,
+               generation: int, since: int, memory: int, limit_mb: int, runtime: str, key: str
+               ) -> None:
+        _HEAD.pack_into(self._page, _BASE + index * _RECORD_SIZE, state, flags, owner, pid,
+                        taker, generation, since, memory, limit_mb, runtime.encode(),
+                        key.encode())
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -243,6 +315,24 @@ class SandboxBoard:
                 yield
             finally:
                 fcntl.lockf(self.fd, fcntl.LOCK_UN)
+
+
+def _blob(descriptor: dict[str, Any]) -> bytes:
+    blob = json.dumps(descriptor, separators=(",", ":")).encode()
+    if len(blob) > DESCRIPTOR_BYTES:
+        raise ValueError(f"sandbox descriptor of {len(blob)} bytes")
+    return blob
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a pid of this host): not gone, nor a zombie (a worker
+    that died and is not reaped yet: its sandboxes died with it)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            fields = stat.read().rpartition(b")")[2].split()
+    except OSError:
+        return False
+    return bool(fields) and fields[0] not in (b"Z", b"X")
 
 
 def _padded(text: str) -> bytes:

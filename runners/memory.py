@@ -49,6 +49,10 @@ class CgroupMemory:
     def oom_kills(self) -> int:
         raise NotImplementedError
 
+    def current_bytes(self) -> int:
+        """What the cgroup charges now (an idle sandbox's cost to the host)."""
+        raise NotImplementedError
+
     def _read(self, name: str) -> str:
         fd = os.open(self._prefix + name, os.O_RDONLY)
         try:
@@ -105,6 +109,9 @@ class CgroupV1Memory(CgroupMemory):
     def oom_kills(self) -> int:
         return self._stat_field("memory.oom_control", "oom_kill")
 
+    def current_bytes(self) -> int:
+        return int(self._read("memory.usage_in_bytes"))
+
 
 class CgroupV2Memory(CgroupMemory):
     source = "cgroup-v2"
@@ -133,6 +140,9 @@ class CgroupV2Memory(CgroupMemory):
 
     def oom_kills(self) -> int:
         return self._stat_field("memory.events", "oom_kill")
+
+    def current_bytes(self) -> int:
+        return int(self._read("memory.current"))
 
 
 def tree_rss_bytes(pid: int) -> int:

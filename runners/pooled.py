@@ -16,21 +16,28 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from loguru import logger
 
 from common.config import Config, MiB
-from common.errors import RuntimeUnavailable, SandboxError
+from common.errors import RuntimeUnavailable, SandboxError, SandboxLost
 
 from .base import Invocation, Runner, RunOutcome, Sandbox, server_oom_outcome
 from .freezer import Freezer, IdleFreezer
 from .launch import Launch
+from .lending import SandboxBoard
 from .memory import CgroupMemory
 from .pool import WarmPool, warm_share
 from .sandbox_server import log_preload, preload_key
 from .sandboxclient import RawRun, SandboxClient
+
+ATTACH_TIMEOUT_S = 1.0
+"""How long a call waits for an idle sandbox's server to take its connection."""
+OWNER_EXIT_S = 2.0
+"""How long a lent sandbox's owner may take to show as gone after the sandbox died."""
 
 
 @dataclass(eq=False)
@@ -38,8 +45,18 @@ class ServerSandbox(Sandbox):
     """A sandbox with a server inside that takes the calls."""
 
     client: SandboxClient | None = None
-    limit_mb: int = 0
-    """The memory limit its cgroup has now (written only when a call asks for another)."""
+    cgroup: SandboxFiles | None = None
+    """Its cgroup's files (None without one)."""
+
+
+class SandboxFiles(Protocol):
+    """What the run template reads of a sandbox's cgroup: its memory and its freezer."""
+
+    @property
+    def memory(self) -> CgroupMemory: ...
+
+    @property
+    def freezer(self) -> Freezer | None: ...
 
 
 @dataclass
@@ -56,6 +73,8 @@ class PooledRunner(Runner):
     """A runner whose sandboxes come from one WarmPool per runtime (``self.pools``)."""
 
     pools: dict[str, WarmPool]
+    board: SandboxBoard
+    """The host's sandboxes (lending.py): idle ones any worker's call may take."""
     unavailable: dict[str, str]
     """Runtimes that cannot start on this host -> why; they get no pool."""
     launches: dict[str, Launch]
@@ -77,7 +96,7 @@ class PooledRunner(Runner):
             meter = self.limit(sandbox, invocation)
         except self.limit_errors as exc:
             sandbox.healthy = False
-            raise SandboxError(f"cannot set the sandbox's limits: {self.describe(exc)}") from None
+            raise SandboxError(f"cannot set the sandbox's limits: {self.explain(exc)}") from None
         freezer = self.freezer(sandbox)
         # Only a sandbox that can be frozen between its runs may hold its function's code.
         preload = preload_key(self.config, sandbox) if freezer and launch.script else None
@@ -97,9 +116,12 @@ class PooledRunner(Runner):
                 on_sent=(lambda: self.idle.wake(sandbox, freezer)) if freezer else None,
             )
             exit_code = os.waitstatus_to_exitcode(raw.status)
-        except SandboxError:
+        except SandboxError as exc:
             sandbox.healthy = False
             peak, oom_kills = self._read(sandbox, meter)
+            if not oom_kills and self.lost(sandbox):
+                raise SandboxLost(f"the worker that lent sandbox {sandbox.name} died during "
+                                  f"the run ({exc})") from None
             if not oom_kills:
                 raise
             return server_oom_outcome(
@@ -129,6 +151,22 @@ class PooledRunner(Runner):
                                source="rusage")
         return raw.outcome(exit_code=exit_code, oom_killed=oom, peak=peak,
                            source=meter.memory.source)
+
+    def lost(self, sandbox: Sandbox) -> bool:
+        """Whether a borrowed sandbox failed because its owner died (or took it back). A
+        sandbox dies while its owner exits, before the owner shows as gone in /proc: the
+        owner is given ``OWNER_EXIT_S`` to show it."""
+        ticket = sandbox.ticket
+        if not sandbox.borrowed or ticket is None:
+            return False
+        deadline = time.monotonic() + OWNER_EXIT_S
+        while not ticket.owner_gone:
+            if not self.board.holds(ticket):
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
 
     @staticmethod
     def _read(sandbox: Sandbox, meter: Meter) -> tuple[int | None, int]:
@@ -164,7 +202,7 @@ class PooledRunner(Runner):
         """The sandbox's freezer, when it can be frozen between its runs."""
         return None
 
-    def describe(self, exc: BaseException) -> str:
+    def explain(self, exc: BaseException) -> str:
         """One line for people from an error of this runner's peers."""
         return str(exc)
 
@@ -176,37 +214,86 @@ class PooledRunner(Runner):
         """Remove a sandbox for good (called by the pool)."""
         raise NotImplementedError
 
+    def describe(self, sandbox: Sandbox) -> dict[str, Any]:
+        """What another worker needs to run in ``sandbox`` (pool.py's SandboxMaker)."""
+        raise NotImplementedError
+
+    def borrow(self, runtime: str, descriptor: dict[str, Any]) -> Sandbox:
+        """Another worker's sandbox, from its ``describe``."""
+        raise NotImplementedError
+
+    def attach(self, sandbox: Sandbox) -> None:
+        """Connect to the sandbox's server for one call; SandboxError when it is gone."""
+        assert isinstance(sandbox, ServerSandbox)
+        if sandbox.client is None:
+            server = self.launches[sandbox.runtime].server
+            sandbox.client = server.connect(self.socket_path(sandbox), ATTACH_TIMEOUT_S)
+
+    def detach(self, sandbox: Sandbox) -> None:
+        """The call is over: disconnect, so the next taker (any worker) can connect."""
+        assert isinstance(sandbox, ServerSandbox)
+        if sandbox.client is not None:
+            sandbox.client.close()
+            sandbox.client = None
+        if sandbox.borrowed and sandbox.cgroup is not None:  # its files, open for the call
+            sandbox.cgroup.memory.close()
+            if sandbox.cgroup.freezer is not None:
+                sandbox.cgroup.freezer.close()
+
+    def socket_path(self, sandbox: Sandbox) -> str:
+        """Where the sandbox's server listens."""
+        raise NotImplementedError
+
+    def idle_bytes(self, sandbox: Sandbox) -> int:
+        """The sandbox's memory now (0 when unknown)."""
+        assert isinstance(sandbox, ServerSandbox)
+        return sandbox.cgroup.memory.current_bytes() if sandbox.cgroup is not None else 0
+
+    def pausable(self, sandbox: Sandbox, idle_s: float) -> bool:
+        """Whether to pause the idle ``sandbox`` now: no runner but Docker without a freezer."""
+        return False
+
+    def pause(self, sandbox: Sandbox) -> None:
+        raise NotImplementedError
+
     # -- the pools ----------------------------------------------------------------------------
 
     def make_pools(
         self,
         config: Config,
         worker_index: int,
-        on_idle: Callable[[Sandbox, float], None] | None = None,
+        board: SandboxBoard | None,
         unavailable: Mapping[str, str] | None = None,
     ) -> None:
-        """One pool per runtime that can start, sized to this worker's share of its ``warm``
-        count, growing on demand up to ``capacity.max_concurrent`` (what the host may run at
-        once)."""
+        """One pool per runtime that can start, keeping this worker's share of its ``warm``
+        count generic and idle, growing on demand up to ``capacity.max_concurrent`` (what the
+        host may run at once); their idle sandboxes are on the host's ``board`` (a board of
+        its own for a worker alone)."""
         self.unavailable = dict(unavailable or {})
+        self.board = board or SandboxBoard()
         self.pools = {
             name: WarmPool(
                 name,
                 warm_share(rt.warm, config.workers, worker_index),
-                self._maker(name),
-                self.destroy,
+                self,
+                self.board,
+                worker_index,
                 idle_expiry_s=config.pool.idle_expiry_seconds,
-                on_idle=on_idle,
                 marker=self.marker,
                 limit=config.capacity.max_concurrent,
                 max_making=self.made_at_once,
+                idle_bound=(config.pool.max_idle, config.pool.max_idle_mb * MiB)
+                if config.pool.max_idle else None,
             )
             for name, rt in config.runtimes.items()
             if name not in self.unavailable
         }
 
-    def _maker(self, runtime: str) -> Callable[[], Sandbox]:
-        return lambda: self.create(runtime)
+    def settled(self, sandbox: Sandbox) -> None:
+        """The freezer's: a sandbox whose server got its next call ready is frozen now."""
+        pool = self.pools.get(sandbox.runtime)
+        if pool is not None:
+            pool.settled(sandbox)
 
     def pool(self, runtime: str) -> WarmPool:
         """The runtime's pool; RuntimeUnavailable (with the reason) when it cannot start."""

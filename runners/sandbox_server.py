@@ -38,7 +38,7 @@ class ServerKind:
     socket_name: str
     interpreter_flags: tuple[str, ...]
     """Flags between the interpreter and the server's directory on its command line."""
-    client: Callable[[str | os.PathLike[str]], SandboxClient]
+    client: Callable[[str | os.PathLike[str], float], SandboxClient]
     runs_functions_itself: bool
     """The function runs inside the server's own process (a node Worker thread), not in a
     forked child: no per-run rlimits, what a run leaves lives in the server's process group,
@@ -61,9 +61,10 @@ class ServerKind:
             path.chmod(0o755 if path.is_dir() else 0o644)
         return target
 
-    def connect(self, socket_path: str | os.PathLike[str]) -> SandboxClient:
-        """A client of this server, once its socket answers."""
-        return self.client(socket_path)
+    def connect(self, socket_path: str | os.PathLike[str], timeout_s: float = 10.0
+                ) -> SandboxClient:
+        """A client of this server, once its socket answers (within ``timeout_s``)."""
+        return self.client(socket_path, timeout_s)
 
 
 FORK = ServerKind(

@@ -32,7 +32,7 @@ from common.exitcodes import (
     EXIT_SUPERVISOR_ERROR,
 )
 from common.version import VERSION
-from worker.ledger import Ledger
+from worker.hostshare import HostShare
 from worker.status import FAULT, HEARTBEAT, StatusReader
 
 from . import hostcheck, sdnotify, snapshot
@@ -42,6 +42,7 @@ from .configcheck import load_checked
 from .health import HealthServer
 from .metrics import SupervisorMetrics
 from .wakeup import Wakeup
+from .warmup import WarmUp
 from .workerstate import Slot, WorkerProcess, describe_exit, heartbeat_timeout
 
 TICK_S = 1.0
@@ -76,14 +77,16 @@ class Arbiter:
         self._status_read_at = float("-inf")
         self._snapshot: dict[str, Any] = {}
         self.systemd = sdnotify.Notifier()
-        self.ledger = Ledger(config.capacity.memory_mb, config.capacity.max_concurrent)
-        """The host's capacity budget, shared by every worker (worker/ledger.py)."""
+        self.host = HostShare.create(config)
+        """The host's capacity ledger and sandbox board, shared by every worker."""
         self.isolation: dict[str, Any] = {}
         """The configured runner's isolation on this host, probed at start and on reload."""
         self.caps = FunctionCaps()
         """The per-function caps the workers met (/status, /metrics)."""
         self.runtimes: dict[str, dict[str, Any]] = {}
         """Per runtime: ``available`` and, when not, the ``problem`` (for /status)."""
+        self.warm_up = WarmUp(config.pool.warm_timeout_seconds)
+        """Since the start or the last reload: READY and /health UP wait for it."""
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -123,6 +126,7 @@ class Arbiter:
         cap = self.config.capacity
         logger.info(f"capacity: {cap.memory_mb} MB, {cap.max_concurrent} invocations at once "
                     f"on this host ({cap.source})")
+        self.warm_up = WarmUp(self.config.pool.warm_timeout_seconds)
         self.wakeup.install()
         for signum in HANDLED_SIGNALS:
             signal.signal(signum, self._record_signal)
@@ -218,7 +222,7 @@ class Arbiter:
                 inherited += [w.reader.fd for w in self.workers.values()]
                 if self.health is not None:
                     inherited.append(self.health.fileno())
-                run_child(self.worker_main, self.config, slot.index, write_fd, self.ledger,
+                run_child(self.worker_main, self.config, slot.index, write_fd, self.host,
                           parent=self.pid, close_fds=inherited)
         except OSError as exc:
             logger.error(f"cannot fork worker {slot.index}: {exc}; retrying in 1s")
@@ -252,7 +256,7 @@ class Arbiter:
                 self._exited(worker, os.waitstatus_to_exitcode(wait_status))
 
     def _exited(self, worker: WorkerProcess, code: int) -> None:
-        self.ledger.reset(worker.index)  # what a killed worker had running counts no more
+        self.host.forget(worker.index)  # what a killed worker had running counts no more
         how = describe_exit(code)
         if worker.retiring or self.stopping:
             logger.info(f"worker {worker.index} (pid {worker.pid}) {how} after draining")
@@ -320,10 +324,13 @@ class Arbiter:
     def publish_status(self) -> None:
         """Build the snapshot /status and /health serve; update the gauges and systemd."""
         now = time.monotonic()
+        sandboxes = self.host.board.entries()
+        self.warm_up.update(self.warm_wanted(), sandboxes, set(self.current_workers()), now)
         self._snapshot = snapshot.build(
-            self.config, self.slots, self.workers, self.ledger, pid=self.pid,
+            self.config, self.slots, self.workers, self.host.ledger, sandboxes, pid=self.pid,
             isolation=self.isolation, runtimes=self.runtimes, caps=self.caps.status(),
-            stopping=self.stopping, uptime=now - self.started_at, now=now)
+            warm_up=self.warm_up.status(now), stopping=self.stopping,
+            uptime=now - self.started_at, now=now)
         alive = sum(1 for w in self._snapshot["workers"] if w["alive"])
         self.metrics.update(self._snapshot)
         self.systemd.status(f"{alive}/{self.config.workers} workers alive")
@@ -339,12 +346,23 @@ class Arbiter:
         self.metrics.host.sample(self.config.paths.outbox_dir, workers)
         return self.metrics.render()
 
+    def warm_wanted(self) -> dict[str, int]:
+        """The runtimes that can start here -> their ``warm`` count (warmup.py)."""
+        return {name: runtime.warm for name, runtime in self.config.runtimes.items()
+                if self.runtimes.get(name, {}).get("available", True)}
+
+    def current_workers(self) -> dict[int, WorkerProcess]:
+        """The workers on the current config (not draining after a reload), by pid."""
+        return {pid: w for pid, w in self.workers.items() if not w.retiring}
+
     def notify_ready(self) -> None:
-        """READY=1, once, when every slot's first worker booted or failed: `systemctl start`
-        returns when the agent serves (or visibly cannot: /health and STATUS say why)."""
-        if self.systemd.ready_sent:
+        """READY=1, once per start or reload, when every slot's worker on the current config
+        booted (or failed) and the pools are warm (or the warm-up timed out): `systemctl
+        start` returns when the agent serves warm (or visibly cannot: /health and STATUS say
+        why)."""
+        if self.systemd.ready_sent or not self.warm_up.done:
             return
-        booted = {w.index for w in self.workers.values() if w.booted}
+        booted = {w.index for w in self.current_workers().values() if w.booted}
         if all(s.index in booted or s.failures for s in self.slots.values()):
             self.systemd.ready()
 
@@ -355,7 +373,7 @@ class Arbiter:
         if self.config.path is None:
             logger.warning("not reloading: the config did not come from a file")
             return
-        sdnotify.reloading()
+        self.systemd.reloading()
         try:
             config, _ = load_checked(self.config.path)
             logsink.swap(config.log, self.config.log, "arbiter")
@@ -370,7 +388,8 @@ class Arbiter:
                 old_http.host, old_http.port):
             self.health = self.health.moved(config.http.host, config.http.port)
         self.config = config
-        self.ledger = self.ledger.resize(config.capacity.memory_mb, config.capacity.max_concurrent)
+        self.host = self.host.resized(config)
+        self.warm_up = WarmUp(config.pool.warm_timeout_seconds)
         self.isolation = hostcheck.isolation(self.config)
         self.runtimes = hostcheck.runtimes(self.config)
         deadline = time.monotonic() + config.drain_timeout_seconds
@@ -382,7 +401,6 @@ class Arbiter:
         logger.info(f"reloaded {config.path}: {config.workers} workers, runner {config.runner}; "
                     f"{len(old)} old workers drain, each slot refills as its old worker exits")
         self.metrics.reloads.inc(result="ok")
-        self.systemd.ready()
 
     def stop(self) -> None:
         """Drain every worker within the drain timeout, SIGKILL the rest, remove sandboxes."""

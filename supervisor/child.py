@@ -14,10 +14,10 @@ from loguru import logger
 from common import proctitle
 from common.config import Config
 from common.exitcodes import EXIT_OK, EXIT_WORKER_CRASH
-from worker.ledger import Ledger
+from worker.hostshare import HostShare
 
-WorkerMain = Callable[[Config, int, int, Ledger], int]
-"""(config, worker index, status pipe fd, the host's capacity ledger) -> exit code."""
+WorkerMain = Callable[[Config, int, int, HostShare], int]
+"""(config, worker index, status pipe fd, what the host's workers share) -> exit code."""
 HANDLED_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)
 """The arbiter's signals: blocked across fork, given default dispositions in the child."""
 PR_SET_PDEATHSIG = 1
@@ -35,7 +35,7 @@ def run_child(
     config: Config,
     index: int,
     status_fd: int,
-    ledger: Ledger,
+    host: HostShare,
     *,
     parent: int,
     close_fds: Iterable[int],
@@ -51,7 +51,7 @@ def run_child(
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
         for fd in close_fds:
             os.close(fd)
-        code = int(worker_main(config, index, status_fd, ledger))
+        code = int(worker_main(config, index, status_fd, host))
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else EXIT_WORKER_CRASH
     except BaseException as exc:  # noqa: B036 - nothing may return into the arbiter's loop

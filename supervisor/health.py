@@ -17,11 +17,13 @@ from typing import Any
 from loguru import logger
 
 from .prometheus import CONTENT_TYPE
+from .warmup import health_reason
 
 
 def health_of(status: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     """(HTTP code, body) of /health: UP while running with at least one worker alive,
-    DEGRADED (still 200) while a live worker takes no new work because a dependency fails."""
+    DEGRADED (still 200) while a live worker takes no new work because a dependency fails,
+    or while the pools warm up after a start or a reload (warmup.py)."""
     alive = sum(1 for worker in status["workers"] if worker["alive"])
     up = alive > 0 and not status["stopping"]
     reasons = [
@@ -30,6 +32,8 @@ def health_of(status: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         if worker["alive"]
         for reason in worker.get("degraded", ())
     ]
+    if (warming := health_reason(status.get("warmUp", {}))) is not None:
+        reasons.append(warming)
     body = {
         "status": ("DEGRADED" if reasons else "UP") if up else "DOWN",
         "workersAlive": alive,

@@ -15,6 +15,7 @@ from worker.result import Result, Timings
 
 from .hostmetrics import HostMetrics
 from .prometheus import Registry
+from .warmup import WARMING
 
 DURATION_BUCKETS_S = (
     0.001, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
@@ -37,6 +38,9 @@ CAPACITY_GAUGES = {
                       "Invocations that may run at once on this host."),
 }
 """/status ``capacity`` key -> (metric, factor to base units, help)."""
+SANDBOX_STATES = {"idleGeneric": "idle_generic", "idleSpecialized": "idle_specialized",
+                  "busy": "busy"}
+"""/status ``pools`` count -> ``state`` label of nanogrid_sandboxes (disjoint: they sum)."""
 DEPENDENCIES = {"sqs": "sqs", "s3": "s3", "redis": "redis", "cloudwatch": "cloudwatch"}
 """Worker count name -> ``dependency`` label of nanogrid_dependency_errors_total."""
 
@@ -76,8 +80,19 @@ class SupervisorMetrics:
             "Of the allocated byte-seconds, what the OVER_PROVISIONED tips' settings would "
             "have saved.", ("runtime",))
         self.sandboxes = reg.gauge(
-            "nanogrid_sandboxes", "Sandboxes by runtime and state (warm: idle and ready).",
+            "nanogrid_sandboxes", "The host's sandboxes by runtime and state: idle_generic "
+            "(ready for any function), idle_specialized (holding a function's code), busy.",
             ("runtime", "state"))
+        self.sandboxes_lent = reg.gauge(
+            "nanogrid_sandboxes_lent", "Busy sandboxes a worker other than their owner runs "
+            "a call in.", ("runtime",))
+        self.idle_memory = reg.gauge(
+            "nanogrid_sandboxes_idle_memory_bytes", "Memory of the host's idle sandboxes.")
+        self.idle_bound = reg.gauge(
+            "nanogrid_sandboxes_idle_memory_max_bytes", "The host's bound on it "
+            "(pool.max_idle_mb).")
+        self.warming = reg.gauge(
+            "nanogrid_warming", "1 while the pools warm up after a start or a reload.")
         self.workers_alive = reg.gauge("nanogrid_workers_alive", "Workers booted and running.")
         self.workers_configured = reg.gauge(
             "nanogrid_workers_configured", "Workers the config asks for.")
@@ -175,9 +190,14 @@ class SupervisorMetrics:
         self.degraded.set(1 if degraded and not status["stopping"] else 0)
         for key, (gauge, factor) in self.capacity.items():
             gauge.set(status["capacity"].get(key, 0) * factor)
-        self.sandboxes.replace({(runtime, state): count
+        self.sandboxes.replace({(runtime, state): stats[key]
                                 for runtime, stats in status["pools"].items()
-                                for state, count in stats.items()})
+                                for key, state in SANDBOX_STATES.items()})
+        self.sandboxes_lent.replace({(runtime,): stats["lent"]
+                                     for runtime, stats in status["pools"].items()})
+        self.idle_memory.set(status["sandboxes"]["idleMb"] * MiB)
+        self.idle_bound.set(status["sandboxes"]["maxIdleMb"] * MiB)
+        self.warming.set(1 if status["warmUp"]["state"] == WARMING else 0)
 
     def render(self) -> str:
         return self.registry.render()

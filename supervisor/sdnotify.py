@@ -67,7 +67,7 @@ def watchdog_interval() -> float | None:
 
 class Notifier:
     """The supervisor's side of the protocol: STATUS only when it changes, READY once at
-    start (then after each reload), WATCHDOG when due."""
+    start (then once after each RELOADING), WATCHDOG when due."""
 
     def __init__(self) -> None:
         self.interval = watchdog_interval()
@@ -83,6 +83,12 @@ class Notifier:
     def ready(self) -> None:
         self.ready_sent = True
         ready(self.text)
+
+    def reloading(self) -> None:
+        """RELOADING=1: READY=1 is owed again (the arbiter sends it when the new workers
+        serve, or at once when the reload is refused)."""
+        self.ready_sent = False
+        reloading()
 
     def ping_if_due(self, now: float) -> None:
         if self.interval is not None and now >= self.next_ping:

@@ -1,23 +1,29 @@
-"""What /status says, built each turn of the arbiter's loop from its slots, workers, the
-capacity ledger and the host checks (health.py serves it, /health derives from it)."""
+"""What /status says, built each turn of the arbiter's loop from its slots, workers, what the
+workers share (the capacity ledger, the board of sandboxes) and the host checks (health.py
+serves it, /health derives from it)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from common.config import Config
+from common.config import Config, MiB
 from common.version import VERSION
+from runners.lending import IDLE, TAKEN, Entry
 from worker.ledger import Ledger
 
 from .workerstate import Slot, WorkerProcess
 
+SANDBOX_COUNTS = ("warm", "busy", "idleGeneric", "idleSpecialized", "lent")
+
 
 def build(config: Config, slots: dict[int, Slot], workers: dict[int, WorkerProcess],
-          ledger: Ledger, *, pid: int, isolation: dict[str, Any],
+          ledger: Ledger, sandboxes: list[Entry], *, pid: int, isolation: dict[str, Any],
           runtimes: dict[str, dict[str, Any]], caps: dict[str, dict[str, int]],
-          stopping: bool, uptime: float, now: float) -> dict[str, Any]:
+          warm_up: dict[str, Any], stopping: bool, uptime: float, now: float
+          ) -> dict[str, Any]:
     """The whole /status document."""
     by_slot = {w.index: w for w in workers.values()}
+    pools, host = sandbox_status(sandboxes, config)
     return {
         "version": VERSION,
         "pid": pid,
@@ -25,7 +31,9 @@ def build(config: Config, slots: dict[int, Slot], workers: dict[int, WorkerProce
                     for slot in sorted(slots.values(), key=lambda s: s.index)],
         "workersConfigured": config.workers,
         "runner": config.runner,
-        "pools": pool_totals(list(workers.values())),
+        "pools": pools,
+        "sandboxes": host,
+        "warmUp": warm_up,
         "capacity": capacity_status(ledger),
         "concurrency": {"defaultCap": config.concurrency.default_cap, "functions": caps},
         "isolation": isolation,
@@ -61,15 +69,27 @@ def worker_status(slot: Slot, worker: WorkerProcess | None, now: float) -> dict[
     }
 
 
-def pool_totals(workers: list[WorkerProcess]) -> dict[str, dict[str, int]]:
-    """Per runtime, the sum of every worker's ``warm`` and ``busy`` sandboxes."""
-    pools: dict[str, dict[str, int]] = {}
-    for worker in workers:
-        for runtime, stats in worker.pools.items():
-            total = pools.setdefault(runtime, {"warm": 0, "busy": 0})
-            for state in total:
-                total[state] += int(stats.get(state, 0))
-    return pools
+def sandbox_status(entries: list[Entry], config: Config
+                   ) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
+    """/status ``pools`` (per runtime) and ``sandboxes`` (the host's), from the board: idle
+    (``warm``) as generic and specialized (holding a function's code), ``busy`` (a call
+    runs in it), ``lent`` (of those, run by a worker other than its owner), and the idle
+    ones' memory against the host's idle bound."""
+    pools = {runtime: dict.fromkeys(SANDBOX_COUNTS, 0) for runtime in config.runtimes}
+    idle_bytes = 0
+    for entry in entries:
+        counts = pools.setdefault(entry.runtime, dict.fromkeys(SANDBOX_COUNTS, 0))
+        if entry.state == IDLE:
+            counts["warm"] += 1
+            counts["idleSpecialized" if entry.code_key else "idleGeneric"] += 1
+            idle_bytes += entry.memory_bytes
+        elif entry.state == TAKEN:
+            counts["busy"] += 1
+            counts["lent"] += entry.taker_pid != entry.owner_pid
+    host = {name: sum(counts[name] for counts in pools.values()) for name in SANDBOX_COUNTS}
+    host.update(idleMb=round(idle_bytes / MiB), maxIdle=config.pool.max_idle,
+                maxIdleMb=config.pool.max_idle_mb)
+    return pools, host
 
 
 def capacity_status(ledger: Ledger) -> dict[str, int]:

@@ -62,7 +62,6 @@ class WorkerProcess:
     booted: bool = False
     running: dict[str, float] = field(default_factory=dict)
     """requestId -> when it started, oldest first."""
-    pools: dict[str, dict[str, int]] = field(default_factory=dict)
     dropped: int = 0
     degraded: list[str] = field(default_factory=list)
     """Why the worker takes no new work now (e.g. Redis cannot take results)."""
@@ -93,8 +92,6 @@ class WorkerProcess:
             result = Result.from_dict(message["result"])
             self.running.pop(str(result.request_id), None)
             return result
-        elif kind == status.POOLS and isinstance(message.get("pools"), dict):
-            self.pools = message["pools"]
         elif kind == status.FAULT:
             seen = self.faults.setdefault(str(message.get("kind")), {"count": 0})
             seen.update(count=seen["count"] + 1, message=str(message.get("message")),

@@ -4,8 +4,8 @@ Each blocking step of the main thread (a long poll, a wait for room, a drain) fi
 the deadline past its own bound (``until``); a thread of its own beats once a second while
 the deadline has not passed. A main thread stuck beyond its step's bound stops the beats,
 and the arbiter kills and replaces the worker. The beats carry why the worker takes no new
-work (the fault board's reasons) and, once it has them, its pools' counts and its running
-totals of errors per peer.
+work (the fault board's reasons) and, once it has them, its running totals of errors per
+peer. (The pools' counts the arbiter reads from the host's board of sandboxes itself.)
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ class Liveness:
         self._status = status
         self._board = board
         self._alive_until = time.monotonic() + BOOT_BOUND_S
-        self._pools: Callable[[], dict[str, dict[str, int]]] | None = None
         self._counts: Callable[[], dict[str, int]] | None = None
 
     def start(self) -> None:
@@ -47,10 +46,6 @@ class Liveness:
         """The main thread waits without a bound of its own (the arbiter's drain bounds it)."""
         self._alive_until = math.inf
 
-    def report_pools(self, pools: Callable[[], dict[str, dict[str, int]]]) -> None:
-        """Send the pools' counts with each beat (they refill in the background)."""
-        self._pools = pools
-
     def report_counts(self, counts: Callable[[], dict[str, int]]) -> None:
         """Send the worker's running totals (errors per peer, dead letters) with each beat."""
         self._counts = counts
@@ -61,6 +56,4 @@ class Liveness:
             if time.monotonic() < self._alive_until:
                 counts = self._counts() if self._counts is not None else None
                 self._status.heartbeat(self._board.reasons, counts)
-                if self._pools is not None:
-                    self._status.pools(self._pools())
             time.sleep(BEAT_S)

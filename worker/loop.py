@@ -29,8 +29,8 @@ from . import faults, tracing
 from .endings import Endings
 from .faults import FaultBoard
 from .hooks import Hook, PhaseTimer
+from .hostshare import HostShare
 from .inflight import Inflight
-from .ledger import Ledger
 from .liveness import Liveness
 from .pipeline import MessageRun
 from .services import Services, connect
@@ -108,7 +108,6 @@ class Worker:
 
     def run(self) -> int:
         services = self.services
-        self.liveness.report_pools(services.runner.pool_stats)
         self.liveness.report_counts(services.counts)
         logger.info(f"worker {self.index} ready (pid {os.getpid()}): {self.warming()}")
         for name, problem in services.runner.unavailable_runtimes().items():
@@ -250,7 +249,7 @@ def serve(
     config: Config,
     index: int,
     status: StatusReporter | None = None,
-    ledger: Ledger | None = None,
+    host: HostShare | None = None,
     hooks: Sequence[Hook] = (),
 ) -> int:
     """Worker ``index``'s life: boot (connect), then run until told to stop. A worker that
@@ -261,19 +260,18 @@ def serve(
     liveness = Liveness(status, board)
     liveness.start()
     try:
-        services = connect(config, index, board, status, ledger)
+        services = connect(config, index, board, status, host)
     except Exception as exc:  # noqa: BLE001 - one line for the operator, then the backoff
         logger.error(f"worker {index} cannot boot: {exc}")
         return EXIT_BOOT_ERROR
     return Worker(services, index, hooks=hooks, liveness=liveness, stop=stop).run()
 
 
-def main(config: Config, index: int, status_fd: int, ledger: Ledger) -> int:
+def main(config: Config, index: int, status_fd: int, host: HostShare) -> int:
     """Entry point of a forked worker process."""
     from .status import StatusReporter
 
     logs.setup(config.log, f"worker-{index}")
-    # A ledger of its own over the inherited page: fresh locks in this process.
-    own = Ledger(ledger.memory_mb, ledger.max_concurrent, ledger.fd)
-    return serve(config, index, StatusReporter(status_fd), own, tracing.configured_hooks(config))
+    return serve(config, index, StatusReporter(status_fd), host.reopened(),
+                 tracing.configured_hooks(config))
 

@@ -175,8 +175,9 @@ class MessageRun:
         max_attempts = self.services.config.queue.max_attempts
         disposition = decide(outcome, claim.run, max_attempts)
         if disposition is Disposition.DEFER:
-            duplicates.release(self.services.claims, claim, count_run=False)
-            self._endings.defer(self.message, f"[RETRY] {outcome}: not counted as a try")
+            duplicates.release(self.services.claims, claim, count_run=outcome.ran)
+            counted = f"run {claim.run} counted" if outcome.ran else "not counted as a try"
+            self._endings.defer(self.message, f"[RETRY] {outcome}: {counted}")
             return False
         if disposition is Disposition.RETRY:
             logger.warning(

@@ -29,6 +29,7 @@ from .cloudwatch import MetricsPublisher
 from .codestore import CodeStore
 from .diskspace import DiskGuard
 from .faults import FaultBoard
+from .hostshare import HostShare
 from .ledger import Ledger
 from .resultstore import ResultStore
 from .sqs import BatchDeleter, TaskQueue, VisibilityHeartbeat
@@ -89,7 +90,7 @@ def connect(
     index: int,
     board: FaultBoard,
     status: StatusReporter | None = None,
-    ledger: Ledger | None = None,
+    host: HostShare | None = None,
 ) -> Services:
     """Make worker ``index``'s clients, stores and sandbox runner (after the fork). Peers
     that are away (Redis, SQS) are not a boot error: the loop waits for them DEGRADED.
@@ -121,10 +122,10 @@ def connect(
     codes = CodeStore(
         Path(config.paths.code_cache_dir), config.limits.max_zip_bytes, region=config.aws.region
     )
-    if ledger is None:  # a worker on its own (tests, benchmarks): the whole host's
+    if host is None:  # a worker on its own (tests, benchmarks): the whole host's
         config = capacity.pin(config, capacity.resolve(config))
-        ledger = Ledger(config.capacity.memory_mb, config.capacity.max_concurrent)
-    runner = create_runner(config, index)  # pools grow up to max_concurrent
+        host = HostShare.create(config)
+    runner = create_runner(config, index, host.board)  # pools grow up to max_concurrent
     paths = config.paths
     return Services(
         config=config,
@@ -146,6 +147,6 @@ def connect(
             paths.min_free_mb,
             (codes.trim, runner.shed_idle),
         ),
-        ledger=ledger,
+        ledger=host.ledger,
         status=status,
     )

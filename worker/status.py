@@ -20,7 +20,6 @@ STARTED = "started"
 FINISHED = "finished"
 ENDED = "ended"
 """A run that ended without a result to report (its message kept for a retry)."""
-POOLS = "pools"
 FAULT = "fault"
 DEFERRED = "deferred"
 """A message handed back untried: its function was at its cap across hosts."""
@@ -70,9 +69,6 @@ class StatusReporter:
 
     def task_ended(self, request_id: str) -> None:
         self._send({"type": ENDED, "requestId": request_id})
-
-    def pools(self, stats: dict[str, dict[str, int]]) -> None:
-        self._send({"type": POOLS, "pools": stats})
 
     def deferred(self, function_id: str, cap: int | None, running: int | None) -> None:
         """A message of ``function_id`` went back: the function is at ``cap`` with

@@ -10,9 +10,11 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 
+from ..cgroups import describe_cgroup, described_cgroup
 from ..freezer import Freezer, freezer_of
 from ..memory import CGROUP_ROOT, CgroupMemory, CgroupV1Memory, CgroupV2Memory
 
@@ -79,6 +81,15 @@ class ContainerCgroup:
     @property
     def procs_file(self) -> Path:
         return self.memory.directory / "cgroup.procs"
+
+    def describe(self) -> dict[str, Any]:
+        """What another worker needs to use this cgroup (``of``)."""
+        return describe_cgroup(self.memory, self.pids_dir, self.freezer)
+
+    @classmethod
+    def of(cls, described: dict[str, Any]) -> ContainerCgroup:
+        """Another worker's container's cgroup, from its ``describe``."""
+        return cls(*described_cgroup(described))
 
 
 def find_cgroup(pid: int) -> ContainerCgroup | None:

@@ -36,6 +36,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import docker
 import psutil
@@ -51,6 +52,7 @@ from ..cgroups import freezer_root
 from ..freezer import Freezer, IdleFreezer, anchor
 from ..isolation import Isolation, check_metadata_service
 from ..launch import Launch
+from ..lending import SandboxBoard, alive
 from ..pooled import Meter, PooledRunner, ServerSandbox
 from ..sandboxclient import RawRun
 from .cgroup import ContainerCgroup, ContainerProcesses, find_cgroup
@@ -79,8 +81,10 @@ class DockerSandbox(ServerSandbox):
     container: Container | None = None
     cgroup: ContainerCgroup | None = None
     processes: ContainerProcesses | None = None
+    container_id: str = ""
     server_fd: int = -1
-    """A pidfd of the fork server: readable once it is gone (container killed, engine gone)."""
+    """A pidfd of the fork server (its owner's): readable once it is gone (container killed,
+    engine gone)."""
     paused: bool = False
 
 
@@ -90,7 +94,9 @@ class DockerRunner(PooledRunner):
     made_at_once = 2
     limit_errors = (OSError, *UNREACHABLE)
 
-    def __init__(self, config: Config, worker_index: int) -> None:
+    def __init__(
+        self, config: Config, worker_index: int, board: SandboxBoard | None = None
+    ) -> None:
         self.config = config
         self._worker = worker_index
         self._uid, self._gid = docker_user_ids(config.docker.user)
@@ -102,7 +108,7 @@ class DockerRunner(PooledRunner):
         self._docker: docker.DockerClient | None = None
         self._docker_lock = threading.Lock()
         self._reaper = Reaper(self._api)
-        self.idle = IdleFreezer()
+        self.idle = IdleFreezer(self.settled)
         if (root := freezer_root()) is not None:
             anchor(root)
         with contextlib.suppress(SandboxError):  # an engine that is away now is retried later
@@ -110,7 +116,7 @@ class DockerRunner(PooledRunner):
         unavailable = {}
         with contextlib.suppress(SandboxError):  # away: the first create finds out instead
             unavailable = missing_images(self._api(), config)
-        self.make_pools(config, worker_index, on_idle=self._on_idle, unavailable=unavailable)
+        self.make_pools(config, worker_index, board, unavailable=unavailable)
 
     @classmethod
     def check_config(cls, config: Config) -> None:
@@ -145,15 +151,6 @@ class DockerRunner(PooledRunner):
     @classmethod
     def remove_stale(cls) -> int:
         return remove_agent_containers()
-
-    def acquire(self, runtime: str, code_key: str) -> Sandbox:
-        pool = self.pool(runtime)
-        while True:  # bounded: a dead sandbox is destroyed, and a cold one is alive or raises
-            sandbox = pool.acquire(code_key)
-            assert isinstance(sandbox, DockerSandbox)
-            if self._ready(sandbox):
-                return sandbox
-            pool.release(sandbox)
 
     def close(self) -> None:
         self.close_pools()
@@ -191,7 +188,7 @@ class DockerRunner(PooledRunner):
         assert isinstance(sandbox, DockerSandbox)
         return sandbox.cgroup.freezer if sandbox.cgroup else None
 
-    def describe(self, exc: BaseException) -> str:
+    def explain(self, exc: BaseException) -> str:
         return describe(exc)
 
     # -- containers ---------------------------------------------------------------------------
@@ -222,6 +219,7 @@ class DockerRunner(PooledRunner):
         try:
             self._make_host_dir(sandbox)
             sandbox.container = self._start_container(api, runtime, name, root)
+            sandbox.container_id = sandbox.container.id
             self._connect(sandbox)
         except RuntimeUnavailable:
             self.destroy(sandbox)
@@ -284,7 +282,6 @@ class DockerRunner(PooledRunner):
                     raise self._server_failed(sandbox, f"{server.name} server did not come up")
         finally:
             os.close(init_fd)
-        sandbox.client = server.connect(path)
         # From now on nothing in the container may write to the host's disk.
         os.chown(path.parent, 0, 0)
         os.chmod(path.parent, 0o755)
@@ -318,44 +315,85 @@ class DockerRunner(PooledRunner):
             return "no log"
         return lines[-1] if lines else "no output"
 
-    def _ready(self, sandbox: DockerSandbox) -> bool:
-        """Unpause the sandbox if needed; False (and unhealthy) when it is no longer usable."""
-        if sandbox.server_fd < 0 or select.select([sandbox.server_fd], [], [], 0)[0]:
-            logger.warning(f"{self.marker} container {sandbox.name} is gone; replacing it")
-            sandbox.healthy = False
-            return False
-        if sandbox.paused:
-            assert sandbox.container is not None
-            try:
-                sandbox.container.unpause()
-            except UNREACHABLE as exc:
-                logger.warning(f"{self.marker} cannot unpause {sandbox.name}: {describe(exc)}")
-                sandbox.healthy = False
-                return False
-            sandbox.paused = False
-        return True
+    # -- lending (pool.py) ---------------------------------------------------------------------
 
-    def _on_idle(self, sandbox: Sandbox, idle_s: float) -> None:
-        """Pause a container idle past the grace (a busy function is not paused per call),
-        unless the agent can freeze it (it does, between runs, when it holds its function's
-        code; else it has nothing to stop)."""
+    def describe(self, sandbox: Sandbox) -> dict[str, Any]:
+        assert isinstance(sandbox, DockerSandbox)
+        cgroup, processes = sandbox.cgroup, sandbox.processes
+        return {
+            "name": sandbox.name,
+            "root": str(sandbox.root),
+            "container": sandbox.container_id,
+            "init": processes.init_pid if processes else 0,
+            "server": processes.server_pid if processes else 0,
+            "cgroup": cgroup.describe() if cgroup is not None else None,
+            "paused": sandbox.paused,
+        }
+
+    def borrow(self, runtime: str, descriptor: dict[str, Any]) -> Sandbox:
+        root = Path(descriptor["root"])
+        cgroup = ContainerCgroup.of(descriptor["cgroup"]) if descriptor["cgroup"] else None
+        return DockerSandbox(
+            runtime=runtime,
+            name=descriptor["name"],
+            code_dir=root / "code" / CODE_SUBDIR,
+            root=root,
+            container_id=descriptor["container"],
+            cgroup=cgroup,
+            processes=ContainerProcesses(
+                descriptor["init"], descriptor["server"],
+                cgroup.procs_file if cgroup is not None else None,
+            ),
+            paused=bool(descriptor["paused"]),
+        )
+
+    def socket_path(self, sandbox: Sandbox) -> str:
+        assert isinstance(sandbox, DockerSandbox)
+        return str(sandbox.root / "control" / self.launches[sandbox.runtime].server.socket_name)
+
+    def attach(self, sandbox: Sandbox) -> None:
+        """Connect to the container's server: gone (killed, the engine gone) is a
+        SandboxError; paused (the fallback without a freezer) is unpaused first."""
+        assert isinstance(sandbox, DockerSandbox)
+        processes = sandbox.processes
+        if processes is None or not alive(processes.server_pid) or (
+            sandbox.server_fd >= 0 and select.select([sandbox.server_fd], [], [], 0)[0]
+        ):
+            sandbox.healthy = False
+            raise SandboxError(f"container {sandbox.name} is gone")
+        if sandbox.paused:
+            try:
+                self._api().api.unpause(sandbox.container_id)
+            except UNREACHABLE as exc:
+                if "is not paused" not in str(exc):  # unpaused by an earlier taker: fine
+                    sandbox.healthy = False
+                    raise SandboxError(f"cannot unpause {sandbox.name}: {describe(exc)}") from None
+            sandbox.paused = False
+        super().attach(sandbox)
+
+    def pausable(self, sandbox: Sandbox, idle_s: float) -> bool:
+        """An idle container the agent cannot freeze, idle past the grace: paused through
+        the engine instead (the pool takes it off the board for that)."""
         assert isinstance(sandbox, DockerSandbox)
         freezable = sandbox.cgroup is not None and sandbox.cgroup.freezer is not None
-        if freezable or sandbox.paused or idle_s < self.config.docker.pause_grace_seconds:
-            return
-        assert sandbox.container is not None
+        grace = self.config.docker.pause_grace_seconds
+        return not (freezable or sandbox.paused or idle_s < grace)
+
+    def pause(self, sandbox: Sandbox) -> None:
+        assert isinstance(sandbox, DockerSandbox)
         try:
-            sandbox.container.pause()
+            self._api().api.pause(sandbox.container_id)
             sandbox.paused = True
-        except UNREACHABLE as exc:  # it stays warm and running; retried on the next tick
+        except UNREACHABLE as exc:  # it stays warm and running; tried again later
             logger.debug(f"{self.marker} cannot pause {sandbox.name}: {describe(exc)}")
 
     def _set_memory_limit(self, sandbox: DockerSandbox, memory_mb: int) -> None:
         if sandbox.cgroup is not None:  # a file write instead of a ~12 ms docker update
             sandbox.cgroup.memory.set_limit(memory_mb * MiB)
         else:
-            assert sandbox.container is not None
-            sandbox.container.update(mem_limit=memory_mb * MiB, memswap_limit=memory_mb * MiB)
+            self._api().api.update_container(
+                sandbox.container_id, mem_limit=memory_mb * MiB, memswap_limit=memory_mb * MiB
+            )
         sandbox.limit_mb = memory_mb
 
     def destroy(self, sandbox: Sandbox) -> None:
@@ -373,3 +411,4 @@ class DockerRunner(PooledRunner):
             sandbox.cgroup.memory.close()
         container = sandbox.container.id if sandbox.container is not None else None
         self._reaper.later(container, sandbox.root)
+

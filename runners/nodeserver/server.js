@@ -63,7 +63,7 @@ class Server {
     const cap = request.maxOutputBytes;
     const learn = key !== null && this.preload.key === null;
     const run = {
-      worker, killed: false, ended: null, exitCode: null, pending: 3,
+      conn, worker, killed: false, ended: null, exitCode: null, pending: 3,
       sent: { stdout: 0, stderr: 0 }, dropped: { stdout: 0, stderr: 0 },
       report: this.preload.report(key, armed.files),
     };
@@ -149,7 +149,12 @@ class Server {
       return true;
     });
     conn.on('error', () => {});
-    conn.on('close', () => this.kill()); // the agent went away: do not leave the run behind
+    // The agent went away during its run: do not leave the run behind. (A call connects
+    // for its run and closes after it; the next call, maybe another worker's, may connect
+    // before this close is seen here.)
+    conn.on('close', () => {
+      if (this.run !== null && this.run.conn === conn) this.kill();
+    });
   }
 
   listen(readyFd, readyLine) {
@@ -160,7 +165,7 @@ class Server {
     this.next.arm();
     if (fs.existsSync(this.socketPath)) fs.unlinkSync(this.socketPath);
     const server = net.createServer({ allowHalfOpen: false }, (conn) => this.serve(conn));
-    server.maxConnections = 1;
+    server.maxConnections = 4; // the pool lends a sandbox to one call at a time
     server.listen(this.socketPath, () => {
       if (readyFd !== undefined) {
         fs.writeSync(readyFd, readyLine || 'ready\n');

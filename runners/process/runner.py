@@ -26,6 +26,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from loguru import logger
 
@@ -39,6 +40,7 @@ from ..forkclient import FORKSERVER_SOURCE
 from ..freezer import Freezer, IdleFreezer, anchor
 from ..isolation import Isolation, check_metadata_service, metadata_exposure
 from ..launch import Launch, resolve_launches
+from ..lending import SandboxBoard
 from ..pooled import Meter, PooledRunner, ServerSandbox
 from ..sandbox_server import FORK, server_for
 from ..sandboxclient import RawRun
@@ -77,7 +79,9 @@ class ProcessRunner(PooledRunner):
     name = "process"
     marker = "[PROCESS]"
 
-    def __init__(self, config: Config, worker_index: int) -> None:
+    def __init__(
+        self, config: Config, worker_index: int, board: SandboxBoard | None = None
+    ) -> None:
         self.config = config
         self._worker = worker_index
         self._as_root = os.geteuid() == 0
@@ -87,7 +91,7 @@ class ProcessRunner(PooledRunner):
         remove_stale_dirs(Path(config.paths.work_dir))
         self._base_dir = Path(config.paths.work_dir) / group
         self._cgroups = SandboxCgroups(group)
-        self.idle = IdleFreezer()
+        self.idle = IdleFreezer(self.settled)
         if (freezer_root := cgroups.freezer_root()) is not None:
             anchor(freezer_root)
         make_dir(self._base_dir, 0o711)
@@ -101,7 +105,7 @@ class ProcessRunner(PooledRunner):
             )
             self._cover = world_writable()
         self.launches, unavailable = resolve_launches(config)
-        self.make_pools(config, worker_index, unavailable=unavailable)
+        self.make_pools(config, worker_index, board, unavailable=unavailable)
 
     @classmethod
     def runtime_problems(cls, config: Config) -> dict[str, str]:
@@ -274,7 +278,6 @@ class ProcessRunner(PooledRunner):
             sandbox.holds = tuple(report["holds"])
             if "pid" in sandbox.holds:
                 sandbox.init_fd = os.pidfd_open(report.get("init", sandbox.server_pid))
-            sandbox.client = server.connect(socket_path)
             if server.runs_functions_itself and uid >= 0:
                 # As Docker does: the server runs the functions in its own process, so its
                 # socket's directory cannot be sealed; from now on it may write only the files
@@ -306,6 +309,38 @@ class ProcessRunner(PooledRunner):
                 sandbox.cgroup.set_pids_limit(self.config.limits.max_pids + 1)
             except OSError as exc:
                 raise SandboxError(f"cannot create the sandbox cgroup: {exc}") from None
+
+    # -- lending (pool.py) ---------------------------------------------------------------------
+
+    def describe(self, sandbox: Sandbox) -> dict[str, Any]:
+        assert isinstance(sandbox, ProcessSandbox)
+        return {
+            "name": sandbox.name,
+            "root": str(sandbox.root),
+            "uid": sandbox.uid,
+            "server": sandbox.server_pid,
+            "holds": list(sandbox.holds),
+            "cgroup": sandbox.cgroup.describe() if sandbox.cgroup is not None else None,
+        }
+
+    def borrow(self, runtime: str, descriptor: dict[str, Any]) -> Sandbox:
+        root = Path(descriptor["root"])
+        found = descriptor["cgroup"]
+        return ProcessSandbox(
+            runtime=runtime,
+            name=descriptor["name"],
+            code_dir=root / "code",
+            root=root,
+            home=root / "home",
+            uid=int(descriptor["uid"]),
+            server_pid=int(descriptor["server"]),
+            holds=tuple(descriptor["holds"]),
+            cgroup=SandboxCgroup.of(found) if found else None,
+        )
+
+    def socket_path(self, sandbox: Sandbox) -> str:
+        assert isinstance(sandbox, ProcessSandbox)
+        return str(sandbox.root / "control" / self.launches[sandbox.runtime].server.socket_name)
 
     def destroy(self, sandbox: Sandbox) -> None:
         assert isinstance(sandbox, ProcessSandbox)

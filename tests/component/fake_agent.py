@@ -6,7 +6,9 @@
 Behaviours: ``steady`` (beats until SIGTERM), ``busy`` (runs one task of RUN_S first, even
 through SIGTERM), ``crash`` (exits 1 after booting), ``bootfail`` (exits EXIT_BOOT_ERROR),
 ``raise`` (raises), ``hang`` (stops beating, ignores SIGTERM), ``stubborn`` (ignores SIGTERM),
-``degraded`` (reports a failed dead-letter copy, then beats saying Redis cannot take results).
+``degraded`` (reports a failed dead-letter copy, then beats saying Redis cannot take results),
+``cold`` (makes no sandboxes: the pools never warm up). Every other fake worker puts its share
+of generic sandbox records on the host's board as it boots (the real board; no sandboxes).
 Each fake worker reads its behaviour from DIR/behaviour when it starts (the test may change
 the file between spawns) and appends what it does to DIR/events, one line per event:
 ``<event> <index> <pid> <monotonic seconds>``. The sandbox cleanup is faked the same way.
@@ -35,9 +37,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import runners  # noqa: E402
 from common.config import Config  # noqa: E402
 from common.exitcodes import EXIT_BOOT_ERROR  # noqa: E402
+from runners.lending import SandboxBoard  # noqa: E402
+from runners.pool import warm_share  # noqa: E402
 from supervisor import arbiter, workerstate  # noqa: E402
 from supervisor.configcheck import load_checked  # noqa: E402
-from worker.ledger import Ledger  # noqa: E402
+from worker.hostshare import HostShare  # noqa: E402
 from worker.result import Result, Timings  # noqa: E402
 from worker.status import StatusReporter  # noqa: E402
 
@@ -55,7 +59,7 @@ def record(directory: Path, event: str, index: int) -> None:
 
 
 def fake_worker(directory: Path):  # noqa: ANN201 - returns the worker main
-    def main(config: Config, index: int, status_fd: int, ledger: Ledger) -> int:
+    def main(config: Config, index: int, status_fd: int, host: HostShare) -> int:
         behaviour_file = directory / "behaviour"
         behaviour = behaviour_file.read_text().strip() if behaviour_file.exists() else "steady"
         record(directory, "spawn", index)
@@ -72,13 +76,17 @@ def fake_worker(directory: Path):  # noqa: ANN201 - returns the worker main
             return EXIT_BOOT_ERROR
         if behaviour == "raise":
             raise RuntimeError("the fake worker broke")
+        board = host.board.reopened()
         status.booted()
-        status.pools({"python": {"warm": 1, "busy": 0}})
+        if behaviour != "cold":
+            for name, runtime in config.runtimes.items():
+                for _ in range(warm_share(runtime.warm, config.workers, index)):
+                    board.put(index, name, None, {"fake": True})
         if behaviour == "crash":
             time.sleep(0.1)
             return 1
         if behaviour == "busy":
-            run_task(status, index)
+            run_task(status, board, index)
             record(directory, "finished", index)
         degraded, counts = [], None
         if behaviour == "degraded":
@@ -98,11 +106,13 @@ def fake_worker(directory: Path):  # noqa: ANN201 - returns the worker main
     return main
 
 
-def run_task(status: StatusReporter, index: int) -> None:
-    """A task that finishes even when SIGTERM arrives while it runs."""
+def run_task(status: StatusReporter, board: SandboxBoard, index: int) -> None:
+    """A task that finishes even when SIGTERM arrives while it runs, in one of the host's
+    generic sandboxes (its own: ``prefer``)."""
     request_id = f"req-{index}-{os.getpid()}"
     status.task_started(request_id)
-    status.pools({"python": {"warm": 0, "busy": 1}})
+    taken = board.take("python", "fn@1", prefer=index)
+    assert taken is not None, "no generic python sandbox on the board"
     deadline = time.monotonic() + RUN_S
     while time.monotonic() < deadline:
         status.heartbeat()
@@ -115,7 +125,7 @@ def run_task(status: StatusReporter, index: int) -> None:
         timings=Timings(queued_ms=1.5, fetch_ms=0.4, run_ms=RUN_S * 1000,
                         total_ms=RUN_S * 1000 + 3),
     ))
-    status.pools({"python": {"warm": 1, "busy": 0}})
+    board.give_back(taken[0], "fn@1", healthy=True)
 
 
 class FakeAgent:
@@ -140,6 +150,7 @@ class FakeAgent:
             "http": {"host": "127.0.0.1", "port": 0},
             "log": {"level": "INFO", "file": str(self.log)},
             "aws": {"region": "ap-northeast-2"},  # a reload refuses a config naming none
+            "runtimes": {"python": {"warm": 2}},
         }
         config.update(settings)
         self.config_path.write_text(yaml.safe_dump(config))

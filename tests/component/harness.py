@@ -27,6 +27,7 @@ from common.config import Config, from_dict
 from runners.docker.runner import DockerRunner
 from runners.pooled import PooledRunner
 from runners.process.runner import ProcessRunner
+from worker.hostshare import HostShare
 
 HELLO = 'print("Hello from NanoGrid!")\n'
 
@@ -43,6 +44,8 @@ class Agent(TaskClient):
     """A worker process on a fresh queue, bucket and Redis database."""
 
     def __init__(self, aws: Any, redis_url: str, tmp: Path, **overrides: Any) -> None:
+        self.host: HostShare | None = None
+        """The host's shared pages, when the test makes them (else the worker makes its own)."""
         super().__init__(
             aws, redis_url, aws.new_queue("tasks", visibility_timeout=2), aws.new_bucket("code")
         )
@@ -73,7 +76,7 @@ class Agent(TaskClient):
         from worker.loop import serve
 
         logs.setup(self.config.log, "worker-0")
-        os._exit(serve(self.config, 0))
+        os._exit(serve(self.config, 0, host=self.host and self.host.reopened()))
 
     def start(self) -> Agent:
         self.process.start()
@@ -116,15 +119,16 @@ class Agent(TaskClient):
         return reply.get("Messages", [])
 
 
-def fork_worker(config: Config, index: int) -> Any:
-    """Another worker process on the same config (and so the same queue), as worker ``index``."""
+def fork_worker(config: Config, index: int, host: HostShare | None = None) -> Any:
+    """Another worker process on the same config (and so the same queue), as worker ``index``,
+    on the host's shared pages ``host`` if given (else pages of its own)."""
 
     def run() -> None:
         from common import logs
         from worker.loop import serve
 
         logs.setup(config.log, f"worker-{index}")
-        os._exit(serve(config, index))
+        os._exit(serve(config, index, host=host and host.reopened()))
 
     process = multiprocessing.get_context("fork").Process(target=run, daemon=True)
     process.start()

@@ -43,7 +43,8 @@ def test_status_health_and_metrics_follow_the_contract(agent: FakeAgent) -> None
     capacity = running["capacity"]
     assert set(capacity) >= {"memoryMb", "memoryInUseMb", "running", "maxConcurrent"}
     assert capacity["memoryMb"] > 0 and capacity["maxConcurrent"] > 0
-    assert running["pools"] == {"python": {"warm": 0, "busy": 2}}
+    assert running["pools"] == {"python": pools(busy=2)}
+    assert running["sandboxes"]["busy"] == 2 and running["warmUp"]["state"] == "warm"
 
     done = wait_until(lambda: all(w["tasksDone"] == 1 for w in agent.status()["workers"])
                       and agent.status(), timeout=5)
@@ -53,7 +54,11 @@ def test_status_health_and_metrics_follow_the_contract(agent: FakeAgent) -> None
         assert worker["alive"] is True and worker["restarts"] == 0
         assert worker["currentRequestId"] is None and isinstance(worker["pid"], int)
         assert worker["running"] == 0 and worker["currentRequestIds"] == []
-    assert done["pools"] == {"python": {"warm": 2, "busy": 0}}
+    assert done["pools"] == {"python": pools(warm=2, idleSpecialized=2)}
+    assert {k: done["sandboxes"][k] for k in ("warm", "busy", "idleSpecialized")} == {
+        "warm": 2, "busy": 0, "idleSpecialized": 2}
+    assert done["sandboxes"]["maxIdle"] == done["capacity"]["maxConcurrent"]
+    assert done["sandboxes"]["maxIdleMb"] >= 256
     assert done["configPath"] == str(agent.config_path.resolve())
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT[\d:.]+\+00:00", done["configLoadedAt"])
     assert done["uptimeSeconds"] >= RUN_S
@@ -73,7 +78,10 @@ def test_status_health_and_metrics_follow_the_contract(agent: FakeAgent) -> None
     peak = "nanogrid_invocation_peak_memory_bytes_bucket"
     assert f'{peak}{{runtime="python",le="8388608"}} 2' in metrics
     assert f'{peak}{{runtime="python",le="4194304"}} 0' in metrics
-    assert 'nanogrid_sandboxes{runtime="python",state="warm"} 2' in metrics
+    assert 'nanogrid_sandboxes{runtime="python",state="idle_specialized"} 2' in metrics
+    assert 'nanogrid_sandboxes{runtime="python",state="idle_generic"} 0' in metrics
+    assert 'nanogrid_sandboxes_lent{runtime="python"} 0' in metrics
+    assert "nanogrid_warming 0" in metrics
     assert 'nanogrid_invocation_starts_total{runtime="python",start="cold"} 2' in metrics
     assert 'nanogrid_tips_total{runtime="python",tip_code="OVER_PROVISIONED"} 2' in metrics
     # 256 MiB for 1 s each, of which 224 MiB would have been saved at 32 MiB
@@ -95,6 +103,11 @@ def test_status_health_and_metrics_follow_the_contract(agent: FakeAgent) -> None
     assert value(families, "process_start_time_seconds") > 1.7e9
     (build,) = families["nanogrid_build_info"].samples
     assert build.value == 1 and build.labels["version"]
+
+
+def pools(**counts: int) -> dict[str, int]:
+    """A runtime's /status ``pools`` entry: the counts given, the others 0."""
+    return {"warm": 0, "busy": 0, "idleGeneric": 0, "idleSpecialized": 0, "lent": 0, **counts}
 
 
 def value(families: dict, name: str) -> float:
@@ -167,6 +180,28 @@ def test_health_is_degraded_naming_redis_while_workers_cannot_write_results(
     assert f'dependency_errors_total{{dependency="redis"}} {2 * DEGRADED_REDIS_ERRORS}' in metrics
     assert 'nanogrid_dependency_errors_total{dependency="sqs"} 0' in metrics
     assert "nanogrid_dead_lettered_total 2" in metrics
+
+
+def test_health_says_warming_until_the_generic_sandboxes_are_made_or_the_bound_passed(
+    tmp_path: Path,
+) -> None:
+    with FakeAgent(tmp_path, "cold", pool={"warm_timeout_seconds": 2}) as agent:
+        agent.start()
+        agent.wait_for_workers(2)
+        code, body = agent.get("/health")
+        health = json.loads(body)
+        assert code == 200 and health["status"] == "DEGRADED", health
+        (reason,) = health["reasons"]
+        assert reason.startswith("warming: generic sandboxes ready python 0/2 (at most ")
+        warm_up = agent.status()["warmUp"]
+        assert warm_up["state"] == "warming" and warm_up["genericReady"] == {"python": "0/2"}
+        assert "nanogrid_warming 1" in agent.get("/metrics")[1]
+        health = wait_until(lambda: (h := json.loads(agent.get("/health")[1]))["status"] == "UP"
+                            and h, timeout=5)
+        warm_up = agent.status()["warmUp"]
+        assert warm_up["state"] == "timedOut" and 2 <= warm_up["tookSeconds"] < 4
+        agent.wait_for_log(r"serving before the pools are warm: python 0/2 generic sandboxes "
+                           r"after pool.warm_timeout_seconds \(2s\)")
 
 
 def test_health_is_down_while_no_worker_could_boot(agent: FakeAgent) -> None:

@@ -122,6 +122,8 @@ def test_systemd_hears_ready_reloading_stopping_and_watchdog(agent: FakeAgent) -
             agent.wait_for_workers(2)
             agent.signal(signal.SIGHUP)
             agent.wait_for_log("2 old workers drain")
+            # READY again once the new workers booted and made their generic sandboxes
+            wait_until(lambda: sum(d.startswith("READY=1") for d in datagrams) == 2, timeout=5)
             agent.signal(signal.SIGTERM)
             assert agent.wait(timeout=5) == 0
         finally:

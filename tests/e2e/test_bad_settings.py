@@ -50,6 +50,8 @@ BAD: list[tuple[str, dict[str, Any] | str]] = [
     ("limits.max_memory_mb above capacity.memory_mb",
      {"capacity": {"memory_mb": 1024}, "limits": {"max_memory_mb": 3008}}),
     ("capacity.memory_mb: 128", {"capacity": {"memory_mb": 128}}),
+    ("pool.max_idle: 0", {"pool": {"max_idle": 0}}),
+    ("pool.warm_timeout_seconds: forever", {"pool": {"warm_timeout_seconds": "forever"}}),
     ("autotuner.step_mb: not increasing", {"autotuner": {"step_mb": [64, 32]}}),
     ("paths.work_dir: below a file", {"paths": {"work_dir": "/proc/version/work"}}),
     ("paths.code_cache_dir: under /proc", {"paths": {"code_cache_dir": "/proc/nanogrid"}}),

@@ -44,9 +44,15 @@ def test_docker_agent_runs_warm_and_leaves_no_container(
     assert second["stdout"] == "Hello from NanoGrid!\n" and second["coldStart"] is False
     assert second["peakMemoryMB"] < 32 and second["durationMillis"] < 200
     wait_until(
-        lambda: len(containers(docker_engine, agent)) == 2,
+        lambda: len(containers(docker_engine, agent)) == 3,
         timeout=20,
-        what="the warm pool of 2 containers",
+        what="2 generic containers and the one that holds hello",
+    )
+    wait_until(
+        lambda: (p := agent.status()["pools"]["python"])["idleGeneric"] == 2
+        and p["idleSpecialized"] == 1,
+        timeout=10,
+        what="/status saying so",
     )
 
     (victim,) = agent.alive().values()

@@ -240,7 +240,7 @@ def test_every_panel_and_alert_names_only_what_a_live_agent_exports(agents: Any)
     def scraped() -> str | None:
         with urllib.request.urlopen(url, timeout=5) as reply:
             text = reply.read().decode()
-        # The results, and the pools a worker reports with its beats (once a second).
+        # The results, and the sandboxes on the host's board.
         wanted = ("nanogrid_invocations_total{", 'tip_code="', "nanogrid_sandboxes{")
         return text if all(w in text for w in wanted) else None
 

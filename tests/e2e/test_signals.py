@@ -94,8 +94,10 @@ def test_sighup_to_a_different_worker_count(agents: Any) -> None:
     new = agent.wait_for_workers(3, without=old)
     assert sorted(new) == [0, 1, 2]
     assert agent.run(hello)["status"] == "SUCCESS"
-    pools = wait_until(lambda: agent.status()["pools"], timeout=5, what="pool stats")
-    assert set(pools["python"]) == {"warm", "busy"}
+    wait_until(lambda: agent.status()["warmUp"]["state"] == "warm", timeout=30,
+               what="the new workers' generic sandboxes")
+    wait_until(lambda: agent.status()["pools"]["python"]["idleGeneric"] >= 3, timeout=5,
+               what="3 idle generic sandboxes")
     agent.wait_for_log(r"reloaded .*: 3 workers, runner process")
     assert "SIGKILL" not in agent.log.read_text()  # the old workers drained
 
@@ -145,9 +147,12 @@ def test_worker_booting_while_redis_is_down_waits_degraded_then_serves(
     code, health = wait_until(lambda: _degraded(http_json(agent.port, "/health")), timeout=10,
                               what="/health saying DEGRADED")
     assert code == 200
-    (reason,) = health["reasons"]
+    reason, *warming = wait_until(
+        lambda: (r := http_json(agent.port, "/health")[1].get("reasons", []))
+        and r[0].startswith("worker 0:") and r, timeout=10, what="the worker's reason")
     assert reason.startswith("worker 0: redis: results cannot be written (") and str(
         store.port) in reason, reason
+    assert all(w.startswith("warming: generic sandboxes ready python 0/") for w in warming)
     request_id = agent.send(agent.task(agent.deploy(HELLO)))
     time.sleep(2)  # two probes: the task is still not taken
     assert agent.status()["workers"][0]["tasksDone"] == 0

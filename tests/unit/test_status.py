@@ -39,10 +39,10 @@ def test_every_event_arrives_in_order(pipe: tuple[StatusReporter, StatusReader])
         tip_code="UNFINISHED_RUN", tip_params={"currentMb": 256, "peakMb": 0, "runs": 1},
         timings=Timings(queued_ms=2, fetch_ms=1, run_ms=30000.5, total_ms=30004),
     ))
-    reporter.pools({"python": {"warm": 3, "busy": 1}})
+    reporter.task_ended("req-2")
     messages = reader.read()
     assert [m["type"] for m in messages] == [
-        status.BOOTED, status.HEARTBEAT, status.STARTED, status.FINISHED, status.POOLS]
+        status.BOOTED, status.HEARTBEAT, status.STARTED, status.FINISHED, status.ENDED]
     assert messages[1]["dropped"] == 0
     assert messages[2]["requestId"] == "req-1"
     assert messages[3]["result"] == {
@@ -53,7 +53,7 @@ def test_every_event_arrives_in_order(pipe: tuple[StatusReporter, StatusReader])
         "timings": {"queuedMs": 2, "fetchMs": 1, "unpackMs": 0, "sandboxMs": 0,
                     "runMs": 30000.5, "totalMs": 30004},
     }
-    assert messages[4]["pools"] == {"python": {"warm": 3, "busy": 1}}
+    assert messages[4]["requestId"] == "req-2"
     assert reader.read() == [] and not reader.eof
 
 
