@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
@@ -41,6 +42,12 @@ _WAIT_S = 0.01
 may give one back)."""
 _LENT_BACK_S = 10.0
 """How long a closing pool waits for its sandboxes other workers' calls have."""
+_SURGE_WINDOW_S = 30.0
+"""A call that had to wait for a new sandbox raises the pool's generic target by one for
+this long, or the idle expiry when shorter (up to twice its share): after a burst's first
+misses, sandboxes are made ahead of the next calls."""
+_FILL_BACKOFF_S = 2.0
+"""After a failed refill, the pool waits this long before it tries again."""
 
 
 class SandboxMaker(Protocol):
@@ -107,6 +114,9 @@ class WarmPool:
         self._mine: dict[int, Sandbox] = {}
         """This worker's sandboxes on the board (idle, or taken by a call), by record."""
         self._making = 0
+        self._misses: deque[float] = deque()
+        """When calls of this pool last had to wait for a new sandbox."""
+        self._fill_failed_at = -_FILL_BACKOFF_S
         self._views: dict[tuple[int, int], Sandbox] = {}
         """Other workers' sandboxes as this worker's calls run in them, by record."""
         self._lock = threading.Condition()
@@ -130,6 +140,7 @@ class WarmPool:
         with self._lock:
             evict = self._count() >= self.limit
             self._making += 1
+            self._misses.append(time.monotonic())
             order = _Order()
         if evict:
             self._evict_one()
@@ -294,6 +305,7 @@ class WarmPool:
             doomed = self.board.doom_beyond(*self._idle_bound)
             if doomed:
                 logger.debug(f"{self._marker} {doomed} idle sandboxes over the host's bound")
+        target = self._generic_target()
         now = time.monotonic_ns()
         own = [e for e in self.board.owned(self.slot) if e.runtime == self.runtime]
         generic = 0
@@ -305,7 +317,7 @@ class WarmPool:
                 idle_s = (now - entry.idle_since_ns) / 1e9
                 if entry.code_key is None:
                     generic += 1
-                    if generic > self.size and idle_s >= self._idle_expiry_s:
+                    if generic > target and idle_s >= self._idle_expiry_s:
                         self._retire(entry, "surplus generic")
                         generic -= 1
                 elif idle_s >= self._idle_expiry_s:
@@ -313,10 +325,13 @@ class WarmPool:
                 else:
                     self._pause_if_due(entry, idle_s)
         with self._lock:
-            wanted = self.size - generic - self._making
-            room = self.limit - self._count()
-        for _ in range(max(0, min(wanted, room))):
-            self._fill_one()
+            wanted = target - generic - self._making
+            fills = max(0, min(wanted, self.limit - self._count()))
+            if time.monotonic() - self._fill_failed_at < _FILL_BACKOFF_S:
+                fills = 0
+            self._making += fills
+        for _ in range(fills):  # made in parallel (at most max_making at once)
+            self._makers.submit(self._fill_one)
 
     def _pause_if_due(self, entry: Entry, idle_s: float) -> None:
         """A sandbox the runner pauses while idle (Docker without a freezer) leaves the board
@@ -331,18 +346,28 @@ class WarmPool:
             if ticket is None:
                 self._safe_destroy(sandbox)
 
-    def _fill_one(self) -> None:
+    def _generic_target(self) -> int:
+        """Generic sandboxes to keep idle: the pool's share, plus one per call that had to
+        wait for a new sandbox lately (``_SURGE_WINDOW_S``; at most the share again)."""
         with self._lock:
-            if self._closed:
-                return
-            self._making += 1
+            window = min(_SURGE_WINDOW_S, self._idle_expiry_s)
+            while self._misses and self._misses[0] < time.monotonic() - window:
+                self._misses.popleft()
+            return self.size + min(len(self._misses), self.size)
+
+    def _fill_one(self) -> None:
+        """Background: one generic sandbox for the board (counted in ``_making`` already)."""
         try:
+            if self._closed:
+                raise SandboxError(f"the {self.runtime} pool is closing")
             sandbox = self._maker.create(self.runtime)
-        except Exception as exc:  # noqa: BLE001 - logged; the next tick tries again
-            logger.warning(f"{self._marker} could not make a warm {self.runtime} sandbox: {exc}")
+        except Exception as exc:  # noqa: BLE001 - logged; a later tick tries again
             with self._lock:
                 self._making -= 1
-            self._wake.wait(2.0)  # back off instead of retrying in a hot loop
+                if self._closed:
+                    return
+                self._fill_failed_at = time.monotonic()
+            logger.warning(f"{self._marker} could not make a warm {self.runtime} sandbox: {exc}")
             return
         with self._lock:
             self._making -= 1

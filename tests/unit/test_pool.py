@@ -16,7 +16,7 @@ from helpers import wait_until
 
 from common.errors import SandboxError
 from runners.base import Sandbox
-from runners.lending import SandboxBoard
+from runners.lending import IDLE, SandboxBoard
 from runners.pool import WarmPool
 
 
@@ -145,6 +145,7 @@ def test_cold_start_when_empty_evicts_lru_to_stay_in_bounds(board: SandboxBoard)
 def test_unhealthy_sandboxes_are_destroyed_and_replaced(board: SandboxBoard) -> None:
     pool, maker = make_pool(board, 1)
     try:
+        wait_until(lambda: pool.stats()["warm"] == 1, timeout=5)
         sandbox = pool.acquire("f@1")
         sandbox.healthy = False
         pool.release(sandbox)
@@ -201,6 +202,30 @@ def test_grows_on_demand_in_parallel_then_shrinks_back_to_size(board: SandboxBoa
         wait_until(lambda: pool.stats()["warm"] == 1, timeout=5)  # back to size
     finally:
         pool.close()
+
+
+def test_calls_that_waited_for_a_sandbox_make_the_pool_keep_more_generic_ones(
+    board: SandboxBoard,
+) -> None:
+    pool, maker = make_pool(board, 2, expiry=5.0)
+    try:
+        wait_until(lambda: generic_idle(board) == 2, timeout=5)
+        with ThreadPoolExecutor(4) as threads:  # 2 take the generic ones, 2 wait for new ones
+            sandboxes = list(threads.map(lambda i: pool.acquire(f"f{i}@1"), range(4)))
+        assert sum(s.cold_start for s in sandboxes) == 2
+        # Made ahead of the next calls: the share (2) plus one per miss (at most the share).
+        wait_until(lambda: generic_idle(board) == 4, timeout=5)
+        for i, sandbox in enumerate(sandboxes):
+            sandbox.code_key = f"f{i}@1"
+            pool.release(sandbox)
+        time.sleep(0.6)
+        assert generic_idle(board) == 4 and maker.destroyed == []  # no churn meanwhile
+    finally:
+        pool.close()
+
+
+def generic_idle(board: SandboxBoard) -> int:
+    return sum(e.state == IDLE and e.code_key is None for e in board.entries())
 
 
 def test_never_more_than_limit_sandboxes(board: SandboxBoard) -> None:
