@@ -86,7 +86,7 @@ class NodeServerClient:
         ``preload``: the sandbox's code_key, when the server may preload its files;
         ``on_sent``: called once the request is sent (see ForkServerClient.run). The fork
         server's ``python`` and ``rlimits`` mean nothing here: every call is node, in a Worker
-        of the server's own process, which takes no per-call rlimits (see README)."""
+        of the server's own process, which takes no per-call rlimits (see docs/internals.md)."""
         request = {
             "argv": argv,
             "cwd": cwd,
