@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import boto3  # noqa: E402
+import psutil  # noqa: E402
 import redis  # noqa: E402
 import yaml  # noqa: E402
 
@@ -154,7 +155,13 @@ class Bench:
                 "maxConcurrent": status["capacity"]["maxConcurrent"],
             }
             for burst in ("cold", "warm"):
+                before = tree_cpu(agent.pid)
                 report[burst] = self.burst(queue)
+                after = tree_cpu(agent.pid)
+                report[burst].update({
+                    f"{part}CpuMs": (after[part] - before[part]) * 1000 / self.args.tasks
+                    for part in ("agent", "sandboxes")
+                })
             report["hello"] = self.hello(queue)
             return report
         finally:
@@ -235,6 +242,26 @@ class Bench:
         return {"p50": statistics.median(samples), "p99": p99}
 
 
+def tree_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds so far of the agent at ``pid``: ``agent``, the supervisor's and workers'
+    own (user + system); ``sandboxes``, the rest of its tree with what its processes reaped
+    (templates, sandboxes, their calls)."""
+    ticks = {"agent": 0, "sandboxes": 0}
+    for process in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]:
+        try:
+            title = process.cmdline()[:1]
+            fields = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (psutil.Error, OSError):
+            continue
+        own, reaped = int(fields[11]) + int(fields[12]), int(fields[13]) + int(fields[14])
+        if title and title[0].startswith(("nanogrid: supervisor", "nanogrid: worker")):
+            ticks["agent"] += own
+            ticks["sandboxes"] += reaped
+        else:
+            ticks["sandboxes"] += own + reaped
+    return {part: n / os.sysconf("SC_CLK_TCK") for part, n in ticks.items()}
+
+
 def checkout(ref: str, into: Path) -> Path:
     """A checkout of ``ref``: a directory as it is, else a git revision extracted."""
     if Path(ref).is_dir():
@@ -254,14 +281,16 @@ def render(reports: list[dict[str, Any]], args: argparse.Namespace) -> str:
         f"hello: {args.hello} sequential invocations; nproc={os.cpu_count()}",
         "",
         "| runner | system | maxConcurrent | cold burst s | at once | warm burst s | at once "
+        "| warm agent CPU ms/task | warm sandboxes CPU ms/task "
         "| hello e2e p50 ms | p99 ms |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in reports:
         lines.append(
             f"| {r['runner']} | {r['system']} | {r['maxConcurrent']} "
             f"| {r['cold']['seconds']:.2f} | {r['cold']['atOnce']} "
             f"| {r['warm']['seconds']:.2f} | {r['warm']['atOnce']} "
+            f"| {r['warm']['agentCpuMs']:.2f} | {r['warm']['sandboxesCpuMs']:.2f} "
             + (f"| {r['hello']['p50']:.1f} | {r['hello']['p99']:.1f} |" if r["hello"] else "| | |")
         )
     by = {(r["runner"], r["system"]): r for r in reports}
