@@ -25,7 +25,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +71,7 @@ def serve(tree: Path, index: int) -> int:
 
     from common import capacity
     from common.config import from_dict
+    from runners.base import Invocation
     from runners.process.runner import ProcessRunner
 
     logger.remove()  # its debug line per sandbox
@@ -78,6 +81,7 @@ def serve(tree: Path, index: int) -> int:
     config = from_dict({
         "profile": "local", "runner": "process", "workers": 1,
         "runtimes": {"python": {"warm": 0}},
+        "capacity": {"memory_mb": 16384, "max_concurrent": 500},  # the pools' bound
         "log": {"level": "WARNING"},
         "paths": {"work_dir": str(base / "w"), "code_cache_dir": str(base / "c"),
                   "outbox_dir": str(base / "o")},
@@ -111,6 +115,8 @@ def serve(tree: Path, index: int) -> int:
                     "cpu_s": own.ru_utime + own.ru_stime
                     + sum(cpu_s(pid) for pid in descendants),
                 }
+            elif what[0] == "burst":
+                reply = burst(runner, Invocation, int(what[1]), float(what[2]))
             elif what[0] == "destroy":
                 started = time.perf_counter()
                 runner.destroy(live.pop())
@@ -124,30 +130,89 @@ def serve(tree: Path, index: int) -> int:
     return 0
 
 
+def burst(runner: Any, invocation: Any, calls: int, sleep_s: float) -> dict[str, Any]:
+    """``calls`` calls of one function that sleeps ``sleep_s`` at once, each from a thread
+    of its own as a worker's runs: acquire (a cold create for each: all are busy), code in,
+    run, release. Each call's start, and its run's start and end (this host's clock)."""
+    code = f"import time\ntime.sleep({sleep_s})\n"
+    gate = threading.Barrier(calls)
+
+    def call(_: int) -> tuple[float, float, float]:
+        gate.wait()
+        started = time.time()
+        sandbox = runner.acquire("python", "sleep@1")
+        try:
+            if sandbox.code_key != "sleep@1":
+                sandbox.code_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+                (sandbox.code_dir / "main.py").write_text(code)
+                (sandbox.code_dir / "main.py").chmod(0o644)
+                sandbox.code_key = "sleep@1"
+            running = time.time()
+            ran = runner.run(sandbox, invocation("r", "sleep", ("python3", "main.py"), b"{}",
+                                                 32, 30_000, 10_000, 32))
+            ended = time.time()
+        finally:
+            runner.release(sandbox)
+        if ran.exit_code != 0:
+            raise RuntimeError(ran.stderr.decode(errors="replace")[-300:])
+        return started, running, ended
+
+    with ThreadPoolExecutor(calls) as threads:
+        spans = list(threads.map(call, range(calls)))
+    return {"spans": spans}
+
+
 # -- the bench: the trees taking turns ----------------------------------------------------------
 
 
 class Tree:
     def __init__(self, name: str, root: Path, index: int) -> None:
         self.name = name
+        self.root = root
         self.process = subprocess.Popen(
             [sys.executable, __file__, "--serve", str(root), "--index", str(index)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=root,
         )
 
     def ask(self, command: str) -> dict[str, Any]:
-        assert self.process.stdin is not None and self.process.stdout is not None
+        self.send(command)
+        return self.receive()
+
+    def send(self, command: str) -> None:
+        assert self.process.stdin is not None
         self.process.stdin.write(command + "\n")
         self.process.stdin.flush()
+
+    def receive(self) -> dict[str, Any]:
+        assert self.process.stdout is not None
         line = self.process.stdout.readline()
         if not line:
             raise SystemExit(f"{self.name}: the measured runner exited")
         return json.loads(line)
 
     def close(self) -> None:
-        if self.process.stdin is not None:
+        if self.process.stdin is not None and not self.process.stdin.closed:
             self.process.stdin.close()
         self.process.wait(60)
+
+
+def burst_on_two(tree: Tree, calls: int) -> tuple[float, int]:
+    """``calls`` sleep(1 s) calls at once on two runners of ``tree``'s code (two workers):
+    (first call to last end in seconds, most runs at once)."""
+    workers = [Tree(tree.name, tree.root, index) for index in (2, 3)]
+    try:
+        for worker in workers:
+            worker.send(f"burst {calls // 2} 1.0")
+        spans = [span for worker in workers for span in worker.receive()["spans"]]
+    finally:
+        for worker in workers:
+            worker.close()
+    edges = sorted([(run, 1) for _, run, _ in spans] + [(end, -1) for _, _, end in spans])
+    at_once = most = 0
+    for _, step in edges:
+        at_once += step
+        most = max(most, at_once)
+    return max(end for *_, end in spans) - min(start for start, *_ in spans), most
 
 
 def checkout(ref: str, into: Path) -> Path:
@@ -166,6 +231,9 @@ def main() -> int:
     parser.add_argument("--idle", type=int, default=20,
                         help="idle sandboxes held per tree for memory and CPU (default 20)")
     parser.add_argument("--before", help="a commit (or a checkout's directory) to measure too")
+    parser.add_argument("--burst", type=int, default=0,
+                        help="then this many calls of a sleep(1 s) function at once on 2 "
+                        "workers, per tree (issue 23: 500)")
     parser.add_argument("--serve", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--index", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -194,6 +262,9 @@ def main() -> int:
             held[tree.name]["cpu_ms_per_create"] = (
                 (held[tree.name]["cpu_s"] - before) * 1000 / args.idle)
             held[tree.name]["destroy"] = [tree.ask("destroy")["ms"] for _ in range(args.idle)]
+        for tree in trees:
+            tree.close()
+        bursts = {tree.name: burst_on_two(tree, args.burst) for tree in trees if args.burst}
     finally:
         for tree in trees:
             tree.close()
@@ -210,6 +281,13 @@ def main() -> int:
         print(f"| {tree.name} | {statistics.median(ms):.1f} | {p(ms, 90):.1f} | {p(ms, 99):.1f} "
               f"| {h['cpu_ms_per_create']:.1f} | {per:.2f} | {shared:.2f} "
               f"| {statistics.median(h['destroy']):.1f} |")
+    if bursts:
+        print(f"\n{args.burst} calls of sleep(1 s) at once, 2 workers (runners) of "
+              f"{args.burst // 2} threads, all cold (warm: 0)\n")
+        print("| tree | first call to last end s | most runs at once |")
+        print("|---|---:|---:|")
+        for name, (seconds, at_once) in bursts.items():
+            print(f"| {name} | {seconds:.2f} | {at_once} |")
     return 0
 
 
