@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -194,19 +195,21 @@ def test_fork_servers_die_with_their_worker() -> None:
         time.sleep(60)
         os._exit(0)
 
-    def sandboxes() -> list[psutil.Process]:
-        found = psutil.Process(pid).children(recursive=True)
-        servers = [p for p in found if p.cmdline()[:1] != [""] and
-                   p.cmdline()[0].startswith("nanogrid: sandbox python /")]
-        return found if len(servers) == 2 else []
+    def sandboxes() -> dict[psutil.Process, str]:
+        """Each process below the worker and its title, once two sandboxes serve."""
+        found = {}
+        for process in psutil.Process(pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error, IndexError):
+                found[process] = process.cmdline()[0].split(" /")[0]
+        serving = list(found.values()).count("nanogrid: sandbox python")
+        return found if serving == 2 else {}
 
     try:
         processes = wait_until(sandboxes, timeout=10, what="two sandboxes serving")
-    finally:
+    finally:  # the titles are read before: a process killed loses its command line
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
-    titles = [p.cmdline()[0].split(" /")[0] for p in processes if p.is_running()]
-    assert sorted(titles) == ["nanogrid: sandbox keeper"] * 2 + [
+    assert sorted(processes.values()) == ["nanogrid: sandbox keeper"] * 2 + [
         "nanogrid: sandbox python"] * 2 + ["nanogrid: sandbox template"]
     wait_until(
         lambda: not any(p.is_running() and p.status() != "zombie" for p in processes),
