@@ -6,13 +6,20 @@ asked for, runs ``bin/nanogrid-supervisor`` with 2 workers twice, one after the 
 
 ``one-at-a-time``  ``capacity.max_concurrent: 2``, what the agent did before host capacity
                    (each of the 2 workers ran one invocation at a time): the baseline.
-``capacity``       ``capacity`` left ``auto`` (computed from the host).
+``capacity``       ``capacity`` left ``auto`` (computed from the host), or as
+                   ``--capacity-memory-mb`` and ``--max-concurrent`` set it.
+``before``         ``capacity`` as above, with ``--before REF``'s code (a commit, or a
+                   checkout's directory): its own ``bin/nanogrid-supervisor``.
 
-For each: a burst of ``--tasks`` tasks of a function that sleeps ``--sleep-ms`` (``memoryMb``
-128), sent at once with ``send_message_batch``; the time from the first send to the last
-result, and the most invocations that ran at once (from the results' ``finishedAt`` and
-``durationMillis``). The burst runs twice: cold (the pools grow) and warm (they have grown).
-Then ``--hello`` sequential hello-world invocations for the end-to-end latency.
+``--systems`` picks which. For each: a burst of ``--tasks`` tasks of a function that sleeps
+``--sleep-ms`` (``memoryMb`` ``--memory-mb``), sent at once with ``send_message_batch``; the
+time from the first send to the last result, and the most invocations that ran at once (from
+the results' ``finishedAt`` and ``durationMillis``). The burst runs twice: cold (the pools
+grow) and warm (they have grown). Then ``--hello`` sequential hello-world invocations for the
+end-to-end latency.
+
+Issue 23's burst: ``--runners process --tasks 500 --sleep-ms 1000 --memory-mb 32
+--capacity-memory-mb 16384 --max-concurrent 500 --systems capacity before --before REF``.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import time
 import urllib.request
 import uuid
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +44,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import boto3  # noqa: E402
+import psutil  # noqa: E402
 import redis  # noqa: E402
 import yaml  # noqa: E402
 
 from devtools.embedded import MotoServer, RedisServer, free_port, wait_until  # noqa: E402
 from devtools.overlap import most_at_once  # noqa: E402
 
-SUPERVISOR = ROOT / "bin" / "nanogrid-supervisor"
 DOCKER_IMAGE = "nanogrid/python:3.11-bookworm"
 HELLO = 'print("Hello from NanoGrid!")\n'
 
@@ -97,7 +105,7 @@ class Bench:
         for peer in (self.moto, self.redis_server):
             peer.stop()
 
-    def system(self, runner: str, name: str) -> dict[str, Any]:
+    def system(self, runner: str, name: str, code: Path = ROOT) -> dict[str, Any]:
         queue = self.sqs.create_queue(
             QueueName=f"bench-{uuid.uuid4().hex[:8]}",
             Attributes={"VisibilityTimeout": "30"},
@@ -125,10 +133,15 @@ class Bench:
         }
         if name == "one-at-a-time":
             settings["capacity"] = {"max_concurrent": 2}
+        else:
+            settings["capacity"] = {
+                "memory_mb": self.args.capacity_memory_mb or "auto",
+                "max_concurrent": self.args.max_concurrent or "auto",
+            }
         config = work / "agent.yaml"
         config.write_text(yaml.safe_dump(settings))
         agent = subprocess.Popen(
-            [sys.executable, str(SUPERVISOR), "-c", str(config)],
+            [sys.executable, str(code / "bin" / "nanogrid-supervisor"), "-c", str(config)],
             stdout=subprocess.DEVNULL,
             stderr=open(work / "stderr.log", "wb"),  # noqa: SIM115 - closed with the process
         )
@@ -142,7 +155,13 @@ class Bench:
                 "maxConcurrent": status["capacity"]["maxConcurrent"],
             }
             for burst in ("cold", "warm"):
+                before = tree_cpu(agent.pid)
                 report[burst] = self.burst(queue)
+                after = tree_cpu(agent.pid)
+                report[burst].update({
+                    f"{part}CpuMs": (after[part] - before[part]) * 1000 / self.args.tasks
+                    for part in ("agent", "sandboxes")
+                })
             report["hello"] = self.hello(queue)
             return report
         finally:
@@ -164,7 +183,7 @@ class Bench:
             "runtime": "python",
             "s3Bucket": self.bucket,
             "s3Key": self.keys[function],
-            "memoryMb": 128,
+            "memoryMb": self.args.memory_mb,
         }
 
     def burst(self, queue: str) -> dict[str, float]:
@@ -174,7 +193,8 @@ class Bench:
         wanted = {t["requestId"] for t in tasks}
         results: list[dict[str, Any]] = []
         started = time.monotonic()
-        for i in range(0, len(tasks), 10):
+
+        def send(i: int) -> None:
             self.sqs.send_message_batch(
                 QueueUrl=queue,
                 Entries=[
@@ -182,7 +202,10 @@ class Bench:
                     for n, t in enumerate(tasks[i : i + 10])
                 ],
             )
-        deadline = started + 120
+
+        with ThreadPoolExecutor(8) as senders:  # at once: a burst, not a trickle
+            list(senders.map(send, range(0, len(tasks), 10)))
+        deadline = started + 300
         while len(results) < len(tasks) and time.monotonic() < deadline:
             message = pubsub.get_message(timeout=1)
             if message and message["type"] == "pmessage":
@@ -192,13 +215,15 @@ class Bench:
         took = time.monotonic() - started
         pubsub.close()
         if len(results) < len(tasks):
-            raise RuntimeError(f"only {len(results)} of {len(tasks)} results within 120 s")
+            raise RuntimeError(f"only {len(results)} of {len(tasks)} results within 300 s")
         failed = [r for r in results if r["status"] != "SUCCESS"]
         if failed:
             raise RuntimeError(f"{len(failed)} failed, e.g. {failed[0]['errorMessage']}")
         return {"seconds": took, "atOnce": most_at_once(results)}
 
-    def hello(self, queue: str) -> dict[str, float]:
+    def hello(self, queue: str) -> dict[str, float] | None:
+        if not self.args.hello:
+            return None
         samples = []
         for _ in range(self.args.hello + 5):
             task = self.task("hello")
@@ -217,30 +242,63 @@ class Bench:
         return {"p50": statistics.median(samples), "p99": p99}
 
 
+def tree_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds so far of the agent at ``pid``: ``agent``, the supervisor's and workers'
+    own (user + system); ``sandboxes``, the rest of its tree with what its processes reaped
+    (templates, sandboxes, their calls)."""
+    ticks = {"agent": 0, "sandboxes": 0}
+    for process in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]:
+        try:
+            title = process.cmdline()[:1]
+            fields = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (psutil.Error, OSError):
+            continue
+        own, reaped = int(fields[11]) + int(fields[12]), int(fields[13]) + int(fields[14])
+        if title and title[0].startswith(("nanogrid: supervisor", "nanogrid: worker")):
+            ticks["agent"] += own
+            ticks["sandboxes"] += reaped
+        else:
+            ticks["sandboxes"] += own + reaped
+    return {part: n / os.sysconf("SC_CLK_TCK") for part, n in ticks.items()}
+
+
+def checkout(ref: str, into: Path) -> Path:
+    """A checkout of ``ref``: a directory as it is, else a git revision extracted."""
+    if Path(ref).is_dir():
+        return Path(ref).resolve()
+    into.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref], check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
+
+
 def render(reports: list[dict[str, Any]], args: argparse.Namespace) -> str:
     lines = [
         f"burst: {args.tasks} tasks "
         + (f"spinning {args.cpu_ms} ms of CPU" if args.cpu_ms else f"sleeping {args.sleep_ms} ms")
-        + " (memoryMb 128), 2 workers; "
+        + f" (memoryMb {args.memory_mb}), 2 workers; "
         f"hello: {args.hello} sequential invocations; nproc={os.cpu_count()}",
         "",
         "| runner | system | maxConcurrent | cold burst s | at once | warm burst s | at once "
+        "| warm agent CPU ms/task | warm sandboxes CPU ms/task "
         "| hello e2e p50 ms | p99 ms |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in reports:
         lines.append(
             f"| {r['runner']} | {r['system']} | {r['maxConcurrent']} "
             f"| {r['cold']['seconds']:.2f} | {r['cold']['atOnce']} "
             f"| {r['warm']['seconds']:.2f} | {r['warm']['atOnce']} "
-            f"| {r['hello']['p50']:.1f} | {r['hello']['p99']:.1f} |"
+            f"| {r['warm']['agentCpuMs']:.2f} | {r['warm']['sandboxesCpuMs']:.2f} "
+            + (f"| {r['hello']['p50']:.1f} | {r['hello']['p99']:.1f} |" if r["hello"] else "| | |")
         )
     by = {(r["runner"], r["system"]): r for r in reports}
     for runner in args.runners:
         base, new = by.get((runner, "one-at-a-time")), by.get((runner, "capacity"))
         if base and new:
             speedup = base["warm"]["seconds"] / new["warm"]["seconds"]
-            hello = new["hello"]["p50"] - base["hello"]["p50"]
+            hello = new["hello"]["p50"] - base["hello"]["p50"] if new["hello"] else 0.0
             lines.append(
                 f"{runner}: warm burst {speedup:.1f}x faster with capacity; hello p50 "
                 f"{hello:+.1f} ms"
@@ -257,13 +315,22 @@ def main() -> int:
     parser.add_argument(
         "--cpu-ms", type=int, default=0, help="burst of CPU-bound tasks spinning this long instead"
     )
+    parser.add_argument("--memory-mb", type=int, default=128, help="each task's memoryMb")
+    parser.add_argument("--capacity-memory-mb", type=int, help="capacity.memory_mb (auto)")
+    parser.add_argument("--max-concurrent", type=int, help="capacity.max_concurrent (auto)")
+    parser.add_argument("--systems", nargs="+", default=["one-at-a-time", "capacity"],
+                        choices=["one-at-a-time", "capacity", "before"])
+    parser.add_argument("--before", help="the code of the 'before' system: a commit or a checkout")
     args = parser.parse_args()
+    if "before" in args.systems and not args.before:
+        parser.error("the 'before' system needs --before REF")
     reports = []
     with tempfile.TemporaryDirectory(prefix="nanogrid-bench-") as tmp, Bench(args, Path(tmp)) as b:
+        before = checkout(args.before, Path(tmp) / "before") if args.before else ROOT
         for runner in args.runners:
-            for name in ("one-at-a-time", "capacity"):
+            for name in args.systems:
                 print(f"[bench] {runner} {name} ...", file=sys.stderr, flush=True)
-                reports.append(b.system(runner, name))
+                reports.append(b.system(runner, name, before if name == "before" else ROOT))
     print(render(reports, args))
     return 0
 

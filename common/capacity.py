@@ -9,10 +9,14 @@ when set; at least 256 MB), so the rest is slack that keeps the host out of the 
 when every run uses its whole limit. ``pool.max_idle: auto`` is ``max_concurrent``: the host
 keeps idle at most as many sandboxes as it runs at once.
 
-``capacity.max_concurrent: auto`` is 16 runs per CPU, at most what the memory budget holds
-at ``limits.min_memory_mb`` each. Functions mostly wait on I/O, so a core serves many at
-once; past about 16 per core the agent's own work per run (fork, pipes, results, SQS and
-Redis round trips) starts to crowd out the functions on a busy host.
+``capacity.max_concurrent: auto`` is what the host can hold, the least of: the memory
+budget at ``limits.min_memory_mb`` a run; the open files one worker may have (``ulimit -n``,
+as one worker may hold every run) less ``FDS_RESERVE``, at ``FDS_PER_RUN`` a run; the tasks
+the agent may start (its cgroup's ``pids.max``, the nearest limited ancestor's; else the
+kernel's ``pid_max``/``threads-max`` less the tasks running) less ``PIDS_RESERVE``, at
+``PIDS_PER_RUN`` a run; and 4096. A new sandbox costs a fork of a warm template, not an
+interpreter start, so the count of runs is no longer bound by CPU: functions mostly wait.
+A value set by hand that the open files or the tasks cannot hold is refused.
 
 ``limits.max_memory_mb`` left to its default (3008, Lambda's largest) is lowered to the
 budget when the budget is smaller; only a value the operator set that cannot fit is an error.
@@ -22,13 +26,24 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import resource
 from dataclasses import dataclass
 from pathlib import Path
 
 from .config import AUTO, Config, MiB
 from .errors import ConfigError
 
-RUNS_PER_CPU = 16
+FDS_PER_RUN = 8
+"""Descriptors a worker holds per run in flight: its sandbox's socket, pidfd and cgroup
+files, and the run's pipes (5.5 measured at ~80 in flight a worker, rounded up)."""
+FDS_RESERVE = 128
+"""A worker's own descriptors: SQS, S3 and Redis sockets, logs, libraries (15 idle)."""
+PIDS_PER_RUN = 4
+"""Tasks per run in flight: the worker's thread, the sandbox's keeper and server, and the
+call's process (a function's own children are bounded by ``limits.max_pids``)."""
+PIDS_RESERVE = 64
+"""The supervisor's and the workers' own threads, the templates, the helpers."""
+MAX_CONCURRENT = 4096
 RESERVE_SHARE = 0.2
 RESERVE_MIN_MB = 1024
 IDLE_MIN_MB = 256
@@ -71,10 +86,28 @@ def resolve(config: Config) -> Capacity:
     else:
         reserve = max(0, usable - memory_mb)
     max_concurrent = wanted.max_concurrent
+    nofile = open_files_limit()
+    pids, pids_where = pids_limit()
+    by_files = (nofile - FDS_RESERVE) // FDS_PER_RUN
+    by_pids = (pids - PIDS_RESERVE) // PIDS_PER_RUN
     if max_concurrent == AUTO:
-        cpus = len(os.sched_getaffinity(0))
-        max_concurrent = max(1, min(RUNS_PER_CPU * cpus, memory_mb // config.limits.min_memory_mb))
-        sources.append(f"max_concurrent auto: {RUNS_PER_CPU} per CPU x {cpus}")
+        by_memory = memory_mb // config.limits.min_memory_mb
+        max_concurrent = max(1, min(by_memory, by_files, by_pids, MAX_CONCURRENT))
+        sources.append(
+            f"max_concurrent auto: least of {by_memory} (memory at "
+            f"{config.limits.min_memory_mb} MB), {by_files} (ulimit -n {nofile}), "
+            f"{by_pids} ({pids_where}), {MAX_CONCURRENT}")
+    elif max_concurrent > by_pids:
+        raise ConfigError(
+            f"capacity.max_concurrent: {max_concurrent} runs need "
+            f"{max_concurrent * PIDS_PER_RUN + PIDS_RESERVE} tasks, but {pids_where}: "
+            "raise it (systemd: TasksMax=) or lower capacity.max_concurrent")
+    elif max_concurrent > by_files:
+        raise ConfigError(
+            f"capacity.max_concurrent: {max_concurrent} runs need "
+            f"{max_concurrent * FDS_PER_RUN + FDS_RESERVE} open files in one worker, but "
+            f"ulimit -n is {nofile}: raise it (systemd: LimitNOFILE=) or lower "
+            "capacity.max_concurrent")
     pool = config.pool
     max_idle = max_concurrent if pool.max_idle == AUTO else pool.max_idle
     max_idle_mb = pool.max_idle_mb
@@ -120,6 +153,58 @@ def pin(config: Config, capacity: Capacity) -> Config:
             source=capacity.source,
         ),
     )
+
+
+def open_files_limit() -> int:
+    """``ulimit -n`` of this process, which its workers inherit."""
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def pids_limit() -> tuple[int, str]:
+    """Tasks (processes and threads) the agent may have, and where that number comes from:
+    the least of its cgroup's and its ancestors' ``pids.max`` and the kernel's limits less
+    the tasks running on the host."""
+    kernel = min(_read_int(Path("/proc/sys/kernel/pid_max")) or 2**22,
+                 _read_int(Path("/proc/sys/kernel/threads-max")) or 2**22)
+    running = int(Path("/proc/loadavg").read_text().split()[3].split("/")[1])
+    found = [(kernel - running, f"the kernel's limit {kernel} less {running} tasks running")]
+    found += [(limit, f"pids.max is {limit} in {where}") for limit, where in _cgroup_pids_max()]
+    return min(found)
+
+
+def _cgroup_pids_max() -> list[tuple[int, str]]:
+    """(pids.max, its cgroup) of every limited cgroup from this process's up to the root."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return []
+    found = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            root = Path("/sys/fs/cgroup")
+        elif "pids" in controllers.split(","):
+            root = Path("/sys/fs/cgroup/pids")
+        else:
+            continue
+        directory = root / path.lstrip("/")
+        while True:
+            limit = _read_int(directory / "pids.max")
+            if limit is not None:
+                found.append((limit, "/" + str(directory.relative_to(root)).lstrip(".")))
+            if directory == root:
+                break
+            directory = directory.parent
+    return found
+
+
+def _read_int(path: Path) -> int | None:
+    """The number in ``path``; None when it is missing or not a number ("max")."""
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
 
 
 def _cgroup_limit_mb() -> int | None:

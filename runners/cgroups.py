@@ -42,12 +42,15 @@ class SandboxCgroup:
 
     def __init__(
         self, memory_dir: Path, pids_dir: Path, memory: CgroupMemory,
-        freezer: Freezer | None = None,
+        freezer: Freezer | None = None, cgroup2: Path | None = None,
     ) -> None:
         self.memory_dir = memory_dir
         self.pids_dir = pids_dir
         self.memory = memory
         self.freezer = freezer
+        self.cgroup2 = cgroup2
+        """Its directory in a cgroup2 tree (v2: its only one; a hybrid host: its freezer's),
+        which its server can be born in (clone3's CLONE_INTO_CGROUP); None on v1 alone."""
 
     def describe(self) -> dict[str, Any]:
         """What another worker needs to use this cgroup (``of``)."""
@@ -279,7 +282,8 @@ class SandboxCgroups:
             freezer = Freezer(freezer_dir, self._freezer_v2)
             if not self._freezer_v2 and self._guard is None:
                 self._guard = thaw_guard(freezer_dir.parent)
-        return SandboxCgroup(memory_dir, pids_dir, memory, freezer)
+        cgroup2 = memory_dir if self.v2 else freezer_dir if self._freezer_v2 else None
+        return SandboxCgroup(memory_dir, pids_dir, memory, freezer, cgroup2)
 
     def remove_all(self) -> int:
         """Remove every sandbox cgroup of this group (leftovers of an earlier agent too)."""

@@ -32,6 +32,8 @@ import stat
 import struct
 import sys
 
+from .clone import fork_into
+
 CLONE_NEWNS = 0x00020000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWPID = 0x20000000
@@ -51,11 +53,25 @@ def die_with_parent(parent: int) -> None:
         os._exit(0)
 
 
-def join_cgroups(cgroup_procs: list) -> None:
-    """Join the sandbox's cgroups (needs root: before dropping it)."""
+def join_cgroups(cgroup_procs: list, joined: str | None = None) -> None:
+    """Join the sandbox's cgroups (needs root: before dropping it), but the one this process
+    was born in (``joined``, a directory: clone.py). It is single-threaded, so in a v1
+    hierarchy it moves its one thread: "0" written to ``tasks`` moves the writer without the
+    kernel's cgroup-wide lock, whose write waits for an RCU grace period when no other move
+    came just before (0.5 ms against 11 ms p50 for memory and pids here, 29 ms at worst)."""
     for path in cgroup_procs:
-        with open(path, "w") as f:
-            f.write(str(os.getpid()))
+        directory = os.path.dirname(path)
+        if directory == joined:
+            continue
+        try:
+            fd = os.open(os.path.join(directory, "tasks"), os.O_WRONLY)  # v1 only
+            what = b"0"
+        except FileNotFoundError:
+            fd, what = os.open(path, os.O_WRONLY), str(os.getpid()).encode()
+        try:
+            os.write(fd, what)
+        finally:
+            os.close(fd)
 
 
 def drop_privileges(uid: int, gid: int) -> None:
@@ -204,16 +220,19 @@ def seal(root: str) -> None:
     mount(None, root, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
 
 
-def become_init(parent: int, uid: int, gid: int) -> int:
+def become_init(parent: int, uid: int, gid: int, cgroup2: str | None = None
+                ) -> tuple[int, str | None]:
     """Fork into the new PID namespace: the child goes on as its PID 1 and gets a /proc of its
-    own; this process stays outside as the keeper, which waits for it and exits with it (and
-    dies with ``parent``, the agent). Returns the server's pid on the host."""
-    server = os.fork()
+    own, born in the cgroup2 directory ``cgroup2`` where the kernel allows it; this process
+    stays outside as the keeper, which waits for it and exits with it (and dies with
+    ``parent``, the template or the agent). Returns the server's pid on the host and the
+    cgroup it was born in (None: it joins its cgroups itself)."""
+    server, joined = fork_into(cgroup2)
     if server:
         keep(server, parent, uid, gid)
     host_pid = int(os.readlink("/proc/self"))  # still the host's procfs: the pid seen there
     mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-    return host_pid
+    return host_pid, cgroup2 if joined else None
 
 
 def keep(server: int, parent: int, uid: int, gid: int) -> None:
@@ -229,11 +248,13 @@ def keep(server: int, parent: int, uid: int, gid: int) -> None:
         os._exit(code)
 
 
-def exec_server(command: list, options: dict, parent: int, report: dict) -> None:
+def exec_server(command: list, options: dict, parent: int, report: dict,
+                joined: str | None = None) -> None:
     """Become another runtime's server (``options["exec"]``) in the sandbox made so far: join
-    its cgroups, set its rlimits, drop root, then exec. The server is given the ready fd and
-    the line to write there once it serves (this process's report). Never returns."""
-    join_cgroups(options.get("cgroup_procs", []))
+    its cgroups (but ``joined``, born in it), set its rlimits, drop root, then exec. The
+    server is given the ready fd and the line to write there once it serves (this process's
+    report). Never returns."""
+    join_cgroups(options.get("cgroup_procs", []), joined)
     os.umask(0o077)
     set_rlimits(options.get("rlimits") or {})
     drop_privileges(options.get("uid", -1), options.get("gid", -1))
@@ -249,14 +270,15 @@ def init_for(command: list, options: dict, host_proc: int, report: dict) -> int:
     root = (options.get("isolate") or {}).get("root")
     if "mount" in report["holds"] and root:
         seal(root)
-    server = os.fork()
+    server, joined = fork_into(options.get("cgroup2"))
     if server == 0:
         code = 127
         try:
             # The pid on the host, read in the host's procfs (this namespace's /proc has 2).
             host_pid = int(os.readlink("self", dir_fd=host_proc))
             os.close(host_proc)
-            exec_server(command, options, 1, {"pid": host_pid, **report})
+            exec_server(command, options, 1, {"pid": host_pid, **report},
+                        options.get("cgroup2") if joined else None)
         except BaseException:
             sys.__excepthook__(*sys.exc_info())
         finally:

@@ -28,7 +28,7 @@ import socket
 import sys
 import time
 
-from . import sysvipc
+from . import sysvipc, template
 from .child import Signals, Stdio, adopt_environment, child
 from .preload import Preload
 from .reaping import kill_group, kill_namespace, reap_orphans
@@ -142,13 +142,19 @@ def warm_up() -> None:
 
 
 def main(argv: list) -> int:
-    """``SOCKET [OPTIONS]``: set the sandbox up, then serve, or exec ``options["exec"]``;
-    ``--probe SETTINGS``: see sandbox.probe. Returns an exit code: after a probe, a failed
-    set-up, or as PID 1 of an exec'd server, the server's."""
+    """``SOCKET [OPTIONS]``: set the sandbox up, then serve (``start``); ``--template FD``:
+    fork sandboxes on request (template.py); ``--probe SETTINGS``: see sandbox.probe.
+    Returns an exit code (see ``start``)."""
     if argv[1] == "--probe":
         return probe(json.loads(argv[2]))
-    path = argv[1]
-    options = json.loads(argv[2]) if len(argv) > 2 else {}
+    if argv[1] == "--template":
+        return template.serve(int(argv[2]), start)
+    return start(argv[1], json.loads(argv[2]) if len(argv) > 2 else {})
+
+
+def start(path: str, options: dict) -> int:
+    """Set the sandbox up, then serve on ``path``, or exec ``options["exec"]``. Returns an
+    exit code: after a failed set-up, or as PID 1 of an exec'd server, the server's."""
     uid, gid = options.get("uid", -1), options.get("gid", -1)
     parent = os.getppid()
     settings = options.get("isolate")
@@ -167,8 +173,12 @@ def main(argv: list) -> int:
         sysvipc.own_namespace()
     host_pid = os.getpid()
     wakeup = None
+    joined = None
     if "pid" in holds:
-        host_pid = become_init(parent if options.get("pdeathsig") else 0, uid, gid)
+        # Born in the sandbox's cgroup2 directory where the kernel allows it (clone.py).
+        host_pid, joined = become_init(
+            parent if options.get("pdeathsig") else 0, uid, gid,
+            None if command else options.get("cgroup2"))
         parent = 0  # the keeper lies outside this namespace: getppid() is 0 from now on
         if command:  # its ready line names this PID 1 too: the namespace ends with it
             report = {"holds": holds, "missing": missing, "init": host_pid}
@@ -184,7 +194,7 @@ def main(argv: list) -> int:
         exec_server(command, options, parent, report)
     else:  # PID 1 keeps the default: signals from its own namespace cannot kill it
         signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
-    join_cgroups(options.get("cgroup_procs", []))
+    join_cgroups(options.get("cgroup_procs", []), joined)
     os.umask(0o077)
     warm_up()  # before the socket appears: its existence means ready
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)

@@ -42,9 +42,10 @@ from ..isolation import Isolation, check_metadata_service, metadata_exposure
 from ..launch import Launch, resolve_launches
 from ..lending import SandboxBoard
 from ..pooled import Meter, PooledRunner, ServerSandbox
-from ..sandbox_server import FORK, server_for
+from ..sandbox_server import server_for
 from ..sandboxclient import RawRun
 from .hostpaths import world_writable
+from .template import Forked, Templates
 from .uids import SandboxUids, check_sandbox_uids, uid_range
 from .workdir import check_traversable, check_work_dir, make_dir, remove_stale_dirs
 
@@ -62,8 +63,9 @@ class ProcessSandbox(ServerSandbox):
     root: Path = field(default_factory=Path)
     home: Path = field(default_factory=Path)
     uid: int = -1
-    process: subprocess.Popen | None = None
-    """The process started: the server itself, or its keeper outside its PID namespace."""
+    process: Forked | None = None
+    """Its first process, forked by the template: the server itself, or its keeper outside
+    its PID namespace."""
     server_pid: int = -1
     """The sandbox server's pid on the host."""
     init_fd: int = -1
@@ -104,6 +106,7 @@ class ProcessRunner(PooledRunner):
                 uid_range(config.process.sandbox_uid_base, worker_index), worker_index
             )
             self._cover = world_writable()
+        self._templates = Templates({"PATH": config.process.path, "LANG": "C.UTF-8"})
         self.launches, unavailable = resolve_launches(config)
         self.make_pools(config, worker_index, board, unavailable=unavailable)
 
@@ -161,6 +164,7 @@ class ProcessRunner(PooledRunner):
 
     def close(self) -> None:
         self.close_pools()
+        self._templates.close()
         self.idle.close()
         if self._cgroups.available:
             self._cgroups.remove_all()
@@ -231,8 +235,8 @@ class ProcessRunner(PooledRunner):
             "uid": uid,
             "gid": uid,
             "cgroup_procs": cgroup.procs_files if cgroup else [],
+            "cgroup2": str(cgroup.cgroup2) if cgroup and cgroup.cgroup2 else None,
             "pdeathsig": True,
-            "ready_fd": ready_w,
             "rlimits": {"nofile": limits.max_open_files, "fsize": limits.max_file_bytes, "core": 0},
         }
         if self._as_root:
@@ -246,26 +250,18 @@ class ProcessRunner(PooledRunner):
         launch = self.launches[runtime]
         server = launch.server
         socket_path = control / server.socket_name
-        if not server.started_by_fork_server:
-            command = server.command(launch.interpreter, str(server.source), str(socket_path))
-        else:
+        interpreter = launch.interpreter
+        if server.started_by_fork_server:
             # The fork server's start-up makes the sandbox (namespaces, cgroups, rlimits, uid,
             # death signal), then exec's this runtime's own server, which says when it is ready.
             source = server.copy_to(root)
             options["exec"] = server.command(launch.interpreter, str(source), str(socket_path))
-            command = FORK.command(sys.executable, str(FORK.source), str(socket_path))
+            interpreter = sys.executable
         try:
             with os.fdopen(ready_r, "rb") as ready:
                 try:
-                    sandbox.process = subprocess.Popen(
-                        [*command, json.dumps(options)],
-                        cwd=root,
-                        env={"PATH": self.config.process.path, "LANG": "C.UTF-8"},
-                        stdin=subprocess.DEVNULL,
-                        stdout=subprocess.DEVNULL,
-                        start_new_session=True,
-                        pass_fds=(ready_w,),
-                    )
+                    sandbox.process = self._templates.of(interpreter).fork(
+                        str(socket_path), str(root), options, ready_w)
                 finally:
                     os.close(ready_w)
                 if not select.select([ready], [], [], SANDBOX_START_TIMEOUT_S)[0]:
@@ -352,7 +348,8 @@ class ProcessRunner(PooledRunner):
             sandbox.cgroup.kill_frozen()  # else a frozen server would never exit
         if sandbox.process is not None:
             sandbox.process.kill()
-            sandbox.process.wait()
+            sandbox.process.wait(SANDBOX_END_TIMEOUT_S)
+            sandbox.process.close()
         if sandbox.init_fd >= 0:  # PID 1 dies with its keeper
             ended = bool(select.select([sandbox.init_fd], [], [], SANDBOX_END_TIMEOUT_S)[0])
             os.close(sandbox.init_fd)

@@ -10,11 +10,12 @@ process of the uid is killed first.
 
 A worker with all 1000 uids of its range live gets a SandboxError for the next sandbox
 instead of a shared uid. Its pools hold at most ``capacity.max_concurrent`` sandboxes per
-runtime (16 per CPU by default), so only a host of 32 CPUs or more whose runs spread over
-~1000 function versions at once gets there, with ~10 GB in idle sandboxes (a python
-server and its keeper: ~10 MB PSS). A range fixed by the worker's index keeps the uids, the
-accounts check (``check_sandbox_uids``) and a firewall rule by uid independent of the
-capacity, which ``auto`` computes anew on each host and reload.
+runtime (``auto``: what the host's memory, open files and tasks hold, common/capacity.py),
+so only a host whose runs spread over ~1000 function versions at once on one worker gets
+there, with ~3 GB in idle sandboxes (a python server and its keeper: ~3 MB PSS). A range
+fixed by the worker's index keeps the uids, the accounts check (``check_sandbox_uids``) and
+a firewall rule by uid independent of the capacity, which ``auto`` computes anew on each
+host and reload.
 """
 
 from __future__ import annotations

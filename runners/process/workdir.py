@@ -15,9 +15,14 @@ from ..cgroups import owner_gone
 def make_dir(path: Path, mode: int) -> None:
     """mkdir with exactly ``mode`` (missing parents: traversable 0711): the agent's umask
     (systemd's UMask=0027) must not decide what a sandbox user can reach."""
-    for missing in reversed([p for p in [path, *path.parents] if not p.exists()]):
-        missing.mkdir(exist_ok=True)
-        os.chmod(missing, 0o711)
+    try:
+        os.mkdir(path, 0o700)  # a sandbox's own: its parent is there (4 per sandbox)
+    except FileExistsError:
+        pass
+    except FileNotFoundError:
+        for missing in reversed([p for p in [path, *path.parents] if not p.exists()]):
+            missing.mkdir(exist_ok=True)
+            os.chmod(missing, 0o711)
     os.chmod(path, mode)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -153,7 +154,7 @@ def test_functions_cannot_read_each_others_code(runner: ProcessRunner) -> None:
 def test_timeout_replaces_the_sandbox(runner: ProcessRunner) -> None:
     out, sandbox = run(runner, "import time\ntime.sleep(30)\n", key="slow", timeout_ms=300)
     assert out.timed_out and out.exit_code == -signal.SIGKILL
-    assert sandbox.process is not None and sandbox.process.poll() is not None
+    assert sandbox.process is not None and sandbox.process.ended()
 
 
 def test_memory_bomb_is_out_of_memory(runner: ProcessRunner) -> None:
@@ -185,23 +186,35 @@ def test_rlimit_fallback_without_cgroups(monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 def test_fork_servers_die_with_their_worker() -> None:
+    """Sandboxes are forked by the worker's template, not by the worker: a worker killed
+    still takes its template, and the template every sandbox (keepers and servers)."""
     config = make_config(warm=2)
     pid = os.fork()
     if pid == 0:
         ProcessRunner(config, 0)
         time.sleep(60)
         os._exit(0)
+
+    def sandboxes() -> dict[psutil.Process, str]:
+        """Each process below the worker and its title, once two sandboxes serve."""
+        found = {}
+        for process in psutil.Process(pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error, IndexError):
+                found[process] = process.cmdline()[0].split(" /")[0]
+        serving = list(found.values()).count("nanogrid: sandbox python")
+        return found if serving == 2 else {}
+
     try:
-        servers = wait_until(
-            lambda: len(kids := psutil.Process(pid).children()) == 2 and kids, timeout=10
-        )
-    finally:
+        processes = wait_until(sandboxes, timeout=10, what="two sandboxes serving")
+    finally:  # the titles are read before: a process killed loses its command line
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
+    assert sorted(processes.values()) == ["nanogrid: sandbox keeper"] * 2 + [
+        "nanogrid: sandbox python"] * 2 + ["nanogrid: sandbox template"]
     wait_until(
-        lambda: not any(s.is_running() and s.status() != "zombie" for s in servers),
+        lambda: not any(p.is_running() and p.status() != "zombie" for p in processes),
         timeout=5,
-        what="the fork servers to exit",
+        what="the template and its sandboxes to exit",
     )
     assert Path(config.paths.work_dir).exists()
 
