@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 from loguru import logger
 
-from common.config import Config, MiB
+from common.config import AUTO, Config, MiB
 from common.errors import RuntimeUnavailable, SandboxError, SandboxLost
 
 from .base import Invocation, Runner, RunOutcome, Sandbox, server_oom_outcome
@@ -283,7 +283,7 @@ class PooledRunner(Runner):
                 limit=config.capacity.max_concurrent,
                 max_making=self.made_at_once,
                 idle_bound=(config.pool.max_idle, config.pool.max_idle_mb * MiB)
-                if config.pool.max_idle else None,
+                if config.pool.max_idle != AUTO else None,  # unresolved: a runner on its own
             )
             for name, rt in config.runtimes.items()
             if name not in self.unavailable
