@@ -275,7 +275,7 @@ class WarmPool:
             self._idle_bytes(sandbox), sandbox.limit_mb, taken=taken,
         )
         if ticket is not None:
-            sandbox.ticket = ticket
+            sandbox.ticket = ticket if taken else None  # a call's: it holds its ticket
             self._mine[ticket.index] = sandbox
         return ticket
 
@@ -444,13 +444,15 @@ class WarmPool:
         deadline = time.monotonic() + _LENT_BACK_S
         while True:  # idle ones off the board first: no other call may take them now
             own = [e for e in self.board.owned(self.slot) if e.runtime == self.runtime]
-            for entry in own:
-                if entry.state == IDLE and (sandbox := self._withdraw(entry)) is not None:
+            idle = [e for e in own if e.state == IDLE]
+            for entry in idle:  # one another call took meanwhile shows as lent next time
+                if (sandbox := self._withdraw(entry)) is not None:
                     self._safe_destroy(sandbox)
             lent = [e for e in own if e.state == TAKEN and self._lent(e)]
-            if not lent or time.monotonic() >= deadline:
+            if not (idle or lent) or time.monotonic() >= deadline:
                 break
-            time.sleep(0.05)
+            if not idle:
+                time.sleep(0.05)
         for entry in self.board.owned(self.slot):
             if entry.runtime == self.runtime:
                 self.board.doom(entry)

@@ -37,6 +37,8 @@ def test_docker_agent_runs_warm_and_leaves_no_container(
     )
     agent.write_config(docker={"socket_dir": str(agent.base / "sandboxes")})
     agent.start()
+    wait_until(lambda: agent.status()["warmUp"]["state"] == "warm", timeout=60,
+               what="the generic containers")  # a first call before them would be cold
     hello = agent.deploy(HELLO)
     first = agent.run(hello)
     second = agent.run(hello)

@@ -176,6 +176,33 @@ def test_close_destroys_everything(board: SandboxBoard) -> None:
     assert len(maker.destroyed) == 3 and board.entries() == []
 
 
+def test_close_waits_for_a_sandbox_another_worker_took_while_it_closed(
+    board: SandboxBoard, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    owner, maker = make_pool(board, 1, slot=0)
+    other, _ = make_pool(board, 0, slot=1)
+    wait_until(lambda: owner.stats()["warm"] == 1, timeout=5)
+    taken: list[Sandbox] = []
+    withdraw = board.withdraw
+
+    def losing_the_race(entry: Any) -> bool:  # the other worker's call takes it first
+        if not taken:
+            taken.append(other.acquire("f@1"))
+        return withdraw(entry)
+
+    monkeypatch.setattr(board, "withdraw", losing_the_race)
+    closing = threading.Thread(target=owner.close)
+    closing.start()
+    try:
+        time.sleep(0.3)
+        assert closing.is_alive() and maker.destroyed == []  # the lent run goes on
+        other.release(taken[0])
+        closing.join(5)
+        assert not closing.is_alive() and maker.destroyed == ["s0"]
+    finally:
+        other.close()
+
+
 def test_grows_on_demand_in_parallel_then_shrinks_back_to_size(board: SandboxBoard) -> None:
     maker = Maker()
     started: list[float] = []
