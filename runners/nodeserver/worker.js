@@ -142,14 +142,16 @@ function boot() {
   // after its end (in node's heap or in malloc's free lists, which a Worker that goes on keeps)
   // would be in the next call's peak, so its Worker ends instead.
   const SLACK = 4 * 2 ** 20;
-  const ready = { used: 0, rss: 0, first: 0 };
+  const ready = { used: 0, rss: 0, first: 0, base: 0, files: 0 };
   const used = () => {
     const { heapUsed, external } = process.memoryUsage();
     return heapUsed + external;
   };
-  const settle = () => {
+  // `files`: how many files it preloaded; its first time ready with as many is its yardstick.
+  const settle = (files = ready.files) => {
     Object.assign(ready, { used: used(), rss: process.memoryUsage.rss() });
-    if (ready.first === 0) ready.first = ready.rss;
+    if (ready.base === 0) ready.base = ready.used;
+    if (ready.first === 0 || files !== ready.files) Object.assign(ready, { first: ready.rss, files });
   };
   const run = (next) => {
     job = next;
@@ -187,13 +189,13 @@ function boot() {
       !loadList.includes('NativeModule internal/modules/esm/module_job');
     if (reusable && used() > ready.used + SLACK) collect(); // its garbage, before the peak is read
     const rss = process.memoryUsage.rss();
-    reusable &&= rss <= ready.rss + SLACK && rss <= ready.first + 8 * SLACK;
+    reusable &&= rss <= ready.rss + SLACK && rss <= ready.first + 2 * SLACK;
     const { nonce } = job;
     job = null;
     post({ nonce, ended, loaded: files, exitCode, reusable });
     if (!reusable) process.exit(exitCode); // what it left ends with its Worker
     ref();
-    collect(); // the rest of its garbage (and its preloads'), after the reply
+    if (used() > ready.base + SLACK) collect(); // its preloads' garbage, after the reply
     settle();
   };
   process.on('beforeExit', () => queueMicrotask(drained));
@@ -264,7 +266,7 @@ function boot() {
     preload(next).then((uses) => {
       if (uses !== 0) return process.exit(); // what it loaded must stay out of every call
       process.off('exit', failed);
-      settle();
+      settle(next.files.length);
       signal(1);
     });
   };
