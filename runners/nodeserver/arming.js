@@ -93,14 +93,16 @@ class NextWorker {
     });
   }
 
-  // Waits (asynchronously) for `armed` to be ready, at most its preload budget.
+  // Waits (asynchronously) for `armed` to be ready, at most its preload budget (this time's:
+  // a Worker that served a call is readied again, and an earlier budget is not this one).
   boot(armed) {
     const { worker, state, files } = armed;
     armed.deadline = Date.now() + PRELOAD_BUDGET_MS;
     const boot = Atomics.waitAsync(state, 0, BOOTING, PRELOAD_BUDGET_MS + BOOT_WAIT_MS);
     if (boot.async) boot.value.then(() => this.check());
+    clearTimeout(armed.budget);
     if (files.length > 0) {
-      setTimeout(() => {
+      armed.budget = setTimeout(() => {
         if (this.armed !== armed || Atomics.load(state, 0) !== BOOTING) return;
         armed.overBudget = true;
         worker.terminate();

@@ -21,12 +21,17 @@ from runners.pooled import PooledRunner
 pytestmark = pytest.mark.usefixtures("containers_agent")
 
 MiB = 2**20
-COUNTER = "let calls = 0;\nexports.call = () => ++calls;\n"
-MAIN = """const { threadId } = require('worker_threads');
+COUNTER = (
+    "let calls = 0;\nexports.call = () => ++calls;\n"
+    "exports.loadedAt = performance.timeOrigin + performance.now();\n"
+)
+MAIN = """const started = performance.timeOrigin + performance.now();
+const { threadId } = require('worker_threads');
 const input = JSON.parse(require('fs').readFileSync(0, 'utf8'));
 const seen = {
   thread: threadId, calls: require('./counter').call(), global: globalThis.leftover ?? null,
   exitListeners: process.listenerCount('exit'), exitCode: process.exitCode,
+  preloaded: require('./counter').loadedAt < started,
 };
 globalThis.leftover = 'from an earlier call';
 process.on('exit', () => {});
@@ -80,6 +85,32 @@ def test_back_to_back_calls_share_a_worker_but_no_module_state(runner: PooledRun
     for view in views:
         assert view == {**view, "calls": 1, "global": None, "exitListeners": listeners}
         assert "exitCode" not in view
+
+
+SLOW = {  # a dependency that takes 150 ms to load: preloading it is most of a 200 ms gap
+    "main.js": "const started = performance.timeOrigin + performance.now();\n"
+    "const slow = require('./slow');\n"
+    "console.log(JSON.stringify({ preloaded: slow.loadedAt < started,"
+    " thread: require('worker_threads').threadId }));\n",
+    "slow.js": "Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 150);\n"
+    "exports.loadedAt = performance.timeOrigin + performance.now();\n",
+}
+
+
+def test_a_worker_that_goes_on_preloads_before_every_call(runner: PooledRunner) -> None:
+    """Past the preload budget's time (2 s) too: each readying has a budget of its own."""
+    invocation = Invocation("req", "fn", ("node", "main.js"), b"{}", 256, 10_000, 1000, MAX_PIDS)
+    views = []
+    for _ in range(20):
+        sandbox = runner.acquire("node", "slow@1")
+        put_code(sandbox, SLOW, "slow@1")
+        try:
+            views.append(seen(runner.run(sandbox, invocation)))
+        finally:
+            runner.release(sandbox)
+        time.sleep(0.2)
+    assert all(view["preloaded"] for view in views[1:]), views
+    assert len({view["thread"] for view in views[1:]}) < len(views) - 1, views
 
 
 def test_what_a_call_leaves_behind_ends_its_worker(runner: PooledRunner) -> None:
