@@ -8,8 +8,9 @@
 // (require.cache emptied), with the globals, `process` listeners and module hooks the Worker
 // had before its first call; a call's output travels on the Worker's message port, in order
 // with its end. A call that leaves something the Worker cannot take back (an unref'd timer
-// or handle, work scheduled in an `exit` listener, an ES module, a global it cannot delete)
-// ends its Worker, as process.exit(), an uncaught error and a timeout do.
+// or handle, work scheduled in an `exit` listener, an ES module, a global it cannot delete,
+// memory that stays resident) ends its Worker, as process.exit(), an uncaught error and a
+// timeout do.
 //
 // A Worker and the server share a little state, read even if the Worker dies:
 // [phase (BOOTING, BOOTED, or 2: a preload failed), the index of the file it is requiring,
