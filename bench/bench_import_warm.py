@@ -13,7 +13,8 @@ in one run. Python:
 
 Node (calls ``--gap-ms`` apart: a node sandbox preloads before every call, between calls):
 
-``hello``   prints one line.
+``hello``   prints one line; once more with no gap between calls (back to back: a call
+            must not wait for a Worker to start).
 ``heavy``   requires ``./heavy.js`` from its zip, whose top level builds a 60,000-entry Map
             (its load time is measured and printed: >= 50 ms), then prints one line; once
             more with no gap between calls (back to back: the call waits for its preload).
@@ -24,6 +25,11 @@ time as the result reports it, the peak its peakMemoryBytes. Needs root; the Doc
 need a running engine and the images (``dev/setup``).
 
     python bench/bench_import_warm.py [--runs 100] [--modules 40] [--gap-ms 200] [--no-docker]
+        [--before REF]
+
+``call ms`` is what the caller waits for (acquire -> run -> release), which durationMillis
+leaves out when a call waits for its sandbox (a node Worker's start); ``--before REF`` runs
+the same rows on git revision REF's code first (its tree exported, this script run on it).
 """
 
 from __future__ import annotations
@@ -40,7 +46,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+if "--tree" in sys.argv:  # the agent's code of another revision (--before REF runs it so)
+    ROOT = Path(sys.argv[sys.argv.index("--tree") + 1]).resolve()
+sys.path.insert(0, str(ROOT))
 
 from loguru import logger  # noqa: E402
 
@@ -148,11 +157,13 @@ def make_runner(kind: str, work: str, preload: bool, index: int) -> Runner:
 
 def measure(
     runner: Runner, runtime: str, key: str, files: dict[str, str], runs: int, gap_s: float
-) -> list[tuple[float, int]]:
-    """(durationMillis, peak bytes) of ``runs`` warm calls, ``gap_s`` apart."""
+) -> list[tuple[float, int, float]]:
+    """(durationMillis, peak bytes, call ms) of ``runs`` warm calls, ``gap_s`` apart; the call
+    is acquire -> run -> release as the worker makes it, what a caller waits for."""
     found = []
     invocation = Invocation("bench", "fn", COMMANDS[runtime], b"{}", 256, 10_000, 65536, 64)
     for i in range(runs + 1):
+        began = time.perf_counter()
         sandbox = runner.acquire(runtime, key)
         try:
             if sandbox.code_key != key:
@@ -161,10 +172,11 @@ def measure(
             out = runner.run(sandbox, invocation)
         finally:
             runner.release(sandbox)
+        call_ms = (time.perf_counter() - began) * 1000
         if out.exit_code != 0 or out.stdout != b"ok\n":
             raise SystemExit(f"{key} failed: {out.exit_code} {out.stderr[-400:]!r}")
         if i > 0:  # the first call puts the code in (and, preloading, is the one that imports)
-            found.append((out.duration_ms, out.peak_memory_bytes))
+            found.append((out.duration_ms, out.peak_memory_bytes, call_ms))
         time.sleep(gap_s)
     return found
 
@@ -181,7 +193,13 @@ def main() -> int:
     parser.add_argument("--modules", type=int, default=40, help="modules in the package")
     parser.add_argument("--gap-ms", type=int, default=200, help="idle time between node calls")
     parser.add_argument("--no-docker", action="store_true", help="the process runner only")
+    parser.add_argument(
+        "--before", metavar="REF", help="also measure git revision REF's agent (first), same rows"
+    )
+    parser.add_argument("--tree", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--label", default="this", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    before = run_before(args) if args.before else []
     logger.remove()
     logger.add(sys.stderr, level="WARNING")
     package = {"main.py": PACKAGE_MAIN, **big_package(args.modules)}
@@ -192,6 +210,7 @@ def main() -> int:
         ("python", "stdlib", {"main.py": STDLIB}, 0.0),
         ("python", "package", package, 0.0),
         ("node", "hello", {"main.js": NODE_HELLO}, gap_s),
+        ("node", "hello", {"main.js": NODE_HELLO}, 0.0),
         ("node", "heavy", heavy, gap_s),
         ("node", "heavy", heavy, 0.0),
     ]
@@ -224,19 +243,44 @@ def main() -> int:
         f"import {import_ms(package, python):.0f} ms in a fresh {python}; node heavy.js: "
         f"{node_load_ms():.0f} ms to require in a fresh node"
     )
-    columns = ("runner", "preload", "function", "gap ms", "runs", "durationMillis p50", "p99",
-               "peak MiB p50")
+    lines = before + [table_row(args.label, *row) for row in rows]
+    if args.tree is not None:  # a --before child: its rows, for the parent's table
+        print("\n".join(lines))
+        return 0
+    columns = ("code", "runner", "preload", "function", "gap ms", "runs", "durationMillis p50",
+               "p99", "call ms p50", "peak MiB p50")
     print(f"| {' | '.join(columns)} |")
-    print("|---|---|---|---:|---:|---:|---:|---:|")
-    for kind, preload, runtime, name, gap, found in rows:
-        durations = [duration for duration, _ in found]
-        peak = percentile([peak for _, peak in found], 50) / 2**20
-        print(
-            f"| {kind} | {str(preload).lower()} | {runtime} {name} | {gap * 1000:.0f} "
-            f"| {len(found)} | {percentile(durations, 50):.1f} | {percentile(durations, 99):.1f} "
-            f"| {peak:.1f} |"
-        )
+    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|")
+    print("\n".join(sorted(lines, key=lambda line: line.split("|")[2:6])))
     return 0
+
+
+def table_row(
+    label: str, kind: str, preload: bool, runtime: str, name: str, gap: float,
+    found: list[tuple[float, int, float]],
+) -> str:
+    durations = [duration for duration, _, _ in found]
+    peak = percentile([peak for _, peak, _ in found], 50) / 2**20
+    call = percentile([call for _, _, call in found], 50)
+    return (
+        f"| {label} | {kind} | {str(preload).lower()} | {runtime} {name} | {gap * 1000:.0f} "
+        f"| {len(found)} | {percentile(durations, 50):.1f} | {percentile(durations, 99):.1f} "
+        f"| {call:.1f} | {peak:.1f} |"
+    )
+
+
+def run_before(args: argparse.Namespace) -> list[str]:
+    """The rows of git revision ``args.before``: its tree exported, this script run on it."""
+    with tempfile.TemporaryDirectory(prefix="ng-iw-before-") as tree:
+        archive = subprocess.run(
+            ["git", "-C", str(ROOT), "archive", args.before], capture_output=True, check=True
+        )
+        subprocess.run(["tar", "-x", "-C", tree], input=archive.stdout, check=True)
+        argv = [sys.executable, __file__, "--tree", tree, "--label", args.before,
+                "--runs", str(args.runs), "--modules", str(args.modules),
+                "--gap-ms", str(args.gap_ms)] + (["--no-docker"] if args.no_docker else [])
+        done = subprocess.run(argv, capture_output=True, text=True, check=True)
+    return [line for line in done.stdout.splitlines() if line.startswith(f"| {args.before} ")]
 
 
 if __name__ == "__main__":

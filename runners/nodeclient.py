@@ -59,7 +59,7 @@ class NodeServerClient:
         self._sock = connect(self.socket_path, socket.SOCK_STREAM, connect_timeout_s, "node server")
 
     ready_at_reply = False
-    """After a run (frame 'A') the server starts the next call's Worker, then says it is ready
+    """After a run (frame 'A') the server readies the next call's Worker, then says it is ready
     with a frame 'W' (runners/freezer.py)."""
 
     def close(self) -> None:
@@ -128,7 +128,7 @@ class NodeServerClient:
             raise SandboxError(f"sandbox node server is gone: {exc}") from None
 
     def arm(self) -> None:
-        """After the run's peak was read: the server may start (and preload) the next Worker.
+        """After the run's peak was read: the server may ready (and preload) the next Worker.
         A server that is gone is found out by the next run."""
         with contextlib.suppress(OSError):
             self._sock.sendall(_frame(b"A", b""))

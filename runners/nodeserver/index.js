@@ -8,17 +8,18 @@
 // the line to write there once it serves).
 //
 // Node cannot fork and cannot receive file descriptors, so instead of the python fork
-// server's fork-per-call, a `worker_threads` Worker is started (~25 ms) between runs, off
-// the next call's path, and waits; a call hands it the function, and its stdio travels
-// through this server. `process.exit(n)` in a Worker ends only that Worker, with code n; a
-// timeout is `worker.terminate()`.
+// server's fork-per-call, a `worker_threads` Worker waits; a call hands it the function, and
+// its stdio travels through this server. The Worker serves the next call too, from a fresh
+// module registry; one that cannot (`process.exit(n)` ends only that Worker, with code n; a
+// timeout is `worker.terminate()`) is replaced by a new one (~25 ms) between runs, off the
+// next call's path.
 //
 //   index.js     its start: `node <this directory> SOCKET [OPTIONS]`
 //   server.js    one call at a time: its stdin as fd 0, its output relayed, its end
 //   protocol.js  the frames on the socket
-//   arming.js    the Worker that waits for the next call: started, taken, started again
+//   arming.js    the Worker that waits for the next call: the last call's or a new one
 //   preload.js   import-warm: which files the Workers preload, and which were left out
-//   worker.js    what runs inside each Worker: boots, preloads (vetted), becomes the function
+//   worker.js    what runs inside each Worker: boots, preloads (vetted), runs call after call
 //
 // Every file is loaded here, at start; nothing is read from this directory later. The
 // Workers run worker.js's source, not the file: a function's own `require('./worker')`

@@ -9,9 +9,10 @@
 //   <- 'X' {"exitCode": n, "killed": bool, "durationNs": n, "maxrssBytes": n,
 //          "dropped": {"stdout": n, "stderr": n},
 //          "preload": {"preloaded": [file, ...], "left_out": {file: why}} (when it changed)}
-//   -> 'A' (the run's peak is read: start the next Worker now, so that neither its start
-//          nor its preloading is in a run's peak; without it, the next run starts one)
-//   <- 'W' (empty: that Worker has booted with its preloads, or none is armed; the agent
+//   -> 'A' (the run's peak is read: ready the next call's Worker now, the last one or a new
+//          one, so that neither a Worker's start nor its preloading is in a run's peak;
+//          without it, the next run takes the last Worker as it is or starts one)
+//   <- 'W' (empty: that Worker is ready with its preloads, or none is armed; the agent
 //          freezes the sandbox until its next call. Not sent when a call comes first)
 //
 // argv is [interpreter, script, ...args]: the script runs as `node script args` would

@@ -2,9 +2,10 @@
 // The server's socket and its calls, one at a time. A Worker's fd 0 is the process's: before
 // each run the input is written to CONTROL/stdin (emptied after it) and reopened as fd 0, so
 // `fs.readFileSync(0)`, `/dev/stdin` and the Worker's `process.stdin` all read the input. Its
-// stdout and stderr come back to the agent as frames; a run ends when its Worker has exited
-// and both streams have ended.
+// stdout and stderr come back to the agent as frames; a run ends when its Worker says so
+// (and then serves the next call, see worker.js) or has exited.
 
+const crypto = require('crypto');
 const fs = require('fs');
 const net = require('net');
 const path = require('path');
@@ -63,7 +64,8 @@ class Server {
     const cap = request.maxOutputBytes;
     const learn = key !== null && this.preload.key === null;
     const run = {
-      conn, worker, killed: false, ended: null, exitCode: null, pending: 3,
+      conn, armed, worker, killed: false, ended: null, exitCode: null, reusable: false,
+      nonce: crypto.randomBytes(16).toString('hex'),
       sent: { stdout: 0, stderr: 0 }, dropped: { stdout: 0, stderr: 0 },
       report: this.preload.report(key, armed.files),
     };
@@ -77,19 +79,24 @@ class Server {
         conn.write(frame(type, part));
       }
     };
-    const relay = (name, type) => {
-      const stream = worker[name];
-      stream.on('data', (chunk) => emit(name, type, chunk));
-      stream.once('end', () => this.settle(conn, run));
-    };
-    relay('stdout', 'O');
-    relay('stderr', 'E');
     worker.removeAllListeners('error');
     worker.removeAllListeners('exit');
     const argv = [request.argv[0], path.resolve(request.argv[1]), ...request.argv.slice(2)];
-    worker.on('message', ({ ended, loaded }) => {
-      run.ended = ended;
-      if (learn && loaded) this.preload.learn(key, request.env, loaded, argv[1]);
+    worker.on('message', (message) => {
+      if (Array.isArray(message) && message.length === 2 && ArrayBuffer.isView(message[1])) {
+        const [tag, bytes] = message; // output, as the Worker's stdout or stderr wrote it
+        const chunk = Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+        if (tag === 'O') emit('stdout', 'O', chunk);
+        else if (tag === 'E') emit('stderr', 'E', chunk);
+        return;
+      }
+      if (message === null || typeof message !== 'object' || message.nonce !== run.nonce) return;
+      run.ended = message.ended;
+      if (learn && message.loaded) this.preload.learn(key, request.env, message.loaded, argv[1]);
+      if (message.exitCode === undefined) return; // the Worker is ending: its exit settles
+      run.exitCode = message.exitCode;
+      run.reusable = message.reusable === true;
+      this.settle(conn, run);
     });
     worker.on('error', (error) => {
       // What node prints for an uncaught exception (the Worker's own exit code is 1).
@@ -98,10 +105,11 @@ class Server {
     });
     worker.once('exit', (code) => {
       run.exitCode = code;
+      run.reusable = false;
       this.settle(conn, run);
     });
     run.started = waited || process.hrtime.bigint();
-    worker.postMessage({ argv, env: request.env, learn });
+    worker.postMessage({ argv, env: request.env, learn, nonce: run.nonce });
   }
 
   kill() {
@@ -110,11 +118,12 @@ class Server {
     this.run.worker.terminate();
   }
 
-  // A run is over once the Worker exited and both of its output streams ended.
+  // A run is over once its Worker said so (it serves the next call) or exited.
   settle(conn, run) {
-    run.pending -= 1;
-    if (run.pending > 0 || this.run !== run) return;
+    if (this.run !== run) return;
     this.run = null;
+    if (run.reusable && !run.killed) this.next.keep(run.armed);
+    else run.worker.terminate(); // an exited Worker: a no-op
     fs.truncateSync(this.stdinPath); // what preloads read between runs is no run's input
     const ended = run.ended === null ? process.hrtime.bigint() : BigInt(run.ended);
     conn.write(frame('X', {
