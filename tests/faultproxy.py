@@ -30,10 +30,14 @@ class Forwarder:
         self.backend_port = backend_port
 
     def close(self) -> None:
+        """Refuse new connections and end the open ones at once (a close alone leaves a
+        socket another thread is reading open, and its peer waiting for a read timeout)."""
         self._closed = True
         self._listener.close()
         with self._lock:
             for sock in self._sockets:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
                 with contextlib.suppress(OSError):
                     sock.close()
 
