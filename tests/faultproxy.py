@@ -30,10 +30,14 @@ class Forwarder:
         self.backend_port = backend_port
 
     def close(self) -> None:
+        """Refuse new connections and end the open ones at once (a close alone leaves a
+        socket another thread is reading open, and its peer waiting for a read timeout)."""
         self._closed = True
         self._listener.close()
         with self._lock:
             for sock in self._sockets:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
                 with contextlib.suppress(OSError):
                     sock.close()
 
@@ -63,10 +67,14 @@ class Forwarder:
             while data := source.recv(65536):
                 if cut_after is not None and sent + len(data) > cut_after:
                     sink.sendall(data[: max(0, cut_after - sent)])
-                    # SO_LINGER 0: close with a TCP RST, as a dropped connection looks.
+                    # SO_LINGER 0: close with a TCP RST, as a dropped connection looks. The
+                    # other direction's thread is reading one of them: SHUT_RD wakes it, so
+                    # the close happens now, not when its peer gives up.
                     for sock in (sink, source):
                         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
                                         struct.pack("ii", 1, 0))
+                        with contextlib.suppress(OSError):
+                            sock.shutdown(socket.SHUT_RD)
                         sock.close()
                     return
                 sink.sendall(data)

@@ -1,13 +1,17 @@
-"""CodeStore against a real moto_server through boto3: caching by ETag and error translation."""
+"""CodeStore against a real moto_server through boto3: caching by ETag, error translation,
+and trimming when the disk runs short."""
 
 from __future__ import annotations
 
 import io
+import os
 import socket
+import subprocess
 import threading
 import time
 import zipfile
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +24,7 @@ from common.config import LimitsConfig
 from common.errors import CodeNotFound, InvalidCodePackage
 from worker import codestore, unpack
 from worker.codestore import CodePackage, CodeStore
+from worker.diskspace import DiskGuard
 
 KEY = "functions/hello-python/v1.zip"
 
@@ -325,6 +330,40 @@ def test_recently_used_zips_are_not_evicted(tmp_path: Path, s3: CountedClient, b
     b = store.fetch(bucket, "b.zip")
     # Over budget, but another worker may be unpacking a right now.
     assert a.zip_path.exists() and b.zip_path.exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """An 8 MiB tmpfs: the code cache's disk."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_a_disk_running_short_trims_the_zips_unused_past_the_grace(
+    small_disk: Path, s3: CountedClient, bucket: str
+) -> None:
+    """Two 3 MiB zips leave 2 MiB of 8 free, under paths.min_free_mb (4): the disk guard
+    trims the cache. A zip used within TRIM_GRACE_SECONDS stays (a sandbox may be about to
+    unpack it); one last used a minute ago goes, and then the disk has room."""
+    for name in ("old", "new"):
+        s3.client.put_object(Bucket=bucket, Key=f"{name}.zip", Body=code_zip(name, 3 * 2**20))
+    store = CodeStore(small_disk / "cache", 4 * 2**20, s3.client, head_ttl_seconds=0.0)
+    guard = DiskGuard([small_disk / "cache"], min_free_mb=4, freers=(store.trim,))
+    old, new = store.fetch(bucket, "old.zip"), store.fetch(bucket, "new.zip")
+    short = guard.trouble()
+    assert short is not None and "under paths.min_free_mb (4 MB)" in short  # both in grace
+    assert old.zip_path.exists() and new.zip_path.exists()
+
+    last_used = time.time() - 2 * codestore.TRIM_GRACE_SECONDS
+    os.utime(old.zip_path, (last_used, last_used))  # the mtime is the last use
+    assert guard.trouble() is None
+    assert not old.zip_path.exists() and new.zip_path.exists()
+    assert store.fetch(bucket, "old.zip").downloaded  # needed again: fetched again
 
 
 @pytest.mark.parametrize(

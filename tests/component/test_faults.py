@@ -1,5 +1,6 @@
 """Faults, on the real peers: poison bodies, a Redis failover, duplicate deliveries, a
-dead-letter queue that refuses the copy, a full cache disk, a download cut off mid-body.
+dead-letter queue that refuses the copy, a full cache disk or work dir, a download cut off
+mid-body.
 
 Workers run in forked children, as under the supervisor; the tests talk to them only
 through SQS, S3 and Redis, and read their logs.
@@ -327,6 +328,39 @@ def test_idle_sandboxes_code_is_shed_when_the_work_dir_runs_short(
     log = agent.log.read_text()
     assert "idle sandboxes to free disk space" in log
     assert "[DEGRADED]" not in log
+def test_a_full_work_dir_hands_the_message_back_untried_until_space_is_back(
+    aws: Any, redis_url: str, tmp_path: Path, small_work_dir: Path
+) -> None:
+    """The work dir's own disk fills (with paths.min_free_mb 0, nothing is trimmed ahead of
+    it): unpacking the code meets ENOSPC, the worker is DEGRADED and takes no new work while
+    probe writes fail, the message comes back untried, and runs at attempt 1 once space is
+    freed."""
+    agent = Agent(aws, redis_url, tmp_path, queue={"max_attempts": 2},
+                  runtimes={"python": {"warm": 0}},
+                  paths={"work_dir": str(small_work_dir), "min_free_mb": 0}).start()
+    ballast = small_work_dir / "ballast"
+    try:
+        task = agent.task(agent.deploy({"main.py": HELLO, "data.bin": os.urandom(2 * 2**20)}))
+        room = os.statvfs(small_work_dir).f_bavail * os.statvfs(small_work_dir).f_frsize
+        with open(ballast, "wb") as f:  # everything but 512 KiB: less than the code
+            f.write(b"\1" * (room - 512 * 2**10))
+        agent.send(task)
+        wait_until(lambda: "[DEGRADED] disk: " in agent.log.read_text(), timeout=10,
+                   what="the worker degraded for its disk")
+        time.sleep(11)  # longer than a hand-back: it comes back, and is not taken here
+        assert agent.log.read_text().count("not counted as a try") == 1
+        ballast.unlink()  # the operator frees space; a probe write works again
+        result = agent.result(task["requestId"], timeout=15)
+    finally:
+        assert agent.stop() == 0
+    assert (result["status"], result["attempt"]) == ("SUCCESS", 1)  # no attempt burned
+    log = agent.log.read_text()
+    assert "[DEGRADED] over: disk works again" in log and "gave up" not in log
+    (deferred,) = [line for line in log.splitlines() if "not counted as a try" in line]
+    assert f"work dir {small_work_dir}/" in deferred and "No space left on device" in deferred
+    assert re.search(r"\[DEGRADED\] disk: a probe write to .* failed: No space left", log)
+
+
 def test_a_download_cut_off_mid_body_is_a_host_fault(aws: Any, tmp_path: Path) -> None:
     import boto3
     from botocore.config import Config as BotoConfig

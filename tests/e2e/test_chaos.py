@@ -1,5 +1,6 @@
-"""Faults through the real supervisor: poison bodies, a refused dead-letter copy, and a chaos
-soak (a worker SIGKILLed each time another sixth of the tasks is done, redis-server restarted
+"""Faults through the real supervisor: poison bodies, a refused dead-letter copy, peers that
+fail (counted in /metrics, a Redis out of memory shown by /health), and a chaos soak (a
+worker SIGKILLed each time another sixth of the tasks is done, redis-server restarted
 half-way) that must still end every task with exactly its function's own result.
 """
 
@@ -13,13 +14,16 @@ import signal
 import threading
 import time
 import urllib.request
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
-from helpers import RedisServer, wait_until
+from faultproxy import Forwarder
+from helpers import RedisServer, free_port, http_json, wait_until
 from poison import POISON
+from prometheus_client.parser import text_string_to_metric_families
 from supervised import Agent
 
 pytestmark = pytest.mark.usefixtures("pids_limited_tests")  # own cgroups for our sandboxes
@@ -83,6 +87,88 @@ def test_a_refused_dead_letter_copy_is_counted_in_metrics_and_status(agents: Any
     assert "r-x" not in worker["faults"]["dead_letter_copy"]["last"]  # names the message id
     assert worker["faults"]["dead_letter_copy"]["count"] == 1
     assert "cannot be used" in agent.log.read_text()  # said at boot
+
+
+def dependency_errors(agent: Agent) -> dict[str, float]:
+    """nanogrid_dependency_errors_total by dependency, as prometheus_client parses /metrics."""
+    return {
+        sample.labels["dependency"]: sample.value
+        for family in text_string_to_metric_families(metrics(agent))
+        for sample in family.samples
+        if sample.name == "nanogrid_dependency_errors_total"
+    }
+
+
+def test_sqs_s3_and_cloudwatch_failing_for_real_are_counted_in_metrics(
+    agents: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """S3 and CloudWatch endpoints where nothing listens fail the code fetch and the metrics
+    flush; then SQS's endpoint (a forwarder to moto_server) goes away too. Each failure
+    reaches nanogrid_dependency_errors_total under its own dependency, and only there."""
+    agent = agents(workers=1, cloudwatch={"enabled": True, "flush_seconds": 0.2})
+    with_queue(agent, max_attempts=1)
+    key = agent.deploy("print('never runs')\n")  # the test's own clients exist before this
+    sqs = Forwarder(int(agent.aws.endpoint.rsplit(":", 1)[1]))
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL_SQS", f"http://127.0.0.1:{sqs.port}")  # the agent's
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", nowhere)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_CLOUDWATCH", nowhere)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # S3 and CloudWatch fail at once, not after
+    # boto3's backoff (SQS's clients set their own tries)
+    try:
+        agent.start()
+        assert dependency_errors(agent) == {"sqs": 0, "s3": 0, "redis": 0, "cloudwatch": 0}
+        result = agent.call(agent.task(key), timeout=30)
+        assert result["errorType"] == "CODE_NOT_FOUND"
+        assert "S3 unreachable" in result["errorMessage"]
+        counted = wait_until(
+            lambda: (e := dependency_errors(agent))["s3"] and e["cloudwatch"] and e,
+            timeout=10, what="the S3 and CloudWatch errors in /metrics")
+        assert counted["sqs"] == counted["redis"] == 0
+        sqs.close()  # SQS's endpoint is gone: every receive fails
+        counted = wait_until(lambda: (e := dependency_errors(agent))["sqs"] and e,
+                             timeout=15, what="the SQS errors in /metrics")
+        assert counted["redis"] == 0
+    finally:
+        sqs.close()
+    log = agent.log.read_text()
+    assert "[CLOUDWATCH] put_metric_data failed" in log
+
+
+def test_health_is_degraded_naming_redis_while_it_is_out_of_memory_then_up(
+    agents: Any, redis_server: RedisServer
+) -> None:
+    """Under ``maxmemory`` with ``noeviction`` Redis refuses every write: /health says
+    DEGRADED, naming redis and the reply, while it lasts, UP once it ends; the task sent
+    during it runs after it, at attempt 1."""
+    agent = agents(workers=1).start()
+    admin = redis_server.client()
+    wait_until(lambda: http_json(agent.port, "/health")[1]["status"] == "UP", timeout=30,
+               what="/health UP (the pools warm)")
+    key = agent.deploy("print('after')\n")
+    try:
+        admin.config_set("maxmemory-policy", "noeviction")
+        admin.config_set("maxmemory", 1)
+        request_id = agent.send(agent.task(key))
+        code, health = wait_until(
+            lambda: (r := http_json(agent.port, "/health"))[1]["status"] == "DEGRADED" and r,
+            timeout=10, what="/health DEGRADED")
+        assert code == 200 and health["workersAlive"] == 1
+        assert [r.split(" (")[0] for r in health["reasons"]] == [
+            "worker 0: redis: results cannot be written"]
+        assert "OOM command not allowed" in health["reasons"][0]
+        time.sleep(2)  # a probe or two: still DEGRADED, the task still not run
+        assert http_json(agent.port, "/health")[1]["status"] == "DEGRADED"
+        assert agent.status()["workers"][0]["tasksDone"] == 0
+    finally:
+        admin.config_set("maxmemory", 0)
+    ended = time.time()
+    wait_until(lambda: http_json(agent.port, "/health")[1]["status"] == "UP", timeout=10,
+               what="/health UP after the OOM")
+    result = agent.result(request_id, timeout=15)
+    assert (result["status"], result["attempt"], result["stdout"]) == ("SUCCESS", 1, "after\n")
+    finished = datetime.fromisoformat(result["finishedAt"].replace("Z", "+00:00")).timestamp()
+    assert finished >= ended - 0.1  # run after it
 
 
 class PersistentRedis(RedisServer):
