@@ -91,9 +91,9 @@ class Redrive:
             return False
         self.resent += 1
         logger.info(
-            f"[SQS] message {message.message_id} sent again as {copy} in {delay}s: it came "
-            f"{message.receives} times and the queue's redrive policy dead-letters after "
-            f"{self._limit} (not a try)"
+            f"[SQS] message {message.message_id} sent again as {copy} in {delay}s, untried: "
+            f"receive {message.receives} of the {self._limit} the queue's redrive policy "
+            f"allows ({message.all_receives} in all)"
         )
         return True
 
