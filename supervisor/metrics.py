@@ -125,6 +125,10 @@ class SupervisorMetrics:
             self.dependency_errors.inc(0, dependency=label)
         self.dead_lettered = reg.counter(
             "nanogrid_dead_lettered_total", "Messages copied to the dead-letter queue.")
+        self.resent = reg.counter(
+            "nanogrid_messages_resent_total",
+            "Messages handed back untried that were sent again as new messages, so the task "
+            "queue's redrive policy would not dead-letter them (never an attempt).")
         self.deferrals = reg.counter(
             "nanogrid_function_deferrals_total",
             "Messages handed back to SQS untried because their function was at its cap "
@@ -176,6 +180,8 @@ class SupervisorMetrics:
                 self.dependency_errors.inc(grown, dependency=DEPENDENCIES[name])
             elif name == "deadLettered":
                 self.dead_lettered.inc(grown)
+            elif name == "resent":
+                self.resent.inc(grown)
 
     def worker_gone(self, pid: int) -> None:
         self._counts.pop(pid, None)

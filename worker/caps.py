@@ -65,7 +65,8 @@ class CapGate:
 
 
 def delay_for(receives: int) -> int:
-    """How long a message that came ``receives`` times (SQS's count, this one included)
-    waits in SQS before it asks again: whole seconds (SQS's unit), at least 1."""
+    """How long a message that came ``receives`` times (this one included, and those of the
+    messages it was sent again from) waits in SQS before it asks again: whole seconds (SQS's
+    unit), at least 1."""
     base = min(FIRST_DELAY_S * GROWTH ** max(0, receives - 1), MAX_DELAY_S)
     return max(1, round(base * random.uniform(1 - JITTER, 1 + JITTER)))

@@ -32,7 +32,7 @@ def claim(claims: ClaimStore, endings: Endings, caps: CapGate, message: Message,
     when this copy ended here instead (re-published, handed back: a copy's twin runs, or the
     function is at its cap)."""
     if caps.known_at_cap(t.function_id):
-        delay = delay_for(message.receives)
+        delay = delay_for(message.all_receives)
         logger.debug(f"[CAP] {t.function_id} was at its cap a moment ago; message handed "
                      f"back for {delay}s, untried")
         caps.deferred(t.function_id)
@@ -53,7 +53,7 @@ def claim(claims: ClaimStore, endings: Endings, caps: CapGate, message: Message,
     if acquired.holder is None:
         assert acquired.cap is not None
         caps.at_cap(t.function_id, acquired.cap, acquired.running)
-        delay = delay_for(message.receives)
+        delay = delay_for(message.all_receives)
         logger.info(f"[CAP] {t.function_id} is at its cap ({acquired.running} of "
                     f"{acquired.cap} running on all hosts); message handed back for {delay}s, "
                     "untried")

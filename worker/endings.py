@@ -139,8 +139,13 @@ class Endings:
 
     def hand_back(self, message: Message, seconds: int) -> bool:
         """Make the message visible again in ``seconds`` (its renewals stop first, so none
-        overrides this); False when SQS refused."""
+        overrides this); False when SQS refused. One that came near the queue's redrive
+        count is sent again as a new message instead, and the original deleted (redrive.py)."""
         self._services.visibility.discard(message)
+        redrive = self._services.redrive
+        if redrive.near(message) and redrive.resend(message, seconds):
+            self._services.deleter.delete(message)
+            return True
         try:
             self._services.queue.extend(message, min(seconds, MAX_VISIBILITY_S))
             return True

@@ -31,6 +31,7 @@ from .diskspace import DiskGuard
 from .faults import FaultBoard
 from .hostshare import HostShare
 from .ledger import Ledger
+from .redrive import Redrive
 from .resultstore import ResultStore
 from .sqs import BatchDeleter, TaskQueue, VisibilityHeartbeat
 
@@ -53,6 +54,8 @@ class Services:
     claim_leases: ClaimLeases
     caps: CapGate
     """What this worker does with a function at its cap across hosts."""
+    redrive: Redrive
+    """The task queue's redrive policy: hand-backs near its count are sent again."""
     history: PeakHistory
     codes: CodeStore
     runner: Runner
@@ -73,6 +76,7 @@ class Services:
             "redis": self.store.errors,
             "cloudwatch": self.metrics.errors,
             "deadLettered": self.queue.dead_lettered,
+            "resent": self.redrive.resent,
         }
 
     def close(self) -> None:
@@ -96,12 +100,15 @@ def connect(
     that are away (Redis, SQS) are not a boot error: the loop waits for them DEGRADED.
     Raises on what cannot work (a queue SQS refuses, a runner that cannot start)."""
     queue = TaskQueue(config.queue, region=config.aws.region)
+    redrive = Redrive(queue, config.queue.max_attempts)
     unreachable = queue.check()
     if unreachable is not None:
         logger.warning(f"[SQS] {unreachable} (booting anyway: the receive loop retries)")
-    elif index == 0:  # one worker says it, not every one
-        for problem in queue.check_dead_letter():
-            logger.warning(f"[SQS] {problem}")
+    else:
+        redrive.learn()
+        if index == 0:  # one worker says it, not every one
+            for problem in queue.check_dead_letter():
+                logger.warning(f"[SQS] {problem}")
     history = PeakHistory(config.autotuner)
     store = ResultStore(
         config.redis.url,
@@ -137,6 +144,7 @@ def connect(
         claims=claims,
         claim_leases=ClaimLeases(claims, lambda text: board.fault(faults.CLAIM_LOST, text)),
         caps=CapGate(status),
+        redrive=redrive,
         history=history,
         codes=codes,
         runner=runner,

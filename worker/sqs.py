@@ -39,8 +39,13 @@ HEARTBEAT_PARALLEL = 4
 RECEIVE_SYSTEM_ATTRIBUTES = [
     "ApproximateReceiveCount", "SentTimestamp", tracecontext.AWS_TRACE_HEADER,
 ]
-RECEIVE_MESSAGE_ATTRIBUTES = [tracecontext.TRACEPARENT, tracecontext.TRACESTATE]
-"""Only the trace context: other attributes a producer sets are not the agent's business."""
+RECEIVE_MESSAGE_ATTRIBUTES = ["All"]
+"""All of them: the trace context is read from them, and a message sent again (redrive.py)
+carries the producer's attributes."""
+EARLIER_RECEIVES = "nanogridEarlierReceives"
+FIRST_SENT = "nanogridFirstSent"
+"""Message attributes of a copy sent again (redrive.py): the receives of the messages it
+was sent from, and when the first of them was sent (epoch ms)."""
 
 
 @dataclass(frozen=True)
@@ -60,14 +65,26 @@ class Message:
     """Epoch seconds of the SentTimestamp SQS gave it (None when SQS did not say)."""
     trace: TraceContext | None = None
     """The trace context it was sent with (tracecontext.py), None when none."""
+    earlier_receives: int = 0
+    """The receives of the messages this one was sent again from (redrive.py)."""
+    attributes: dict[str, Any] = field(default_factory=dict, compare=False)
+    """Its message attributes as SQS gave them (a copy sent again carries them)."""
+    trace_header: str | None = field(default=None, compare=False)
+    """Its ``AWSTraceHeader`` system attribute, None when it had none."""
 
     @property
     def trace_id(self) -> str | None:
         return self.trace.trace_id if self.trace is not None else None
 
     @property
+    def all_receives(self) -> int:
+        """Its receives, with those of the messages it was sent again from."""
+        return self.earlier_receives + self.receives
+
+    @property
     def queued_ms(self) -> float:
-        """How long it waited in SQS before this receive; never negative (clock skew)."""
+        """How long it waited in SQS before this receive (since the first send of a message
+        sent again); never negative (clock skew)."""
         if self.sent_at is None:
             return 0.0
         return max(0.0, (self.received_at - self.sent_at) * 1000)
@@ -137,13 +154,9 @@ class TaskQueue:
                     f"queue.dead_letter_url {url} cannot be used ({exc}): copies will fail"
                 )
         try:
-            attrs = self._call(
-                "get_queue_attributes", QueueUrl=self.config.url, AttributeNames=["RedrivePolicy"]
-            ).get("Attributes", {})
-            redrive = json.loads(attrs.get("RedrivePolicy") or "{}")
-            count = int(redrive.get("maxReceiveCount", 0))
-        except (QueueUnavailable, ValueError, TypeError, AttributeError) as exc:
-            problems.append(f"cannot read the task queue's redrive policy: {exc}")
+            count = self.redrive_limit()
+        except QueueUnavailable as exc:
+            problems.append(str(exc))
             return problems
         if count and count < self.config.max_attempts:
             problems.append(
@@ -151,6 +164,17 @@ class TaskQueue:
                 f"after {count} receives, before queue.max_attempts ({self.config.max_attempts})"
             )
         return problems
+
+    def redrive_limit(self) -> int:
+        """The task queue's redrive policy's maxReceiveCount (0: it has none); raises
+        QueueUnavailable when it cannot be read."""
+        try:
+            attrs = self._call(
+                "get_queue_attributes", QueueUrl=self.config.url, AttributeNames=["RedrivePolicy"]
+            ).get("Attributes", {})
+            return int(json.loads(attrs.get("RedrivePolicy") or "{}").get("maxReceiveCount", 0))
+        except (QueueUnavailable, ValueError, TypeError, AttributeError) as exc:
+            raise QueueUnavailable(f"cannot read the task queue's redrive policy: {exc}") from None
 
     def receive(self, max_messages: int = 1, wait_seconds: int | None = None) -> list[Message]:
         """Long-poll for up to ``max_messages`` (``wait_time_seconds`` unless told otherwise)."""
@@ -165,28 +189,7 @@ class TaskQueue:
             MessageAttributeNames=RECEIVE_MESSAGE_ATTRIBUTES,
         )
         received_at, received_mono = time.time(), time.monotonic()
-        return [
-            Message(
-                message_id=m["MessageId"],
-                receipt_handle=m["ReceiptHandle"],
-                body=m.get("Body", ""),
-                receives=self._receives(m),
-                received_at=received_at,
-                received_mono=received_mono,
-                sent_at=_epoch_s(m.get("Attributes", {}).get("SentTimestamp")),
-                trace=tracecontext.from_sqs(m),
-            )
-            for m in reply.get("Messages", [])
-        ]
-
-    @staticmethod
-    def _receives(message: dict[str, Any]) -> int:
-        """ApproximateReceiveCount; 0 when SQS did not say (it is only reported: the tries
-        that count are in Redis)."""
-        try:
-            return max(1, int(message.get("Attributes", {})["ApproximateReceiveCount"]))
-        except (KeyError, TypeError, ValueError):
-            return 0
+        return [_message(m, received_at, received_mono) for m in reply.get("Messages", [])]
 
     def delete(self, message: Message) -> None:
         self._call("delete_message", QueueUrl=self.config.url, ReceiptHandle=message.receipt_handle)
@@ -232,6 +235,17 @@ class TaskQueue:
             messages[int(f["Id"])]: f"{f.get('Code', '')} {f.get('Message', '')}".strip()
             for f in reply.get("Failed", [])
         }
+
+    def send(self, body: str, delay: int, attributes: dict[str, Any],
+             system_attributes: dict[str, Any]) -> str:
+        """Send a message to the task queue, due in ``delay`` seconds (0-900); its MessageId."""
+        params: dict[str, Any] = {"QueueUrl": self.config.url, "MessageBody": body,
+                                  "DelaySeconds": delay}
+        if attributes:
+            params["MessageAttributes"] = attributes
+        if system_attributes:
+            params["MessageSystemAttributes"] = system_attributes
+        return str(self._call("send_message", **params)["MessageId"])
 
     def dead_letter(self, message: Message, reason: str) -> bool:
         """Copy the message to the dead-letter queue; False when none is configured.
@@ -352,6 +366,33 @@ class BatchDeleter:
                 self._queue.delete_batch(batch)
             except QueueUnavailable as exc:  # they come back; their stored results stop a re-run
                 logger.warning(f"[SQS] {exc}")
+
+
+def _message(m: dict[str, Any], received_at: float, received_mono: float) -> Message:
+    system, attributes = m.get("Attributes", {}), m.get("MessageAttributes", {})
+    first_sent = attributes.get(FIRST_SENT, {}).get("StringValue")
+    return Message(
+        message_id=m["MessageId"],
+        receipt_handle=m["ReceiptHandle"],
+        body=m.get("Body", ""),
+        receives=_number(system.get("ApproximateReceiveCount")),
+        earlier_receives=_number(attributes.get(EARLIER_RECEIVES, {}).get("StringValue")),
+        received_at=received_at,
+        received_mono=received_mono,
+        sent_at=_epoch_s(first_sent or system.get("SentTimestamp")),
+        trace=tracecontext.from_sqs(m),
+        attributes=attributes,
+        trace_header=system.get(tracecontext.AWS_TRACE_HEADER),
+    )
+
+
+def _number(text: Any) -> int:
+    """A count SQS gave as text; 0 when it did not say (a receive count is only reported:
+    tries are counted in Redis)."""
+    try:
+        return max(0, int(text))
+    except (TypeError, ValueError):
+        return 0
 
 
 def _epoch_s(millis: str | None) -> float | None:

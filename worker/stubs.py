@@ -22,6 +22,7 @@ from .codestore import CodePackage, CodeStore
 from .diskspace import DiskGuard
 from .faults import FaultBoard
 from .ledger import Ledger
+from .redrive import Redrive
 from .result import Result
 from .resultstore import ResultStore
 from .services import Services
@@ -30,7 +31,8 @@ from .status import StatusReporter
 
 
 class StubQueue(TaskQueue):
-    """SQS: deletes, hand-backs (``extend``) and dead-letter copies, in the order asked."""
+    """SQS: deletes, hand-backs (``extend``), copies sent again and dead-letter copies, in
+    the order asked; ``max_receives``: the redrive policy's count (0: none)."""
 
     def __init__(self, config: QueueConfig) -> None:
         self.config = config
@@ -41,6 +43,21 @@ class StubQueue(TaskQueue):
         self.handed_back: list[tuple[str, int]] = []
         self.released: list[str] = []
         self.dead_letter_down = False
+        self.max_receives = 0
+        self.resent: list[tuple[str, int, dict[str, Any]]] = []
+        """Copies sent again: body, delay, message attributes."""
+        self.resend_down = False
+
+    def redrive_limit(self) -> int:
+        return self.max_receives
+
+    def send(self, body: str, delay: int, attributes: dict[str, Any],
+             system_attributes: dict[str, Any]) -> str:
+        if self.resend_down:
+            raise QueueUnavailable("SQS send_message failed: stub")
+        self.resent.append((body, delay, attributes))
+        self.events.append("resend")
+        return f"copy-{len(self.resent)}"
 
     def delete(self, message: Message) -> None:
         self.deleted.append(message.message_id)
@@ -275,6 +292,7 @@ class Stubs:
             claims=self.claims,
             claim_leases=ClaimLeases(self.claims, lambda text: None),
             caps=CapGate(self.status),
+            redrive=Redrive(self.queue, self.config.queue.max_attempts),
             history=PeakHistory(self.config.autotuner),
             codes=self.codes,
             runner=self.runner,

@@ -92,7 +92,8 @@ def fake_worker(directory: Path):  # noqa: ANN201 - returns the worker main
         if behaviour == "degraded":
             status.fault("dead_letter_copy", "dead-letter copy of message m1 failed: no queue")
             degraded = [f"redis: results cannot be written ({REDIS_DOWN}); taking no new work"]
-            counts = {"sqs": 0, "s3": 0, "redis": 0, "cloudwatch": 0, "deadLettered": 1}
+            counts = {"sqs": 0, "s3": 0, "redis": 0, "cloudwatch": 0, "deadLettered": 1,
+                      "resent": 3}
         started = time.monotonic()
         while not stopping:
             if counts is not None:  # running totals: Redis fails once per beat

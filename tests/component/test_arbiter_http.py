@@ -180,6 +180,7 @@ def test_health_is_degraded_naming_redis_while_workers_cannot_write_results(
     assert f'dependency_errors_total{{dependency="redis"}} {2 * DEGRADED_REDIS_ERRORS}' in metrics
     assert 'nanogrid_dependency_errors_total{dependency="sqs"} 0' in metrics
     assert "nanogrid_dead_lettered_total 2" in metrics
+    assert "nanogrid_messages_resent_total 6" in metrics  # each worker's 3 re-sends
 
 
 def test_health_says_warming_until_the_generic_sandboxes_are_made_or_the_bound_passed(

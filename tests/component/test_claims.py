@@ -184,3 +184,24 @@ def test_a_cap_of_zero_holds_every_call_and_a_duplicate_is_still_a_duplicate(
     assert stopped.claim is None and stopped.holder is None and stopped.cap == 0
     copy = claims.acquire("dup", "f")  # the held claim answers first: the copy waits for it
     assert copy.holder == "host-a:1"
+
+
+def test_a_lapsed_run_renewed_is_counted_once_and_may_exceed_the_cap_by_one(
+    redis_url: str, tmp_path: Path
+) -> None:
+    results, claims = stores(redis_url, tmp_path, lease=0.3)
+    client = results.link.client()
+    client.hset("nanogrid:concurrency", "fenced", 1)
+    late = claims.acquire("late", "fenced").claim  # its holder stalls past its lease
+    assert late is not None and late.slots == "nanogrid:running:fenced"
+    time.sleep(0.4)
+    replacement = claims.acquire("next", "fenced")  # the lapsed slot is taken by another run
+    assert replacement.claim is not None and replacement.running == 1
+    for n in range(3):  # the stalled run is alive after all: renewed, again and again
+        assert claims.renew([late]) == {late: Renewal.RETAKEN if n == 0 else Renewal.KEPT}
+        assert client.zcard(late.slots) == 2  # one over the cap while both run, never more
+    assert client.zscore(late.slots, late.token) is not None
+    assert claims.acquire("third", "fenced").claim is None  # nothing more starts meanwhile
+    results.publish(Result("late", "fenced", "python", "SUCCESS"), late.token)
+    assert client.zrange(late.slots, 0, -1) == [replacement.claim.token.encode()]
+    assert claims.acquire("third", "fenced").claim is None  # back at the cap of 1
