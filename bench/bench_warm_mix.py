@@ -229,6 +229,9 @@ class Bench:
         done = self.call_all(queue, schedule)
         e2e = [ms for _, ms in done]
         sandbox = [result["timings"]["sandboxMs"] for result, _ in done]
+        phases = {name: statistics.median(r["timings"][name] for r, _ in done)
+                  for name in done[0][0]["timings"]}
+        print(f"[bench] first calls' phases, p50 ms: {phases}", file=sys.stderr)
         return {
             "p50": statistics.median(e2e),
             "max": max(e2e),

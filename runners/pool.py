@@ -12,9 +12,11 @@ after (a server serves one connection at a time), so the next taker may be any w
 The pool keeps ``size`` (its share of the runtime's ``warm``) of its sandboxes generic and
 idle at all times: when one is given a function, by any worker's call, a new generic one is
 made in the background, off every call's path. It follows the load up to ``limit`` sandboxes
-of its own (idle, taken and being made). At most ``max_making`` are made at once: a few at a
-time come out one after another and serve a burst early, where many at once would all come
-out late (a Docker engine shares 2 cores among them). Its idle sandboxes that hold a
+of its own (idle, taken and being made). At most ``max_making`` are made at once for calls
+that wait for them: a few at a time come out one after another and serve a burst early,
+where many at once would all come out late (a Docker engine shares 2 cores among them); the
+generic ones made ahead are made apart, half as many at once, so that no call's own sandbox
+waits behind them. Each call that had to wait raises the generic target for a while. Its idle sandboxes that hold a
 function expire after ``idle_expiry_s``, generic ones beyond ``size`` too, and the board's
 host-wide bound (``pool.max_idle``, ``pool.max_idle_mb``) dooms the least recently used idle
 ones of any worker: each owner destroys its doomed ones, and those a dead worker's call left
@@ -122,9 +124,14 @@ class WarmPool:
         self._lock = threading.Condition()
         # Long-lived threads: a process sandbox dies with the thread that started it
         # (PR_SET_PDEATHSIG follows the parent thread), so none may be made on a passing one.
-        self._makers = ThreadPoolExecutor(
-            max_making or self.limit, thread_name_prefix=f"pool-{runtime}-make"
+        making = max_making or self.limit
+        self._makers = ThreadPoolExecutor(making, thread_name_prefix=f"pool-{runtime}-make")
+        """Makes the sandboxes calls wait for."""
+        self._fillers = ThreadPoolExecutor(
+            max(1, making // 2), thread_name_prefix=f"pool-{runtime}-fill"
         )
+        """Makes generic sandboxes ahead of calls: apart, so that no call's own sandbox
+        waits behind them, and fewer at once (they share the host with the calls)."""
         self._wake = threading.Event()
         self._closed = False
         self._thread = threading.Thread(target=self._maintain, name=f"pool-{runtime}", daemon=True)
@@ -330,8 +337,8 @@ class WarmPool:
             if time.monotonic() - self._fill_failed_at < _FILL_BACKOFF_S:
                 fills = 0
             self._making += fills
-        for _ in range(fills):  # made in parallel (at most max_making at once)
-            self._makers.submit(self._fill_one)
+        for _ in range(fills):
+            self._fillers.submit(self._fill_one)
 
     def _pause_if_due(self, entry: Entry, idle_s: float) -> None:
         """A sandbox the runner pauses while idle (Docker without a freezer) leaves the board
@@ -441,6 +448,7 @@ class WarmPool:
         # What is being made goes to its call or is removed, before the runner tears down
         # what sandboxes stand on; what is not begun yet is not made.
         self._makers.shutdown(wait=True)
+        self._fillers.shutdown(wait=True)
         deadline = time.monotonic() + _LENT_BACK_S
         while True:  # idle ones off the board first: no other call may take them now
             own = [e for e in self.board.owned(self.slot) if e.runtime == self.runtime]
