@@ -48,8 +48,8 @@ import psutil  # noqa: E402
 import redis  # noqa: E402
 import yaml  # noqa: E402
 
-from devtools.embedded import MotoServer, RedisServer, free_port, wait_until  # noqa: E402
-from devtools.overlap import most_at_once  # noqa: E402
+from nanogrid.devtools.embedded import MotoServer, RedisServer, free_port, wait_until  # noqa: E402
+from nanogrid.devtools.overlap import most_at_once  # noqa: E402
 
 DOCKER_IMAGE = "nanogrid/python:3.11-bookworm"
 HELLO = 'print("Hello from NanoGrid!")\n'

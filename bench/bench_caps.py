@@ -51,8 +51,8 @@ import redis  # noqa: E402
 import yaml  # noqa: E402
 from bench_capacity import checkout, sleeper, zipped  # noqa: E402
 
-from devtools.embedded import MotoServer, RedisServer, free_port, wait_until  # noqa: E402
-from devtools.overlap import most_at_once  # noqa: E402
+from nanogrid.devtools.embedded import MotoServer, RedisServer, free_port, wait_until  # noqa: E402
+from nanogrid.devtools.overlap import most_at_once  # noqa: E402
 
 FUNCTION = "bench-capped"
 HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length"}

@@ -38,9 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from loguru import logger  # noqa: E402
 
-from common.config import Config, from_dict  # noqa: E402
-from runners.base import Invocation  # noqa: E402
-from runners.docker.runner import DockerRunner, DockerSandbox  # noqa: E402
+from nanogrid.common.config import Config, from_dict  # noqa: E402
+from nanogrid.runners.base import Invocation  # noqa: E402
+from nanogrid.runners.docker.runner import DockerRunner, DockerSandbox  # noqa: E402
 
 HELLO = {"main.py": "import json, sys\nprint('Hello', json.load(sys.stdin)['name'])\n"}
 HELLO_MODULE = {  # a function with code of its own: its container holds it between runs

@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
-"""What freezing an idle sandbox costs: one freeze and one thaw per run (runners/freezer.py).
+"""What freezing an idle sandbox costs: one freeze and one thaw per run
+(nanogrid/runners/freezer.py).
 
 A process that echoes on a socket is moved into a fresh cgroup of each freezer this host
 mounts (v1's freezer hierarchy, a cgroup2 tree); then, N times: thaw, one round trip, freeze,
 with ``--gap-ms`` between (a call's idle time). Reports the thaw and freeze writes and the
 round trip (p50, p90 in microseconds) and the bench's own CPU per cycle, next to the round
 trip alone. On v1 the cost depends on whether another cgroup of the host is frozen (the
-kernel's freezer switch): ``runners.freezer.anchor`` keeps one frozen; ``--no-anchor``
+kernel's freezer switch): ``nanogrid.runners.freezer.anchor`` keeps one frozen; ``--no-anchor``
 measures without it (only meaningful when nothing else on the host is frozen).
 
 Needs root. ~10 s for the defaults.
@@ -29,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from runners.freezer import ANCHOR, Freezer, anchor  # noqa: E402
+from nanogrid.runners.freezer import ANCHOR, Freezer, anchor  # noqa: E402
 
 CGROUP = Path("/sys/fs/cgroup")
 ECHO = """import socket, sys

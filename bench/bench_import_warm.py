@@ -53,10 +53,10 @@ sys.path.insert(0, str(ROOT))
 
 from loguru import logger  # noqa: E402
 
-from common.config import from_dict  # noqa: E402
-from runners.base import Invocation, Runner  # noqa: E402
-from runners.docker import DockerRunner  # noqa: E402
-from runners.process import ProcessRunner  # noqa: E402
+from nanogrid.common.config import from_dict  # noqa: E402
+from nanogrid.runners.base import Invocation, Runner  # noqa: E402
+from nanogrid.runners.docker import DockerRunner  # noqa: E402
+from nanogrid.runners.process import ProcessRunner  # noqa: E402
 
 IMAGES = {"python": "nanogrid/python:3.11-bookworm", "node": "nanogrid/node:18-bookworm"}
 COMMANDS = {"python": ("python3", "main.py"), "node": ("node", "main.js")}

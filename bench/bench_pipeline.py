@@ -6,7 +6,7 @@ of the same hello-world task, all running at once, each on a queue of its own:
 
 ``floor``     receive (long poll) -> SET + PUBLISH a stub result -> delete: no work at all,
               the cost of the SQS/Redis plumbing through moto.
-``agent``     worker.loop.Worker with the process runner (warm fork-server sandboxes),
+``agent``     nanogrid.worker.loop.Worker with the process runner (warm fork-server sandboxes),
               forked from this script as the supervisor forks it.
 ``agent-node`` (by ``--systems``) the same worker, given python and node runtimes, running
               examples/hello-node's ``console.log`` in its warm node sandboxes.
@@ -72,7 +72,7 @@ import redis  # noqa: E402
 import yaml  # noqa: E402
 
 try:  # the peers the tests and bin/nanogrid-local run
-    from devtools.embedded import MotoServer, RedisServer, free_port
+    from nanogrid.devtools.embedded import MotoServer, RedisServer, free_port
 except ImportError:  # older trees kept them with the tests
     sys.path.insert(0, str(ROOT / "tests"))
     from helpers import MotoServer, RedisServer, free_port  # type: ignore[no-redef]
@@ -105,7 +105,7 @@ with open(sys.argv[2]) as settings:
     bench_pipeline._agent_main(json.load(settings), sys.argv[3], sys.argv[4])
 """
 AGENTS = ("agent", "agent-node", BEFORE)
-"""Systems that are one traced worker.loop.Worker."""
+"""Systems that are one traced nanogrid.worker.loop.Worker."""
 SCALING = ("bare-1w", "bare-2w", "supervisor-1w", "supervisor-2w")
 MULTI = ("bare", "supervisor")
 """Systems of N workers: forked from here (bare) or by bin/nanogrid-supervisor."""
@@ -132,13 +132,13 @@ def _child_setup(log_path: str) -> None:
 
 def _agent_main(settings: dict[str, Any], log_path: str, trace_path: str) -> None:
     _child_setup(log_path)
-    from common import logs
-    from common.config import from_dict
+    from nanogrid.common import logs
+    from nanogrid.common.config import from_dict
 
     config = from_dict(settings)
     logs.setup(config.log, "worker-0")
     try:
-        import worker.hooks  # noqa: F401
+        import nanogrid.worker.hooks  # noqa: F401
     except ImportError:  # a revision from before the worker's hooks (--before REF)
         os._exit(_traced_worker_class()(config, 0, trace_path).run())
     os._exit(_serve_traced(config, trace_path))
@@ -148,9 +148,9 @@ def _bare_main(settings: dict[str, Any], log_path: str) -> None:
     """``workers`` plain Worker processes forked from here: the supervisor's workers without
     the supervisor (no arbiter loop, status pipe or HTTP), to tell its cost from the machine's."""
     _child_setup(log_path)
-    from common import logs
-    from common.config import from_dict
-    from worker.loop import serve
+    from nanogrid.common import logs
+    from nanogrid.common.config import from_dict
+    from nanogrid.worker.loop import serve
 
     config = from_dict(settings)
     pids = []
@@ -174,16 +174,16 @@ def _bare_main(settings: dict[str, Any], log_path: str) -> None:
 
 STAGE_LABELS = {"claim": "claim", "fetch": "code_fetch", "sandbox": "acquire",
                 "unpack": "extract", "run": "run", "end": "publish"}
-"""The worker's stages (worker/hooks.py) as the breakdown names them; ``end`` holds the
+"""The worker's stages (nanogrid/worker/hooks.py) as the breakdown names them; ``end`` holds the
 publish, the delete and the metrics."""
 
 
 def _serve_traced(config: Any, trace_path: str) -> int:
-    """worker.loop.serve with a hook that times each receive and each message's stages
+    """nanogrid.worker.loop.serve with a hook that times each receive and each message's stages
     (time.monotonic and perf_counter are both CLOCK_MONOTONIC here: comparable across
     processes); the spans go to a JSON-lines file at the end."""
-    from worker.hooks import Hook
-    from worker.loop import serve
+    from nanogrid.worker.hooks import Hook
+    from nanogrid.worker.loop import serve
 
     records: list[dict[str, Any]] = []
     last_receive = [(0.0, 0.0)]
@@ -222,8 +222,8 @@ def _traced_worker_class() -> type:
     """For revisions before the worker's hooks: a Worker whose stages are timed
     (perf_counter, CLOCK_MONOTONIC: comparable across processes); the spans of each handled
     message go to a JSON-lines file at shutdown."""
-    import worker.invoke as invoke_module
-    import worker.loop as worker_module
+    import nanogrid.worker.invoke as invoke_module
+    import nanogrid.worker.loop as worker_module
 
     class TracedWorker(worker_module.Worker):
         def __init__(self, config: Any, index: int, trace_path: str) -> None:

@@ -40,9 +40,9 @@ tree, work, index, files = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.load
 sys.path.insert(0, tree)
 from loguru import logger
 logger.remove()
-from common.config import from_dict
-from runners.base import Invocation
-from runners.process import ProcessRunner
+from nanogrid.common.config import from_dict
+from nanogrid.runners.base import Invocation
+from nanogrid.runners.process import ProcessRunner
 
 INVOCATION = Invocation("bench", "fn", ("python3", "main.py"), b"{}", 128, 10_000, 65536, 64)
 config = from_dict({
@@ -102,7 +102,7 @@ class Driver:
         self._in, self._out = self.process.stdin, self.process.stdout
         if self._out.readline().strip() != "ready":
             raise SystemExit(f"the agent of {tree} did not start")
-        self.sandbox = sandbox_pids(tree / "runners" / "forkserver", work, index)
+        self.sandbox = sandbox_pids(tree / "nanogrid" / "runners" / "forkserver", work, index)
 
     def call(self) -> None:
         self._in.write("\n")

@@ -69,10 +69,10 @@ def serve(tree: Path, index: int) -> int:
     sys.path.insert(0, str(tree))
     from loguru import logger
 
-    from common import capacity
-    from common.config import from_dict
-    from runners.base import Invocation
-    from runners.process.runner import ProcessRunner
+    from nanogrid.common import capacity
+    from nanogrid.common.config import from_dict
+    from nanogrid.runners.base import Invocation
+    from nanogrid.runners.process.runner import ProcessRunner
 
     logger.remove()  # its debug line per sandbox
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""What a worker's waits cost at many runs in flight: a thread per run (worker/inflight.py:
+"""What a worker's waits cost at many runs in flight: a thread per run (nanogrid/worker/inflight.py:
 each run's thread blocks on its sandbox's pipes) against one selector thread for them all.
 
 Each of ``--runs`` runs in flight is a pipe a writer process (not measured) answers after

@@ -4,7 +4,7 @@
 with on 4318), in the test process: the agent's spans arrive as its SDK sends them.
 
 The peers are real programs, never fakes, and the same ones `bin/nanogrid-local` runs:
-`RedisServer`, `PeerProcess`, `free_port` and `wait_until` come from devtools.embedded
+`RedisServer`, `PeerProcess`, `free_port` and `wait_until` come from nanogrid.devtools.embedded
 (one copy of each); `MotoServer` adds cached clients and fresh queues/buckets to the
 embedded one. `PidsCgroup` confines the test process to a pids cgroup so hostile code
 cannot fork-bomb the machine. `put_code` puts a function into a sandbox as the worker does.
@@ -33,8 +33,8 @@ from typing import Any
 import boto3
 import redis
 
-from devtools import embedded
-from devtools.embedded import (
+from nanogrid.devtools import embedded
+from nanogrid.devtools.embedded import (
     AWS_REGION,
     PEER_PIDS,
     PeerProcess,
@@ -112,7 +112,7 @@ def merged(settings: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
 
 def agent_config(base: str | os.PathLike[str], runner: str = "process", **changes: Any) -> Any:
     """``agent_settings`` as the agent's Config."""
-    from common.config import from_dict
+    from nanogrid.common.config import from_dict
 
     return from_dict(agent_settings(base, runner, **changes))
 
@@ -282,7 +282,7 @@ class TaskClient:
 
     def call(self, task: dict[str, Any], timeout: float = 30) -> dict[str, Any]:
         """Subscribe, send, wait: as the controller does."""
-        from devtools.invoke import invoke
+        from nanogrid.devtools.invoke import invoke
 
         result = invoke(self.aws.sqs(), self.redis, self.queue_url, task, timeout)
         assert result is not None, f"no result for {task['requestId']} within {timeout}s"

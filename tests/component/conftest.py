@@ -13,7 +13,7 @@ import docker
 import pytest
 from harness import SCRATCH, Agent, agent_containers
 
-from runners.docker import cleanup as container_cleanup
+from nanogrid.runners.docker import cleanup as container_cleanup
 
 
 @pytest.fixture

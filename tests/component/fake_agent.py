@@ -34,16 +34,16 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import runners  # noqa: E402
-from common.config import Config  # noqa: E402
-from common.exitcodes import EXIT_BOOT_ERROR  # noqa: E402
-from runners.lending import SandboxBoard  # noqa: E402
-from runners.pool import warm_share  # noqa: E402
-from supervisor import arbiter, workerstate  # noqa: E402
-from supervisor.configcheck import load_checked  # noqa: E402
-from worker.hostshare import HostShare  # noqa: E402
-from worker.result import Result, Timings  # noqa: E402
-from worker.status import StatusReporter  # noqa: E402
+from nanogrid import runners  # noqa: E402
+from nanogrid.common.config import Config  # noqa: E402
+from nanogrid.common.exitcodes import EXIT_BOOT_ERROR  # noqa: E402
+from nanogrid.runners.lending import SandboxBoard  # noqa: E402
+from nanogrid.runners.pool import warm_share  # noqa: E402
+from nanogrid.supervisor import arbiter, workerstate  # noqa: E402
+from nanogrid.supervisor.configcheck import load_checked  # noqa: E402
+from nanogrid.worker.hostshare import HostShare  # noqa: E402
+from nanogrid.worker.result import Result, Timings  # noqa: E402
+from nanogrid.worker.status import StatusReporter  # noqa: E402
 
 BEAT_S = 0.05
 RUN_S = 1.0

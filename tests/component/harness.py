@@ -23,11 +23,11 @@ from helpers import (
     wait_until,
 )
 
-from common.config import Config, from_dict
-from runners.docker.runner import DockerRunner
-from runners.pooled import PooledRunner
-from runners.process.runner import ProcessRunner
-from worker.hostshare import HostShare
+from nanogrid.common.config import Config, from_dict
+from nanogrid.runners.docker.runner import DockerRunner
+from nanogrid.runners.pooled import PooledRunner
+from nanogrid.runners.process.runner import ProcessRunner
+from nanogrid.worker.hostshare import HostShare
 
 HELLO = 'print("Hello from NanoGrid!")\n'
 
@@ -72,8 +72,8 @@ class Agent(TaskClient):
         self.process = multiprocessing.get_context("fork").Process(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        from common import logs
-        from worker.loop import serve
+        from nanogrid.common import logs
+        from nanogrid.worker.loop import serve
 
         logs.setup(self.config.log, "worker-0")
         os._exit(serve(self.config, 0, host=self.host and self.host.reopened()))
@@ -124,8 +124,8 @@ def fork_worker(config: Config, index: int, host: HostShare | None = None) -> An
     on the host's shared pages ``host`` if given (else pages of its own)."""
 
     def run() -> None:
-        from common import logs
-        from worker.loop import serve
+        from nanogrid.common import logs
+        from nanogrid.worker.loop import serve
 
         logs.setup(config.log, f"worker-{index}")
         os._exit(serve(config, index, host=host and host.reopened()))

@@ -13,7 +13,7 @@ from typing import Any
 import redis
 import yaml
 
-from worker import result
+from nanogrid.worker import result
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -149,9 +149,9 @@ def test_a_log_sink_that_fails_at_the_swap_keeps_the_old_config(
     # old config and its log file stay, instead of the loop dying on it.
     from loguru import logger
 
-    from common import logsink
-    from common.config import load
-    from supervisor import arbiter as arbiter_module
+    from nanogrid.common import logsink
+    from nanogrid.common.config import load
+    from nanogrid.supervisor import arbiter as arbiter_module
 
     old_log = tmp_path / "old.log"
     path = tmp_path / "agent.yaml"

@@ -9,11 +9,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from common.config import from_dict
-from supervisor.arbiter import STATUS_GATHER_S, TICK_S, Arbiter
-from supervisor.workerstate import WorkerProcess
-from worker.result import Result
-from worker.status import StatusReader, StatusReporter
+from nanogrid.common.config import from_dict
+from nanogrid.supervisor.arbiter import STATUS_GATHER_S, TICK_S, Arbiter
+from nanogrid.supervisor.workerstate import WorkerProcess
+from nanogrid.worker.result import Result
+from nanogrid.worker.status import StatusReader, StatusReporter
 
 RESULT = Result(request_id="a", function_id="fn", runtime="python", status="SUCCESS",
                 duration_millis=3.0, peak_memory_bytes=2**20)

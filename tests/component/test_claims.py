@@ -7,9 +7,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from worker.claim import ClaimLeases, ClaimStore, Renewal
-from worker.result import Result
-from worker.resultstore import ResultStore
+from nanogrid.worker.claim import ClaimLeases, ClaimStore, Renewal
+from nanogrid.worker.result import Result
+from nanogrid.worker.resultstore import ResultStore
 
 
 def stores(

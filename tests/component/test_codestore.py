@@ -20,11 +20,11 @@ import pytest
 from botocore.exceptions import ConnectTimeoutError, EndpointConnectionError, ReadTimeoutError
 from botocore.stub import Stubber
 
-from common.config import LimitsConfig
-from common.errors import CodeNotFound, InvalidCodePackage
-from worker import codestore, unpack
-from worker.codestore import CodePackage, CodeStore
-from worker.diskspace import DiskGuard
+from nanogrid.common.config import LimitsConfig
+from nanogrid.common.errors import CodeNotFound, InvalidCodePackage
+from nanogrid.worker import codestore, unpack
+from nanogrid.worker.codestore import CodePackage, CodeStore
+from nanogrid.worker.diskspace import DiskGuard
 
 KEY = "functions/hello-python/v1.zip"
 

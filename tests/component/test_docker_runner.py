@@ -36,11 +36,11 @@ from helpers import (
     wait_until,
 )
 
-from common.config import Config
-from common.errors import ConfigError, SandboxError
-from runners.base import Invocation, RunOutcome
-from runners.docker.cleanup import remove_agent_containers
-from runners.docker.runner import DockerRunner, DockerSandbox
+from nanogrid.common.config import Config
+from nanogrid.common.errors import ConfigError, SandboxError
+from nanogrid.runners.base import Invocation, RunOutcome
+from nanogrid.runners.docker.cleanup import remove_agent_containers
+from nanogrid.runners.docker.runner import DockerRunner, DockerSandbox
 
 pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("containers_agent")]
 

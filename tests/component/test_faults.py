@@ -25,8 +25,8 @@ from harness import HELLO, Agent, fork_worker, make_zip, runs_per_request, stop
 from helpers import RedisServer, free_port, wait_until
 from poison import POISON
 
-from common.errors import HostFault
-from worker.codestore import CodeStore
+from nanogrid.common.errors import HostFault
+from nanogrid.worker.codestore import CodeStore
 
 VISIBILITY_S = 2
 """The Agent's visibility timeout: a message that ends within it never came back."""

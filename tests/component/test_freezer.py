@@ -1,5 +1,6 @@
-"""The cgroup freezer that stops idle sandboxes (runners/freezer.py), on each cgroup version
-this host mounts: v1's freezer hierarchy and a v2 tree (the unified one of a hybrid host)."""
+"""The cgroup freezer that stops idle sandboxes (nanogrid/runners/freezer.py), on each cgroup
+version this host mounts: v1's freezer hierarchy and a v2 tree (the unified one of a hybrid
+host)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 from helpers import cgroup_frozen, cpu_seconds, wait_until
 
-from runners.freezer import Freezer
+from nanogrid.runners.freezer import Freezer
 
 ROOT = Path("/sys/fs/cgroup")
 

@@ -1,4 +1,4 @@
-"""The host's warm pool with real workers (worker/loop.py processes on one HostShare), real
+"""The host's warm pool with real workers (nanogrid/worker/loop.py processes on one HostShare), real
 process sandboxes, SQS, S3 and Redis: a call runs warm whichever worker takes it."""
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import pytest
 from harness import HELLO, Agent, fork_worker, stop
 from helpers import wait_until
 
-from common import capacity
-from runners.lending import IDLE, TAKEN, Entry
-from worker.hostshare import HostShare
+from nanogrid.common import capacity
+from nanogrid.runners.lending import IDLE, TAKEN, Entry
+from nanogrid.worker.hostshare import HostShare
 
 pytestmark = pytest.mark.usefixtures("pids_limited_tests")
 

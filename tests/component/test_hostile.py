@@ -33,11 +33,11 @@ from harness import (
 )
 from helpers import RedisServer, put_code, unreached_listener, wait_until
 
-from common.config import Config
-from runners.base import Invocation, Runner, RunOutcome, Sandbox
-from runners.docker import cleanup as container_cleanup
-from runners.docker.runner import DockerRunner, DockerSandbox
-from runners.process.runner import ProcessRunner, ProcessSandbox
+from nanogrid.common.config import Config
+from nanogrid.runners.base import Invocation, Runner, RunOutcome, Sandbox
+from nanogrid.runners.docker import cleanup as container_cleanup
+from nanogrid.runners.docker.runner import DockerRunner, DockerSandbox
+from nanogrid.runners.process.runner import ProcessRunner, ProcessSandbox
 
 pytestmark = pytest.mark.usefixtures("pids_limited_tests")
 

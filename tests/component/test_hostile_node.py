@@ -24,12 +24,12 @@ from harness import CONTRACT_ENV, MAX_OUTPUT, MAX_PIDS, SECRET, MiB
 from harness import hostile_config as make_config
 from helpers import RedisServer, put_code, unreached_listener, wait_until
 
-from common.config import Config, RuntimeConfig
-from common.errors import SandboxError
-from runners.base import Invocation, Runner
-from runners.docker import DockerRunner
-from runners.docker import cleanup as container_cleanup
-from runners.process import ProcessRunner
+from nanogrid.common.config import Config, RuntimeConfig
+from nanogrid.common.errors import SandboxError
+from nanogrid.runners.base import Invocation, Runner
+from nanogrid.runners.docker import DockerRunner
+from nanogrid.runners.docker import cleanup as container_cleanup
+from nanogrid.runners.process import ProcessRunner
 
 pytestmark = pytest.mark.usefixtures("pids_limited_tests")
 

@@ -18,14 +18,14 @@ from typing import Any
 import pytest
 from helpers import RUNTIME_IMAGE, agent_config, idle_cpu_seconds, put_code, wait_until
 
-from common.errors import SandboxError
-from runners import cgroups, freezer
-from runners.base import Invocation, Runner, RunOutcome
-from runners.cgroups import SandboxCgroups
-from runners.docker import DockerRunner
-from runners.docker import cgroup as container_cgroup
-from runners.forkclient import FORKSERVER_SOURCE, ForkServerClient
-from runners.process import ProcessRunner
+from nanogrid.common.errors import SandboxError
+from nanogrid.runners import cgroups, freezer
+from nanogrid.runners.base import Invocation, Runner, RunOutcome
+from nanogrid.runners.cgroups import SandboxCgroups
+from nanogrid.runners.docker import DockerRunner
+from nanogrid.runners.docker import cgroup as container_cgroup
+from nanogrid.runners.forkclient import FORKSERVER_SOURCE, ForkServerClient
+from nanogrid.runners.process import ProcessRunner
 
 pytestmark = pytest.mark.usefixtures("containers_agent")
 
@@ -67,7 +67,8 @@ FILES = {
 }
 
 SHADOWS = ("_nanogrid_forkserver", "child", "preload", "reaping", "sandbox", "server")
-"""The fork server's modules, by the names they have in a sandbox and in runners/forkserver/."""
+"""The fork server's modules, by the names they have in a sandbox and in
+nanogrid/runners/forkserver/."""
 SHADOWING = {
     "main.py": f"""import json, os, sys
 import {", ".join(SHADOWS)}
@@ -271,10 +272,10 @@ from pathlib import Path
 sys.path.insert(0, os.getcwd())
 from loguru import logger
 logger.remove()
-from common.config import from_dict
-from runners import cgroups, freezer
-from runners.base import Invocation
-from runners.process import ProcessRunner
+from nanogrid.common.config import from_dict
+from nanogrid.runners import cgroups, freezer
+from nanogrid.runners.base import Invocation
+from nanogrid.runners.process import ProcessRunner
 work = sys.argv[1]
 v2 = sys.argv[3] == "v2"  # as the freezing fixture does
 cgroups.freezer_of = lambda paths: freezer.freezer_of(
@@ -297,7 +298,7 @@ sys.stdin.read()
 def test_a_frozen_sandbox_dies_with_its_agent(freezing: str) -> None:
     """A worker killed with SIGKILL leaves no sandbox behind, frozen ones included: each dies
     of its death signal (v2's freezer lets a SIGKILL through), or, frozen by v1's, is killed
-    and thawed by the guard the worker left (runners.freezer.thaw_guard)."""
+    and thawed by the guard the worker left (nanogrid.runners.freezer.thaw_guard)."""
     files = {**SPINNING, "spinner.py": SPINNER.format(in_server="os.getpid() == 1")}
     work = tempfile.mkdtemp(prefix="ng-iw-")  # sandbox users traverse it
     os.chmod(work, 0o711)

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from common.config import CloudWatchConfig
-from worker.cloudwatch import MetricsPublisher
+from nanogrid.common.config import CloudWatchConfig
+from nanogrid.worker.cloudwatch import MetricsPublisher
 
 MB = 2**20
 METRICS = {

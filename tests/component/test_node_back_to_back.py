@@ -15,8 +15,8 @@ from harness import MAX_PIDS
 from harness import start_runner as start
 from helpers import put_code, sandbox_pids, wait_until
 
-from runners.base import Invocation, RunOutcome
-from runners.pooled import PooledRunner
+from nanogrid.runners.base import Invocation, RunOutcome
+from nanogrid.runners.pooled import PooledRunner
 
 pytestmark = pytest.mark.usefixtures("containers_agent")
 

@@ -18,9 +18,9 @@ from harness import MAX_PIDS
 from harness import start_runner as start
 from helpers import frozen, idle_cpu_seconds, put_code
 
-from runners.base import Invocation, RunOutcome
-from runners.nodeclient import NODESERVER_SOURCE, NodeServerClient
-from runners.pooled import PooledRunner
+from nanogrid.runners.base import Invocation, RunOutcome
+from nanogrid.runners.nodeclient import NODESERVER_SOURCE, NodeServerClient
+from nanogrid.runners.pooled import PooledRunner
 
 pytestmark = pytest.mark.usefixtures("containers_agent")
 

@@ -17,7 +17,7 @@ import pytest
 from harness import Agent, make_zip
 from helpers import NODE_IMAGE, RUNTIME_IMAGE, wait_until
 
-from devtools.invoke import zip_function
+from nanogrid.devtools.invoke import zip_function
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 

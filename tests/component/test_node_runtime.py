@@ -18,11 +18,11 @@ from harness import runner_config as make_config
 from harness import start_runner as start
 from helpers import put_code
 
-from common.errors import RuntimeUnavailable
-from runners.base import Invocation, RunOutcome, Sandbox
-from runners.docker.runner import DockerRunner, DockerSandbox
-from runners.pooled import PooledRunner
-from runners.process.runner import ProcessRunner, ProcessSandbox
+from nanogrid.common.errors import RuntimeUnavailable
+from nanogrid.runners.base import Invocation, RunOutcome, Sandbox
+from nanogrid.runners.docker.runner import DockerRunner, DockerSandbox
+from nanogrid.runners.pooled import PooledRunner
+from nanogrid.runners.process.runner import ProcessRunner, ProcessSandbox
 
 MiB = 2**20
 pytestmark = pytest.mark.usefixtures("containers_agent")

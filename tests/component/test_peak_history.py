@@ -9,11 +9,11 @@ from typing import Any
 
 import redis
 
-from common.config import AutotunerConfig
-from worker.autotuner import PeakHistory, recommend
-from worker.claim import ClaimStore
-from worker.result import Result
-from worker.resultstore import ResultStore
+from nanogrid.common.config import AutotunerConfig
+from nanogrid.worker.autotuner import PeakHistory, recommend
+from nanogrid.worker.claim import ClaimStore
+from nanogrid.worker.result import Result
+from nanogrid.worker.resultstore import ResultStore
 
 MB = 2**20
 CFG = dataclasses.replace(AutotunerConfig(), history_size=5, history_ttl_seconds=600)

@@ -25,11 +25,11 @@ from helpers import (
     wait_until,
 )
 
-from common.config import Config, from_dict
-from runners import cgroups
-from runners.base import Invocation, RunOutcome
-from runners.forkclient import FORKSERVER_SOURCE, ForkServerClient
-from runners.process.runner import ProcessRunner, ProcessSandbox
+from nanogrid.common.config import Config, from_dict
+from nanogrid.runners import cgroups
+from nanogrid.runners.base import Invocation, RunOutcome
+from nanogrid.runners.forkclient import FORKSERVER_SOURCE, ForkServerClient
+from nanogrid.runners.process.runner import ProcessRunner, ProcessSandbox
 
 
 def make_config(warm: int = 1, max_pids: int = 32, **process: Any) -> Config:

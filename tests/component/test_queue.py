@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from common.config import QueueConfig
-from common.errors import QueueUnavailable
-from worker.sqs import BatchDeleter, TaskQueue, VisibilityHeartbeat
+from nanogrid.common.config import QueueConfig
+from nanogrid.common.errors import QueueUnavailable
+from nanogrid.worker.sqs import BatchDeleter, TaskQueue, VisibilityHeartbeat
 
 
 def make_queue(aws: Any, **changes: Any) -> TaskQueue:

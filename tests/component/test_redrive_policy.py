@@ -14,9 +14,9 @@ from typing import Any
 from harness import HELLO, Agent
 from helpers import wait_until
 
-from common.config import QueueConfig
-from worker.redrive import Redrive
-from worker.sqs import TaskQueue
+from nanogrid.common.config import QueueConfig
+from nanogrid.worker.redrive import Redrive
+from nanogrid.worker.sqs import TaskQueue
 
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 TRACEPARENT = f"00-{TRACE_ID}-b7ad6b7169203331-01"

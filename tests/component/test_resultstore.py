@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 import redis
 
-from common.errors import ResultStoreUnavailable
-from worker.result import Result, Timings
-from worker.resultstore import ResultStore
+from nanogrid.common.errors import ResultStoreUnavailable
+from nanogrid.worker.result import Result, Timings
+from nanogrid.worker.resultstore import ResultStore
 
 TTL = 120
 
@@ -166,7 +166,7 @@ FLUSHER = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from worker.resultstore import ResultStore
+    from nanogrid.worker.resultstore import ResultStore
     url, outbox, start_at = sys.argv[1], sys.argv[2], float(sys.argv[3])
     store = ResultStore(url, 120, Path(outbox))
     while time.time() < start_at:

@@ -23,11 +23,11 @@ from typing import Any
 import pytest
 from helpers import agent_config, put_code
 
-from common.config import Config
-from runners import cgroups
-from runners.base import Invocation, RunOutcome
-from runners.process.runner import ProcessRunner, ProcessSandbox
-from runners.process.uids import SandboxUids
+from nanogrid.common.config import Config
+from nanogrid.runners import cgroups
+from nanogrid.runners.base import Invocation, RunOutcome
+from nanogrid.runners.process.runner import ProcessRunner, ProcessSandbox
+from nanogrid.runners.process.uids import SandboxUids
 
 PROBE_PATHS = r"""
 import json, os, sys

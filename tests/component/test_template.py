@@ -1,4 +1,4 @@
-"""Process sandboxes forked from the worker's warm template (runners/process/template.py):
+"""Process sandboxes forked from the worker's warm template (nanogrid/runners/process/template.py):
 a cold sandbox is a fork, not an interpreter start, and keeps every isolation it had."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import psutil
 import pytest
 from helpers import agent_config, put_code, scratch_dir, wait_until
 
-from runners import cgroups, freezer
-from runners.base import Invocation
-from runners.process.runner import ProcessRunner, ProcessSandbox
+from nanogrid.runners import cgroups, freezer
+from nanogrid.runners.base import Invocation
+from nanogrid.runners.process.runner import ProcessRunner, ProcessSandbox
 
 CGROUP = Path("/sys/fs/cgroup")
 TEMPLATE = "nanogrid: sandbox template"

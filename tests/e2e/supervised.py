@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 from helpers import TaskClient, agent_settings, merged, scratch_dir, wait_until
 
-from devtools.invoke import zip_function
+from nanogrid.devtools.invoke import zip_function
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = ROOT / "bin" / "nanogrid-supervisor"

@@ -16,7 +16,7 @@ import pytest
 from helpers import wait_until
 from supervised import Agent
 
-from devtools.overlap import most_at_once
+from nanogrid.devtools.overlap import most_at_once
 
 pytestmark = pytest.mark.usefixtures("pids_limited_tests")
 

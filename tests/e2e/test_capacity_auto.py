@@ -18,7 +18,7 @@ import yaml
 from helpers import wait_until
 from supervised import BIN
 
-from common import capacity
+from nanogrid.common import capacity
 
 pytestmark = pytest.mark.usefixtures("pids_limited_tests")
 

@@ -16,7 +16,7 @@ from typing import Any
 from helpers import wait_until
 from supervised import ROOT, Agent
 
-from devtools.overlap import most_at_once
+from nanogrid.devtools.overlap import most_at_once
 
 CAP = 3
 F_CODE = "import time\ntime.sleep(0.5)\nprint('f')\n"

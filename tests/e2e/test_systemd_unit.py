@@ -21,7 +21,7 @@ import yaml
 from helpers import MotoServer, RedisServer, TaskClient, free_port, http_json, wait_until
 from systemd_host import CONFIG, IMAGE, UNIT, WHEELHOUSE, HostError, SystemdHost
 
-from devtools.invoke import zip_function
+from nanogrid.devtools.invoke import zip_function
 
 HELLO = "print('Hello from systemd')\n"
 WATCHDOG_S = 3

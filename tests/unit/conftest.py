@@ -1,4 +1,4 @@
-"""Fixtures of the unit tier: a worker's stubs (worker/stubs.py), closed after the test."""
+"""Fixtures of the unit tier: a worker's stubs (nanogrid/worker/stubs.py), closed after the test."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from common.config import from_dict
-from worker.stubs import StubCodes, StubRunner, Stubs
+from nanogrid.common.config import from_dict
+from nanogrid.worker.stubs import StubCodes, StubRunner, Stubs
 
 MakeStubs = Callable[..., Stubs]
 

@@ -6,10 +6,10 @@ import dataclasses
 
 import pytest
 
-from common.config import AutotunerConfig
-from worker import tips
-from worker.autotuner import PeakHistory, recommend
-from worker.result import Result
+from nanogrid.common.config import AutotunerConfig
+from nanogrid.worker import tips
+from nanogrid.worker.autotuner import PeakHistory, recommend
+from nanogrid.worker.result import Result
 
 MB = 2**20
 CFG = AutotunerConfig()

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from common import awsclient
-from common.config import QueueConfig
-from worker import cloudwatch
-from worker.codestore import CodeStore
-from worker.sqs import TaskQueue
+from nanogrid.common import awsclient
+from nanogrid.common.config import QueueConfig
+from nanogrid.worker import cloudwatch
+from nanogrid.worker.codestore import CodeStore
+from nanogrid.worker.sqs import TaskQueue
 
 
 class _Sent(Exception):

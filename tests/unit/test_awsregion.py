@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from common import awsregion, config
-from common.errors import ConfigError
-from worker import cloudwatch as metrics
-from worker.codestore import CodeStore
-from worker.sqs import TaskQueue
+from nanogrid.common import awsregion, config
+from nanogrid.common.errors import ConfigError
+from nanogrid.worker import cloudwatch as metrics
+from nanogrid.worker.codestore import CodeStore
+from nanogrid.worker.sqs import TaskQueue
 
 LOOPBACK_QUEUE = "http://127.0.0.1:5000/123456789012/q"
 SEOUL_QUEUE = "https://sqs.ap-northeast-2.amazonaws.com/123456789012/q"

@@ -7,9 +7,9 @@ import time
 from types import SimpleNamespace
 from typing import Any
 
-from common.config import QueueConfig
-from common.errors import QueueUnavailable
-from worker.sqs import MAX_DELETE_LINGER_S, BatchDeleter, Message
+from nanogrid.common.config import QueueConfig
+from nanogrid.common.errors import QueueUnavailable
+from nanogrid.worker.sqs import MAX_DELETE_LINGER_S, BatchDeleter, Message
 
 LINGER = 0.2
 

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from worker import caps
-from worker.caps import CapGate, delay_for
+from nanogrid.worker import caps
+from nanogrid.worker.caps import CapGate, delay_for
 
 
 def test_the_delay_grows_with_the_receives_within_its_jitter_and_bounds() -> None:

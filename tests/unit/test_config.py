@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from common import config, environ
-from common.errors import ConfigError
+from nanogrid.common import config, environ
+from nanogrid.common.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 

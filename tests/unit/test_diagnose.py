@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from runners.base import RunOutcome
-from worker import diagnose, result
+from nanogrid.runners.base import RunOutcome
+from nanogrid.worker import diagnose, result
 
 NODE_UNCAUGHT = """\
 TypeError: Cannot read properties of null (reading 'y')

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from runners.forkserver import sandbox
+from nanogrid.runners.forkserver import sandbox
 
 SETTINGS = {"tmpfs_mb": 8, "network": True, "root": None}
 

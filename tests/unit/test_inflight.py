@@ -5,9 +5,9 @@ from __future__ import annotations
 import threading
 import time
 
-from worker.inflight import Inflight
-from worker.ledger import Ledger
-from worker.sqs import Message
+from nanogrid.worker.inflight import Inflight
+from nanogrid.worker.ledger import Ledger
+from nanogrid.worker.sqs import Message
 
 
 def _message(n: int) -> Message:

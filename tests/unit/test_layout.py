@@ -19,13 +19,14 @@ ORDER = ("common", "runners", "worker", "supervisor", "admin", "devtools")
 
 
 def module_name(path: Path) -> str:
-    """``runners/docker/runner.py`` -> ``runners.docker.runner`` (a package: its name)."""
+    """``nanogrid/runners/docker/runner.py`` -> ``nanogrid.runners.docker.runner`` (a package: its
+    name)."""
     parts = path.relative_to(ROOT).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 def sources() -> list[Path]:
-    return sorted(path for package in ORDER for path in (ROOT / package).rglob("*.py"))
+    return sorted(path for package in ORDER for path in (ROOT / "nanogrid" / package).rglob("*.py"))
 
 
 def imports_of(path: Path) -> set[str]:
@@ -55,18 +56,20 @@ def graph() -> dict[str, set[str]]:
 
 def test_the_graph_sees_the_imports() -> None:
     edges = graph()
-    assert {"worker.pipeline", "common.config"} <= edges["worker.loop"]
-    assert {"runners", "worker.claim"} <= edges["worker.services"]
-    assert "runners.base" in edges["runners.pool"]
-    assert {"runners.pooled", "runners.docker.spec"} <= edges["runners.docker.runner"]
+    assert {"nanogrid.worker.pipeline", "nanogrid.common.config"} <= edges["nanogrid.worker.loop"]
+    assert {"nanogrid.runners", "nanogrid.worker.claim"} <= edges["nanogrid.worker.services"]
+    assert "nanogrid.runners.base" in edges["nanogrid.runners.pool"]
+    assert {"nanogrid.runners.pooled", "nanogrid.runners.docker.spec"} <= edges[
+        "nanogrid.runners.docker.runner"
+    ]
 
 
 def test_packages_import_only_the_ones_below_them() -> None:
     wrong = []
     for module, imported in graph().items():
-        rank = ORDER.index(module.split(".")[0])
+        rank = ORDER.index(module.split(".")[1])
         for name in imported:
-            if ORDER.index(name.split(".")[0]) > rank:
+            if ORDER.index(name.split(".")[1]) > rank:
                 wrong.append(f"{module} imports {name}")
     assert wrong == []
 
@@ -89,10 +92,10 @@ def test_no_import_cycles() -> None:
 
 
 def test_the_fork_server_imports_only_the_stdlib_and_itself() -> None:
-    """It runs on its own in every sandbox (``python3 -I -S runners/forkserver``): an import
-    of the agent's packages, or of anything installed, works in the tests but not there."""
+    """It runs on its own in every sandbox (``python3 -I -S nanogrid/runners/forkserver``): an
+    import of the agent's packages, or of anything installed, works in the tests but not there."""
     wrong = []
-    for path in sorted((ROOT / "runners" / "forkserver").glob("*.py")):
+    for path in sorted((ROOT / "nanogrid" / "runners" / "forkserver").glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names]
@@ -106,7 +109,7 @@ def test_the_fork_server_imports_only_the_stdlib_and_itself() -> None:
 
 
 def test_the_node_server_requires_only_node_and_itself() -> None:
-    """It runs on its own in every sandbox (``node runners/nodeserver``): a require of a
+    """It runs on its own in every sandbox (``node nanogrid/runners/nodeserver``): a require of a
     package works only where one is installed. Its Workers run ``boot`` as source, where a
     relative require would resolve next to the function: ``boot`` requires node's only."""
     node = shutil.which("node")
@@ -115,7 +118,7 @@ def test_the_node_server_requires_only_node_and_itself() -> None:
         [node, "-p", "JSON.stringify(require('module').builtinModules)"],
         capture_output=True, text=True, check=True,
     ).stdout))
-    directory = ROOT / "runners" / "nodeserver"
+    directory = ROOT / "nanogrid" / "runners" / "nodeserver"
     pattern = re.compile(r"require\('([^']*)'\)")
     wrong = []
     for path in sorted(directory.glob("*.js")):
@@ -127,5 +130,5 @@ def test_the_node_server_requires_only_node_and_itself() -> None:
     boot = source[source.index("function boot() {"):]
     boot = boot[: boot.index("\n}\n")]
     wrong += [f"boot requires {n}" for n in pattern.findall(boot) if n not in builtins]
-    assert (directory / "index.js").is_file()  # what `node runners/nodeserver` runs
+    assert (directory / "index.js").is_file()  # what `node nanogrid/runners/nodeserver` runs
     assert wrong == []

@@ -6,8 +6,8 @@ from __future__ import annotations
 import threading
 import time
 
-from common.errors import QueueUnavailable
-from worker.leases import LeaseKeeper
+from nanogrid.common.errors import QueueUnavailable
+from nanogrid.worker.leases import LeaseKeeper
 
 
 class Recorder:

@@ -6,7 +6,7 @@ import os
 import signal
 import time
 
-from worker.ledger import Ledger
+from nanogrid.worker.ledger import Ledger
 
 
 def test_admission_stops_at_the_memory_budget_and_resumes_on_release() -> None:

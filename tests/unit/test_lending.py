@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from runners.lending import DOOMED, IDLE, TAKEN, SandboxBoard, alive
+from nanogrid.runners.lending import DOOMED, IDLE, TAKEN, SandboxBoard, alive
 
 
 @pytest.fixture

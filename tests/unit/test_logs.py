@@ -1,4 +1,5 @@
-"""Log lines: flat JSON objects (the schema in common/logs.py), and the trace id in text."""
+"""Log lines: flat JSON objects (the schema in nanogrid/common/logs.py), and the trace id in
+text."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from pathlib import Path
 import pytest
 from loguru import logger
 
-from common import logs
-from common.config import LogConfig
+from nanogrid.common import logs
+from nanogrid.common.config import LogConfig
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 BASE = {"ts", "level", "role", "requestId", "functionId", "traceId", "msg"}
@@ -63,4 +64,4 @@ def test_text_lines_show_the_trace_id_of_a_traced_task(lines: tuple[Path, LogCon
     traced, untraced = path.read_text().splitlines()
     assert traced.endswith(f"| worker-0 | req-1 trace={TRACE} | traced")
     assert untraced.endswith("| worker-0 | req-2 | untraced")
-    assert len(traced.split(" | ", 4)) == 5  # devtools/stack.py reads five columns
+    assert len(traced.split(" | ", 4)) == 5  # nanogrid/devtools/stack.py reads five columns

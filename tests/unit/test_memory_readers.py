@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from runners.memory import CgroupV1Memory, CgroupV2Memory
+from nanogrid.runners.memory import CgroupV1Memory, CgroupV2Memory
 
 
 def _cgroup_dir(tmp_path: Path, files: dict[str, str]) -> Path:

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from common.config import from_dict
-from common.errors import ConfigError
-from runners.docker.engine import container_isolation
-from runners.isolation import Isolation, check_metadata_service, metadata_exposure
-from runners.process import runner as process
+from nanogrid.common.config import from_dict
+from nanogrid.common.errors import ConfigError
+from nanogrid.runners.docker.engine import container_isolation
+from nanogrid.runners.isolation import Isolation, check_metadata_service, metadata_exposure
+from nanogrid.runners.process import runner as process
 
 
 @pytest.mark.parametrize(("runner", "network"), [("process", "host"), ("docker", "bridge")])
@@ -52,7 +52,7 @@ def test_a_network_namespace_the_kernel_refuses_names_the_metadata_service(
 
 
 def test_docker_names_it_for_a_network_other_than_none(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("runners.docker.engine.engine_info", lambda: None)
+    monkeypatch.setattr("nanogrid.runners.docker.engine.engine_info", lambda: None)
     bridge = container_isolation(from_dict({"docker": {"network": "bridge"}}))
     assert "metadata service" in bridge.missing and "ipc" in bridge.holds
     blocked = container_isolation(

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from loguru import logger
 
-from common.config import CloudWatchConfig
-from worker.cloudwatch import MetricsPublisher
+from nanogrid.common.config import CloudWatchConfig
+from nanogrid.worker.cloudwatch import MetricsPublisher
 
 
 class FakeCloudWatch:

@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 from helpers import wait_until
 
-from common.errors import SandboxError
-from runners.base import Sandbox
-from runners.lending import IDLE, SandboxBoard
-from runners.pool import WarmPool
+from nanogrid.common.errors import SandboxError
+from nanogrid.runners.base import Sandbox
+from nanogrid.runners.lending import IDLE, SandboxBoard
+from nanogrid.runners.pool import WarmPool
 
 
 class Maker:

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from supervisor.prometheus import Registry
+from nanogrid.supervisor.prometheus import Registry
 
 SAMPLE = re.compile(r'^[a-z_]+(\{([a-z_]+="([^"\\]|\\.)*",?)*\})? (-?[0-9.e+]+|\+Inf)$')
 

@@ -8,8 +8,8 @@ import pytest
 import redis
 from redis._parsers.resp2 import _RESP2Parser
 
-from common.errors import ResultRejected, ResultStoreUnavailable
-from worker.redislink import OUTAGE_CODES, RedisLink
+from nanogrid.common.errors import ResultRejected, ResultStoreUnavailable
+from nanogrid.worker.redislink import OUTAGE_CODES, RedisLink
 
 REPLIES = {
     "BUSY": "BUSY Redis is busy running a script. You can only call SCRIPT KILL or SHUTDOWN "

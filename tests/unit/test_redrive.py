@@ -9,10 +9,10 @@ from collections.abc import Callable
 
 import pytest
 
-from worker.loop import Worker
-from worker.redrive import MAX_DELAY_S, Redrive, copied_attributes
-from worker.sqs import Message
-from worker.stubs import StubQueue, StubRunner, Stubs
+from nanogrid.worker.loop import Worker
+from nanogrid.worker.redrive import MAX_DELAY_S, Redrive, copied_attributes
+from nanogrid.worker.sqs import Message
+from nanogrid.worker.stubs import StubQueue, StubRunner, Stubs
 
 MakeStubs = Callable[..., Stubs]
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from runners.base import RunOutcome
-from worker import result
+from nanogrid.runners.base import RunOutcome
+from nanogrid.worker import result
 
 IDS = result.TaskIds("r", "f", "python", "4bf92f3577b34da6a3ce929d0e0e4736")
 TIMINGS = result.Timings(

@@ -11,12 +11,12 @@ from typing import Any
 import pytest
 from helpers import agent_config, scratch_dir
 
-from common.errors import SandboxError, SandboxLost
-from runners.base import Invocation
-from runners.launch import Launch
-from runners.lending import SandboxBoard
-from runners.pooled import Meter, PooledRunner, ServerSandbox
-from runners.sandboxclient import RawRun
+from nanogrid.common.errors import SandboxError, SandboxLost
+from nanogrid.runners.base import Invocation
+from nanogrid.runners.launch import Launch
+from nanogrid.runners.lending import SandboxBoard
+from nanogrid.runners.pooled import Meter, PooledRunner, ServerSandbox
+from nanogrid.runners.sandboxclient import RawRun
 
 OK = RawRun(status=0, timed_out=False, stdout=b"hi\n", stderr=b"", stdout_truncated=False,
             stderr_truncated=False, duration_ms=3.0, maxrss_bytes=5 << 20)

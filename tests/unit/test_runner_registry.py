@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-import runners
-from common.config import from_dict
-from common.errors import ConfigError
-from runners.docker import DockerRunner
-from runners.process import ProcessRunner
+from nanogrid import runners
+from nanogrid.common.config import from_dict
+from nanogrid.common.errors import ConfigError
+from nanogrid.runners.docker import DockerRunner
+from nanogrid.runners.process import ProcessRunner
 
 
 def test_the_registry_names_each_runner_class() -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from common.errors import SandboxError
-from runners.process.uids import UIDS_PER_WORKER, SandboxUids, uid_range
+from nanogrid.common.errors import SandboxError
+from nanogrid.runners.process.uids import UIDS_PER_WORKER, SandboxUids, uid_range
 
 
 def test_each_worker_has_a_range_of_its_own() -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor import sdnotify
+from nanogrid.supervisor import sdnotify
 
 
 @pytest.fixture(params=["path", "abstract"])

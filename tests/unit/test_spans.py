@@ -11,12 +11,12 @@ import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from runners.base import Invocation, RunOutcome, Sandbox
-from worker.loop import Worker
-from worker.spans import SpanHook
-from worker.sqs import Message
-from worker.stubs import StubRunner, Stubs
-from worker.tracecontext import TraceContext
+from nanogrid.runners.base import Invocation, RunOutcome, Sandbox
+from nanogrid.worker.loop import Worker
+from nanogrid.worker.spans import SpanHook
+from nanogrid.worker.sqs import Message
+from nanogrid.worker.stubs import StubRunner, Stubs
+from nanogrid.worker.tracecontext import TraceContext
 
 TRACE, PARENT = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
 

@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from common.config import QueueConfig
-from worker.sqs import TaskQueue
+from nanogrid.common.config import QueueConfig
+from nanogrid.worker.sqs import TaskQueue
 
 CONFIG = QueueConfig(url="http://127.0.0.1:1/123456789012/q", max_attempts=4)
 

@@ -7,9 +7,9 @@ from typing import Any
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 
-from common.config import QueueConfig
-from common.errors import QueueUnavailable
-from worker.sqs import TaskQueue
+from nanogrid.common.config import QueueConfig
+from nanogrid.common.errors import QueueUnavailable
+from nanogrid.worker.sqs import TaskQueue
 
 CONFIG = QueueConfig(url="http://127.0.0.1:1/123456789012/q")
 

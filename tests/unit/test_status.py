@@ -10,9 +10,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from worker import status
-from worker.result import Result, Timings
-from worker.status import StatusReader, StatusReporter
+from nanogrid.worker import status
+from nanogrid.worker.result import Result, Timings
+from nanogrid.worker.status import StatusReader, StatusReporter
 
 F_SETPIPE_SZ = 1031
 

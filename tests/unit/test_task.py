@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from common.config import from_dict
-from common.errors import InvalidMessage, RuntimeNotSupported
-from worker import task
-from worker.result import TaskIds
+from nanogrid.common.config import from_dict
+from nanogrid.common.errors import InvalidMessage, RuntimeNotSupported
+from nanogrid.worker import task
+from nanogrid.worker.result import TaskIds
 
 CFG = from_dict({"limits": {"default_memory_mb": 128, "default_timeout_ms": 3000}})
 GOOD = {

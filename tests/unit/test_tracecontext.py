@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from runners.base import Invocation
-from worker import tracecontext
-from worker.tracecontext import TraceContext
+from nanogrid.runners.base import Invocation
+from nanogrid.worker import tracecontext
+from nanogrid.worker.tracecontext import TraceContext
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 SPAN = "00f067aa0ba902b7"

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from common.config import LimitsConfig
-from common.errors import InvalidCodePackage
-from worker import unpack
+from nanogrid.common.config import LimitsConfig
+from nanogrid.common.errors import InvalidCodePackage
+from nanogrid.worker import unpack
 
 MiB = 2**20
 LIMITS = LimitsConfig(max_zip_bytes=4 * MiB, max_unpacked_bytes=1 * MiB, max_files=10)

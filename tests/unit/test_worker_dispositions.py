@@ -1,5 +1,5 @@
 """A message's run: its decision per case of the DESIGN's SQS table, on a Worker built from
-the stubs the worker package ships (worker/stubs.py).
+the stubs the worker package ships (nanogrid/worker/stubs.py).
 
 The same cases run end to end against the real peers in tests/component/test_worker_pipeline.py;
 these pin down the decisions that are awkward to provoke there (an agent bug, an outbox that
@@ -15,13 +15,13 @@ from typing import Any
 
 import pytest
 
-from common.errors import CodeNotFound
-from runners.base import RunOutcome
-from worker.autotuner import Recommendation
-from worker.loop import Worker
-from worker.result import Result
-from worker.sqs import Message
-from worker.stubs import StubCodes, StubRunner, Stubs
+from nanogrid.common.errors import CodeNotFound
+from nanogrid.runners.base import RunOutcome
+from nanogrid.worker.autotuner import Recommendation
+from nanogrid.worker.loop import Worker
+from nanogrid.worker.result import Result
+from nanogrid.worker.sqs import Message
+from nanogrid.worker.stubs import StubCodes, StubRunner, Stubs
 
 MakeStubs = Callable[..., Stubs]
 """The unit tier's ``make_stubs`` fixture (conftest.py)."""
@@ -48,7 +48,7 @@ def test_ran_is_published_and_deleted(
 ) -> None:
     stubs = make_stubs()
     tip = Recommendation(32, "tip", 1, "RIGHT_SIZED", {})
-    monkeypatch.setattr("worker.autotuner.recommend", lambda *a, **k: tip)
+    monkeypatch.setattr("nanogrid.worker.autotuner.recommend", lambda *a, **k: tip)
     handle(stubs, message())
     assert [r["status"] for r in stubs.store.published] == ["SUCCESS"]
     assert stubs.store.peaks_recorded == [True]
@@ -232,7 +232,7 @@ def test_a_bug_on_a_body_without_request_id_is_dead_lettered(
     make_stubs: MakeStubs, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     stubs = make_stubs()
-    monkeypatch.setattr("worker.task.parse", lambda *a: 1 / 0)
+    monkeypatch.setattr("nanogrid.worker.task.parse", lambda *a: 1 / 0)
     handle(stubs, Message("m9", "rh", "not even json", 1))
     assert stubs.queue.events == ["dead-letter", "delete"] and stubs.store.published == []
 
@@ -264,14 +264,14 @@ def test_messages_received_after_sigterm_are_released_not_run(make_stubs: MakeSt
     ],
 )
 def test_the_disposition_follows_the_error_class(name: str, attempt: int, expected: str) -> None:
-    from common import errors
-    from worker.dispositions import decide
+    from nanogrid.common import errors
+    from nanogrid.worker.dispositions import decide
 
     assert decide(getattr(errors, name)("x"), attempt, 3).value == expected
 
 
 def test_os_errors_of_the_host_become_host_faults_and_others_bugs() -> None:
-    from common.errors import DiskFull, HostFault, UnexpectedError, as_task_error
+    from nanogrid.common.errors import DiskFull, HostFault, UnexpectedError, as_task_error
 
     full = as_task_error(OSError(errno.ENOSPC, "No space left on device", "/cache/x.zip"))
     assert isinstance(full, DiskFull) and "/cache/x.zip: No space left on device" in str(full)
