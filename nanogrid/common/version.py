@@ -1,30 +1,13 @@
-"""The agent's version, for ``--version``, the start line and /status: a checkout's
-pyproject.toml when the code runs from one (it may not be the checkout pip installed),
-else the installed distribution's."""
+"""The agent's version, for ``--version``, the start line, /status and ``nanogrid_build_info``:
+``nanogrid.__version__``, the one place it is set (pyproject.toml reads it from there), so a
+checkout and an installed wheel each say the version of the code that runs."""
 
 from __future__ import annotations
 
-import tomllib
-from importlib import metadata
-from pathlib import Path
+from nanogrid import __version__
 
 DISTRIBUTION = "nanogrid-worker"
-PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
-
-
-def _version() -> str:
-    try:
-        with PYPROJECT.open("rb") as f:
-            return str(tomllib.load(f)["project"]["version"])
-    except (OSError, KeyError, tomllib.TOMLDecodeError):
-        pass
-    try:
-        return metadata.version(DISTRIBUTION)
-    except metadata.PackageNotFoundError:
-        return "unknown"
-
-
-VERSION = _version()
+VERSION = __version__
 
 
 def version_line(prog: str) -> str:
