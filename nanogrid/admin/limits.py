@@ -93,7 +93,7 @@ def _redis_url(args: argparse.Namespace) -> str:
         return str(args.redis_url)
     if args.config is None and os.environ.get("NANOGRID_REDIS_URL"):
         return environ.with_redis_password(os.environ["NANOGRID_REDIS_URL"], os.environ)
-    path = args.config or os.environ.get("NANOGRID_CONFIG") or "/etc/nanogrid/worker.yaml"
+    path = environ.config_path(args.config)
     if args.config is None and not os.path.exists(path):
         return environ.with_redis_password(from_dict({}).redis.url, os.environ)
     return load(path).redis.url

@@ -20,7 +20,7 @@ import boto3
 import redis
 from botocore.exceptions import BotoCoreError, ClientError
 
-from nanogrid.common import awsregion
+from nanogrid.common import awsregion, environ
 from nanogrid.common import config as config_module
 from nanogrid.common.errors import ConfigError
 from nanogrid.common.version import version_line
@@ -116,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "-c",
         "--config",
-        default="conf/local.yaml",
-        help="agent config naming the queue and Redis (default conf/local.yaml)",
+        help=f"agent config naming the queue and Redis (default: ${environ.CONFIG}, else "
+             f"{environ.DEFAULT_CONFIG_PATH}; `nanogrid-local up` prints the export)",
     )
     parser.add_argument("--function-id", help="default: the directory or zip name")
     parser.add_argument("--bucket", default="nanogrid-functions")
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=version_line("nanogrid-invoke"))
     args = parser.parse_args(argv)
     try:
-        cfg = config_module.load(args.config)
+        cfg = config_module.load(environ.config_path(args.config))
         region = awsregion.resolve(cfg).name
         input_data = json.loads(args.input)
     except ConfigError as exc:

@@ -25,6 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import NoReturn
 
+from nanogrid.common import environ
 from nanogrid.common.version import version_line
 
 from .demo import run_demo
@@ -59,10 +60,10 @@ def run_up(stack: Stack, timeout: float) -> int:
     stack.check()
     stack.bring_up(timeout)
     plan = stack.plan
-    env = aws_environ(plan.aws_endpoint)
+    # nanogrid-invoke finds the config as every script does: -c, else $NANOGRID_CONFIG.
+    env = {**aws_environ(plan.aws_endpoint), environ.CONFIG: str(plan.config_path.resolve())}
     exports = [f"  export {name}={value}" for name, value in env.items()]
     invoke = shown(INVOKE_BIN)
-    config_arg = f" -c {plan.config_path}" if plan.derived else ""
     lines = [
         "",
         "NanoGrid embedded agent is up.",
@@ -76,7 +77,7 @@ def run_up(stack: Stack, timeout: float) -> int:
         "",
         "In another shell:",
         *exports,
-        f"  {invoke}{config_arg} {shown(EXAMPLES / 'hello-python')}",
+        f"  {invoke} {shown(EXAMPLES / 'hello-python')}",
         "",
         "Ctrl-C (or SIGTERM) stops the agent, then the peers.",
         "",

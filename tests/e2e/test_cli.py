@@ -218,3 +218,30 @@ def test_every_script_tells_its_version(script: str) -> None:
                           capture_output=True, text=True, timeout=30, cwd="/")
     assert done.returncode == 0, done.stderr
     assert done.stdout == f"{script} {version} (nanogrid-worker)\n"
+
+
+CONFIG_READERS = {
+    "nanogrid-supervisor": ["--check"],
+    "nanogrid-invoke": ["examples/hello-python"],
+    "nanogrid-limits": ["ls"],
+    "nanogrid-dlq": ["ls"],
+    "nanogrid-outbox": ["ls"],
+}
+
+
+@pytest.mark.parametrize("script", sorted(CONFIG_READERS))
+def test_every_script_finds_the_config_in_nanogrid_config_not_the_working_directory(
+        tmp_path: Path, script: str) -> None:
+    """-c, else $NANOGRID_CONFIG, else /etc/nanogrid/worker.yaml: a conf/ beside the
+    working directory (a checkout's, say) is never read."""
+    (tmp_path / "conf").mkdir()
+    for name in ("local.yaml", "worker.yaml"):
+        (tmp_path / "conf" / name).write_text((ROOT / "conf" / name).read_text())
+    bad = tmp_path / "chosen.yaml"
+    bad.write_text(SEOUL + "redis: {urll: x}\n")
+    env = {**os.environ, "NANOGRID_CONFIG": str(bad)}
+    env.pop("NANOGRID_REDIS_URL", None)
+    done = subprocess.run([sys.executable, str(ROOT / "bin" / script), *CONFIG_READERS[script]],
+                          capture_output=True, text=True, timeout=30, cwd=tmp_path, env=env)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "redis.urll: unknown key" in done.stderr
