@@ -64,6 +64,8 @@ class Agent(TaskClient):
             }, settings),
         )
         self.write_config()
+        self.command = [sys.executable, str(BIN)]
+        """What starts the supervisor (test_wheel.py: the installed entry point)."""
         self.process: subprocess.Popen[bytes] | None = None
         self.port = 0
 
@@ -74,7 +76,7 @@ class Agent(TaskClient):
     def start(self, wait_for_workers: bool = True) -> Agent:
         with (self.base / "stderr.log").open("ab") as stderr:
             self.process = subprocess.Popen(
-                [sys.executable, str(BIN), "-c", str(self.config_path)],
+                [*self.command, "-c", str(self.config_path)],
                 cwd=self.base,
                 stdin=subprocess.DEVNULL,
                 stdout=stderr,
