@@ -1,8 +1,9 @@
 """A worker host with systemd as PID 1: a container of nanogrid/systemd:bookworm.
 
 `SystemdHost` boots the image (bin/nanogrid-build-images builds it), installs the agent the
-way docs/systemd.md says (the repository in /opt/nanogrid, a venv filled offline from the
-wheelhouse dev/setup builds, the unit file unchanged) and drives it with systemctl. The
+way docs/systemd.md says (the agent's wheel into a venv at /opt/nanogrid, its dependencies
+offline from the wheelhouse dev/setup builds, the unit file unchanged; no checkout in the
+container) and drives it with systemctl. The
 container shares the host's network, so the agent reaches the tests' redis-server and
 moto_server on loopback and the tests reach its HTTP port.
 """
@@ -15,9 +16,11 @@ import time
 import uuid
 from pathlib import Path
 
+from wheelbuild import WHEELHOUSE
+
 ROOT = Path(__file__).resolve().parents[2]
+UNIT_FILE = ROOT / "systemd" / "nanogrid-supervisor.service"
 IMAGE = "nanogrid/systemd:bookworm"
-WHEELHOUSE = "/var/cache/nanogrid-wheels"
 UNIT = "nanogrid-supervisor"
 CONFIG = "/etc/nanogrid/worker.yaml"
 RUN_FLAGS = [
@@ -29,7 +32,8 @@ RUN_FLAGS = [
     "--stop-signal", "SIGRTMIN+3",
     "-v", f"{WHEELHOUSE}:{WHEELHOUSE}:ro",
 ]  # fmt: skip
-# Processes of the agent: the supervisor and workers (venv python) and their fork servers.
+# Processes of the agent: the supervisor and workers (the venv's python) and their fork
+# servers (in its site-packages).
 AGENT_PROCESSES = "/opt/nanogrid/"
 
 
@@ -62,20 +66,18 @@ class SystemdHost:
                 raise HostError(f"systemd did not boot within {timeout:.0f}s: {said}")
             time.sleep(0.1)
 
-    def install(self) -> None:
-        """docs/systemd.md's install, offline: code, venv from the wheelhouse, unit file."""
-        self.sh("mkdir -p /opt/nanogrid")
-        _run(["docker", "cp", f"{ROOT}/.", f"{self.name}:/opt/nanogrid"], timeout=60)
+    def install(self, wheel: Path) -> None:
+        """docs/systemd.md's install, offline: the wheel into a venv at /opt/nanogrid (its
+        dependencies from the wheelhouse), the unit file."""
+        _run(["docker", "cp", str(wheel), f"{self.name}:/tmp/{wheel.name}"], timeout=60)
         self.sh(
-            "python3 -m venv /opt/nanogrid/.venv && /opt/nanogrid/.venv/bin/pip install -q "
-            f"--no-index --find-links {WHEELHOUSE} /opt/nanogrid",
+            "python3 -m venv /opt/nanogrid && /opt/nanogrid/bin/pip install -q "
+            f"--no-index --find-links {WHEELHOUSE} /tmp/{wheel.name}",
             timeout=180,
         )
         self.sh("install -d -m 0750 /etc/nanogrid")
-        self.sh(
-            "install -m 0644 /opt/nanogrid/systemd/nanogrid-supervisor.service "
-            "/etc/systemd/system/ && systemctl daemon-reload"
-        )
+        self.write(f"/etc/systemd/system/{UNIT}.service", UNIT_FILE.read_text(), "0644")
+        self.sh("systemctl daemon-reload")
 
     def write(self, path: str, text: str, mode: str = "0640") -> None:
         self.sh(f"install -D -m {mode} /dev/stdin {shlex.quote(path)}", stdin=text)

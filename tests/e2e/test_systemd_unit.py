@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 import yaml
 from helpers import MotoServer, RedisServer, TaskClient, free_port, http_json, wait_until
-from systemd_host import CONFIG, IMAGE, UNIT, WHEELHOUSE, HostError, SystemdHost
+from systemd_host import CONFIG, IMAGE, UNIT, HostError, SystemdHost
+from wheelbuild import WHEELHOUSE, BuildError, build_wheel
 
 from nanogrid.devtools.invoke import zip_function
 
@@ -90,11 +91,12 @@ def unit(docker_engine: Any, aws: MotoServer, redis_server: RedisServer) -> Iter
     if not docker_engine.images.list(name=IMAGE):
         pytest.fail(f"Docker image {IMAGE} missing: run dev/setup", pytrace=False)
     host = SystemdHost()
-    error = None
+    error: Exception | None = None
     try:
         booted_s = host.boot()
         began = time.monotonic()
-        host.install()
+        with tempfile.TemporaryDirectory() as wheels:
+            host.install(build_wheel(Path(wheels)))
         installed_s = time.monotonic() - began
         host.write(f"/etc/systemd/system/{UNIT}.service.d/watchdog.conf", DROP_IN, "0644")
         env = {k: v for k, v in aws.environ().items() if "REGION" not in k}
@@ -102,7 +104,7 @@ def unit(docker_engine: Any, aws: MotoServer, redis_server: RedisServer) -> Iter
         host.systemctl("daemon-reload")
         redis_server.start()
         under_test = UnitUnderTest(host, aws, redis_server.url)
-    except HostError as exc:
+    except (HostError, BuildError) as exc:
         error = exc
     if error is not None:
         host.close()
@@ -121,6 +123,16 @@ def test_unit_file_verifies(unit: UnitUnderTest) -> None:
     assert (done.returncode, done.stdout + done.stderr) == (0, "")
 
 
+def test_the_unit_runs_the_installed_entry_point(unit: UnitUnderTest) -> None:
+    """The venv's console script by its absolute path (the container holds no checkout)."""
+    shown = unit.host.show("ExecStart")["ExecStart"]
+    assert "path=/opt/nanogrid/bin/nanogrid-supervisor ;" in shown
+    reload_check = "ExecReload=/opt/nanogrid/bin/nanogrid-supervisor --check -c " + CONFIG
+    assert reload_check in unit.host.systemctl("cat", UNIT).stdout.splitlines()
+    assert unit.host.sh("test -x /opt/nanogrid/bin/nanogrid-supervisor", check=False
+                        ).returncode == 0
+
+
 def test_start_returns_once_the_workers_are_up(unit: UnitUnderTest, record_property: Any) -> None:
     took, _ = unit.timed("start", UNIT)
     code, health = unit.health()  # at once: READY=1 must mean serving
@@ -136,7 +148,7 @@ def test_region_comes_from_the_queue_url(unit: UnitUnderTest) -> None:
     environment = unit.host.sh("cat /etc/nanogrid/environment").stdout
     assert "AWS_ENDPOINT_URL=" in environment and "REGION" not in environment
     check = unit.host.sh(
-        f"set -a && . /etc/nanogrid/environment && /opt/nanogrid/.venv/bin/nanogrid-supervisor "
+        f"set -a && . /etc/nanogrid/environment && /opt/nanogrid/bin/nanogrid-supervisor "
         f"--check -c {CONFIG}"
     )
     assert "AWS region ap-northeast-2 from queue.url" in check.stdout

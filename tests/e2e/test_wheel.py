@@ -14,20 +14,16 @@ from typing import Any
 
 import pytest
 from helpers import scratch_dir
+from wheelbuild import BuildError, build_wheel, pip
 
 ROOT = Path(__file__).resolve().parents[2]
-WHEELHOUSE = "/var/cache/nanogrid-wheels"
-BUILD_LEFTOVERS = ("build", "dist", "*.egg-info", ".git", "__pycache__", ".*_cache")
 OLD_TOP_LEVEL = ("common", "worker", "runners", "supervisor", "admin", "devtools")
 HELLO_NODE = "console.log('Hello from the wheel on node')\n"
 
 
 def _run(cmd: list[str], cwd: Path, **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=120, **kwargs)
-    if done.returncode != 0:
-        tail = (done.stderr.strip() or done.stdout.strip()).splitlines()[-5:]
-        pytest.fail(f"{' '.join(cmd)} exited {done.returncode}: {' | '.join(tail)} "
-                    f"(is {WHEELHOUSE} complete? run dev/setup)", pytrace=False)
+    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=60, **kwargs)
+    assert done.returncode == 0, f"{' '.join(cmd)} exited {done.returncode}: {done.stderr}"
     return done
 
 
@@ -36,20 +32,18 @@ def venv() -> Iterator[Path]:
     """A venv with the wheel of this checkout installed, in a directory sandbox users can
     reach (their fork server runs from its site-packages)."""
     base = scratch_dir("nanogrid-wheel-")
+    error = None
     try:
-        # From a copy: setuptools would reuse a build/ or egg-info left in the checkout, and
-        # ship what an earlier build found instead of what pyproject.toml says now.
-        source = base / "source"
-        shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(*BUILD_LEFTOVERS))
-        wheels = base / "dist"
-        _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-index",
-              "--find-links", WHEELHOUSE, "-w", str(wheels), "."], cwd=source)
-        [wheel] = wheels.glob("nanogrid_worker-*.whl")
         env = base / "venv"
-        _run([sys.executable, "-m", "venv", "--without-pip", str(env)], cwd=base)
-        # The wheel by its path: the wheelhouse only gives its dependencies.
-        _run([sys.executable, "-m", "pip", "--python", str(env / "bin" / "python"), "install",
-              "-q", "--no-index", "--find-links", WHEELHOUSE, str(wheel)], cwd=base)
+        try:
+            wheel = build_wheel(base)
+            _run([sys.executable, "-m", "venv", "--without-pip", str(env)], cwd=base)
+            # The wheel by its path: the wheelhouse gives only its dependencies.
+            pip("--python", str(env / "bin" / "python"), "install", str(wheel), cwd=base)
+        except BuildError as exc:
+            error = exc
+        if error is not None:
+            pytest.fail(str(error), pytrace=False)
         yield env
     finally:
         shutil.rmtree(base, ignore_errors=True)
