@@ -16,8 +16,9 @@ of its own (idle, taken and being made). At most ``max_making`` are made at once
 that wait for them: a few at a time come out one after another and serve a burst early,
 where many at once would all come out late (a Docker engine shares 2 cores among them); the
 generic ones made ahead are made apart, half as many at once, so that no call's own sandbox
-waits behind them. Each call that had to wait raises the generic target for a while. Its idle sandboxes that hold a
-function expire after ``idle_expiry_s``, generic ones beyond ``size`` too, and the board's
+waits behind them. Each call that had to wait raises the generic target for a while. Its
+idle sandboxes that hold a function expire after ``idle_expiry_s``, generic ones beyond the
+generic target too, and the board's
 host-wide bound (``pool.max_idle``, ``pool.max_idle_mb``) dooms the least recently used idle
 ones of any worker: each owner destroys its doomed ones, and those a dead worker's call left
 taken.
