@@ -139,6 +139,9 @@ def test_the_hosts_idle_bound_dooms_the_least_recently_used(
         wait_until(lambda: len(generic(agent)) == 2, timeout=20, what="two generic sandboxes")
         held: list[str] = []  # code keys, in the order their functions were called
         for i in range(5):
+            # Each call finds a generic sandbox (one that waited would make the pools keep
+            # more generic ones for a while: pool.py's _generic_target).
+            wait_until(lambda: len(generic(agent)) == 2, timeout=10, what="the generic ones")
             key = agent.deploy({"main.py": f"print({i})\n"})
             assert agent.call(agent.task(key))["status"] == "SUCCESS"
             held += [e.code_key for e in specialized(agent) if e.code_key not in held]

@@ -37,9 +37,6 @@ class Signals:
         # and gets the error).
         _signal.signal(_signal.SIGPIPE, _signal.SIG_DFL)
         self.wakeup = wakeup
-        self.handled = tuple(
-            sig for sig in DEFAULT_SIGNALS if _signal.getsignal(sig) != _signal.SIG_DFL
-        )
 
 
 def child(
@@ -61,8 +58,9 @@ def child(
         if signals.wakeup:
             _signal.set_wakeup_fd(-1)  # the function's own handlers must not write into it
         # The C module: signal.signal wraps its result in an enum, whose machinery touches
-        # (and so copies) ~80 of the server's pages in every child.
-        for sig in signals.handled:
+        # (and so copies) ~80 of the server's pages in every child. All of them, whatever
+        # the server's set-up or an import-warm try left: 4 syscalls.
+        for sig in DEFAULT_SIGNALS:
             _signal.signal(sig, _signal.SIG_DFL)
         if stdio is None:  # else the server made them fds 0-2 already (Stdio.for_run)
             for target, fd in enumerate(fds):
