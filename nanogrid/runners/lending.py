@@ -18,17 +18,17 @@ by a stale give-back.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import mmap
 import os
 import struct
-import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
+
+from nanogrid.common.pagelock import PageLock
 
 RECORDS = 2048
 """Sandboxes the board has room for, idle and taken, host-wide."""
@@ -96,7 +96,7 @@ class SandboxBoard:
             os.ftruncate(fd, _BASE + _RECORD_SIZE * RECORDS)
         self.fd = fd
         self._page = mmap.mmap(fd, _BASE + _RECORD_SIZE * RECORDS, mmap.MAP_SHARED)
-        self._threads = threading.Lock()  # lockf does not exclude this process's own threads
+        self._lock = PageLock(fd)
 
     def reopened(self) -> SandboxBoard:
         """The same board with locks of this process's own (after a fork)."""
@@ -307,14 +307,8 @@ class SandboxBoard:
                         taker, generation, since, memory, limit_mb, runtime.encode(),
                         key.encode())
 
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        with self._threads:
-            fcntl.lockf(self.fd, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.lockf(self.fd, fcntl.LOCK_UN)
+    def _locked(self) -> AbstractContextManager[None]:
+        return self._lock.held()
 
 
 def _blob(descriptor: dict[str, Any]) -> bytes:

@@ -20,13 +20,14 @@ other holds (a large task behind a small one's hold) cannot wait for each other 
 
 from __future__ import annotations
 
-import fcntl
 import mmap
 import os
 import struct
-import threading
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+
+from nanogrid.common.pagelock import PageLock
 
 SLOTS = 256
 """Workers the page has room for (``workers`` is at most 256)."""
@@ -56,7 +57,7 @@ class Ledger:
             os.ftruncate(fd, _RECORD.size * SLOTS)
         self.fd = fd
         self._page = mmap.mmap(fd, _RECORD.size * SLOTS, mmap.MAP_SHARED)
-        self._threads = threading.Lock()  # lockf does not exclude this process's own threads
+        self._lock = PageLock(self.fd)
 
     def resize(self, memory_mb: int, max_concurrent: int) -> Ledger:
         """The same page under a new budget (a reload): running tasks stay counted."""
@@ -158,24 +159,5 @@ class Ledger:
             self._page, slot * _RECORD.size, running, reserved, held_runs, held_mb, since
         )
 
-    def _locked(self) -> _Locked:
-        return _Locked(self)
-
-
-class _Locked:
-    def __init__(self, ledger: Ledger) -> None:
-        self._ledger = ledger
-
-    def __enter__(self) -> None:
-        self._ledger._threads.acquire()
-        try:
-            fcntl.lockf(self._ledger.fd, fcntl.LOCK_EX)
-        except BaseException:
-            self._ledger._threads.release()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        try:
-            fcntl.lockf(self._ledger.fd, fcntl.LOCK_UN)
-        finally:
-            self._ledger._threads.release()
+    def _locked(self) -> AbstractContextManager[None]:
+        return self._lock.held()

@@ -418,6 +418,19 @@ def test_a_call_starts_with_the_default_signal_dispositions(runner: ProcessRunne
         assert_default_signals(out)
 
 
+def test_a_call_starts_with_the_default_signals_whatever_its_agent_ignores() -> None:
+    """SIG_IGN survives exec: a signal the agent's own starter ignored (a shell's nohup, a
+    test runner) must not reach the functions through the sandboxes' servers."""
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    runner = ProcessRunner(make_config(), 0)
+    try:
+        out, _ = run(runner, SIGNAL_FACTS, key="signals@1")
+        assert_default_signals(out)
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+        runner.close()
+
+
 def test_a_call_that_misuses_its_stdio_leaves_the_next_call_new_ones(
     runner: ProcessRunner,
 ) -> None:

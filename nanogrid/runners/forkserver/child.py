@@ -37,6 +37,16 @@ class Signals:
         # and gets the error).
         _signal.signal(_signal.SIGPIPE, _signal.SIG_DFL)
         self.wakeup = wakeup
+        # What the server's own start left: SIG_IGN survives exec, so whatever its starter
+        # ignored (any signal) would reach every run.
+        inherited = []
+        for sig in range(1, _signal.NSIG):
+            try:
+                if _signal.getsignal(sig) not in (_signal.SIG_DFL, None):
+                    inherited.append(sig)
+            except (OSError, ValueError):  # not a signal that has a disposition
+                continue
+        self.reset = tuple(sorted(set(DEFAULT_SIGNALS) | set(inherited)))
 
 
 def child(
@@ -58,9 +68,9 @@ def child(
         if signals.wakeup:
             _signal.set_wakeup_fd(-1)  # the function's own handlers must not write into it
         # The C module: signal.signal wraps its result in an enum, whose machinery touches
-        # (and so copies) ~80 of the server's pages in every child. All of them, whatever
-        # the server's set-up or an import-warm try left: 4 syscalls.
-        for sig in DEFAULT_SIGNALS:
+        # (and so copies) ~80 of the server's pages in every child. The defaults whatever
+        # the server set up later, and what it inherited: a few syscalls.
+        for sig in signals.reset:
             _signal.signal(sig, _signal.SIG_DFL)
         if stdio is None:  # else the server made them fds 0-2 already (Stdio.for_run)
             for target, fd in enumerate(fds):
