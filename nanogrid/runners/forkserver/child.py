@@ -38,9 +38,12 @@ class Signals:
         _signal.signal(_signal.SIGPIPE, _signal.SIG_DFL)
         self.wakeup = wakeup
         # What the server's own start left: SIG_IGN survives exec, so whatever its starter
-        # ignored (any signal) would reach every run.
+        # ignored would reach every run. SIGXFSZ stays ignored, as Python's own start leaves
+        # it in any python program (a write past RLIMIT_FSIZE fails with EFBIG).
         inherited = []
         for sig in range(1, _signal.NSIG):
+            if sig == _signal.SIGXFSZ:
+                continue
             try:
                 if _signal.getsignal(sig) not in (_signal.SIG_DFL, None):
                     inherited.append(sig)
