@@ -25,7 +25,6 @@ Issue 23's burst: ``--runners process --tasks 500 --sleep-ms 1000 --memory-mb 32
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import statistics
@@ -35,7 +34,6 @@ import tempfile
 import time
 import urllib.request
 import uuid
-import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -43,12 +41,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import boto3  # noqa: E402
 import psutil  # noqa: E402
-import redis  # noqa: E402
 import yaml  # noqa: E402
+from benchpeers import Peers, zipped  # noqa: E402
 
-from nanogrid.devtools.embedded import MotoServer, RedisServer, free_port, wait_until  # noqa: E402
+from nanogrid.devtools.embedded import free_port, wait_until  # noqa: E402
 from nanogrid.devtools.overlap import most_at_once  # noqa: E402
 
 DOCKER_IMAGE = "nanogrid/python:3.11-bookworm"
@@ -67,43 +64,19 @@ def spinner(ms: int) -> str:
     )
 
 
-def zipped(code: str) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        archive.writestr("main.py", code)
-    return buffer.getvalue()
-
-
-class Bench:
+class Bench(Peers):
     def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
+        super().__init__(workdir)
         self.args = args
-        self.workdir = workdir
-        self.redis_server = RedisServer(workdir / "redis")
-        self.moto = MotoServer(workdir / "moto")
 
     def __enter__(self) -> Bench:
-        for peer in (self.redis_server, self.moto):
-            peer.workdir.mkdir(parents=True, exist_ok=True)
-            peer.start()
-        os.environ.update(self.moto.environ())
-        self.sqs, self.s3 = boto3.client("sqs"), boto3.client("s3")
-        self.redis = redis.Redis.from_url(self.redis_server.url)
-        self.bucket = f"bench-{uuid.uuid4().hex[:8]}"
-        self.s3.create_bucket(
-            Bucket=self.bucket,
-            CreateBucketConfiguration={"LocationConstraint": os.environ["AWS_DEFAULT_REGION"]},
-        )
+        super().__enter__()
         self.keys = {}
         burst = spinner(self.args.cpu_ms) if self.args.cpu_ms else sleeper(self.args.sleep_ms)
         for name, code in (("sleep", burst), ("hello", HELLO)):
             self.keys[name] = f"functions/{name}/v1.zip"
             self.s3.put_object(Bucket=self.bucket, Key=self.keys[name], Body=zipped(code))
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.redis.close()
-        for peer in (self.moto, self.redis_server):
-            peer.stop()
 
     def system(self, runner: str, name: str, code: Path = ROOT) -> dict[str, Any]:
         queue = self.sqs.create_queue(

@@ -46,12 +46,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-import boto3  # noqa: E402
-import redis  # noqa: E402
 import yaml  # noqa: E402
-from bench_capacity import checkout, sleeper, zipped  # noqa: E402
+from bench_capacity import checkout, sleeper  # noqa: E402
+from benchpeers import Peers, zipped  # noqa: E402
 
-from nanogrid.devtools.embedded import MotoServer, RedisServer, free_port, wait_until  # noqa: E402
+from nanogrid.devtools.embedded import free_port, wait_until  # noqa: E402
 from nanogrid.devtools.overlap import most_at_once  # noqa: E402
 
 FUNCTION = "bench-capped"
@@ -125,33 +124,22 @@ class CountingForwarder:
         self._server.shutdown()
 
 
-class Bench:
+class Bench(Peers):
     def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
+        super().__init__(workdir)
         self.args = args
-        self.workdir = workdir
-        self.redis_server = RedisServer(workdir / "redis")
-        self.moto = MotoServer(workdir / "moto")
 
     def __enter__(self) -> Bench:
-        for peer in (self.redis_server, self.moto):
-            peer.workdir.mkdir(parents=True, exist_ok=True)
-            peer.start()
-        os.environ.update(self.moto.environ())
+        super().__enter__()
         self.forwarder = CountingForwarder(self.moto.endpoint)
-        self.sqs, s3 = boto3.client("sqs"), boto3.client("s3")
-        self.redis = redis.Redis.from_url(self.redis_server.url)
-        self.bucket = f"bench-{uuid.uuid4().hex[:8]}"
-        s3.create_bucket(Bucket=self.bucket, CreateBucketConfiguration={
-            "LocationConstraint": os.environ["AWS_DEFAULT_REGION"]})
         self.key = "functions/capped/v1.zip"
-        s3.put_object(Bucket=self.bucket, Key=self.key, Body=zipped(sleeper(self.args.sleep_ms)))
+        self.s3.put_object(Bucket=self.bucket, Key=self.key,
+                           Body=zipped(sleeper(self.args.sleep_ms)))
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.forwarder.close()
-        self.redis.close()
-        for peer in (self.moto, self.redis_server):
-            peer.stop()
+        super().__exit__(*exc)
 
     def queues(self, redrive: bool) -> tuple[str, str]:
         dlq = self.sqs.create_queue(QueueName=f"dlq-{uuid.uuid4().hex[:8]}")["QueueUrl"]

@@ -35,18 +35,16 @@ import threading
 import time
 import urllib.request
 import uuid
-import zipfile
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import boto3  # noqa: E402
-import redis  # noqa: E402
 import yaml  # noqa: E402
+from benchpeers import Peers, zipped  # noqa: E402
 
-from nanogrid.devtools.embedded import MotoServer, RedisServer, free_port, wait_until  # noqa: E402
+from nanogrid.devtools.embedded import free_port, wait_until  # noqa: E402
 
 DOCKER_IMAGE = "nanogrid/python:3.11-bookworm"
 
@@ -55,42 +53,14 @@ def function_code(n: int) -> str:
     return f"import json, sys\nd = json.load(sys.stdin)\nprint('fn{n}', d.get('x'))\n"
 
 
-def zipped(code: str) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        archive.writestr("main.py", code)
-    return buffer.getvalue()
-
-
 def percentile(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
-class Bench:
+class Bench(Peers):
     def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
+        super().__init__(workdir)
         self.args = args
-        self.workdir = workdir
-        self.redis_server = RedisServer(workdir / "redis")
-        self.moto = MotoServer(workdir / "moto")
-
-    def __enter__(self) -> Bench:
-        for peer in (self.redis_server, self.moto):
-            peer.workdir.mkdir(parents=True, exist_ok=True)
-            peer.start()
-        os.environ.update(self.moto.environ())
-        self.sqs, self.s3 = boto3.client("sqs"), boto3.client("s3")
-        self.redis = redis.Redis.from_url(self.redis_server.url)
-        self.bucket = f"bench-{uuid.uuid4().hex[:8]}"
-        self.s3.create_bucket(
-            Bucket=self.bucket,
-            CreateBucketConfiguration={"LocationConstraint": os.environ["AWS_DEFAULT_REGION"]},
-        )
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.redis.close()
-        for peer in (self.moto, self.redis_server):
-            peer.stop()
 
     def deploy(self, tag: str, count: int) -> list[str]:
         """``count`` functions of their own; their S3 keys."""

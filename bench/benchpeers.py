@@ -1,0 +1,54 @@
+"""What the end-to-end benches stand on: their own redis-server and moto_server on free
+loopback ports, boto3 clients through ``AWS_ENDPOINT_URL``, a fresh bucket, and function
+zips. A bench's ``Bench`` extends ``Peers`` with its functions and queues."""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+import uuid
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import boto3  # noqa: E402
+import redis  # noqa: E402
+
+from nanogrid.devtools.embedded import MotoServer, RedisServer  # noqa: E402
+
+
+def zipped(code: str) -> bytes:
+    """A function's zip: ``code`` as its main.py."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("main.py", code)
+    return buffer.getvalue()
+
+
+class Peers:
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.redis_server = RedisServer(workdir / "redis")
+        self.moto = MotoServer(workdir / "moto")
+
+    def __enter__(self) -> Peers:
+        for peer in (self.redis_server, self.moto):
+            peer.workdir.mkdir(parents=True, exist_ok=True)
+            peer.start()
+        os.environ.update(self.moto.environ())
+        self.sqs, self.s3 = boto3.client("sqs"), boto3.client("s3")
+        self.redis = redis.Redis.from_url(self.redis_server.url)
+        self.bucket = f"bench-{uuid.uuid4().hex[:8]}"
+        self.s3.create_bucket(
+            Bucket=self.bucket,
+            CreateBucketConfiguration={"LocationConstraint": os.environ["AWS_DEFAULT_REGION"]},
+        )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.redis.close()
+        for peer in (self.moto, self.redis_server):
+            peer.stop()
