@@ -234,7 +234,17 @@ def test_grows_on_demand_in_parallel_then_shrinks_back_to_size(board: SandboxBoa
 def test_calls_that_waited_for_a_sandbox_make_the_pool_keep_more_generic_ones(
     board: SandboxBoard,
 ) -> None:
-    pool, maker = make_pool(board, 2, expiry=5.0)
+    maker = Maker()
+
+    def new_slowly_ahead_of_calls() -> Sandbox:
+        # A filler slower than a call's own make: a call that missed gets its own sandbox, not
+        # one made ahead meanwhile (else how many calls waited depends on the scheduler).
+        if threading.current_thread().name.startswith("pool-python-fill"):
+            time.sleep(0.3)
+        return maker.new()
+
+    maker.make = new_slowly_ahead_of_calls
+    pool, _ = make_pool(board, 2, maker, expiry=5.0)
     try:
         wait_until(lambda: generic_idle(board) == 2, timeout=5)
         with ThreadPoolExecutor(4) as threads:  # 2 take the generic ones, 2 wait for new ones
