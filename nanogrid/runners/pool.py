@@ -164,7 +164,7 @@ class WarmPool:
                 if order.error is not None:
                     raise order.error
             sandbox = self._take(code_key)
-            if sandbox is not None:  # given back meanwhile: the order goes to the board
+            if sandbox is not None:  # idle meanwhile: the order goes to the board
                 with self._lock:
                     order.abandoned = True
                     made = order.sandbox
@@ -173,6 +173,9 @@ class WarmPool:
                     made.cold_start = True
                     self._maker.attach(made)
                     return made
+                # A generic one was made since this call missed (a filler's): the call waited
+                # for it to be made, a cold start; one of its function's given back is warm.
+                sandbox.cold_start = sandbox.code_key is None
                 return sandbox
 
     def release(self, sandbox: Sandbox) -> None:

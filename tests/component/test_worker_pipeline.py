@@ -86,7 +86,7 @@ def test_many_at_once_and_the_grown_pool_serves_the_next_burst_warm(agent: Agent
     key = agent.deploy({"main.py": "import time\ntime.sleep(0.5)\n"})
 
     def burst() -> list[dict[str, Any]]:
-        ids = [agent.send(agent.task(key)) for _ in range(6)]
+        ids = agent.send_together([agent.task(key) for _ in range(6)])
         return [agent.result(request_id) for request_id in ids]
 
     began = time.monotonic()

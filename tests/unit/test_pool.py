@@ -301,12 +301,43 @@ def test_a_run_takes_a_released_sandbox_before_its_own_new_one(board: SandboxBoa
             assert not waiting.done()  # its sandbox is still being made
             pool.release(first)
             assert waiting.result(timeout=2) is first and first.cold_start is False
-        made.set()  # the sandbox ordered meanwhile comes out idle, and its first run is cold
+        made.set()  # the sandbox ordered meanwhile comes out idle: the next call finds it ready
         wait_until(lambda: pool.stats() == {"warm": 1, "busy": 1}, timeout=5)
         fresh = pool.acquire("g@1")
         assert fresh is not first and fresh.code_key is None and fresh.cold_start is False
     finally:
         made.set()
+        pool.close()
+
+
+def test_a_call_that_waited_and_took_a_sandbox_made_ahead_meanwhile_is_cold(
+    board: SandboxBoard,
+) -> None:
+    """coldStart (DESIGN.md): no warm sandbox was ready and one had to be made. A filler's
+    generic sandbox made after the call missed is one made for it, whoever made it."""
+    maker = Maker()
+    fill, own = threading.Event(), threading.Event()
+
+    def new() -> Sandbox:
+        filler = threading.current_thread().name.startswith("pool-python-fill")
+        (fill if filler else own).wait(5)
+        return maker.new()
+
+    maker.make = new
+    fill.set()
+    pool, _ = make_pool(board, 1, maker)
+    try:
+        wait_until(lambda: generic_idle(board) == 1, timeout=5)
+        fill.clear()
+        assert pool.acquire("f@1").cold_start is False  # the one ready
+        with ThreadPoolExecutor(1) as threads:
+            waiting = threads.submit(pool.acquire, "g@1")
+            wait_until(lambda: pool._making >= 2, timeout=5)  # its own and the refill
+            fill.set()  # the filler's comes first; the call's own is still being made
+            taken = waiting.result(timeout=5)
+        assert taken.cold_start is True and taken.code_key is None
+    finally:
+        own.set()
         pool.close()
 
 
