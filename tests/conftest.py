@@ -7,6 +7,7 @@ install step. `dev/setup` installs and starts everything.
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +28,13 @@ from helpers import (
 TESTS_PIDS_MAX = 2048
 DOCKER_FIXTURES = {"docker_engine", "runtime_image", "node_image"}
 E2E_DIR = Path(__file__).parent / "e2e"
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto`` (pyproject.toml): twice this host's CPUs, at most 8. A test spends most of
+    its time waiting for its agent and peers, so two per CPU keep the CPUs busy; a module's
+    tests stay in one process (``--dist loadfile``), sharing its fixtures."""
+    return min(8, 2 * len(os.sched_getaffinity(0)))
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -74,13 +74,26 @@ def scratch_dir(prefix: str, parent: str | None = None) -> Path:
     return path
 
 
+def sandbox_uid_base() -> int:
+    """The first sandbox uid of this test process's agents: one range per pytest-xdist worker
+    (``PYTEST_XDIST_WORKER`` gw0, gw1, ...), as agents of tests running side by side are two
+    agents on one host, and a sandbox's uid is what its destroy sweeps when it ends."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    return 100_000 + int(worker or 0) * UID_RANGE_PER_TEST_PROCESS
+
+
+UID_RANGE_PER_TEST_PROCESS = 20_000
+"""Uids of one test process's agents: 20 workers' ranges of 1000, more than any test starts."""
+
+
 def agent_settings(base: str | os.PathLike[str], runner: str = "process", **changes: Any
                    ) -> dict[str, Any]:
     """The settings every tier's agents and runners start from, the tests' one config
     builder: one worker of ``runner``, the local runtime images, its directories under
-    ``base``, and a low free-space floor (a CI disk may be nearly full; the disk tests set
-    their own). ``changes`` replace top-level keys, except that a section given as a mapping
-    is merged into the one here (``paths={"min_free_mb": 0}`` keeps the other paths)."""
+    ``base``, sandbox uids of this test process's own, and a low free-space floor (a CI disk
+    may be nearly full; the disk tests set their own). ``changes`` replace top-level keys,
+    except that a section given as a mapping is merged into the one here
+    (``paths={"min_free_mb": 0}`` keeps the other paths)."""
     settings: dict[str, Any] = {
         "workers": 1,
         "runner": runner,
@@ -92,6 +105,7 @@ def agent_settings(base: str | os.PathLike[str], runner: str = "process", **chan
             "min_free_mb": 16,
         },
         "docker": {"socket_dir": f"{base}/s"},
+        "process": {"sandbox_uid_base": sandbox_uid_base()},
     }
     return merged(settings, changes)
 
@@ -292,6 +306,14 @@ class TaskClient:
         """Send without waiting; returns the requestId."""
         self.aws.sqs().send_message(QueueUrl=self.queue_url, MessageBody=json.dumps(task))
         return task["requestId"]
+
+    def send_together(self, tasks: list[dict[str, Any]]) -> list[str]:
+        """Send up to 10 in one SendMessageBatch: on the queue at once, as a burst arrives;
+        returns the requestIds."""
+        entries = [{"Id": str(i), "MessageBody": json.dumps(t)} for i, t in enumerate(tasks)]
+        sent = self.aws.sqs().send_message_batch(QueueUrl=self.queue_url, Entries=entries)
+        assert not sent.get("Failed"), sent["Failed"]
+        return [task["requestId"] for task in tasks]
 
     def result(self, request_id: str, timeout: float = 30) -> dict[str, Any]:
         """Wait for the stored result of a task sent some other way."""
