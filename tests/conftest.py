@@ -46,7 +46,10 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # Mark by what a test uses, so `-m "not docker"` / `-m "not e2e"` cannot miss one.
     for item in items:
-        if DOCKER_FIXTURES & set(getattr(item, "fixturenames", ())):
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if DOCKER_FIXTURES & set(getattr(item, "fixturenames", ())) or "docker" in [
+            value for value in params.values() if isinstance(value, str)
+        ]:  # a runner fixture parametrized by runner name reaches the engine at run time
             item.add_marker(pytest.mark.docker)
         if E2E_DIR in item.path.parents:
             item.add_marker(pytest.mark.e2e)

@@ -27,13 +27,15 @@ from .caps import CapGate
 from .claim import ClaimLeases, ClaimStore
 from .cloudwatch import MetricsPublisher
 from .codestore import CodeStore
+from .deleter import BatchDeleter
 from .diskspace import DiskGuard
 from .faults import FaultBoard
 from .hostshare import HostShare
 from .ledger import Ledger
 from .redrive import Redrive
 from .resultstore import ResultStore
-from .sqs import BatchDeleter, TaskQueue, VisibilityHeartbeat
+from .sqs import TaskQueue
+from .visibility import VisibilityHeartbeat
 
 if TYPE_CHECKING:
     from .status import StatusReporter

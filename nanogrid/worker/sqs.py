@@ -1,4 +1,5 @@
-"""The SQS side of a worker: long-poll, delete, release, dead-letter, visibility heartbeats.
+"""The SQS side of a worker: long-poll, delete, release, dead-letter, change visibility (the
+calls; visibility.py keeps running messages invisible, deleter.py batches the deletes).
 
 boto3 finds the endpoint and credentials through its own chain (``AWS_ENDPOINT_URL``,
 instance profile), so the same code serves real SQS and a local emulator; the region is the
@@ -10,32 +11,25 @@ would let a running message become visible.
 from __future__ import annotations
 
 import json
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
-from loguru import logger
 
 from nanogrid.common import awsclient
 from nanogrid.common.config import QueueConfig
 from nanogrid.common.errors import QueueUnavailable
 
 from . import tracecontext
-from .leases import LeaseKeeper
 from .tracecontext import TraceContext
 
 DEAD_LETTER_REASON_CHARS = 256
 """The reason a dead-letter copy carries is cut here: attributes count against the size limit."""
 HEARTBEAT_TIMEOUTS_S = (2, 5)
 """Connect and read timeouts of the heartbeat client."""
-HEARTBEAT_RETRY_S = 1.0
-"""A failed visibility renewal is tried again this soon."""
 SQS_BATCH_MAX = 10
 """The most messages one SQS batch call takes."""
-HEARTBEAT_PARALLEL = 4
-"""Visibility batches sent at once: 200 messages in flight are 20 calls, 5 rounds of 4."""
 RECEIVE_SYSTEM_ATTRIBUTES = [
     "ApproximateReceiveCount", "SentTimestamp", tracecontext.AWS_TRACE_HEADER,
 ]
@@ -287,85 +281,6 @@ def _passing(exc: BotoCoreError | ClientError) -> bool:
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
         return status >= 500 or "Throttl" in exc.response.get("Error", {}).get("Code", "")
     return False
-
-
-class VisibilityHeartbeat(LeaseKeeper[Message]):
-    """Keeps the messages being run invisible while their runs last (ChangeMessageVisibility
-    every third of the visibility timeout, ten messages a call, a few calls at once, on
-    ``queue``'s client: give it one of its own)."""
-
-    def __init__(self, queue: TaskQueue) -> None:
-        self.queue = queue
-        timeout = queue.config.visibility_timeout_seconds
-        super().__init__(
-            "SQS visibility", timeout / 3, self._extend, HEARTBEAT_RETRY_S,
-            batch=SQS_BATCH_MAX, parallel=HEARTBEAT_PARALLEL,
-        )
-
-    def _extend(self, messages: list[Message]) -> None:
-        refused = self.queue.extend_batch(messages, self.queue.config.visibility_timeout_seconds)
-        for message, why in refused.items():  # deleted meanwhile, or a stale receipt handle
-            logger.debug(f"[SQS] visibility of {message.message_id} not extended: {why}")
-
-
-MAX_DELETE_LINGER_S = 0.5
-
-
-class BatchDeleter:
-    """Deletes handled messages in the background, 10 per DeleteMessageBatch call when it can.
-
-    The worker moves on to its next receive instead of waiting for a delete round trip, and a
-    delete waits up to ``linger`` seconds for nine more to share its call: under load that is
-    one SQS request per ten tasks instead of one per task (CPU here and in SQS, and SQS
-    requests are what is billed). The linger stays under a quarter of the visibility timeout,
-    well inside what a message has left after its run. A delete lost to a crash only brings
-    the message back, and then its stored result is re-published, not re-run. ``close`` sends
-    what is still pending.
-    """
-
-    def __init__(self, queue: TaskQueue, linger: float | None = None) -> None:
-        self._queue = queue
-        self._linger = (
-            min(MAX_DELETE_LINGER_S, queue.config.visibility_timeout_seconds / 4)
-            if linger is None
-            else linger
-        )
-        self._pending: list[tuple[float, Message]] = []
-        self._cond = threading.Condition()
-        self._closed = False
-        self._thread = threading.Thread(target=self._loop, name="sqs-delete", daemon=True)
-        self._thread.start()
-
-    def delete(self, message: Message) -> None:
-        with self._cond:
-            self._pending.append((time.monotonic(), message))
-            if len(self._pending) in (1, SQS_BATCH_MAX):  # the loop starts a linger, or ends it
-                self._cond.notify()
-
-    def close(self, timeout: float = 10.0) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify()
-        self._thread.join(timeout)
-
-    def _loop(self) -> None:
-        while True:
-            with self._cond:
-                while not self._pending and not self._closed:
-                    self._cond.wait()
-                while self._pending and len(self._pending) < SQS_BATCH_MAX and not self._closed:
-                    remaining = self._pending[0][0] + self._linger - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    self._cond.wait(remaining)
-                if not self._pending:
-                    return
-                batch = [message for _, message in self._pending[:SQS_BATCH_MAX]]
-                del self._pending[:SQS_BATCH_MAX]
-            try:
-                self._queue.delete_batch(batch)
-            except QueueUnavailable as exc:  # they come back; their stored results stop a re-run
-                logger.warning(f"[SQS] {exc}")
 
 
 def _message(m: dict[str, Any], received_at: float, received_mono: float) -> Message:

@@ -19,6 +19,7 @@ from .caps import CapGate
 from .claim import Acquired, Claim, ClaimLeases, ClaimStore, Renewal
 from .cloudwatch import MetricsPublisher
 from .codestore import CodePackage, CodeStore
+from .deleter import BatchDeleter
 from .diskspace import DiskGuard
 from .faults import FaultBoard
 from .ledger import Ledger
@@ -26,8 +27,9 @@ from .redrive import Redrive
 from .result import Result
 from .resultstore import ResultStore
 from .services import Services
-from .sqs import BatchDeleter, Message, TaskQueue, VisibilityHeartbeat
+from .sqs import Message, TaskQueue
 from .status import StatusReporter
+from .visibility import VisibilityHeartbeat
 
 
 class StubQueue(TaskQueue):

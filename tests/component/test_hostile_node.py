@@ -243,7 +243,7 @@ def test_a_frame_flood_ends_its_run_and_costs_the_agent_no_memory(
     runner.release(neighbour)
     runner.release(flooder)
     error, took = outcome
-    assert took < 2, f"the flood's run lasted {took:.1f} s"
+    assert took < 4, f"the flood's run lasted {took:.1f} s"  # it writes for 8 s if not cut
     assert peak - baseline < 5 * MiB, f"the agent grew by {(peak - baseline) / MiB:.1f} MiB"
     assert isinstance(error, SandboxError) and "past the output cap" in str(error), error
     assert not flooder.healthy

@@ -9,7 +9,9 @@ import pytest
 
 from nanogrid.common.config import QueueConfig
 from nanogrid.common.errors import QueueUnavailable
-from nanogrid.worker.sqs import BatchDeleter, TaskQueue, VisibilityHeartbeat
+from nanogrid.worker.deleter import BatchDeleter
+from nanogrid.worker.sqs import TaskQueue
+from nanogrid.worker.visibility import VisibilityHeartbeat
 
 
 def make_queue(aws: Any, **changes: Any) -> TaskQueue:

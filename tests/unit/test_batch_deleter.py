@@ -9,7 +9,8 @@ from typing import Any
 
 from nanogrid.common.config import QueueConfig
 from nanogrid.common.errors import QueueUnavailable
-from nanogrid.worker.sqs import MAX_DELETE_LINGER_S, BatchDeleter, Message
+from nanogrid.worker.deleter import MAX_DELETE_LINGER_S, BatchDeleter
+from nanogrid.worker.sqs import Message
 
 LINGER = 0.2
 
