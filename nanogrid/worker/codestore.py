@@ -1,22 +1,25 @@
 """Function code zips from S3, cached on local disk by bucket, key and ETag.
 
-A fetch is a HEAD to learn the object's current ETag, then a GET only when no zip with that
-ETag is cached yet; so a function invoked again costs one HEAD and no download, and a
-re-upload under the same key (new ETag) is picked up at once. For bursts, the last HEAD
-answer per (bucket, key) is remembered for ``head_ttl_seconds`` (default 1 s): within that
-window a cached zip is served with no S3 round trip at all, at the price of seeing a
-re-upload up to that much later. A fetch that finds another thread's fetch of the same key
-under way waits for it and then takes its answer from that memo, instead of making the
-same HEAD and GET again: a burst's first runs of a function make one each, not one per run
-(16 runs at once took 180-330 ms in their HEADs and GETs through one client's connections).
+The first fetch of a key on this host is one GET: the response's ETag names the cached zip.
+Later a fetch is a HEAD to learn the object's current ETag, then a GET only when no zip with
+that ETag is cached yet; so a function invoked again costs one HEAD and no download, and a
+re-upload under the same key (new ETag) is picked up at once. The last ETag S3 gave for a
+key is kept beside the zips (``.etag-*`` files, for every worker of the host; their mtime is
+when S3 last said so), and in memory. For bursts, an ETag S3 gave within ``head_ttl_seconds``
+(default 1 s) is trusted: a cached zip is served with no S3 round trip at all, at the price
+of seeing a re-upload up to that much later. A fetch that finds another thread's fetch of
+the same key under way waits for it and then takes its answer from that memo, instead of
+making the same HEAD and GET again: a burst's first runs of a function make one each, not
+one per run (16 runs at once took 180-330 ms in their HEADs and GETs through one client's
+connections).
 
 Downloads stream into a temp file in the cache directory with a byte budget (a lying or
 absent Content-Length cannot fill the disk), are pinned to the HEAD's ETag with
-``If-Match``, fsynced and renamed into place, so a cached file is always complete. The
-cache is trimmed to ``max_cache_bytes`` by least recent use (file mtime, touched on every
-hit). Several worker processes may share the directory: every write is an atomic rename,
-and files used within the last ``EVICT_GRACE_SECONDS`` are never evicted, so one process
-does not delete a zip another is about to unpack.
+``If-Match`` when there was one, fsynced and renamed into place, so a cached file is always
+complete. The cache is trimmed to ``max_cache_bytes`` by least recent use (file mtime,
+touched on every hit). Several worker processes may share the directory: every write is an
+atomic rename, and files used within the last ``EVICT_GRACE_SECONDS`` are never evicted, so
+one process does not delete a zip another is about to unpack.
 
 botocore errors end here: missing objects, denied access and an unreachable or failing S3
 become ``CodeNotFound`` (retryable), an oversized zip ``InvalidCodePackage``. Faults of this
@@ -32,6 +35,7 @@ import os
 import tempfile
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +55,8 @@ TRIM_GRACE_SECONDS = 30.0
 """When the disk runs short, zips unused this long go whatever the cache's size."""
 STALE_PART_SECONDS = 3600.0
 """Temp files of downloads this old were left by a crashed process and are removed."""
+KNOWN_ETAG_SECONDS = 86400.0
+"""A key's ``.etag-*`` file not confirmed this long is removed (its next fetch is a GET)."""
 _MAX_HEAD_MEMO = 1024
 _MISSING = {"NoSuchKey", "NoSuchBucket", "NotFound", "404"}
 _DENIED = {"AccessDenied", "403", "Forbidden", "AllAccessDisabled"}
@@ -144,13 +150,28 @@ class CodeStore:
             mine.set()
 
     def _remembered(self, bucket: str, key: str) -> CodePackage | None:
-        """The cached zip of the ETag a HEAD gave within ``head_ttl_seconds``, if any."""
+        """The cached zip of the ETag S3 gave within ``head_ttl_seconds`` (to this worker, or
+        to another of the host), if any."""
         remembered = self._heads.get((bucket, key))
         if remembered and time.monotonic() - remembered[1] < self.head_ttl_seconds:
             return self._cached(bucket, key, remembered[0])
-        return None
+        known = self._known_etag(bucket, key)
+        if known is None:
+            return None
+        etag, age = known[0], time.time() - known[1]
+        if not 0 <= age < self.head_ttl_seconds:
+            return None
+        cached = self._cached(bucket, key, etag)
+        if cached is not None:  # trusted here too for the rest of its time
+            self._heads[(bucket, key)] = (etag, time.monotonic() - age)
+        return cached
 
     def _fetch(self, bucket: str, key: str) -> CodePackage:
+        if self._known_etag(bucket, key) is None:  # new to this host: no zip of it to check
+            path, size, etag = self._download(bucket, key, None)
+            self._remember(bucket, key, etag)
+            self._evict(keep=path)
+            return CodePackage(bucket, key, etag, path, size, downloaded=True)
         etag, quoted, length = self._head(bucket, key)
         self._remember(bucket, key, etag)
         cached = self._cached(bucket, key, etag)
@@ -158,7 +179,7 @@ class CodeStore:
             return cached
         if length > self.max_zip_bytes:
             raise self._too_large(bucket, key)
-        path, size = self._download(bucket, key, quoted)
+        path, size, _ = self._download(bucket, key, quoted)
         self._evict(keep=path)
         return CodePackage(bucket, key, etag, path, size, downloaded=True)
 
@@ -171,12 +192,37 @@ class CodeStore:
         return quoted.strip('"'), quoted, int(head.get("ContentLength") or 0)
 
     def _remember(self, bucket: str, key: str, etag: str) -> None:
+        """S3 just gave ``etag`` for the key: remembered here and for the host's workers."""
         now = time.monotonic()
         if len(self._heads) >= _MAX_HEAD_MEMO:
             self._heads = {
                 k: v for k, v in self._heads.items() if now - v[1] < self.head_ttl_seconds
             }
         self._heads[(bucket, key)] = (etag, now)
+        known = self._known_etag_path(bucket, key)
+        try:
+            same = known.read_text() == etag
+        except OSError:
+            same = False
+        with contextlib.suppress(OSError):  # without it the next fetch GETs instead of a HEAD
+            if same:
+                os.utime(known)
+            else:
+                part = known.with_name(f".part-{uuid.uuid4().hex}")
+                part.write_text(etag)
+                os.replace(part, known)
+
+    def _known_etag_path(self, bucket: str, key: str) -> Path:
+        name = hashlib.sha256(f"{bucket}\0{key}".encode()).hexdigest()
+        return self.cache_dir / f".etag-{name}"
+
+    def _known_etag(self, bucket: str, key: str) -> tuple[str, float] | None:
+        """The last ETag S3 gave this host's workers for the key, and when (epoch s)."""
+        path = self._known_etag_path(bucket, key)
+        try:
+            return path.read_text(), path.stat().st_mtime
+        except OSError:
+            return None
 
     def _path(self, bucket: str, key: str, etag: str) -> Path:
         return self.cache_dir / f"{version_key(bucket, key, etag)}.zip"
@@ -190,9 +236,10 @@ class CodeStore:
             return None
         return CodePackage(bucket, key, etag, path, size, downloaded=False)
 
-    def _download(self, bucket: str, key: str, quoted_etag: str) -> tuple[Path, int]:
-        """GET the object pinned to the HEAD's ETag into the cache; return its path and size."""
-        final = self._path(bucket, key, quoted_etag.strip('"'))
+    def _download(self, bucket: str, key: str, quoted_etag: str | None
+                  ) -> tuple[Path, int, str]:
+        """GET the object (pinned to the HEAD's ETag, when there was a HEAD) into the cache;
+        return its path, size and ETag."""
         try:
             fd, tmp_name = tempfile.mkstemp(dir=self.cache_dir, prefix=".part-", suffix=".zip")
         except OSError as exc:
@@ -200,9 +247,11 @@ class CodeStore:
         tmp = Path(tmp_name)
         try:
             with open(fd, "wb") as out:
-                size = self._stream_into(out, bucket, key, quoted_etag)
+                size, quoted = self._stream_into(out, bucket, key, quoted_etag)
                 out.flush()
                 os.fsync(out.fileno())
+            etag = quoted.strip('"')
+            final = self._path(bucket, key, etag)
             os.chmod(tmp, 0o644)
             os.replace(tmp, final)
         except OSError as exc:
@@ -211,20 +260,25 @@ class CodeStore:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        return final, size
+        return final, size, etag
 
     def _host_fault(self, exc: OSError) -> OSError | HostFault:
         """A cache-directory error as a HostFault when it is the host's (full, failing)."""
         return host_fault(exc, f"code cache {self.cache_dir}") or exc
 
-    def _stream_into(self, out: Any, bucket: str, key: str, quoted_etag: str) -> int:
+    def _stream_into(self, out: Any, bucket: str, key: str, quoted_etag: str | None
+                     ) -> tuple[int, str]:
+        """The object's bytes into ``out``; returns their size and the object's ETag."""
         kwargs = {"IfMatch": quoted_etag} if quoted_etag else {}
         size = 0
         try:
-            body = self.s3.get_object(Bucket=bucket, Key=key, **kwargs)["Body"]
+            response = self.s3.get_object(Bucket=bucket, Key=key, **kwargs)
         except (ClientError, BotoCoreError) as exc:
             raise self._failed(exc, bucket, key) from None
+        body = response["Body"]
         with contextlib.closing(body):
+            if int(response.get("ContentLength") or 0) > self.max_zip_bytes:
+                raise self._too_large(bucket, key)  # closed unread
             while True:
                 try:
                     chunk = body.read(CHUNK)
@@ -234,7 +288,7 @@ class CodeStore:
                         f"{_line(str(exc)) or type(exc).__name__}"
                     ) from None
                 if not chunk:
-                    return size
+                    return size, quoted_etag or response.get("ETag") or ""
                 size += len(chunk)
                 if size > self.max_zip_bytes:
                     raise self._too_large(bucket, key)
@@ -278,6 +332,10 @@ class CodeStore:
                 continue
             if entry.name.startswith(".part-"):
                 if now - st.st_mtime > STALE_PART_SECONDS:
+                    Path(entry.path).unlink(missing_ok=True)
+                continue
+            if entry.name.startswith(".etag-"):
+                if now - st.st_mtime > KNOWN_ETAG_SECONDS:
                     Path(entry.path).unlink(missing_ok=True)
                 continue
             if entry.name.endswith(".zip"):

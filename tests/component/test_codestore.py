@@ -83,6 +83,8 @@ def test_second_fetch_uses_cache_without_get(
     assert first.zip_path.parent == tmp_path / "cache"
     assert s3.calls["GetObject"] == 1
 
+    assert s3.calls["HeadObject"] == 0  # new to the host: one GET, its ETag names the zip
+
     second = store.fetch(bucket, KEY)
     assert not second.downloaded
     assert (second.zip_path, second.etag, second.version_key) == (
@@ -91,8 +93,9 @@ def test_second_fetch_uses_cache_without_get(
         first.version_key,
     )
     assert s3.calls["GetObject"] == 1
-    assert s3.calls["HeadObject"] == 2
-    assert [p.name for p in (tmp_path / "cache").iterdir()] == [first.zip_path.name]
+    assert s3.calls["HeadObject"] == 1
+    assert [p.name for p in (tmp_path / "cache").iterdir() if p.suffix == ".zip"] == [
+        first.zip_path.name]
 
 
 def test_the_cache_holding_every_functions_code_is_closed_to_sandboxes(
@@ -110,7 +113,22 @@ def test_cache_survives_a_new_store_on_the_same_dir(
     make_store(tmp_path, s3).fetch(bucket, KEY)
     again = make_store(tmp_path, s3).fetch(bucket, KEY)  # e.g. a restarted worker
     assert not again.downloaded
-    assert s3.calls["GetObject"] == 1
+    assert (s3.calls["HeadObject"], s3.calls["GetObject"]) == (1, 1)
+
+
+def test_an_etag_another_worker_had_within_the_ttl_is_trusted(
+    tmp_path: Path, s3: CountedClient, bucket: str
+) -> None:
+    """Workers share the cache directory: what S3 told one of them within head_ttl_seconds
+    serves another's call with no S3 round trip; past it, a HEAD asks again."""
+    s3.client.put_object(Bucket=bucket, Key=KEY, Body=code_zip())
+    first = make_store(tmp_path, s3, head_ttl_seconds=0.5).fetch(bucket, KEY)
+    other = make_store(tmp_path, s3, head_ttl_seconds=0.5)  # another worker of the host
+    assert other.fetch(bucket, KEY).zip_path == first.zip_path
+    assert (s3.calls["HeadObject"], s3.calls["GetObject"]) == (0, 1)
+    time.sleep(0.6)
+    assert not other.fetch(bucket, KEY).downloaded
+    assert (s3.calls["HeadObject"], s3.calls["GetObject"]) == (1, 1)
 
 
 def test_reupload_with_new_etag_is_downloaded_again(
@@ -135,10 +153,10 @@ def test_burst_within_head_ttl_makes_no_s3_call(
     store.fetch(bucket, KEY)
     for _ in range(20):
         assert not store.fetch(bucket, KEY).downloaded
-    assert (s3.calls["HeadObject"], s3.calls["GetObject"]) == (1, 1)
+    assert (s3.calls["HeadObject"], s3.calls["GetObject"]) == (0, 1)
     time.sleep(0.6)
     store.fetch(bucket, KEY)
-    assert s3.calls["HeadObject"] == 2
+    assert s3.calls["HeadObject"] == 1
 
 
 def fetch_at_once(store: CodeStore, bucket: str, key: str, runs: int) -> list[Any]:
@@ -162,7 +180,7 @@ def fetch_at_once(store: CodeStore, bucket: str, key: str, runs: int) -> list[An
     return outcomes
 
 
-def test_a_burst_of_first_runs_makes_one_head_and_one_get(
+def test_a_burst_of_first_runs_makes_one_get(
     tmp_path: Path, s3: CountedClient, bucket: str
 ) -> None:
     s3.client.put_object(Bucket=bucket, Key=KEY, Body=code_zip())
@@ -171,7 +189,7 @@ def test_a_burst_of_first_runs_makes_one_head_and_one_get(
     assert all(isinstance(p, CodePackage) for p in packages), packages
     assert len({p.zip_path for p in packages}) == 1
     assert sum(p.downloaded for p in packages) == 1
-    assert (s3.calls["HeadObject"], s3.calls["GetObject"]) == (1, 1)
+    assert (s3.calls["HeadObject"], s3.calls["GetObject"]) == (0, 1)
 
 
 def test_a_failed_fetch_does_not_hold_up_the_others(
@@ -192,12 +210,12 @@ def test_a_slow_fetch_of_one_key_does_not_hold_up_another(
         s3.client.put_object(Bucket=bucket, Key=key, Body=code_zip())
     slowed = threading.Event()
 
-    def slow_head(params: dict[str, Any], **_: Any) -> None:
+    def slow_get(params: dict[str, Any], **_: Any) -> None:
         if params.get("Key") == "functions/slow.zip":
             slowed.set()
             time.sleep(1.0)
 
-    s3.client.meta.events.register("provide-client-params.s3.HeadObject", slow_head)
+    s3.client.meta.events.register("provide-client-params.s3.GetObject", slow_get)
     store = make_store(tmp_path, s3, head_ttl_seconds=1.0)
     slow = threading.Thread(target=store.fetch, args=(bucket, "functions/slow.zip"))
     slow.start()
@@ -221,7 +239,7 @@ def test_missing_key_is_code_not_found(tmp_path: Path, s3: CountedClient, bucket
         make_store(tmp_path, s3).fetch(bucket, "functions/nope/v1.zip")
     assert str(err.value) == f"code s3://{bucket}/functions/nope/v1.zip not found"
     assert err.value.retryable
-    assert s3.calls["GetObject"] == 0
+    assert list((tmp_path / "cache").iterdir()) == []
 
 
 def test_missing_bucket_is_code_not_found(tmp_path: Path, s3: CountedClient) -> None:
@@ -255,49 +273,69 @@ def test_client_is_created_lazily(tmp_path: Path, aws: Any, bucket: str) -> None
     assert store._client is not None
 
 
-def test_oversize_zip_is_refused_without_download(
-    tmp_path: Path, s3: CountedClient, bucket: str
+@pytest.mark.parametrize("known", [False, True], ids=["new to the host", "known"])
+def test_oversize_zip_is_refused_by_its_length(
+    tmp_path: Path, s3: CountedClient, bucket: str, known: bool
 ) -> None:
-    s3.client.put_object(Bucket=bucket, Key=KEY, Body=code_zip(padding=5000))
+    """By the Content-Length of the GET (its body left unread) when the key is new to the
+    host, else of the HEAD, with no GET."""
     store = make_store(tmp_path, s3, max_zip_bytes=4096)
+    zips: list[str] = []
+    if known:
+        s3.client.put_object(Bucket=bucket, Key=KEY, Body=code_zip())
+        zips.append(store.fetch(bucket, KEY).zip_path.name)
+    s3.client.put_object(Bucket=bucket, Key=KEY, Body=code_zip(padding=5000))
     with pytest.raises(InvalidCodePackage, match=r"code zip s3://.* is larger than 4096 bytes"):
         store.fetch(bucket, KEY)
-    assert s3.calls["GetObject"] == 0
-    assert list((tmp_path / "cache").iterdir()) == []
+    assert (s3.calls["HeadObject"], s3.calls["GetObject"]) == (int(known), 1)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()
+                  if not p.name.startswith(".etag-")) == zips
 
 
-def test_download_stops_at_limit_even_if_head_understates(
-    tmp_path: Path, s3: CountedClient, bucket: str
+@pytest.mark.parametrize("known", [False, True], ids=["new to the host", "known"])
+def test_download_stops_at_limit_even_if_s3_understates(
+    tmp_path: Path, s3: CountedClient, bucket: str, known: bool
 ) -> None:
+    store = make_store(tmp_path, s3, max_zip_bytes=1 << 20)
+    zips: list[str] = []
+    if known:
+        s3.client.put_object(Bucket=bucket, Key=KEY, Body=code_zip())
+        zips.append(store.fetch(bucket, KEY).zip_path.name)
     s3.client.put_object(Bucket=bucket, Key=KEY, Body=code_zip(padding=3 << 20))
 
     def lie(parsed: dict[str, Any], **_: Any) -> None:
         parsed["ContentLength"] = 100
 
     s3.client.meta.events.register("after-call.s3.HeadObject", lie)
-    store = make_store(tmp_path, s3, max_zip_bytes=1 << 20)
+    s3.client.meta.events.register("after-call.s3.GetObject", lie)
     with pytest.raises(InvalidCodePackage, match="larger than 1048576 bytes"):
         store.fetch(bucket, KEY)
-    assert s3.calls["GetObject"] == 1
-    assert list((tmp_path / "cache").iterdir()) == []  # no partial file left behind
+    assert s3.calls["GetObject"] == 1 + int(known)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()
+                  if not p.name.startswith(".etag-")) == zips  # no partial file left behind
 
 
 def test_object_replaced_between_head_and_get(
     tmp_path: Path, s3: CountedClient, bucket: str
 ) -> None:
+    """A HEAD gave a new ETag (the key is known to the host), and the GET pinned to it finds
+    yet another version: the fetch fails as retryable, and nothing of it is cached."""
     s3.client.put_object(Bucket=bucket, Key=KEY, Body=code_zip("print(1)\n"))
+    store = make_store(tmp_path, s3)
+    first = store.fetch(bucket, KEY).zip_path.name
+    s3.client.put_object(Bucket=bucket, Key=KEY, Body=code_zip("print(2)\n"))
     other = fresh_client()
 
     def replace_once(**_: Any) -> None:
-        if s3.calls["GetObject"] == 1:
-            other.put_object(Bucket=bucket, Key=KEY, Body=code_zip("print(2)\n"))
+        if s3.calls["GetObject"] == 2:
+            other.put_object(Bucket=bucket, Key=KEY, Body=code_zip("print(3)\n"))
 
     s3.client.meta.events.register("before-call.s3.GetObject", replace_once)
-    store = make_store(tmp_path, s3)
     with pytest.raises(CodeNotFound, match="changed while it was being fetched"):
         store.fetch(bucket, KEY)
-    assert list((tmp_path / "cache").iterdir()) == []
-    assert b"print(2)" in store.fetch(bucket, KEY).zip_path.read_bytes()  # the retry gets it
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()
+                  if not p.name.startswith(".etag-")) == [first]
+    assert b"print(3)" in store.fetch(bucket, KEY).zip_path.read_bytes()  # the retry gets it
 
 
 def test_cache_evicts_least_recently_used(
@@ -380,7 +418,7 @@ def test_s3_errors_become_code_not_found(
 ) -> None:
     client = boto3.session.Session().client("s3", region_name="ap-northeast-2")
     with Stubber(client) as stub:
-        stub.add_client_error("head_object", code, "msg", status)
+        stub.add_client_error("get_object", code, "msg", status)
         with pytest.raises(CodeNotFound, match=expected):
             CodeStore(tmp_path, 1 << 20, client).fetch("b", "k.zip")
 
@@ -399,6 +437,6 @@ def test_timeouts_become_s3_unreachable(tmp_path: Path, exc: Exception) -> None:
     def fail(**_: Any) -> None:
         raise exc
 
-    client.meta.events.register("before-call.s3.HeadObject", fail)
+    client.meta.events.register("before-call.s3.GetObject", fail)
     with pytest.raises(CodeNotFound, match=r"^S3 unreachable: .*s3\.example"):
         CodeStore(tmp_path, 1 << 20, client).fetch("b", "k.zip")
