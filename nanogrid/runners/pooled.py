@@ -38,6 +38,10 @@ ATTACH_TIMEOUT_S = 1.0
 """How long a call waits for an idle sandbox's server to take its connection."""
 OWNER_EXIT_S = 2.0
 """How long a lent sandbox's owner may take to show as gone after the sandbox died."""
+OOM_COUNT_GRACE_S = 0.2
+"""How long a run that was killed, with no OOM kill counted yet, waits for the count: the
+kernel sends the OOM kill before it counts it, so the sandbox's server may reap the run and
+reply, or die itself and close its socket, before the cgroup says why."""
 
 
 @dataclass(eq=False)
@@ -118,7 +122,7 @@ class PooledRunner(Runner):
             exit_code = os.waitstatus_to_exitcode(raw.status)
         except SandboxError as exc:
             sandbox.healthy = False
-            peak, oom_kills = self._read(sandbox, meter)
+            peak, oom_kills = self._read(sandbox, meter, killed=True)
             if not oom_kills and self.lost(sandbox):
                 raise SandboxLost(f"the worker that lent sandbox {sandbox.name} died during "
                                   f"the run ({exc})") from None
@@ -134,8 +138,8 @@ class PooledRunner(Runner):
             raise SandboxError(f"sandbox {launch.server.name} server misbehaved: {exc!r}") from None
         sandbox.runs += 1
         log_preload(self.marker, sandbox, raw)
-        peak, oom_kills = self._read(sandbox, meter)
         killed = exit_code == -signal.SIGKILL and not raw.timed_out
+        peak, oom_kills = self._read(sandbox, meter, killed=killed)
         oom = killed and oom_kills > 0 if meter.memory else self.oom_without_cgroup(
             exit_code, raw
         )
@@ -169,15 +173,21 @@ class PooledRunner(Runner):
         return True
 
     @staticmethod
-    def _read(sandbox: Sandbox, meter: Meter) -> tuple[int | None, int]:
-        """The run's cgroup peak (None when unknown) and the OOM kills during the run."""
+    def _read(sandbox: Sandbox, meter: Meter, *, killed: bool) -> tuple[int | None, int]:
+        """The run's cgroup peak (None when unknown) and the OOM kills during the run; for a
+        run that was ``killed``, OOM kills counted within ``OOM_COUNT_GRACE_S``."""
         if meter.memory is None:
             return None, 0
-        try:
-            return meter.memory.peak_bytes(), meter.memory.oom_kills() - meter.oom_before
-        except OSError:  # the sandbox went away under the run
-            sandbox.healthy = False
-            return None, 0
+        deadline = time.monotonic() + (OOM_COUNT_GRACE_S if killed else 0.0)
+        while True:
+            try:
+                peak, oom_kills = meter.memory.peak_bytes(), meter.memory.oom_kills()
+            except OSError:  # the sandbox went away under the run
+                sandbox.healthy = False
+                return None, 0
+            if oom_kills > meter.oom_before or time.monotonic() >= deadline:
+                return peak, oom_kills - meter.oom_before
+            time.sleep(0.005)
 
     # -- the runner's hooks -------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -139,4 +140,55 @@ def test_a_lent_sandbox_whose_owner_is_gone_is_lost_not_broken() -> None:
     box.borrowed = True
     box.ticket = ticket.__class__(**{**ticket.__dict__, "owner_pid": gone})
     with pytest.raises(SandboxLost, match="died during the run"):
+        runner.run(box, invocation())
+
+
+class LateCountingMemory:
+    """A sandbox cgroup whose OOM kill is counted ``late_s`` after the run ended, as the
+    kernel counts it after sending the kill."""
+
+    source = "cgroup-v1"
+
+    def __init__(self, late_s: float) -> None:
+        self.counted_at = time.monotonic() + late_s
+
+    def peak_bytes(self) -> int:
+        return 96 << 20
+
+    def oom_kills(self) -> int:
+        return int(time.monotonic() >= self.counted_at)
+
+
+class MeteredHooks(Hooks):
+    """Hooks whose runs are measured by a cgroup that counts an OOM kill late."""
+
+    def __init__(self, late_s: float) -> None:
+        super().__init__()
+        self.late_s = late_s
+
+    def limit(self, sandbox: ServerSandbox, invocation: Invocation) -> Meter:
+        self.calls.append("limit")
+        return Meter(LateCountingMemory(self.late_s), oom_before=0)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("died", [False, True], ids=["run killed", "server killed"])
+def test_an_oom_kill_the_kernel_counts_after_the_kill_is_still_the_memory_limit(
+    died: bool,
+) -> None:
+    """The run's reply (its child reaped by the server) or the server's death (a node
+    function runs inside it) may come before the cgroup counts the OOM kill."""
+    runner = MeteredHooks(late_s=0.05)
+    killed = RawRun(**{**OK.__dict__, "status": signal.SIGKILL})
+    box = sandbox(runner, SandboxError("sandbox node server died during the run") if died
+                  else killed)
+    out = runner.run(box, invocation())
+    assert out.oom_killed and out.exit_code == -signal.SIGKILL and not out.timed_out
+    assert (out.peak_memory_bytes, out.peak_source) == (96 << 20, "cgroup-v1")
+    assert not box.healthy
+
+
+def test_a_server_that_died_with_no_oom_kill_counted_is_a_sandbox_error() -> None:
+    runner = MeteredHooks(late_s=60.0)  # never counted within the grace
+    box = sandbox(runner, SandboxError("sandbox node server died during the run"))
+    with pytest.raises(SandboxError, match="died during the run"):
         runner.run(box, invocation())
