@@ -18,7 +18,10 @@ from ..cgroups import describe_cgroup, described_cgroup
 from ..freezer import Freezer, freezer_of
 from ..memory import CGROUP_ROOT, CgroupMemory, CgroupV1Memory, CgroupV2Memory
 
-KILL_ROUNDS = 20
+KILL_WAIT_S = 1.0
+"""How long what a run left behind may take to be gone after SIGKILL: a killed process stays
+in the cgroup until it is scheduled to exit, late on a loaded host. Processes still there
+after it (a fork bomb adding them as fast as they die) spoil the sandbox."""
 
 
 class ContainerProcesses:
@@ -44,16 +47,17 @@ class ContainerProcesses:
         return [p for p in pids if p not in (self.init_pid, self.server_pid)]
 
     def kill_strays(self) -> bool:
-        """SIGKILL what a run left behind; False when processes keep appearing."""
-        for _ in range(KILL_ROUNDS):  # a fork bomb may add processes while we kill
-            victims = self.strays()
-            if not victims:
-                return True
-            for pid in victims:
+        """SIGKILL what a run left behind until none is left; False when some are still there
+        after ``KILL_WAIT_S``."""
+        deadline = time.monotonic() + KILL_WAIT_S
+        while victims := self.strays():
+            if time.monotonic() > deadline:
+                return False
+            for pid in victims:  # again each round: a fork bomb adds processes while we kill
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             time.sleep(0.001)
-        return not self.strays()
+        return True
 
     def kill_frozen(self, freezer: Freezer | None) -> None:
         """The container is being removed: if it can be frozen, SIGKILL all of its processes,
