@@ -8,7 +8,7 @@ import socket
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -30,11 +30,20 @@ def agent(tmp_path: Path) -> Iterator[FakeAgent]:
         yield running
 
 
+def status_when(agent: FakeAgent, holds: Callable[[dict], bool]) -> dict:
+    """The first /status snapshot (within 5 s) of which ``holds`` is true: that one, not a
+    later one, where workers may have moved on."""
+    def snapshot() -> dict | None:
+        status = agent.status()
+        return status if holds(status) else None
+
+    return wait_until(snapshot, timeout=5)
+
+
 def test_status_health_and_metrics_follow_the_contract(agent: FakeAgent) -> None:
     agent.behave("busy")  # each worker runs one task, then idles
     agent.start()
-    running = wait_until(lambda: all(w["currentRequestId"] for w in agent.status()["workers"])
-                         and agent.status(), timeout=5)
+    running = status_when(agent, lambda s: all(w["currentRequestId"] for w in s["workers"]))
     assert {w["currentRequestId"] for w in running["workers"]} == {
         f"req-{w['id']}-{w['pid']}" for w in running["workers"]}
     for worker in running["workers"]:
@@ -46,8 +55,7 @@ def test_status_health_and_metrics_follow_the_contract(agent: FakeAgent) -> None
     assert running["pools"] == {"python": pools(busy=2)}
     assert running["sandboxes"]["busy"] == 2 and running["warmUp"]["state"] == "warm"
 
-    done = wait_until(lambda: all(w["tasksDone"] == 1 for w in agent.status()["workers"])
-                      and agent.status(), timeout=5)
+    done = status_when(agent, lambda s: all(w["tasksDone"] == 1 for w in s["workers"]))
     assert [w["id"] for w in done["workers"]] == [0, 1]
     for worker in done["workers"]:
         assert set(worker) >= WORKER_FIELDS
