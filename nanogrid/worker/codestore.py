@@ -167,13 +167,14 @@ class CodeStore:
         return cached
 
     def _fetch(self, bucket: str, key: str) -> CodePackage:
-        if self._known_etag(bucket, key) is None:  # new to this host: no zip of it to check
+        known = self._known_etag(bucket, key)
+        if known is None:  # new to this host: no zip of it to check
             path, size, etag = self._download(bucket, key, None)
-            self._remember(bucket, key, etag)
+            self._remember(bucket, key, etag, known=None)
             self._evict(keep=path)
             return CodePackage(bucket, key, etag, path, size, downloaded=True)
         etag, quoted, length = self._head(bucket, key)
-        self._remember(bucket, key, etag)
+        self._remember(bucket, key, etag, known=known[0])
         cached = self._cached(bucket, key, etag)
         if cached:
             return cached
@@ -191,26 +192,23 @@ class CodeStore:
         quoted = head.get("ETag") or ""
         return quoted.strip('"'), quoted, int(head.get("ContentLength") or 0)
 
-    def _remember(self, bucket: str, key: str, etag: str) -> None:
-        """S3 just gave ``etag`` for the key: remembered here and for the host's workers."""
+    def _remember(self, bucket: str, key: str, etag: str, *, known: str | None) -> None:
+        """S3 just gave ``etag`` for the key: remembered here and for the host's workers
+        (``known``: the ETag they had for it before, read by this fetch)."""
         now = time.monotonic()
         if len(self._heads) >= _MAX_HEAD_MEMO:
             self._heads = {
                 k: v for k, v in self._heads.items() if now - v[1] < self.head_ttl_seconds
             }
         self._heads[(bucket, key)] = (etag, now)
-        known = self._known_etag_path(bucket, key)
-        try:
-            same = known.read_text() == etag
-        except OSError:
-            same = False
+        path = self._known_etag_path(bucket, key)
         with contextlib.suppress(OSError):  # without it the next fetch GETs instead of a HEAD
-            if same:
-                os.utime(known)
+            if known == etag:
+                os.utime(path)
             else:
-                part = known.with_name(f".part-{uuid.uuid4().hex}")
+                part = path.with_name(f".part-{uuid.uuid4().hex}")
                 part.write_text(etag)
-                os.replace(part, known)
+                os.replace(part, path)
 
     def _known_etag_path(self, bucket: str, key: str) -> Path:
         name = hashlib.sha256(f"{bucket}\0{key}".encode()).hexdigest()
