@@ -21,11 +21,11 @@ import boto3
 import redis
 from botocore.exceptions import BotoCoreError, ClientError
 
+from nanogrid.admin import commandline
 from nanogrid.common import awsregion, environ
 from nanogrid.common.config import Config, load
 from nanogrid.common.errors import ConfigError
 from nanogrid.common.exitcodes import EXIT_CONFIG, EXIT_OK
-from nanogrid.common.version import version_line
 from nanogrid.worker import rediskeys
 from nanogrid.worker.result import FAILED, Result
 
@@ -64,10 +64,7 @@ class DeadLetter:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
-    parser.add_argument("-c", "--config", help=f"the agent's config file (default: "
-                        f"${environ.CONFIG}, else {environ.DEFAULT_CONFIG_PATH})")
-    parser.add_argument("--version", action="version", version=version_line(PROG))
+    parser = commandline.parser(PROG, __doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("ls", help="list the dead letters: requestId, functionId, why")
     replay = commands.add_parser("replay", help="send dead letters back to the task queue")

@@ -10,19 +10,18 @@ publish (the first result stored for a requestId stands), whether the agent runs
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
 from loguru import logger
 
+from nanogrid.admin import commandline
 from nanogrid.common import environ
 from nanogrid.common.config import LogConfig, load
 from nanogrid.common.errors import ConfigError
 from nanogrid.common.exitcodes import EXIT_CONFIG, EXIT_OK
 from nanogrid.common.logs import setup
-from nanogrid.common.version import version_line
 from nanogrid.worker.outbox import FAILED_PREFIX
 from nanogrid.worker.result import Result
 from nanogrid.worker.resultstore import ResultStore
@@ -32,10 +31,7 @@ EXIT_ERROR = 1
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
-    parser.add_argument("-c", "--config", help=f"the agent's config file (default: "
-                        f"${environ.CONFIG}, else {environ.DEFAULT_CONFIG_PATH})")
-    parser.add_argument("--version", action="version", version=version_line(PROG))
+    parser = commandline.parser(PROG, __doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("ls", help="waiting and set-aside results: state, age, requestId")
     resend = commands.add_parser("resend", help="send set-aside and waiting results now")
