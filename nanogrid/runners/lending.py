@@ -142,12 +142,12 @@ class SandboxBoard:
             if head[5] == entry.generation and head[0] != EMPTY:
                 self._restate(entry.index, head, DOOMED)
 
-    def clear_doomed(self, owner: int, index: int) -> bool:
-        """Free ``owner``'s doomed record ``index``: True when it was, the sandbox is the
-        owner's to destroy now."""
+    def clear_doomed(self, owner: int, index: int, generation: int) -> bool:
+        """Free ``owner``'s doomed record ``index`` (of ``generation``): True when it was, the
+        sandbox is the owner's to destroy now."""
         with self._locked():
             head = self._head(index)
-            if head[0] != DOOMED or head[2] != owner:
+            if head[0] != DOOMED or head[2] != owner or head[5] != generation:
                 return False
             self._clear(index, head)
             return True

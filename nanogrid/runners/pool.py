@@ -114,8 +114,10 @@ class WarmPool:
         self._idle_bound = idle_bound
         """The host's bound on idle sandboxes: (count, bytes); None: none."""
         self._marker = marker
-        self._mine: dict[int, Sandbox] = {}
-        """This worker's sandboxes on the board (idle, or taken by a call), by record."""
+        self._mine: dict[tuple[int, int], Sandbox] = {}
+        """This worker's sandboxes on the board (idle, or taken by a call), by record and its
+        generation: a record freed by one thread may hold another's new sandbox before the
+        first forgets the old one."""
         self._making = 0
         self._misses: deque[float] = deque()
         """When calls of this pool last had to wait for a new sandbox."""
@@ -217,9 +219,9 @@ class WarmPool:
         return None
 
     def _sandbox_of(self, ticket: Ticket) -> Sandbox | None:
-        if ticket.owner == self.slot:
-            return self._mine.get(ticket.index)
         key = (ticket.index, ticket.generation)
+        if ticket.owner == self.slot:
+            return self._mine.get(key)
         view = self._views.get(key)
         if view is None:
             view = self._views[key] = self._maker.borrow(self.runtime, ticket.descriptor)
@@ -242,7 +244,7 @@ class WarmPool:
             return
         if mine:
             self.board.give_back(ticket, sandbox.code_key, healthy=False)
-            self._destroy_doomed(ticket.index)
+            self._destroy_doomed(ticket.index, ticket.generation)
         else:
             self.board.give_back(ticket, sandbox.code_key, healthy=False)
             self._views.pop((ticket.index, ticket.generation), None)
@@ -287,7 +289,7 @@ class WarmPool:
         )
         if ticket is not None:
             sandbox.ticket = ticket if taken else None  # a call's: it holds its ticket
-            self._mine[ticket.index] = sandbox
+            self._mine[ticket.index, ticket.generation] = sandbox
         return ticket
 
     def _idle_bytes(self, sandbox: Sandbox) -> int:
@@ -323,7 +325,7 @@ class WarmPool:
         for entry in own:
             if entry.state == DOOMED or (entry.state == TAKEN and entry.taker_gone):
                 self.board.doom(entry)
-                self._destroy_doomed(entry.index)
+                self._destroy_doomed(entry.index, entry.generation)
             elif entry.state == IDLE:
                 idle_s = (now - entry.idle_since_ns) / 1e9
                 if entry.code_key is None:
@@ -347,7 +349,7 @@ class WarmPool:
     def _pause_if_due(self, entry: Entry, idle_s: float) -> None:
         """A sandbox the runner pauses while idle (Docker without a freezer) leaves the board
         to be paused and comes back paused (its next taker unpauses it)."""
-        sandbox = self._mine.get(entry.index)
+        sandbox = self._mine.get((entry.index, entry.generation))
         if sandbox is None or not self._maker.pausable(sandbox, idle_s):
             return
         if self._withdraw(entry) is not None:
@@ -395,7 +397,7 @@ class WarmPool:
     def _lent(self, entry: Entry) -> bool:
         """Whether this worker's taken sandbox is another worker's call's (its own calls
         hold the ticket on the sandbox itself)."""
-        sandbox = self._mine.get(entry.index)
+        sandbox = self._mine.get((entry.index, entry.generation))
         return sandbox is not None and sandbox.ticket is None and not entry.taker_gone
 
     def _withdraw(self, entry: Entry) -> Sandbox | None:
@@ -403,12 +405,12 @@ class WarmPool:
         a call took it meanwhile, or it is not known here (a record of its predecessor)."""
         if not self.board.withdraw(entry):
             return None
-        return self._mine.pop(entry.index, None)
+        return self._mine.pop((entry.index, entry.generation), None)
 
-    def _destroy_doomed(self, index: int) -> None:
-        """Destroy this worker's doomed sandbox ``index`` (its record is freed)."""
-        if self.board.clear_doomed(self.slot, index):
-            sandbox = self._mine.pop(index, None)
+    def _destroy_doomed(self, index: int, generation: int) -> None:
+        """Destroy this worker's doomed sandbox of record ``index`` (its record is freed)."""
+        if self.board.clear_doomed(self.slot, index, generation):
+            sandbox = self._mine.pop((index, generation), None)
             if sandbox is not None:
                 self._safe_destroy(sandbox)
 
@@ -468,7 +470,7 @@ class WarmPool:
         for entry in self.board.owned(self.slot):
             if entry.runtime == self.runtime:
                 self.board.doom(entry)
-                self._destroy_doomed(entry.index)
+                self._destroy_doomed(entry.index, entry.generation)
         for sandbox in list(self._mine.values()):
             self._safe_destroy(sandbox)
         self._mine.clear()

@@ -42,8 +42,10 @@ def test_workers_still_running_at_the_drain_timeout_are_killed(agent: FakeAgent)
     agent.wait_for_workers(2)
     started = time.monotonic()
     agent.signal(signal.SIGTERM)
-    assert agent.wait(timeout=6) == 0  # stubborn workers never exit on their own: only the kill ends them
-    assert 1.0 <= time.monotonic() - started < 4.0  # the 1 s drain, then the kill (slack for a loaded host)
+    # Stubborn workers never exit on their own: the exit alone proves the kill. The bound is
+    # the 1 s drain, then the kill, with slack for a loaded host.
+    assert agent.wait(timeout=6) == 0
+    assert 1.0 <= time.monotonic() - started < 4.0
     assert all(gone(pid) for pid in spawned(agent))
     agent.wait_for_log(r"did not exit in time; sending SIGKILL")
 

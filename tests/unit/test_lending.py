@@ -65,8 +65,9 @@ def test_an_unhealthy_give_back_dooms_it_for_its_owner(board: SandboxBoard) -> N
     assert found is not None
     board.give_back(found[0], "f@1", healthy=False)
     (entry,) = board.entries()
-    assert entry.state == DOOMED and not board.clear_doomed(1, entry.index)
-    assert board.clear_doomed(2, entry.index) and board.entries() == []
+    assert entry.state == DOOMED and not board.clear_doomed(1, entry.index, entry.generation)
+    assert not board.clear_doomed(2, entry.index, entry.generation + 1)  # another record's
+    assert board.clear_doomed(2, entry.index, entry.generation) and board.entries() == []
 
 
 def test_doom_beyond_takes_the_oldest_specialized_and_keeps_generic(board: SandboxBoard) -> None:

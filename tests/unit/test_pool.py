@@ -529,3 +529,35 @@ def test_the_idle_bound_counts_memory(board: SandboxBoard) -> None:
         assert {e.code_key for e in board.entries()} == {"b@1", "c@1"}
     finally:
         pool.close()
+
+
+def test_a_record_reused_while_its_sandbox_is_taken_off_is_not_mistaken_for_it(
+    board: SandboxBoard,
+) -> None:
+    """Shedding frees a record, then forgets its sandbox. A sandbox made by another thread in
+    between gets the same record: the shed destroys the old sandbox, never the new one (a
+    call's, whose connection it would close under the run)."""
+    pool, maker = make_pool(board, 0)
+    try:
+        old = served(pool, "f@1")
+        withdraw = board.withdraw
+        new: list[Sandbox] = []
+
+        def withdraw_then_fill(entry: Any) -> bool:
+            taken = withdraw(entry)
+            if taken and not new:  # a maker thread puts its sandbox on the record just freed
+                made = maker.new()
+                with pool._lock:
+                    assert pool._put(made, taken=True) is not None
+                new.append(made)
+            return taken
+
+        board.withdraw = withdraw_then_fill  # type: ignore[method-assign]
+        assert pool.shed_idle() == 1
+        assert maker.destroyed == [old.name]
+        assert new[0].ticket is not None and board.holds(new[0].ticket)
+        pool.release(new[0])
+        assert [e.state for e in board.owned(0)] == [IDLE]
+    finally:
+        pool.close()
+    assert sorted(maker.destroyed) == sorted([old.name, new[0].name])
