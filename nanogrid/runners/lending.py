@@ -171,12 +171,13 @@ class SandboxBoard:
 
     # -- a call's side ------------------------------------------------------------------------
 
-    def take(self, runtime: str, code_key: str, prefer: int) -> tuple[Ticket, str | None] | None:
-        """An idle sandbox of ``runtime`` for ``code_key``: one that holds its code, else a
-        generic one (its code key then None), most recently idle first and ``prefer``'s
-        (the caller's own) among equals; None when the host has none idle."""
+    def take(self, runtime: str, code_key: str, prefer: int, *, generic: bool = True
+             ) -> tuple[Ticket, str | None] | None:
+        """An idle sandbox of ``runtime`` for ``code_key``: one that holds its code, else
+        (``generic``) a generic one (its code key then None), most recently idle first and
+        ``prefer``'s (the caller's own) among equals; None when the host has none idle."""
         wanted_runtime = _padded(runtime)
-        wanted_key, generic = _padded(code_key), _padded("")
+        wanted_key, empty = _padded(code_key), _padded("")
         me = os.getpid()
         with self._locked():
             while True:
@@ -186,7 +187,7 @@ class SandboxBoard:
                     if head[0] != IDLE or head[9] != wanted_runtime:
                         continue
                     holds = head[10] == wanted_key
-                    if not holds and head[10] != generic:
+                    if not holds and (not generic or head[10] != empty):
                         continue
                     rank = (holds, head[2] == prefer, head[6])
                     if best is None or rank > best[0]:

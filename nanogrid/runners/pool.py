@@ -2,9 +2,11 @@
 
 Every idle sandbox of the host is on one board (lending.py), whichever worker made it: a
 call takes, in order, an idle sandbox that already ran its function@version (on any worker),
-else a generic one (any worker's), else it orders a new one from its own pool and takes
-whichever comes first: its new sandbox, or one that becomes idle meanwhile (the new one then
-goes to the board for the next call, or is not made if not begun yet). A worker makes and
+else one of this worker's that did and is getting its server's next call ready (node; waited
+for briefly, by one call each), else a generic one (any worker's), else it orders a new one
+from its own pool and takes whichever comes first: its new sandbox, or one that becomes idle
+meanwhile (the new one then goes to the board for the next call, or is not made if not begun
+yet). A worker makes and
 destroys only its own sandboxes (they die with it); it lends them, and borrows others', for
 one call at a time. A call connects to its sandbox's server for its run and disconnects
 after (a server serves one connection at a time), so the next taker may be any worker.
@@ -43,6 +45,10 @@ _TICK_S = 0.25
 _WAIT_S = 0.01
 """While a call waits for its new sandbox, it looks at the board this often (another worker
 may give one back)."""
+_SETTLING_WAIT_S = 0.25
+"""How long a call waits for this worker's sandbox that ran its function last and is getting
+its server's next call ready (node: its next Worker, the function's imports preloaded), before
+it starts the function anew in a generic sandbox instead."""
 _LENT_BACK_S = 10.0
 """How long a closing pool waits for its sandboxes other workers' calls have."""
 _SURGE_WINDOW_S = 30.0
@@ -119,6 +125,8 @@ class WarmPool:
         generation: a record freed by one thread may hold another's new sandbox before the
         first forgets the old one."""
         self._making = 0
+        self._settle_waits: dict[str, int] = {}
+        """Calls waiting for a settling sandbox, by the code key they wait for."""
         self._misses: deque[float] = deque()
         """When calls of this pool last had to wait for a new sandbox."""
         self._fill_failed_at = -_FILL_BACKOFF_S
@@ -144,7 +152,7 @@ class WarmPool:
 
     def acquire(self, code_key: str) -> Sandbox:
         """A sandbox for ``code_key``, attached for one call."""
-        sandbox = self._take(code_key)
+        sandbox = self._settled(code_key) or self._take(code_key)
         if sandbox is not None:
             return sandbox
         with self._lock:
@@ -196,9 +204,39 @@ class WarmPool:
         self._maker.detach(sandbox)
         self._give_back(sandbox, ticket, healthy=sandbox.healthy and not self._closed)
 
-    def _take(self, code_key: str) -> Sandbox | None:
-        """An idle sandbox of the host for ``code_key``, attached; None when none is idle."""
-        while (found := self.board.take(self.runtime, code_key, self.slot)) is not None:
+    def _settled(self, code_key: str) -> Sandbox | None:
+        """This worker's sandbox that ran ``code_key`` last, once it settles: when one is
+        settling that no other call waits for, waited for up to ``_SETTLING_WAIT_S`` (its
+        server preloads the function there; a generic sandbox would start it anew). None
+        when there is none, or it did not settle in time."""
+        with self._lock:
+            settling = sum(
+                s.settling and s.healthy and s.code_key == code_key
+                for s in [*self._mine.values(), *self._views.values()]
+            )
+            if settling <= self._settle_waits.get(code_key, 0):
+                return None
+            self._settle_waits[code_key] = self._settle_waits.get(code_key, 0) + 1
+        deadline = time.monotonic() + _SETTLING_WAIT_S
+        try:
+            while (sandbox := self._take(code_key, generic=False)) is None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                with self._lock:  # a give-back wakes it; the poll covers one just before
+                    self._lock.wait(min(_WAIT_S, remaining))
+            return sandbox
+        finally:
+            with self._lock:
+                self._settle_waits[code_key] -= 1
+                if not self._settle_waits[code_key]:
+                    del self._settle_waits[code_key]
+
+    def _take(self, code_key: str, *, generic: bool = True) -> Sandbox | None:
+        """An idle sandbox of the host for ``code_key`` (or a generic one), attached; None
+        when none is idle."""
+        while (found := self.board.take(self.runtime, code_key, self.slot, generic=generic)
+               ) is not None:
             ticket, held = found
             sandbox = self._sandbox_of(ticket)
             if sandbox is None:  # this worker's, but not known to it (a restart's leftover)

@@ -561,3 +561,63 @@ def test_a_record_reused_while_its_sandbox_is_taken_off_is_not_mistaken_for_it(
     finally:
         pool.close()
     assert sorted(maker.destroyed) == sorted([old.name, new[0].name])
+
+
+def test_a_call_waits_briefly_for_its_functions_settling_sandbox_rather_than_a_generic_one(
+    board: SandboxBoard,
+) -> None:
+    """Node calls back to back: the last call's sandbox is getting its server's next Worker
+    ready (settling). The next call of that function waits for it (its imports are preloaded
+    there) rather than start the function anew in the generic sandbox that is idle; a call of
+    another function takes the generic one at once."""
+    pool, _ = make_pool(board, 1)
+    try:
+        wait_until(lambda: pool.stats()["warm"] == 1, timeout=5)
+        first = pool.acquire("node@1")
+        first.code_key = "node@1"
+        first.settling = True
+        pool.release(first)  # kept off the board until settled
+        wait_until(lambda: pool.stats()["warm"] == 1, timeout=5)  # a generic one again
+
+        def settle_later() -> None:
+            time.sleep(0.05)
+            first.settling = False
+            pool.settled(first)
+
+        threading.Thread(target=settle_later).start()
+        started = time.monotonic()
+        second = pool.acquire("node@1")
+        assert second is first and not second.cold_start
+        assert time.monotonic() - started >= 0.04
+        other = pool.acquire("other@1")
+        assert other is not first and other.code_key is None
+        pool.release(other)
+        pool.release(second)
+    finally:
+        pool.close()
+
+
+def test_a_settling_sandbox_is_waited_for_by_one_call_only(board: SandboxBoard) -> None:
+    """Two calls of the function while its one sandbox settles: one waits for it, the other
+    takes the generic sandbox at once (it would wait in vain)."""
+    pool, _ = make_pool(board, 1)
+    try:
+        wait_until(lambda: pool.stats()["warm"] == 1, timeout=5)
+        first = pool.acquire("node@1")
+        first.code_key = "node@1"
+        first.settling = True
+        pool.release(first)
+        wait_until(lambda: pool.stats()["warm"] == 1, timeout=5)
+        with ThreadPoolExecutor(2) as calls:
+            waiting = calls.submit(pool.acquire, "node@1")
+            time.sleep(0.02)
+            at_once = calls.submit(pool.acquire, "node@1")
+            generic = at_once.result(timeout=1)
+            assert generic is not first and not waiting.done()
+            first.settling = False
+            pool.settled(first)
+            assert waiting.result(timeout=1) is first
+        pool.release(first)
+        pool.release(generic)
+    finally:
+        pool.close()
