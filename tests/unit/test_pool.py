@@ -205,10 +205,10 @@ def test_close_waits_for_a_sandbox_another_worker_took_while_it_closed(
 
 def test_grows_on_demand_in_parallel_then_shrinks_back_to_size(board: SandboxBoard) -> None:
     maker = Maker()
-    started: list[float] = []
+    started: list[tuple[float, str]] = []
 
     def slow_new() -> Sandbox:
-        started.append(time.monotonic())
+        started.append((time.monotonic(), threading.current_thread().name))
         time.sleep(0.3)
         return maker.new()
 
@@ -220,7 +220,10 @@ def test_grows_on_demand_in_parallel_then_shrinks_back_to_size(board: SandboxBoa
         with ThreadPoolExecutor(6) as threads:
             sandboxes = list(threads.map(lambda _: pool.acquire("f@1"), range(6)))
         assert len({s.name for s in sandboxes}) == 6 and pool.stats()["busy"] == 6
-        assert len(started) >= 5 and max(started[:5]) - min(started[:5]) < 0.25  # at once
+        # The calls' own sandboxes are made at once (a filler's refill may start apart, and
+        # serve one of them: that call's own is then not begun).
+        for_calls = [at for at, thread in started if thread.startswith("pool-python-make")]
+        assert len(for_calls) >= 4 and max(for_calls) - min(for_calls) < 0.25
         for sandbox in sandboxes:
             sandbox.code_key = "f@1"
             pool.release(sandbox)
