@@ -15,6 +15,9 @@ the default warm pools, waits for its pools, and measures:
 ``first``  ``--new`` functions never seen before, one call each, ``--gap`` seconds apart:
            end to end and the result's ``sandboxMs`` (a warm host should give a new function
            a ready sandbox, not an interpreter start or a container create).
+``floor``  the same first calls served by no agent: a thread of this bench does only what
+           the peers must (long-poll receive, GET the zip, SET + PUBLISH a stub result,
+           delete). No agent's first call can be faster on this host than its end to end.
 
 Reproduce: ``python bench/bench_warm_mix.py --before REF`` (root; Docker runner: dev/setup).
 """
@@ -41,6 +44,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import boto3  # noqa: E402
+import redis  # noqa: E402
 import yaml  # noqa: E402
 from benchpeers import Peers, zipped  # noqa: E402
 
@@ -210,6 +215,37 @@ class Bench(Peers):
         }
 
 
+    def floor(self) -> dict[str, float]:
+        """``first``'s calls (new functions of their own) served by ``serve_floor``."""
+        queue = self.sqs.create_queue(QueueName=f"floor-{uuid.uuid4().hex[:8]}")["QueueUrl"]
+        keys = self.deploy(f"floor-{uuid.uuid4().hex[:6]}", self.args.new)
+        stop = threading.Event()
+        server = threading.Thread(target=serve_floor, args=(queue, self.redis_server.url, stop))
+        server.start()
+        try:
+            schedule = [(i * self.args.gap, self.task(key, i)) for i, key in enumerate(keys)]
+            e2e = [ms for _, ms in self.call_all(queue, schedule)]
+        finally:
+            stop.set()
+            server.join()
+        return {"p50": statistics.median(e2e), "max": max(e2e)}
+
+
+def serve_floor(queue: str, redis_url: str, stop: threading.Event) -> None:
+    """A worker that does nothing but the peers' part of a call (its own clients)."""
+    sqs, s3, store = boto3.client("sqs"), boto3.client("s3"), redis.Redis.from_url(redis_url)
+    while not stop.is_set():
+        reply = sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10, WaitTimeSeconds=1)
+        for message in reply.get("Messages", []):
+            task = json.loads(message["Body"])
+            s3.get_object(Bucket=task["s3Bucket"], Key=task["s3Key"])["Body"].read()
+            data = json.dumps({"requestId": task["requestId"], "status": "SUCCESS"})
+            channel = f"result:{task['requestId']}"
+            store.pipeline().set(channel, data, ex=600).publish(channel, data).execute()
+            sqs.delete_message(QueueUrl=queue, ReceiptHandle=message["ReceiptHandle"])
+    store.close()
+
+
 def render(reports: list[dict[str, Any]], args: argparse.Namespace) -> str:
     lines = [
         f"mix: {args.functions} functions, Zipf-like weights, {args.calls} calls at "
@@ -228,6 +264,12 @@ def render(reports: list[dict[str, Any]], args: argparse.Namespace) -> str:
             f"| {f['max']:.1f} | {f['sandboxP50']:.1f} | {f['cold']} |"
         )
     return "\n".join(lines)
+
+
+def render_floor(floor: dict[str, float], args: argparse.Namespace) -> str:
+    return (f"floor of a new function's first call on this host's peers ({args.new} calls, no "
+            f"agent: receive, GET, SET + PUBLISH, delete): e2e p50 {floor['p50']:.1f} ms, "
+            f"max {floor['max']:.1f} ms")
 
 
 def export(ref: str, into: Path) -> Path:
@@ -261,7 +303,11 @@ def main() -> int:
             for name, tree in systems:
                 print(f"[bench] {runner} {name} ...", file=sys.stderr, flush=True)
                 reports.append(b.system(runner, name, tree))
+        print("[bench] floor ...", file=sys.stderr, flush=True)
+        floor = b.floor()
     print(render(reports, args))
+    print()
+    print(render_floor(floor, args))
     return 0
 
 

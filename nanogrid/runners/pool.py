@@ -66,6 +66,10 @@ class SandboxMaker(Protocol):
         """A new generic sandbox of ``runtime``."""
         ...
 
+    def prime(self, sandbox: Sandbox) -> None:
+        """Ready a new sandbox made ahead of calls (SandboxError: it cannot be kept)."""
+        ...
+
     def destroy(self, sandbox: Sandbox) -> None: ...
 
     def describe(self, sandbox: Sandbox) -> dict[str, Any]:
@@ -409,9 +413,7 @@ class WarmPool:
     def _fill_one(self) -> None:
         """Background: one generic sandbox for the board (counted in ``_making`` already)."""
         try:
-            if self._closed:
-                raise SandboxError(f"the {self.runtime} pool is closing")
-            sandbox = self._maker.create(self.runtime)
+            sandbox = self._made_ahead()
         except Exception as exc:  # noqa: BLE001 - logged; a later tick tries again
             with self._lock:
                 self._making -= 1
@@ -426,6 +428,19 @@ class WarmPool:
             self._lock.notify_all()
         if ticket is None:
             self._safe_destroy(sandbox)
+
+    def _made_ahead(self) -> Sandbox:
+        """A new generic sandbox, primed: made ahead of calls, its first run is not a call's
+        (a sandbox made for a waiting call is not: the call's run would wait for it)."""
+        if self._closed:
+            raise SandboxError(f"the {self.runtime} pool is closing")
+        sandbox = self._maker.create(self.runtime)
+        try:
+            self._maker.prime(sandbox)
+        except BaseException:
+            self._safe_destroy(sandbox)
+            raise
+        return sandbox
 
     def _retire(self, entry: Entry, what: str) -> None:
         if (sandbox := self._withdraw(entry)) is not None:

@@ -26,6 +26,8 @@ class Maker:
     def __init__(self, idle_bytes: int = 0) -> None:
         self.seq = itertools.count()
         self.destroyed: list[str] = []
+        self.primed: list[str] = []
+        self.prime_error: SandboxError | None = None
         self.borrowed: list[dict[str, Any]] = []
         self.attached: list[str] = []
         self.gone: set[str] = set()
@@ -37,6 +39,11 @@ class Maker:
 
     def create(self, runtime: str) -> Sandbox:
         return self.make()
+
+    def prime(self, sandbox: Sandbox) -> None:
+        if self.prime_error is not None:
+            raise self.prime_error
+        self.primed.append(sandbox.name)
 
     def destroy(self, sandbox: Sandbox) -> None:
         self.destroyed.append(sandbox.name)
@@ -622,5 +629,42 @@ def test_a_settling_sandbox_is_waited_for_by_one_call_only(board: SandboxBoard) 
             assert waiting.result(timeout=1) is first
         pool.release(first)
         pool.release(generic)
+    finally:
+        pool.close()
+
+
+def test_sandboxes_made_ahead_of_calls_are_primed_and_those_calls_wait_for_are_not(
+    board: SandboxBoard,
+) -> None:
+    """A generic sandbox's first run is slower (its server's pages are still the template's):
+    one made ahead of calls has it before it goes to the board; a call waiting for a new
+    sandbox does not wait for it too."""
+    pool, maker = make_pool(board, 0)
+    try:
+        waited = pool.acquire("f@1")
+        assert waited.cold_start and maker.primed == []
+        pool.release(waited)
+    finally:
+        pool.close()
+    pool, maker = make_pool(board, 1, slot=1)
+    try:
+        wait_until(lambda: pool.stats()["warm"] == 1, timeout=5)
+        ahead = pool.acquire("g@1")
+        assert not ahead.cold_start and maker.primed == [ahead.name]
+        wait_until(lambda: len(maker.primed) == 2, timeout=5)  # its refill too
+        pool.release(ahead)
+    finally:
+        pool.close()
+
+
+def test_a_sandbox_that_cannot_be_primed_is_not_kept(board: SandboxBoard) -> None:
+    maker = Maker()
+    maker.prime_error = SandboxError("the empty run failed")
+    pool, _ = make_pool(board, 1, maker)
+    try:
+        wait_until(lambda: len(maker.destroyed) >= 1, timeout=5)
+        assert pool.stats() == {"warm": 0, "busy": 0} and board.entries() == []
+        maker.prime_error = None
+        wait_until(lambda: pool.stats()["warm"] == 1, timeout=10)  # after the back-off
     finally:
         pool.close()
