@@ -93,6 +93,9 @@ class PooledRunner(Runner):
     """Most sandboxes one pool makes at once (None: up to its limit)."""
     limit_errors: tuple[type[BaseException], ...] = (OSError,)
     """What setting a sandbox's limits raises when the sandbox cannot take them."""
+    primed = False
+    """Whether a python sandbox made ahead of calls is primed (``prime``): its server is
+    forked from a template, whose pages its first run copies."""
 
     # -- the run ------------------------------------------------------------------------------
 
@@ -161,12 +164,14 @@ class PooledRunner(Runner):
 
     def prime(self, sandbox: Sandbox) -> None:
         """Run one empty script in a sandbox made ahead of calls, before it goes to the board
-        (python runtimes: a fork server runs the script). A server's first run is slower
-        than the next ones: it copies the pages it shares with the template it was forked
-        from (~330 more page faults; a hello's run 4.8 ms against 1.6 after), and that first
-        run is then not a call's. SandboxError when the sandbox cannot run it."""
+        (``primed`` runners, python runtimes: a fork server runs the script). A server forked
+        from a template runs its first run slower than the next ones: it copies the pages it
+        shares with the template (~330 more page faults; a hello's run 4.8 ms against 1.6
+        after), and that first run is then not a call's. (A container's server is not forked
+        from one: its first call's run was as fast primed or not, 6.7 against 6.9 ms p50.)
+        SandboxError when the sandbox cannot run it."""
         launch = self.launches[sandbox.runtime]
-        if not launch.python or launch.script is None:
+        if not self.primed or not launch.python or launch.script is None:
             return
         script = sandbox.code_dir / launch.script
         invocation = Invocation(

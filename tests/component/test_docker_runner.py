@@ -160,7 +160,7 @@ def test_warm_reuse_serves_the_same_function_from_the_same_container(
     runner: DockerRunner,
 ) -> None:
     first, a = run(runner, "print(1)")
-    ran = a.runs  # 2 in a generic container: it was primed with an empty run
+    ran = a.runs
     second, b = run(runner, "print(1)")
     assert a is b and not b.cold_start and b.runs == ran + 1
     assert first.stdout == second.stdout == b"1\n"

@@ -1,5 +1,6 @@
-"""A generic sandbox made ahead of calls is primed (one empty run: its server's first run is
-the slow one) on both runners, and a function's first call in it finds nothing of that run."""
+"""A generic process sandbox made ahead of calls is primed (one empty run: its server, forked
+from a template, is slow on its first run), a container is not (its server is not forked from
+one), and a function's first call in either finds nothing of it."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def test_a_generic_sandbox_ran_once_and_its_first_call_finds_nothing_of_it(
     sandbox = runner.acquire("python", "first@1")
     try:
         assert not sandbox.cold_start and sandbox.code_key is None
-        assert sandbox.runs == 1 and list(sandbox.code_dir.iterdir()) == []
+        assert sandbox.runs == (runner.name == "process") and list(sandbox.code_dir.iterdir()) == []
         put_code(sandbox, {"main.py": MAIN, "data.txt": "x"}, "first@1")
         invocation = Invocation("req-1", "fn", ("python3", "main.py"), b"in", 256, 10_000,
                                 10_000, MAX_PIDS)

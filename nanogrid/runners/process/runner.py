@@ -80,6 +80,7 @@ class ProcessSandbox(ServerSandbox):
 class ProcessRunner(PooledRunner):
     name = "process"
     marker = "[PROCESS]"
+    primed = True
 
     def __init__(
         self, config: Config, worker_index: int, board: SandboxBoard | None = None
