@@ -10,6 +10,7 @@ from __future__ import annotations
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 from nanogrid.common.config import Config
 
@@ -111,6 +112,46 @@ class Sandbox:
     settling: bool = False
     """Its server gets its next call ready after the run; it is frozen, and goes back to the
     board, once the server says it is (nanogrid/runners/freezer.py)."""
+
+
+class SandboxMaker(Protocol):
+    """What a pool (pool.py) needs of its runner."""
+
+    def create(self, runtime: str) -> Sandbox:
+        """A new generic sandbox of ``runtime``."""
+        ...
+
+    def prime(self, sandbox: Sandbox) -> None:
+        """Ready a new sandbox made ahead of calls (SandboxError: it cannot be kept)."""
+        ...
+
+    def destroy(self, sandbox: Sandbox) -> None: ...
+
+    def describe(self, sandbox: Sandbox) -> dict[str, Any]:
+        """What another worker needs to run in ``sandbox`` (JSON, at most 1 KiB)."""
+        ...
+
+    def borrow(self, runtime: str, descriptor: dict[str, Any]) -> Sandbox:
+        """A view of another worker's sandbox from its descriptor, to run one call in."""
+        ...
+
+    def attach(self, sandbox: Sandbox) -> None:
+        """Connect to the sandbox's server for a call (SandboxError: it is gone)."""
+        ...
+
+    def detach(self, sandbox: Sandbox) -> None:
+        """The call is over: disconnect (the next taker connects)."""
+        ...
+
+    def idle_bytes(self, sandbox: Sandbox) -> int:
+        """The sandbox's memory now (what it costs the host while idle)."""
+        ...
+
+    def pausable(self, sandbox: Sandbox, idle_s: float) -> bool:
+        """Whether to pause the idle ``sandbox`` now (its runner cannot freeze it)."""
+        ...
+
+    def pause(self, sandbox: Sandbox) -> None: ...
 
 
 class Runner:

@@ -6,42 +6,33 @@ else one of this worker's that did and is getting its server's next call ready (
 for briefly, by one call each), else a generic one (any worker's), else it orders a new one
 from its own pool and takes whichever comes first: its new sandbox, or one that becomes idle
 meanwhile (the new one then goes to the board for the next call, or is not made if not begun
-yet). A worker makes and
-destroys only its own sandboxes (they die with it); it lends them, and borrows others', for
-one call at a time. A call connects to its sandbox's server for its run and disconnects
-after (a server serves one connection at a time), so the next taker may be any worker.
+yet). A worker makes and destroys only its own sandboxes (they die with it); it lends them,
+and borrows others', for one call at a time. A call connects to its sandbox's server for its
+run and disconnects after (a server serves one connection at a time), so the next taker may
+be any worker.
 
-The pool keeps ``size`` (its share of the runtime's ``warm``) of its sandboxes generic and
-idle at all times: when one is given a function, by any worker's call, a new generic one is
-made in the background, off every call's path. It follows the load up to ``limit`` sandboxes
-of its own (idle, taken and being made). At most ``max_making`` are made at once for calls
-that wait for them: a few at a time come out one after another and serve a burst early,
-where many at once would all come out late (a Docker engine shares 2 cores among them); the
-generic ones made ahead are made apart, half as many at once, so that no call's own sandbox
-waits behind them. Each call that had to wait raises the generic target for a while. Its
-idle sandboxes that hold a function expire after ``idle_expiry_s``, generic ones beyond the
-generic target too, and the board's
-host-wide bound (``pool.max_idle``, ``pool.max_idle_mb``) dooms the least recently used idle
-ones of any worker: each owner destroys its doomed ones, and those a dead worker's call left
-taken.
+The pool makes a sandbox for a call that found none idle: at most ``max_making`` at once, a
+few at a time coming out one after another to serve a burst early, where many at once would
+all come out late (a Docker engine shares 2 cores among them); it follows the load up to
+``limit`` sandboxes of its own (idle, taken and being made). Everything else it does in the
+background (poolkeeper.py): keeping ``size`` (its share of the runtime's ``warm``) of its
+sandboxes generic and idle, expiry, the host's idle bound, destroying what is doomed.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol
 
 from loguru import logger
 
 from nanogrid.common.errors import SandboxError
 
-from .base import Sandbox
-from .lending import DOOMED, IDLE, TAKEN, Entry, SandboxBoard, Ticket
+from .base import Sandbox, SandboxMaker
+from .lending import IDLE, TAKEN, Entry, SandboxBoard, Ticket
+from .poolkeeper import PoolKeeper
 
-_TICK_S = 0.25
 _WAIT_S = 0.01
 """While a call waits for its new sandbox, it looks at the board this often (another worker
 may give one back)."""
@@ -51,52 +42,6 @@ its server's next call ready (node: its next Worker, the function's imports prel
 it starts the function anew in a generic sandbox instead."""
 _LENT_BACK_S = 10.0
 """How long a closing pool waits for its sandboxes other workers' calls have."""
-_SURGE_WINDOW_S = 30.0
-"""A call that had to wait for a new sandbox raises the pool's generic target by one for
-this long, or the idle expiry when shorter (up to twice its share): after a burst's first
-misses, sandboxes are made ahead of the next calls."""
-_FILL_BACKOFF_S = 2.0
-"""After a failed refill, the pool waits this long before it tries again."""
-
-
-class SandboxMaker(Protocol):
-    """What a pool needs of its runner."""
-
-    def create(self, runtime: str) -> Sandbox:
-        """A new generic sandbox of ``runtime``."""
-        ...
-
-    def prime(self, sandbox: Sandbox) -> None:
-        """Ready a new sandbox made ahead of calls (SandboxError: it cannot be kept)."""
-        ...
-
-    def destroy(self, sandbox: Sandbox) -> None: ...
-
-    def describe(self, sandbox: Sandbox) -> dict[str, Any]:
-        """What another worker needs to run in ``sandbox`` (JSON, at most 1 KiB)."""
-        ...
-
-    def borrow(self, runtime: str, descriptor: dict[str, Any]) -> Sandbox:
-        """A view of another worker's sandbox from its descriptor, to run one call in."""
-        ...
-
-    def attach(self, sandbox: Sandbox) -> None:
-        """Connect to the sandbox's server for a call (SandboxError: it is gone)."""
-        ...
-
-    def detach(self, sandbox: Sandbox) -> None:
-        """The call is over: disconnect (the next taker connects)."""
-        ...
-
-    def idle_bytes(self, sandbox: Sandbox) -> int:
-        """The sandbox's memory now (what it costs the host while idle)."""
-        ...
-
-    def pausable(self, sandbox: Sandbox, idle_s: float) -> bool:
-        """Whether to pause the idle ``sandbox`` now (its runner cannot freeze it)."""
-        ...
-
-    def pause(self, sandbox: Sandbox) -> None: ...
 
 
 class WarmPool:
@@ -119,38 +64,29 @@ class WarmPool:
         self.limit = max(size, limit or 0, 1)
         self.board = board
         self.slot = slot
-        self._maker = maker
-        self._idle_expiry_s = idle_expiry_s
-        self._idle_bound = idle_bound
-        """The host's bound on idle sandboxes: (count, bytes); None: none."""
-        self._marker = marker
+        self.maker = maker
+        self.marker = marker
         self._mine: dict[tuple[int, int], Sandbox] = {}
         """This worker's sandboxes on the board (idle, or taken by a call), by record and its
         generation: a record freed by one thread may hold another's new sandbox before the
         first forgets the old one."""
-        self._making = 0
+        self.making = 0
+        """Sandboxes being made (for calls, and ahead of them), under ``lock``."""
         self._settle_waits: dict[str, int] = {}
         """Calls waiting for a settling sandbox, by the code key they wait for."""
-        self._misses: deque[float] = deque()
-        """When calls of this pool last had to wait for a new sandbox."""
-        self._fill_failed_at = -_FILL_BACKOFF_S
         self._views: dict[tuple[int, int], Sandbox] = {}
         """Other workers' sandboxes as this worker's calls run in them, by record."""
-        self._lock = threading.Condition()
+        self.lock = threading.Condition()
+        self.closed = False
         # Long-lived threads: a process sandbox dies with the thread that started it
         # (PR_SET_PDEATHSIG follows the parent thread), so none may be made on a passing one.
         making = max_making or self.limit
         self._makers = ThreadPoolExecutor(making, thread_name_prefix=f"pool-{runtime}-make")
         """Makes the sandboxes calls wait for."""
-        self._fillers = ThreadPoolExecutor(
-            max(1, making // 2), thread_name_prefix=f"pool-{runtime}-fill"
+        self._keeper = PoolKeeper(
+            self, idle_expiry_s=idle_expiry_s, idle_bound=idle_bound,
+            max_fills=max(1, making // 2),
         )
-        """Makes generic sandboxes ahead of calls: apart, so that no call's own sandbox
-        waits behind them, and fewer at once (they share the host with the calls)."""
-        self._wake = threading.Event()
-        self._closed = False
-        self._thread = threading.Thread(target=self._maintain, name=f"pool-{runtime}", daemon=True)
-        self._thread.start()
 
     # -- a call's side ------------------------------------------------------------------------
 
@@ -159,33 +95,33 @@ class WarmPool:
         sandbox = self._settled(code_key) or self._take(code_key)
         if sandbox is not None:
             return sandbox
-        with self._lock:
+        with self.lock:
             evict = self._count() >= self.limit
-            self._making += 1
-            self._misses.append(time.monotonic())
+            self.making += 1
+            self._keeper.missed()
             order = _Order()
         if evict:
             self._evict_one()
         self._makers.submit(self._make, order)
         while True:
-            with self._lock:
+            with self.lock:
                 if order.sandbox is None and order.error is None:
-                    self._lock.wait(_WAIT_S)
+                    self.lock.wait(_WAIT_S)
                 if order.sandbox is not None:
                     order.sandbox.cold_start = True
-                    self._maker.attach(order.sandbox)
+                    self.maker.attach(order.sandbox)
                     return order.sandbox
                 if order.error is not None:
                     raise order.error
             sandbox = self._take(code_key)
             if sandbox is not None:  # idle meanwhile: the order goes to the board
-                with self._lock:
+                with self.lock:
                     order.abandoned = True
                     made = order.sandbox
                 if made is not None:  # made just now: it is this call's after all
                     self.release(sandbox)
                     made.cold_start = True
-                    self._maker.attach(made)
+                    self.maker.attach(made)
                     return made
                 # A generic one was made since this call missed (a filler's): the call waited
                 # for it to be made, a cold start; one of its function's given back is warm.
@@ -201,19 +137,19 @@ class WarmPool:
 
     def settled(self, sandbox: Sandbox) -> None:
         """Give ``sandbox`` back to the board (once: a release and a settle may both come)."""
-        with self._lock:
+        with self.lock:
             ticket, sandbox.ticket = sandbox.ticket, None
         if ticket is None:
             return
-        self._maker.detach(sandbox)
-        self._give_back(sandbox, ticket, healthy=sandbox.healthy and not self._closed)
+        self.maker.detach(sandbox)
+        self._give_back(sandbox, ticket, healthy=sandbox.healthy and not self.closed)
 
     def _settled(self, code_key: str) -> Sandbox | None:
         """This worker's sandbox that ran ``code_key`` last, once it settles: when one is
         settling that no other call waits for, waited for up to ``_SETTLING_WAIT_S`` (its
         server preloads the function there; a generic sandbox would start it anew). None
         when there is none, or it did not settle in time."""
-        with self._lock:
+        with self.lock:
             settling = sum(
                 s.settling and s.healthy and s.code_key == code_key
                 for s in [*self._mine.values(), *self._views.values()]
@@ -227,11 +163,11 @@ class WarmPool:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return None
-                with self._lock:  # a give-back wakes it; the poll covers one just before
-                    self._lock.wait(min(_WAIT_S, remaining))
+                with self.lock:  # a give-back wakes it; the poll covers one just before
+                    self.lock.wait(min(_WAIT_S, remaining))
             return sandbox
         finally:
-            with self._lock:
+            with self.lock:
                 self._settle_waits[code_key] -= 1
                 if not self._settle_waits[code_key]:
                     del self._settle_waits[code_key]
@@ -252,9 +188,9 @@ class WarmPool:
             sandbox.frozen = ticket.frozen
             sandbox.limit_mb = ticket.limit_mb
             try:
-                self._maker.attach(sandbox)
+                self.maker.attach(sandbox)
             except SandboxError as exc:  # gone (its owner died, or it broke while idle)
-                logger.debug(f"{self._marker} idle sandbox {sandbox.name} is gone: {exc}")
+                logger.debug(f"{self.marker} idle sandbox {sandbox.name} is gone: {exc}")
                 self.board.give_back(ticket, held, healthy=False)
                 continue
             return sandbox
@@ -266,7 +202,7 @@ class WarmPool:
             return self._mine.get(key)
         view = self._views.get(key)
         if view is None:
-            view = self._views[key] = self._maker.borrow(self.runtime, ticket.descriptor)
+            view = self._views[key] = self.maker.borrow(self.runtime, ticket.descriptor)
             view.borrowed = True
             if len(self._views) > 4 * self.limit:  # forget the oldest views
                 for stale in list(self._views)[: len(self._views) // 2]:
@@ -279,18 +215,18 @@ class WarmPool:
             self.board.give_back(
                 ticket, sandbox.code_key, healthy=True, frozen=sandbox.frozen,
                 memory_bytes=self._idle_bytes(sandbox), limit_mb=sandbox.limit_mb,
-                descriptor=self._maker.describe(sandbox) if mine else None,
+                descriptor=self.maker.describe(sandbox) if mine else None,
             )
-            with self._lock:
-                self._lock.notify_all()
+            with self.lock:
+                self.lock.notify_all()
             return
         if mine:
             self.board.give_back(ticket, sandbox.code_key, healthy=False)
-            self._destroy_doomed(ticket.index, ticket.generation)
+            self.destroy_doomed(ticket.index, ticket.generation)
         else:
             self.board.give_back(ticket, sandbox.code_key, healthy=False)
             self._views.pop((ticket.index, ticket.generation), None)
-        self._wake.set()
+        self._keeper.wake()
 
     # -- making -------------------------------------------------------------------------------
 
@@ -299,34 +235,34 @@ class WarmPool:
         the board's when the call took another meanwhile (not made if not begun by then)."""
         sandbox: Sandbox | None = None
         error: BaseException | None = None
-        if not self._closed and not order.abandoned:
+        if not self.closed and not order.abandoned:
             try:
-                sandbox = self._maker.create(self.runtime)
+                sandbox = self.maker.create(self.runtime)
             except BaseException as exc:  # delivered to the call that ordered it
                 error = exc
         doomed: Sandbox | None = None
-        with self._lock:
-            self._making -= 1
+        with self.lock:
+            self.making -= 1
             if sandbox is not None:
-                if self._closed:
+                if self.closed:
                     doomed = sandbox
-                elif self._put(sandbox, taken=not order.abandoned) is None:
+                elif self.put(sandbox, taken=not order.abandoned) is None:
                     doomed, error = sandbox, SandboxError("the host's sandbox board is full")
                 elif not order.abandoned:
                     order.sandbox = sandbox
             if order.sandbox is None and not order.abandoned:
                 order.error = error or SandboxError(f"the {self.runtime} pool is closing")
-            elif error is not None and not self._closed:
-                logger.warning(f"{self._marker} could not make a {self.runtime} sandbox: {error}")
-            self._lock.notify_all()
+            elif error is not None and not self.closed:
+                logger.warning(f"{self.marker} could not make a {self.runtime} sandbox: {error}")
+            self.lock.notify_all()
         if doomed is not None:
-            self._safe_destroy(doomed)
-        self._wake.set()
+            self.safe_destroy(doomed)
+        self._keeper.wake()
 
-    def _put(self, sandbox: Sandbox, *, taken: bool) -> Ticket | None:
+    def put(self, sandbox: Sandbox, *, taken: bool) -> Ticket | None:
         """Under the lock: put a new sandbox of this worker on the board."""
         ticket = self.board.put(
-            self.slot, self.runtime, sandbox.code_key, self._maker.describe(sandbox),
+            self.slot, self.runtime, sandbox.code_key, self.maker.describe(sandbox),
             self._idle_bytes(sandbox), sandbox.limit_mb, taken=taken,
         )
         if ticket is not None:
@@ -336,116 +272,90 @@ class WarmPool:
 
     def _idle_bytes(self, sandbox: Sandbox) -> int:
         try:
-            return self._maker.idle_bytes(sandbox)
+            return self.maker.idle_bytes(sandbox)
         except OSError:
             return 0
 
-    # -- keeping the pool ---------------------------------------------------------------------
+    # -- the keeper's side (poolkeeper.py) ----------------------------------------------------
 
-    def _maintain(self) -> None:
-        """Background: destroy doomed and expired sandboxes of this worker, refill its generic
-        ones, run the idle hook."""
-        while True:
-            self._wake.wait(_TICK_S)
-            self._wake.clear()
-            if self._closed:
-                return
-            try:
-                self._tend()
-            except Exception as exc:  # noqa: BLE001 - the pool outlives any one failure
-                logger.warning(f"{self._marker} tending the {self.runtime} pool failed: {exc!r}")
+    def owned(self) -> list[Entry]:
+        """The records of this pool's own sandboxes."""
+        return [e for e in self.board.owned(self.slot) if e.runtime == self.runtime]
 
-    def _tend(self) -> None:
-        if self._idle_bound is not None:
-            doomed = self.board.doom_beyond(*self._idle_bound)
-            if doomed:
-                logger.debug(f"{self._marker} {doomed} idle sandboxes over the host's bound")
-        target = self._generic_target()
-        now = time.monotonic_ns()
-        own = [e for e in self.board.owned(self.slot) if e.runtime == self.runtime]
-        generic = 0
-        for entry in own:
-            if entry.state == DOOMED or (entry.state == TAKEN and entry.taker_gone):
-                self.board.doom(entry)
-                self._destroy_doomed(entry.index, entry.generation)
-            elif entry.state == IDLE:
-                idle_s = (now - entry.idle_since_ns) / 1e9
-                if entry.code_key is None:
-                    generic += 1
-                    if generic > target and idle_s >= self._idle_expiry_s:
-                        self._retire(entry, "surplus generic")
-                        generic -= 1
-                elif idle_s >= self._idle_expiry_s:
-                    self._retire(entry, f"of {entry.code_key}")
-                else:
-                    self._pause_if_due(entry, idle_s)
-        with self._lock:
-            wanted = target - generic - self._making
-            fills = max(0, min(wanted, self.limit - self._count()))
-            if time.monotonic() - self._fill_failed_at < _FILL_BACKOFF_S:
-                fills = 0
-            self._making += fills
-        for _ in range(fills):
-            self._fillers.submit(self._fill_one)
+    def own(self, entry: Entry) -> Sandbox | None:
+        """This worker's sandbox of record ``entry`` (None: not known here)."""
+        return self._mine.get((entry.index, entry.generation))
 
-    def _pause_if_due(self, entry: Entry, idle_s: float) -> None:
-        """A sandbox the runner pauses while idle (Docker without a freezer) leaves the board
-        to be paused and comes back paused (its next taker unpauses it)."""
-        sandbox = self._mine.get((entry.index, entry.generation))
-        if sandbox is None or not self._maker.pausable(sandbox, idle_s):
-            return
-        if self._withdraw(entry) is not None:
-            self._maker.pause(sandbox)
-            with self._lock:
-                ticket = None if self._closed else self._put(sandbox, taken=False)
-            if ticket is None:
-                self._safe_destroy(sandbox)
+    def room(self) -> int:
+        """Under ``lock``: how many more sandboxes this pool may make."""
+        return self.limit - self._count()
 
-    def _generic_target(self) -> int:
-        """Generic sandboxes to keep idle: the pool's share, plus one per call that had to
-        wait for a new sandbox lately (``_SURGE_WINDOW_S``; at most the share again)."""
-        with self._lock:
-            window = min(_SURGE_WINDOW_S, self._idle_expiry_s)
-            while self._misses and self._misses[0] < time.monotonic() - window:
-                self._misses.popleft()
-            return self.size + min(len(self._misses), self.size)
+    def withdraw(self, entry: Entry) -> Sandbox | None:
+        """Take this worker's idle sandbox off the board (to destroy or pause it); None when
+        a call took it meanwhile, or it is not known here (a record of its predecessor)."""
+        if not self.board.withdraw(entry):
+            return None
+        return self._mine.pop((entry.index, entry.generation), None)
 
-    def _fill_one(self) -> None:
-        """Background: one generic sandbox for the board (counted in ``_making`` already)."""
+    def destroy_doomed(self, index: int, generation: int) -> None:
+        """Destroy this worker's doomed sandbox of record ``index`` (its record is freed)."""
+        if self.board.clear_doomed(self.slot, index, generation):
+            sandbox = self._mine.pop((index, generation), None)
+            if sandbox is not None:
+                self.safe_destroy(sandbox)
+
+    def safe_destroy(self, sandbox: Sandbox) -> None:
         try:
-            sandbox = self._made_ahead()
-        except Exception as exc:  # noqa: BLE001 - logged; a later tick tries again
-            with self._lock:
-                self._making -= 1
-                if self._closed:
-                    return
-                self._fill_failed_at = time.monotonic()
-            logger.warning(f"{self._marker} could not make a warm {self.runtime} sandbox: {exc}")
-            return
-        with self._lock:
-            self._making -= 1
-            ticket = None if self._closed else self._put(sandbox, taken=False)
-            self._lock.notify_all()
-        if ticket is None:
-            self._safe_destroy(sandbox)
+            self.maker.destroy(sandbox)
+        except Exception as exc:  # noqa: BLE001 - logged; a leftover is swept at the next start
+            logger.warning(f"{self.marker} could not remove sandbox {sandbox.name}: {exc}")
 
-    def _made_ahead(self) -> Sandbox:
-        """A new generic sandbox, primed: made ahead of calls, its first run is not a call's
-        (a sandbox made for a waiting call is not: the call's run would wait for it)."""
-        if self._closed:
-            raise SandboxError(f"the {self.runtime} pool is closing")
-        sandbox = self._maker.create(self.runtime)
-        try:
-            self._maker.prime(sandbox)
-        except BaseException:
-            self._safe_destroy(sandbox)
-            raise
-        return sandbox
+    # -- the worker's side ------------------------------------------------------------------
 
-    def _retire(self, entry: Entry, what: str) -> None:
-        if (sandbox := self._withdraw(entry)) is not None:
-            logger.debug(f"{self._marker} expired idle sandbox {sandbox.name} {what}")
-            self._safe_destroy(sandbox)
+    def shed_idle(self) -> int:
+        """Destroy this worker's idle sandboxes that hold a function's code (the disk runs
+        short: their unpacked code goes with them); generic ones stay. How many went."""
+        shed = 0
+        for entry in self.owned():
+            if entry.state == IDLE and entry.code_key and (sandbox := self.withdraw(entry)):
+                self.safe_destroy(sandbox)
+                shed += 1
+        return shed
+
+    def stats(self) -> dict[str, int]:
+        """This worker's own sandboxes: ``warm`` (idle) and ``busy`` (taken by a call)."""
+        own = self.owned()
+        return {"warm": sum(e.state == IDLE for e in own),
+                "busy": sum(e.state == TAKEN for e in own)}
+
+    def close(self) -> None:
+        """Destroy every sandbox of this worker, once other workers' calls gave them back
+        (for a while: past it, their calls lose them)."""
+        with self.lock:
+            self.closed = True
+            self.lock.notify_all()
+        # What is being made goes to its call or is removed, before the runner tears down
+        # what sandboxes stand on; what is not begun yet is not made.
+        self._keeper.close()
+        self._makers.shutdown(wait=True)
+        deadline = time.monotonic() + _LENT_BACK_S
+        while True:  # idle ones off the board first: no other call may take them now
+            own = self.owned()
+            idle = [e for e in own if e.state == IDLE]
+            for entry in idle:  # one another call took meanwhile shows as lent next time
+                if (sandbox := self.withdraw(entry)) is not None:
+                    self.safe_destroy(sandbox)
+            lent = [e for e in own if e.state == TAKEN and self._lent(e)]
+            if not (idle or lent) or time.monotonic() >= deadline:
+                break
+            if not idle:
+                time.sleep(0.05)
+        for entry in self.owned():
+            self.board.doom(entry)
+            self.destroy_doomed(entry.index, entry.generation)
+        for sandbox in list(self._mine.values()):
+            self.safe_destroy(sandbox)
+        self._mine.clear()
 
     def _lent(self, entry: Entry) -> bool:
         """Whether this worker's taken sandbox is another worker's call's (its own calls
@@ -453,86 +363,16 @@ class WarmPool:
         sandbox = self._mine.get((entry.index, entry.generation))
         return sandbox is not None and sandbox.ticket is None and not entry.taker_gone
 
-    def _withdraw(self, entry: Entry) -> Sandbox | None:
-        """Take this worker's idle sandbox off the board (to destroy or pause it); None when
-        a call took it meanwhile, or it is not known here (a record of its predecessor)."""
-        if not self.board.withdraw(entry):
-            return None
-        return self._mine.pop((entry.index, entry.generation), None)
-
-    def _destroy_doomed(self, index: int, generation: int) -> None:
-        """Destroy this worker's doomed sandbox of record ``index`` (its record is freed)."""
-        if self.board.clear_doomed(self.slot, index, generation):
-            sandbox = self._mine.pop((index, generation), None)
-            if sandbox is not None:
-                self._safe_destroy(sandbox)
-
     def _evict_one(self) -> None:
         """At ``limit``: destroy this worker's least recently used idle sandbox."""
-        idle = [e for e in self.board.owned(self.slot) if e.state == IDLE
-                and e.runtime == self.runtime]
+        idle = [e for e in self.owned() if e.state == IDLE]
         for entry in sorted(idle, key=lambda e: e.idle_since_ns):
-            if (sandbox := self._withdraw(entry)) is not None:
-                self._safe_destroy(sandbox)
+            if (sandbox := self.withdraw(entry)) is not None:
+                self.safe_destroy(sandbox)
                 return
 
     def _count(self) -> int:
-        return len(self._mine) + self._making
-
-    def shed_idle(self) -> int:
-        """Destroy this worker's idle sandboxes that hold a function's code (the disk runs
-        short: their unpacked code goes with them); generic ones stay. How many went."""
-        shed = 0
-        for entry in self.board.owned(self.slot):
-            mine = entry.runtime == self.runtime and entry.state == IDLE
-            if mine and entry.code_key and (sandbox := self._withdraw(entry)) is not None:
-                self._safe_destroy(sandbox)
-                shed += 1
-        return shed
-
-    def stats(self) -> dict[str, int]:
-        """This worker's own sandboxes: ``warm`` (idle) and ``busy`` (taken by a call)."""
-        own = [e for e in self.board.owned(self.slot) if e.runtime == self.runtime]
-        return {"warm": sum(e.state == IDLE for e in own),
-                "busy": sum(e.state == TAKEN for e in own)}
-
-    def close(self) -> None:
-        """Destroy every sandbox of this worker, once other workers' calls gave them back
-        (for a while: past it, their calls lose them)."""
-        with self._lock:
-            self._closed = True
-            self._lock.notify_all()
-        self._wake.set()
-        self._thread.join(timeout=30)
-        # What is being made goes to its call or is removed, before the runner tears down
-        # what sandboxes stand on; what is not begun yet is not made.
-        self._makers.shutdown(wait=True)
-        self._fillers.shutdown(wait=True)
-        deadline = time.monotonic() + _LENT_BACK_S
-        while True:  # idle ones off the board first: no other call may take them now
-            own = [e for e in self.board.owned(self.slot) if e.runtime == self.runtime]
-            idle = [e for e in own if e.state == IDLE]
-            for entry in idle:  # one another call took meanwhile shows as lent next time
-                if (sandbox := self._withdraw(entry)) is not None:
-                    self._safe_destroy(sandbox)
-            lent = [e for e in own if e.state == TAKEN and self._lent(e)]
-            if not (idle or lent) or time.monotonic() >= deadline:
-                break
-            if not idle:
-                time.sleep(0.05)
-        for entry in self.board.owned(self.slot):
-            if entry.runtime == self.runtime:
-                self.board.doom(entry)
-                self._destroy_doomed(entry.index, entry.generation)
-        for sandbox in list(self._mine.values()):
-            self._safe_destroy(sandbox)
-        self._mine.clear()
-
-    def _safe_destroy(self, sandbox: Sandbox) -> None:
-        try:
-            self._maker.destroy(sandbox)
-        except Exception as exc:  # noqa: BLE001 - logged; a leftover is swept at the next start
-            logger.warning(f"{self._marker} could not remove sandbox {sandbox.name}: {exc}")
+        return len(self._mine) + self.making
 
 
 class _Order:

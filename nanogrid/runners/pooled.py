@@ -263,7 +263,7 @@ class PooledRunner(Runner):
         raise NotImplementedError
 
     def describe(self, sandbox: Sandbox) -> dict[str, Any]:
-        """What another worker needs to run in ``sandbox`` (pool.py's SandboxMaker)."""
+        """What another worker needs to run in ``sandbox`` (base.py's SandboxMaker)."""
         raise NotImplementedError
 
     def borrow(self, runtime: str, descriptor: dict[str, Any]) -> Sandbox:

@@ -342,7 +342,7 @@ def test_a_call_that_waited_and_took_a_sandbox_made_ahead_meanwhile_is_cold(
         assert pool.acquire("f@1").cold_start is False  # the one ready
         with ThreadPoolExecutor(1) as threads:
             waiting = threads.submit(pool.acquire, "g@1")
-            wait_until(lambda: pool._making >= 2, timeout=5)  # its own and the refill
+            wait_until(lambda: pool.making >= 2, timeout=5)  # its own and the refill
             fill.set()  # the filler's comes first; the call's own is still being made
             taken = waiting.result(timeout=5)
         assert taken.cold_start is True and taken.code_key is None
@@ -557,8 +557,8 @@ def test_a_record_reused_while_its_sandbox_is_taken_off_is_not_mistaken_for_it(
             taken = withdraw(entry)
             if taken and not new:  # a maker thread puts its sandbox on the record just freed
                 made = maker.new()
-                with pool._lock:
-                    assert pool._put(made, taken=True) is not None
+                with pool.lock:
+                    assert pool.put(made, taken=True) is not None
                 new.append(made)
             return taken
 
