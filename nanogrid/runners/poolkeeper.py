@@ -18,17 +18,14 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from loguru import logger
 
 from nanogrid.common.errors import SandboxError
 
-from .base import Sandbox
-from .lending import DOOMED, IDLE, TAKEN, Entry
-
-if TYPE_CHECKING:
-    from .pool import WarmPool
+from .base import Sandbox, SandboxMaker
+from .lending import DOOMED, IDLE, TAKEN, Entry, SandboxBoard, Ticket
 
 TICK_S = 0.25
 SURGE_WINDOW_S = 30.0
@@ -39,10 +36,38 @@ FILL_BACKOFF_S = 2.0
 """After a failed refill, the keeper waits this long before it tries again."""
 
 
+class KeptPool(Protocol):
+    """What the keeper needs of its pool (pool.py's WarmPool): its owner's side."""
+
+    runtime: str
+    size: int
+    board: SandboxBoard
+    maker: SandboxMaker
+    marker: str
+    lock: threading.Condition
+    making: int
+    """Sandboxes being made, under ``lock``."""
+    closed: bool
+
+    def owned(self) -> list[Entry]: ...
+
+    def own(self, entry: Entry) -> Sandbox | None: ...
+
+    def room(self) -> int: ...
+
+    def withdraw(self, entry: Entry) -> Sandbox | None: ...
+
+    def put(self, sandbox: Sandbox, *, taken: bool) -> Ticket | None: ...
+
+    def destroy_doomed(self, index: int, generation: int) -> None: ...
+
+    def safe_destroy(self, sandbox: Sandbox) -> None: ...
+
+
 class PoolKeeper:
     def __init__(
         self,
-        pool: WarmPool,
+        pool: KeptPool,
         *,
         idle_expiry_s: float,
         idle_bound: tuple[int, int] | None,
