@@ -17,9 +17,11 @@ Downloads stream into a temp file in the cache directory with a byte budget (a l
 absent Content-Length cannot fill the disk), are pinned to the HEAD's ETag with
 ``If-Match`` when there was one, fsynced and renamed into place, so a cached file is always
 complete. The cache is trimmed to ``max_cache_bytes`` by least recent use (file mtime,
-touched on every hit). Several worker processes may share the directory: every write is an
-atomic rename, and files used within the last ``EVICT_GRACE_SECONDS`` are never evicted, so
-one process does not delete a zip another is about to unpack.
+touched on every hit), in the background after a download: the trim scans the directory
+(~10 ms per 1,000 cached zips), which no call waits for. Several worker processes may share
+the directory: every write is an atomic rename, and files used within the last
+``EVICT_GRACE_SECONDS`` are never evicted, so one process does not delete a zip another is
+about to unpack.
 
 botocore errors end here: missing objects, denied access and an unreachable or failing S3
 become ``CodeNotFound`` (retryable), an oversized zip ``InvalidCodePackage``. Faults of this
@@ -112,6 +114,9 @@ class CodeStore:
         self._under_way: dict[tuple[str, str], threading.Event] = {}
         """Fetches that are making their S3 calls, by (bucket, key): set when done."""
         self._under_way_lock = threading.Lock()
+        self._trim_lock = threading.Lock()
+        self._trimming = False
+        self._trim_again = False
         self.errors = 0
         """S3 calls that failed for S3's sake (not a missing or forbidden object): /metrics."""
         self.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -171,7 +176,7 @@ class CodeStore:
         if known is None:  # new to this host: no zip of it to check
             path, size, etag = self._download(bucket, key, None)
             self._remember(bucket, key, etag, known=None)
-            self._evict(keep=path)
+            self._evict_soon()
             return CodePackage(bucket, key, etag, path, size, downloaded=True)
         etag, quoted, length = self._head(bucket, key)
         self._remember(bucket, key, etag, known=known[0])
@@ -181,7 +186,7 @@ class CodeStore:
         if length > self.max_zip_bytes:
             raise self._too_large(bucket, key)
         path, size, _ = self._download(bucket, key, quoted)
-        self._evict(keep=path)
+        self._evict_soon()
         return CodePackage(bucket, key, etag, path, size, downloaded=True)
 
     def _head(self, bucket: str, key: str) -> tuple[str, str, int]:
@@ -306,15 +311,39 @@ class CodeStore:
             logger.warning(f"[DISK] removed {freed // 2**20} MB of cached code zips to free space")
         return freed
 
-    def _evict(self, keep: Path) -> None:
-        """Delete least recently used zips until the cache fits ``max_cache_bytes``."""
+    def _evict_soon(self) -> None:
+        """After a download: trim the cache in a thread of its own, one trim at a time (one
+        asked for while another runs makes it run once more)."""
+        with self._trim_lock:
+            self._trim_again = self._trimming
+            if self._trimming:
+                return
+            self._trimming = True
+        threading.Thread(target=self._evict_while_asked, name="code-cache-trim",
+                         daemon=True).start()
+
+    def _evict_while_asked(self) -> None:
+        while True:
+            try:
+                self._evict()
+            except OSError as exc:  # the next download tries again
+                logger.warning(f"[CODE] cannot trim the code cache {self.cache_dir}: {exc}")
+            with self._trim_lock:
+                if not self._trim_again:
+                    self._trimming = False
+                    return
+                self._trim_again = False
+
+    def _evict(self) -> None:
+        """Delete least recently used zips until the cache fits ``max_cache_bytes`` (the
+        newest is used last: its mtime keeps it)."""
         now = time.time()
         entries = self._zips()
         total = sum(size for _, size, _ in entries)
         for mtime, size, path in sorted(entries):
             if total <= self.max_cache_bytes:
                 break
-            if path == keep or now - mtime < EVICT_GRACE_SECONDS:
+            if now - mtime < EVICT_GRACE_SECONDS:
                 continue
             path.unlink(missing_ok=True)
             total -= size

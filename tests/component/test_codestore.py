@@ -19,6 +19,7 @@ import boto3
 import pytest
 from botocore.exceptions import ConnectTimeoutError, EndpointConnectionError, ReadTimeoutError
 from botocore.stub import Stubber
+from helpers import wait_until
 
 from nanogrid.common.config import LimitsConfig
 from nanogrid.common.errors import CodeNotFound, InvalidCodePackage
@@ -355,9 +356,34 @@ def test_cache_evicts_least_recently_used(
     time.sleep(0.02)
     c = store.fetch(bucket, "c.zip")
 
+    wait_until(lambda: not b.zip_path.exists(), timeout=5, what="the trim")  # in the background
     assert a.zip_path.exists() and c.zip_path.exists()
-    assert not b.zip_path.exists()
     assert store.fetch(bucket, "b.zip").downloaded
+
+
+def test_a_download_does_not_wait_for_the_cache_to_be_trimmed(
+    tmp_path: Path, s3: CountedClient, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Trimming scans the whole cache directory (~10 ms per 1,000 cached zips): a new
+    function's first call does not wait for it; the trim happens in the background."""
+    monkeypatch.setattr(codestore, "EVICT_GRACE_SECONDS", 0.0)
+    for name in ("a", "b"):
+        s3.client.put_object(Bucket=bucket, Key=f"{name}.zip", Body=code_zip(name, 10_000))
+    store = make_store(tmp_path, s3, max_cache_bytes=15_000)
+    a = store.fetch(bucket, "a.zip")
+    time.sleep(0.02)
+    scan = store._zips
+
+    def slow_scan() -> list[tuple[float, int, Path]]:
+        time.sleep(1.0)  # a cache of ~100,000 zips
+        return scan()
+
+    monkeypatch.setattr(store, "_zips", slow_scan)
+    started = time.monotonic()
+    b = store.fetch(bucket, "b.zip")
+    assert time.monotonic() - started < 0.8 and b.zip_path.exists()
+    wait_until(lambda: not a.zip_path.exists(), timeout=5, what="the trim")
+    assert b.zip_path.exists()
 
 
 def test_recently_used_zips_are_not_evicted(tmp_path: Path, s3: CountedClient, bucket: str) -> None:
