@@ -111,9 +111,9 @@ def run_task(status: StatusReporter, board: SandboxBoard, index: int) -> None:
     """A task that finishes even when SIGTERM arrives while it runs, in one of the host's
     generic sandboxes (its own: ``prefer``)."""
     request_id = f"req-{index}-{os.getpid()}"
-    status.task_started(request_id)
     taken = board.take("python", "fn@1", prefer=index)
     assert taken is not None, "no generic python sandbox on the board"
+    status.task_started(request_id)  # its sandbox is busy by then: /status shows both
     deadline = time.monotonic() + RUN_S
     while time.monotonic() < deadline:
         status.heartbeat()
