@@ -10,6 +10,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fake_agent import DEGRADED_REDIS_ERRORS, REDIS_DOWN, RUN_S, FakeAgent
@@ -40,10 +41,15 @@ def status_when(agent: FakeAgent, holds: Callable[[dict], bool]) -> dict:
     return wait_until(snapshot, timeout=5)
 
 
+def both(status: dict, holds: Callable[[dict], Any]) -> bool:
+    """Whether ``holds`` of both workers of ``status`` (none is listed before they spawn)."""
+    return len(status["workers"]) == 2 and all(holds(w) for w in status["workers"])
+
+
 def test_status_health_and_metrics_follow_the_contract(agent: FakeAgent) -> None:
     agent.behave("busy")  # each worker runs one task, then idles
     agent.start()
-    running = status_when(agent, lambda s: all(w["currentRequestId"] for w in s["workers"]))
+    running = status_when(agent, lambda s: both(s, lambda w: w["currentRequestId"]))
     assert {w["currentRequestId"] for w in running["workers"]} == {
         f"req-{w['id']}-{w['pid']}" for w in running["workers"]}
     for worker in running["workers"]:
@@ -55,7 +61,7 @@ def test_status_health_and_metrics_follow_the_contract(agent: FakeAgent) -> None
     assert running["pools"] == {"python": pools(busy=2)}
     assert running["sandboxes"]["busy"] == 2 and running["warmUp"]["state"] == "warm"
 
-    done = status_when(agent, lambda s: all(w["tasksDone"] == 1 for w in s["workers"]))
+    done = status_when(agent, lambda s: both(s, lambda w: w["tasksDone"] == 1))
     assert [w["id"] for w in done["workers"]] == [0, 1]
     for worker in done["workers"]:
         assert set(worker) >= WORKER_FIELDS

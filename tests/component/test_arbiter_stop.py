@@ -25,7 +25,8 @@ def spawned(agent: FakeAgent) -> set[int]:
 def test_sigterm_lets_in_flight_runs_finish_then_exits_0(agent: FakeAgent) -> None:
     agent.behave("busy")  # each worker runs a 1 s task that SIGTERM does not cut short
     agent.start()
-    wait_until(lambda: all(w["currentRequestId"] for w in agent.status()["workers"]), timeout=5)
+    wait_until(lambda: [w["currentRequestId"] is not None for w in agent.status()["workers"]]
+               == [True, True], timeout=5)  # both spawned, and running their task
     agent.signal(signal.SIGTERM)
     assert agent.wait(timeout=3 + 1) == 0
     assert {i for e, i, _, _ in agent.events() if e == "finished"} == {0, 1}
