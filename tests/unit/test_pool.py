@@ -573,6 +573,18 @@ def test_a_record_reused_while_its_sandbox_is_taken_off_is_not_mistaken_for_it(
     assert sorted(maker.destroyed) == sorted([old.name, new[0].name])
 
 
+def settling_after_a_call(pool: WarmPool, key: str) -> Sandbox:
+    """A call of ``key`` in the pool's generic sandbox, whose server is now getting its next
+    call ready (settling: kept off the board); a new generic one is idle again."""
+    wait_until(lambda: pool.stats()["warm"] == 1, timeout=5)
+    sandbox = pool.acquire(key)
+    sandbox.code_key = key
+    sandbox.settling = True
+    pool.release(sandbox)
+    wait_until(lambda: pool.stats()["warm"] == 1, timeout=5)
+    return sandbox
+
+
 def test_a_call_waits_briefly_for_its_functions_settling_sandbox_rather_than_a_generic_one(
     board: SandboxBoard,
 ) -> None:
@@ -582,12 +594,7 @@ def test_a_call_waits_briefly_for_its_functions_settling_sandbox_rather_than_a_g
     another function takes the generic one at once."""
     pool, _ = make_pool(board, 1)
     try:
-        wait_until(lambda: pool.stats()["warm"] == 1, timeout=5)
-        first = pool.acquire("node@1")
-        first.code_key = "node@1"
-        first.settling = True
-        pool.release(first)  # kept off the board until settled
-        wait_until(lambda: pool.stats()["warm"] == 1, timeout=5)  # a generic one again
+        first = settling_after_a_call(pool, "node@1")
 
         def settle_later() -> None:
             time.sleep(0.05)
@@ -612,12 +619,7 @@ def test_a_settling_sandbox_is_waited_for_by_one_call_only(board: SandboxBoard) 
     takes the generic sandbox at once (it would wait in vain)."""
     pool, _ = make_pool(board, 1)
     try:
-        wait_until(lambda: pool.stats()["warm"] == 1, timeout=5)
-        first = pool.acquire("node@1")
-        first.code_key = "node@1"
-        first.settling = True
-        pool.release(first)
-        wait_until(lambda: pool.stats()["warm"] == 1, timeout=5)
+        first = settling_after_a_call(pool, "node@1")
         with ThreadPoolExecutor(2) as calls:
             waiting = calls.submit(pool.acquire, "node@1")
             time.sleep(0.02)
