@@ -25,6 +25,8 @@ from .freezer import Freezer, freezer_of, thaw_guard
 from .memory import CGROUP_ROOT, CgroupMemory, CgroupV1Memory, CgroupV2Memory
 
 SUBTREE = "nanogrid"
+KILL_WAIT_S = 1.0
+"""How long what a run left behind may take to go before its sandbox is given up."""
 
 
 def _own_paths() -> dict[str, str]:
@@ -87,19 +89,19 @@ class SandboxCgroup:
             os.close(fd)
         return [int(p) for p in text.split()]
 
-    def kill_all(self, spare: int | None = None) -> int:
-        """SIGKILL every process in the sandbox but ``spare``; returns how many were killed."""
-        killed = 0
-        for _ in range(20):  # a fork bomb may add processes while we kill: repeat until empty
-            victims = [p for p in self.pids() if p != spare]
-            if not victims:
-                break
-            for pid in victims:
+    def kill_all(self, spare: int | None = None) -> bool:
+        """SIGKILL every process in the sandbox but ``spare`` until none is left (a killed
+        process stays listed until it is scheduled to exit); False when some are still there
+        after ``KILL_WAIT_S``."""
+        deadline = time.monotonic() + KILL_WAIT_S
+        while victims := [p for p in self.pids() if p != spare]:
+            if time.monotonic() > deadline:
+                return False
+            for pid in victims:  # again each round: a fork bomb adds processes while we kill
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-                    killed += 1
             time.sleep(0.001)
-        return killed
+        return True
 
     def kill_frozen(self) -> None:
         """SIGKILL every process in the sandbox, then thaw it: a frozen process dies without

@@ -35,7 +35,7 @@ from nanogrid.common.errors import SandboxError
 
 from .. import cgroups
 from ..base import Invocation, Sandbox
-from ..cgroups import SandboxCgroup, SandboxCgroups, owner_group
+from ..cgroups import KILL_WAIT_S, SandboxCgroup, SandboxCgroups, owner_group
 from ..forkclient import FORKSERVER_SOURCE
 from ..freezer import Freezer, IdleFreezer, anchor
 from ..isolation import Isolation, check_metadata_service, metadata_exposure
@@ -201,9 +201,11 @@ class ProcessRunner(PooledRunner):
         # own process) what the run left is killed here.
         ended = not launch.server.runs_functions_itself and "pid" in sandbox.holds
         cgroup = sandbox.cgroup
-        if cgroup is not None and not ended and cgroup.kill_all(spare=sandbox.server_pid):
-            logger.debug(f"{self.marker} killed processes left behind in {sandbox.name}")
-        return True
+        if cgroup is None or ended or cgroup.kill_all(spare=sandbox.server_pid):
+            return True
+        logger.warning(f"{self.marker} processes left behind in {sandbox.name} outlived "
+                       f"{KILL_WAIT_S:g} s of kills: the sandbox is not kept")
+        return False
 
     def oom_without_cgroup(self, exit_code: int, raw: RawRun) -> bool:
         return exit_code != 0 and b"MemoryError" in raw.stderr[-4096:]
