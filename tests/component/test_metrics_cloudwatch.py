@@ -105,9 +105,11 @@ def record_many(pub: MetricsPublisher, n: int) -> float:
 @pytest.mark.usefixtures("dead_endpoint")
 def test_endpoint_down_never_raises_nor_blocks() -> None:
     pub = MetricsPublisher(CloudWatchConfig(flush_seconds=0.05))
-    assert record_many(pub, 1000) < 0.5
+    # ~0.1 s on an idle host, 0.78 s on a loaded one while the sending thread makes its
+    # client; a record waiting on the endpoint shows against the hanging one (next test).
+    assert record_many(pub, 1000) < 2.0
     time.sleep(0.3)  # let the thread fail at least once
-    assert record_many(pub, 1000) < 0.5
+    assert record_many(pub, 1000) < 2.0
     started = time.monotonic()
     pub.close(3)
     assert time.monotonic() - started < 3.5
