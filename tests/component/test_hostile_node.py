@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import shutil
+import statistics
 import tempfile
 import threading
 import time
@@ -247,7 +248,9 @@ def test_a_frame_flood_ends_its_run_and_costs_the_agent_no_memory(
     assert peak - baseline < 5 * MiB, f"the agent grew by {(peak - baseline) / MiB:.1f} MiB"
     assert isinstance(error, SandboxError) and "past the output cap" in str(error), error
     assert not flooder.healthy
-    assert max(hellos) < 0.5, hellos
+    # The hellos beside the flood go on (20-70 ms each; one of 0.53 s on a loaded host): none
+    # waits for the flood's run, which writes for 8 s if not cut.
+    assert statistics.median(hellos) < 0.25 and max(hellos) < 1.5, hellos
     wait_until(lambda: runner.pool_stats()["node"]["warm"] >= 1, timeout=30, what="a new sandbox")
     assert hostile_node.probe("console.log(JSON.stringify(1));\n", key="after") == 1
 

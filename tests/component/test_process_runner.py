@@ -195,22 +195,23 @@ def test_fork_servers_die_with_their_worker() -> None:
         time.sleep(60)
         os._exit(0)
 
+    two_serving = ["nanogrid: sandbox keeper"] * 2 + ["nanogrid: sandbox python"] * 2 + [
+        "nanogrid: sandbox template"]
+
     def sandboxes() -> dict[psutil.Process, str]:
-        """Each process below the worker and its title, once two sandboxes serve."""
+        """Each process below the worker and its title, once two sandboxes serve (and the
+        empty run that primes each is over: its process has its server's title)."""
         found = {}
         for process in psutil.Process(pid).children(recursive=True):
             with contextlib.suppress(psutil.Error, IndexError):
                 found[process] = process.cmdline()[0].split(" /")[0]
-        serving = list(found.values()).count("nanogrid: sandbox python")
-        return found if serving == 2 else {}
+        return found if sorted(found.values()) == two_serving else {}
 
     try:
         processes = wait_until(sandboxes, timeout=10, what="two sandboxes serving")
     finally:  # the titles are read before: a process killed loses its command line
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
-    assert sorted(processes.values()) == ["nanogrid: sandbox keeper"] * 2 + [
-        "nanogrid: sandbox python"] * 2 + ["nanogrid: sandbox template"]
     wait_until(
         lambda: not any(p.is_running() and p.status() != "zombie" for p in processes),
         timeout=5,
