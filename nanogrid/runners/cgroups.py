@@ -16,6 +16,7 @@ import re
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,23 @@ from .memory import CGROUP_ROOT, CgroupMemory, CgroupV1Memory, CgroupV2Memory
 
 SUBTREE = "nanogrid"
 KILL_WAIT_S = 1.0
-"""How long what a run left behind may take to go before its sandbox is given up."""
+"""How long what a run left behind may take to be gone after SIGKILL: a killed process stays
+in its cgroup until it is scheduled to exit, late on a loaded host. Processes still there
+after it (a fork bomb adding them as fast as they die) spoil the sandbox."""
+
+
+def kill_until_gone(victims: Callable[[], list[int]]) -> bool:
+    """SIGKILL the processes ``victims`` lists until it lists none; False when some are still
+    there after ``KILL_WAIT_S``. Used for a process sandbox's cgroup and a container's."""
+    deadline = time.monotonic() + KILL_WAIT_S
+    while pids := victims():
+        if time.monotonic() > deadline:
+            return False
+        for pid in pids:  # again each round: a fork bomb adds processes while we kill
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.001)
+    return True
 
 
 def _own_paths() -> dict[str, str]:
@@ -90,18 +107,9 @@ class SandboxCgroup:
         return [int(p) for p in text.split()]
 
     def kill_all(self, spare: int | None = None) -> bool:
-        """SIGKILL every process in the sandbox but ``spare`` until none is left (a killed
-        process stays listed until it is scheduled to exit); False when some are still there
-        after ``KILL_WAIT_S``."""
-        deadline = time.monotonic() + KILL_WAIT_S
-        while victims := [p for p in self.pids() if p != spare]:
-            if time.monotonic() > deadline:
-                return False
-            for pid in victims:  # again each round: a fork bomb adds processes while we kill
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            time.sleep(0.001)
-        return True
+        """SIGKILL every process in the sandbox but ``spare`` until none is left; False when
+        some are still there after ``KILL_WAIT_S`` (``kill_until_gone``)."""
+        return kill_until_gone(lambda: [p for p in self.pids() if p != spare])
 
     def kill_frozen(self) -> None:
         """SIGKILL every process in the sandbox, then thaw it: a frozen process dies without

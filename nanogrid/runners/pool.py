@@ -360,7 +360,7 @@ class WarmPool:
     def _lent(self, entry: Entry) -> bool:
         """Whether this worker's taken sandbox is another worker's call's (its own calls
         hold the ticket on the sandbox itself)."""
-        sandbox = self._mine.get((entry.index, entry.generation))
+        sandbox = self.own(entry)
         return sandbox is not None and sandbox.ticket is None and not entry.taker_gone
 
     def _evict_one(self) -> None:

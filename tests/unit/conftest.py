@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -33,3 +34,12 @@ def make_stubs() -> Iterator[MakeStubs]:
     yield make
     for stubs in made:
         stubs.services.close()
+
+
+@pytest.fixture
+def leftover() -> Iterator[int]:
+    """A real process for a sandbox's kills to reach (a run's leftover)."""
+    process = subprocess.Popen(["sleep", "60"])
+    yield process.pid
+    process.kill()
+    process.wait()

@@ -4,13 +4,11 @@ loaded host may take longer than a few rounds of kills."""
 
 from __future__ import annotations
 
-import subprocess
 import time
-from collections.abc import Iterator
 
 import pytest
 
-from nanogrid.runners.docker import cgroup
+from nanogrid.runners import cgroups
 from nanogrid.runners.docker.cgroup import ContainerProcesses
 
 
@@ -30,15 +28,6 @@ class LingeringStrays(ContainerProcesses):
         return [] if gone else [self.pid]
 
 
-@pytest.fixture
-def leftover() -> Iterator[int]:
-    """A real process for the kills to reach (a run's leftover)."""
-    process = subprocess.Popen(["sleep", "60"])
-    yield process.pid
-    process.kill()
-    process.wait()
-
-
 def test_a_leftover_slow_to_die_is_waited_for_and_the_sandbox_kept(leftover: int) -> None:
     strays = LingeringStrays(leftover, listed_s=0.1)  # 20 rounds of 1 ms were too few
     assert strays.kill_strays() is True
@@ -47,7 +36,7 @@ def test_a_leftover_slow_to_die_is_waited_for_and_the_sandbox_kept(leftover: int
 def test_leftovers_that_never_go_spoil_the_sandbox_after_the_wait(
     leftover: int, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(cgroup, "KILL_WAIT_S", 0.2)
+    monkeypatch.setattr(cgroups, "KILL_WAIT_S", 0.2)
     strays = LingeringStrays(leftover, listed_s=None)
     started = time.monotonic()
     assert strays.kill_strays() is False

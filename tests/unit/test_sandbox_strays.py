@@ -5,9 +5,7 @@ rounds of kills; one that never goes spoils the sandbox instead of staying in a 
 
 from __future__ import annotations
 
-import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,15 +32,6 @@ class LingeringCgroup(SandboxCgroup):
         self.first_listed = self.first_listed or now
         gone = self.listed_s is not None and now - self.first_listed >= self.listed_s
         return [SERVER] if gone else [SERVER, self.pid]
-
-
-@pytest.fixture
-def leftover() -> Iterator[int]:
-    """A real process for the kills to reach (a run's leftover)."""
-    process = subprocess.Popen(["sleep", "60"])
-    yield process.pid
-    process.kill()
-    process.wait()
 
 
 def test_a_leftover_slow_to_die_is_waited_for_and_the_sandbox_kept(leftover: int) -> None:

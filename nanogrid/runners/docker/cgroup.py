@@ -7,21 +7,15 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import psutil
 
-from ..cgroups import describe_cgroup, described_cgroup
+from ..cgroups import describe_cgroup, described_cgroup, kill_until_gone
 from ..freezer import Freezer, freezer_of
 from ..memory import CGROUP_ROOT, CgroupMemory, CgroupV1Memory, CgroupV2Memory
-
-KILL_WAIT_S = 1.0
-"""How long what a run left behind may take to be gone after SIGKILL: a killed process stays
-in the cgroup until it is scheduled to exit, late on a loaded host. Processes still there
-after it (a fork bomb adding them as fast as they die) spoil the sandbox."""
 
 
 class ContainerProcesses:
@@ -48,16 +42,8 @@ class ContainerProcesses:
 
     def kill_strays(self) -> bool:
         """SIGKILL what a run left behind until none is left; False when some are still there
-        after ``KILL_WAIT_S``."""
-        deadline = time.monotonic() + KILL_WAIT_S
-        while victims := self.strays():
-            if time.monotonic() > deadline:
-                return False
-            for pid in victims:  # again each round: a fork bomb adds processes while we kill
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            time.sleep(0.001)
-        return True
+        after ``KILL_WAIT_S`` (``kill_until_gone``)."""
+        return kill_until_gone(self.strays)
 
     def kill_frozen(self, freezer: Freezer | None) -> None:
         """The container is being removed: if it can be frozen, SIGKILL all of its processes,
