@@ -9,6 +9,7 @@ epoll descriptor to make and close per call either.
 from __future__ import annotations
 
 import array
+import contextlib
 import json
 import math
 import os
@@ -27,7 +28,7 @@ FORKSERVER_SOURCE = Path(__file__).with_name("forkserver")
 _CHUNK = 65536
 _LINGER_S = 0.1
 """How long output may still arrive after the function exited (background writers)."""
-_PRELOAD_WAIT_S = 30.0
+PRELOAD_WAIT_S = 30.0
 """How long a server may take to preload a function's imports (it bounds its own vetting)."""
 
 
@@ -41,9 +42,24 @@ class ForkServerClient:
         self._sock = connect(
             self.socket_path, socket.SOCK_SEQPACKET, connect_timeout_s, "fork server"
         )
+        self._preloading = False
+        """The last run's reply said the server preloads its imports once asked (``arm``),
+        and its account of them has not been taken yet."""
+        self._asked = False
 
-    ready_at_reply = True
-    """The server waits for the next request once it replied (nanogrid/runners/freezer.py)."""
+    preloaded: dict | None = None
+    """The server's account of the imports it preloaded, once taken (``take_ready``)."""
+
+    @property
+    def ready_at_reply(self) -> bool:
+        """The server waits for the next request once it replied, unless it preloads
+        (nanogrid/runners/freezer.py)."""
+        return not self._preloading
+
+    @property
+    def busy_until_ready(self) -> bool:
+        """A server that preloads takes no request until it has: its sandbox settles."""
+        return self._preloading
 
     def close(self) -> None:
         self._sock.close()
@@ -52,11 +68,26 @@ class ForkServerClient:
         return self._sock.fileno()
 
     def arm(self) -> None:
-        """After the run's peak was read: nothing to get ready, a fork server forks per call
-        (the node server starts its next Worker here)."""
+        """After the run's peak was read: a server that said it preloads may now (a fork
+        server has nothing else to get ready: it forks per call). A server that is gone is
+        found out by whoever takes its account."""
+        if self._preloading and not self._asked:
+            self._asked = True
+            with contextlib.suppress(OSError):
+                self._sock.send(b'{"op": "preload"}')
 
-    def take_ready(self) -> None:
-        """Nothing to take: the server is ready once it replied (``ready_at_reply``)."""
+    def take_ready(self) -> bool:
+        """Once the socket is readable after ``arm``: take the server's account of what it
+        preloaded. False when the server broke meanwhile."""
+        if not self._preloading:
+            return True
+        try:
+            self.preloaded = self._receive_preload()
+        except SandboxError:
+            return False
+        finally:
+            self._preloading = self._asked = False
+        return True
 
     def run(
         self,
@@ -76,6 +107,10 @@ class ForkServerClient:
         ``preload``: the sandbox's code_key, when the server may preload its imports;
         ``on_sent``: called once the request is sent (the runner thaws the sandbox then, so
         its server finds the request as it wakes)."""
+        if self._preloading:  # run again before it settled: the preload goes first
+            self.arm()
+            if not self.take_ready():
+                raise SandboxError("sandbox fork server broke while preloading")
         in_r, in_w = os.pipe2(os.O_CLOEXEC)
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
@@ -166,8 +201,8 @@ class ForkServerClient:
             if stdin_open:
                 os.close(in_w)
         out, err = captured[out_r], captured[err_r]
-        preloaded = self._receive_preload() if reply.get("preloading") else None
         try:
+            self._preloading = bool(reply.get("preloading"))
             status = int(reply["status"])
             os.waitstatus_to_exitcode(status)  # one a process can end with
             return RawRun(
@@ -179,14 +214,13 @@ class ForkServerClient:
                 stderr_truncated=err.truncated,
                 duration_ms=reply["duration_ns"] / 1e6,
                 maxrss_bytes=int(reply["maxrss_kb"]) * 1024,
-                preload=preloaded,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise SandboxError(f"sandbox fork server sent a malformed reply: {exc!r}") from None
 
     def _receive_preload(self) -> dict:
         """The server's account of the imports it preloaded after this run."""
-        self._sock.settimeout(_PRELOAD_WAIT_S)
+        self._sock.settimeout(PRELOAD_WAIT_S)
         try:
             return self._receive("preloaded", "while preloading")
         finally:

@@ -13,11 +13,15 @@ of its function between runs and is left as it is. The freezer's files are on th
 process sandbox's own cgroup, a container's as Docker made it): a write takes microseconds,
 where ``docker pause`` goes through the engine in tens of milliseconds.
 
-A python sandbox is frozen as soon as its run's reply is in (its server has preloaded by
-then). A node sandbox starts the next call's Worker after the run, off the call's path, so
-it is frozen once its server says that Worker is ready (frame 'W': booted, its files
-preloaded, within their 2 s budget), by the runner's watcher thread, or ``SETTLE_WAIT_S``
-after the run at the latest (the next call then waits for the rest).
+A python sandbox is frozen as soon as its run's reply is in, or, after a first run whose
+imports its server preloads (off the call's path, once the agent read the run's peak), once
+the server gives its account of them: it takes no call before, so its sandbox settles
+(stays off the board) until then, frozen or not. A node sandbox starts the next call's
+Worker after the run, off the call's path, so it is frozen once its server says that Worker
+is ready (frame 'W': booted, its files preloaded, within their 2 s budget). The runner's
+watcher thread waits for either from the call's release, ``SETTLE_WAIT_S`` at most (a
+preload bounds its own vetting; ``PRELOAD_WAIT_S``): a node sandbox is frozen then anyway
+(the next call waits for the rest), a fork server that has not answered is given up.
 
 Which freezer: a cgroup2 tree's wherever one is mounted, v1's freezer hierarchy only without
 one (``freezer_of``). A process frozen by v1 does not die of SIGKILL until it is thawed, so
@@ -28,6 +32,7 @@ died (the sandboxes' death signal cannot), and ``anchor`` keeps v1's freezing ch
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import select
 import subprocess
@@ -43,6 +48,7 @@ from loguru import logger
 from nanogrid.common.errors import SandboxError
 
 from .base import Sandbox
+from .forkclient import PRELOAD_WAIT_S
 from .memory import CGROUP_ROOT
 from .sandboxclient import SandboxClient
 
@@ -174,7 +180,9 @@ class _Settling:
     client: SandboxClient
     fd: int
     """The client's socket, taken while it is open."""
-    deadline: float
+    freeze: bool
+    """Its function holds code of its own: frozen once settled."""
+    deadline: float = 0.0
 
 
 class IdleFreezer:
@@ -182,14 +190,18 @@ class IdleFreezer:
 
     Whether a sandbox is frozen is on the sandbox (``frozen``), and with it on the host's
     board when the sandbox goes back there: its next run thaws it, whichever worker's it is.
-    A sandbox whose server says later that it is ready (node) is ``settling`` until then:
-    the runner keeps it out of the board, and ``on_settled`` gives it back once frozen."""
+    A sandbox whose server says later that it is ready is ``settling`` until then: the
+    runner keeps it off the board, and ``on_settled`` gives it back once it is ready (and
+    frozen, if it is to be)."""
 
     def __init__(self, on_settled: Callable[[Sandbox], None] = lambda sandbox: None) -> None:
         self._on_settled = on_settled
         self._lock = threading.Lock()
+        self._resting: dict[int, _Settling] = {}
+        """Sandboxes (by id) whose run asked them to settle, until their call releases them
+        (``settle``) or runs them again (``resume``)."""
         self._settling: dict[int, _Settling] = {}
-        """Node sandboxes (by id) to freeze once their server's next Worker is ready."""
+        """Released sandboxes (by id) the watcher waits on."""
         self._holds: dict[int, tuple[str | None, bool]] = {}
         """Per sandbox: the code_key it was told of, and whether that function holds code."""
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -199,17 +211,19 @@ class IdleFreezer:
     def rest(
         self, sandbox: Sandbox, freezer: Freezer, client: SandboxClient, main: str
     ) -> bool:
-        """After a run of ``main``: freeze ``sandbox`` now, or once its server says it is
-        ready (``settling`` until then), if its function holds code of its own (else leave
-        it). False when it cannot be frozen (its cgroup is gone): it must not be kept."""
+        """After a run of ``main``: freeze ``sandbox`` if its function holds code of its own
+        (else leave it), now, or once its server says it is ready; a sandbox whose server
+        takes no call before then (``busy_until_ready``) waits for it in any case. Such a
+        sandbox is ``settling`` from now on, watched from its release (``settle``). False
+        when it cannot be frozen (its cgroup is gone): it must not be kept."""
         held = self._holds.get(id(sandbox))
         if held is None or held[0] != sandbox.code_key:
             held = self._holds[id(sandbox)] = (
                 sandbox.code_key, holds_code(sandbox.code_dir, main)
             )
-        if not held[1]:
-            return True
         if client.ready_at_reply:
+            if not held[1]:
+                return True
             try:
                 freezer.freeze()
             except OSError as exc:
@@ -217,16 +231,39 @@ class IdleFreezer:
                 return False
             sandbox.frozen = True
             return True
+        if not held[1] and not client.busy_until_ready:
+            return True
         with self._lock:
             sandbox.settling = True
-            self._settling[id(sandbox)] = _Settling(
-                sandbox, freezer, client, client.fileno(), time.monotonic() + SETTLE_WAIT_S
+            self._resting[id(sandbox)] = _Settling(
+                sandbox, freezer, client, client.fileno(), freeze=held[1]
+            )
+        return True
+
+    def settle(self, sandbox: Sandbox) -> None:
+        """The call in ``sandbox`` is over: the watcher waits for its server's word (from now
+        on, ``SETTLE_WAIT_S`` at most, a preload's ``PRELOAD_WAIT_S``), then calls
+        ``on_settled``."""
+        with self._lock:
+            entry = self._resting.pop(id(sandbox), None)
+            if entry is None:
+                return
+            wait_s = PRELOAD_WAIT_S if entry.client.busy_until_ready else SETTLE_WAIT_S
+            self._settling[id(sandbox)] = dataclasses.replace(
+                entry, deadline=time.monotonic() + wait_s
             )
             if self._thread is None:
                 self._thread = threading.Thread(target=self._watch, name="freezer", daemon=True)
                 self._thread.start()
         self._poke()
-        return True
+
+    def resume(self, sandbox: Sandbox) -> None:
+        """``sandbox`` runs again before its release: no settling (its client takes what its
+        server says on the way)."""
+        if sandbox.settling:
+            with self._lock:
+                if self._resting.pop(id(sandbox), None) is not None:
+                    sandbox.settling = False
 
     def wake(self, sandbox: Sandbox, freezer: Freezer) -> None:
         """As a run's request is sent: thaw ``sandbox`` if it was left frozen (its server
@@ -242,6 +279,7 @@ class IdleFreezer:
     def forget(self, sandbox: Sandbox) -> None:
         """Before ``sandbox`` is destroyed (its client closed): stop waiting on it."""
         with self._lock:
+            self._resting.pop(id(sandbox), None)
             self._settling.pop(id(sandbox), None)
             self._holds.pop(id(sandbox), None)
 
@@ -260,7 +298,8 @@ class IdleFreezer:
             os.write(self._wake_w, b"\0")
 
     def _watch(self) -> None:
-        """The watcher: wait for a settling sandbox's 'W' frame or deadline, then freeze it."""
+        """The watcher: wait for a settling sandbox's word or deadline, then freeze it (if it
+        is to be) and give it back."""
         while True:
             with self._lock:
                 if self._closed:
@@ -286,11 +325,15 @@ class IdleFreezer:
                         continue
                     del self._settling[key]
                     settled.append(entry)
-                    with contextlib.suppress(OSError):  # gone: nothing left to freeze
-                        if said:
-                            entry.client.take_ready()
-                        entry.freezer.freeze()
-                        entry.sandbox.frozen = True
+                    answered = entry.client.take_ready() if said else (
+                        not entry.client.busy_until_ready
+                    )
+                    if not answered:  # broke, or never did: its next call would wait
+                        entry.sandbox.healthy = False
+                    elif entry.freeze:
+                        with contextlib.suppress(OSError):  # gone: nothing left to freeze
+                            entry.freezer.freeze()
+                            entry.sandbox.frozen = True
             for entry in settled:  # back to the board, outside the lock
                 entry.sandbox.settling = False
                 self._on_settled(entry.sandbox)

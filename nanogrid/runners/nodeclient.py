@@ -61,6 +61,10 @@ class NodeServerClient:
     ready_at_reply = False
     """After a run (frame 'A') the server readies the next call's Worker, then says it is ready
     with a frame 'W' (nanogrid/runners/freezer.py)."""
+    busy_until_ready = False
+    """A call sent meanwhile waits in the server for that Worker."""
+    preloaded: dict | None = None
+    """What it preloads is in the run's reply (``RawRun.preload``)."""
 
     def close(self) -> None:
         self._sock.close()
@@ -133,12 +137,13 @@ class NodeServerClient:
         with contextlib.suppress(OSError):
             self._sock.sendall(_frame(b"A", b""))
 
-    def take_ready(self) -> None:
+    def take_ready(self) -> bool:
         """Between runs, once the socket is readable: take the server's 'W' frame off it, if
         that is what waits there; anything else is left to the next run, which refuses it."""
         with contextlib.suppress(OSError):
             if self._sock.recv(_HEADER.size, socket.MSG_PEEK | socket.MSG_DONTWAIT) == _READY:
                 self._sock.recv(_HEADER.size)
+        return True
 
 
 def _frame(kind: bytes, body: bytes) -> bytes:

@@ -102,6 +102,7 @@ class PooledRunner(Runner):
     def run(self, sandbox: Sandbox, invocation: Invocation) -> RunOutcome:
         assert isinstance(sandbox, ServerSandbox) and sandbox.client is not None
         launch = self.launches[sandbox.runtime]
+        self.idle.resume(sandbox)
         try:
             meter = self.limit(sandbox, invocation)
         except self.limit_errors as exc:
@@ -143,7 +144,7 @@ class PooledRunner(Runner):
             sandbox.healthy = False
             raise SandboxError(f"sandbox {launch.server.name} server misbehaved: {exc!r}") from None
         sandbox.runs += 1
-        log_preload(self.marker, sandbox, raw)
+        log_preload(self.marker, sandbox, raw.preload)
         killed = exit_code == -signal.SIGKILL and not raw.timed_out
         peak, oom_kills = self._read(sandbox, meter, killed=killed)
         oom = killed and oom_kills > 0 if meter.memory else self.oom_without_cgroup(
@@ -152,7 +153,8 @@ class PooledRunner(Runner):
         healthy = sandbox.healthy and not (raw.timed_out or oom or oom_kills)
         if healthy:
             healthy = self.leftovers(sandbox, launch)
-        sandbox.client.arm()
+        if healthy:
+            sandbox.client.arm()
         if healthy and freezer and preload is not None and launch.script is not None:
             healthy = self.idle.rest(sandbox, freezer, sandbox.client, launch.script)
         sandbox.healthy = healthy
@@ -338,7 +340,11 @@ class PooledRunner(Runner):
         }
 
     def settled(self, sandbox: Sandbox) -> None:
-        """The freezer's: a sandbox whose server got its next call ready is frozen now."""
+        """The freezer's: a sandbox whose server got its next call ready (and preloaded) is
+        frozen now, if it is to be."""
+        assert isinstance(sandbox, ServerSandbox)
+        if sandbox.client is not None:
+            log_preload(self.marker, sandbox, sandbox.client.preloaded)
         pool = self.pools.get(sandbox.runtime)
         if pool is not None:
             pool.settled(sandbox)
@@ -361,6 +367,8 @@ class PooledRunner(Runner):
         return RuntimeUnavailable(unavailable_message(runtime, reason))
 
     def release(self, sandbox: Sandbox) -> None:
+        if sandbox.healthy:
+            self.idle.settle(sandbox)  # back once its server is ready, if it is settling
         self.pools[sandbox.runtime].release(sandbox)
 
     def pool_stats(self) -> dict[str, dict[str, int]]:

@@ -25,7 +25,7 @@ from nanogrid.common.config import Config
 from .base import Sandbox
 from .forkclient import FORKSERVER_SOURCE, ForkServerClient
 from .nodeclient import NODE_SOCKET_NAME, NODESERVER_SOURCE, NodeServerClient, is_node_command
-from .sandboxclient import RawRun, SandboxClient
+from .sandboxclient import SandboxClient
 
 
 @dataclass(frozen=True)
@@ -88,12 +88,13 @@ def preload_key(config: Config, sandbox: Sandbox) -> str | None:
     return sandbox.code_key if config.runtimes[sandbox.runtime].preload else None
 
 
-def log_preload(marker: str, sandbox: Sandbox, raw: RawRun) -> None:
-    """One debug line when a sandbox's server preloaded its function's imports."""
-    if raw.preload is not None:
-        left_out = raw.preload.get("left_out") or {}
+def log_preload(marker: str, sandbox: Sandbox, report: dict | None) -> None:
+    """One debug line when a sandbox's server preloaded its function's imports (``report``:
+    what it said of them)."""
+    if report is not None:
+        left_out = report.get("left_out") or {}
         logger.debug(
-            f"{marker} {sandbox.name} preloaded {len(raw.preload.get('preloaded', []))} "
+            f"{marker} {sandbox.name} preloaded {len(report.get('preloaded', []))} "
             f"module(s) of {sandbox.code_key}"
             + (f"; left out: {left_out}" if left_out else "")
         )

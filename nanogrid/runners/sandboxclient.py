@@ -31,8 +31,8 @@ class RawRun:
     duration_ms: float
     maxrss_bytes: int
     preload: dict | None = None
-    """What the sandbox's server preloaded and left out: after its first run with preloading
-    (fork server), or when that changed (node server)."""
+    """What the node server preloaded and left out, when that changed (the fork server says
+    it after the run: ``SandboxClient.preloaded``)."""
 
     def outcome(self, *, exit_code: int | None, oom_killed: bool, peak: int,
                 source: str) -> RunOutcome:
@@ -85,9 +85,22 @@ def connect(path: str, kind: int, timeout_s: float, server: str) -> socket.socke
 class SandboxClient(Protocol):
     """The agent's side of a sandbox's server: one run at a time over one socket."""
 
-    ready_at_reply: bool
-    """The server waits for the next call once the run's reply is in; else it says so with a
-    'W' frame later (nanogrid/runners/freezer.py)."""
+    @property
+    def ready_at_reply(self) -> bool:
+        """The server waits for the next call once the run's reply is in; else it says so
+        later (a node server's 'W' frame, a fork server's account of its preload; see
+        nanogrid/runners/freezer.py)."""
+        ...
+
+    @property
+    def busy_until_ready(self) -> bool:
+        """The server takes no call until it says it is ready (a fork server preloading):
+        its sandbox settles before it goes back, frozen or not. A node server queues the next
+        call behind the Worker it readies."""
+        ...
+
+    preloaded: dict | None
+    """What the fork server said it preloaded and left out after the last run, once taken."""
 
     def run(
         self,
@@ -114,6 +127,9 @@ class SandboxClient(Protocol):
 
     def fileno(self) -> int: ...
 
-    def take_ready(self) -> None: ...
+    def take_ready(self) -> bool:
+        """Once the socket is readable after ``arm``: take the server's word that it is
+        ready. False when the server broke meanwhile."""
+        ...
 
     def close(self) -> None: ...

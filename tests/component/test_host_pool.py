@@ -71,11 +71,20 @@ def specialized(agent: Agent) -> list[Entry]:
     return [e for e in board(agent) if e.code_key]
 
 
+def settled_call(agent: Agent, task: dict[str, Any]) -> dict[str, Any]:
+    """The call's result, once its sandbox is back on the board: after a function's first
+    run the sandbox settles (its server preloads) after the result is out."""
+    result = agent.call(task)
+    wait_until(lambda: not [e for e in board(agent) if e.state == TAKEN], timeout=10,
+               what="the call's sandbox back on the board")
+    return result
+
+
 def test_a_call_runs_warm_in_the_sandbox_another_worker_made(pair: tuple[Agent, Any]) -> None:
     agent, second = pair
     key = agent.deploy({"main.py": SLEEPER})
     os.kill(second.pid, signal.SIGSTOP)  # only worker 0 takes calls
-    first = agent.call(agent.task(key))
+    first = settled_call(agent, agent.task(key))
     assert first["status"] == "SUCCESS"
     [made] = specialized(agent)
     assert made.owner == 0
@@ -96,7 +105,7 @@ def test_a_call_runs_warm_in_the_sandbox_another_worker_made(pair: tuple[Agent, 
 def test_a_new_functions_first_call_takes_a_generic_sandbox(pair: tuple[Agent, Any]) -> None:
     agent, _ = pair
     before = {e.index for e in generic(agent)}
-    result = agent.call(agent.task(agent.deploy({"main.py": HELLO})))
+    result = settled_call(agent, agent.task(agent.deploy({"main.py": HELLO})))
     assert result["status"] == "SUCCESS" and result["coldStart"] is False
     [given] = specialized(agent)
     assert given.index in before
@@ -110,7 +119,7 @@ def test_a_call_in_a_lent_sandbox_whose_owner_dies_runs_again_and_never_fails(
     agent, second = pair
     key = agent.deploy({"main.py": SLEEPER})
     os.kill(second.pid, signal.SIGSTOP)
-    assert agent.call(agent.task(key))["status"] == "SUCCESS"  # worker 0's sandbox holds it
+    assert settled_call(agent, agent.task(key))["status"] == "SUCCESS"  # worker 0's holds it
     [made] = specialized(agent)
     os.kill(second.pid, signal.SIGCONT)
     os.kill(agent.process.pid, signal.SIGSTOP)
@@ -143,7 +152,7 @@ def test_the_hosts_idle_bound_dooms_the_least_recently_used(
             # more generic ones for a while: pool.py's _generic_target).
             wait_until(lambda: len(generic(agent)) == 2, timeout=10, what="the generic ones")
             key = agent.deploy({"main.py": f"print({i})\n"})
-            assert agent.call(agent.task(key))["status"] == "SUCCESS"
+            assert settled_call(agent, agent.task(key))["status"] == "SUCCESS"
             held += [e.code_key for e in specialized(agent) if e.code_key not in held]
 
         def settled() -> list[Entry] | None:

@@ -14,6 +14,7 @@ from helpers import agent_config, scratch_dir
 
 from nanogrid.common.errors import SandboxError, SandboxLost
 from nanogrid.runners.base import Invocation
+from nanogrid.runners.freezer import IdleFreezer
 from nanogrid.runners.launch import Launch
 from nanogrid.runners.lending import SandboxBoard
 from nanogrid.runners.pooled import Meter, PooledRunner, ServerSandbox
@@ -47,6 +48,7 @@ class Hooks(PooledRunner):
         self.config = agent_config(scratch_dir("ng-template-"))
         self.launches = {"python": Launch("/usr/bin/python3", True, ("python3", "main.py"))}
         self.board = SandboxBoard()
+        self.idle = IdleFreezer()
         self.calls: list[str] = []
         self.clean = True
 

@@ -2,14 +2,15 @@
 imports, so later calls do not pay for them.
 
 The first run reports, over a pipe, the modules it imported from the standard library and
-from its own directory; after replying, the server vets them in a forked helper (each must
-import without error, within ``PRELOAD_BUDGET_S`` for the lot, without leaving a thread or a
-file descriptor behind, without reading the environment or stdin, writing to stdout or
-stderr, or keeping a reference to them: all of that belongs to the call) and imports the ones
-that pass itself, with the function's directory on sys.path. Every later fork starts with
-them in memory, as copies: what a run changes in a module never reaches the next run. A
-sandbox serves one function@version (the agent's ``code_key``), so this happens once per
-sandbox; a run for another key gets none of the function's modules.
+from its own directory; once the agent asks (after the reply: off the call's path, and out
+of its peak), the server vets them in a forked helper (each must import without error,
+within ``PRELOAD_BUDGET_S`` for the lot, without leaving a thread or a file descriptor
+behind, without reading the environment or stdin, writing to stdout or stderr, or keeping a
+reference to them: all of that belongs to the call) and imports the ones that pass itself,
+with the function's directory on sys.path. Every later fork starts with them in memory, as
+copies: what a run changes in a module never reaches the next run. A sandbox serves one
+function@version (the agent's ``code_key``), so this happens once per sandbox; a run for
+another key gets none of the function's modules.
 
 The vetting cannot see everything a module may leave in the server (a thread started later,
 a hook the server calls, a process it spawned), so the agent asks for preloading only of a
@@ -86,6 +87,13 @@ class Preload:
     def pending(self) -> bool:
         """This run reports its imports (in the child) / reported them (in the server)."""
         return self._pipe is not None
+
+    def cancel(self) -> None:
+        """In the server: the run's report is not loaded (a later run of the key reports)."""
+        if self._pipe is not None:
+            for fd in self._pipe:
+                os.close(fd)
+            self._pipe = None
 
     def load(self, cwd: str, keep_closed: list) -> dict:
         """In the server, after the run: vet the reported modules, import those that pass.

@@ -9,7 +9,8 @@ time, one run at a time:
         "preload": code_key | null}                        + SCM_RIGHTS [stdin, stdout, stderr]
     -> {"op": "kill"}                                        (optional, e.g. on timeout)
     <- {"status": waitstatus, "maxrss_kb": n, "duration_ns": n, "preloading": bool}
-    <- {"preloaded": [module, ...], "left_out": {module: why}}   (only after "preloading")
+    -> {"op": "preload"}              (after "preloading", once the agent read the run's peak)
+    <- {"preloaded": [module, ...], "left_out": {module: why}}
 
 What the forked child does is in child.py; ``"preload"`` (import-warm) in preload.py; the
 sandbox made before serving (namespaces, cgroups, rlimits, uid) in sandbox.py. Options
@@ -129,8 +130,27 @@ def serve_run(
     preloading = preload.pending()
     send_packet(conn, {"status": status, "maxrss_kb": usage.ru_maxrss, "duration_ns": duration,
                        "preloading": preloading})
-    if preloading:  # the agent waits for this before it measures and cleans up the sandbox
-        loaded = preload.load(request["cwd"], [conn.fileno(), listener.fileno(), *(wakeup or ())])
+    if preloading:
+        preload_when_asked(
+            conn, request["cwd"], preload, [conn.fileno(), listener.fileno(), *(wakeup or ())]
+        )
+
+
+def preload_when_asked(conn: socket.socket, cwd: str, preload: Preload, keep_closed: list
+                       ) -> None:
+    """Preload the run's imports once the agent asks: it has read the run's peak by then, so
+    what the server loads is not counted as the run's, and the call's result did not wait
+    for it. An agent that hangs up instead gets no preload (its next run reports anew)."""
+    message, extra = recv_packet(conn)
+    for fd in extra:
+        os.close(fd)
+    if message != {"op": "preload"}:
+        preload.cancel()
+        if message is not None:
+            send_packet(conn, {"error": "expected the word to preload"})
+        return
+    loaded = preload.load(cwd, keep_closed)
+    with contextlib.suppress(OSError):  # the agent stopped waiting: the next one connects anew
         send_packet(conn, loaded)
 
 
