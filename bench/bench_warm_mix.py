@@ -54,8 +54,10 @@ from nanogrid.devtools.embedded import free_port, wait_until  # noqa: E402
 DOCKER_IMAGE = "nanogrid/python:3.11-bookworm"
 
 
-def function_code(n: int) -> str:
-    return f"import json, sys\nd = json.load(sys.stdin)\nprint('fn{n}', d.get('x'))\n"
+def function_code(n: int, imports: str = "") -> str:
+    """Function n's main.py; ``imports``: more modules it imports (comma-separated)."""
+    more = f"import {imports}\n" if imports else ""
+    return f"import json, sys\n{more}d = json.load(sys.stdin)\nprint('fn{n}', d.get('x'))\n"
 
 
 def percentile(values: list[float], q: int) -> float:
@@ -72,7 +74,8 @@ class Bench(Peers):
         keys = []
         for n in range(count):
             key = f"functions/{tag}-{n}/v1.zip"
-            self.s3.put_object(Bucket=self.bucket, Key=key, Body=zipped(function_code(n)))
+            self.s3.put_object(Bucket=self.bucket, Key=key, Body=zipped(
+                function_code(n, self.args.imports)))
             keys.append(key)
         return keys
 
@@ -250,7 +253,8 @@ def render(reports: list[dict[str, Any]], args: argparse.Namespace) -> str:
     lines = [
         f"mix: {args.functions} functions, Zipf-like weights, {args.calls} calls at "
         f"{args.rate}/s; first: {args.new} new functions {args.gap} s apart; 2 workers, "
-        f"default warm pools; nproc={os.cpu_count()}",
+        f"default warm pools; nproc={os.cpu_count()}"
+        + (f"; every function also imports {args.imports}" if args.imports else ""),
         "",
         "| runner | system | cold beyond first % | cold % | mix e2e p50 ms | p99 ms "
         "| new fn e2e p50 ms | max ms | its sandboxMs p50 | cold |",
@@ -292,6 +296,8 @@ def main() -> int:
     parser.add_argument("--new", type=int, default=8)
     parser.add_argument("--gap", type=float, default=0.3)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--imports", default="", metavar="MODULES",
+                        help="modules every function imports besides json and sys (a,b,c)")
     args = parser.parse_args()
     reports = []
     with tempfile.TemporaryDirectory(prefix="nanogrid-bench-") as tmp, Bench(args, Path(tmp)) as b:
