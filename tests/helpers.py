@@ -364,6 +364,14 @@ def put_code(sandbox: Any, files: dict[str, str], key: str) -> None:
     sandbox.code_key = key
 
 
+def release_settled(runner: Any, sandbox: Any) -> None:
+    """Release ``sandbox`` as the worker does, then wait until it is back for the next call:
+    after a function's first run its server may preload its imports, and a call meanwhile
+    would wait only briefly for it (pool.py) before it takes another."""
+    runner.release(sandbox)
+    wait_until(lambda: not sandbox.settling, timeout=10, what="the sandbox to settle")
+
+
 def sandbox_pids(sandbox: Any) -> list[int]:
     """Every process of a process sandbox (its cgroup's) or of a Docker sandbox's container."""
     processes = getattr(sandbox, "processes", None)

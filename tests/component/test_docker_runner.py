@@ -33,6 +33,7 @@ from helpers import (
     assert_default_signals,
     frozen,
     put_code,
+    release_settled,
     wait_until,
 )
 
@@ -127,7 +128,7 @@ def run(
     try:
         return runner.run(sandbox, invocation(memory_mb, timeout_ms, stdin)), sandbox
     finally:
-        runner.release(sandbox)
+        release_settled(runner, sandbox)
 
 
 def removed(engine: docker.DockerClient, sandbox: DockerSandbox) -> bool:

@@ -31,7 +31,7 @@ from harness import (
     MiB,
     hostile_config,
 )
-from helpers import RedisServer, put_code, unreached_listener, wait_until
+from helpers import RedisServer, put_code, release_settled, unreached_listener, wait_until
 
 from nanogrid.common.config import Config
 from nanogrid.runners.base import Invocation, Runner, RunOutcome, Sandbox
@@ -62,7 +62,7 @@ class Harness:
         try:
             return self.runner.run(sandbox, invocation(memory_mb, timeout_ms, stdin)), sandbox
         finally:
-            self.runner.release(sandbox)
+            release_settled(self.runner, sandbox)
 
     def acquire(self, code: str, key: str) -> Sandbox:
         """Take a sandbox for ``key`` and put the code in as the worker does."""

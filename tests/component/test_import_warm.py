@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import RUNTIME_IMAGE, agent_config, idle_cpu_seconds, put_code, wait_until
+from helpers import (
+    RUNTIME_IMAGE,
+    agent_config,
+    idle_cpu_seconds,
+    put_code,
+    release_settled,
+    wait_until,
+)
 
 from nanogrid.common.errors import SandboxError
 from nanogrid.runners import cgroups, freezer
@@ -132,8 +139,7 @@ def run(runner: Runner, files: dict[str, str], key: str, stdin: bytes) -> RunOut
         invocation = Invocation("r", "fn", ("python3", "main.py"), stdin, 256, 10_000, 10_000, 32)
         return runner.run(sandbox, invocation)
     finally:
-        runner.release(sandbox)
-        wait_until(lambda: not sandbox.settling, timeout=10, what="the sandbox to settle")
+        release_settled(runner, sandbox)
 
 
 def test_a_first_call_does_not_wait_for_its_imports_to_be_preloaded(runner: Runner) -> None:
@@ -157,6 +163,20 @@ def test_a_first_call_does_not_wait_for_its_imports_to_be_preloaded(runner: Runn
     warm, seen = call(runner, FILES)
     assert seen["heavy"] != seen["me"] and warm.duration_ms < 200
     assert out.peak_memory_bytes < warm.peak_memory_bytes + 12 * MiB
+
+
+def test_a_first_run_with_nothing_new_to_preload_does_not_settle(runner: Runner) -> None:
+    """What it imported the server holds already (the template's modules): the sandbox is
+    back for the next call as its result is, with no word to wait for."""
+    sandbox = runner.acquire("python", "plain@1")
+    try:
+        put_code(sandbox, {"main.py": "import json, os, sys\nprint(len(sys.argv))\n"}, "plain@1")
+        invocation = Invocation("r", "fn", ("python3", "main.py"), b"", 256, 10_000, 10_000, 32)
+        out = runner.run(sandbox, invocation)
+    finally:
+        runner.release(sandbox)
+    assert out.exit_code == 0 and out.stdout == b"1\n"
+    assert not sandbox.settling and sandbox.healthy
 
 
 def test_imports_are_paid_once_per_sandbox_and_state_stays_per_call(runner: Runner) -> None:

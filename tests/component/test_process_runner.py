@@ -21,6 +21,7 @@ from helpers import (
     agent_config,
     assert_default_signals,
     put_code,
+    release_settled,
     scratch_dir,
     wait_until,
 )
@@ -63,7 +64,7 @@ def run(
     try:
         return runner.run(sandbox, invocation), sandbox
     finally:
-        runner.release(sandbox)
+        release_settled(runner, sandbox)
 
 
 def test_sandboxes_have_their_own_cgroup_with_limits(runner: ProcessRunner) -> None:

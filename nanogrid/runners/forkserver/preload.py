@@ -47,6 +47,8 @@ class Preload:
         """Modules loaded from the function's directory."""
         self._pipe: tuple | None = None
         self._asked: str | None = None
+        self._todo: list = []
+        """What the run reported that this server has not loaded yet (``gather``)."""
 
     def expect(self, request: dict) -> None:
         """Before the fork: open the pipe the run reports its imports on, if they are wanted."""
@@ -88,16 +90,10 @@ class Preload:
         """This run reports its imports (in the child) / reported them (in the server)."""
         return self._pipe is not None
 
-    def cancel(self) -> None:
-        """In the server: the run's report is not loaded (a later run of the key reports)."""
-        if self._pipe is not None:
-            for fd in self._pipe:
-                os.close(fd)
-            self._pipe = None
-
-    def load(self, cwd: str, keep_closed: list) -> dict:
-        """In the server, after the run: vet the reported modules, import those that pass.
-        Returns what was loaded and what was left out."""
+    def gather(self, cwd: str) -> bool:
+        """In the server, after the run: take its report. True when it names modules this
+        server has not loaded (``load`` imports them, once the agent asks); else the key
+        counts as loaded now, with nothing to import (and nothing for the agent to wait for)."""
         assert self._pipe is not None
         read, write = self._pipe
         self._pipe = None
@@ -112,30 +108,48 @@ class Preload:
             names = [n for n in json.loads(data) if isinstance(n, str)] if data else []
         except ValueError:
             names = []
-        self.key, self.path = self._asked, cwd
-        passed, left_out = vet(names, cwd, keep_closed)
+        self._todo = [name for name in names if name not in sys.modules]
+        if self._todo:
+            return True
+        sys.path.insert(0, cwd)
+        self._hold(cwd)
+        return False
+
+    def cancel(self) -> None:
+        """In the server: what the run reported is not loaded (a later run of the key
+        reports again)."""
+        self._todo = []
+
+    def load(self, cwd: str, keep_closed: list) -> dict:
+        """In the server, once the agent asks: vet the modules ``gather`` found, import
+        those that pass. Returns what was loaded and what was left out."""
+        passed, left_out = vet(self._todo, cwd, keep_closed)
+        self._todo = []
         sys.path.insert(0, cwd)
         for name in passed:
             try:
                 __import__(name)
             except BaseException as exc:  # passed in the helper; keep the server serving
                 left_out[name] = f"{type(exc).__name__} in the server"
+        self._hold(cwd)
+        gc.collect()
+        gc.freeze()  # as warm_up: keeps the children's collector off these pages
+        return {"preloaded": [n for n in passed if n not in left_out], "left_out": left_out}
+
+    def _hold(self, cwd: str) -> None:
+        """The server holds the key's modules now (its directory first on sys.path): which
+        of them are the function's own."""
+        self.key, self.path = self._asked, cwd
         own = os.path.join(cwd, "")
         self.own = [
             name
             for name, module in list(sys.modules.items())
             if str(getattr(module, "__file__", "") or "").startswith(own)
         ]
-        gc.collect()
-        gc.freeze()  # as warm_up: keeps the children's collector off these pages
-        return {"preloaded": [n for n in passed if n not in left_out], "left_out": left_out}
 
 
-def vet(names: list, cwd: str, keep_closed: list) -> tuple[list, dict]:
-    """Import ``names`` in a forked helper first: (those that passed, {left out: why})."""
-    todo = [name for name in names if name not in sys.modules]
-    if not todo:
-        return [], {}
+def vet(todo: list, cwd: str, keep_closed: list) -> tuple[list, dict]:
+    """Import ``todo`` in a forked helper first: (those that passed, {left out: why})."""
     read, write = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:

@@ -127,7 +127,7 @@ def serve_run(
     else:
         kill_group(pid)
     sysvipc.remove_left()
-    preloading = preload.pending()
+    preloading = preload.pending() and preload.gather(request["cwd"])
     send_packet(conn, {"status": status, "maxrss_kb": usage.ru_maxrss, "duration_ns": duration,
                        "preloading": preloading})
     if preloading:
