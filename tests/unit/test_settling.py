@@ -56,19 +56,23 @@ def idle() -> Iterator[tuple[IdleFreezer, list[Sandbox]]]:
     watcher.close()
 
 
-def sandbox_with(tmp_path: Path, files: list[str]) -> Sandbox:
+def rested(watcher: IdleFreezer, tmp_path: Path, files: list[str], *, busy: bool
+           ) -> tuple[Sandbox, Client, Freezer]:
+    """A sandbox holding ``files`` (the first its main) after a run whose server is not
+    ready at its reply (``busy``: it takes no call until it is), as the run leaves it."""
     for name in files:
         (tmp_path / name).write_text("")
-    return Sandbox(runtime="python", name="python-w0-0", code_dir=tmp_path, code_key="f@1")
+    box = Sandbox(runtime="python", name="python-w0-0", code_dir=tmp_path, code_key="f@1")
+    client, cold = Client(ready_at_reply=False, busy_until_ready=busy), Freezer()
+    assert watcher.rest(box, cold, client, files[0])  # type: ignore[arg-type]
+    return box, client, cold
 
 
 def test_a_preloading_server_settles_from_the_release_until_its_word_even_holding_no_code(
     idle: tuple[IdleFreezer, list[Sandbox]], tmp_path: Path
 ) -> None:
     watcher, settled = idle
-    box, client, cold = sandbox_with(tmp_path, ["main.py"]), Client(
-        ready_at_reply=False, busy_until_ready=True), Freezer()
-    assert watcher.rest(box, cold, client, "main.py")  # type: ignore[arg-type]
+    box, client, cold = rested(watcher, tmp_path, ["main.py"], busy=True)
     assert box.settling
     client.server.send(b"W")
     threading.Event().wait(0.1)
@@ -84,9 +88,7 @@ def test_a_settling_sandbox_whose_function_holds_code_is_frozen_once_ready(
     idle: tuple[IdleFreezer, list[Sandbox]], tmp_path: Path
 ) -> None:
     watcher, settled = idle
-    box, client, cold = sandbox_with(tmp_path, ["main.py", "lib.py"]), Client(
-        ready_at_reply=False, busy_until_ready=True), Freezer()
-    assert watcher.rest(box, cold, client, "main.py")  # type: ignore[arg-type]
+    box, client, cold = rested(watcher, tmp_path, ["main.py", "lib.py"], busy=True)
     watcher.settle(box)
     client.server.send(b"W")
     wait_until(lambda: settled == [box], timeout=2, what="the sandbox to settle")
@@ -94,31 +96,21 @@ def test_a_settling_sandbox_whose_function_holds_code_is_frozen_once_ready(
     client.close()
 
 
-def test_a_server_that_never_answers_while_it_takes_no_call_is_given_up(
-    idle: tuple[IdleFreezer, list[Sandbox]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(("files", "busy", "kept"), [
+    (["main.py"], True, False),  # a fork server that never gave its preload's account
+    (["main.js", "lib.js"], False, True),  # a node server late with its Worker: frozen anyway
+])
+def test_a_server_that_never_answers_is_given_up_only_when_it_takes_no_call(
+    idle: tuple[IdleFreezer, list[Sandbox]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    files: list[str], busy: bool, kept: bool,
 ) -> None:
     monkeypatch.setattr(freezer, "PRELOAD_WAIT_S", 0.2)
-    watcher, settled = idle
-    box, client = sandbox_with(tmp_path, ["main.py"]), Client(
-        ready_at_reply=False, busy_until_ready=True)
-    watcher.rest(box, Freezer(), client, "main.py")  # type: ignore[arg-type]
-    watcher.settle(box)
-    wait_until(lambda: settled == [box], timeout=2, what="the deadline")
-    assert not box.healthy and client.took == 0
-    client.close()
-
-
-def test_a_node_server_that_is_late_is_frozen_anyway_and_kept(
-    idle: tuple[IdleFreezer, list[Sandbox]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
     monkeypatch.setattr(freezer, "SETTLE_WAIT_S", 0.2)
     watcher, settled = idle
-    box, client, cold = sandbox_with(tmp_path, ["main.js", "lib.js"]), Client(
-        ready_at_reply=False, busy_until_ready=False), Freezer()
-    watcher.rest(box, cold, client, "main.js")  # type: ignore[arg-type]
+    box, client, cold = rested(watcher, tmp_path, files, busy=busy)
     watcher.settle(box)
     wait_until(lambda: settled == [box], timeout=2, what="the deadline")
-    assert box.healthy and box.frozen  # its next call waits in the server for the Worker
+    assert box.healthy is kept and box.frozen is kept and client.took == 0
     client.close()
 
 
@@ -126,9 +118,7 @@ def test_a_node_server_holding_no_code_does_not_settle(
     idle: tuple[IdleFreezer, list[Sandbox]], tmp_path: Path
 ) -> None:
     watcher, _ = idle
-    box, client = sandbox_with(tmp_path, ["main.js"]), Client(
-        ready_at_reply=False, busy_until_ready=False)
-    assert watcher.rest(box, Freezer(), client, "main.js")  # type: ignore[arg-type]
+    box, client, _ = rested(watcher, tmp_path, ["main.js"], busy=False)
     assert not box.settling
     client.close()
 
@@ -138,9 +128,7 @@ def test_a_sandbox_run_again_before_its_release_does_not_settle(
 ) -> None:
     """Its client takes the server's word on the way into the next run."""
     watcher, settled = idle
-    box, client = sandbox_with(tmp_path, ["main.py"]), Client(
-        ready_at_reply=False, busy_until_ready=True)
-    watcher.rest(box, Freezer(), client, "main.py")  # type: ignore[arg-type]
+    box, client, _ = rested(watcher, tmp_path, ["main.py"], busy=True)
     watcher.resume(box)
     assert not box.settling
     watcher.settle(box)  # the release after that run, which asked for no settling
