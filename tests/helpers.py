@@ -365,10 +365,16 @@ def put_code(sandbox: Any, files: dict[str, str], key: str) -> None:
 
 
 def release_settled(runner: Any, sandbox: Any) -> None:
-    """Release ``sandbox`` as the worker does, then wait until it is back for the next call:
-    after a function's first run its server may preload its imports, and a call meanwhile
-    would wait only briefly for it (pool.py) before it takes another."""
+    """Release ``sandbox`` as the worker does, then wait until it is back for the next call
+    (``wait_settled``)."""
     runner.release(sandbox)
+    wait_settled(sandbox)
+
+
+def wait_settled(sandbox: Any) -> None:
+    """Wait until a released ``sandbox`` is back for the next call: after a function's first
+    run its server may preload its imports, and a call meanwhile would wait only briefly for
+    it (pool.py) before it takes another."""
     wait_until(lambda: not sandbox.settling, timeout=10, what="the sandbox to settle")
 
 

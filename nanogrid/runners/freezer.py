@@ -221,17 +221,15 @@ class IdleFreezer:
             held = self._holds[id(sandbox)] = (
                 sandbox.code_key, holds_code(sandbox.code_dir, main)
             )
+        if not held[1] and not client.busy_until_ready:
+            return True
         if client.ready_at_reply:
-            if not held[1]:
-                return True
             try:
                 freezer.freeze()
             except OSError as exc:
                 logger.warning(f"cannot freeze sandbox {freezer.directory.name}: {exc}")
                 return False
             sandbox.frozen = True
-            return True
-        if not held[1] and not client.busy_until_ready:
             return True
         with self._lock:
             sandbox.settling = True

@@ -21,13 +21,13 @@ from helpers import (
     agent_config,
     idle_cpu_seconds,
     put_code,
-    release_settled,
+    wait_settled,
     wait_until,
 )
 
 from nanogrid.common.errors import SandboxError
 from nanogrid.runners import cgroups, freezer
-from nanogrid.runners.base import Invocation, Runner, RunOutcome
+from nanogrid.runners.base import Invocation, Runner, RunOutcome, Sandbox
 from nanogrid.runners.cgroups import SandboxCgroups
 from nanogrid.runners.docker import DockerRunner
 from nanogrid.runners.docker import cgroup as container_cgroup
@@ -131,34 +131,38 @@ def call(
 
 
 def run(runner: Runner, files: dict[str, str], key: str, stdin: bytes) -> RunOutcome:
-    """One run as the worker makes it: acquire, code in unless there, run, release; then the
-    sandbox settles (its server preloads after a first run) before the next call comes."""
+    """One run as the worker makes it; then the sandbox settles (its server preloads after a
+    first run) before the next call comes."""
+    out, sandbox, _ = released(runner, files, key, stdin)
+    wait_settled(sandbox)
+    return out
+
+
+def released(
+    runner: Runner, files: dict[str, str], key: str, stdin: bytes
+) -> tuple[RunOutcome, Sandbox, float]:
+    """One run as the worker makes it: acquire, code in unless there, run, release as the
+    result is in. (outcome, its sandbox, seconds the run took to return)."""
     sandbox = runner.acquire("python", key)
     try:
         put_code(sandbox, files, key)
         invocation = Invocation("r", "fn", ("python3", "main.py"), stdin, 256, 10_000, 10_000, 32)
-        return runner.run(sandbox, invocation)
+        started = time.monotonic()
+        out = runner.run(sandbox, invocation)
+        return out, sandbox, time.monotonic() - started
     finally:
-        release_settled(runner, sandbox)
+        runner.release(sandbox)
 
 
 def test_a_first_call_does_not_wait_for_its_imports_to_be_preloaded(runner: Runner) -> None:
     """Its result is in as its run ends; the preload (heavy's import: 0.3 s in the vetting
     helper, 0.3 s in the server) follows, with the sandbox off the board until it is done,
     and does not count in the run's peak."""
-    sandbox = runner.acquire("python", "f@1")
-    try:
-        put_code(sandbox, FILES, "f@1")
-        invocation = Invocation("r", "fn", ("python3", "main.py"), b"{}", 256, 10_000, 10_000, 32)
-        started = time.monotonic()
-        out = runner.run(sandbox, invocation)
-        took_s = time.monotonic() - started
-    finally:
-        runner.release(sandbox)
+    out, sandbox, took_s = released(runner, FILES, "f@1", b"{}")
     assert out.exit_code == 0, out.stderr.decode()
     assert took_s - out.duration_ms / 1000 < 0.25  # not the preload's 0.6 s
     assert sandbox.settling  # its server preloads heavy: no call may take it yet
-    wait_until(lambda: not sandbox.settling, timeout=10, what="the sandbox to settle")
+    wait_settled(sandbox)
     assert sandbox.healthy
     warm, seen = call(runner, FILES)
     assert seen["heavy"] != seen["me"] and warm.duration_ms < 200
@@ -168,13 +172,8 @@ def test_a_first_call_does_not_wait_for_its_imports_to_be_preloaded(runner: Runn
 def test_a_first_run_with_nothing_new_to_preload_does_not_settle(runner: Runner) -> None:
     """What it imported the server holds already (the template's modules): the sandbox is
     back for the next call as its result is, with no word to wait for."""
-    sandbox = runner.acquire("python", "plain@1")
-    try:
-        put_code(sandbox, {"main.py": "import json, os, sys\nprint(len(sys.argv))\n"}, "plain@1")
-        invocation = Invocation("r", "fn", ("python3", "main.py"), b"", 256, 10_000, 10_000, 32)
-        out = runner.run(sandbox, invocation)
-    finally:
-        runner.release(sandbox)
+    main = {"main.py": "import json, os, sys\nprint(len(sys.argv))\n"}
+    out, sandbox, _ = released(runner, main, "plain@1", b"")
     assert out.exit_code == 0 and out.stdout == b"1\n"
     assert not sandbox.settling and sandbox.healthy
 
