@@ -21,6 +21,7 @@ from helpers import (
     agent_config,
     idle_cpu_seconds,
     put_code,
+    release_settled,
     wait_settled,
     wait_until,
 )
@@ -303,7 +304,7 @@ def test_a_module_that_spins_only_in_the_server_uses_no_cpu_while_idle(
                                         10_000, 32)
                 out = runner.run(sandbox, invocation)
             finally:
-                runner.release(sandbox)
+                release_settled(runner, sandbox)  # idle once back on the board, frozen
             assert out.exit_code == 0, out.stderr.decode()
             seen.append(json.loads(out.stdout))
             assert idle_cpu_seconds(sandbox) < 0.05, "the sandbox ran while idle"
