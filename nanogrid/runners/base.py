@@ -153,6 +153,16 @@ class SandboxMaker(Protocol):
 
     def pause(self, sandbox: Sandbox) -> None: ...
 
+    def shrinkable(self, sandbox: Sandbox, idle_s: float) -> bool:
+        """Whether the idle ``sandbox``'s server is to drop what it keeps started for a call
+        now (a node Worker, ``pool.node_worker_idle_seconds``)."""
+        ...
+
+    def shrink(self, sandbox: Sandbox) -> bool:
+        """Have the idle ``sandbox``'s server drop it (off the board meanwhile); False when
+        the sandbox cannot be kept."""
+        ...
+
 
 class Runner:
     """Interface of a sandbox runner; ``process`` and ``docker`` implement it."""

@@ -35,6 +35,9 @@ RECORDS = 2048
 EMPTY, IDLE, TAKEN, DOOMED = 0, 1, 2, 3
 FROZEN = 1
 """A flag: the sandbox was left frozen (its next taker thaws it)."""
+SHRUNK = 2
+"""A flag: its server dropped what it keeps started for a call, the sandbox idle long (a
+node Worker; its next call starts one). A call's give-back clears it."""
 _HEAD = struct.Struct("=BBHIIIQQI64s64s")
 """state, flags, owner slot, owner pid, taker pid, generation, idle since (CLOCK_MONOTONIC
 ns), idle memory (bytes), memory limit (MB, as its last call set it), runtime, code key."""
@@ -63,6 +66,7 @@ class Entry:
     memory_bytes: int
     runtime: str
     code_key: str | None
+    shrunk: bool = False
 
     @property
     def taker_gone(self) -> bool:
@@ -134,6 +138,17 @@ class SandboxBoard:
                 return False
             self._clear(entry.index, head)
             return True
+
+    def hold(self, entry: Entry) -> Ticket | None:
+        """Take the owner's idle sandbox off the board for upkeep (``give_back`` it with its
+        ``idle_since_ns``): None when a call has it now (or the record is another one)."""
+        with self._locked():
+            head = self._head(entry.index)
+            if head[5] != entry.generation or head[0] != IDLE:
+                return None
+            self._restate(entry.index, head, TAKEN, taker=os.getpid())
+            return Ticket(entry.index, head[5], head[2], head[3], self._descriptor(entry.index),
+                          head[8], frozen=bool(head[1] & FROZEN))
 
     def doom(self, entry: Entry) -> None:
         """Mark the owner's sandbox to be destroyed (unless the record is another by now)."""
@@ -208,12 +223,13 @@ class SandboxBoard:
 
     def give_back(self, ticket: Ticket, code_key: str | None, *, healthy: bool,
                   frozen: bool = False, memory_bytes: int | None = None,
-                  limit_mb: int | None = None, descriptor: dict[str, Any] | None = None
-                  ) -> bool:
+                  limit_mb: int | None = None, descriptor: dict[str, Any] | None = None,
+                  shrunk: bool = False, idle_since_ns: int | None = None) -> bool:
         """The call is over: the sandbox is idle again (holding ``code_key``; ``frozen``:
         left frozen; ``limit_mb``: the memory limit the call set), or doomed when it is no
-        longer healthy; ``descriptor``: what changed about it (its owner's). False when the
-        record is another one by now."""
+        longer healthy; ``descriptor``: what changed about it (its owner's). An upkeep's
+        (``hold``) says ``shrunk`` and keeps its ``idle_since_ns``. False when the record is
+        another one by now."""
         blob = _blob(descriptor) if descriptor is not None else None
         with self._locked():
             head = self._head(ticket.index)
@@ -222,9 +238,10 @@ class SandboxBoard:
             memory = head[7] if memory_bytes is None else memory_bytes
             limit = head[8] if limit_mb is None else limit_mb
             state = IDLE if healthy else DOOMED
-            self._write(ticket.index, state, FROZEN if frozen else 0, head[2], head[3], 0,
-                        head[5], time.monotonic_ns(), memory, limit, _text(head[9]),
-                        code_key or "")
+            flags = (FROZEN if frozen else 0) | (SHRUNK if shrunk else 0)
+            since = time.monotonic_ns() if idle_since_ns is None else idle_since_ns
+            self._write(ticket.index, state, flags, head[2], head[3], 0, head[5], since,
+                        memory, limit, _text(head[9]), code_key or "")
             if blob is not None:
                 self._set_descriptor(ticket.index, blob)
             return True
@@ -289,7 +306,8 @@ class SandboxBoard:
             if state == EMPTY:
                 continue
             yield Entry(index, state, bool(flags & FROZEN), owner, pid, taker, generation,
-                        since, memory, _text(runtime), _text(key) or None)
+                        since, memory, _text(runtime), _text(key) or None,
+                        shrunk=bool(flags & SHRUNK))
 
     def _restate(self, index: int, head: tuple[Any, ...], state: int, taker: int | None = None
                  ) -> None:

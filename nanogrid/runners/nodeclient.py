@@ -137,6 +137,17 @@ class NodeServerClient:
         with contextlib.suppress(OSError):
             self._sock.sendall(_frame(b"A", b""))
 
+    def shrink(self, timeout_s: float) -> bool:
+        """Frame 'D': the server ends the Worker it keeps for the next call, and says so with
+        a 'W'."""
+        try:
+            self._sock.sendall(_frame(b"D", b""))
+            if not select.select([self._sock], [], [], timeout_s)[0]:
+                return False
+            return self._sock.recv(_HEADER.size, socket.MSG_WAITALL) == _READY
+        except OSError:
+            return False
+
     def take_ready(self) -> bool:
         """Between runs, once the socket is readable: take the server's 'W' frame off it, if
         that is what waits there; anything else is left to the next run, which refuses it."""

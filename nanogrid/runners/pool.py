@@ -310,6 +310,27 @@ class WarmPool:
         except Exception as exc:  # noqa: BLE001 - logged; a leftover is swept at the next start
             logger.warning(f"{self.marker} could not remove sandbox {sandbox.name}: {exc}")
 
+    def shrink(self, entry: Entry) -> None:
+        """Have this worker's idle sandbox of record ``entry`` drop what its server keeps
+        started for a call (``maker.shrink``), off the board meanwhile; it goes back with its
+        idle time (its place in the least-recently-used order) and its smaller memory."""
+        sandbox = self.own(entry)
+        ticket = self.board.hold(entry) if sandbox is not None else None
+        if sandbox is None or ticket is None:
+            return
+        sandbox.frozen = ticket.frozen
+        if self.maker.shrink(sandbox) and not self.closed:
+            self.board.give_back(
+                ticket, entry.code_key, healthy=True, frozen=sandbox.frozen,
+                memory_bytes=self._idle_bytes(sandbox), shrunk=True,
+                idle_since_ns=entry.idle_since_ns,
+            )
+            with self.lock:
+                self.lock.notify_all()
+            return
+        self.board.give_back(ticket, entry.code_key, healthy=False)
+        self.destroy_doomed(ticket.index, ticket.generation)
+
     # -- the worker's side ------------------------------------------------------------------
 
     def shed_idle(self) -> int:

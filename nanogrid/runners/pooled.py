@@ -38,6 +38,8 @@ ATTACH_TIMEOUT_S = 1.0
 """How long a call waits for an idle sandbox's server to take its connection."""
 OWNER_EXIT_S = 2.0
 """How long a lent sandbox's owner may take to show as gone after the sandbox died."""
+SHRINK_WAIT_S = 5.0
+"""How long an idle sandbox's server may take to drop its Worker (``shrink``)."""
 PRIME_MEMORY_MB = 128
 """The memory limit of a sandbox's first, empty run (``prime``); a call sets its own."""
 PRIME_TIMEOUT_MS = 10_000
@@ -305,6 +307,38 @@ class PooledRunner(Runner):
 
     def pause(self, sandbox: Sandbox) -> None:
         raise NotImplementedError
+
+    def shrinkable(self, sandbox: Sandbox, idle_s: float) -> bool:
+        """A node sandbox that ran a function, idle ``pool.node_worker_idle_seconds``."""
+        after = self.config.pool.node_worker_idle_seconds
+        return (
+            after > 0 and idle_s >= after and sandbox.code_key is not None
+            and self.launches[sandbox.runtime].server.keeps_worker
+        )
+
+    def shrink(self, sandbox: Sandbox) -> bool:
+        """Thawed for a moment if frozen: its server ends the Worker it keeps for the next
+        call, then it is frozen again. (Code of the function's that Worker held may run in that
+        moment, as while it preloaded; it ends with the Worker.)"""
+        assert isinstance(sandbox, ServerSandbox)
+        freezer = self.freezer(sandbox)
+        frozen = sandbox.frozen
+        try:
+            self.attach(sandbox)
+            assert sandbox.client is not None
+            if freezer is not None:
+                self.idle.wake(sandbox, freezer)
+            if not sandbox.client.shrink(SHRINK_WAIT_S):
+                return False
+            if frozen and freezer is not None:
+                freezer.freeze()
+                sandbox.frozen = True
+            return True
+        except (SandboxError, OSError) as exc:
+            logger.debug(f"{self.marker} cannot shrink idle sandbox {sandbox.name}: {exc}")
+            return False
+        finally:
+            self.detach(sandbox)
 
     # -- the pools ----------------------------------------------------------------------------
 

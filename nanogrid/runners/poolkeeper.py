@@ -3,7 +3,8 @@ sandboxes, off every call's path.
 
 Each tick (or sooner, when woken) it destroys this worker's doomed sandboxes (broken, over
 the host's idle bound, or left taken by a call whose worker died), retires idle ones past
-``idle_expiry_s`` (generic ones only beyond the generic target), pauses those the runner
+``idle_expiry_s`` (generic ones only beyond the generic target), has node sandboxes idle long
+end the Worker they keep started (``pool.node_worker_idle_seconds``), pauses those the runner
 pauses while idle, applies the host's idle bound (``pool.max_idle``, ``pool.max_idle_mb``)
 to every worker's idle sandboxes, and refills the generic ones: the pool's ``size`` (its
 share of the runtime's ``warm``), plus one for each call that had to wait for a new sandbox
@@ -56,6 +57,8 @@ class KeptPool(Protocol):
     def room(self) -> int: ...
 
     def withdraw(self, entry: Entry) -> Sandbox | None: ...
+
+    def shrink(self, entry: Entry) -> None: ...
 
     def put(self, sandbox: Sandbox, *, taken: bool) -> Ticket | None: ...
 
@@ -152,6 +155,7 @@ class PoolKeeper:
                 elif idle_s >= self._idle_expiry_s:
                     self._retire(entry, f"of {entry.code_key}")
                 else:
+                    self._shrink_if_due(entry, idle_s)
                     self._pause_if_due(entry, idle_s)
         with pool.lock:
             wanted = target - generic - pool.making
@@ -161,6 +165,14 @@ class PoolKeeper:
             pool.making += fills
         for _ in range(fills):
             self._fillers.submit(self._fill_one)
+
+    def _shrink_if_due(self, entry: Entry, idle_s: float) -> None:
+        """A node sandbox idle long ends the Worker it keeps for its next call (once)."""
+        sandbox = self._pool.own(entry)
+        if not entry.shrunk and sandbox is not None and self._pool.maker.shrinkable(
+            sandbox, idle_s
+        ):
+            self._pool.shrink(entry)
 
     def _pause_if_due(self, entry: Entry, idle_s: float) -> None:
         """A sandbox the runner pauses while idle (Docker without a freezer) leaves the board

@@ -46,6 +46,9 @@ class ServerKind:
     started_by_fork_server: bool
     """A process sandbox's fork server sets the sandbox up (namespaces, cgroups, rlimits,
     uid) and then exec's this server; the fork server itself serves otherwise."""
+    keeps_worker: bool
+    """It keeps a Worker started for the next call (~8 MiB), which it drops when asked
+    (``SandboxClient.shrink``) after its sandbox idled ``pool.node_worker_idle_seconds``."""
 
     def command(self, interpreter: str, source: str, socket_path: str) -> list[str]:
         """The server's command line, given where its directory and socket are."""
@@ -69,11 +72,11 @@ class ServerKind:
 
 FORK = ServerKind(
     "fork", FORKSERVER_SOURCE, "forkserver.sock", ("-I", "-S"), ForkServerClient,
-    runs_functions_itself=False, started_by_fork_server=False,
+    runs_functions_itself=False, started_by_fork_server=False, keeps_worker=False,
 )
 NODE = ServerKind(
     "node", NODESERVER_SOURCE, NODE_SOCKET_NAME, (), NodeServerClient,
-    runs_functions_itself=True, started_by_fork_server=True,
+    runs_functions_itself=True, started_by_fork_server=True, keeps_worker=True,
 )
 SERVERS = {server.name: server for server in (FORK, NODE)}
 

@@ -125,6 +125,12 @@ class SandboxClient(Protocol):
         """After the run's peak was read: the server may get the next call ready."""
         ...
 
+    def shrink(self, timeout_s: float) -> bool:
+        """Between runs, its sandbox idle long: the server drops what it keeps started for
+        the next call (a node server's Worker). False when it did not say it did within
+        ``timeout_s``."""
+        ...
+
     def fileno(self) -> int: ...
 
     def take_ready(self) -> bool:

@@ -174,19 +174,19 @@ MAX_PIDS = 32
 """Processes and threads per invocation in the runners' own tests."""
 
 
-def runner_config(kind: str, runtimes: dict[str, Any]) -> Config:
-    """One worker of runner ``kind`` with ``runtimes``, its sandboxes in a scratch
-    directory (not paused when idle: the tests time their calls)."""
+def runner_config(kind: str, runtimes: dict[str, Any], **changes: Any) -> Config:
+    """One worker of runner ``kind`` with ``runtimes`` (and config sections ``changes``), its
+    sandboxes in a scratch directory (not paused when idle: the tests time their calls)."""
     return agent_config(
         scratch(f"ng-{kind}-"), kind, runtimes=runtimes, limits={"max_pids": MAX_PIDS},
-        docker={"pause_grace_seconds": 60},
+        docker={"pause_grace_seconds": 60}, **changes,
     )
 
 
-def start_runner(kind: str, runtimes: dict[str, Any]) -> PooledRunner:
+def start_runner(kind: str, runtimes: dict[str, Any], **changes: Any) -> PooledRunner:
     """A runner of ``kind`` whose pools are warm (a first run during warm-up would be a
     cold start)."""
-    config = runner_config(kind, runtimes)
+    config = runner_config(kind, runtimes, **changes)
     runner: PooledRunner = (ProcessRunner if kind == "process" else DockerRunner)(config, 0)
     for name, runtime in config.runtimes.items():
         if name not in runner.unavailable_runtimes():

@@ -1,7 +1,8 @@
 """Node calls back to back on both runners: a call runs in the Worker the previous call ran
 in (no Worker start on its path), yet from a fresh module registry and the globals of a new
 one; what a call leaves that the Worker cannot take back ends that Worker; each call's peak
-is its own, and an idle sandbox does not grow with the calls it served."""
+is its own, an idle sandbox does not grow with the calls it served, and one idle long ends its
+Worker."""
 
 from __future__ import annotations
 
@@ -173,3 +174,46 @@ def test_an_idle_sandbox_does_not_grow_with_the_calls_it_served(runner: PooledRu
     # A Worker that kept what its calls made would grow by 60 calls' worth (240 MiB); one that
     # grew 8 MiB past its first call is replaced, and malloc keeps some of its freed pages.
     assert sizes[1] < sizes[0] + 16 * MiB, sizes
+
+
+@pytest.mark.parametrize("kind", ["process", pytest.param("docker", marks=pytest.mark.docker)])
+def test_a_sandbox_idle_long_ends_its_worker_and_its_next_call_starts_one(
+        kind: str, request: pytest.FixtureRequest) -> None:
+    if kind == "docker":
+        request.getfixturevalue("node_image")
+    runner = start(kind, {"node": {"image": "nanogrid/node:18-bookworm", "warm": 1}},
+                   pool={"node_worker_idle_seconds": 1})
+    try:
+        def ran(stdin: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+            sandbox = runner.acquire("node", "idle@1")
+            put_code(sandbox, FILES, "idle@1")
+            data = json.dumps(stdin).encode()
+            invocation = Invocation("req", "fn", ("node", "main.js"), data, 256, 10_000,
+                                    100_000, MAX_PIDS)
+            try:
+                outcome = runner.run(sandbox, invocation)
+            finally:
+                runner.release(sandbox)
+            assert outcome.exit_code == 0, outcome.stderr
+            wait_until(lambda: not sandbox.settling, timeout=5, what="the sandbox to settle")
+            return json.loads(outcome.stdout.decode().splitlines()[0]), sandbox
+
+        def record() -> Any:
+            return next(e for e in runner.board.entries() if e.code_key == "idle@1")
+
+        first, sandbox = ran({})
+        armed = anonymous_bytes(sandbox_pids(sandbox))
+        assert not record().shrunk
+        wait_until(lambda: record().shrunk, timeout=10, what="the idle sandbox to shrink")
+        assert record().frozen  # it holds code of its function's: frozen again
+        shrunk = anonymous_bytes(sandbox_pids(sandbox))
+        assert shrunk < armed - 4 * MiB, (armed, shrunk)
+        assert record().memory_bytes < armed  # what the host's idle bound counts
+
+        second, again = ran({})
+        assert again is sandbox and second["thread"] != first["thread"]  # a new Worker
+        assert second["calls"] == 1 and second["preloaded"]  # its files required before
+        assert not record().shrunk
+        assert anonymous_bytes(sandbox_pids(sandbox)) > shrunk + 4 * MiB  # armed again
+    finally:
+        runner.close()

@@ -32,6 +32,7 @@ class Maker:
         self.attached: list[str] = []
         self.gone: set[str] = set()
         self.bytes = idle_bytes
+        self.shrunk: list[str] = []
         self.make: Callable[[], Sandbox] = self.new
 
     def new(self) -> Sandbox:
@@ -71,6 +72,18 @@ class Maker:
 
     def pause(self, sandbox: Sandbox) -> None:
         raise AssertionError("not pausable")
+
+    shrink_after_s: float | None = None
+    shrink_ok = True
+
+    def shrinkable(self, sandbox: Sandbox, idle_s: float) -> bool:
+        after = self.shrink_after_s
+        return after is not None and idle_s >= after and sandbox.code_key is not None
+
+    def shrink(self, sandbox: Sandbox) -> bool:
+        self.shrunk.append(sandbox.name)
+        self.bytes //= 2
+        return self.shrink_ok
 
 
 @pytest.fixture
@@ -668,5 +681,50 @@ def test_a_sandbox_that_cannot_be_primed_is_not_kept(board: SandboxBoard) -> Non
         assert pool.stats() == {"warm": 0, "busy": 0} and board.entries() == []
         maker.prime_error = None
         wait_until(lambda: pool.stats()["warm"] == 1, timeout=10)  # after the back-off
+    finally:
+        pool.close()
+
+
+def test_a_sandbox_idle_long_is_shrunk_once_keeping_its_idle_time(board: SandboxBoard) -> None:
+    maker = Maker(idle_bytes=16 << 20)
+    maker.shrink_after_s = 0.3
+    pool, _ = make_pool(board, 0, maker)
+    try:
+        sandbox = served(pool, "a@1")
+        before = next(e for e in board.entries() if e.code_key == "a@1")
+        assert not before.shrunk
+        wait_until(lambda: maker.shrunk == [sandbox.name], timeout=5)
+        wait_until(lambda: board.entries()[0].state == IDLE, timeout=5)
+        after = board.entries()[0]
+        assert after.shrunk and after.memory_bytes == 8 << 20
+        assert after.idle_since_ns == before.idle_since_ns  # its place in the LRU order
+        time.sleep(0.6)
+        assert maker.shrunk == [sandbox.name]  # once
+        assert served(pool, "a@1") is sandbox  # still warm for its function
+        assert not board.entries()[0].shrunk  # a call's give-back: its server armed again
+    finally:
+        pool.close()
+
+
+def test_a_sandbox_that_cannot_be_shrunk_is_destroyed(board: SandboxBoard) -> None:
+    maker = Maker()
+    maker.shrink_after_s, maker.shrink_ok = 0.1, False
+    pool, _ = make_pool(board, 0, maker)
+    try:
+        sandbox = served(pool, "a@1")
+        wait_until(lambda: maker.destroyed == [sandbox.name], timeout=5)
+        assert board.entries() == []
+    finally:
+        pool.close()
+
+
+def test_generic_sandboxes_are_not_shrunk(board: SandboxBoard) -> None:
+    maker = Maker()
+    maker.shrink_after_s = 0.0
+    pool, _ = make_pool(board, 1, maker)
+    try:
+        wait_until(lambda: pool.stats()["warm"] == 1, timeout=5)
+        time.sleep(0.6)
+        assert maker.shrunk == []
     finally:
         pool.close()

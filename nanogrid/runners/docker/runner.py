@@ -379,6 +379,11 @@ class DockerRunner(PooledRunner):
         grace = self.config.docker.pause_grace_seconds
         return not (freezable or sandbox.paused or idle_s < grace)
 
+    def shrinkable(self, sandbox: Sandbox, idle_s: float) -> bool:
+        """Not a paused container (one the agent cannot freeze): it stays as it is."""
+        assert isinstance(sandbox, DockerSandbox)
+        return not sandbox.paused and super().shrinkable(sandbox, idle_s)
+
     def pause(self, sandbox: Sandbox) -> None:
         assert isinstance(sandbox, DockerSandbox)
         try:

@@ -33,6 +33,17 @@ class NextWorker {
     this.watch(armed);
   }
 
+  // Ends the Workers kept for the next call (an idle sandbox's ~8 MiB), then calls `done`;
+  // the next call starts one (`take`), its next run's 'A' arms one again.
+  drop(done) {
+    const kept = [this.armed, this.idle].filter((armed) => armed !== null);
+    this.armed = null;
+    this.idle = null;
+    this.settled = null;
+    for (const armed of kept) clearTimeout(armed.budget);
+    Promise.all(kept.map((armed) => armed.worker.terminate())).then(() => done(), () => done());
+  }
+
   // Calls `done` once nothing in this process runs but what waits for a call: the armed
   // Worker has booted with its preloads (the function's files), or none is armed. The agent
   // freezes the sandbox then, until its next call (nanogrid/runners/freezer.py); a call taken first

@@ -14,6 +14,9 @@
 //          without it, the next run takes the last Worker as it is or starts one)
 //   <- 'W' (empty: that Worker is ready with its preloads, or none is armed; the agent
 //          freezes the sandbox until its next call. Not sent when a call comes first)
+//   -> 'D' (between runs, the sandbox idle long: end the Worker kept for the next call,
+//          freeing its memory; the next call starts one)
+//   <- 'W' (empty: it has ended)
 //
 // argv is [interpreter, script, ...args]: the script runs as `node script args` would
 // (require.main, process.argv, exit codes, uncaught errors on stderr with exit code 1).

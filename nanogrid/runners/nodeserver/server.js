@@ -145,6 +145,8 @@ class Server {
         const run = request;
         request = null;
         this.start(conn, run, Buffer.from(body));
+      } else if (type === 'D') {
+        if (this.run === null) this.next.drop(() => conn.write(frame('W', Buffer.alloc(0))));
       } else if (type === 'K') {
         this.kill();
       } else if (type === 'A') {
