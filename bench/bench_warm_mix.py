@@ -93,7 +93,8 @@ class Bench(Peers):
             "queue": {"url": queue, "wait_time_seconds": 1},
             "redis": {"url": self.redis_server.url},
             "http": {"host": "127.0.0.1", "port": port},
-            "runtimes": {"python": {"image": DOCKER_IMAGE}},
+            "runtimes": {"python": {"image": DOCKER_IMAGE,
+                                    **({"warm": self.args.warm} if self.args.warm else {})}},
             "paths": {
                 "code_cache_dir": str(work / "cache"),
                 "work_dir": str(work / "work"),
@@ -112,7 +113,8 @@ class Bench(Peers):
             stderr=open(work / "stderr.log", "wb"),  # noqa: SIM115 - closed with the process
         )
         try:
-            wait_until(lambda: self._warm(port), timeout=90, what=f"{name}'s pools warm")
+            wait_until(lambda: self._warm(port, max(4, self.args.warm)), timeout=180,
+                       what=f"{name}'s pools warm")
             tag = f"{name.split()[0]}-{runner}-{uuid.uuid4().hex[:6]}"
             return {
                 "runner": runner,
@@ -125,12 +127,12 @@ class Bench(Peers):
             agent.wait(60)
 
     @staticmethod
-    def _warm(port: int) -> bool:
+    def _warm(port: int, at_least: int) -> bool:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=2) as reply:
             status = json.loads(reply.read())
         warm = sum(p.get("warm", 0) for p in status["pools"].values())
         alive = sum(1 for w in status["workers"] if w["alive"])
-        return alive == 2 and warm >= 4
+        return alive == 2 and warm >= at_least
 
     def task(self, key: str, n: int) -> dict[str, Any]:
         return {
@@ -296,6 +298,8 @@ def main() -> int:
     parser.add_argument("--new", type=int, default=8)
     parser.add_argument("--gap", type=float, default=0.3)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--warm", type=int, default=0,
+                        help="runtimes.python.warm (default: the agent's default)")
     parser.add_argument("--imports", default="", metavar="MODULES",
                         help="modules every function imports besides json and sys (a,b,c)")
     args = parser.parse_args()
