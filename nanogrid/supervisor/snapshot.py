@@ -13,7 +13,7 @@ from nanogrid.worker.ledger import Ledger
 
 from .workerstate import Slot, WorkerProcess
 
-SANDBOX_COUNTS = ("warm", "busy", "idleGeneric", "idleSpecialized", "lent")
+SANDBOX_COUNTS = ("warm", "busy", "idleGeneric", "idleSpecialized", "lent", "shrunk")
 
 
 def build(config: Config, slots: dict[int, Slot], workers: dict[int, WorkerProcess],
@@ -73,8 +73,9 @@ def sandbox_status(entries: list[Entry], config: Config
                    ) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
     """/status ``pools`` (per runtime) and ``sandboxes`` (the host's), from the board: idle
     (``warm``) as generic and specialized (holding a function's code), ``busy`` (a call
-    runs in it), ``lent`` (of those, run by a worker other than its owner), and the idle
-    ones' memory against the host's idle bound."""
+    runs in it), ``lent`` (of those, run by a worker other than its owner), ``shrunk`` (idle
+    ones whose server ended the Worker it kept for the next call), and the idle ones' memory
+    against the host's idle bound."""
     pools = {runtime: dict.fromkeys(SANDBOX_COUNTS, 0) for runtime in config.runtimes}
     idle_bytes = 0
     for entry in entries:
@@ -82,6 +83,7 @@ def sandbox_status(entries: list[Entry], config: Config
         if entry.state == IDLE:
             counts["warm"] += 1
             counts["idleSpecialized" if entry.code_key else "idleGeneric"] += 1
+            counts["shrunk"] += entry.shrunk
             idle_bytes += entry.memory_bytes
         elif entry.state == TAKEN:
             counts["busy"] += 1

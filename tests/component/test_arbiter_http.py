@@ -121,7 +121,8 @@ def test_status_health_and_metrics_follow_the_contract(agent: FakeAgent) -> None
 
 def pools(**counts: int) -> dict[str, int]:
     """A runtime's /status ``pools`` entry: the counts given, the others 0."""
-    return {"warm": 0, "busy": 0, "idleGeneric": 0, "idleSpecialized": 0, "lent": 0, **counts}
+    return {"warm": 0, "busy": 0, "idleGeneric": 0, "idleSpecialized": 0, "lent": 0,
+            "shrunk": 0, **counts}
 
 
 def value(families: dict, name: str) -> float:

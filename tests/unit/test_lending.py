@@ -7,7 +7,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from nanogrid.common.config import from_dict
 from nanogrid.runners.lending import DOOMED, IDLE, TAKEN, SandboxBoard, alive
+from nanogrid.supervisor.snapshot import sandbox_status
 
 
 @pytest.fixture
@@ -126,3 +128,22 @@ def test_the_taker_is_noted(board: SandboxBoard) -> None:
     assert board.holds(found[0])
     board.clear(0)
     assert not board.holds(found[0])
+
+
+def test_an_upkeep_hold_keeps_the_idle_time_and_a_calls_give_back_clears_shrunk(
+        board: SandboxBoard) -> None:
+    put_idle(board, 0, "f@1", memory=20 << 20)
+    before = board.entries()[0]
+    ticket = board.hold(before)
+    assert ticket is not None and board.hold(before) is None  # held: no one else has it
+    assert board.take("python", "f@1", prefer=0) is None
+    assert board.give_back(ticket, "f@1", healthy=True, memory_bytes=12 << 20, shrunk=True,
+                           idle_since_ns=before.idle_since_ns)
+    after = board.entries()[0]
+    assert (after.state, after.shrunk, after.memory_bytes, after.idle_since_ns) == (
+        IDLE, True, 12 << 20, before.idle_since_ns)
+    pools, host = sandbox_status(board.entries(), from_dict({"profile": "local"}))
+    assert pools["python"]["shrunk"] == 1 and host["shrunk"] == 1 and host["idleMb"] == 12
+    found = board.take("python", "f@1", prefer=0)
+    assert found is not None and board.give_back(found[0], "f@1", healthy=True)
+    assert not board.entries()[0].shrunk  # its call's run armed it again
