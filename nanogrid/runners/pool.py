@@ -318,7 +318,7 @@ class WarmPool:
         ticket = self.board.hold(entry) if sandbox is not None else None
         if sandbox is None or ticket is None:
             return
-        sandbox.frozen = ticket.frozen
+        sandbox.code_key, sandbox.frozen = entry.code_key, ticket.frozen
         if self.maker.shrink(sandbox) and not self.closed:
             self.board.give_back(
                 ticket, entry.code_key, healthy=True, frozen=sandbox.frozen,

@@ -309,12 +309,11 @@ class PooledRunner(Runner):
         raise NotImplementedError
 
     def shrinkable(self, sandbox: Sandbox, idle_s: float) -> bool:
-        """A node sandbox that ran a function, idle ``pool.node_worker_idle_seconds``."""
+        """A node sandbox idle ``pool.node_worker_idle_seconds`` (the keeper asks only of
+        those that hold a function's code, as the board says: another worker's call may have
+        given it one)."""
         after = self.config.pool.node_worker_idle_seconds
-        return (
-            after > 0 and idle_s >= after and sandbox.code_key is not None
-            and self.launches[sandbox.runtime].server.keeps_worker
-        )
+        return after > 0 and idle_s >= after and self.launches[sandbox.runtime].server.keeps_worker
 
     def shrink(self, sandbox: Sandbox) -> bool:
         """Thawed for a moment if frozen: its server ends the Worker it keeps for the next

@@ -78,7 +78,7 @@ class Maker:
 
     def shrinkable(self, sandbox: Sandbox, idle_s: float) -> bool:
         after = self.shrink_after_s
-        return after is not None and idle_s >= after and sandbox.code_key is not None
+        return after is not None and idle_s >= after
 
     def shrink(self, sandbox: Sandbox) -> bool:
         self.shrunk.append(sandbox.name)
@@ -728,3 +728,20 @@ def test_generic_sandboxes_are_not_shrunk(board: SandboxBoard) -> None:
         assert maker.shrunk == []
     finally:
         pool.close()
+
+
+def test_a_sandbox_another_worker_gave_a_function_is_shrunk_by_its_owner(
+        board: SandboxBoard) -> None:
+    owner_maker = Maker()
+    owner_maker.shrink_after_s = 0.3
+    owner, _ = make_pool(board, 1, owner_maker, slot=0)
+    taker, _ = make_pool(board, 0, slot=1)
+    try:
+        wait_until(lambda: owner.stats()["warm"] == 1, timeout=5)
+        lent = served(taker, "f@1")  # the owner's generic sandbox, given f@1 by the taker
+        assert lent.borrowed
+        wait_until(lambda: owner_maker.shrunk == [lent.name], timeout=5)
+        assert owner.own(next(e for e in board.entries() if e.shrunk)).code_key == "f@1"
+    finally:
+        taker.close()
+        owner.close()
