@@ -214,7 +214,7 @@ class WarmPool:
         if healthy:
             self.board.give_back(
                 ticket, sandbox.code_key, healthy=True, frozen=sandbox.frozen,
-                memory_bytes=self._idle_bytes(sandbox), limit_mb=sandbox.limit_mb,
+                memory_bytes=self.idle_bytes(sandbox), limit_mb=sandbox.limit_mb,
                 descriptor=self.maker.describe(sandbox) if mine else None,
             )
             with self.lock:
@@ -263,14 +263,15 @@ class WarmPool:
         """Under the lock: put a new sandbox of this worker on the board."""
         ticket = self.board.put(
             self.slot, self.runtime, sandbox.code_key, self.maker.describe(sandbox),
-            self._idle_bytes(sandbox), sandbox.limit_mb, taken=taken,
+            self.idle_bytes(sandbox), sandbox.limit_mb, taken=taken,
         )
         if ticket is not None:
             sandbox.ticket = ticket if taken else None  # a call's: it holds its ticket
             self._mine[ticket.index, ticket.generation] = sandbox
         return ticket
 
-    def _idle_bytes(self, sandbox: Sandbox) -> int:
+    def idle_bytes(self, sandbox: Sandbox) -> int:
+        """The sandbox's memory now, as the board counts it (0 when unknown)."""
         try:
             return self.maker.idle_bytes(sandbox)
         except OSError:
@@ -309,27 +310,6 @@ class WarmPool:
             self.maker.destroy(sandbox)
         except Exception as exc:  # noqa: BLE001 - logged; a leftover is swept at the next start
             logger.warning(f"{self.marker} could not remove sandbox {sandbox.name}: {exc}")
-
-    def shrink(self, entry: Entry) -> None:
-        """Have this worker's idle sandbox of record ``entry`` drop what its server keeps
-        started for a call (``maker.shrink``), off the board meanwhile; it goes back with its
-        idle time (its place in the least-recently-used order) and its smaller memory."""
-        sandbox = self.own(entry)
-        ticket = self.board.hold(entry) if sandbox is not None else None
-        if sandbox is None or ticket is None:
-            return
-        sandbox.code_key, sandbox.frozen = entry.code_key, ticket.frozen
-        if self.maker.shrink(sandbox) and not self.closed:
-            self.board.give_back(
-                ticket, entry.code_key, healthy=True, frozen=sandbox.frozen,
-                memory_bytes=self._idle_bytes(sandbox), shrunk=True,
-                idle_since_ns=entry.idle_since_ns,
-            )
-            with self.lock:
-                self.lock.notify_all()
-            return
-        self.board.give_back(ticket, entry.code_key, healthy=False)
-        self.destroy_doomed(ticket.index, ticket.generation)
 
     # -- the worker's side ------------------------------------------------------------------
 

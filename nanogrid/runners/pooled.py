@@ -17,8 +17,7 @@ import os
 import signal
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from loguru import logger
 
@@ -29,10 +28,10 @@ from .base import Invocation, Runner, RunOutcome, Sandbox, server_oom_outcome
 from .freezer import Freezer, IdleFreezer
 from .launch import Launch
 from .lending import SandboxBoard
-from .memory import CgroupMemory
 from .pool import WarmPool, warm_share
 from .sandbox_server import log_preload, preload_key
-from .sandboxclient import RawRun, SandboxClient
+from .sandboxclient import RawRun
+from .serversandbox import Meter, ServerSandbox
 
 ATTACH_TIMEOUT_S = 1.0
 """How long a call waits for an idle sandbox's server to take its connection."""
@@ -47,35 +46,6 @@ OOM_COUNT_GRACE_S = 0.2
 """How long a run that was killed, with no OOM kill counted yet, waits for the count: the
 kernel sends the OOM kill before it counts it, so the sandbox's server may reap the run and
 reply, or die itself and close its socket, before the cgroup says why."""
-
-
-@dataclass(eq=False)
-class ServerSandbox(Sandbox):
-    """A sandbox with a server inside that takes the calls."""
-
-    client: SandboxClient | None = None
-    cgroup: SandboxFiles | None = None
-    """Its cgroup's files (None without one)."""
-
-
-class SandboxFiles(Protocol):
-    """What the run template reads of a sandbox's cgroup: its memory and its freezer."""
-
-    @property
-    def memory(self) -> CgroupMemory: ...
-
-    @property
-    def freezer(self) -> Freezer | None: ...
-
-
-@dataclass
-class Meter:
-    """One run's memory as its runner measures it: the sandbox cgroup's reader (None without
-    one) and its OOM kills before the run; without a cgroup, the rlimits the run gets."""
-
-    memory: CgroupMemory | None
-    oom_before: int = 0
-    rlimits: dict[str, int] | None = None
 
 
 class PooledRunner(Runner):

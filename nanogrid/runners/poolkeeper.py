@@ -58,7 +58,7 @@ class KeptPool(Protocol):
 
     def withdraw(self, entry: Entry) -> Sandbox | None: ...
 
-    def shrink(self, entry: Entry) -> None: ...
+    def idle_bytes(self, sandbox: Sandbox) -> int: ...
 
     def put(self, sandbox: Sandbox, *, taken: bool) -> Ticket | None: ...
 
@@ -167,12 +167,28 @@ class PoolKeeper:
             self._fillers.submit(self._fill_one)
 
     def _shrink_if_due(self, entry: Entry, idle_s: float) -> None:
-        """A node sandbox idle long ends the Worker it keeps for its next call (once)."""
-        sandbox = self._pool.own(entry)
-        if not entry.shrunk and sandbox is not None and self._pool.maker.shrinkable(
-            sandbox, idle_s
-        ):
-            self._pool.shrink(entry)
+        """A node sandbox idle long ends the Worker it keeps for its next call (once): held
+        off the board meanwhile, it goes back with its idle time (its place in the
+        least-recently-used order) and its smaller memory."""
+        pool = self._pool
+        sandbox = pool.own(entry)
+        if entry.shrunk or sandbox is None or not pool.maker.shrinkable(sandbox, idle_s):
+            return
+        ticket = pool.board.hold(entry)
+        if ticket is None:  # a call took it meanwhile
+            return
+        sandbox.code_key, sandbox.frozen = entry.code_key, ticket.frozen
+        if pool.maker.shrink(sandbox) and not pool.closed:
+            pool.board.give_back(
+                ticket, entry.code_key, healthy=True, frozen=sandbox.frozen,
+                memory_bytes=pool.idle_bytes(sandbox), shrunk=True,
+                idle_since_ns=entry.idle_since_ns,
+            )
+            with pool.lock:
+                pool.lock.notify_all()
+            return
+        pool.board.give_back(ticket, entry.code_key, healthy=False)
+        pool.destroy_doomed(ticket.index, ticket.generation)
 
     def _pause_if_due(self, entry: Entry, idle_s: float) -> None:
         """A sandbox the runner pauses while idle (Docker without a freezer) leaves the board

@@ -17,8 +17,9 @@ from nanogrid.runners.base import Invocation
 from nanogrid.runners.freezer import IdleFreezer
 from nanogrid.runners.launch import Launch
 from nanogrid.runners.lending import SandboxBoard
-from nanogrid.runners.pooled import Meter, PooledRunner, ServerSandbox
+from nanogrid.runners.pooled import PooledRunner
 from nanogrid.runners.sandboxclient import RawRun
+from nanogrid.runners.serversandbox import Meter, ServerSandbox
 
 OK = RawRun(status=0, timed_out=False, stdout=b"hi\n", stderr=b"", stdout_truncated=False,
             stderr_truncated=False, duration_ms=3.0, maxrss_bytes=5 << 20)

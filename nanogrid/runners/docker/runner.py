@@ -53,8 +53,9 @@ from ..freezer import Freezer, IdleFreezer, anchor
 from ..isolation import Isolation, check_metadata_service
 from ..launch import Launch
 from ..lending import SandboxBoard, alive
-from ..pooled import Meter, PooledRunner, ServerSandbox
+from ..pooled import PooledRunner
 from ..sandboxclient import RawRun
+from ..serversandbox import Meter, ServerSandbox
 from .cgroup import ContainerCgroup, ContainerProcesses, find_cgroup
 from .cleanup import (
     DOCKER_TIMEOUT_S,

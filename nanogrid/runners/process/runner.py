@@ -41,9 +41,10 @@ from ..freezer import Freezer, IdleFreezer, anchor
 from ..isolation import Isolation, check_metadata_service, metadata_exposure
 from ..launch import Launch, resolve_launches
 from ..lending import SandboxBoard
-from ..pooled import Meter, PooledRunner, ServerSandbox
+from ..pooled import PooledRunner
 from ..sandbox_server import server_for
 from ..sandboxclient import RawRun
+from ..serversandbox import Meter, ServerSandbox
 from .hostpaths import world_writable
 from .template import Forked, Templates
 from .uids import SandboxUids, check_sandbox_uids, uid_range
