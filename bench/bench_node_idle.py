@@ -6,9 +6,9 @@ On each runner, ``--sandboxes`` node functions are called once each (one sandbox
 ``main.js`` that requires a ``lib.js`` of its own, as most functions have code besides their
 main script: such a sandbox is frozen while idle). Then, with every sandbox idle:
 
-- PSS per sandbox (``/proc/PID/smaps_rollup`` of all its processes, a process sandbox's
-  keeper included; a shared page is counted once in all) and its anonymous memory, armed
-  (as today's code keeps it, and as after a call);
+- PSS per sandbox (``/proc/PID/smaps_rollup`` of all its processes: a process sandbox's
+  keeper, its PID 1 and the node server; a shared page is counted once in all) and its
+  anonymous memory, armed (as today's code keeps it, and as after a call);
 - a call on each, armed: what the caller waits for (acquire -> run -> release);
 - the same once every sandbox has ended its Worker (after ``--after-s``), and a call on each
   then (it starts a Worker and requires ``lib.js`` before the function runs).
@@ -34,6 +34,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import psutil  # noqa: E402
 from loguru import logger  # noqa: E402
 
 from nanogrid.common.config import from_dict  # noqa: E402
@@ -89,12 +90,13 @@ def call(runner: PooledRunner, key: str) -> tuple[Sandbox, float]:
 
 
 def pids(sandbox: Any) -> set[int]:
-    """Its processes: a container's, or a process sandbox's cgroup's and its keeper (outside
-    the cgroup)."""
+    """Its processes: a container's, or a process sandbox's keeper and every process below
+    it (its PID 1 and the node server)."""
     processes = getattr(sandbox, "processes", None)
     if processes is not None:
         return {processes.init_pid, processes.server_pid, *processes.strays()}
-    return {*sandbox.cgroup.pids(), sandbox.process.pid}
+    keeper = psutil.Process(sandbox.process.pid)
+    return {keeper.pid, *(child.pid for child in keeper.children(recursive=True))}
 
 
 def rollup_kb(pid: int, field: str) -> int:
