@@ -178,17 +178,21 @@ class PoolKeeper:
         if ticket is None:  # a call took it meanwhile
             return
         sandbox.code_key, sandbox.frozen = entry.code_key, ticket.frozen
-        if pool.maker.shrink(sandbox) and not pool.closed:
-            pool.board.give_back(
-                ticket, entry.code_key, healthy=True, frozen=sandbox.frozen,
-                memory_bytes=pool.idle_bytes(sandbox), shrunk=True,
-                idle_since_ns=entry.idle_since_ns,
-            )
-            with pool.lock:
-                pool.lock.notify_all()
-            return
-        pool.board.give_back(ticket, entry.code_key, healthy=False)
-        pool.destroy_doomed(ticket.index, ticket.generation)
+        shrunk = False
+        try:
+            shrunk = pool.maker.shrink(sandbox) and not pool.closed
+        finally:  # never left held: back to the board, or doomed
+            if shrunk:
+                pool.board.give_back(
+                    ticket, entry.code_key, healthy=True, frozen=sandbox.frozen,
+                    memory_bytes=pool.idle_bytes(sandbox), shrunk=True,
+                    idle_since_ns=entry.idle_since_ns,
+                )
+                with pool.lock:
+                    pool.lock.notify_all()
+            else:
+                pool.board.give_back(ticket, entry.code_key, healthy=False)
+                pool.destroy_doomed(ticket.index, ticket.generation)
 
     def _pause_if_due(self, entry: Entry, idle_s: float) -> None:
         """A sandbox the runner pauses while idle (Docker without a freezer) leaves the board

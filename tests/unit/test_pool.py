@@ -74,7 +74,8 @@ class Maker:
         raise AssertionError("not pausable")
 
     shrink_after_s: float | None = None
-    shrink_ok = True
+    shrink_ok: bool | None = True
+    """None: ``shrink`` raises."""
 
     def shrinkable(self, sandbox: Sandbox, idle_s: float) -> bool:
         after = self.shrink_after_s
@@ -83,6 +84,8 @@ class Maker:
     def shrink(self, sandbox: Sandbox) -> bool:
         self.shrunk.append(sandbox.name)
         self.bytes //= 2
+        if self.shrink_ok is None:
+            raise RuntimeError("a bug while shrinking")
         return self.shrink_ok
 
 
@@ -706,9 +709,11 @@ def test_a_sandbox_idle_long_is_shrunk_once_keeping_its_idle_time(board: Sandbox
         pool.close()
 
 
-def test_a_sandbox_that_cannot_be_shrunk_is_destroyed(board: SandboxBoard) -> None:
+@pytest.mark.parametrize("ok", [False, None], ids=["failed", "raised"])
+def test_a_sandbox_that_cannot_be_shrunk_is_destroyed(board: SandboxBoard, ok: bool | None
+                                                      ) -> None:
     maker = Maker()
-    maker.shrink_after_s, maker.shrink_ok = 0.1, False
+    maker.shrink_after_s, maker.shrink_ok = 0.1, ok
     pool, _ = make_pool(board, 0, maker)
     try:
         sandbox = served(pool, "a@1")
