@@ -70,8 +70,12 @@ class Entry:
 
     @property
     def taker_gone(self) -> bool:
-        """Taken by a process that is gone: its call died with it, the sandbox is unknown."""
-        return self.state == TAKEN and not alive(self.taker_pid)
+        """Taken by a process that is gone: its call died with it, the sandbox is unknown.
+        (This process's own takes are not looked up: the keeper asks of every taken sandbox
+        each tick, 25 us a /proc read.)"""
+        return self.state == TAKEN and self.taker_pid != os.getpid() and not alive(
+            self.taker_pid
+        )
 
 
 @dataclass(frozen=True)

@@ -147,3 +147,14 @@ def test_an_upkeep_hold_keeps_the_idle_time_and_a_calls_give_back_clears_shrunk(
     found = board.take("python", "f@1", prefer=0)
     assert found is not None and board.give_back(found[0], "f@1", healthy=True)
     assert not board.entries()[0].shrunk  # its call's run armed it again
+
+
+def test_a_sandbox_taken_by_a_process_that_died_shows_its_taker_gone(
+        board: SandboxBoard) -> None:
+    put_idle(board, 0, "f@1")
+    pid = os.fork()
+    if pid == 0:  # another worker's call takes it, then its worker dies
+        os._exit(0 if board.reopened().take("python", "f@1", prefer=1) else 1)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    (entry,) = board.entries()
+    assert entry.state == TAKEN and entry.taker_pid == pid and entry.taker_gone
