@@ -19,6 +19,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import docker
 import yaml
 from helpers import TaskClient, agent_settings, merged, scratch_dir, wait_until
 
@@ -144,6 +145,17 @@ class Agent(TaskClient):
                     found.append(f"{proc.name}: {cmdline}")
         return found
 
+    def remove_containers(self) -> None:
+        """Its containers, which a SIGKILLed agent leaves (the next agent on the host would
+        sweep them; until then they hold memory and skew other tests' timings)."""
+        with contextlib.suppress(docker.errors.DockerException):
+            engine = docker.from_env()
+            for found in engine.api.containers(all=True, filters={"label": "nanogrid.agent"}):
+                if found["Labels"].get("nanogrid.dir", "").startswith(str(self.base)):
+                    with contextlib.suppress(docker.errors.DockerException):
+                        engine.api.remove_container(found["Id"], force=True)
+            engine.close()
+
     def close(self) -> None:
         if self.process is not None:
             with contextlib.suppress(ProcessLookupError):
@@ -152,6 +164,8 @@ class Agent(TaskClient):
         for line in self.leftovers():  # sandboxes live in sessions of their own
             with contextlib.suppress(ProcessLookupError, ValueError):
                 os.kill(int(line.split(":")[0]), signal.SIGKILL)
+        if self.settings.get("runner") == "docker":
+            self.remove_containers()
         self.redis.close()
         shutil.rmtree(self.base, ignore_errors=True)
 
