@@ -9,12 +9,14 @@ messages to ask SQS for: what fits now (at most 10, SQS's limit), none while a m
 waits; that room is held in the ledger until they are in, so two workers never both take
 the same free room. What this host cannot start stays in SQS for other hosts.
 
-A run just started is *getting ready* (claim, code) until it reaches its sandbox. A lone
-run (one message received by an idle worker) is waited for before the next receive
-(``wait_ready``): a boto3 call holds the interpreter for about a millisecond before it
-blocks on the network, and the run's Redis and S3 round trips would each wait behind it
-(+1.2 ms on a warm hello's latency). After a batch, or under load, the loop does not wait:
-there the next receive matters more.
+A run just started is *getting ready* (claim, code, a sandbox, the code in it) until its
+function runs. A lone run (one message received by an idle worker) is waited for before
+the next receive (``wait_ready``): a boto3 call holds the interpreter for about a
+millisecond before it blocks on the network, and the run's Redis and S3 round trips, its
+sandbox's take and its unpacking would each wait behind it (+1.2 ms on a warm hello's
+latency; +3 ms on a new function's first call when the wait ended once the code was
+fetched). After a batch, or under load, the loop does not wait: there the next receive
+matters more.
 """
 
 from __future__ import annotations
@@ -99,7 +101,7 @@ class Inflight(Generic[T]):
             self._changed.wait(timeout)
 
     def ready(self) -> None:
-        """Called by a run (on its thread) once it has what it needs to start its sandbox."""
+        """Called by a run (on its thread) once its function runs in its sandbox."""
         if getattr(self._own, "getting_ready", False):
             self._own.getting_ready = False
             with self._changed:

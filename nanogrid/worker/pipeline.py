@@ -60,7 +60,9 @@ class MessageRun:
         on_ready: Callable[[], None] = lambda: None,
     ) -> None:
         """Parse the message and hold it invisible until it ends. ``on_ready``: told once
-        the run has what it needs to start its sandbox (claim, code)."""
+        the function's run starts in its sandbox (claim, code, sandbox and unpack done: what
+        the worker's other threads do from then on shares the interpreter with no step of
+        this run's)."""
         self.services = services
         self.message = message
         self.clock = PhaseClock(message.received_mono, message.queued_ms)
@@ -162,7 +164,6 @@ class MessageRun:
         try:
             with self.stage("fetch"):
                 package = self.services.codes.fetch(t.s3_bucket, t.s3_key)
-            self._on_ready()
             return invoke(self.services, t, package, claim, self.clock, self.stage, self.trace)
         except Exception as exc:  # noqa: BLE001 - translated, then decided by class
             return self._translate(exc)
@@ -224,6 +225,8 @@ class MessageRun:
         """One stage of the run, seen by the hooks."""
         for hook in self._hooks:
             hook.before(name, self)
+        if name == "run":
+            self._on_ready()
         error: BaseException | None = None
         try:
             yield

@@ -16,9 +16,10 @@ from typing import Any
 import pytest
 
 from nanogrid.common.errors import CodeNotFound
-from nanogrid.runners.base import RunOutcome
+from nanogrid.runners.base import Invocation, RunOutcome, Sandbox
 from nanogrid.worker.autotuner import Recommendation
 from nanogrid.worker.loop import Worker
+from nanogrid.worker.pipeline import MessageRun
 from nanogrid.worker.result import Result
 from nanogrid.worker.sqs import Message
 from nanogrid.worker.stubs import StubCodes, StubRunner, Stubs
@@ -322,3 +323,26 @@ def test_no_cut_memory_tip_after_a_run_that_did_not_finish(
         assert published["recommendedMemoryMb"] == 256 and "cut" not in published["optimizationTip"]
     else:
         assert published["recommendedMemoryMb"] == 32
+
+
+def test_a_run_tells_the_loop_it_is_ready_once_its_function_runs(make_stubs: MakeStubs) -> None:
+    """Not once its code is fetched: the loop's next receive (a millisecond of boto3 holding
+    the interpreter) would then share it with the sandbox's take and the unpacking."""
+    events: list[str] = []
+
+    class Recording(StubRunner):
+        def acquire(self, runtime: str, code_key: str) -> Sandbox:
+            events.append("acquire")
+            return super().acquire(runtime, code_key)
+
+        def run(self, sandbox: Sandbox, invocation: Invocation) -> RunOutcome:
+            events.append("run")
+            return super().run(sandbox, invocation)
+
+    stubs = make_stubs(runner=Recording())
+    worker = Worker(stubs.services, 0)
+    run = MessageRun(worker.services, worker.endings, worker.hooks, message(),
+                     lambda: events.append("ready"))
+    run.run()
+    assert events == ["acquire", "ready", "run"]
+    assert [r["status"] for r in stubs.store.published] == ["SUCCESS"]
