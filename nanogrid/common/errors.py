@@ -10,6 +10,8 @@ translated into it.
     │   │                             or image missing): the same, with the reason
     │   ├── CodeNotFound            CODE_NOT_FOUND       -> keep for retry until max_attempts
     │   ├── InvalidCodePackage      INVALID_CODE_PACKAGE -> delete
+    │   │   └── CorruptCodePackage    the zip cannot be read (a cached copy: downloaded again
+    │   │                             first, the host may have lost part of it)
     │   └── InternalError           INTERNAL             -> delete
     │       ├── SandboxError          the sandbox broke; it is destroyed, not reused
     │       ├── HostFault             I/O error, a transfer cut off: keep for another try
@@ -92,6 +94,12 @@ class CodeNotFound(TaskError):
 
 class InvalidCodePackage(TaskError):
     error_type = "INVALID_CODE_PACKAGE"
+
+
+class CorruptCodePackage(InvalidCodePackage):
+    """The zip cannot be read (not a zip, a damaged entry). A copy from this host's cache is
+    downloaded again before the task fails: the host may have lost part of it (a crash
+    before its pages reached the disk; the cache does not fsync)."""
 
 
 class InternalError(TaskError):

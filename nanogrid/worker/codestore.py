@@ -15,9 +15,12 @@ connections).
 
 Downloads stream into a temp file in the cache directory with a byte budget (a lying or
 absent Content-Length cannot fill the disk), are pinned to the HEAD's ETag with
-``If-Match`` when there was one, fsynced and renamed into place, so a cached file is always
-complete. The cache is trimmed to ``max_cache_bytes`` by least recent use (file mtime,
-touched on every hit), in the background after a download: the trim scans the directory
+``If-Match`` when there was one, and renamed into place, so no reader sees a partial file.
+They are not fsynced (0.4-0.9 ms of a new function's first call): a zip the host lost part
+of in a crash, or damaged since, is found corrupt when it is unpacked and downloaded again
+(``download_again``, invoke.py), as any cache can be rebuilt. The cache is trimmed to
+``max_cache_bytes`` by least recent use (file mtime, touched on every hit), in the
+background after a download: the trim scans the directory
 (~10 ms per 1,000 cached zips), which no call waits for. Several worker processes may share
 the directory: every write is an atomic rename, and files used within the last
 ``EVICT_GRACE_SECONDS`` are never evicted, so one process does not delete a zip another is
@@ -251,8 +254,6 @@ class CodeStore:
         try:
             with open(fd, "wb") as out:
                 size, quoted = self._stream_into(out, bucket, key, quoted_etag)
-                out.flush()
-                os.fsync(out.fileno())
             etag = quoted.strip('"')
             final = self._path(bucket, key, etag)
             os.chmod(tmp, 0o644)
@@ -296,6 +297,15 @@ class CodeStore:
                 if size > self.max_zip_bytes:
                     raise self._too_large(bucket, key)
                 out.write(chunk)
+
+    def download_again(self, package: CodePackage) -> CodePackage:
+        """``package`` came from the cache and cannot be read: remove the cached zip and fetch
+        the object again (its current version, downloaded)."""
+        package.zip_path.unlink(missing_ok=True)
+        self._heads.pop((package.bucket, package.key), None)
+        logger.warning(f"[CODE] cached zip of s3://{package.bucket}/{package.key} is damaged; "
+                       "downloading it again")
+        return self.fetch(package.bucket, package.key)
 
     def trim(self) -> int:
         """The disk runs short: remove every cached zip not used within the last

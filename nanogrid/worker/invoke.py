@@ -9,7 +9,9 @@ from contextlib import AbstractContextManager
 
 from loguru import logger
 
-from nanogrid.runners.base import Invocation, RunOutcome
+from nanogrid.common.config import LimitsConfig
+from nanogrid.common.errors import CorruptCodePackage
+from nanogrid.runners.base import Invocation, RunOutcome, Sandbox
 
 from . import autotuner, diagnose, result, task
 from .claim import Claim
@@ -38,10 +40,7 @@ def invoke(
     try:
         if sandbox.code_key != package.version_key:
             with stage("unpack"):
-                shutil.rmtree(sandbox.code_dir, ignore_errors=True)
-                sandbox.code_key = None
-                extract(package.zip_path, sandbox.code_dir, config.limits)
-                sandbox.code_key = package.version_key
+                put_code(services, sandbox, package)
         invocation = Invocation(
             request_id=t.request_id,
             function_id=t.function_id,
@@ -68,6 +67,24 @@ def invoke(
     finally:
         runner.release(sandbox)
     return ran(services, t, outcome, sandbox.cold_start, claim, clock, hint)
+
+
+def put_code(services: Services, sandbox: Sandbox, package: CodePackage) -> None:
+    """Unpack ``package`` into ``sandbox``'s code directory. A zip from the host's cache that
+    cannot be read is downloaded again, once (codestore.py does not fsync its zips)."""
+    try:
+        _unpack(sandbox, package, services.config.limits)
+    except CorruptCodePackage:
+        if package.downloaded:
+            raise
+        _unpack(sandbox, services.codes.download_again(package), services.config.limits)
+
+
+def _unpack(sandbox: Sandbox, package: CodePackage, limits: LimitsConfig) -> None:
+    shutil.rmtree(sandbox.code_dir, ignore_errors=True)
+    sandbox.code_key = None
+    extract(package.zip_path, sandbox.code_dir, limits)
+    sandbox.code_key = package.version_key
 
 
 def ran(

@@ -6,8 +6,9 @@ through a symlink planted earlier. Here every name is checked before anything is
 each file is created with ``O_EXCL|O_NOFOLLOW`` relative to an already-opened directory fd
 (so no path component is ever resolved through a symlink), and the unpacked bytes are
 counted as they are produced, which is what stops a zip bomb whatever its headers claim.
-Any problem with the package raises ``InvalidCodePackage`` with one line naming the entry,
-after removing whatever was already written; a full or failing work directory raises
+Any problem with the package raises ``InvalidCodePackage`` with one line naming the entry
+(``CorruptCodePackage`` when the archive cannot be read), after removing whatever was
+already written; a full or failing work directory raises
 ``HostFault`` (the host's problem, not the package's).
 """
 
@@ -25,7 +26,7 @@ import zlib
 from pathlib import Path
 
 from nanogrid.common.config import LimitsConfig
-from nanogrid.common.errors import InvalidCodePackage, host_fault
+from nanogrid.common.errors import CorruptCodePackage, InvalidCodePackage, host_fault
 
 CHUNK = 64 * 1024
 FILE_MODE = 0o644
@@ -93,7 +94,7 @@ def _extract(zip_path: Path, dest: Path, limits: LimitsConfig) -> int:
     try:
         archive = zipfile.ZipFile(zip_path)
     except _CORRUPT as exc:
-        raise InvalidCodePackage(f"code zip is corrupt or not a zip file: {_line(exc)}") from None
+        raise CorruptCodePackage(f"code zip is corrupt or not a zip file: {_line(exc)}") from None
     with archive:
         entries = archive.infolist()
         if len(entries) > limits.max_files:
@@ -157,7 +158,7 @@ def _write_all(
                     os.close(parent_fd)
             files += 1
         except _CORRUPT as exc:
-            raise InvalidCodePackage(f"code zip entry {name!r}: corrupt: {_line(exc)}") from None
+            raise CorruptCodePackage(f"code zip entry {name!r}: corrupt: {_line(exc)}") from None
         except NotImplementedError as exc:
             raise InvalidCodePackage(f"code zip entry {name!r}: {_line(exc)}") from None
         except OSError as exc:

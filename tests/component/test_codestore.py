@@ -22,7 +22,7 @@ from botocore.stub import Stubber
 from helpers import wait_until
 
 from nanogrid.common.config import LimitsConfig
-from nanogrid.common.errors import CodeNotFound, InvalidCodePackage
+from nanogrid.common.errors import CodeNotFound, CorruptCodePackage, InvalidCodePackage
 from nanogrid.worker import codestore, unpack
 from nanogrid.worker.codestore import CodePackage, CodeStore
 from nanogrid.worker.diskspace import DiskGuard
@@ -466,3 +466,20 @@ def test_timeouts_become_s3_unreachable(tmp_path: Path, exc: Exception) -> None:
     client.meta.events.register("before-call.s3.GetObject", fail)
     with pytest.raises(CodeNotFound, match=r"^S3 unreachable: .*s3\.example"):
         CodeStore(tmp_path, 1 << 20, client).fetch("b", "k.zip")
+
+
+def test_a_damaged_cached_zip_is_downloaded_again(
+    tmp_path: Path, s3: CountedClient, bucket: str
+) -> None:
+    s3.client.put_object(Bucket=bucket, Key=KEY, Body=code_zip())
+    store = make_store(tmp_path, s3)
+    store.fetch(bucket, KEY)
+    cached = store.fetch(bucket, KEY)
+    assert not cached.downloaded
+    cached.zip_path.write_bytes(cached.zip_path.read_bytes()[:40])  # what a crash can leave
+    with pytest.raises(CorruptCodePackage):
+        unpack.extract(cached.zip_path, tmp_path / "broken", LimitsConfig())
+    again = store.download_again(cached)
+    assert again.downloaded and again.zip_path == cached.zip_path
+    assert unpack.extract(again.zip_path, tmp_path / "whole", LimitsConfig()) == 1
+    assert s3.calls["GetObject"] == 2

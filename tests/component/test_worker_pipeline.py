@@ -16,6 +16,8 @@ import pytest
 from harness import HELLO, Agent
 from helpers import wait_until
 
+from nanogrid.worker.codestore import CodeStore
+
 
 def test_hello_world_result_follows_the_contract(agent: Agent) -> None:
     task = agent.task(agent.deploy({"main.py": HELLO}), memoryMb=256)
@@ -329,3 +331,25 @@ def test_metrics_reach_cloudwatch(agent: Agent) -> None:
         what="metrics in CloudWatch",
     )
     assert "ColdStarts" in found
+
+
+def test_a_damaged_zip_in_the_hosts_cache_is_downloaded_again(
+    aws: Any, redis_url: str, tmp_path: Path
+) -> None:
+    """The cache does not fsync its zips: one a crash left short fails to unpack, and the
+    call downloads it again instead of failing (INVALID_CODE_PACKAGE before)."""
+    agent = Agent(aws, redis_url, tmp_path)
+    key = agent.deploy({"main.py": HELLO})
+    store = CodeStore(Path(agent.config.paths.code_cache_dir), 1 << 20, aws.s3())
+    cached = store.fetch(agent.bucket, key)  # as an earlier agent of this host left it
+    whole = cached.zip_path.read_bytes()
+    cached.zip_path.write_bytes(whole[: len(whole) // 2])
+    agent.start()
+    try:
+        result = agent.call(agent.task(key))
+    finally:
+        assert agent.stop() == 0
+    assert result["status"] == "SUCCESS", result
+    assert result["stdout"] == "Hello from NanoGrid!\n"
+    assert cached.zip_path.read_bytes() == whole
+    assert "is damaged; downloading it again" in agent.log.read_text()
