@@ -20,11 +20,8 @@ They are not fsynced (0.4-0.9 ms of a new function's first call): a zip the host
 of in a crash, or damaged since, is found corrupt when it is unpacked and downloaded again
 (``download_again``, invoke.py), as any cache can be rebuilt. The cache is trimmed to
 ``max_cache_bytes`` by least recent use (file mtime, touched on every hit), in the
-background after a download: the trim scans the directory
-(~10 ms per 1,000 cached zips), which no call waits for. Several worker processes may share
-the directory: every write is an atomic rename, and files used within the last
-``EVICT_GRACE_SECONDS`` are never evicted, so one process does not delete a zip another is
-about to unpack.
+background after a download (cachetrim.py). Several worker processes may share the
+directory: every write is an atomic rename.
 
 botocore errors end here: missing objects, denied access and an unreachable or failing S3
 become ``CodeNotFound`` (retryable), an oversized zip ``InvalidCodePackage``. Faults of this
@@ -52,16 +49,10 @@ from loguru import logger
 from nanogrid.common import awsclient
 from nanogrid.common.errors import CodeNotFound, HostFault, InvalidCodePackage, host_fault
 
+from .cachetrim import CacheTrimmer
+
 GiB = 2**30
 CHUNK = 256 * 1024
-EVICT_GRACE_SECONDS = 300.0
-"""A cached zip used this recently is kept even over the size budget (it may be unpacking)."""
-TRIM_GRACE_SECONDS = 30.0
-"""When the disk runs short, zips unused this long go whatever the cache's size."""
-STALE_PART_SECONDS = 3600.0
-"""Temp files of downloads this old were left by a crashed process and are removed."""
-KNOWN_ETAG_SECONDS = 86400.0
-"""A key's ``.etag-*`` file not confirmed this long is removed (its next fetch is a GET)."""
 _MAX_HEAD_MEMO = 1024
 _MISSING = {"NoSuchKey", "NoSuchBucket", "NotFound", "404"}
 _DENIED = {"AccessDenied", "403", "Forbidden", "AllAccessDisabled"}
@@ -110,16 +101,13 @@ class CodeStore:
         self.region = region
         self.max_zip_bytes = max_zip_bytes
         self.head_ttl_seconds = head_ttl_seconds
-        self.max_cache_bytes = max_cache_bytes
         self._client = s3_client
         self._client_pid: int | None = None  # set when this store created the client itself
         self._heads: dict[tuple[str, str], tuple[str, float]] = {}
         self._under_way: dict[tuple[str, str], threading.Event] = {}
         """Fetches that are making their S3 calls, by (bucket, key): set when done."""
         self._under_way_lock = threading.Lock()
-        self._trim_lock = threading.Lock()
-        self._trimming = False
-        self._trim_again = False
+        self.trimmer = CacheTrimmer(self.cache_dir, max_cache_bytes)
         self.errors = 0
         """S3 calls that failed for S3's sake (not a missing or forbidden object): /metrics."""
         self.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -179,7 +167,7 @@ class CodeStore:
         if known is None:  # new to this host: no zip of it to check
             path, size, etag = self._download(bucket, key, None)
             self._remember(bucket, key, etag, known=None)
-            self._evict_soon()
+            self.trimmer.soon()
             return CodePackage(bucket, key, etag, path, size, downloaded=True)
         etag, quoted, length = self._head(bucket, key)
         self._remember(bucket, key, etag, known=known[0])
@@ -189,7 +177,7 @@ class CodeStore:
         if length > self.max_zip_bytes:
             raise self._too_large(bucket, key)
         path, size, _ = self._download(bucket, key, quoted)
-        self._evict_soon()
+        self.trimmer.soon()
         return CodePackage(bucket, key, etag, path, size, downloaded=True)
 
     def _head(self, bucket: str, key: str) -> tuple[str, str, int]:
@@ -308,76 +296,8 @@ class CodeStore:
         return self.fetch(package.bucket, package.key)
 
     def trim(self) -> int:
-        """The disk runs short: remove every cached zip not used within the last
-        ``TRIM_GRACE_SECONDS`` (a sandbox holds its code unpacked; a zip is needed again only
-        for a new sandbox, and then downloaded again). Returns the bytes freed."""
-        now = time.time()
-        freed = 0
-        for mtime, size, path in self._zips():
-            if now - mtime >= TRIM_GRACE_SECONDS:
-                path.unlink(missing_ok=True)
-                freed += size
-        if freed:
-            logger.warning(f"[DISK] removed {freed // 2**20} MB of cached code zips to free space")
-        return freed
-
-    def _evict_soon(self) -> None:
-        """After a download: trim the cache in a thread of its own, one trim at a time (one
-        asked for while another runs makes it run once more)."""
-        with self._trim_lock:
-            self._trim_again = self._trimming
-            if self._trimming:
-                return
-            self._trimming = True
-        threading.Thread(target=self._evict_while_asked, name="code-cache-trim",
-                         daemon=True).start()
-
-    def _evict_while_asked(self) -> None:
-        while True:
-            try:
-                self._evict()
-            except OSError as exc:  # the next download tries again
-                logger.warning(f"[CODE] cannot trim the code cache {self.cache_dir}: {exc}")
-            with self._trim_lock:
-                if not self._trim_again:
-                    self._trimming = False
-                    return
-                self._trim_again = False
-
-    def _evict(self) -> None:
-        """Delete least recently used zips until the cache fits ``max_cache_bytes`` (the
-        newest is used last: its mtime keeps it)."""
-        now = time.time()
-        entries = self._zips()
-        total = sum(size for _, size, _ in entries)
-        for mtime, size, path in sorted(entries):
-            if total <= self.max_cache_bytes:
-                break
-            if now - mtime < EVICT_GRACE_SECONDS:
-                continue
-            path.unlink(missing_ok=True)
-            total -= size
-
-    def _zips(self) -> list[tuple[float, int, Path]]:
-        """(mtime, size, path) of each cached zip; stale partial downloads are removed."""
-        now = time.time()
-        entries = []
-        for entry in os.scandir(self.cache_dir):
-            try:
-                st = entry.stat(follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            if entry.name.startswith(".part-"):
-                if now - st.st_mtime > STALE_PART_SECONDS:
-                    Path(entry.path).unlink(missing_ok=True)
-                continue
-            if entry.name.startswith(".etag-"):
-                if now - st.st_mtime > KNOWN_ETAG_SECONDS:
-                    Path(entry.path).unlink(missing_ok=True)
-                continue
-            if entry.name.endswith(".zip"):
-                entries.append((st.st_mtime, st.st_size, Path(entry.path)))
-        return entries
+        """The disk runs short: see ``CacheTrimmer.trim``. Returns the bytes freed."""
+        return self.trimmer.trim()
 
     def _too_large(self, bucket: str, key: str) -> InvalidCodePackage:
         return InvalidCodePackage(

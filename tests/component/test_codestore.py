@@ -23,7 +23,7 @@ from helpers import wait_until
 
 from nanogrid.common.config import LimitsConfig
 from nanogrid.common.errors import CodeNotFound, CorruptCodePackage, InvalidCodePackage
-from nanogrid.worker import codestore, unpack
+from nanogrid.worker import cachetrim, unpack
 from nanogrid.worker.codestore import CodePackage, CodeStore
 from nanogrid.worker.diskspace import DiskGuard
 
@@ -342,7 +342,7 @@ def test_object_replaced_between_head_and_get(
 def test_cache_evicts_least_recently_used(
     tmp_path: Path, s3: CountedClient, bucket: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(codestore, "EVICT_GRACE_SECONDS", 0.0)
+    monkeypatch.setattr(cachetrim, "EVICT_GRACE_SECONDS", 0.0)
     bodies = {name: code_zip(name, padding=10_000) for name in ("a", "b", "c")}
     for name, body in bodies.items():
         s3.client.put_object(Bucket=bucket, Key=f"{name}.zip", Body=body)
@@ -366,19 +366,19 @@ def test_a_download_does_not_wait_for_the_cache_to_be_trimmed(
 ) -> None:
     """Trimming scans the whole cache directory (~10 ms per 1,000 cached zips): a new
     function's first call does not wait for it; the trim happens in the background."""
-    monkeypatch.setattr(codestore, "EVICT_GRACE_SECONDS", 0.0)
+    monkeypatch.setattr(cachetrim, "EVICT_GRACE_SECONDS", 0.0)
     for name in ("a", "b"):
         s3.client.put_object(Bucket=bucket, Key=f"{name}.zip", Body=code_zip(name, 10_000))
     store = make_store(tmp_path, s3, max_cache_bytes=15_000)
     a = store.fetch(bucket, "a.zip")
     time.sleep(0.02)
-    scan = store._zips
+    scan = store.trimmer.zips
 
     def slow_scan() -> list[tuple[float, int, Path]]:
         time.sleep(1.0)  # a cache of ~100,000 zips
         return scan()
 
-    monkeypatch.setattr(store, "_zips", slow_scan)
+    monkeypatch.setattr(store.trimmer, "zips", slow_scan)
     started = time.monotonic()
     b = store.fetch(bucket, "b.zip")
     assert time.monotonic() - started < 0.8 and b.zip_path.exists()
@@ -423,7 +423,7 @@ def test_a_disk_running_short_trims_the_zips_unused_past_the_grace(
     assert short is not None and "under paths.min_free_mb (4 MB)" in short  # both in grace
     assert old.zip_path.exists() and new.zip_path.exists()
 
-    last_used = time.time() - 2 * codestore.TRIM_GRACE_SECONDS
+    last_used = time.time() - 2 * cachetrim.TRIM_GRACE_SECONDS
     os.utime(old.zip_path, (last_used, last_used))  # the mtime is the last use
     assert guard.trouble() is None
     assert not old.zip_path.exists() and new.zip_path.exists()
