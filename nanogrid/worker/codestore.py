@@ -287,13 +287,15 @@ class CodeStore:
                 out.write(chunk)
 
     def download_again(self, package: CodePackage) -> CodePackage:
-        """``package`` came from the cache and cannot be read: remove the cached zip and fetch
-        the object again (its current version, downloaded)."""
-        package.zip_path.unlink(missing_ok=True)
-        self._heads.pop((package.bucket, package.key), None)
-        logger.warning(f"[CODE] cached zip of s3://{package.bucket}/{package.key} is damaged; "
+        """``package`` came from the cache and cannot be read: download the object again (its
+        current version). The download replaces the damaged zip by a rename, so a call of
+        another thread that is about to unpack it finds one or the other, never none."""
+        bucket, key = package.bucket, package.key
+        logger.warning(f"[CODE] cached zip of s3://{bucket}/{key} is damaged; "
                        "downloading it again")
-        return self.fetch(package.bucket, package.key)
+        path, size, etag = self._download(bucket, key, None)
+        self._remember(bucket, key, etag, known=package.etag)
+        return CodePackage(bucket, key, etag, path, size, downloaded=True)
 
     def trim(self) -> int:
         """The disk runs short: see ``CacheTrimmer.trim``. Returns the bytes freed."""

@@ -479,7 +479,22 @@ def test_a_damaged_cached_zip_is_downloaded_again(
     cached.zip_path.write_bytes(cached.zip_path.read_bytes()[:40])  # what a crash can leave
     with pytest.raises(CorruptCodePackage):
         unpack.extract(cached.zip_path, tmp_path / "broken", LimitsConfig())
-    again = store.download_again(cached)
+    missing: list[float] = []
+    done = threading.Event()
+
+    def watch() -> None:  # a call of another thread about to unpack the same zip
+        while not done.is_set():
+            if not cached.zip_path.exists():
+                missing.append(time.monotonic())
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        again = store.download_again(cached)
+    finally:
+        done.set()
+        watcher.join()
+    assert missing == []  # replaced by a rename, never removed first
     assert again.downloaded and again.zip_path == cached.zip_path
     assert unpack.extract(again.zip_path, tmp_path / "whole", LimitsConfig()) == 1
     assert s3.calls["GetObject"] == 2
