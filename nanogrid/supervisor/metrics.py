@@ -86,6 +86,9 @@ class SupervisorMetrics:
         self.sandboxes_lent = reg.gauge(
             "nanogrid_sandboxes_lent", "Busy sandboxes a worker other than their owner runs "
             "a call in.", ("runtime",))
+        self.sandboxes_shrunk = reg.gauge(
+            "nanogrid_sandboxes_shrunk", "Idle node sandboxes that ended the Worker they kept "
+            "for their next call (pool.node_worker_idle_seconds).", ("runtime",))
         self.idle_memory = reg.gauge(
             "nanogrid_sandboxes_idle_memory_bytes", "Memory of the host's idle sandboxes.")
         self.idle_bound = reg.gauge(
@@ -201,6 +204,8 @@ class SupervisorMetrics:
                                 for key, state in SANDBOX_STATES.items()})
         self.sandboxes_lent.replace({(runtime,): stats["lent"]
                                      for runtime, stats in status["pools"].items()})
+        self.sandboxes_shrunk.replace({(runtime,): stats["shrunk"]
+                                       for runtime, stats in status["pools"].items()})
         self.idle_memory.set(status["sandboxes"]["idleMb"] * MiB)
         self.idle_bound.set(status["sandboxes"]["maxIdleMb"] * MiB)
         self.warming.set(1 if status["warmUp"]["state"] == WARMING else 0)

@@ -95,6 +95,7 @@ def test_status_health_and_metrics_follow_the_contract(agent: FakeAgent) -> None
     assert 'nanogrid_sandboxes{runtime="python",state="idle_specialized"} 2' in metrics
     assert 'nanogrid_sandboxes{runtime="python",state="idle_generic"} 0' in metrics
     assert 'nanogrid_sandboxes_lent{runtime="python"} 0' in metrics
+    assert 'nanogrid_sandboxes_shrunk{runtime="python"} 0' in metrics
     assert "nanogrid_warming 0" in metrics
     assert 'nanogrid_invocation_starts_total{runtime="python",start="cold"} 2' in metrics
     assert 'nanogrid_tips_total{runtime="python",tip_code="OVER_PROVISIONED"} 2' in metrics

@@ -3,6 +3,7 @@ start is named at start and in /status while the others keep working."""
 
 from __future__ import annotations
 
+import urllib.request
 from typing import Any
 
 from helpers import wait_until
@@ -59,6 +60,9 @@ def test_an_idle_node_sandbox_ends_its_worker_and_serves_its_next_call(agents: A
     wait_until(lambda: agent.status()["pools"]["node"]["shrunk"] == 1, timeout=15,
                what="the idle node sandbox to end its Worker")
     assert agent.status()["sandboxes"]["shrunk"] == 1
+    url = f"http://127.0.0.1:{agent.port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        assert 'nanogrid_sandboxes_shrunk{runtime="node"} 1' in reply.read().decode()
     result = agent.call(agent.task(key, runtime="node"))
     assert (result["status"], result["coldStart"]) == ("SUCCESS", False), result
     assert result["stdout"] == "Hello from NanoGrid!\n"
