@@ -91,9 +91,8 @@ def child(
         os.chdir(request["cwd"])
         argv = request["argv"]
         if request.get("python"):
-            before = set(sys.modules) if preload.pending() else set()
             status = run_python(argv, request["cwd"], code, stdio or wrap_stdio())
-            preload.report(before, request["cwd"])
+            preload.report(request["cwd"])
         else:
             os.execvpe(argv[0], argv, request["env"])
     except BaseException as exc:

@@ -21,6 +21,7 @@ only while a run of that function lasts.
 import _thread
 import contextlib
 import gc
+import itertools
 import json
 import os
 import select
@@ -46,6 +47,8 @@ class Preload:
         self.own: list = []
         """Modules loaded from the function's directory."""
         self._pipe: tuple | None = None
+        self._loaded = 0
+        """How many modules the server had as it forked the reporting run."""
         self._asked: str | None = None
         self._todo: list = []
         """What the run reported that this server has not loaded yet (``gather``)."""
@@ -55,6 +58,7 @@ class Preload:
         key = request.get("preload")
         if key and request.get("python") and self.key is None:
             self._pipe = os.pipe2(os.O_CLOEXEC)
+            self._loaded = len(sys.modules)
             self._asked = key
 
     def enter(self, key: str | None) -> None:
@@ -67,16 +71,23 @@ class Preload:
             if sys.path[:1] == [self.path]:
                 del sys.path[0]
 
-    def report(self, before: set, cwd: str) -> None:
-        """In the child, after the run: name the modules it imported that may be preloaded."""
+    def report(self, cwd: str) -> None:
+        """In the child, after the run: name the modules it imported that may be preloaded.
+        Only the entries the run added to sys.modules are read, the last ones of the dict:
+        reading one of the server's modules takes a reference, a write that copies its page
+        into this child (going through all of them cost a hello's first run ~0.9 ms). A run
+        that took modules out may have some of its own left unnamed: they are not preloaded,
+        and its later calls import them."""
         if self._pipe is None:
             return
         roots = (os.path.join(STDLIB, ""), os.path.join(cwd, ""))
         skip = tuple(os.path.join(STDLIB, d, "") for d in ("site-packages", "dist-packages"))
+        added = list(itertools.islice(reversed(sys.modules),
+                                      max(0, len(sys.modules) - self._loaded)))
         names = []
-        for name, module in list(sys.modules.items()):
-            origin = getattr(getattr(module, "__spec__", None), "origin", None)
-            if name in before or name == "__main__" or not isinstance(origin, str):
+        for name in reversed(added):  # in import order: the vetting's budget goes to the first
+            origin = getattr(getattr(sys.modules[name], "__spec__", None), "origin", None)
+            if name == "__main__" or not isinstance(origin, str):
                 continue
             if origin in ("built-in", "frozen") or (
                 origin.startswith(roots) and not origin.startswith(skip)
