@@ -142,7 +142,7 @@ class WarmPool:
         if ticket is None:
             return
         self.maker.detach(sandbox)
-        self._give_back(sandbox, ticket, healthy=sandbox.healthy and not self.closed)
+        self.give_back(sandbox, ticket, healthy=sandbox.healthy and not self.closed)
 
     def _settled(self, code_key: str) -> Sandbox | None:
         """This worker's sandbox that ran ``code_key`` last, once it settles: when one is
@@ -209,13 +209,18 @@ class WarmPool:
                     del self._views[stale]
         return view
 
-    def _give_back(self, sandbox: Sandbox, ticket: Ticket, *, healthy: bool) -> None:
+    def give_back(self, sandbox: Sandbox, ticket: Ticket, *, healthy: bool,
+                  shrunk: bool = False, idle_since_ns: int | None = None) -> None:
+        """``sandbox`` is idle again under ``ticket``, or doomed and destroyed. A call's give
+        it back; the keeper's upkeep (``SandboxBoard.hold``) keeps its ``idle_since_ns`` and
+        says whether it is ``shrunk``."""
         mine = not sandbox.borrowed
         if healthy:
             self.board.give_back(
                 ticket, sandbox.code_key, healthy=True, frozen=sandbox.frozen,
-                memory_bytes=self.idle_bytes(sandbox), limit_mb=sandbox.limit_mb,
+                memory_bytes=self._idle_bytes(sandbox), limit_mb=sandbox.limit_mb,
                 descriptor=self.maker.describe(sandbox) if mine else None,
+                shrunk=shrunk, idle_since_ns=idle_since_ns,
             )
             with self.lock:
                 self.lock.notify_all()
@@ -263,15 +268,14 @@ class WarmPool:
         """Under the lock: put a new sandbox of this worker on the board."""
         ticket = self.board.put(
             self.slot, self.runtime, sandbox.code_key, self.maker.describe(sandbox),
-            self.idle_bytes(sandbox), sandbox.limit_mb, taken=taken,
+            self._idle_bytes(sandbox), sandbox.limit_mb, taken=taken,
         )
         if ticket is not None:
             sandbox.ticket = ticket if taken else None  # a call's: it holds its ticket
             self._mine[ticket.index, ticket.generation] = sandbox
         return ticket
 
-    def idle_bytes(self, sandbox: Sandbox) -> int:
-        """The sandbox's memory now, as the board counts it (0 when unknown)."""
+    def _idle_bytes(self, sandbox: Sandbox) -> int:
         try:
             return self.maker.idle_bytes(sandbox)
         except OSError:

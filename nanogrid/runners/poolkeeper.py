@@ -58,7 +58,8 @@ class KeptPool(Protocol):
 
     def withdraw(self, entry: Entry) -> Sandbox | None: ...
 
-    def idle_bytes(self, sandbox: Sandbox) -> int: ...
+    def give_back(self, sandbox: Sandbox, ticket: Ticket, *, healthy: bool,
+                  shrunk: bool = False, idle_since_ns: int | None = None) -> None: ...
 
     def put(self, sandbox: Sandbox, *, taken: bool) -> Ticket | None: ...
 
@@ -177,22 +178,15 @@ class PoolKeeper:
         ticket = pool.board.hold(entry)
         if ticket is None:  # a call took it meanwhile
             return
+        # As a take of its own (WarmPool._take): what another worker's call left it with.
         sandbox.code_key, sandbox.frozen = entry.code_key, ticket.frozen
+        sandbox.limit_mb = ticket.limit_mb
         shrunk = False
         try:
             shrunk = pool.maker.shrink(sandbox) and not pool.closed
         finally:  # never left held: back to the board, or doomed
-            if shrunk:
-                pool.board.give_back(
-                    ticket, entry.code_key, healthy=True, frozen=sandbox.frozen,
-                    memory_bytes=pool.idle_bytes(sandbox), shrunk=True,
-                    idle_since_ns=entry.idle_since_ns,
-                )
-                with pool.lock:
-                    pool.lock.notify_all()
-            else:
-                pool.board.give_back(ticket, entry.code_key, healthy=False)
-                pool.destroy_doomed(ticket.index, ticket.generation)
+            pool.give_back(sandbox, ticket, healthy=shrunk, shrunk=True,
+                           idle_since_ns=entry.idle_since_ns)
 
     def _pause_if_due(self, entry: Entry, idle_s: float) -> None:
         """A sandbox the runner pauses while idle (Docker without a freezer) leaves the board
