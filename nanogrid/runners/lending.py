@@ -150,9 +150,7 @@ class SandboxBoard:
             head = self._head(entry.index)
             if head[5] != entry.generation or head[0] != IDLE:
                 return None
-            self._restate(entry.index, head, TAKEN, taker=os.getpid())
-            return Ticket(entry.index, head[5], head[2], head[3], self._descriptor(entry.index),
-                          head[8], frozen=bool(head[1] & FROZEN))
+            return self._take(entry.index, head, os.getpid())
 
     def doom(self, entry: Entry) -> None:
         """Mark the owner's sandbox to be destroyed (unless the record is another by now)."""
@@ -219,11 +217,7 @@ class SandboxBoard:
                     # Its owner died and took it along; the arbiter has not reaped it yet.
                     self._clear(index, head)
                     continue
-                self._restate(index, head, TAKEN, taker=me)
-                key = _text(head[10]) or None
-                ticket = Ticket(index, head[5], head[2], head[3], self._descriptor(index),
-                                head[8], frozen=bool(head[1] & FROZEN))
-                return ticket, key
+                return self._take(index, head, me), _text(head[10]) or None
 
     def give_back(self, ticket: Ticket, code_key: str | None, *, healthy: bool,
                   frozen: bool = False, memory_bytes: int | None = None,
@@ -312,6 +306,12 @@ class SandboxBoard:
             yield Entry(index, state, bool(flags & FROZEN), owner, pid, taker, generation,
                         since, memory, _text(runtime), _text(key) or None,
                         shrunk=bool(flags & SHRUNK))
+
+    def _take(self, index: int, head: tuple[Any, ...], taker: int) -> Ticket:
+        """Under the lock: record ``index`` (read as ``head``) taken by ``taker``; its ticket."""
+        self._restate(index, head, TAKEN, taker=taker)
+        return Ticket(index, head[5], head[2], head[3], self._descriptor(index), head[8],
+                      frozen=bool(head[1] & FROZEN))
 
     def _restate(self, index: int, head: tuple[Any, ...], state: int, taker: int | None = None
                  ) -> None:
