@@ -14,7 +14,7 @@ on the ``MessageRun`` (its ``notes``), not on the hook. A hook must not raise.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from .phases import PHASES, PhaseClock
@@ -68,3 +68,17 @@ class PhaseTimer(Hook):
     def after(self, stage: str, run: MessageRun, error: BaseException | None) -> None:
         if stage in PHASES:
             run.clock.stop(stage)
+
+
+class ReadyAtRun(Hook):
+    """Tells the worker's loop that a run is ready (``Inflight.ready``) as its function starts
+    in its sandbox: claim, code, sandbox and unpack done. What the worker's other threads do
+    from then on (the loop's next receive, a millisecond of boto3) shares the interpreter
+    with no step of this run's (inflight.py)."""
+
+    def __init__(self, ready: Callable[[], None]) -> None:
+        self._ready = ready
+
+    def before(self, stage: str, run: MessageRun) -> None:
+        if stage == "run":
+            self._ready()

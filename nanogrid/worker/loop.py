@@ -28,7 +28,7 @@ from nanogrid.runners.pool import warm_share
 from . import faults, tracing
 from .endings import Endings
 from .faults import FaultBoard
-from .hooks import Hook, PhaseTimer
+from .hooks import Hook, PhaseTimer, ReadyAtRun
 from .hostshare import HostShare
 from .inflight import Inflight
 from .liveness import Liveness
@@ -86,7 +86,6 @@ class Worker:
         self.services = services
         self.config = services.config
         self.index = index
-        self.hooks: tuple[Hook, ...] = (PhaseTimer(), *hooks)
         self.endings = Endings(services)
         self.liveness = liveness or Liveness(None, services.faults)
         self.stop = stop or StopRequest()
@@ -99,6 +98,7 @@ class Worker:
             typical_mb=limits.default_memory_mb,
             smallest_mb=limits.min_memory_mb,
         )
+        self.hooks: tuple[Hook, ...] = (PhaseTimer(), ReadyAtRun(self.inflight.ready), *hooks)
 
     @property
     def stopping(self) -> bool:
@@ -219,7 +219,7 @@ class Worker:
         self.inflight.accept([self.message_run(message) for message in messages])
 
     def message_run(self, message: Message) -> MessageRun:
-        return MessageRun(self.services, self.endings, self.hooks, message, self.inflight.ready)
+        return MessageRun(self.services, self.endings, self.hooks, message)
 
     def handle(self, message: Message) -> None:
         """Take one message to its end on this thread (tests, benchmarks)."""

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from loguru import logger
@@ -57,19 +57,14 @@ class MessageRun:
         endings: Endings,
         hooks: Sequence[Hook],
         message: Message,
-        on_ready: Callable[[], None] = lambda: None,
     ) -> None:
-        """Parse the message and hold it invisible until it ends. ``on_ready``: told once
-        the function's run starts in its sandbox (claim, code, sandbox and unpack done: what
-        the worker's other threads do from then on shares the interpreter with no step of
-        this run's)."""
+        """Parse the message and hold it invisible until it ends."""
         self.services = services
         self.message = message
         self.clock = PhaseClock(message.received_mono, message.queued_ms)
         self.notes: dict[str, Any] = {}
         self._endings = endings
         self._hooks = hooks
-        self._on_ready = on_ready
         self.task: task.Task | None = None
         self.trace = message.trace
         """The trace context the function is given (a tracing hook puts its span there)."""
@@ -225,8 +220,6 @@ class MessageRun:
         """One stage of the run, seen by the hooks."""
         for hook in self._hooks:
             hook.before(name, self)
-        if name == "run":
-            self._on_ready()
         error: BaseException | None = None
         try:
             yield

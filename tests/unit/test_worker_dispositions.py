@@ -18,8 +18,8 @@ import pytest
 from nanogrid.common.errors import CodeNotFound
 from nanogrid.runners.base import Invocation, RunOutcome, Sandbox
 from nanogrid.worker.autotuner import Recommendation
+from nanogrid.worker.inflight import Inflight
 from nanogrid.worker.loop import Worker
-from nanogrid.worker.pipeline import MessageRun
 from nanogrid.worker.result import Result
 from nanogrid.worker.sqs import Message
 from nanogrid.worker.stubs import StubCodes, StubRunner, Stubs
@@ -325,7 +325,9 @@ def test_no_cut_memory_tip_after_a_run_that_did_not_finish(
         assert published["recommendedMemoryMb"] == 32
 
 
-def test_a_run_tells_the_loop_it_is_ready_once_its_function_runs(make_stubs: MakeStubs) -> None:
+def test_a_run_tells_the_loop_it_is_ready_once_its_function_runs(
+    make_stubs: MakeStubs, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Not once its code is fetched: the loop's next receive (a millisecond of boto3 holding
     the interpreter) would then share it with the sandbox's take and the unpacking."""
     events: list[str] = []
@@ -340,9 +342,7 @@ def test_a_run_tells_the_loop_it_is_ready_once_its_function_runs(make_stubs: Mak
             return super().run(sandbox, invocation)
 
     stubs = make_stubs(runner=Recording())
-    worker = Worker(stubs.services, 0)
-    run = MessageRun(worker.services, worker.endings, worker.hooks, message(),
-                     lambda: events.append("ready"))
-    run.run()
+    monkeypatch.setattr(Inflight, "ready", lambda self: events.append("ready"))
+    handle(stubs, message())
     assert events == ["acquire", "ready", "run"]
     assert [r["status"] for r in stubs.store.published] == ["SUCCESS"]
