@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import psutil  # noqa: E402
+from bench_import_warm import write  # noqa: E402
 from loguru import logger  # noqa: E402
 
 from nanogrid.common.config import from_dict  # noqa: E402
@@ -73,9 +74,7 @@ def call(runner: PooledRunner, key: str) -> tuple[Sandbox, float]:
     sandbox = runner.acquire("node", key)
     try:
         if sandbox.code_key != key:
-            for name, text in FILES.items():
-                (sandbox.code_dir / name).write_text(text)
-                (sandbox.code_dir / name).chmod(0o644)
+            write(sandbox.code_dir, FILES)
             sandbox.code_key = key
         out = runner.run(sandbox, INVOCATION)
     finally:
