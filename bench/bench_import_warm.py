@@ -54,7 +54,7 @@ sys.path.insert(0, str(ROOT))
 from loguru import logger  # noqa: E402
 
 from nanogrid.common.config import from_dict  # noqa: E402
-from nanogrid.runners.base import Invocation, Runner  # noqa: E402
+from nanogrid.runners.base import Invocation, Runner, RunOutcome, Sandbox  # noqa: E402
 from nanogrid.runners.docker import DockerRunner  # noqa: E402
 from nanogrid.runners.process import ProcessRunner  # noqa: E402
 
@@ -163,22 +163,30 @@ def measure(
     found = []
     invocation = Invocation("bench", "fn", COMMANDS[runtime], b"{}", 256, 10_000, 65536, 64)
     for i in range(runs + 1):
-        began = time.perf_counter()
-        sandbox = runner.acquire(runtime, key)
-        try:
-            if sandbox.code_key != key:
-                write(sandbox.code_dir, files)
-                sandbox.code_key = key
-            out = runner.run(sandbox, invocation)
-        finally:
-            runner.release(sandbox)
-        call_ms = (time.perf_counter() - began) * 1000
-        if out.exit_code != 0 or out.stdout != b"ok\n":
-            raise SystemExit(f"{key} failed: {out.exit_code} {out.stderr[-400:]!r}")
+        out, _, call_ms = call(runner, runtime, key, files, invocation)
         if i > 0:  # the first call puts the code in (and, preloading, is the one that imports)
             found.append((out.duration_ms, out.peak_memory_bytes, call_ms))
         time.sleep(gap_s)
     return found
+
+
+def call(runner: Runner, runtime: str, key: str, files: dict[str, str], invocation: Invocation
+         ) -> tuple[RunOutcome, Sandbox, float]:
+    """One call of ``key`` as the worker makes it (acquire -> code in -> run -> release),
+    which must print "ok": its outcome, its sandbox, and what the caller waited (ms)."""
+    began = time.perf_counter()
+    sandbox = runner.acquire(runtime, key)
+    try:
+        if sandbox.code_key != key:
+            write(sandbox.code_dir, files)
+            sandbox.code_key = key
+        out = runner.run(sandbox, invocation)
+    finally:
+        runner.release(sandbox)
+    call_ms = (time.perf_counter() - began) * 1000
+    if out.exit_code != 0 or out.stdout != b"ok\n":
+        raise SystemExit(f"{key} failed: {out.exit_code} {out.stderr[-400:]!r}")
+    return out, sandbox, call_ms
 
 
 def percentile(samples: list[float], p: float) -> float:

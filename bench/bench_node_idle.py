@@ -34,8 +34,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import bench_import_warm  # noqa: E402
 import psutil  # noqa: E402
-from bench_import_warm import write  # noqa: E402
 from loguru import logger  # noqa: E402
 
 from nanogrid.common.config import from_dict  # noqa: E402
@@ -69,19 +69,9 @@ def make_runner(kind: str, work: str, after_s: float) -> PooledRunner:
 
 
 def call(runner: PooledRunner, key: str) -> tuple[Sandbox, float]:
-    """One call of ``key`` as the worker makes it; the sandbox and what the caller waited."""
-    began = time.perf_counter()
-    sandbox = runner.acquire("node", key)
-    try:
-        if sandbox.code_key != key:
-            write(sandbox.code_dir, FILES)
-            sandbox.code_key = key
-        out = runner.run(sandbox, INVOCATION)
-    finally:
-        runner.release(sandbox)
-    waited = (time.perf_counter() - began) * 1000
-    if out.exit_code != 0 or out.stdout != b"ok\n":
-        raise SystemExit(f"{key} failed: {out.exit_code} {out.stderr[-400:]!r}")
+    """One call of ``key`` as the worker makes it, then its sandbox back on the board; the
+    sandbox and what the caller waited (ms)."""
+    _, sandbox, waited = bench_import_warm.call(runner, "node", key, FILES, INVOCATION)
     deadline = time.monotonic() + 10
     while sandbox.settling and time.monotonic() < deadline:
         time.sleep(0.01)
