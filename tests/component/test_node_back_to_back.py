@@ -67,12 +67,18 @@ def call(runner: PooledRunner, stdin: dict[str, Any], key: str = "b2b@1",
     """One call as the worker makes it (acquire, run, release), right after the last one;
     ``settle``: then wait until its sandbox is idle again (while its server gets the next
     Worker ready, a call takes another idle sandbox of the host)."""
+    return called(runner, stdin, key, settle)[0]
+
+
+def called(runner: PooledRunner, stdin: dict[str, Any], key: str, settle: bool
+           ) -> tuple[RunOutcome, Any]:
+    """``call``, and the sandbox it ran in."""
     sandbox = runner.acquire("node", key)
     put_code(sandbox, FILES, key)
     data = json.dumps(stdin).encode()
     invocation = Invocation("req", "fn", ("node", "main.js"), data, 256, 10_000, 100_000, MAX_PIDS)
     try:
-        return runner.run(sandbox, invocation)
+        return runner.run(sandbox, invocation), sandbox
     finally:
         runner.release(sandbox)
         if settle:
@@ -185,17 +191,8 @@ def test_a_sandbox_idle_long_ends_its_worker_and_its_next_call_starts_one(
                    pool={"node_worker_idle_seconds": 1})
     try:
         def ran(stdin: dict[str, Any]) -> tuple[dict[str, Any], Any]:
-            sandbox = runner.acquire("node", "idle@1")
-            put_code(sandbox, FILES, "idle@1")
-            data = json.dumps(stdin).encode()
-            invocation = Invocation("req", "fn", ("node", "main.js"), data, 256, 10_000,
-                                    100_000, MAX_PIDS)
-            try:
-                outcome = runner.run(sandbox, invocation)
-            finally:
-                runner.release(sandbox)
+            outcome, sandbox = called(runner, stdin, "idle@1", settle=True)
             assert outcome.exit_code == 0, outcome.stderr
-            wait_until(lambda: not sandbox.settling, timeout=5, what="the sandbox to settle")
             return json.loads(outcome.stdout.decode().splitlines()[0]), sandbox
 
         def record() -> Any:
