@@ -102,7 +102,7 @@ class Driver:
         self._in, self._out = self.process.stdin, self.process.stdout
         if self._out.readline().strip() != "ready":
             raise SystemExit(f"the agent of {tree} did not start")
-        self.sandbox = sandbox_pids(tree / "nanogrid" / "runners" / "forkserver", work, index)
+        self.sandbox = sandbox_pids(work, index)
 
     def call(self) -> None:
         self._in.write("\n")
@@ -125,15 +125,16 @@ def export(ref: str, into: Path) -> Path:
     return into
 
 
-def sandbox_pids(source: Path, work: Path, index: int) -> list[int]:
-    """The sandbox's fork server (and its keeper) of driver ``index``."""
+def sandbox_pids(work: Path, index: int) -> list[int]:
+    """The sandbox's fork server (and its keeper) of driver ``index``: forked from the tree's
+    template, each titled with its socket's path in the driver's work dir."""
     found = subprocess.run(
-        ["pgrep", "-f", "--", f"-I -S {source} {work}/w{index}/"],
+        ["pgrep", "-f", "--", f"^nanogrid: sandbox .* {work}/w{index}/"],
         capture_output=True,
         text=True,
     ).stdout.split()
     if not found:
-        raise SystemExit(f"no fork server of {source} found")
+        raise SystemExit(f"no sandbox of driver {index} found under {work}")
     return [int(pid) for pid in found]
 
 
