@@ -7,7 +7,9 @@ On each runner, ``--sandboxes`` node functions are called once each (one sandbox
 main script: such a sandbox is frozen while idle). Then, with every sandbox idle:
 
 - PSS per sandbox (``/proc/PID/smaps_rollup`` of all its processes: a process sandbox's
-  keeper, its PID 1 and the node server; a shared page is counted once in all) and its
+  node server, PID 1 of its namespace, and whatever runs below it (a keeper outside the
+  namespace and a python PID 1 above the server before); a shared page is counted once in
+  all) and its
   anonymous memory, armed (as today's code keeps it, and as after a call);
 - a call on each, armed: what the caller waits for (acquire -> run -> release);
 - the same once every sandbox has ended its Worker (after ``--after-s``), and a call on each
@@ -79,13 +81,13 @@ def call(runner: PooledRunner, key: str) -> tuple[Sandbox, float]:
 
 
 def pids(sandbox: Any) -> set[int]:
-    """Its processes: a container's, or a process sandbox's keeper and every process below
-    it (its PID 1 and the node server)."""
+    """Its processes: a container's, or a process sandbox's first process (the one its
+    template forked) and every process below it."""
     processes = getattr(sandbox, "processes", None)
     if processes is not None:
         return {processes.init_pid, processes.server_pid, *processes.strays()}
-    keeper = psutil.Process(sandbox.process.pid)
-    return {keeper.pid, *(child.pid for child in keeper.children(recursive=True))}
+    first = psutil.Process(sandbox.process.pid)
+    return {first.pid, *(child.pid for child in first.children(recursive=True))}
 
 
 def rollup_kb(pid: int, field: str) -> int:

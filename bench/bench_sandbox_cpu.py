@@ -126,8 +126,8 @@ def export(ref: str, into: Path) -> Path:
 
 
 def sandbox_pids(work: Path, index: int) -> list[int]:
-    """The sandbox's fork server (and its keeper) of driver ``index``: forked from the tree's
-    template, each titled with its socket's path in the driver's work dir."""
+    """The sandbox's processes (its fork server, and a keeper before) of driver ``index``:
+    forked from the tree's template, each titled with its socket's path in the work dir."""
     found = subprocess.run(
         ["pgrep", "-f", "--", f"^nanogrid: sandbox .* {work}/w{index}/"],
         capture_output=True,

@@ -39,8 +39,8 @@ files, and the run's pipes (5.5 measured at ~80 in flight a worker, rounded up).
 FDS_RESERVE = 128
 """A worker's own descriptors: SQS, S3 and Redis sockets, logs, libraries (15 idle)."""
 PIDS_PER_RUN = 4
-"""Tasks per run in flight: the worker's thread, the sandbox's keeper and server, and the
-call's process (a function's own children are bounded by ``limits.max_pids``)."""
+"""Tasks per run in flight: the worker's thread, the sandbox's server, the call's process,
+and one to spare (a function's own children are bounded by ``limits.max_pids``)."""
 PIDS_RESERVE = 64
 """The supervisor's and the workers' own threads, the templates, the helpers."""
 MAX_CONCURRENT = 4096

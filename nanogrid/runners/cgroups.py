@@ -32,6 +32,9 @@ in its cgroup until it is scheduled to exit, late on a loaded host. Processes st
 after it (a fork bomb adding them as fast as they die) spoil the sandbox."""
 
 
+SETTLE_TRIES = 4
+
+
 def kill_until_gone(victims: Callable[[], list[int]]) -> bool:
     """SIGKILL the processes ``victims`` lists until it lists none; False when some are still
     there after ``KILL_WAIT_S``. Used for a process sandbox's cgroup and a container's."""
@@ -110,6 +113,22 @@ class SandboxCgroup:
         """SIGKILL every process in the sandbox but ``spare`` until none is left; False when
         some are still there after ``KILL_WAIT_S`` (``kill_until_gone``)."""
         return kill_until_gone(lambda: [p for p in self.pids() if p != spare])
+
+    def holds_only(self, pid: int) -> bool:
+        """Whether the tasks its pids controller counts are ``pid``'s threads and nothing else:
+        a process that exited is counted until it is reaped, so a PID 1 that reaps only its own
+        children (a node server) leaves any orphan of a run counted here. Threads that start
+        or end meanwhile are given a few milliseconds to settle."""
+        for attempt in range(SETTLE_TRIES):
+            try:
+                threads = len(os.listdir(f"/proc/{pid}/task"))
+                counted = int((self.pids_dir / "pids.current").read_text())
+            except (OSError, ValueError):
+                return False
+            if counted <= threads:
+                return True
+            time.sleep(0.002 * (attempt + 1))
+        return False
 
     def kill_frozen(self) -> None:
         """SIGKILL every process in the sandbox, then thaw it: a frozen process dies without

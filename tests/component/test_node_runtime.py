@@ -10,8 +10,10 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from harness import MAX_PIDS
 from harness import runner_config as make_config
@@ -197,6 +199,10 @@ def test_out_of_memory(runner: PooledRunner) -> None:
 
 
 def test_leftover_child_processes_are_killed(runner: PooledRunner, kind: str) -> None:
+    """What a run leaves behind is killed. On the process runner the node server is PID 1 of
+    its sandbox and reaps only the children it waits for: a sandbox whose run left a process
+    is not kept (a killed orphan would hold one of its pids for good); one whose run waited
+    for its child is."""
     code = (
         "const { spawn } = require('child_process');\n"
         "spawn('sleep', ['60'], { detached: true, stdio: 'ignore' }).unref();\n"
@@ -205,12 +211,39 @@ def test_leftover_child_processes_are_killed(runner: PooledRunner, kind: str) ->
     out, sandbox = run(runner, code, key="bg@1")
     assert out.stdout == b"spawned\n"
     if kind == "process":
-        assert isinstance(sandbox, ProcessSandbox)
-        assert sandbox.cgroup is not None and sandbox.process is not None
-        assert sandbox.cgroup.pids() == [sandbox.server_pid]
+        assert isinstance(sandbox, ProcessSandbox) and sandbox.process is not None
+        assert not sandbox.healthy and sandbox.process.wait(5)
+        assert not [p for p in psutil.process_iter(["cmdline", "uids"])
+                    if p.info["cmdline"] == ["sleep", "60"]
+                    and p.info["uids"] and p.info["uids"].real == sandbox.uid]
+        waited = "require('child_process').execFileSync('true');\nconsole.log('waited');\n"
+        out, first = run(runner, waited, key="wait@1")
+        out, second = run(runner, waited, key="wait@1")
+        assert out.stdout == b"waited\n" and second is first and first.healthy
     else:
         assert isinstance(sandbox, DockerSandbox) and sandbox.processes is not None
         assert sandbox.processes.strays() == [] and sandbox.healthy
+
+
+def test_a_process_node_sandbox_is_its_node_server_alone() -> None:
+    """On the process runner the node server is exec'd as PID 1 of its sandbox's namespace,
+    the template's child: no python process (keeper, PID 1) stays beside it. It starts with
+    glibc's malloc mapping blocks of 32 KiB and more on their own; its runs do not."""
+    runner = start("process", {"node": {"warm": 1}})
+    try:
+        env = "console.log(JSON.stringify(process.env.GLIBC_TUNABLES || null));\n"
+        out, sandbox = run(runner, env, key="alone@1")
+        assert isinstance(sandbox, ProcessSandbox) and sandbox.process is not None
+        assert out.stdout == b"null\n"
+        server = psutil.Process(sandbox.server_pid)
+        assert sandbox.process.pid == server.pid and server.exe().endswith("/node")
+        assert server.parent().cmdline()[0].startswith("nanogrid: sandbox template")
+        status = Path(f"/proc/{server.pid}/status").read_text()
+        assert f"NSpid:\t{server.pid}\t1\n" in status
+        assert server.environ()["GLIBC_TUNABLES"] == "glibc.malloc.mmap_threshold=32768"
+        assert server.children() == []
+    finally:
+        runner.close()
 
 
 # -- Docker: an image with node only, hardened as for python -----------------------------------

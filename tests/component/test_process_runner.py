@@ -188,7 +188,8 @@ def test_rlimit_fallback_without_cgroups(monkeypatch: pytest.MonkeyPatch) -> Non
 
 def test_fork_servers_die_with_their_worker() -> None:
     """Sandboxes are forked by the worker's template, not by the worker: a worker killed
-    still takes its template, and the template every sandbox (keepers and servers)."""
+    still takes its template, and the template every sandbox. Each sandbox is its server
+    alone: PID 1 of its namespace, with no keeper outside it."""
     config = make_config(warm=2)
     pid = os.fork()
     if pid == 0:
@@ -196,8 +197,7 @@ def test_fork_servers_die_with_their_worker() -> None:
         time.sleep(60)
         os._exit(0)
 
-    two_serving = ["nanogrid: sandbox keeper"] * 2 + ["nanogrid: sandbox python"] * 2 + [
-        "nanogrid: sandbox template"]
+    two_serving = ["nanogrid: sandbox python"] * 2 + ["nanogrid: sandbox template"]
 
     def sandboxes() -> dict[psutil.Process, str]:
         """Each process below the worker and its title, once two sandboxes serve (and the

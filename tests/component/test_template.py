@@ -114,6 +114,31 @@ def test_cold_sandboxes_are_forks_of_one_template(runner: ProcessRunner) -> None
             assert server.create_time() >= template.create_time()
 
 
+def nspid(pid: int) -> list[int]:
+    """The process's pid in each PID namespace it is in, the host's first."""
+    line = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                if line.startswith("NSpid:"))
+    return [int(n) for n in line.split()[1:]]
+
+
+def test_a_sandbox_is_its_server_alone_pid_1_of_its_namespace(runner: ProcessRunner) -> None:
+    """The template forks the sandbox's server as PID 1 of a new PID namespace: no process of
+    the sandbox's stays outside it (a keeper, once), the worker's handle on the sandbox is
+    its server, and killing that ends the sandbox."""
+    assert os.geteuid() == 0, "sandboxes are isolated only when the agent runs as root (CI)"
+    with cold(runner, "alone@1") as sandbox:
+        call(runner, sandbox)
+        server = psutil.Process(sandbox.server_pid)
+        assert sandbox.process is not None and sandbox.process.pid == server.pid
+        assert server.ppid() == template_of(sandbox).pid
+        assert nspid(server.pid) == [server.pid, 1] and "pid" in sandbox.holds
+        theirs = [p.pid for p in psutil.process_iter(["uids"])
+                  if p.info["uids"] and p.info["uids"].real == sandbox.uid]
+        assert theirs == [server.pid]
+        sandbox.process.kill()
+        assert sandbox.process.wait(5)  # its pidfd: the server has exited
+
+
 def test_forked_sandboxes_keep_their_isolation(runner: ProcessRunner) -> None:
     """Two sandboxes forked from one template: a uid each, namespaces of their own (not the
     template's), their own cgroups in every hierarchy with their limits, the rlimits, and a

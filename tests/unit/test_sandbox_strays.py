@@ -5,6 +5,7 @@ rounds of kills; one that never goes spoils the sandbox instead of staying in a 
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -45,3 +46,19 @@ def test_leftovers_that_never_go_spoil_the_sandbox_after_the_wait(
     started = time.monotonic()
     assert LingeringCgroup(leftover, listed_s=None).kill_all(spare=SERVER) is False
     assert 0.2 <= time.monotonic() - started < 2
+
+
+def counted(tmp_path: Path, tasks: object) -> SandboxCgroup:
+    """A sandbox cgroup whose pids controller counts ``tasks`` (``pids.current``)."""
+    (tmp_path / "pids.current").write_text(f"{tasks}\n")
+    return SandboxCgroup(tmp_path, tmp_path, CgroupV1Memory(tmp_path))
+
+
+def test_a_pid_1_that_cannot_reap_is_found_holding_an_unreaped_process(tmp_path: Path) -> None:
+    """A node server, PID 1 of its sandbox, reaps only its own children: an orphan of a run
+    stays counted by the pids controller (a zombie) after the kill, and the sandbox is not
+    kept; its threads alone are."""
+    threads = len(list(Path("/proc/self/task").iterdir()))
+    assert counted(tmp_path, threads).holds_only(os.getpid()) is True
+    assert counted(tmp_path, threads + 1).holds_only(os.getpid()) is False
+    assert counted(tmp_path, "garbage").holds_only(os.getpid()) is False

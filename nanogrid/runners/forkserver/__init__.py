@@ -14,7 +14,7 @@ that started it (a pyenv in /root).
     server.py   its start (the sandbox's set-up, then serving) and the protocol
     child.py    the forked child of one run: becomes the function
     preload.py  import-warm: holds a function's imports after vetting them
-    sandbox.py  namespaces, mounts, cgroups, rlimits, uid; PID 1 and its keeper; --probe
+    sandbox.py  namespaces, mounts, cgroups, rlimits, uid; an exec'd server; --probe
     reaping.py  ending what a run leaves behind
     sysvipc.py  removing the SysV objects a run leaves in the sandbox's IPC namespace
 """

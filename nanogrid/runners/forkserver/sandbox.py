@@ -5,20 +5,18 @@ Started by a root agent with ``"isolate"`` in its options, the server gets its o
 namespace (private /tmp and /dev/shm tmpfs; of the work dir only the sandbox's own directory,
 read-only; an empty read-only tmpfs over each world-writable host directory the agent found,
 a read-only bind over each such file), IPC namespace (SysV objects and POSIX message queues
-of its own, gone with the sandbox), network namespace (loopback only) and PID namespace,
-whose PID 1 it becomes: it forks once,
-the original process stays outside as the namespace's keeper (it waits for the server and
-dies with the agent), and the server mounts a fresh /proc, reaps orphans during a run and
-kills what a run left behind after it. A namespace the kernel refuses is left out and named
-in the ready line: ``{"pid": <the server's pid on the host>, "holds": [...],
-"missing": {name: reason}}``. Then it joins the sandbox's cgroups, sets its rlimits and
-drops root.
+of its own, gone with the sandbox) and network namespace (loopback only). Its template forked
+it as PID 1 of a PID namespace of its own (template.py): it mounts a fresh /proc, reaps
+orphans during a run and kills what a run left behind after it; no process of the sandbox's
+lies outside the namespace. A namespace the kernel refuses is left out and named in the ready
+line: ``{"pid": <the server's pid on the host>, "holds": [...], "missing": {name:
+reason}}``. Then it joins the sandbox's cgroups, sets its rlimits and drops root.
 
 With ``"exec"`` in its options (another runtime's server, e.g. ``node nodeserver``), it
-sets the same sandbox up and then exec's that server instead of serving: within a PID
-namespace it stays PID 1 (reaping what runs orphan, exiting with the server) and the server
-runs as its child; the exec'd server writes the ready line when it serves (with ``"init"``:
-PID 1's pid on the host).
+sets the same sandbox up and then exec's that server instead of serving, which thereby is the
+namespace's PID 1 (a node server reaps only the processes it started: the agent does not keep
+a sandbox whose run left any other behind, runner.py); the exec'd server writes the ready line
+when it serves (with ``"init"``: PID 1's pid on the host, its own).
 """
 
 import ctypes
@@ -26,11 +24,11 @@ import fcntl
 import json
 import os
 import resource
+import select
 import signal
 import socket
 import stat
 import struct
-import sys
 
 from .clone import fork_into
 
@@ -46,10 +44,13 @@ RLIMITS = {"nofile": "RLIMIT_NOFILE", "fsize": "RLIMIT_FSIZE", "core": "RLIMIT_C
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def die_with_parent(parent: int) -> None:
-    """Ask the kernel to kill this process when the one that started it dies."""
+def die_with_parent(parent: int, parent_fd: int | None = None) -> None:
+    """Ask the kernel to kill this process when the one that started it dies; exit now if it
+    is gone already: ``parent`` (its pid as getppid() saw it) changed, or its pidfd
+    ``parent_fd`` says it exited (from a new PID namespace getppid() is 0 either way)."""
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:
+    gone = parent_fd is not None and select.select([parent_fd], [], [], 0)[0]
+    if gone or os.getppid() != parent:
         os._exit(0)
 
 
@@ -116,9 +117,10 @@ def loopback_up() -> None:
         fcntl.ioctl(sock, SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
 
 
-def isolate(settings: dict) -> tuple[list, dict]:
-    """As root: new mount, IPC, network and PID namespaces for this server (the PID namespace
-    is for its children). Returns (what holds, {what is missing: why})."""
+def isolate(settings: dict, pid_namespace: object) -> tuple[list, dict]:
+    """As root: new mount, IPC and network namespaces for this server; ``pid_namespace``:
+    True if it was born as PID 1 of a new PID namespace, else why not. Returns (what holds,
+    {what is missing: why})."""
     holds: list = []
     missing: dict = {}
     host_mounts = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
@@ -145,7 +147,9 @@ def isolate(settings: dict) -> tuple[list, dict]:
             missing["loopback"] = f"cannot bring up lo: {exc.strerror}"
     if "mount" not in holds:  # its /proc would be mounted over the host's
         missing["pid"] = "needs the mount namespace"
-    elif unshare(CLONE_NEWPID, missing, "pid"):
+    elif pid_namespace is not True:
+        missing["pid"] = str(pid_namespace or "not forked by a sandbox template")
+    else:
         holds.append("pid")
     return holds, missing
 
@@ -220,77 +224,28 @@ def seal(root: str) -> None:
     mount(None, root, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
 
 
-def become_init(parent: int, uid: int, gid: int, cgroup2: str | None = None
-                ) -> tuple[int, str | None]:
-    """Fork into the new PID namespace: the child goes on as its PID 1 and gets a /proc of its
-    own, born in the cgroup2 directory ``cgroup2`` where the kernel allows it; this process
-    stays outside as the keeper, which waits for it and exits with it (and dies with
-    ``parent``, the template or the agent). Returns the server's pid on the host and the
-    cgroup it was born in (None: it joins its cgroups itself)."""
-    server, joined = fork_into(cgroup2)
-    if server:
-        keep(server, parent, uid, gid)
-    host_pid = int(os.readlink("/proc/self"))  # still the host's procfs: the pid seen there
+def own_proc() -> int:
+    """As PID 1 of its own PID namespace (and mount namespace): mount the namespace's /proc.
+    Returns this process's pid on the host, read before in the host's procfs."""
+    host_pid = int(os.readlink("/proc/self"))
     mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-    return host_pid, cgroup2 if joined else None
+    return host_pid
 
 
-def keep(server: int, parent: int, uid: int, gid: int) -> None:
-    """The keeper: wait for the server (PID 1 of the namespace), exit with it. Never returns."""
-    code = 1
-    try:
-        drop_privileges(uid, gid)
-        if parent:
-            die_with_parent(parent)
-        _, status = os.waitpid(server, 0)
-        code = os.waitstatus_to_exitcode(status) & 0xFF
-    finally:
-        os._exit(code)
-
-
-def exec_server(command: list, options: dict, parent: int, report: dict,
-                joined: str | None = None) -> None:
+def exec_server(command: list, options: dict, parent: int, report: dict) -> None:
     """Become another runtime's server (``options["exec"]``) in the sandbox made so far: join
-    its cgroups (but ``joined``, born in it), set its rlimits, drop root, then exec. The
+    its cgroups (but the one it was born in), set its rlimits, drop root, then exec. The
     server is given the ready fd and the line to write there once it serves (this process's
     report). Never returns."""
-    join_cgroups(options.get("cgroup_procs", []), joined)
+    join_cgroups(options.get("cgroup_procs", []), options.get("born_in"))
     os.umask(0o077)
     set_rlimits(options.get("rlimits") or {})
     drop_privileges(options.get("uid", -1), options.get("gid", -1))
     if options.get("pdeathsig"):  # after dropping root: changing uid clears the death signal
-        die_with_parent(parent)
+        die_with_parent(parent, options.get("parent_fd"))
     ready = {"ready_fd": options.get("ready_fd"), "ready_line": json.dumps(report) + "\n"}
-    os.execv(command[0], [*command, json.dumps(ready)])
-
-
-def init_for(command: list, options: dict, host_proc: int, report: dict) -> int:
-    """As PID 1 of the sandbox's namespace: start the exec'd server as its child, reap what
-    its runs orphan (a node server cannot) and exit with the server."""
-    root = (options.get("isolate") or {}).get("root")
-    if "mount" in report["holds"] and root:
-        seal(root)
-    server, joined = fork_into(options.get("cgroup2"))
-    if server == 0:
-        code = 127
-        try:
-            # The pid on the host, read in the host's procfs (this namespace's /proc has 2).
-            host_pid = int(os.readlink("self", dir_fd=host_proc))
-            os.close(host_proc)
-            exec_server(command, options, 1, {"pid": host_pid, **report},
-                        options.get("cgroup2") if joined else None)
-        except BaseException:
-            sys.__excepthook__(*sys.exc_info())
-        finally:
-            os._exit(code)
-    os.close(host_proc)
-    drop_privileges(options.get("uid", -1), options.get("gid", -1))
-    if options.get("pdeathsig"):
-        die_with_parent(0)  # the keeper, outside this namespace
-    while True:
-        pid, status = os.wait()
-        if pid == server:
-            return os.waitstatus_to_exitcode(status) & 0xFF
+    os.execve(command[0], [*command, json.dumps(ready)],
+              {**os.environ, **(options.get("exec_env") or {})})
 
 
 def probe(settings: dict) -> int:
@@ -298,11 +253,16 @@ def probe(settings: dict) -> int:
     ``{"holds": [...], "missing": {...}}`` (the agent runs it at start for its warning and
     /status; the namespaces die with this process)."""
     try:
-        holds, missing = isolate(settings)
+        holds, missing = isolate(settings, True)
     except OSError as exc:
         holds, missing = [], {"setup": str(exc)}
-    if "pid" in holds:
-        pid = os.fork()
+    if "pid" in holds:  # forked as the template forks a sandbox (template.fork_sandbox)
+        try:
+            pid = fork_into(None, CLONE_NEWPID)[0]
+        except OSError as exc:
+            pid = -1
+            holds.remove("pid")
+            missing["pid"] = f"the kernel refused the namespace: {exc.strerror}"
         if pid == 0:
             code = 0
             try:
@@ -310,7 +270,7 @@ def probe(settings: dict) -> int:
             except OSError:
                 code = 1
             os._exit(code)
-        if os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) != 0:
+        if pid > 0 and os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) != 0:
             holds.remove("pid")
             missing["pid"] = "cannot mount a /proc of its own"
     print(json.dumps({"holds": holds, "missing": missing}))

@@ -34,14 +34,13 @@ from .child import Signals, Stdio, adopt_environment, child
 from .preload import Preload
 from .reaping import kill_group, kill_namespace, reap_orphans
 from .sandbox import (
-    become_init,
     die_with_parent,
     drop_privileges,
     exec_server,
-    init_for,
     isolate,
     join_cgroups,
     keep_writable,
+    own_proc,
     probe,
     seal,
     set_rlimits,
@@ -174,47 +173,37 @@ def main(argv: list) -> int:
 
 def start(path: str, options: dict) -> int:
     """Set the sandbox up, then serve on ``path``, or exec ``options["exec"]``. Returns an
-    exit code: after a failed set-up, or as PID 1 of an exec'd server, the server's."""
+    exit code after a failed set-up."""
     uid, gid = options.get("uid", -1), options.get("gid", -1)
-    parent = os.getppid()
+    parent = os.getppid()  # 0 as PID 1 of a new namespace: its parent lies outside
     settings = options.get("isolate")
     command = options.get("exec")
     try:
-        holds, missing = isolate(settings) if settings else ([], {})
+        holds, missing = isolate(settings, options.get("pid_namespace")) if settings else ([], {})
         if command and "mount" in holds and settings.get("root"):
             # The exec'd server stages each call's stdin in its control directory: it stays
             # writable when the rest is sealed (the agent takes its ownership once it is ready).
             keep_writable(os.path.dirname(path))
-        host_proc = os.open("/proc", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC) if command else -1
+        host_pid = own_proc() if "pid" in holds else os.getpid()
     except OSError as exc:
         print(f"nanogrid fork server: cannot set up the sandbox: {exc}", file=sys.stderr)
         return 1
     if "ipc" in holds or options.get("own_ipc"):
         sysvipc.own_namespace()
-    host_pid = os.getpid()
+    if command:
+        if "mount" in holds and settings.get("root"):
+            seal(settings["root"])
+        report = {"pid": host_pid, "holds": holds, "missing": missing}
+        exec_server(command, options, parent, {**report, "init": host_pid}
+                    if "pid" in holds else report)
     wakeup = None
-    joined = None
-    if "pid" in holds:
-        # Born in the sandbox's cgroup2 directory where the kernel allows it (clone.py).
-        host_pid, joined = become_init(
-            parent if options.get("pdeathsig") else 0, uid, gid,
-            None if command else options.get("cgroup2"))
-        parent = 0  # the keeper lies outside this namespace: getppid() is 0 from now on
-        if command:  # its ready line names this PID 1 too: the namespace ends with it
-            report = {"holds": holds, "missing": missing, "init": host_pid}
-            return init_for(command, options, host_proc, report)
+    if os.getpid() == 1:  # PID 1 of its namespace: it reaps what runs orphan
         wakeup = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wakeup[1], warn_on_full_buffer=False)
         signal.signal(signal.SIGCHLD, lambda *_: None)  # wakes serve_run to reap orphans
-    elif command:
-        if "mount" in holds and settings.get("root"):
-            seal(settings["root"])
-        os.close(host_proc)
-        report = {"pid": host_pid, "holds": holds, "missing": missing}
-        exec_server(command, options, parent, report)
     else:  # PID 1 keeps the default: signals from its own namespace cannot kill it
         signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
-    join_cgroups(options.get("cgroup_procs", []), joined)
+    join_cgroups(options.get("cgroup_procs", []), options.get("born_in"))
     os.umask(0o077)
     warm_up()  # before the socket appears: its existence means ready
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -227,7 +216,9 @@ def start(path: str, options: dict) -> int:
     set_rlimits(options.get("rlimits") or {})
     drop_privileges(uid, gid)
     if options.get("pdeathsig"):  # after dropping root: changing uid clears the death signal
-        die_with_parent(parent)
+        die_with_parent(parent, options.get("parent_fd"))
+    if options.get("parent_fd") is not None:
+        os.close(options["parent_fd"])  # no run of its inherits the template's pidfd
     ready = options.get("ready_fd")
     if ready is not None:
         line = json.dumps({"pid": host_pid, "holds": holds, "missing": missing}) + "\n"

@@ -11,14 +11,17 @@ each:
     -> {"socket": path, "cwd": directory, "options": {...}}    + SCM_RIGHTS [ready fd]
     <- {"pid": n}                                               + SCM_RIGHTS [pidfd of n]
 
-For each it forks; the child lets go of what is the template's (its socket, its wake-up
-pipe, its SIGCHLD handler), starts a session of its own in ``cwd`` and becomes the sandbox
-exactly as a fork server started with ``SOCKET OPTIONS`` does (server.start: namespaces,
-cgroups, rlimits, uid, the ready line on the ready fd). What a sandbox does afterwards
-cannot reach the template: their pages are copied on write, and a sandbox drops root
-before it serves. The template reaps the children it forked (the sandboxes' first processes: a
-keeper outside the sandbox's PID namespace, or the server itself) and exits when the agent
-goes (its socket's end): each sandbox dies with it (its parent-death signal).
+For each it forks: the child is born in the sandbox's cgroup2 directory where the kernel
+allows it and, for an isolated sandbox, as PID 1 of a new PID namespace (clone.py); it lets go
+of what is the template's (its socket, its wake-up pipe, its SIGCHLD handler), starts a
+session of its own in ``cwd`` and becomes the sandbox exactly as a fork server started with
+``SOCKET OPTIONS`` does (server.start: namespaces, cgroups, rlimits, uid, the ready line on
+the ready fd). What a sandbox does afterwards cannot reach the template: their pages are
+copied on write, and a sandbox drops root before it serves. The template reaps the children
+it forked (each sandbox's server, PID 1 of its namespace: when it exits the kernel ends every
+other process of the sandbox) and exits when the agent goes (its socket's end): each sandbox
+dies with it (its parent-death signal; a pidfd of the template tells a sandbox whose
+getppid() is 0, seen from its own namespace, whether it is gone already).
 """
 
 import array
@@ -31,6 +34,8 @@ import signal
 import socket
 import sys
 
+from .clone import fork_into
+from .sandbox import CLONE_NEWPID
 from .title import set_title
 
 MAX_REQUEST = 1 << 20
@@ -46,6 +51,7 @@ def serve(fd: int, start: object) -> int:
     signal.signal(signal.SIGCHLD, lambda *_: None)
     gc.collect()
     gc.freeze()  # every sandbox shares these pages: no collector of theirs touches them
+    itself = os.pidfd_open(os.getpid())  # inherited by each sandbox (not across exec)
     poller = select.poll()
     poller.register(conn, select.POLLIN)
     poller.register(wakeup[0], select.POLLIN)
@@ -57,9 +63,9 @@ def serve(fd: int, start: object) -> int:
             request, fds = receive(conn)
             if request is None:
                 return 0
-            pid = os.fork()
+            pid, born = fork_sandbox(request["options"])
             if pid == 0:
-                become(request, fds, conn, wakeup, start)
+                become(request, dict(born, parent_fd=itself), fds, conn, wakeup, start)
             for received in fds:
                 os.close(received)
             try:
@@ -72,9 +78,28 @@ def serve(fd: int, start: object) -> int:
             os.close(pidfd)
 
 
-def become(request: dict, fds: list, conn: socket.socket, wakeup: tuple, start: object
-           ) -> None:
-    """In the forked child: let go of the template, become the sandbox. Never returns."""
+def fork_sandbox(options: dict) -> tuple[int, dict]:
+    """Fork a sandbox's server: born in its cgroup2 directory (``options["cgroup2"]``) where
+    the kernel allows it, and as PID 1 of a new PID namespace if it is isolated. Returns its
+    pid (0 in the child) and what the child is told of its birth: ``born_in`` (the cgroup2
+    directory it was born in, or None) and ``pid_namespace`` (True, or why not)."""
+    cgroup2 = options.get("cgroup2")
+    pid_namespace: object = None
+    if options.get("isolate"):
+        try:
+            pid, joined = fork_into(cgroup2, CLONE_NEWPID)
+            pid_namespace = True
+        except OSError as exc:
+            pid_namespace = f"the kernel refused the namespace: {exc.strerror}"
+    if pid_namespace is not True:
+        pid, joined = fork_into(cgroup2)
+    return pid, {"born_in": cgroup2 if joined else None, "pid_namespace": pid_namespace}
+
+
+def become(request: dict, born: dict, fds: list, conn: socket.socket, wakeup: tuple,
+           start: object) -> None:
+    """In the forked child: let go of the template, become the sandbox (told how it was
+    ``born``: fork_sandbox). Never returns."""
     code = 1
     try:
         conn.close()
@@ -84,8 +109,8 @@ def become(request: dict, fds: list, conn: socket.socket, wakeup: tuple, start: 
             os.close(end)
         os.setsid()
         os.chdir(request["cwd"])
-        set_title(f"nanogrid: sandbox keeper {request['socket']}")  # its server sets its own
-        options = dict(request["options"], ready_fd=fds[0] if fds else None)
+        set_title(f"nanogrid: sandbox starting {request['socket']}")  # until it serves
+        options = dict(request["options"], **born, ready_fd=fds[0] if fds else None)
         code = start(request["socket"], options)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
@@ -113,7 +138,7 @@ def receive(conn: socket.socket) -> tuple[dict | None, list]:
 
 
 def reap(wakeup: int) -> None:
-    """Reap the sandboxes that ended (their processes are the template's children)."""
+    """Reap the sandboxes that ended (their servers are the template's children)."""
     with contextlib.suppress(BlockingIOError):
         os.read(wakeup, 512)
     with contextlib.suppress(ChildProcessError):

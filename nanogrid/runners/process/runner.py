@@ -65,14 +65,11 @@ class ProcessSandbox(ServerSandbox):
     home: Path = field(default_factory=Path)
     uid: int = -1
     process: Forked | None = None
-    """Its first process, forked by the template: the server itself, or its keeper outside
-    its PID namespace."""
+    """Its server, forked by the template (as PID 1 of its PID namespace, where it holds: once
+    it is gone, so is every process of the namespace, which the kernel ends before PID 1
+    exits)."""
     server_pid: int = -1
     """The sandbox server's pid on the host."""
-    init_fd: int = -1
-    """A pidfd of PID 1 of its PID namespace (the fork server, or the one that exec'd the
-    node server): readable once it is gone, and with it every process of the namespace (the
-    kernel ends them before PID 1 exits)."""
     holds: tuple[str, ...] = ()
     """The isolations its server set up (forkserver/sandbox.py's isolate)."""
     cgroup: SandboxCgroup | None = None
@@ -200,13 +197,21 @@ class ProcessRunner(PooledRunner):
         # A fork server, as PID 1 of its namespace, ended and reaped every other process
         # before it replied; otherwise (no namespace, or a server that runs functions in its
         # own process) what the run left is killed here.
-        ended = not launch.server.runs_functions_itself and "pid" in sandbox.holds
+        pid_1 = "pid" in sandbox.holds
         cgroup = sandbox.cgroup
-        if cgroup is None or ended or cgroup.kill_all(spare=sandbox.server_pid):
+        if cgroup is None or (pid_1 and not launch.server.runs_functions_itself):
             return True
-        logger.warning(f"{self.marker} processes left behind in {sandbox.name} outlived "
-                       f"{KILL_WAIT_S:g} s of kills: the sandbox is not kept")
-        return False
+        if not cgroup.kill_all(spare=sandbox.server_pid):
+            logger.warning(f"{self.marker} processes left behind in {sandbox.name} outlived "
+                           f"{KILL_WAIT_S:g} s of kills: the sandbox is not kept")
+            return False
+        if pid_1 and not cgroup.holds_only(sandbox.server_pid):
+            # Its server is PID 1 and reaps only the processes it started: an orphan of the
+            # run's, dead or killed, would hold a pid of the sandbox's for good.
+            logger.info(f"{self.marker} a run left processes in {sandbox.name} that its "
+                        f"{launch.server.name} server cannot reap: the sandbox is not kept")
+            return False
+        return True
 
     def oom_without_cgroup(self, exit_code: int, raw: RawRun) -> bool:
         return exit_code != 0 and b"MemoryError" in raw.stderr[-4096:]
@@ -260,6 +265,7 @@ class ProcessRunner(PooledRunner):
             # death signal), then exec's this runtime's own server, which says when it is ready.
             source = server.copy_to(root)
             options["exec"] = server.command(launch.interpreter, str(source), str(socket_path))
+            options["exec_env"] = dict(server.environment)
             interpreter = sys.executable
         try:
             with os.fdopen(ready_r, "rb") as ready:
@@ -276,8 +282,6 @@ class ProcessRunner(PooledRunner):
             report = json.loads(line)
             sandbox.server_pid = report["pid"]
             sandbox.holds = tuple(report["holds"])
-            if "pid" in sandbox.holds:
-                sandbox.init_fd = os.pidfd_open(report.get("init", sandbox.server_pid))
             if server.runs_functions_itself and uid >= 0:
                 # As Docker does: the server runs the functions in its own process, so its
                 # socket's directory cannot be sealed; from now on it may write only the files
@@ -352,12 +356,9 @@ class ProcessRunner(PooledRunner):
             sandbox.cgroup.kill_frozen()  # else a frozen server would never exit
         if sandbox.process is not None:
             sandbox.process.kill()
-            sandbox.process.wait(SANDBOX_END_TIMEOUT_S)
+            gone = sandbox.process.wait(SANDBOX_END_TIMEOUT_S)
             sandbox.process.close()
-        if sandbox.init_fd >= 0:  # PID 1 dies with its keeper
-            ended = bool(select.select([sandbox.init_fd], [], [], SANDBOX_END_TIMEOUT_S)[0])
-            os.close(sandbox.init_fd)
-            sandbox.init_fd = -1
+            ended = ended or (gone and "pid" in sandbox.holds)  # PID 1: the namespace with it
         if sandbox.cgroup is not None:
             ended = sandbox.cgroup.remove() or ended
         shutil.rmtree(sandbox.root, ignore_errors=True)

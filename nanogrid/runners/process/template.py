@@ -8,9 +8,9 @@ once that end closes, however the worker ends (no thread's death signal is invol
 sandbox made on a passing thread outlives it), and its sandboxes die with it. A template
 that died meanwhile is started again for the next sandbox.
 
-A sandbox's first process (a keeper outside its PID namespace, or its server) is the
-template's child, not the worker's: the worker holds it as a pidfd (``Forked``), which it
-signals and waits on; the template reaps it.
+A sandbox's server (PID 1 of its PID namespace, where it has one) is the template's child,
+not the worker's: the worker holds it as a pidfd (``Forked``), which it signals and waits on;
+the template reaps it.
 """
 
 from __future__ import annotations

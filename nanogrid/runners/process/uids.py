@@ -12,7 +12,7 @@ A worker with all 1000 uids of its range live gets a SandboxError for the next s
 instead of a shared uid. Its pools hold at most ``capacity.max_concurrent`` sandboxes per
 runtime (``auto``: what the host's memory, open files and tasks hold, nanogrid/common/capacity.py),
 so only a host whose runs spread over ~1000 function versions at once on one worker gets
-there, with ~3 GB in idle sandboxes (a python server and its keeper: ~3 MB PSS). A range
+there, with ~2 GB in idle sandboxes (a python server: ~2 MB PSS). A range
 fixed by the worker's index keeps the uids, the accounts check (``check_sandbox_uids``) and
 a firewall rule by uid independent of the capacity, which ``auto`` computes anew on each
 host and reload.
