@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from loguru import logger
@@ -49,9 +49,6 @@ class ServerKind:
     keeps_worker: bool
     """It keeps a Worker started for the next call (~8 MiB), which it drops when asked
     (``SandboxClient.shrink``) after its sandbox idled ``pool.node_worker_idle_seconds``."""
-    environment: Mapping[str, str] = field(default_factory=dict)
-    """What the server's process starts with besides (its runs' environments are the
-    functions' own)."""
 
     def command(self, interpreter: str, source: str, socket_path: str) -> list[str]:
         """The server's command line, given where its directory and socket are."""
@@ -80,10 +77,6 @@ FORK = ServerKind(
 NODE = ServerKind(
     "node", NODESERVER_SOURCE, NODE_SOCKET_NAME, (), NodeServerClient,
     runs_functions_itself=True, started_by_fork_server=True, keeps_worker=True,
-    # Blocks of 32 KiB and more are mapped on their own, and unmapped when freed: what a
-    # Worker allocated goes back to the host when it ends, instead of staying in the heap
-    # as holes (-0.6 MiB of an idle server's private memory).
-    environment={"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=32768"},
 )
 SERVERS = {server.name: server for server in (FORK, NODE)}
 

@@ -91,7 +91,7 @@ def container_spec(
         name=name,
         init=True,  # docker-init reaps what functions orphan
         user="{}:{}".format(*docker_user_ids(config.docker.user)),
-        environment=dict(server.environment),
+        environment={},
         working_dir="/",
         cap_drop=["ALL"],
         security_opt=["no-new-privileges"],  # and the engine's default seccomp profile

@@ -244,8 +244,7 @@ def exec_server(command: list, options: dict, parent: int, report: dict) -> None
     if options.get("pdeathsig"):  # after dropping root: changing uid clears the death signal
         die_with_parent(parent, options.get("parent_fd"))
     ready = {"ready_fd": options.get("ready_fd"), "ready_line": json.dumps(report) + "\n"}
-    os.execve(command[0], [*command, json.dumps(ready)],
-              {**os.environ, **(options.get("exec_env") or {})})
+    os.execv(command[0], [*command, json.dumps(ready)])
 
 
 def probe(settings: dict) -> int:

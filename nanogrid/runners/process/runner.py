@@ -265,7 +265,6 @@ class ProcessRunner(PooledRunner):
             # death signal), then exec's this runtime's own server, which says when it is ready.
             source = server.copy_to(root)
             options["exec"] = server.command(launch.interpreter, str(source), str(socket_path))
-            options["exec_env"] = dict(server.environment)
             interpreter = sys.executable
         try:
             with os.fdopen(ready_r, "rb") as ready:
