@@ -204,6 +204,28 @@ while (Date.now() < until) for (const fd of sockets) try { fs.writeSync(fd, chun
 """
 HELLO = "console.log('hello');\n"
 
+FORGED_END = """
+const { parentPort } = require('worker_threads');
+for (const nonce of [undefined, '0'.repeat(32), 'guess']) {
+  parentPort.postMessage({ nonce, ended: 1n, exitCode: 0, reusable: true, loaded: null });
+}
+setTimeout(() => { console.log('still running'); process.exitCode = 7; }, 200);
+"""
+
+
+def test_a_run_cannot_end_itself_with_a_forged_message(hostile_node: NodeHarness) -> None:
+    """The server takes a run's end only from a message carrying the run's nonce (random,
+    read from /dev/urandom per run): one the function posts to its parent is ignored, and
+    the run ends when it does."""
+    sandbox = hostile_node.runner.acquire("node", "forger")
+    try:
+        put_code(sandbox, {"main.js": FORGED_END}, "forger")
+        out = hostile_node.runner.run(sandbox, node_invocation(b"{}", 5000))
+    finally:
+        hostile_node.runner.release(sandbox)
+    assert out.exit_code == 7 and out.stdout == b"still running\n"
+    assert out.duration_ms >= 150
+
 
 def rss_bytes() -> int:
     return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
