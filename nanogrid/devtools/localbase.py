@@ -22,7 +22,6 @@ INVOKE_WAIT_S = 30.0
 """How long the demo waits for each result."""
 WARM_UP_TIMEOUT_S = 10.0
 """How long the demo waits for the warm pools before its first call (not a failure)."""
-WARM_UP_MARGIN_S = 0.3
 STOP_MARGIN_S = 15.0
 """Beyond the agent's drain timeout, before its SIGKILL (the arbiter's own kill wait is 5 s)."""
 

@@ -17,6 +17,7 @@ import urllib.error
 from pathlib import Path
 from typing import Any
 
+from ..supervisor.warmup import WARM, WARMING
 from .embedded import (
     AWS_REGION,
     DIRECT,
@@ -32,7 +33,6 @@ from .localbase import (
     BUCKET,
     STOP_MARGIN_S,
     SUPERVISOR_BIN,
-    WARM_UP_MARGIN_S,
     Interrupted,
     LocalError,
     one_line,
@@ -68,6 +68,11 @@ class SupervisorProcess(PeerProcess):
         except urllib.error.HTTPError as exc:
             body = exc.read()
         return json.loads(body)
+
+    def status(self) -> dict[str, Any]:
+        """The /status body."""
+        with DIRECT.open(f"{self.plan.http_url}/status", timeout=2) as response:
+            return json.loads(response.read())
 
     def ready(self) -> bool:
         return self.health().get("status") == "UP"
@@ -242,32 +247,26 @@ class Stack:
         return f"{head} during start-up" + (f": {one_line(last)}" if last else "") + where
 
     def wait_for_warm_pools(self, timeout: float) -> None:
-        """Wait (at most `timeout`) for every worker and every warm sandbox, so the demo shows
-        the warm path. /status reports pools only after a task, so this counts the process
-        runner's fork servers below the agent instead; other runners just get a short pause."""
-        import psutil
-
+        """Wait (at most ``timeout``) for every worker and the agent's warm-up (/status
+        ``warmUp``: each runtime's generic sandboxes ready, or the agent's own bound passed),
+        so the demo shows the warm path."""
         cfg = self.plan.config
-        target = sum(runtime.warm for runtime in cfg.runtimes.values())
         deadline = time.monotonic() + timeout
-
-        def warm() -> int:
-            assert self.supervisor.pid is not None
-            children = psutil.Process(self.supervisor.pid).children(recursive=True)
-            return sum(1 for child in children if "forkserver" in " ".join(child.cmdline()))
-
+        state = WARMING
         while time.monotonic() < deadline:
             try:
-                workers = self.supervisor.health().get("workersAlive", 0)
-                sandboxes = warm() if cfg.runner == "process" else target
-            except (OSError, ValueError, psutil.Error):
-                workers = sandboxes = 0
-            if workers >= cfg.workers and sandboxes >= target:
-                time.sleep(WARM_UP_MARGIN_S)  # the newest may still be saying it is ready
-                say(f"agent: {workers} workers, {target} warm sandboxes")
-                return
+                status = self.supervisor.status()
+                workers = sum(1 for worker in status["workers"] if worker["alive"])
+                state = status["warmUp"]["state"]
+            except (OSError, ValueError, KeyError, TypeError):
+                workers = 0
+            if workers >= cfg.workers and state != WARMING:
+                break
             time.sleep(0.1)
-        say(f"agent: pools still warming after {timeout:g}s; first calls may be cold starts")
+        if state == WARM:
+            say(f"agent: {cfg.workers} workers, every runtime's generic sandboxes ready")
+        else:
+            say(f"agent: pools still warming after {timeout:g}s; first calls may be cold starts")
 
     def stop(self) -> None:
         """The agent first (SIGTERM, it drains), then the peers this run started."""

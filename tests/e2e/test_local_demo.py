@@ -82,6 +82,9 @@ def test_local_demo_invokes_the_examples_and_stops_cleanly(tmp_path: Path) -> No
     assert "Hello from NanoGrid!" in output
     assert "Hello, NanoGrid!" in output  # echo-input got its inputData
     assert "demo OK: 3/3 SUCCESS" in output
+    # It calls once the agent is warm (its /status warmUp), so no call is a cold start.
+    assert "every runtime's generic sandboxes ready" in output, output
+    assert '"coldStart": true' not in output, output
     assert "Traceback" not in output
     # Everything it started is gone: its ports are free again.
     for port in (redis_port, aws_port, http_port):
