@@ -102,6 +102,8 @@ class PooledRunner(Runner):
         except SandboxError as exc:
             sandbox.healthy = False
             peak, oom_kills = self._read(sandbox, meter, killed=True)
+            if not oom_kills and self.died_of_oom(sandbox):
+                oom_kills = 1
             if not oom_kills and self.lost(sandbox):
                 raise SandboxLost(f"the worker that lent sandbox {sandbox.name} died during "
                                   f"the run ({exc})") from None
@@ -219,6 +221,12 @@ class PooledRunner(Runner):
     def oom_without_cgroup(self, exit_code: int, raw: RawRun) -> bool:
         """Whether a run without a cgroup to ask ran out of memory."""
         raise NotImplementedError
+
+    def died_of_oom(self, sandbox: ServerSandbox) -> bool:
+        """Whether a sandbox whose server died during a run, and whose cgroup counted no OOM
+        kill (or was gone before it could be read), was killed for its memory all the same,
+        as something else that watched it recorded."""
+        return False
 
     def freezer(self, sandbox: ServerSandbox) -> Freezer | None:
         """The sandbox's freezer, when it can be frozen between its runs."""

@@ -198,6 +198,26 @@ def test_out_of_memory(runner: PooledRunner) -> None:
     assert out.stdout == b"after\n"
 
 
+@pytest.mark.docker
+def test_a_container_killed_for_memory_is_out_of_memory_with_its_cgroup_gone(
+    node_image: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel's OOM kill ends a container's node server, so the container stops, and its
+    cgroup may be removed before the agent reads the OOM count (here: never readable). The
+    engine recorded the kill: the run is OUT_OF_MEMORY, not a sandbox failure."""
+    runner = start("docker", {"node": {"image": node_image, "warm": 1}})
+    try:
+        monkeypatch.setattr(PooledRunner, "_read", staticmethod(
+            lambda sandbox, meter, *, killed: (None, 0)))
+        code = "const b = [];\nfor (;;) b.push(Buffer.alloc(8 * 2 ** 20, 1));\n"
+        out, sandbox = run(runner, code, key="oom-gone@1", memory_mb=96)
+        assert out.oom_killed and out.exit_code == -signal.SIGKILL and not sandbox.healthy
+        out, _ = run(runner, "console.log('after')\n", key="after@1")
+        assert out.stdout == b"after\n"
+    finally:
+        runner.close()
+
+
 def test_leftover_child_processes_are_killed(runner: PooledRunner, kind: str) -> None:
     """What a run leaves behind is killed. On the process runner the node server is PID 1 of
     its sandbox and reaps only the children it waits for: a sandbox whose run left a process

@@ -76,6 +76,9 @@ from .spec import (
 )
 
 START_TIMEOUT_S = 20.0
+STOPPED_WAIT_S = 2.0
+"""How long a container whose server died during a run is given to show as stopped (its OOM
+kill recorded) in the engine."""
 @dataclass(eq=False)
 class DockerSandbox(ServerSandbox):
     root: Path = field(default_factory=Path)
@@ -184,6 +187,24 @@ class DockerRunner(PooledRunner):
     def oom_without_cgroup(self, exit_code: int, raw: RawRun) -> bool:
         # No cgroup to ask: a SIGKILL that was not our timeout is the memory limit.
         return exit_code == -signal.SIGKILL and not raw.timed_out
+
+    def died_of_oom(self, sandbox: ServerSandbox) -> bool:
+        # A container whose server died stops (docker-init exits with it), and its cgroup may
+        # be removed before the OOM count is read; the engine records the OOM kill.
+        assert isinstance(sandbox, DockerSandbox)
+        if sandbox.processes is None or alive(sandbox.processes.server_pid):
+            return False  # it did not die: it broke the protocol, or was cut off
+        deadline = time.monotonic() + STOPPED_WAIT_S
+        try:
+            while True:
+                state = self._api().api.inspect_container(sandbox.container_id)["State"]
+                if state.get("OOMKilled") or not state.get("Running"):
+                    return bool(state.get("OOMKilled"))
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(0.02)
+        except (*UNREACHABLE, KeyError):
+            return False
 
     def freezer(self, sandbox: ServerSandbox) -> Freezer | None:
         assert isinstance(sandbox, DockerSandbox)
