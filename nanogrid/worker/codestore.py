@@ -165,10 +165,7 @@ class CodeStore:
     def _fetch(self, bucket: str, key: str) -> CodePackage:
         known = self._known_etag(bucket, key)
         if known is None:  # new to this host: no zip of it to check
-            path, size, etag = self._download(bucket, key, None)
-            self._remember(bucket, key, etag, known=None)
-            self.trimmer.soon()
-            return CodePackage(bucket, key, etag, path, size, downloaded=True)
+            return self._download_current(bucket, key, known=None)
         etag, quoted, length = self._head(bucket, key)
         self._remember(bucket, key, etag, known=known[0])
         cached = self._cached(bucket, key, etag)
@@ -293,8 +290,14 @@ class CodeStore:
         bucket, key = package.bucket, package.key
         logger.warning(f"[CODE] cached zip of s3://{bucket}/{key} is damaged; "
                        "downloading it again")
+        return self._download_current(bucket, key, known=package.etag)
+
+    def _download_current(self, bucket: str, key: str, *, known: str | None) -> CodePackage:
+        """GET the object's current version (no HEAD first) into the cache and remember its
+        ETag (``known``: the one this host had before); the cache is trimmed after."""
         path, size, etag = self._download(bucket, key, None)
-        self._remember(bucket, key, etag, known=package.etag)
+        self._remember(bucket, key, etag, known=known)
+        self.trimmer.soon()
         return CodePackage(bucket, key, etag, path, size, downloaded=True)
 
     def trim(self) -> int:
