@@ -33,6 +33,8 @@ after it (a fork bomb adding them as fast as they die) spoil the sandbox."""
 
 
 SETTLE_TRIES = 4
+"""How many times ``holds_only`` reads its counts (2, 4 and 6 ms apart) before it takes a task
+beyond the server's threads for one that stays."""
 
 
 def kill_until_gone(victims: Callable[[], list[int]]) -> bool:

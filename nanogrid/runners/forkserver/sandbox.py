@@ -16,7 +16,7 @@ With ``"exec"`` in its options (another runtime's server, e.g. ``node nodeserver
 sets the same sandbox up and then exec's that server instead of serving, which thereby is the
 namespace's PID 1 (a node server reaps only the processes it started: the agent does not keep
 a sandbox whose run left any other behind, runner.py); the exec'd server writes the ready line
-when it serves (with ``"init"``: PID 1's pid on the host, its own).
+when it serves.
 """
 
 import ctypes

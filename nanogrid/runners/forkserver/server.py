@@ -193,9 +193,8 @@ def start(path: str, options: dict) -> int:
     if command:
         if "mount" in holds and settings.get("root"):
             seal(settings["root"])
-        report = {"pid": host_pid, "holds": holds, "missing": missing}
-        exec_server(command, options, parent, {**report, "init": host_pid}
-                    if "pid" in holds else report)
+        exec_server(command, options, parent,
+                    {"pid": host_pid, "holds": holds, "missing": missing})
     wakeup = None
     if os.getpid() == 1:  # PID 1 of its namespace: it reaps what runs orphan
         wakeup = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
