@@ -35,6 +35,7 @@ import time
 import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 import psutil  # noqa: E402
 import yaml  # noqa: E402
-from benchpeers import Peers, zipped  # noqa: E402
+from benchpeers import EMULATORS, Peers, zipped  # noqa: E402
 
 from nanogrid.devtools.embedded import free_port, wait_until  # noqa: E402
 from nanogrid.devtools.overlap import most_at_once  # noqa: E402
@@ -66,7 +67,7 @@ def spinner(ms: int) -> str:
 
 class Bench(Peers):
     def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
-        super().__init__(workdir)
+        super().__init__(workdir, emulator=args.emulator)
         self.args = args
 
     def __enter__(self) -> Bench:
@@ -165,7 +166,7 @@ class Bench(Peers):
         pubsub.psubscribe("result:bench-*")
         wanted = {t["requestId"] for t in tasks}
         results: list[dict[str, Any]] = []
-        started = time.monotonic()
+        started, started_wall = time.monotonic(), time.time()
 
         def send(i: int) -> None:
             self.sqs.send_message_batch(
@@ -192,7 +193,14 @@ class Bench(Peers):
         failed = [r for r in results if r["status"] != "SUCCESS"]
         if failed:
             raise RuntimeError(f"{len(failed)} failed, e.g. {failed[0]['errorMessage']}")
-        return {"seconds": took, "atOnce": most_at_once(results)}
+        starts = sorted(run_start(r) - started_wall for r in results)
+        return {
+            "seconds": took,
+            "atOnce": most_at_once(results),
+            "firstStart": starts[0],
+            "medianStart": statistics.median(starts),
+            "lastStart": starts[-1],
+        }
 
     def hello(self, queue: str) -> dict[str, float] | None:
         if not self.args.hello:
@@ -213,6 +221,12 @@ class Bench(Peers):
         samples = samples[5:]
         p99 = statistics.quantiles(samples, n=100, method="inclusive")[98]
         return {"p50": statistics.median(samples), "p99": p99}
+
+
+def run_start(result: dict[str, Any]) -> float:
+    """When a run began (epoch seconds), from its result's end and duration."""
+    end = datetime.fromisoformat(result["finishedAt"].replace("Z", "+00:00")).timestamp()
+    return end - result["durationMillis"] / 1000
 
 
 def tree_cpu(pid: int) -> dict[str, float]:
@@ -251,7 +265,8 @@ def render(reports: list[dict[str, Any]], args: argparse.Namespace) -> str:
         f"burst: {args.tasks} tasks "
         + (f"spinning {args.cpu_ms} ms of CPU" if args.cpu_ms else f"sleeping {args.sleep_ms} ms")
         + f" (memoryMb {args.memory_mb}), 2 workers; "
-        f"hello: {args.hello} sequential invocations; nproc={os.cpu_count()}",
+        f"hello: {args.hello} sequential invocations; emulator {args.emulator}; "
+        f"nproc={os.cpu_count()}",
         "",
         "| runner | system | maxConcurrent | cold burst s | at once | warm burst s | at once "
         "| warm agent CPU ms/task | warm sandboxes CPU ms/task "
@@ -266,6 +281,20 @@ def render(reports: list[dict[str, Any]], args: argparse.Namespace) -> str:
             f"| {r['warm']['agentCpuMs']:.2f} | {r['warm']['sandboxesCpuMs']:.2f} "
             + (f"| {r['hello']['p50']:.1f} | {r['hello']['p99']:.1f} |" if r["hello"] else "| | |")
         )
+    lines += [
+        "",
+        "runs' starts, s after the burst's first send:",
+        "",
+        "| runner | system | burst | first | median | last |",
+        "|---|---|---|---:|---:|---:|",
+    ]
+    for r in reports:
+        for burst in ("cold", "warm"):
+            b = r[burst]
+            lines.append(
+                f"| {r['runner']} | {r['system']} | {burst} | {b['firstStart']:.2f} "
+                f"| {b['medianStart']:.2f} | {b['lastStart']:.2f} |"
+            )
     by = {(r["runner"], r["system"]): r for r in reports}
     for runner in args.runners:
         base, new = by.get((runner, "one-at-a-time")), by.get((runner, "capacity"))
@@ -293,6 +322,10 @@ def main() -> int:
     parser.add_argument("--max-concurrent", type=int, help="capacity.max_concurrent (auto)")
     parser.add_argument("--systems", nargs="+", default=["one-at-a-time", "capacity"],
                         choices=["one-at-a-time", "capacity", "before"])
+    parser.add_argument(
+        "--emulator", choices=EMULATORS, default="moto",
+        help="moto-constant-time: moto_server without its per-message pass over the queue",
+    )
     parser.add_argument("--before", help="the code of the 'before' system: a commit or a checkout")
     args = parser.parse_args()
     if "before" in args.systems and not args.before:

@@ -28,11 +28,23 @@ def zipped(code: str) -> bytes:
     return buffer.getvalue()
 
 
+class ConstantTimeMotoServer(MotoServer):
+    """moto_server whose SQS costs do not grow with the queue's depth
+    (``moto_constant_time.py`` says why and how)."""
+
+    def command(self) -> list[str]:
+        launcher = Path(__file__).with_name("moto_constant_time.py")
+        return [sys.executable, str(launcher), "-H", "127.0.0.1", "-p", str(self.port)]
+
+
+EMULATORS = {"moto": MotoServer, "moto-constant-time": ConstantTimeMotoServer}
+
+
 class Peers:
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, emulator: str = "moto") -> None:
         self.workdir = workdir
         self.redis_server = RedisServer(workdir / "redis")
-        self.moto = MotoServer(workdir / "moto")
+        self.moto = EMULATORS[emulator](workdir / "moto")
 
     def __enter__(self) -> Peers:
         for peer in (self.redis_server, self.moto):
