@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import Iterator
 
 import pytest
 
 from nanogrid.common.config import from_dict
-from nanogrid.runners.lending import DOOMED, IDLE, TAKEN, SandboxBoard, alive
+from nanogrid.runners import lending
+from nanogrid.runners.lending import DOOMED, IDLE, TAKEN, SandboxBoard, Ticket, alive
 from nanogrid.supervisor.snapshot import sandbox_status
 
 
@@ -158,3 +160,46 @@ def test_a_sandbox_taken_by_a_process_that_died_shows_its_taker_gone(
     assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
     (entry,) = board.entries()
     assert entry.state == TAKEN and entry.taker_pid == pid and entry.taker_gone
+
+
+def test_a_take_picks_what_a_whole_scan_ranks_first(board: SandboxBoard) -> None:
+    """Random puts, takes, give-backs, upkeep holds and withdrawals over more sandboxes than
+    the recent entries hold: every take returns the record a scan of all ranks first (its
+    code, then the caller's own, then the most recently idle)."""
+    rng = random.Random(23)
+    keys = [None, "f@1", "g@1", "h@1"]
+    taken: list[Ticket] = []
+    for _ in range(3000):
+        roll = rng.random()
+        if roll < 0.25:
+            board.put(rng.randrange(3), rng.choice(["python", "node"]), rng.choice(keys), {})
+        elif roll < 0.55 and taken:
+            ticket = taken.pop(rng.randrange(len(taken)))
+            board.give_back(ticket, rng.choice(keys), healthy=rng.random() < 0.9)
+        elif roll < 0.6:
+            idle = [e for e in board.entries() if e.state == IDLE]
+            if idle:
+                entry = rng.choice(idle)
+                if rng.random() < 0.5:
+                    board.withdraw(entry)
+                else:
+                    ticket = board.hold(entry)
+                    assert ticket is not None
+                    board.give_back(ticket, entry.code_key, healthy=True,
+                                    idle_since_ns=entry.idle_since_ns)
+        else:
+            runtime, key, prefer = rng.choice(["python", "node"]), rng.choice(keys[1:]), 0
+            generic = rng.random() < 0.7
+            ranked = sorted(
+                ((e.code_key == key, e.owner == prefer, e.idle_since_ns), e.index)
+                for e in board.entries()
+                if e.state == IDLE and e.runtime == runtime
+                and (e.code_key == key or (generic and e.code_key is None))
+            )
+            found = board.take(runtime, key, prefer, generic=generic)
+            if not ranked:
+                assert found is None
+            else:
+                assert found is not None and found[0].index == ranked[-1][1]
+                taken.append(found[0])
+    assert len(board.entries()) > lending.RECENT  # the scans were needed, not only the recent
