@@ -29,6 +29,9 @@ from .base import Sandbox, SandboxMaker
 from .lending import DOOMED, IDLE, TAKEN, Entry, SandboxBoard, Ticket
 
 TICK_S = 0.25
+WAKE_GAP_S = 0.05
+"""Woken (a sandbox made, doomed), the keeper still tends at most this often: a burst's
+hundreds of creates each wake it, and a tend reads every record of the host's board."""
 SURGE_WINDOW_S = 30.0
 """A call that had to wait for a new sandbox raises the pool's generic target by one for
 this long, or the idle expiry when shorter (up to twice its share): after a burst's first
@@ -122,7 +125,8 @@ class PoolKeeper:
 
     def _run(self) -> None:
         while True:
-            self._wake.wait(TICK_S)
+            if self._wake.wait(TICK_S) and not self._pool.closed:
+                time.sleep(WAKE_GAP_S)  # the wakes meanwhile join this tend
             self._wake.clear()
             if self._pool.closed:
                 return
