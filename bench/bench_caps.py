@@ -156,8 +156,7 @@ class Bench(Peers):
     def system(self, name: str, code: Path = ROOT) -> dict[str, Any]:
         queue, dlq = self.queues(redrive=name != "plain")
         port = free_port()
-        work = Path(tempfile.mkdtemp(prefix="nanogrid-bench-", dir="/var/tmp"))
-        os.chmod(work, 0o711)
+        work = self.agent_workdir()
         settings: dict[str, Any] = {
             "workers": 1,
             "runner": "process",

@@ -84,8 +84,7 @@ class Bench(Peers):
             QueueName=f"bench-{uuid.uuid4().hex[:8]}", Attributes={"VisibilityTimeout": "30"}
         )["QueueUrl"]
         port = free_port()
-        work = Path(tempfile.mkdtemp(prefix="nanogrid-bench-", dir="/var/tmp"))
-        os.chmod(work, 0o711)
+        work = self.agent_workdir()
         settings: dict[str, Any] = {
             "workers": 2,
             "runner": runner,
