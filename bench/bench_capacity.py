@@ -18,8 +18,12 @@ the results' ``finishedAt`` and ``durationMillis``). The burst runs twice: cold 
 grow) and warm (they have grown). Then ``--hello`` sequential hello-world invocations for the
 end-to-end latency.
 
+``--emulator moto-constant-time`` runs moto_server without its per-message pass over the
+whole queue (``moto_constant_time.py``): a burst of hundreds otherwise measures moto.
+
 Issue 23's burst: ``--runners process --tasks 500 --sleep-ms 1000 --memory-mb 32
---capacity-memory-mb 16384 --max-concurrent 500 --systems capacity before --before REF``.
+--capacity-memory-mb 16384 --max-concurrent 500 --systems capacity before --before REF
+--hello 0 --emulator moto-constant-time``.
 """
 
 from __future__ import annotations
