@@ -58,8 +58,8 @@ RECENT = 64
 """The last sandboxes to go idle, newest last: a take looks there first. A record that
 holds the call's code and is the caller's own, found there, is the one a whole scan would
 pick (nothing idle since longer can rank above it), so at a host of hundreds of idle
-sandboxes of one function a take reads a few records, not all (~0.4 ms at 500, under the
-host's lock)."""
+sandboxes of one function a take reads a few records, not every one (a whole scan took
+~0.4 ms at 500, under the host's lock)."""
 _RECENT_COUNT = struct.Struct("=I")
 _RECENT_AT = _TOP.size
 _RECENT_ENTRY = struct.Struct("=II")
