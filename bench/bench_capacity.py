@@ -39,7 +39,6 @@ import time
 import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +50,7 @@ import yaml  # noqa: E402
 from benchpeers import EMULATORS, Peers, zipped  # noqa: E402
 
 from nanogrid.devtools.embedded import free_port, wait_until  # noqa: E402
-from nanogrid.devtools.overlap import most_at_once  # noqa: E402
+from nanogrid.devtools.overlap import most_at_once, started_at  # noqa: E402
 
 DOCKER_IMAGE = "nanogrid/python:3.11-bookworm"
 HELLO = 'print("Hello from NanoGrid!")\n'
@@ -197,7 +196,7 @@ class Bench(Peers):
         failed = [r for r in results if r["status"] != "SUCCESS"]
         if failed:
             raise RuntimeError(f"{len(failed)} failed, e.g. {failed[0]['errorMessage']}")
-        starts = sorted(run_start(r) - started_wall for r in results)
+        starts = sorted(started_at(r) - started_wall for r in results)
         return {
             "seconds": took,
             "atOnce": most_at_once(results),
@@ -226,12 +225,6 @@ class Bench(Peers):
         samples = samples[5:]
         p99 = statistics.quantiles(samples, n=100, method="inclusive")[98]
         return {"p50": statistics.median(samples), "p99": p99}
-
-
-def run_start(result: dict[str, Any]) -> float:
-    """When a run began (epoch seconds), from its result's end and duration."""
-    end = datetime.fromisoformat(result["finishedAt"].replace("Z", "+00:00")).timestamp()
-    return end - result["durationMillis"] / 1000
 
 
 def tree_cpu(pid: int) -> dict[str, float]:

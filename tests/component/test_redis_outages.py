@@ -12,7 +12,6 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +20,9 @@ import redis
 from harness import HELLO, Agent, fork_worker, runs_per_request, stop
 from helpers import RedisServer, wait_until
 
+from nanogrid.devtools.overlap import finished_at
+
 OOM_S = 10.0
-
-
-def finished_at(result: dict[str, Any]) -> float:
-    return datetime.fromisoformat(result["finishedAt"].replace("Z", "+00:00")).timestamp()
 
 
 def test_a_redis_out_of_memory_loses_no_task_and_no_result(

@@ -14,7 +14,6 @@ import signal
 import threading
 import time
 import urllib.request
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,8 @@ from helpers import RedisServer, free_port, http_json, wait_until
 from poison import POISON
 from prometheus_client.parser import text_string_to_metric_families
 from supervised import Agent
+
+from nanogrid.devtools.overlap import finished_at
 
 pytestmark = pytest.mark.usefixtures("pids_limited_tests")  # own cgroups for our sandboxes
 
@@ -169,8 +170,7 @@ def test_health_is_degraded_naming_redis_while_it_is_out_of_memory_then_up(
                what="/health UP after the OOM")
     result = agent.result(request_id, timeout=15)
     assert (result["status"], result["attempt"], result["stdout"]) == ("SUCCESS", 1, "after\n")
-    finished = datetime.fromisoformat(result["finishedAt"].replace("Z", "+00:00")).timestamp()
-    assert finished >= ended - 0.1  # run after it
+    assert finished_at(result) >= ended - 0.1  # run after it
 
 
 class PersistentRedis(RedisServer):
