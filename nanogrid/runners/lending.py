@@ -54,12 +54,14 @@ _SINCE_AT = struct.calcsize("=BBHIII")
 _MEMORY_AT = _SINCE_AT + _U64.size
 _RUNTIME_AT = struct.calcsize("=BBHIIIQQI")
 _KEY_AT = _RUNTIME_AT + 64
-RECENT = 64
+RECENT = 16
 """The last sandboxes to go idle, newest last: a take looks there first. A record that
 holds the call's code and is the caller's own, found there, is the one a whole scan would
 pick (nothing idle since longer can rank above it), so at a host of hundreds of idle
 sandboxes of one function a take reads a few records, not every one (a whole scan took
-~0.4 ms at 500, under the host's lock)."""
+~0.4 ms at 500, under the host's lock). Few: a take that finds none there (another worker's
+sandbox, a generic one) reads them all before its scan; only a board of more records than
+this is looked at first."""
 _RECENT_COUNT = struct.Struct("=I")
 _RECENT_AT = _TOP.size
 _RECENT_ENTRY = struct.Struct("=II")
@@ -217,7 +219,9 @@ class SandboxBoard:
         me = os.getpid()
         with self._locked():
             while True:
-                index = self._recent_own(wanted_runtime, wanted_key, prefer)
+                index = None
+                if self._top() > RECENT:  # fewer records: a whole scan reads no more
+                    index = self._recent_own(wanted_runtime, wanted_key, prefer)
                 if index is None:
                     index = self._best(wanted_runtime, wanted_key, empty if generic else None,
                                        prefer)
@@ -314,13 +318,15 @@ class SandboxBoard:
         """Under the lock: the most recently idle of ``prefer``'s sandboxes holding ``key``,
         when the recent entries show it (newer than any sandbox idle outside them)."""
         (count,) = _RECENT_COUNT.unpack_from(self._page, _RECENT_AT)
-        page = self._page
+        page, owner = self._page, prefer.to_bytes(2, sys.byteorder)
         for back in range(1, min(count, RECENT) + 1):
             slot = _RECENT_ENTRIES_AT + ((count - back) % RECENT) * _RECENT_ENTRY.size
             index, generation = _RECENT_ENTRY.unpack_from(page, slot)
-            head = _HEAD.unpack_from(page, _BASE + index * _RECORD_SIZE)
-            if (head[0] == IDLE and head[5] == generation and head[2] == prefer
-                    and head[9] == runtime and head[10] == key):
+            offset = _BASE + index * _RECORD_SIZE
+            if page[offset] != IDLE or page[offset + 2 : offset + 4] != owner:
+                continue  # before the whole record's unpack: a miss reads every entry
+            head = _HEAD.unpack_from(page, offset)
+            if head[5] == generation and head[9] == runtime and head[10] == key:
                 return index
         return None
 
@@ -329,22 +335,21 @@ class SandboxBoard:
         """Under the lock, a whole scan: the idle sandbox of ``runtime`` that holds ``key``
         (else, when ``empty`` is given, a generic one), the caller's own first, then the
         most recently idle."""
-        states, page = self._states(self._top()), self._page
         best: tuple[tuple[bool, bool, int], int] | None = None
-        index = states.find(IDLE)
-        while index >= 0:
-            offset = _BASE + index * _RECORD_SIZE
-            if page[offset + _RUNTIME_AT : offset + _KEY_AT] == runtime:
-                held = page[offset + _KEY_AT : offset + _KEY_AT + 64]
-                holds = held == key
-                if holds or held == empty:
-                    owner = int.from_bytes(page[offset + 2 : offset + 4], sys.byteorder)
-                    rank = (holds, owner == prefer,
-                            _U64.unpack_from(page, offset + _SINCE_AT)[0])
-                    if best is None or rank > best[0]:
-                        best = (rank, index)
-            index = states.find(IDLE, index + 1)
+        for index in self._idle():
+            head = _HEAD.unpack_from(self._page, _BASE + index * _RECORD_SIZE)
+            if head[9] != runtime:
+                continue
+            holds = head[10] == key
+            if holds or head[10] == empty:
+                rank = (holds, head[2] == prefer, head[6])
+                if best is None or rank > best[0]:
+                    best = (rank, index)
         return None if best is None else best[1]
+
+    def _idle(self) -> list[int]:
+        """Under the lock: the idle records (their state bytes read in one go)."""
+        return [index for index, state in enumerate(self._states(self._top())) if state == IDLE]
 
     def _head(self, index: int) -> tuple[Any, ...]:
         return _HEAD.unpack_from(self._page, _BASE + index * _RECORD_SIZE)
@@ -361,14 +366,10 @@ class SandboxBoard:
 
     def _idle_within(self, max_idle: int, max_idle_bytes: int) -> bool:
         """Under the lock: the host's idle sandboxes are within both bounds."""
-        states, page = self._states(self._top()), self._page
-        if states.count(IDLE) > max_idle:
-            return False
-        total, index = 0, states.find(IDLE)
-        while index >= 0:
-            total += _U64.unpack_from(page, _BASE + index * _RECORD_SIZE + _MEMORY_AT)[0]
-            index = states.find(IDLE, index + 1)
-        return total <= max_idle_bytes
+        idle = self._idle()
+        memory = sum(_U64.unpack_from(self._page, _BASE + index * _RECORD_SIZE + _MEMORY_AT)[0]
+                     for index in idle)
+        return len(idle) <= max_idle and memory <= max_idle_bytes
 
     def _entries(self, of_owner: int | None = None) -> Iterator[Entry]:
         """The records in use (``of_owner``'s only, when given)."""
