@@ -66,7 +66,8 @@ class Arbiter:
         self.config = config
         self.worker_main: WorkerMain = worker_main
         self.pid = os.getpid()
-        self.slots: dict[int, Slot] = {}
+        self.slots: dict[int, Slot] = {index: Slot(index) for index in range(config.workers)}
+        """Every configured slot from the first snapshot on, so /status never lists fewer."""
         self.workers: dict[int, WorkerProcess] = {}
         self.signals: list[int] = []
         self.stopping = False

@@ -18,6 +18,8 @@ from helpers import wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 import nanogrid
+from nanogrid.common.config import from_dict
+from nanogrid.supervisor.arbiter import Arbiter
 
 WORKER_FIELDS = {
     "id", "pid", "alive", "restarts", "tasksDone", "running", "currentRequestIds",
@@ -219,6 +221,15 @@ def test_health_says_warming_until_the_generic_sandboxes_are_made_or_the_bound_p
         assert warm_up["state"] == "timedOut" and 2 <= warm_up["tookSeconds"] < 4
         agent.wait_for_log(r"serving before the pools are warm: python 0/2 generic sandboxes "
                            r"after pool.warm_timeout_seconds \(2s\)")
+
+
+def test_the_first_status_lists_every_configured_worker_before_any_runs() -> None:
+    """The HTTP server starts before the workers fork: its first snapshot has their slots."""
+    arbiter = Arbiter(from_dict({"workers": 2, "runner": "process"}), worker_main=lambda *a: 0)
+    arbiter.publish_status()
+    workers = arbiter.status_snapshot()["workers"]
+    assert [(w["id"], w["alive"], w["state"]) for w in workers] == [
+        (0, False, "waiting"), (1, False, "waiting")]
 
 
 def test_health_is_down_while_no_worker_could_boot(agent: FakeAgent) -> None:

@@ -120,6 +120,8 @@ def test_systemd_hears_ready_reloading_stopping_and_watchdog(agent: FakeAgent) -
         try:
             agent.start(env={"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "200000"})
             agent.wait_for_workers(2)
+            # systemd holds a reload until the start is done: READY once the pools are warm.
+            wait_until(lambda: any(d.startswith("READY=1") for d in datagrams), timeout=5)
             agent.signal(signal.SIGHUP)
             agent.wait_for_log("2 old workers drain")
             # READY again once the new workers booted and made their generic sandboxes
