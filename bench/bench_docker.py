@@ -40,7 +40,8 @@ from loguru import logger  # noqa: E402
 
 from nanogrid.common.config import Config, from_dict  # noqa: E402
 from nanogrid.runners.base import Invocation  # noqa: E402
-from nanogrid.runners.docker.runner import DockerRunner, DockerSandbox  # noqa: E402
+from nanogrid.runners.docker.runner import DockerRunner
+from nanogrid.runners.docker.sandbox import DockerSandbox  # noqa: E402
 
 HELLO = {"main.py": "import json, sys\nprint('Hello', json.load(sys.stdin)['name'])\n"}
 HELLO_MODULE = {  # a function with code of its own: its container holds it between runs

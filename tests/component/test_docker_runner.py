@@ -41,7 +41,8 @@ from nanogrid.common.config import Config
 from nanogrid.common.errors import ConfigError, SandboxError
 from nanogrid.runners.base import Invocation, RunOutcome
 from nanogrid.runners.docker.cleanup import remove_agent_containers
-from nanogrid.runners.docker.runner import DockerRunner, DockerSandbox
+from nanogrid.runners.docker.runner import DockerRunner
+from nanogrid.runners.docker.sandbox import DockerSandbox
 
 pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("containers_agent")]
 

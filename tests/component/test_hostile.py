@@ -36,7 +36,8 @@ from helpers import RedisServer, put_code, release_settled, unreached_listener, 
 from nanogrid.common.config import Config
 from nanogrid.runners.base import Invocation, Runner, RunOutcome, Sandbox
 from nanogrid.runners.docker import cleanup as container_cleanup
-from nanogrid.runners.docker.runner import DockerRunner, DockerSandbox
+from nanogrid.runners.docker.runner import DockerRunner
+from nanogrid.runners.docker.sandbox import DockerSandbox
 from nanogrid.runners.process.runner import ProcessRunner, ProcessSandbox
 
 pytestmark = pytest.mark.usefixtures("pids_limited_tests")

@@ -22,7 +22,8 @@ from helpers import put_code
 
 from nanogrid.common.errors import RuntimeUnavailable
 from nanogrid.runners.base import Invocation, RunOutcome, Sandbox
-from nanogrid.runners.docker.runner import DockerRunner, DockerSandbox
+from nanogrid.runners.docker.runner import DockerRunner
+from nanogrid.runners.docker.sandbox import DockerSandbox
 from nanogrid.runners.pooled import PooledRunner
 from nanogrid.runners.process.runner import ProcessRunner, ProcessSandbox
 

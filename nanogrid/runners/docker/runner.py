@@ -34,18 +34,16 @@ import select
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import docker
 import psutil
 from docker.errors import ImageNotFound
-from docker.models.containers import Container
 from loguru import logger
 
 from nanogrid.common.config import Config, MiB, docker_user_ids
-from nanogrid.common.errors import RuntimeUnavailable, SandboxError
+from nanogrid.common.errors import SandboxError
 
 from ..base import Invocation, Sandbox
 from ..cgroups import freezer_root
@@ -56,7 +54,7 @@ from ..lending import SandboxBoard, alive
 from ..pooled import PooledRunner
 from ..sandboxclient import RawRun
 from ..serversandbox import Meter, ServerSandbox
-from .cgroup import ContainerCgroup, ContainerProcesses, find_cgroup
+from .cgroup import ContainerCgroup, ContainerProcesses
 from .cleanup import (
     DOCKER_TIMEOUT_S,
     UNREACHABLE,
@@ -65,6 +63,7 @@ from .cleanup import (
 )
 from .engine import check_engine, container_isolation, image_missing, missing_images
 from .reaper import Reaper
+from .sandbox import DockerSandbox, ServerDidNotStart, connect, make_host_dir, start_container
 from .spec import (
     CODE_MOUNT,
     CODE_SUBDIR,
@@ -75,21 +74,9 @@ from .spec import (
     container_spec,
 )
 
-START_TIMEOUT_S = 20.0
 STOPPED_WAIT_S = 2.0
 """How long a container whose server died during a run is given to show as stopped (its OOM
 kill recorded) in the engine."""
-@dataclass(eq=False)
-class DockerSandbox(ServerSandbox):
-    root: Path = field(default_factory=Path)
-    container: Container | None = None
-    cgroup: ContainerCgroup | None = None
-    processes: ContainerProcesses | None = None
-    container_id: str = ""
-    server_fd: int = -1
-    """A pidfd of the fork server (its owner's): readable once it is gone (container killed,
-    engine gone)."""
-    paused: bool = False
 
 
 class DockerRunner(PooledRunner):
@@ -238,14 +225,23 @@ class DockerRunner(PooledRunner):
             root=root,
             limit_mb=self.config.limits.default_memory_mb,
         )
+        launch = self.launches[runtime]
+        image = self.config.runtimes[runtime].image
         try:
-            self._make_host_dir(sandbox)
-            sandbox.container = self._start_container(api, runtime, name, root)
+            make_host_dir(sandbox, launch, self._uid, self._gid)
+            spec = container_spec(self.config, runtime, launch, name, root, self._worker)
+            sandbox.container = start_container(api, spec, self._reaper)
             sandbox.container_id = sandbox.container.id
-            self._connect(sandbox)
-        except RuntimeUnavailable:
+            connect(sandbox, launch)
+        except ImageNotFound:
             self.destroy(sandbox)
-            raise
+            raise self.mark_unavailable(runtime, image_missing(image)) from None
+        except ServerDidNotStart as exc:
+            self.destroy(sandbox)
+            if re.search(r"exec .* failed: No such file or directory", exc.log):  # docker-init
+                problem = f"image {image} has no {launch.interpreter} ({exc.log})"
+                raise self.mark_unavailable(runtime, problem) from None
+            raise SandboxError(f"cannot start a {runtime} container: {exc}") from None
         except (OSError, psutil.Error, SandboxError, *UNREACHABLE) as exc:
             self.destroy(sandbox)
             reason = describe(exc) if isinstance(exc, UNREACHABLE) else str(exc)
@@ -254,88 +250,6 @@ class DockerRunner(PooledRunner):
             f"{self.marker} container {name} ready in {(time.monotonic() - started) * 1000:.0f} ms"
         )
         return sandbox
-
-    def _make_host_dir(self, sandbox: DockerSandbox) -> None:
-        sandbox.root.mkdir(mode=0o711)
-        sandbox.code_dir.mkdir(mode=0o755, parents=True)
-        control = sandbox.root / "control"
-        control.mkdir(mode=0o700)
-        os.chown(control, self._uid, self._gid)  # the server binds its socket here
-        self.launches[sandbox.runtime].server.copy_to(sandbox.root)
-
-    def _start_container(
-        self, api: docker.DockerClient, runtime: str, name: str, root: Path
-    ) -> Container:
-        config = self.config
-        image = config.runtimes[runtime].image
-        try:
-            spec = container_spec(config, runtime, self.launches[runtime], name, root, self._worker)
-            container = api.containers.create(**spec)
-        except ImageNotFound:
-            raise self.mark_unavailable(runtime, image_missing(image)) from None
-        except UNREACHABLE:
-            # The engine may have made it before its answer was lost: remove it by its name.
-            self._reaper.remove(name)
-            raise
-        try:
-            container.start()
-            container.reload()
-        except BaseException:
-            self._reaper.remove(container.id)
-            raise
-        return container
-
-    def _connect(self, sandbox: DockerSandbox) -> None:
-        """Wait for the fork server, connect, seal the control dir, find the processes."""
-        assert sandbox.container is not None
-        init_pid = sandbox.container.attrs["State"]["Pid"]
-        if not init_pid:
-            raise self._server_failed(sandbox, "container exited at once")
-        server = self.launches[sandbox.runtime].server
-        path = sandbox.root / "control" / server.socket_name
-        try:
-            init_fd = os.pidfd_open(init_pid)
-        except ProcessLookupError:  # gone since inspect: e.g. the image lacks the interpreter
-            raise self._server_failed(sandbox, "container exited at once") from None
-        try:
-            deadline = time.monotonic() + START_TIMEOUT_S
-            while not path.exists():
-                if select.select([init_fd], [], [], 0.002)[0] or time.monotonic() > deadline:
-                    raise self._server_failed(sandbox, f"{server.name} server did not come up")
-        finally:
-            os.close(init_fd)
-        # From now on nothing in the container may write to the host's disk.
-        os.chown(path.parent, 0, 0)
-        os.chmod(path.parent, 0o755)
-        children = psutil.Process(init_pid).children()
-        if len(children) != 1:
-            raise SandboxError(f"expected one fork server in the container, found {len(children)}")
-        server_pid = children[0].pid
-        sandbox.server_fd = os.pidfd_open(server_pid)
-        sandbox.cgroup = find_cgroup(server_pid)
-        sandbox.processes = ContainerProcesses(
-            init_pid, server_pid, sandbox.cgroup.procs_file if sandbox.cgroup else None
-        )
-
-    def _server_failed(self, sandbox: DockerSandbox, what: str) -> Exception:
-        """Why the sandbox's server did not start: the image lacks its interpreter, or else."""
-        assert sandbox.container is not None
-        log = self._last_log(sandbox.container)
-        if re.search(r"exec .* failed: No such file or directory", log):  # docker-init's words
-            interpreter = self.launches[sandbox.runtime].interpreter
-            image = self.config.runtimes[sandbox.runtime].image
-            return self.mark_unavailable(
-                sandbox.runtime, f"image {image} has no {interpreter} ({log})"
-            )
-        return SandboxError(f"{what}: {log}")
-
-    @staticmethod
-    def _last_log(container: Container) -> str:
-        try:
-            lines = container.logs(tail=5).decode(errors="replace").strip().splitlines()
-        except UNREACHABLE:
-            return "no log"
-        return lines[-1] if lines else "no output"
 
     # -- lending (pool.py) ---------------------------------------------------------------------
 
