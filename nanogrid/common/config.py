@@ -1,7 +1,7 @@
 """The agent's YAML config, parsed and validated once into frozen dataclasses.
 
 Every section is a dataclass whose fields carry their defaults and bounds; ``load`` walks
-the YAML against them, so an unknown key or a bad value is refused with one line naming
+the YAML against them (schema.py), so an unknown key or a bad value is refused with one line naming
 the key (``ConfigError("workers: must be an integer >= 1 or 'auto', got 0")``). The
 ``NANOGRID_*`` variables of nanogrid/common/environ.py override the file's values before that.
 """
@@ -12,7 +12,6 @@ import dataclasses
 import os
 import re
 import types
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -21,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from . import environ
+from . import environ, schema
 from .errors import ConfigError
 
 MiB = 2**20
@@ -229,7 +228,8 @@ class Config:
     queue: QueueConfig = QueueConfig()
     redis: RedisConfig = RedisConfig()
     http: HttpConfig = HttpConfig()
-    runtimes: Mapping[str, RuntimeConfig] = field(default_factory=lambda: DEFAULT_RUNTIMES)
+    runtimes: Mapping[str, RuntimeConfig] = field(
+        default_factory=lambda: DEFAULT_RUNTIMES, metadata={"defaults": DEFAULT_RUNTIMES})
     limits: LimitsConfig = LimitsConfig()
     paths: PathsConfig = PathsConfig()
     autotuner: AutotunerConfig = AutotunerConfig()
@@ -285,93 +285,13 @@ def load(path: str | os.PathLike[str]) -> Config:
 def from_dict(data: Any) -> Config:
     """Validate a parsed mapping into a Config (used by ``load`` and by tests, which may
     leave ``queue.url`` out)."""
-    config = _build(Config, data, "")
+    config = schema.build(Config, data, "")
     if config.profile == "local" and config.queue.url is None:
         config = dataclasses.replace(
             config, queue=dataclasses.replace(config.queue, url=LOCAL_QUEUE_URL)
         )
     _check_cross_fields(config)
-    return dataclasses.replace(config, given=frozenset(_given(data)))
-
-
-def _given(data: Mapping[str, Any]) -> list[str]:
-    """The dotted keys of ``data``, two levels deep (a section's own keys)."""
-    keys = list(data)
-    for section, sub in data.items():
-        if isinstance(sub, Mapping):
-            keys += [f"{section}.{key}" for key in sub]
-    return keys
-
-
-def _build(cls: type, data: Any, prefix: str, base: Any = None) -> Any:
-    """``cls`` from a mapping; fields it leaves out keep their defaults (or ``base``'s)."""
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: must be a mapping, got {_show(data)}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
-    for key in data:
-        if key not in fields:
-            known = ", ".join(sorted(fields))
-            raise ConfigError(f"{prefix}{key}: unknown key (known here: {known})")
-    values = {}
-    for name, value in data.items():
-        values[name] = _convert(hints[name], value, f"{prefix}{name}", fields[name].metadata)
-    return cls(**values) if base is None else dataclasses.replace(base, **values)
-
-
-def _convert(hint: Any, value: Any, key: str, meta: Mapping[str, Any]) -> Any:
-    origin = typing.get_origin(hint)
-    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
-        return _build(hint, value, f"{key}.")
-    if origin in (types.UnionType, typing.Union):
-        if value is None:
-            return None
-        (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
-        return _convert(inner, value, key, meta)
-    if origin is Mapping:
-        _, value_type = typing.get_args(hint)
-        if not isinstance(value, Mapping) or not value:
-            raise ConfigError(f"{key}: must be a non-empty mapping of name -> settings")
-        out = {}
-        for name, sub in value.items():
-            if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", name):
-                raise ConfigError(f"{key}: bad name {name!r} (use 1-64 of A-Z a-z 0-9 . _ -)")
-            base = DEFAULT_RUNTIMES.get(name) if value_type is RuntimeConfig else None
-            out[name] = _build(value_type, sub if sub is not None else {}, f"{key}.{name}.", base)
-        return types.MappingProxyType(out)
-    if origin is tuple:
-        (item_type, _) = typing.get_args(hint)
-        if not isinstance(value, list | tuple) or not value:
-            raise ConfigError(f"{key}: must be a non-empty list, got {_show(value)}")
-        return tuple(_convert(item_type, v, f"{key}[{i}]", {}) for i, v in enumerate(value))
-    if hint is int and "auto" in meta and value == "auto":
-        return (os.cpu_count() or 1) if meta["auto"] is True else meta["auto"]
-    return _scalar(hint, value, key, meta)
-
-
-def _scalar(hint: type, value: Any, key: str, meta: Mapping[str, Any]) -> Any:
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: must be true or false, got {_show(value)}")
-        return value
-    if hint is int and (not isinstance(value, int) or isinstance(value, bool)):
-        auto = " or 'auto'" if "auto" in meta else ""
-        raise ConfigError(f"{key}: must be an integer{auto}, got {_show(value)}")
-    if hint is float:
-        if not isinstance(value, int | float) or isinstance(value, bool):
-            raise ConfigError(f"{key}: must be a number, got {_show(value)}")
-        value = float(value)
-    if hint is str and (not isinstance(value, str) or not value):
-        raise ConfigError(f"{key}: must be a non-empty string, got {_show(value)}")
-    if meta.get("upper"):
-        value = value.upper()
-    lo, hi, choices = meta.get("min"), meta.get("max"), meta.get("choices")
-    if lo is not None and value < lo or hi is not None and value > hi:
-        bounds = f">= {lo}" if hi is None else f"between {lo} and {hi}"
-        raise ConfigError(f"{key}: must be {bounds}, got {_show(value)}")
-    if choices and value not in choices:
-        raise ConfigError(f"{key}: must be one of {', '.join(choices)}, got {_show(value)}")
-    return value
+    return dataclasses.replace(config, given=frozenset(schema.given_keys(data)))
 
 
 def _check_cross_fields(config: Config) -> None:
@@ -418,8 +338,3 @@ def docker_user_ids(user: str) -> tuple[int, int]:
     if int(uid) == 0:
         raise ConfigError("docker.user: functions must not run as root (uid 0)")
     return int(uid), int(gid or uid)
-
-
-def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
