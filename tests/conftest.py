@@ -18,12 +18,11 @@ from helpers import (
     NODE_IMAGE,
     PEER_PIDS,
     RUNTIME_IMAGE,
-    CgroupError,
     MotoServer,
     PeerProcess,
-    PidsCgroup,
     RedisServer,
 )
+from pidscgroup import CgroupError, PidsCgroup
 
 TESTS_PIDS_MAX = 2048
 DOCKER_FIXTURES = {"docker_engine", "runtime_image", "node_image"}

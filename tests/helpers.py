@@ -1,32 +1,25 @@
 """Helpers shared by the tests: free ports, polling, and the real peers they run against.
 
-`OtlpCollector` is the receiving end of OTLP/HTTP (what an OpenTelemetry Collector listens
-with on 4318), in the test process: the agent's spans arrive as its SDK sends them.
-
 The peers are real programs, never fakes, and the same ones `bin/nanogrid-local` runs:
 `RedisServer`, `PeerProcess`, `free_port` and `wait_until` come from nanogrid.devtools.embedded
 (one copy of each); `MotoServer` adds cached clients and fresh queues/buckets to the
-embedded one. `PidsCgroup` confines the test process to a pids cgroup so hostile code
-cannot fork-bomb the machine. `put_code` puts a function into a sandbox as the worker does.
+embedded one (pidscgroup.py and otlpcollector.py hold the test process's pids cgroup and an
+OTLP receiver). `put_code` puts a function into a sandbox as the worker does.
 """
 
 from __future__ import annotations
 
 import contextlib
-import gzip
 import json
 import os
 import shutil
-import signal
 import socket
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -49,12 +42,9 @@ __all__ = [
     "AWS_REGION",
     "PEER_PIDS",
     "RUNTIME_IMAGE",
-    "CgroupError",
     "MotoServer",
     "NODE_IMAGE",
-    "OtlpCollector",
     "PeerProcess",
-    "PidsCgroup",
     "RedisServer",
     "free_port",
     "moto_server_command",
@@ -174,100 +164,6 @@ class MotoServer(embedded.MotoServer):
         """Forget every queue, bucket and metric."""
         request = urllib.request.Request(f"{self.endpoint}/moto-api/reset", method="POST")
         urllib.request.urlopen(request, timeout=10).close()
-
-
-class CgroupError(Exception):
-    """The pids cgroup could not be set up; the message is one line."""
-
-
-class PidsCgroup:
-    """A pids cgroup (v1 or v2) holding this process and everything it starts afterwards."""
-
-    def __init__(self, limit: int, name: str | None = None) -> None:
-        self.limit = limit
-        self.name = name or f"nanogrid-tests-{os.getpid()}"
-        self.origin: Path | None = None  # where this process was, and returns to
-        self.path: Path | None = None
-
-    def _locate(self) -> tuple[Path, Path]:
-        """(the cgroup this process is in, the new cgroup's path)."""
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-        if Path("/sys/fs/cgroup/cgroup.controllers").exists():  # unified (v2)
-            current = next(line.split(":", 2)[2] for line in lines if line.startswith("0::"))
-            origin = Path("/sys/fs/cgroup") / current.lstrip("/")
-            parent = self._v2_parent(Path("/sys/fs/cgroup"), current)
-        elif Path("/sys/fs/cgroup/pids").is_dir():  # v1 pids hierarchy
-            pids_lines = [line for line in lines if "pids" in line.split(":")[1].split(",")]
-            current = pids_lines[0].split(":", 2)[2] if pids_lines else "/"
-            origin = parent = Path("/sys/fs/cgroup/pids") / current.lstrip("/")
-        else:
-            raise CgroupError("no pids cgroup controller found under /sys/fs/cgroup")
-        return origin, parent / self.name
-
-    @staticmethod
-    def _v2_parent(root: Path, current: str) -> Path:
-        # v2 allows controllers for children only in a cgroup without processes of its own
-        # (the root excepted): try the current cgroup, then the namespace root.
-        for parent in dict.fromkeys([root / current.lstrip("/"), root]):
-            if "pids" in (parent / "cgroup.subtree_control").read_text().split():
-                return parent
-            with contextlib.suppress(OSError):
-                (parent / "cgroup.subtree_control").write_text("+pids")
-                return parent
-        raise CgroupError(f"cannot enable the pids controller in {current} or in the root")
-
-    def enter(self) -> None:
-        """Create the cgroup with pids.max = limit and move this process into it."""
-        try:
-            self.origin, path = self._locate()
-        except (OSError, StopIteration) as exc:
-            raise CgroupError(f"cannot find this process's cgroup: {exc}") from exc
-        try:
-            path.mkdir(exist_ok=True)
-            self.path = path
-            (path / "pids.max").write_text(str(self.limit))
-            (path / "cgroup.procs").write_text(str(os.getpid()))
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                path.rmdir()
-            raise CgroupError(f"cannot set up {path}: {exc.strerror or exc}") from exc
-        if os.getpid() not in self.pids():
-            raise CgroupError(f"process {os.getpid()} did not move into {path}")
-
-    def pids(self) -> list[int]:
-        """Processes in the cgroup and in any cgroup created below it (by the code under test)."""
-        assert self.path is not None, "enter() first"
-        found: list[int] = []
-        for directory in self._tree():
-            with contextlib.suppress(FileNotFoundError):
-                found += [int(pid) for pid in (directory / "cgroup.procs").read_text().split()]
-        return found
-
-    def _tree(self) -> list[Path]:
-        """The cgroup and its descendants, deepest first."""
-        assert self.path is not None, "enter() first"
-        return [Path(directory) for directory, _, _ in os.walk(self.path, topdown=False)]
-
-    def leave(self, spare: set[int] | frozenset[int] = frozenset()) -> list[int]:
-        """Move this process and the `spare` pids back where this process was, kill what is
-        left in the cgroup and below it, remove them; return the pids that had to be killed."""
-        assert self.origin is not None and self.path is not None, "enter() first"
-        for pid in [os.getpid(), *spare]:
-            with contextlib.suppress(ProcessLookupError):
-                (self.origin / "cgroup.procs").write_text(str(pid))
-        leftovers = self.pids()
-        kill_all = self.path / "cgroup.kill"  # v2, Linux 5.14+: kills forks in flight too
-        if leftovers and kill_all.exists():
-            kill_all.write_text("1")
-        deadline = time.monotonic() + 10
-        while self.pids() and time.monotonic() < deadline:
-            for pid in self.pids():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            time.sleep(0.05)
-        for directory in self._tree():
-            directory.rmdir()
-        return leftovers
 
 
 class TaskClient:
@@ -441,53 +337,3 @@ def assert_default_signals(out: Any) -> None:
     assert facts["python"] == [True] * 5
     assert facts["kernel"] == {name: [False] * 5 for name in ("SigIgn", "SigCgt", "SigBlk")}
     assert facts["wakeup_fd"] == -1
-
-
-class OtlpCollector:
-    """An OTLP/HTTP trace receiver on loopback: ``spans`` are the spans posted to
-    ``endpoint``/v1/traces, decoded (opentelemetry-proto's messages)."""
-
-    def __init__(self) -> None:
-        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
-
-        self.spans: list[Any] = []
-        self.requests = 0
-        lock = threading.Lock()
-        collector = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - the name http.server dispatches to
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                if self.headers.get("Content-Encoding") == "gzip":
-                    body = gzip.decompress(body)
-                request = trace_service_pb2.ExportTraceServiceRequest.FromString(body)
-                with lock:
-                    collector.requests += 1
-                    for resource in request.resource_spans:
-                        for scope in resource.scope_spans:
-                            collector.spans.extend(scope.spans)
-                reply = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
-                self.send_response(200 if self.path == "/v1/traces" else 404)
-                self.send_header("Content-Type", "application/x-protobuf")
-                self.send_header("Content-Length", str(len(reply)))
-                self.end_headers()
-                self.wfile.write(reply)
-
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
-
-    def trace(self, trace_id: str) -> list[Any]:
-        """The spans received of one trace (32 hex)."""
-        return [s for s in list(self.spans) if s.trace_id.hex() == trace_id]
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()

@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 import yaml
-from helpers import OtlpCollector, wait_until
+from helpers import wait_until
+from otlpcollector import OtlpCollector
 from prometheus_client.parser import text_string_to_metric_families
 from supervised import ROOT, Agent
 
