@@ -53,18 +53,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from pipeline_bench import SUPERVISOR, Bench, refill_batch, supervisor_works  # noqa: E402
-from pipeline_consumers import (  # noqa: E402
+from pipeline_bench import ROOT, SUPERVISOR, Bench, refill_batch, supervisor_works
+from pipeline_consumers import (
     BEFORE,
     DEFAULT_SYSTEMS,
     SCALING,
     SYSTEMS,
     _agent_main,  # noqa: F401 - BEFORE_RUNNER calls bench_pipeline._agent_main in any revision
 )
-from pipeline_report import Report, render  # noqa: E402
+from pipeline_report import Report, render
 
 
 def main(argv: list[str] | None = None) -> int:
