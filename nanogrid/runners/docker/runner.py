@@ -74,9 +74,11 @@ from .spec import (
     container_spec,
 )
 
-STOPPED_WAIT_S = 2.0
+STOPPED_WAIT_S = 5.0
 """How long a container whose server died during a run is given to show as stopped (its OOM
-kill recorded) in the engine."""
+kill recorded) in the engine. The wait ends as soon as the engine shows it stopped; a busy
+engine has taken over 2 s to (the run was then counted a sandbox failure, not the
+function's OOM)."""
 
 
 class DockerRunner(PooledRunner):
