@@ -3,6 +3,10 @@ a clear error once the whole range is live."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+
 import pytest
 
 from nanogrid.common.errors import SandboxError
@@ -33,3 +37,21 @@ def test_a_worker_with_every_uid_live_gets_a_sandbox_error() -> None:
     assert str(caught.value) == "all 2 sandbox uids of worker 3 (100-101) belong to live sandboxes"
     uids.give_back(101, ended=True)
     assert uids.take() == 101
+
+
+def test_what_still_runs_as_a_uid_of_the_range_is_ended_and_its_uid_handed_out_last() -> None:
+    """A worker's range is its slot's: the sandboxes of the slot's earlier worker (or of a
+    runner closed just before) may still run for a moment. Their uid is not handed out
+    while they do."""
+    assert os.geteuid() == 0, "runs a process as another uid: needs root (CI)"
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or "0"
+    first = 3_900_000 + int(worker) * 10  # far from any agent's range in this suite
+    leftover = subprocess.Popen(["sleep", "60"], user=first + 1)
+    try:
+        uids = SandboxUids(range(first, first + 3), worker=0)
+        assert uids.reclaim() == 1
+        assert leftover.wait(5) == -signal.SIGKILL
+        assert [uids.take(), uids.take(), uids.take()] == [first, first + 2, first + 1]
+    finally:
+        leftover.kill()
+        leftover.wait()

@@ -104,6 +104,9 @@ class ProcessRunner(PooledRunner):
             self._uids = SandboxUids(
                 uid_range(config.process.sandbox_uid_base, worker_index), worker_index
             )
+            if reclaimed := self._uids.reclaim():
+                logger.warning(f"{self.marker} ended what still ran as {reclaimed} sandbox uids "
+                               f"of worker {worker_index} (an earlier worker's sandboxes)")
             self._cover = world_writable()
         self._templates = Templates({"PATH": config.process.path, "LANG": "C.UTF-8"})
         self.launches, unavailable = resolve_launches(config)

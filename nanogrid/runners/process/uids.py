@@ -21,6 +21,7 @@ host and reload.
 from __future__ import annotations
 
 import collections
+import os
 import pwd
 import subprocess
 import sys
@@ -94,6 +95,18 @@ class SandboxUids:
             f"({self.uids.start}-{self.uids.stop - 1}) belong to live sandboxes"
         )
 
+    def reclaim(self) -> int:
+        """End what still runs as a uid of the range (the sandboxes of this slot's earlier
+        worker may outlive it by a moment, or a runner closed just before this one) and hand
+        those uids out last; returns how many there were. Called once, before any take."""
+        busy = running_uids(self.uids)
+        with self._lock:
+            for uid in busy:
+                self._free.remove(uid)
+        for uid in sorted(busy):
+            self.give_back(uid, ended=False)
+        return len(busy)
+
     def give_back(self, uid: int, *, ended: bool) -> None:
         """The uid of a destroyed sandbox. ``ended``: nothing of the sandbox can run any
         more; else every process of the uid is killed first, and a uid whose processes
@@ -108,6 +121,25 @@ class SandboxUids:
     def free(self) -> int:
         with self._lock:
             return len(self._free)
+
+
+def running_uids(uids: range) -> set[int]:
+    """The uids of ``uids`` that a live process (not a zombie) has as its real, effective,
+    saved or filesystem uid, from /proc."""
+    found: set[int] = set()
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/status", "rb") as status:
+                text = status.read()
+        except OSError:  # gone meanwhile
+            continue
+        state = text.partition(b"\nState:")[2].split(None, 1)[:1]
+        ids = text.partition(b"\nUid:")[2].split(b"\n", 1)[0].split()
+        if state and state[0] not in (b"Z", b"X"):
+            found.update(uid for uid in map(int, ids) if uid in uids)
+    return found
 
 
 def end_processes(uid: int) -> bool:
