@@ -104,9 +104,10 @@ class ProcessRunner(PooledRunner):
             self._uids = SandboxUids(
                 uid_range(config.process.sandbox_uid_base, worker_index), worker_index
             )
-            if reclaimed := self._uids.reclaim():
-                logger.warning(f"{self.marker} ended what still ran as {reclaimed} sandbox uids "
-                               f"of worker {worker_index} (an earlier worker's sandboxes)")
+            if busy := self._uids.defer_busy():
+                logger.warning(f"{self.marker} {busy} sandbox uids of worker {worker_index} "
+                               "still have processes (an earlier worker's sandboxes?): they "
+                               "are handed out last")
             self._cover = world_writable()
         self._templates = Templates({"PATH": config.process.path, "LANG": "C.UTF-8"})
         self.launches, unavailable = resolve_launches(config)

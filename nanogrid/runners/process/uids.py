@@ -95,16 +95,16 @@ class SandboxUids:
             f"({self.uids.start}-{self.uids.stop - 1}) belong to live sandboxes"
         )
 
-    def reclaim(self) -> int:
-        """End what still runs as a uid of the range (the sandboxes of this slot's earlier
-        worker may outlive it by a moment, or a runner closed just before this one) and hand
-        those uids out last; returns how many there were. Called once, before any take."""
+    def defer_busy(self) -> int:
+        """Hand out last the uids of the range that something still runs as: the sandboxes
+        of this slot's earlier worker may outlive it for a moment (and tests run agents one
+        after another on one range). Not killed here: another agent given the same range
+        by mistake would lose its sandboxes. Returns how many; called before any take."""
         busy = running_uids(self.uids)
         with self._lock:
-            for uid in busy:
+            for uid in sorted(busy):
                 self._free.remove(uid)
-        for uid in sorted(busy):
-            self.give_back(uid, ended=False)
+                self._free.append(uid)
         return len(busy)
 
     def give_back(self, uid: int, *, ended: bool) -> None:
