@@ -64,12 +64,17 @@ def test_timings_show_each_phase_first_call_and_warm_repeat(agent: Agent) -> Non
 
 def test_queued_time_counts_the_wait_in_sqs(agent: Agent) -> None:
     task = agent.task(agent.deploy({"main.py": HELLO}))
+    sent = time.monotonic()
     agent.aws.sqs().send_message(
         QueueUrl=agent.queue_url, MessageBody=json.dumps(task), DelaySeconds=1
     )
     result = agent.result(task["requestId"])
-    assert 1000 <= result["timings"]["queuedMs"] < 10_000
-    assert result["timings"]["totalMs"] < result["timings"]["queuedMs"]  # total starts at receive
+    seen_ms = (time.monotonic() - sent) * 1000
+    timings = result["timings"]
+    assert 1000 <= timings["queuedMs"] < 10_000
+    # Total starts at the receive: the two add up to no more than the test saw (SentTimestamp
+    # is whole milliseconds), whatever a loaded host makes of the run itself.
+    assert timings["queuedMs"] + timings["totalMs"] <= seen_ms + 2, (timings, seen_ms)
 
 
 def test_a_cold_start_reports_its_init_duration(aws: Any, redis_url: str, tmp_path: Path) -> None:
