@@ -125,7 +125,8 @@ def test_a_heavy_module_loads_before_each_call_and_its_state_stays_per_call(
         # Loaded before the call began, once per call (the marks count every load in this
         # sandbox), and fresh: the module's counter starts over in every call.
         assert seen == {"preloaded": True, "calls": 1, "loads": n, "extra": 0}
-        assert out.duration_ms < 150, out.duration_ms  # not the 200 ms of heavy's load
+        # Not heavy's load: that alone sleeps 200 ms (a loaded CI host took 174 for the rest).
+        assert out.duration_ms < 200, out.duration_ms
 
 
 def test_preload_off_requires_in_every_call(kind: str) -> None:
