@@ -1,8 +1,8 @@
 """The agent's YAML config, parsed and validated once into frozen dataclasses.
 
 Every section is a dataclass whose fields carry their defaults and bounds; ``load`` walks
-the YAML against them (schema.py), so an unknown key or a bad value is refused with one line naming
-the key (``ConfigError("workers: must be an integer >= 1 or 'auto', got 0")``). The
+the YAML against them (schema.py), so an unknown key or a bad value is refused with one line
+naming the key (``ConfigError("workers: must be an integer >= 1 or 'auto', got 0")``). The
 ``NANOGRID_*`` variables of nanogrid/common/environ.py override the file's values before that.
 """
 

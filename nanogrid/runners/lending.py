@@ -172,13 +172,10 @@ class SandboxBoard:
         that has one finds it gone on its own; its give-back is stale and ignored."""
         page = self._page
         with self._locked():
-            cleared = 0
-            for index in range(page.top()):
-                head = page.head(index)
-                if head[0] != EMPTY and head[2] == owner:
-                    page.clear(index, head)
-                    cleared += 1
-            return cleared
+            records = list(page.in_use(owner))
+            for index, head in records:
+                page.clear(index, head)
+            return len(records)
 
     # -- a call's side ------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ import os
 import subprocess
 
 import pytest
+from helpers import UID_RANGE_PER_TEST_PROCESS, sandbox_uid_base
 
 from nanogrid.common.errors import SandboxError
 from nanogrid.runners.process.uids import UIDS_PER_WORKER, SandboxUids, uid_range
@@ -42,8 +43,8 @@ def test_a_uid_something_still_runs_as_is_handed_out_last() -> None:
     """A worker's range is its slot's: the sandboxes of the slot's earlier worker (or of a
     runner closed just before) may still run for a moment. Their uid is not the next one."""
     assert os.geteuid() == 0, "runs a process as another uid: needs root (CI)"
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or "0"
-    first = 3_900_000 + int(worker) * 10  # far from any agent's range in this suite
+    # The last uids of this test process's range: a 20th worker's, which no test starts.
+    first = sandbox_uid_base() + UID_RANGE_PER_TEST_PROCESS - 3
     leftover = subprocess.Popen(["sleep", "60"], user=first)
     try:
         uids = SandboxUids(range(first, first + 3), worker=0)

@@ -238,14 +238,13 @@ class DockerRunner(PooledRunner):
         except ImageNotFound:
             self.destroy(sandbox)
             raise self.mark_unavailable(runtime, image_missing(image)) from None
-        except ServerDidNotStart as exc:
-            self.destroy(sandbox)
-            if re.search(r"exec .* failed: No such file or directory", exc.log):  # docker-init
-                problem = f"image {image} has no {launch.interpreter} ({exc.log})"
-                raise self.mark_unavailable(runtime, problem) from None
-            raise SandboxError(f"cannot start a {runtime} container: {exc}") from None
         except (OSError, psutil.Error, SandboxError, *UNREACHABLE) as exc:
             self.destroy(sandbox)
+            if isinstance(exc, ServerDidNotStart) and re.search(
+                r"exec .* failed: No such file or directory", exc.log  # docker-init's words
+            ):
+                problem = f"image {image} has no {launch.interpreter} ({exc.log})"
+                raise self.mark_unavailable(runtime, problem) from None
             reason = describe(exc) if isinstance(exc, UNREACHABLE) else str(exc)
             raise SandboxError(f"cannot start a {runtime} container: {reason}") from None
         logger.debug(
